@@ -1,0 +1,10 @@
+//! The browser entry point: hydrates the server-rendered dashboard.
+
+use wasm_bindgen::prelude::wasm_bindgen;
+
+/// Called by the hydration script that the server's HTML shell loads.
+#[wasm_bindgen]
+pub fn hydrate() {
+    console_error_panic_hook::set_once();
+    leptos::mount::hydrate_body(app::App);
+}

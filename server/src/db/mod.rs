@@ -1,0 +1,214 @@
+//! Storage: one code path over SQLite and PostgreSQL through diesel-async.
+
+pub mod schema;
+pub mod store;
+
+use diesel::result::Error as DieselError;
+use diesel::sqlite::SqliteConnection;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations/postgres");
+
+/// Applied to every SQLite connection: WAL lets readers run beside the writer, NORMAL is
+/// durable across process crashes in WAL mode, and the busy timeout absorbs short lock waits.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+     PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
+
+/// Arbitrary constant naming the migration lock among PostgreSQL advisory locks.
+const MIGRATION_LOCK_KEY: i64 = 0x766d_6863_6d69_67;
+
+/// Storage failures, split by what the caller can do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    #[error("query failed: {0}")]
+    Query(#[from] DieselError),
+    #[error("migration failed: {0}")]
+    Migration(String),
+}
+
+impl DbError {
+    /// True for failures that a retry may cure (connection loss, pool exhaustion, locks).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DbError::Unavailable(_) => true,
+            DbError::Query(DieselError::DatabaseError(kind, info)) => {
+                matches!(kind, diesel::result::DatabaseErrorKind::ClosedConnection)
+                    || info.message().contains("database is locked")
+            }
+            DbError::Query(DieselError::BrokenTransactionManager) => true,
+            _ => false,
+        }
+    }
+}
+
+/// The connection pool for whichever backend `DATABASE_URL` selects.
+#[derive(Clone)]
+pub enum Db {
+    Postgres(Pool<AsyncPgConnection>),
+    /// SQLite allows one writer at a time: the mutex serialises this process's write
+    /// transactions so none fails on a lock upgrade.
+    Sqlite(Pool<SqliteConn>, Arc<tokio::sync::Mutex<()>>),
+}
+
+/// One pooled connection of either backend.
+pub enum Conn {
+    Postgres(Object<AsyncPgConnection>),
+    Sqlite(Object<SqliteConn>),
+}
+
+/// Held for the duration of a write transaction (a no-op on PostgreSQL).
+pub struct WriteGuard(#[expect(dead_code, reason = "held only for its drop")] Option<tokio::sync::OwnedMutexGuard<()>>);
+
+/// Runs the same diesel-async code against whichever connection type `$conn` holds.
+#[macro_export]
+macro_rules! with_conn {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::db::Conn::Postgres(ref mut pooled) => {
+                let $c: &mut diesel_async::AsyncPgConnection = &mut *pooled;
+                $body
+            }
+            $crate::db::Conn::Sqlite(ref mut pooled) => {
+                let $c: &mut $crate::db::SqliteConn = &mut *pooled;
+                $body
+            }
+        }
+    };
+}
+
+impl Db {
+    /// Connects, creating the SQLite file and its folder when needed, and runs migrations.
+    pub async fn connect(url: &str, pool_size: usize) -> Result<Self, DbError> {
+        let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            run_postgres_migrations(url).await?;
+            let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+            let pool = Pool::builder(manager)
+                .max_size(pool_size)
+                .wait_timeout(Some(Duration::from_secs(5)))
+                .create_timeout(Some(Duration::from_secs(5)))
+                .runtime(deadpool::Runtime::Tokio1)
+                .build()
+                .map_err(|e| DbError::Unavailable(e.to_string()))?;
+            Db::Postgres(pool)
+        } else {
+            let path = sqlite_path(url);
+            if let Some(parent) = std::path::Path::new(&path).parent() {
+                if !parent.as_os_str().is_empty() {
+                    std::fs::create_dir_all(parent)
+                        .map_err(|e| DbError::Unavailable(format!("{}: {e}", parent.display())))?;
+                }
+            }
+            let mut config = ManagerConfig::<SqliteConn>::default();
+            config.custom_setup = Box::new(|url| {
+                let url = url.to_owned();
+                Box::pin(async move {
+                    let mut conn = SqliteConn::establish(&url).await?;
+                    conn.batch_execute(SQLITE_PRAGMAS)
+                        .await
+                        .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                    Ok(conn)
+                })
+            });
+            let manager =
+                AsyncDieselConnectionManager::<SqliteConn>::new_with_config(path, config);
+            let pool = Pool::builder(manager)
+                .max_size(pool_size)
+                .wait_timeout(Some(Duration::from_secs(5)))
+                .create_timeout(Some(Duration::from_secs(5)))
+                .runtime(deadpool::Runtime::Tokio1)
+                .build()
+                .map_err(|e| DbError::Unavailable(e.to_string()))?;
+            let db = Db::Sqlite(pool, Arc::new(tokio::sync::Mutex::new(())));
+            db.run_sqlite_migrations().await?;
+            db
+        };
+        Ok(db)
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Db::Postgres(_) => "postgresql",
+            Db::Sqlite(..) => "sqlite",
+        }
+    }
+
+    /// Takes a connection from the pool.
+    pub async fn conn(&self) -> Result<Conn, DbError> {
+        match self {
+            Db::Postgres(pool) => pool
+                .get()
+                .await
+                .map(Conn::Postgres)
+                .map_err(|e| DbError::Unavailable(e.to_string())),
+            Db::Sqlite(pool, _) => pool
+                .get()
+                .await
+                .map(Conn::Sqlite)
+                .map_err(|e| DbError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Takes a connection for a write transaction, with this process's write turn on SQLite.
+    pub async fn write_conn(&self) -> Result<(Conn, WriteGuard), DbError> {
+        let guard = match self {
+            Db::Postgres(_) => None,
+            Db::Sqlite(_, lock) => Some(lock.clone().lock_owned().await),
+        };
+        Ok((self.conn().await?, WriteGuard(guard)))
+    }
+
+    async fn run_sqlite_migrations(&self) -> Result<(), DbError> {
+        let Conn::Sqlite(mut conn) = self.conn().await? else {
+            return Ok(());
+        };
+        conn.spawn_blocking(|c| {
+            c.run_pending_migrations(SQLITE_MIGRATIONS)
+                .map(|_| ())
+                .map_err(DieselError::QueryBuilderError)
+        })
+        .await
+        .map_err(|e| DbError::Migration(e.to_string()))
+    }
+}
+
+/// Runs embedded PostgreSQL migrations under an advisory lock so replicas starting together
+/// do not race each other.
+async fn run_postgres_migrations(url: &str) -> Result<(), DbError> {
+    let mut conn = AsyncPgConnection::establish(url)
+        .await
+        .map_err(|e| DbError::Unavailable(e.to_string()))?;
+    conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
+        .await?;
+    // The harness drives async calls with block_on, which must not run on a runtime worker.
+    tokio::task::spawn_blocking(move || {
+        let mut harness = diesel_async::AsyncMigrationHarness::new(conn);
+        let result = harness
+            .run_pending_migrations(POSTGRES_MIGRATIONS)
+            .map(|_| ())
+            .map_err(|e| DbError::Migration(e.to_string()));
+        // Closing the connection releases the advisory lock.
+        drop(harness.into_inner());
+        result
+    })
+    .await
+    .map_err(|e| DbError::Migration(e.to_string()))?
+}
+
+/// Turns `sqlite://path` (or a bare path) into the path SQLite opens.
+pub fn sqlite_path(url: &str) -> String {
+    url.strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url)
+        .to_owned()
+}

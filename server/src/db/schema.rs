@@ -1,0 +1,107 @@
+//! Diesel table definitions, identical for SQLite and PostgreSQL.
+
+diesel::table! {
+    vms (id) {
+        id -> BigInt,
+        hostname -> Text,
+        os -> Text,
+        machine_id -> Nullable<Text>,
+        agent_version -> Nullable<Text>,
+        reported_vmid -> Nullable<BigInt>,
+        reported_node -> Nullable<Text>,
+        proxmox_node -> Nullable<Text>,
+        proxmox_vmid -> Nullable<BigInt>,
+        proxmox_type -> Nullable<Text>,
+        auto_reset -> Bool,
+        status -> Text,
+        status_since_ms -> BigInt,
+        status_reason -> Text,
+        first_seen_ms -> BigInt,
+        last_seen_ms -> Nullable<BigInt>,
+        observed_at_ms -> Nullable<BigInt>,
+        cpu_percent -> Nullable<Double>,
+        ram_used_bytes -> Nullable<BigInt>,
+        ram_total_bytes -> Nullable<BigInt>,
+        disk_used_bytes -> Nullable<BigInt>,
+        disk_total_bytes -> Nullable<BigInt>,
+        disk_max_percent -> Nullable<Double>,
+        disks_json -> Nullable<Text>,
+        uptime_seconds -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    metric_samples (id) {
+        id -> BigInt,
+        vm_id -> BigInt,
+        observed_ms -> BigInt,
+        received_ms -> BigInt,
+        cpu_percent -> Double,
+        ram_used_bytes -> BigInt,
+        ram_total_bytes -> BigInt,
+        disk_used_bytes -> BigInt,
+        disk_total_bytes -> BigInt,
+        disk_max_percent -> Nullable<Double>,
+        uptime_seconds -> BigInt,
+    }
+}
+
+diesel::table! {
+    status_changes (id) {
+        id -> BigInt,
+        vm_id -> BigInt,
+        from_status -> Text,
+        to_status -> Text,
+        at_ms -> BigInt,
+        reason -> Text,
+    }
+}
+
+diesel::table! {
+    reset_attempts (id) {
+        id -> BigInt,
+        vm_id -> BigInt,
+        action -> Text,
+        trigger_source -> Text,
+        requested_by -> Nullable<Text>,
+        mode -> Text,
+        proxmox_node -> Nullable<Text>,
+        proxmox_vmid -> Nullable<BigInt>,
+        upid -> Nullable<Text>,
+        outcome -> Text,
+        error -> Nullable<Text>,
+        evidence_json -> Nullable<Text>,
+        created_ms -> BigInt,
+        sent_ms -> Nullable<BigInt>,
+        finished_ms -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    runtime_config (key) {
+        key -> Text,
+        value -> Text,
+        updated_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    credentials (name) {
+        name -> Text,
+        token_hash -> Text,
+        created_ms -> BigInt,
+    }
+}
+
+diesel::joinable!(metric_samples -> vms (vm_id));
+diesel::joinable!(status_changes -> vms (vm_id));
+diesel::joinable!(reset_attempts -> vms (vm_id));
+
+diesel::allow_tables_to_appear_in_same_query!(
+    vms,
+    metric_samples,
+    status_changes,
+    reset_attempts,
+    runtime_config,
+    credentials,
+);
