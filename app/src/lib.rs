@@ -22,7 +22,6 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
             <head>
                 <meta charset="utf-8"/>
                 <meta name="viewport" content="width=device-width, initial-scale=1"/>
-                <AutoReload options=options.clone()/>
                 <HydrationScripts options/>
                 <MetaTags/>
             </head>
@@ -38,8 +37,8 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
 pub fn App() -> impl IntoView {
     provide_meta_context();
     view! {
-        <Stylesheet id="main" href="/style/main.css"/>
-        <Link rel="icon" href="/favicon.svg"/>
+        <Stylesheet id="main" href="/pkg/main.css"/>
+        <Link rel="icon" href="/pkg/favicon.svg"/>
         <Meta name="description" content="Proxmox VM health at a glance"/>
         <Title text="vm-healthcheck"/>
         <Router>

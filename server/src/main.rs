@@ -1,1 +1,21 @@
-fn main(){}
+//! Entry point: load configuration, set up logging, run the server until a signal.
+
+use server::config::Config;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,tower_http=warn,leptos=warn"));
+    if config.log_json {
+        tracing_subscriber::fmt().with_env_filter(filter).json().init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    tracing::info!(config = ?config, "starting");
+    let server = server::start(config).await?;
+    server.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! Latest-state cache of every VM: Redis when configured (shared by replicas), else in process.
+//!
+//! The database stays authoritative. Redis is written through after each commit; when it
+//! fails, reads fall back to the database, the outage is logged once, and once Redis answers
+//! again it is rebuilt from the database before it is read from.
+
+use app::types::VmView;
+use deadpool_redis::redis::AsyncCommands;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
+use std::time::Duration;
+
+const REDIS_KEY: &str = "vmhc:vms";
+/// Upper bound on any Redis round trip, so an unreachable Redis never stalls a request.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub struct StateCache {
+    local: RwLock<HashMap<i64, VmView>>,
+    redis: Option<RedisCache>,
+}
+
+struct RedisCache {
+    pool: deadpool_redis::Pool,
+    /// False from start-up and after any failure until a rebuild from the database succeeds.
+    ready: AtomicBool,
+}
+
+/// What `/api/health` reports about the cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheHealth {
+    InProcess,
+    RedisUp,
+    RedisDown,
+}
+
+impl StateCache {
+    pub fn new(redis_url: Option<&str>) -> anyhow::Result<Self> {
+        let redis = match redis_url {
+            None => None,
+            Some(url) => {
+                let mut cfg = deadpool_redis::Config::from_url(url);
+                cfg.pool = Some(deadpool_redis::PoolConfig {
+                    max_size: 16,
+                    timeouts: deadpool_redis::Timeouts {
+                        wait: Some(REDIS_TIMEOUT),
+                        create: Some(REDIS_TIMEOUT),
+                        recycle: Some(REDIS_TIMEOUT),
+                    },
+                    ..Default::default()
+                });
+                let pool = cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
+                Some(RedisCache {
+                    pool,
+                    ready: AtomicBool::new(false),
+                })
+            }
+        };
+        Ok(Self {
+            local: RwLock::new(HashMap::new()),
+            redis,
+        })
+    }
+
+    pub fn health(&self) -> CacheHealth {
+        match &self.redis {
+            None => CacheHealth::InProcess,
+            Some(r) if r.ready.load(Ordering::Acquire) => CacheHealth::RedisUp,
+            Some(_) => CacheHealth::RedisDown,
+        }
+    }
+
+    /// The whole fleet, or `None` when the caller must read the database instead.
+    pub async fn snapshot(&self) -> Option<Vec<VmView>> {
+        match &self.redis {
+            None => {
+                let map = self.local.read().ok()?;
+                Some(map.values().cloned().collect())
+            }
+            Some(redis) if redis.ready.load(Ordering::Acquire) => {
+                let result: Result<HashMap<String, String>, _> = redis
+                    .run(|mut conn| async move { conn.hgetall(REDIS_KEY).await })
+                    .await;
+                match result {
+                    Ok(entries) => Some(
+                        entries
+                            .values()
+                            .filter_map(|json| serde_json::from_str(json).ok())
+                            .collect(),
+                    ),
+                    Err(err) => {
+                        redis.mark_down(&err);
+                        None
+                    }
+                }
+            }
+            Some(_) => None,
+        }
+    }
+
+    /// Writes the given VMs' latest state through.
+    pub async fn put(&self, views: &[VmView]) {
+        if views.is_empty() {
+            return;
+        }
+        if let Ok(mut map) = self.local.write() {
+            for view in views {
+                map.insert(view.id, view.clone());
+            }
+        }
+        if let Some(redis) = self.redis.as_ref().filter(|r| r.ready.load(Ordering::Acquire)) {
+            let items: Vec<(String, String)> = views
+                .iter()
+                .filter_map(|v| Some((v.id.to_string(), serde_json::to_string(v).ok()?)))
+                .collect();
+            let result: Result<(), _> = redis
+                .run(|mut conn| async move { conn.hset_multiple(REDIS_KEY, &items).await })
+                .await;
+            if let Err(err) = result {
+                redis.mark_down(&err);
+            }
+        }
+    }
+
+    pub async fn remove(&self, id: i64) {
+        if let Ok(mut map) = self.local.write() {
+            map.remove(&id);
+        }
+        if let Some(redis) = &self.redis {
+            let result: Result<(), _> = redis
+                .run(|mut conn| async move { conn.hdel(REDIS_KEY, id.to_string()).await })
+                .await;
+            if let Err(err) = result {
+                redis.mark_down(&err);
+            }
+        }
+    }
+
+    /// Replaces the whole cache with the database's view, then serves reads from it.
+    pub async fn rebuild(&self, views: Vec<VmView>) -> Result<(), String> {
+        if let Ok(mut map) = self.local.write() {
+            *map = views.iter().map(|v| (v.id, v.clone())).collect();
+        }
+        let Some(redis) = &self.redis else {
+            return Ok(());
+        };
+        let items: Vec<(String, String)> = views
+            .iter()
+            .filter_map(|v| Some((v.id.to_string(), serde_json::to_string(v).ok()?)))
+            .collect();
+        let result: Result<(), _> = redis
+            .run(|mut conn| async move {
+                let mut pipe = deadpool_redis::redis::pipe();
+                pipe.atomic().del(REDIS_KEY);
+                if !items.is_empty() {
+                    pipe.hset_multiple(REDIS_KEY, &items);
+                }
+                pipe.query_async(&mut conn).await
+            })
+            .await;
+        match result {
+            Ok(()) => {
+                if !redis.ready.swap(true, Ordering::AcqRel) {
+                    tracing::info!(vms = views.len(), "Redis cache is in use");
+                }
+                Ok(())
+            }
+            Err(err) => {
+                redis.mark_down(&err);
+                Err(err)
+            }
+        }
+    }
+
+    /// True when Redis is configured but not serving, so the caller should try a rebuild.
+    pub async fn needs_rebuild(&self) -> bool {
+        match &self.redis {
+            Some(redis) if !redis.ready.load(Ordering::Acquire) => {
+                let ping: Result<String, _> = redis
+                    .run(|mut conn| async move {
+                        deadpool_redis::redis::cmd("PING").query_async(&mut conn).await
+                    })
+                    .await;
+                ping.is_ok()
+            }
+            Some(redis) => {
+                // Probe a healthy Redis too, so an outage shows in /api/health without traffic.
+                let ping: Result<String, _> = redis
+                    .run(|mut conn| async move {
+                        deadpool_redis::redis::cmd("PING").query_async(&mut conn).await
+                    })
+                    .await;
+                if let Err(err) = ping {
+                    redis.mark_down(&err);
+                }
+                false
+            }
+            None => false,
+        }
+    }
+}
+
+impl RedisCache {
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, String>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: std::future::Future<Output = deadpool_redis::redis::RedisResult<T>>,
+    {
+        let attempt = async {
+            let conn = self.pool.get().await.map_err(|e| e.to_string())?;
+            op(conn).await.map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(REDIS_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()))
+    }
+
+    fn mark_down(&self, err: &str) {
+        if self.ready.swap(false, Ordering::AcqRel) {
+            tracing::warn!(error = %err, "Redis unavailable; serving from the database until it returns");
+        }
+    }
+}

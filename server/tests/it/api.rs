@@ -1,0 +1,337 @@
+//! REST API behaviour on both backends: ingest, status, configuration, auth, history.
+
+use crate::both_backends;
+use crate::common::*;
+use reqwest::Method;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+async fn report_shows_up_in_vm_list(backend: Backend) {
+    let mut srv = TestServer::start(backend, &[]).await;
+    let (status, body) = srv.report(&report_for("web-01")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "healthy");
+    assert_eq!(body["report_interval_seconds"], 30);
+    let vm_id = body["vm_id"].as_i64().unwrap();
+
+    let (status, vms) = srv.get("/api/vms").await;
+    assert_eq!(status, 200);
+    let vms = vms.as_array().unwrap();
+    assert_eq!(vms.len(), 1);
+    assert_eq!(vms[0]["id"], vm_id);
+    assert_eq!(vms[0]["hostname"], "web-01");
+    assert_eq!(vms[0]["cpu_percent"], 12.5);
+    assert_eq!(vms[0]["disks"][0]["mount"], "/");
+
+    // The same host reporting again is the same VM.
+    let (_, again) = srv.report(&report_for("web-01")).await;
+    assert_eq!(again["vm_id"], vm_id);
+    assert_eq!(srv.metric_rows().await, 2);
+
+    let (status, detail) = srv.get(&format!("/api/vms/{vm_id}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(detail["hostname"], "web-01");
+    assert_eq!(detail["status_changes"][0]["to_status"], "healthy");
+    assert_eq!(srv.get("/api/vms/999999").await.0, 404);
+    assert_eq!(srv.get("/api/vms/abc").await.0, 400);
+
+    let (status, summary) = srv.get("/api/status").await;
+    assert_eq!(status, 200);
+    assert_eq!(summary["counts"]["total"], 1);
+    assert_eq!(summary["counts"]["healthy"], 1);
+    srv.stop().await;
+}
+both_backends!(report_shows_up_in_vm_list);
+
+async fn machine_id_identifies_a_vm_across_renames(backend: Backend) {
+    let mut srv = TestServer::start(backend, &[]).await;
+    let mut first = report_for("old-name");
+    first["machine_id"] = json!("7D2A1C9E-0000-4000-8000-00000000ABCD");
+    let (_, a) = srv.report(&first).await;
+    let mut renamed = report_for("new-name");
+    renamed["machine_id"] = json!("7d2a1c9e-0000-4000-8000-00000000abcd");
+    let (_, b) = srv.report(&renamed).await;
+    assert_eq!(a["vm_id"], b["vm_id"]);
+    let (_, vms) = srv.get("/api/vms").await;
+    assert_eq!(vms.as_array().unwrap().len(), 1);
+    assert_eq!(vms[0]["hostname"], "new-name");
+    // A different uuid with the same hostname is a different VM (a clone).
+    let mut clone = report_for("new-name");
+    clone["machine_id"] = json!("11111111-2222-4333-8444-555555555555");
+    let (_, c) = srv.report(&clone).await;
+    assert_ne!(c["vm_id"], a["vm_id"]);
+    srv.stop().await;
+}
+both_backends!(machine_id_identifies_a_vm_across_renames);
+
+async fn silent_vm_goes_down_in_time(backend: Backend) {
+    let stale_ms = 1500;
+    let mut srv = TestServer::start(
+        backend,
+        &[("STALE_TIMEOUT_MS", "1500"), ("REPORT_INTERVAL_SECONDS", "1")],
+    )
+    .await;
+    let (status, body) = srv.report(&report_for("quiet-01")).await;
+    let sent = Instant::now();
+    assert_eq!(status, 200);
+    let vm_id = body["vm_id"].as_i64().unwrap();
+    wait_for("the VM to go down", Duration::from_millis(stale_ms + 2000), || async {
+        let (_, vm) = srv.get(&format!("/api/vms/{vm_id}")).await;
+        (vm["status"] == "down").then_some(())
+    })
+    .await;
+    assert!(sent.elapsed() >= Duration::from_millis(stale_ms), "went down too early");
+    let (_, vm) = srv.get(&format!("/api/vms/{vm_id}")).await;
+    let changes = vm["status_changes"].as_array().unwrap();
+    assert_eq!(changes.last().unwrap()["from_status"], "healthy");
+    assert_eq!(changes.last().unwrap()["to_status"], "down");
+
+    // A new heartbeat brings it back, and that is recorded too.
+    let (_, back) = srv.report(&report_for("quiet-01")).await;
+    assert_eq!(back["status"], "healthy");
+    let (_, vm) = srv.get(&format!("/api/vms/{vm_id}")).await;
+    assert_eq!(vm["status_changes"].as_array().unwrap().len(), 3);
+    srv.stop().await;
+}
+both_backends!(silent_vm_goes_down_in_time);
+
+async fn config_change_applies_at_once_and_bad_values_change_nothing(backend: Backend) {
+    let mut srv = TestServer::start(backend, &[]).await;
+    let mut hot = report_for("busy-01");
+    hot["cpu_percent"] = json!(50.0);
+    let (_, body) = srv.report(&hot).await;
+    assert_eq!(body["status"], "healthy");
+
+    let (status, updated) = srv
+        .send(Method::PUT, "/api/status/config", Some(ADMIN_TOKEN), Some(json!({"cpu_threshold": 40})))
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["config"]["cpu_threshold"], 40.0);
+    assert_eq!(updated["changed_vms"], 1);
+    let (_, vms) = srv.get("/api/vms").await;
+    assert_eq!(vms[0]["status"], "warning");
+    assert!(vms[0]["status_reason"].as_str().unwrap().contains("CPU"));
+
+    let (_, before) = srv.get("/api/status/config").await;
+    for bad in [
+        json!({"cpu_threshold": 150}),
+        json!({"ram_threshold": -1}),
+        json!({"stale_timeout_ms": "soon"}),
+        json!({"stale_timeout_ms": 10}),
+        json!({"cpu_treshold": 50}),
+        json!({"cpu_threshold": 10, "disk_threshold": 101}),
+    ] {
+        let (status, err) = srv
+            .send(Method::PUT, "/api/status/config", Some(ADMIN_TOKEN), Some(bad.clone()))
+            .await;
+        assert_eq!(status, 400, "{bad} -> {err}");
+        assert!(err["error"].as_str().is_some());
+    }
+    let (_, after) = srv.get("/api/status/config").await;
+    assert_eq!(before, after);
+    let (_, vms) = srv.get("/api/vms").await;
+    assert_eq!(vms[0]["status"], "warning");
+
+    // The saved configuration outlives a restart.
+    srv.stop().await;
+    let mut srv = TestServer::start_on(srv.db, &[]).await;
+    let (_, cfg) = srv.get("/api/status/config").await;
+    assert_eq!(cfg["cpu_threshold"], 40.0);
+    srv.stop().await;
+}
+both_backends!(config_change_applies_at_once_and_bad_values_change_nothing);
+
+async fn writes_need_the_admin_token(backend: Backend) {
+    let mut srv = TestServer::start(backend, &[]).await;
+    let (_, body) = srv.report(&report_for("keep-me")).await;
+    let vm_id = body["vm_id"].as_i64().unwrap();
+    let (_, config_before) = srv.get("/api/status/config").await;
+    for token in [None, Some("wrong"), Some(AGENT_TOKEN)] {
+        let (status, err) = srv.send(Method::DELETE, &format!("/api/vms/{vm_id}"), token, None).await;
+        assert_eq!(status, 401, "{err}");
+        assert_eq!(err["error"], "missing or invalid token");
+        let (status, _) = srv
+            .send(Method::PUT, "/api/status/config", token, Some(json!({"cpu_threshold": 1})))
+            .await;
+        assert_eq!(status, 401);
+    }
+    assert_eq!(srv.vm_count().await, 1);
+    assert_eq!(srv.metric_rows().await, 1);
+    assert_eq!(srv.get("/api/status/config").await.1, config_before);
+
+    let (status, _) = srv.send(Method::DELETE, &format!("/api/vms/{vm_id}"), Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 204);
+    assert_eq!(srv.vm_count().await, 0);
+    assert_eq!(srv.metric_rows().await, 0);
+    assert_eq!(srv.get("/api/vms").await.1, json!([]));
+    let (status, _) = srv.send(Method::DELETE, &format!("/api/vms/{vm_id}"), Some(ADMIN_TOKEN), None).await;
+    assert_eq!(status, 404);
+    srv.stop().await;
+}
+both_backends!(writes_need_the_admin_token);
+
+/// Every hostile report gets its documented 4xx and stores nothing.
+async fn hostile_reports_are_refused(backend: Backend) {
+    let mut srv = TestServer::start(backend, &[]).await;
+    let with = |field: &str, value: Value| {
+        let mut r = report_for("victim");
+        r[field] = value;
+        r.to_string().into_bytes()
+    };
+    let without = |field: &str| {
+        let mut r = report_for("victim");
+        r.as_object_mut().unwrap().remove(field);
+        r.to_string().into_bytes()
+    };
+    let valid = report_for("victim").to_string().into_bytes();
+    let many_disks: Vec<Value> = (0..65)
+        .map(|i| json!({"mount": format!("/d{i}"), "used_bytes": 1, "total_bytes": 2}))
+        .collect();
+    let mut huge = report_for("victim");
+    huge["agent_version"] = json!("x".repeat(1024 * 1024));
+    let cases: Vec<(&str, Vec<u8>, Option<&str>, u16)> = vec![
+        ("truncated JSON", b"{\"hostname\":".to_vec(), Some(AGENT_TOKEN), 400),
+        ("empty body", Vec::new(), Some(AGENT_TOKEN), 400),
+        ("JSON array", b"[1,2]".to_vec(), Some(AGENT_TOKEN), 400),
+        ("JSON null", b"null".to_vec(), Some(AGENT_TOKEN), 400),
+        ("not JSON", b"hostname=web".to_vec(), Some(AGENT_TOKEN), 400),
+        ("NaN literal", String::from_utf8(valid.clone()).unwrap().replace("12.5", "NaN").into_bytes(), Some(AGENT_TOKEN), 400),
+        ("cpu as string", with("cpu_percent", json!("12")), Some(AGENT_TOKEN), 400),
+        ("cpu negative", with("cpu_percent", json!(-0.1)), Some(AGENT_TOKEN), 400),
+        ("cpu over 100", with("cpu_percent", json!(100.1)), Some(AGENT_TOKEN), 400),
+        ("cpu overflow", String::from_utf8(valid.clone()).unwrap().replace("12.5", "1e400").into_bytes(), Some(AGENT_TOKEN), 400),
+        ("ram used over total", with("ram_used_bytes", json!(5_000_000_000i64)), Some(AGENT_TOKEN), 400),
+        ("ram total zero", with("ram_total_bytes", json!(0)), Some(AGENT_TOKEN), 400),
+        ("ram negative", with("ram_used_bytes", json!(-1)), Some(AGENT_TOKEN), 400),
+        ("ram fractional", with("ram_used_bytes", json!(1.5)), Some(AGENT_TOKEN), 400),
+        ("missing hostname", without("hostname"), Some(AGENT_TOKEN), 400),
+        ("missing os", without("os"), Some(AGENT_TOKEN), 400),
+        ("missing cpu", without("cpu_percent"), Some(AGENT_TOKEN), 400),
+        ("missing uptime", without("uptime_seconds"), Some(AGENT_TOKEN), 400),
+        ("empty hostname", with("hostname", json!("  ")), Some(AGENT_TOKEN), 400),
+        ("hostname of 10,000 characters", with("hostname", json!("a".repeat(10_000))), Some(AGENT_TOKEN), 400),
+        ("script tags in hostname", with("hostname", json!("<script>alert(1)</script>")), Some(AGENT_TOKEN), 400),
+        ("control character in hostname", with("hostname", json!("web\u{0}01")), Some(AGENT_TOKEN), 400),
+        ("hostname as number", with("hostname", json!(42)), Some(AGENT_TOKEN), 400),
+        ("unknown os", with("os", json!("plan9")), Some(AGENT_TOKEN), 400),
+        ("negative uptime", with("uptime_seconds", json!(-1)), Some(AGENT_TOKEN), 400),
+        ("65 disks", with("disks", json!(many_disks)), Some(AGENT_TOKEN), 400),
+        ("disk used over total", with("disks", json!([{"mount": "/", "used_bytes": 3, "total_bytes": 2}])), Some(AGENT_TOKEN), 400),
+        ("bad machine_id", with("machine_id", json!("../../etc/passwd")), Some(AGENT_TOKEN), 400),
+        ("vmid out of range", with("vmid", json!(7)), Some(AGENT_TOKEN), 400),
+        ("bad observed_at", with("observed_at", json!("last tuesday")), Some(AGENT_TOKEN), 400),
+        ("1 MB body", huge.to_string().into_bytes(), Some(AGENT_TOKEN), 413),
+        ("missing token", valid.clone(), None, 401),
+        ("wrong token", valid.clone(), Some("not-the-token"), 401),
+        ("admin token is not an agent token", valid.clone(), Some(ADMIN_TOKEN), 401),
+    ];
+    assert!(cases.len() >= 25);
+    for (name, body, token, expected) in cases {
+        let (status, answer) = srv.report_raw(body, token).await;
+        assert_eq!(status, expected, "{name}: {answer}");
+        assert!(answer["error"].is_string(), "{name}: error body {answer}");
+        assert_eq!(srv.metric_rows().await, 0, "{name} stored a sample");
+        assert_eq!(srv.vm_count().await, 0, "{name} created a VM");
+    }
+    // Errors name the field that was wrong.
+    let (_, answer) = srv.report_raw(with("cpu_percent", json!(101)), Some(AGENT_TOKEN)).await;
+    assert!(answer["error"].as_str().unwrap().starts_with("cpu_percent"), "{answer}");
+    let (_, answer) = srv.report_raw(without("uptime_seconds"), Some(AGENT_TOKEN)).await;
+    assert!(answer["error"].as_str().unwrap().starts_with("uptime_seconds"), "{answer}");
+    srv.stop().await;
+}
+both_backends!(hostile_reports_are_refused);
+
+async fn metric_history_is_downsampled(backend: Backend) {
+    let mut srv = TestServer::start(backend, &[]).await;
+    let now = server::now_ms();
+    let base = now - 60 * 60_000;
+    let mut vm_id = 0;
+    for i in 0..60i64 {
+        let mut r = report_for("hist-01");
+        r["cpu_percent"] = json!(i as f64);
+        let at = time::OffsetDateTime::from_unix_timestamp_nanos(((base + i * 60_000) as i128) * 1_000_000).unwrap();
+        r["observed_at"] = json!(at.format(&time::format_description::well_known::Rfc3339).unwrap());
+        let (status, body) = srv.report(&r).await;
+        assert_eq!(status, 200, "{body}");
+        vm_id = body["vm_id"].as_i64().unwrap();
+    }
+    let (status, hist) = srv
+        .get(&format!("/api/vms/{vm_id}/metrics?from={}&to={}&points=6", base, base + 60 * 60_000 - 1))
+        .await;
+    assert_eq!(status, 200, "{hist}");
+    let points = hist["points"].as_array().unwrap();
+    assert_eq!(points.len(), 6);
+    let samples: i64 = points.iter().map(|p| p["samples"].as_i64().unwrap()).sum();
+    assert_eq!(samples, 60);
+    assert_eq!(points[0]["cpu_avg"], 4.5);
+    assert_eq!(points[5]["cpu_max"], 59.0);
+    assert_eq!(points[0]["ram_percent_avg"], 25.0);
+    assert_eq!(points[0]["disk_percent_avg"], 25.0);
+    // Replayed samples do not roll the live state back.
+    let (_, vm) = srv.get(&format!("/api/vms/{vm_id}")).await;
+    assert_eq!(vm["cpu_percent"], 59.0);
+
+    for bad in ["points=0", "points=100000", "from=10&to=5", "from=yesterday"] {
+        let (status, _) = srv.get(&format!("/api/vms/{vm_id}/metrics?{bad}")).await;
+        assert_eq!(status, 400, "{bad}");
+    }
+    assert_eq!(srv.get("/api/vms/424242/metrics").await.0, 404);
+    let (status, history) = srv.get(&format!("/api/vms/{vm_id}/reset-history")).await;
+    assert_eq!(status, 200);
+    assert_eq!(history, json!([]));
+    srv.stop().await;
+}
+both_backends!(metric_history_is_downsampled);
+
+async fn health_reports_storage(backend: Backend) {
+    let mut srv = TestServer::start(backend, &[]).await;
+    let (status, health) = srv.get("/api/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["database"]["ok"], true);
+    assert_eq!(
+        health["database"]["backend"],
+        if backend == Backend::Sqlite { "sqlite" } else { "postgresql" }
+    );
+    assert_eq!(health["redis"], "not configured");
+    assert_eq!(srv.get("/api/nope").await.0, 404);
+    srv.stop().await;
+}
+both_backends!(health_reports_storage);
+
+/// Without configured tokens the server makes its own, keeps them across restarts, and
+/// stores only hashes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_tokens_are_kept_and_only_hashed() {
+    let db = fresh_db(Backend::Sqlite).await;
+    let mut cfg = test_config(&db, &[]);
+    cfg.agent_token = None;
+    cfg.admin_token = None;
+    let first = server::start(cfg.clone()).await.unwrap();
+    first.stop().await;
+    let token_path = server::auth::token_file(db.dir.path(), server::auth::Role::Agent);
+    let token = std::fs::read_to_string(&token_path).unwrap().trim().to_owned();
+    assert!(token.starts_with("vmhc_agent_"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let second = server::start(cfg).await.unwrap();
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("http://{}/api/health/report", second.addr))
+        .bearer_auth(&token)
+        .json(&report_for("gen-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let mut conn = second.state.db.conn().await.unwrap();
+    let stored = server::db::store::credential_hash(&mut conn, "agent").await.unwrap().unwrap();
+    assert_ne!(stored, token);
+    assert_eq!(stored, server::auth::hash_token(&token));
+    drop(conn);
+    second.stop().await;
+}

@@ -1,0 +1,7 @@
+//! Integration tests: the real server on SQLite and PostgreSQL, Redis, and a real browser.
+
+mod api;
+mod browser;
+mod common;
+mod concurrency;
+mod redis_cache;
