@@ -143,7 +143,9 @@ fn VmRow(vm: VmView, now_ms: i64) -> impl IntoView {
 }
 
 fn percent(value: Option<f64>) -> String {
-    value.map(|v| format!("{v:.0}%")).unwrap_or_else(|| "-".into())
+    value
+        .map(|v| format!("{v:.0}%"))
+        .unwrap_or_else(|| "-".into())
 }
 
 fn status_label(status: VmStatus) -> &'static str {

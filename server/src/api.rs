@@ -123,10 +123,15 @@ async fn report(
 ) -> Result<Json<ReportAccepted>, ApiError> {
     require(&state, Role::Agent, &headers)?;
     let body = body_bytes(body)?;
-    let prepared = parse_report(&body, crate::now_ms()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let stored = state.ingest.submit(prepared).await.map_err(|err| match err {
-        IngestError::Busy | IngestError::Unavailable => ApiError::Unavailable,
-    })?;
+    let prepared =
+        parse_report(&body, crate::now_ms()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let stored = state
+        .ingest
+        .submit(prepared)
+        .await
+        .map_err(|err| match err {
+            IngestError::Busy | IngestError::Unavailable => ApiError::Unavailable,
+        })?;
     Ok(Json(ReportAccepted {
         vm_id: stored.vm_id,
         status: stored.status,
@@ -158,10 +163,15 @@ struct VmDetail {
     status_changes: Vec<StatusChange>,
 }
 
-async fn get_vm(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<VmDetail>, ApiError> {
+async fn get_vm(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<VmDetail>, ApiError> {
     let id = parse_id(&id)?;
     let mut conn = state.db.conn().await?;
-    let vm = store::get_vm(&mut conn, id).await?.ok_or(ApiError::NotFound)?;
+    let vm = store::get_vm(&mut conn, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     let status_changes = store::status_changes_for(&mut conn, id).await?;
     Ok(Json(VmDetail { vm, status_changes }))
 }
@@ -210,7 +220,9 @@ async fn metrics(
         return Err(ApiError::BadRequest("from: must be before to".into()));
     }
     if to_ms - from_ms > MAX_RANGE_MS {
-        return Err(ApiError::BadRequest("from: range longer than 400 days".into()));
+        return Err(ApiError::BadRequest(
+            "from: range longer than 400 days".into(),
+        ));
     }
     let points = match query.get("points") {
         None => 300,
@@ -221,7 +233,9 @@ async fn metrics(
             .ok_or_else(|| ApiError::BadRequest("points: must be between 1 and 2000".into()))?,
     };
     let mut conn = state.db.conn().await?;
-    store::get_vm(&mut conn, id).await?.ok_or(ApiError::NotFound)?;
+    store::get_vm(&mut conn, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     let points = store::metric_history(&mut conn, id, from_ms, to_ms, points).await?;
     Ok(Json(MetricHistory {
         vm_id: id,
@@ -241,7 +255,9 @@ fn time_param(query: &HashMap<String, String>, name: &str) -> Result<Option<i64>
     }
     time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
         .map(|t| Some((t.unix_timestamp_nanos() / 1_000_000) as i64))
-        .map_err(|_| ApiError::BadRequest(format!("{name}: must be epoch milliseconds or RFC 3339")))
+        .map_err(|_| {
+            ApiError::BadRequest(format!("{name}: must be epoch milliseconds or RFC 3339"))
+        })
 }
 
 async fn reset_history(
@@ -250,7 +266,9 @@ async fn reset_history(
 ) -> Result<Json<Vec<ResetAttempt>>, ApiError> {
     let id = parse_id(&id)?;
     let mut conn = state.db.conn().await?;
-    store::get_vm(&mut conn, id).await?.ok_or(ApiError::NotFound)?;
+    store::get_vm(&mut conn, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
     Ok(Json(store::reset_history(&mut conn, id).await?))
 }
 
@@ -291,15 +309,16 @@ async fn put_config(
     require(&state, Role::Admin, &headers)?;
     let body = body_bytes(body)?;
     let mut deserializer = serde_json::Deserializer::from_slice(&body);
-    let patch: ConfigPatch = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        if path == "." {
-            ApiError::BadRequest(format!("body: {inner}"))
-        } else {
-            ApiError::BadRequest(format!("{path}: {inner}"))
-        }
-    })?;
+    let patch: ConfigPatch =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            if path == "." {
+                ApiError::BadRequest(format!("body: {inner}"))
+            } else {
+                ApiError::BadRequest(format!("{path}: {inner}"))
+            }
+        })?;
     let current = state.status_config.get();
     let updated = StatusConfig {
         cpu_threshold: patch.cpu_threshold.unwrap_or(current.cpu_threshold),
@@ -320,5 +339,7 @@ async fn put_config(
     };
     refresh_cache(&state.db, &state.cache, &changed).await;
     tracing::info!(config = ?updated, changed_vms = changed.len(), "status configuration updated");
-    Ok(Json(json!({ "config": updated, "changed_vms": changed.len() })))
+    Ok(Json(
+        json!({ "config": updated, "changed_vms": changed.len() }),
+    ))
 }

@@ -75,7 +75,12 @@ pub fn token_file(data_dir: &Path, role: Role) -> PathBuf {
     data_dir.join(format!("{}-token", role.name()))
 }
 
-async fn resolve(db: &Db, config: &Config, role: Role, from_env: Option<&Secret>) -> anyhow::Result<String> {
+async fn resolve(
+    db: &Db,
+    config: &Config,
+    role: Role,
+    from_env: Option<&Secret>,
+) -> anyhow::Result<String> {
     if let Some(secret) = from_env {
         return Ok(hash_token(secret.expose()));
     }
@@ -87,9 +92,10 @@ async fn resolve(db: &Db, config: &Config, role: Role, from_env: Option<&Secret>
     let path = token_file(&config.data_dir, role);
     write_private(&path, &token)?;
     let hash = hash_token(&token);
-    let in_force = store::insert_credential_if_absent(&mut conn, role.name(), &hash, crate::now_ms())
-        .await
-        .map_err(|e: DbError| anyhow::anyhow!(e))?;
+    let in_force =
+        store::insert_credential_if_absent(&mut conn, role.name(), &hash, crate::now_ms())
+            .await
+            .map_err(|e: DbError| anyhow::anyhow!(e))?;
     if in_force == hash {
         tracing::warn!(
             role = role.name(),

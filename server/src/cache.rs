@@ -108,7 +108,11 @@ impl StateCache {
                 map.insert(view.id, view.clone());
             }
         }
-        if let Some(redis) = self.redis.as_ref().filter(|r| r.ready.load(Ordering::Acquire)) {
+        if let Some(redis) = self
+            .redis
+            .as_ref()
+            .filter(|r| r.ready.load(Ordering::Acquire))
+        {
             let items: Vec<(String, String)> = views
                 .iter()
                 .filter_map(|v| Some((v.id.to_string(), serde_json::to_string(v).ok()?)))
@@ -178,7 +182,9 @@ impl StateCache {
             Some(redis) if !redis.ready.load(Ordering::Acquire) => {
                 let ping: Result<String, _> = redis
                     .run(|mut conn| async move {
-                        deadpool_redis::redis::cmd("PING").query_async(&mut conn).await
+                        deadpool_redis::redis::cmd("PING")
+                            .query_async(&mut conn)
+                            .await
                     })
                     .await;
                 ping.is_ok()
@@ -187,7 +193,9 @@ impl StateCache {
                 // Probe a healthy Redis too, so an outage shows in /api/health without traffic.
                 let ping: Result<String, _> = redis
                     .run(|mut conn| async move {
-                        deadpool_redis::redis::cmd("PING").query_async(&mut conn).await
+                        deadpool_redis::redis::cmd("PING")
+                            .query_async(&mut conn)
+                            .await
                     })
                     .await;
                 if let Err(err) = ping {

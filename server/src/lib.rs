@@ -71,7 +71,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let mut conn = db.conn().await?;
         store::load_status_config(&mut conn).await?
     };
-    let status_config = SharedStatusConfig::new(saved.unwrap_or_else(|| config.status_defaults.clone()));
+    let status_config =
+        SharedStatusConfig::new(saved.unwrap_or_else(|| config.status_defaults.clone()));
     let (ingest, writer) = Ingest::start(
         db.clone(),
         cache.clone(),
@@ -80,7 +81,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config.ingest_queue_capacity,
     );
     let site_root = config.site_root.to_string_lossy().into_owned();
-    let wasm = config.site_root.join("pkg").join(format!("{}_bg.wasm", web::OUTPUT_NAME));
+    let wasm = config
+        .site_root
+        .join("pkg")
+        .join(format!("{}_bg.wasm", web::OUTPUT_NAME));
     if !wasm.exists() {
         tracing::warn!(path = %wasm.display(), "front end not built; the dashboard will not refresh itself (run scripts/run.sh)");
     }

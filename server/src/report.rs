@@ -120,9 +120,7 @@ fn validate(raw: RawReport, received_ms: i64) -> Result<PreparedReport, InvalidR
     let node = match raw.node.map(|n| n.trim().to_owned()) {
         None => None,
         Some(n) if n.is_empty() => None,
-        Some(n)
-            if n.len() <= 63 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') =>
-        {
+        Some(n) if n.len() <= 63 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
             Some(n)
         }
         Some(_) => return Err(invalid("node", "must be a Proxmox node name")),
@@ -146,14 +144,23 @@ fn validate(raw: RawReport, received_ms: i64) -> Result<PreparedReport, InvalidR
     let mut disks = Vec::with_capacity(raw_disks.len());
     for (i, disk) in raw_disks.into_iter().enumerate() {
         let at = |field: &str| format!("disks[{i}].{field}");
-        if disk.mount.is_empty() || disk.mount.len() > 1024 || disk.mount.chars().any(char::is_control) {
-            return Err(invalid(&at("mount"), "must be 1 to 1024 printable characters"));
+        if disk.mount.is_empty()
+            || disk.mount.len() > 1024
+            || disk.mount.chars().any(char::is_control)
+        {
+            return Err(invalid(
+                &at("mount"),
+                "must be 1 to 1024 printable characters",
+            ));
         }
         if disk.total_bytes < 0 {
             return Err(invalid(&at("total_bytes"), "must not be negative"));
         }
         if disk.used_bytes < 0 || disk.used_bytes > disk.total_bytes {
-            return Err(invalid(&at("used_bytes"), "must be between 0 and total_bytes"));
+            return Err(invalid(
+                &at("used_bytes"),
+                "must be between 0 and total_bytes",
+            ));
         }
         disks.push(DiskUsage {
             mount: disk.mount,
@@ -166,7 +173,10 @@ fn validate(raw: RawReport, received_ms: i64) -> Result<PreparedReport, InvalidR
     }
     let agent_version = match raw.agent_version {
         Some(v) if v.len() > 64 || v.chars().any(char::is_control) => {
-            return Err(invalid("agent_version", "must be at most 64 printable characters"))
+            return Err(invalid(
+                "agent_version",
+                "must be at most 64 printable characters",
+            ))
         }
         other => other.filter(|v| !v.is_empty()),
     };
@@ -187,8 +197,14 @@ fn validate(raw: RawReport, received_ms: i64) -> Result<PreparedReport, InvalidR
             }
         }
     };
-    let disk_used_bytes = disks.iter().map(|d| d.used_bytes).fold(0i64, i64::saturating_add);
-    let disk_total_bytes = disks.iter().map(|d| d.total_bytes).fold(0i64, i64::saturating_add);
+    let disk_used_bytes = disks
+        .iter()
+        .map(|d| d.used_bytes)
+        .fold(0i64, i64::saturating_add);
+    let disk_total_bytes = disks
+        .iter()
+        .map(|d| d.total_bytes)
+        .fold(0i64, i64::saturating_add);
     let disk_max_percent = disks
         .iter()
         .filter(|d| d.total_bytes > 0)
@@ -241,13 +257,18 @@ mod tests {
     }
 
     fn field_of(value: serde_json::Value) -> String {
-        parse_report(value.to_string().as_bytes(), NOW).unwrap_err().field
+        parse_report(value.to_string().as_bytes(), NOW)
+            .unwrap_err()
+            .field
     }
 
     #[test]
     fn accepts_and_normalises_a_valid_report() {
         let r = parse_report(valid().to_string().as_bytes(), NOW).unwrap();
-        assert_eq!(r.machine_id.as_deref(), Some("7d2a1c9e-0000-4000-8000-00000000abcd"));
+        assert_eq!(
+            r.machine_id.as_deref(),
+            Some("7d2a1c9e-0000-4000-8000-00000000abcd")
+        );
         assert_eq!((r.disk_used_bytes, r.disk_total_bytes), (60, 200));
         assert_eq!(r.disk_max_percent, Some(50.0));
         assert_eq!(r.observed_ms, NOW);
@@ -292,7 +313,12 @@ mod tests {
         assert_eq!(r.observed_ms, NOW);
         let mut body = valid();
         body["observed_at"] = json!("2099-01-01T00:00:00Z");
-        assert_eq!(parse_report(body.to_string().as_bytes(), NOW).unwrap().observed_ms, NOW);
+        assert_eq!(
+            parse_report(body.to_string().as_bytes(), NOW)
+                .unwrap()
+                .observed_ms,
+            NOW
+        );
     }
 
     #[test]

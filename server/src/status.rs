@@ -127,17 +127,61 @@ mod tests {
         let cfg = StatusConfig::default();
         let cases: Vec<(&str, Option<LatestReport>, VmStatus)> = vec![
             ("never reported", None, VmStatus::Unknown),
-            ("fresh and idle", Some(report(0, 5.0, 20, Some(10.0))), VmStatus::Healthy),
-            ("cpu at threshold", Some(report(0, 80.0, 20, None)), VmStatus::Healthy),
-            ("cpu above", Some(report(0, 80.5, 20, None)), VmStatus::Warning),
-            ("ram at threshold", Some(report(0, 1.0, 90, None)), VmStatus::Healthy),
-            ("ram above", Some(report(0, 1.0, 91, None)), VmStatus::Warning),
-            ("disk above", Some(report(0, 1.0, 10, Some(95.0))), VmStatus::Warning),
-            ("disk at threshold", Some(report(0, 1.0, 10, Some(90.0))), VmStatus::Healthy),
-            ("just fresh", Some(report(299_999, 1.0, 10, None)), VmStatus::Healthy),
-            ("exactly stale", Some(report(300_000, 1.0, 10, None)), VmStatus::Down),
-            ("stale and hot", Some(report(900_000, 99.0, 99, None)), VmStatus::Down),
-            ("clock in future", Some(report(-60_000, 1.0, 10, None)), VmStatus::Healthy),
+            (
+                "fresh and idle",
+                Some(report(0, 5.0, 20, Some(10.0))),
+                VmStatus::Healthy,
+            ),
+            (
+                "cpu at threshold",
+                Some(report(0, 80.0, 20, None)),
+                VmStatus::Healthy,
+            ),
+            (
+                "cpu above",
+                Some(report(0, 80.5, 20, None)),
+                VmStatus::Warning,
+            ),
+            (
+                "ram at threshold",
+                Some(report(0, 1.0, 90, None)),
+                VmStatus::Healthy,
+            ),
+            (
+                "ram above",
+                Some(report(0, 1.0, 91, None)),
+                VmStatus::Warning,
+            ),
+            (
+                "disk above",
+                Some(report(0, 1.0, 10, Some(95.0))),
+                VmStatus::Warning,
+            ),
+            (
+                "disk at threshold",
+                Some(report(0, 1.0, 10, Some(90.0))),
+                VmStatus::Healthy,
+            ),
+            (
+                "just fresh",
+                Some(report(299_999, 1.0, 10, None)),
+                VmStatus::Healthy,
+            ),
+            (
+                "exactly stale",
+                Some(report(300_000, 1.0, 10, None)),
+                VmStatus::Down,
+            ),
+            (
+                "stale and hot",
+                Some(report(900_000, 99.0, 99, None)),
+                VmStatus::Down,
+            ),
+            (
+                "clock in future",
+                Some(report(-60_000, 1.0, 10, None)),
+                VmStatus::Healthy,
+            ),
         ];
         for (name, latest, expected) in cases {
             let got = evaluate(latest.as_ref(), &cfg, NOW);
@@ -147,7 +191,11 @@ mod tests {
 
     #[test]
     fn warning_reason_names_every_breach() {
-        let v = evaluate(Some(&report(0, 95.0, 95, Some(99.0))), &StatusConfig::default(), NOW);
+        let v = evaluate(
+            Some(&report(0, 95.0, 95, Some(99.0))),
+            &StatusConfig::default(),
+            NOW,
+        );
         assert_eq!(v.status, VmStatus::Warning);
         assert!(v.reason.contains("CPU") && v.reason.contains("RAM") && v.reason.contains("disk"));
     }
@@ -171,15 +219,55 @@ mod tests {
         let ok = StatusConfig::default();
         assert_eq!(validate_config(&ok), Ok(()));
         let bad: Vec<(&str, StatusConfig)> = vec![
-            ("cpu_threshold", StatusConfig { cpu_threshold: 101.0, ..ok.clone() }),
-            ("cpu_threshold", StatusConfig { cpu_threshold: f64::NAN, ..ok.clone() }),
-            ("ram_threshold", StatusConfig { ram_threshold: -1.0, ..ok.clone() }),
-            ("disk_threshold", StatusConfig { disk_threshold: f64::INFINITY, ..ok.clone() }),
-            ("stale_timeout_ms", StatusConfig { stale_timeout_ms: 999, ..ok.clone() }),
-            ("report_interval_seconds", StatusConfig { report_interval_seconds: 0, ..ok.clone() }),
+            (
+                "cpu_threshold",
+                StatusConfig {
+                    cpu_threshold: 101.0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "cpu_threshold",
+                StatusConfig {
+                    cpu_threshold: f64::NAN,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "ram_threshold",
+                StatusConfig {
+                    ram_threshold: -1.0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "disk_threshold",
+                StatusConfig {
+                    disk_threshold: f64::INFINITY,
+                    ..ok.clone()
+                },
+            ),
             (
                 "stale_timeout_ms",
-                StatusConfig { stale_timeout_ms: 20_000, report_interval_seconds: 30, ..ok.clone() },
+                StatusConfig {
+                    stale_timeout_ms: 999,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "report_interval_seconds",
+                StatusConfig {
+                    report_interval_seconds: 0,
+                    ..ok.clone()
+                },
+            ),
+            (
+                "stale_timeout_ms",
+                StatusConfig {
+                    stale_timeout_ms: 20_000,
+                    report_interval_seconds: 30,
+                    ..ok.clone()
+                },
             ),
         ];
         for (field, cfg) in bad {

@@ -20,11 +20,12 @@ const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("../migrations
 
 /// Applied to every SQLite connection: WAL lets readers run beside the writer, NORMAL is
 /// durable across process crashes in WAL mode, and the busy timeout absorbs short lock waits.
-const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-     PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;";
+/// The busy timeout comes first so that switching to WAL already waits for a lock.
+const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout = 5000; PRAGMA journal_mode = WAL; \
+     PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;";
 
 /// Arbitrary constant naming the migration lock among PostgreSQL advisory locks.
-const MIGRATION_LOCK_KEY: i64 = 0x766d_6863_6d69_67;
+const MIGRATION_LOCK_KEY: i64 = 0x0076_6d68_636d_6967;
 
 /// Storage failures, split by what the caller can do about them.
 #[derive(Debug, thiserror::Error)]
@@ -62,13 +63,17 @@ pub enum Db {
 }
 
 /// One pooled connection of either backend.
+#[expect(clippy::large_enum_variant, reason = "short-lived; boxing would add an allocation per checkout")]
 pub enum Conn {
     Postgres(Object<AsyncPgConnection>),
     Sqlite(Object<SqliteConn>),
 }
 
 /// Held for the duration of a write transaction (a no-op on PostgreSQL).
-pub struct WriteGuard(#[expect(dead_code, reason = "held only for its drop")] Option<tokio::sync::OwnedMutexGuard<()>>);
+pub struct WriteGuard(
+    #[expect(dead_code, reason = "held only for its drop")]
+    Option<tokio::sync::OwnedMutexGuard<()>>,
+);
 
 /// Runs the same diesel-async code against whichever connection type `$conn` holds.
 #[macro_export]
@@ -120,8 +125,7 @@ impl Db {
                     Ok(conn)
                 })
             });
-            let manager =
-                AsyncDieselConnectionManager::<SqliteConn>::new_with_config(path, config);
+            let manager = AsyncDieselConnectionManager::<SqliteConn>::new_with_config(path, config);
             let pool = Pool::builder(manager)
                 .max_size(pool_size)
                 .wait_timeout(Some(Duration::from_secs(5)))

@@ -1,6 +1,8 @@
 //! Queries: every read and write the server makes, written once for both backends.
 
-use super::schema::{credentials, metric_samples, reset_attempts, runtime_config, status_changes, vms};
+use super::schema::{
+    credentials, metric_samples, reset_attempts, runtime_config, status_changes, vms,
+};
 use super::{Conn, DbError, SqliteConn};
 use crate::status::{self, LatestReport};
 use crate::with_conn;
@@ -158,7 +160,10 @@ struct NewStatusChange<'a> {
 
 /// Multi-row inserts differ by backend (diesel-async cannot batch-insert on SQLite).
 pub trait MetricWriter {
-    fn insert_metrics(&mut self, rows: Vec<NewMetric>) -> impl Future<Output = QueryResult<()>> + Send;
+    fn insert_metrics(
+        &mut self,
+        rows: Vec<NewMetric>,
+    ) -> impl Future<Output = QueryResult<()>> + Send;
 }
 
 impl MetricWriter for AsyncPgConnection {
@@ -196,8 +201,10 @@ pub async fn store_reports(
 ) -> Result<Vec<StoredReport>, DbError> {
     with_conn!(conn, |c| {
         c.transaction::<_, DbError, _>(async |c| {
-            let machine_ids: Vec<&str> =
-                reports.iter().filter_map(|r| r.machine_id.as_deref()).collect();
+            let machine_ids: Vec<&str> = reports
+                .iter()
+                .filter_map(|r| r.machine_id.as_deref())
+                .collect();
             let hostnames: Vec<&str> = reports.iter().map(|r| r.hostname.as_str()).collect();
             let mut known: Vec<VmRow> = vms::table
                 .filter(vms::machine_id.eq_any(&machine_ids))
@@ -276,15 +283,35 @@ pub async fn store_reports(
                 let newer = row.observed_at_ms.is_none_or(|t| report.observed_ms >= t);
                 let latest = LatestReport {
                     last_seen_ms: last_seen,
-                    cpu_percent: if newer { report.cpu_percent } else { row.cpu_percent.unwrap_or(report.cpu_percent) },
-                    ram_used_bytes: if newer { report.ram_used_bytes } else { row.ram_used_bytes.unwrap_or(report.ram_used_bytes) },
-                    ram_total_bytes: if newer { report.ram_total_bytes } else { row.ram_total_bytes.unwrap_or(report.ram_total_bytes) },
-                    disk_max_percent: if newer { report.disk_max_percent } else { row.disk_max_percent },
+                    cpu_percent: if newer {
+                        report.cpu_percent
+                    } else {
+                        row.cpu_percent.unwrap_or(report.cpu_percent)
+                    },
+                    ram_used_bytes: if newer {
+                        report.ram_used_bytes
+                    } else {
+                        row.ram_used_bytes.unwrap_or(report.ram_used_bytes)
+                    },
+                    ram_total_bytes: if newer {
+                        report.ram_total_bytes
+                    } else {
+                        row.ram_total_bytes.unwrap_or(report.ram_total_bytes)
+                    },
+                    disk_max_percent: if newer {
+                        report.disk_max_percent
+                    } else {
+                        row.disk_max_percent
+                    },
                 };
                 let verdict = status::evaluate(Some(&latest), cfg, last_seen);
                 let previous = VmStatus::parse(&row.status);
                 let changed = previous != verdict.status;
-                let since = if changed { last_seen } else { row.status_since_ms };
+                let since = if changed {
+                    last_seen
+                } else {
+                    row.status_since_ms
+                };
                 let target = vms::table.filter(vms::id.eq(id));
                 if newer {
                     diesel::update(target)
@@ -353,7 +380,10 @@ pub async fn store_reports(
 /// Finds the VM a report belongs to: by uuid, else by a hostname that has no other uuid.
 fn match_vm(known: &[VmRow], report: &PreparedReport) -> Option<usize> {
     if let Some(mid) = report.machine_id.as_deref() {
-        if let Some(i) = known.iter().position(|r| r.machine_id.as_deref() == Some(mid)) {
+        if let Some(i) = known
+            .iter()
+            .position(|r| r.machine_id.as_deref() == Some(mid))
+        {
             return Some(i);
         }
         return known
@@ -367,7 +397,10 @@ fn match_vm(known: &[VmRow], report: &PreparedReport) -> Option<usize> {
         return Some(i);
     }
     // An agent that cannot read its uuid (not root) still matches its VM when unambiguous.
-    let mut same_name = known.iter().enumerate().filter(|(_, r)| r.hostname == report.hostname);
+    let mut same_name = known
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.hostname == report.hostname);
     match (same_name.next(), same_name.next()) {
         (Some((i, _)), None) => Some(i),
         _ => None,
@@ -622,7 +655,11 @@ pub async fn load_status_config(conn: &mut Conn) -> Result<Option<StatusConfig>,
     Ok(value.and_then(|json| serde_json::from_str(&json).ok()))
 }
 
-pub async fn save_status_config(conn: &mut Conn, cfg: &StatusConfig, now_ms: i64) -> Result<(), DbError> {
+pub async fn save_status_config(
+    conn: &mut Conn,
+    cfg: &StatusConfig,
+    now_ms: i64,
+) -> Result<(), DbError> {
     let json = serde_json::to_string(cfg).map_err(|e| DbError::Unavailable(e.to_string()))?;
     with_conn!(conn, |c| {
         diesel::insert_into(runtime_config::table)
@@ -633,7 +670,10 @@ pub async fn save_status_config(conn: &mut Conn, cfg: &StatusConfig, now_ms: i64
             ))
             .on_conflict(runtime_config::key)
             .do_update()
-            .set((runtime_config::value.eq(&json), runtime_config::updated_ms.eq(now_ms)))
+            .set((
+                runtime_config::value.eq(&json),
+                runtime_config::updated_ms.eq(now_ms),
+            ))
             .execute(c)
             .await
     })?;

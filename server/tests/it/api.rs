@@ -68,19 +68,29 @@ async fn silent_vm_goes_down_in_time(backend: Backend) {
     let stale_ms = 1500;
     let mut srv = TestServer::start(
         backend,
-        &[("STALE_TIMEOUT_MS", "1500"), ("REPORT_INTERVAL_SECONDS", "1")],
+        &[
+            ("STALE_TIMEOUT_MS", "1500"),
+            ("REPORT_INTERVAL_SECONDS", "1"),
+        ],
     )
     .await;
     let (status, body) = srv.report(&report_for("quiet-01")).await;
     let sent = Instant::now();
     assert_eq!(status, 200);
     let vm_id = body["vm_id"].as_i64().unwrap();
-    wait_for("the VM to go down", Duration::from_millis(stale_ms + 2000), || async {
-        let (_, vm) = srv.get(&format!("/api/vms/{vm_id}")).await;
-        (vm["status"] == "down").then_some(())
-    })
+    wait_for(
+        "the VM to go down",
+        Duration::from_millis(stale_ms + 2000),
+        || async {
+            let (_, vm) = srv.get(&format!("/api/vms/{vm_id}")).await;
+            (vm["status"] == "down").then_some(())
+        },
+    )
     .await;
-    assert!(sent.elapsed() >= Duration::from_millis(stale_ms), "went down too early");
+    assert!(
+        sent.elapsed() >= Duration::from_millis(stale_ms),
+        "went down too early"
+    );
     let (_, vm) = srv.get(&format!("/api/vms/{vm_id}")).await;
     let changes = vm["status_changes"].as_array().unwrap();
     assert_eq!(changes.last().unwrap()["from_status"], "healthy");
@@ -103,7 +113,12 @@ async fn config_change_applies_at_once_and_bad_values_change_nothing(backend: Ba
     assert_eq!(body["status"], "healthy");
 
     let (status, updated) = srv
-        .send(Method::PUT, "/api/status/config", Some(ADMIN_TOKEN), Some(json!({"cpu_threshold": 40})))
+        .send(
+            Method::PUT,
+            "/api/status/config",
+            Some(ADMIN_TOKEN),
+            Some(json!({"cpu_threshold": 40})),
+        )
         .await;
     assert_eq!(status, 200, "{updated}");
     assert_eq!(updated["config"]["cpu_threshold"], 40.0);
@@ -122,7 +137,12 @@ async fn config_change_applies_at_once_and_bad_values_change_nothing(backend: Ba
         json!({"cpu_threshold": 10, "disk_threshold": 101}),
     ] {
         let (status, err) = srv
-            .send(Method::PUT, "/api/status/config", Some(ADMIN_TOKEN), Some(bad.clone()))
+            .send(
+                Method::PUT,
+                "/api/status/config",
+                Some(ADMIN_TOKEN),
+                Some(bad.clone()),
+            )
             .await;
         assert_eq!(status, 400, "{bad} -> {err}");
         assert!(err["error"].as_str().is_some());
@@ -147,11 +167,18 @@ async fn writes_need_the_admin_token(backend: Backend) {
     let vm_id = body["vm_id"].as_i64().unwrap();
     let (_, config_before) = srv.get("/api/status/config").await;
     for token in [None, Some("wrong"), Some(AGENT_TOKEN)] {
-        let (status, err) = srv.send(Method::DELETE, &format!("/api/vms/{vm_id}"), token, None).await;
+        let (status, err) = srv
+            .send(Method::DELETE, &format!("/api/vms/{vm_id}"), token, None)
+            .await;
         assert_eq!(status, 401, "{err}");
         assert_eq!(err["error"], "missing or invalid token");
         let (status, _) = srv
-            .send(Method::PUT, "/api/status/config", token, Some(json!({"cpu_threshold": 1})))
+            .send(
+                Method::PUT,
+                "/api/status/config",
+                token,
+                Some(json!({"cpu_threshold": 1})),
+            )
             .await;
         assert_eq!(status, 401);
     }
@@ -159,12 +186,26 @@ async fn writes_need_the_admin_token(backend: Backend) {
     assert_eq!(srv.metric_rows().await, 1);
     assert_eq!(srv.get("/api/status/config").await.1, config_before);
 
-    let (status, _) = srv.send(Method::DELETE, &format!("/api/vms/{vm_id}"), Some(ADMIN_TOKEN), None).await;
+    let (status, _) = srv
+        .send(
+            Method::DELETE,
+            &format!("/api/vms/{vm_id}"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
     assert_eq!(status, 204);
     assert_eq!(srv.vm_count().await, 0);
     assert_eq!(srv.metric_rows().await, 0);
     assert_eq!(srv.get("/api/vms").await.1, json!([]));
-    let (status, _) = srv.send(Method::DELETE, &format!("/api/vms/{vm_id}"), Some(ADMIN_TOKEN), None).await;
+    let (status, _) = srv
+        .send(
+            Method::DELETE,
+            &format!("/api/vms/{vm_id}"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
     assert_eq!(status, 404);
     srv.stop().await;
 }
@@ -190,40 +231,184 @@ async fn hostile_reports_are_refused(backend: Backend) {
     let mut huge = report_for("victim");
     huge["agent_version"] = json!("x".repeat(1024 * 1024));
     let cases: Vec<(&str, Vec<u8>, Option<&str>, u16)> = vec![
-        ("truncated JSON", b"{\"hostname\":".to_vec(), Some(AGENT_TOKEN), 400),
+        (
+            "truncated JSON",
+            b"{\"hostname\":".to_vec(),
+            Some(AGENT_TOKEN),
+            400,
+        ),
         ("empty body", Vec::new(), Some(AGENT_TOKEN), 400),
         ("JSON array", b"[1,2]".to_vec(), Some(AGENT_TOKEN), 400),
         ("JSON null", b"null".to_vec(), Some(AGENT_TOKEN), 400),
         ("not JSON", b"hostname=web".to_vec(), Some(AGENT_TOKEN), 400),
-        ("NaN literal", String::from_utf8(valid.clone()).unwrap().replace("12.5", "NaN").into_bytes(), Some(AGENT_TOKEN), 400),
-        ("cpu as string", with("cpu_percent", json!("12")), Some(AGENT_TOKEN), 400),
-        ("cpu negative", with("cpu_percent", json!(-0.1)), Some(AGENT_TOKEN), 400),
-        ("cpu over 100", with("cpu_percent", json!(100.1)), Some(AGENT_TOKEN), 400),
-        ("cpu overflow", String::from_utf8(valid.clone()).unwrap().replace("12.5", "1e400").into_bytes(), Some(AGENT_TOKEN), 400),
-        ("ram used over total", with("ram_used_bytes", json!(5_000_000_000i64)), Some(AGENT_TOKEN), 400),
-        ("ram total zero", with("ram_total_bytes", json!(0)), Some(AGENT_TOKEN), 400),
-        ("ram negative", with("ram_used_bytes", json!(-1)), Some(AGENT_TOKEN), 400),
-        ("ram fractional", with("ram_used_bytes", json!(1.5)), Some(AGENT_TOKEN), 400),
-        ("missing hostname", without("hostname"), Some(AGENT_TOKEN), 400),
+        (
+            "NaN literal",
+            String::from_utf8(valid.clone())
+                .unwrap()
+                .replace("12.5", "NaN")
+                .into_bytes(),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "cpu as string",
+            with("cpu_percent", json!("12")),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "cpu negative",
+            with("cpu_percent", json!(-0.1)),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "cpu over 100",
+            with("cpu_percent", json!(100.1)),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "cpu overflow",
+            String::from_utf8(valid.clone())
+                .unwrap()
+                .replace("12.5", "1e400")
+                .into_bytes(),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "ram used over total",
+            with("ram_used_bytes", json!(5_000_000_000i64)),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "ram total zero",
+            with("ram_total_bytes", json!(0)),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "ram negative",
+            with("ram_used_bytes", json!(-1)),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "ram fractional",
+            with("ram_used_bytes", json!(1.5)),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "missing hostname",
+            without("hostname"),
+            Some(AGENT_TOKEN),
+            400,
+        ),
         ("missing os", without("os"), Some(AGENT_TOKEN), 400),
-        ("missing cpu", without("cpu_percent"), Some(AGENT_TOKEN), 400),
-        ("missing uptime", without("uptime_seconds"), Some(AGENT_TOKEN), 400),
-        ("empty hostname", with("hostname", json!("  ")), Some(AGENT_TOKEN), 400),
-        ("hostname of 10,000 characters", with("hostname", json!("a".repeat(10_000))), Some(AGENT_TOKEN), 400),
-        ("script tags in hostname", with("hostname", json!("<script>alert(1)</script>")), Some(AGENT_TOKEN), 400),
-        ("control character in hostname", with("hostname", json!("web\u{0}01")), Some(AGENT_TOKEN), 400),
-        ("hostname as number", with("hostname", json!(42)), Some(AGENT_TOKEN), 400),
-        ("unknown os", with("os", json!("plan9")), Some(AGENT_TOKEN), 400),
-        ("negative uptime", with("uptime_seconds", json!(-1)), Some(AGENT_TOKEN), 400),
-        ("65 disks", with("disks", json!(many_disks)), Some(AGENT_TOKEN), 400),
-        ("disk used over total", with("disks", json!([{"mount": "/", "used_bytes": 3, "total_bytes": 2}])), Some(AGENT_TOKEN), 400),
-        ("bad machine_id", with("machine_id", json!("../../etc/passwd")), Some(AGENT_TOKEN), 400),
-        ("vmid out of range", with("vmid", json!(7)), Some(AGENT_TOKEN), 400),
-        ("bad observed_at", with("observed_at", json!("last tuesday")), Some(AGENT_TOKEN), 400),
-        ("1 MB body", huge.to_string().into_bytes(), Some(AGENT_TOKEN), 413),
+        (
+            "missing cpu",
+            without("cpu_percent"),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "missing uptime",
+            without("uptime_seconds"),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "empty hostname",
+            with("hostname", json!("  ")),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "hostname of 10,000 characters",
+            with("hostname", json!("a".repeat(10_000))),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "script tags in hostname",
+            with("hostname", json!("<script>alert(1)</script>")),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "control character in hostname",
+            with("hostname", json!("web\u{0}01")),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "hostname as number",
+            with("hostname", json!(42)),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "unknown os",
+            with("os", json!("plan9")),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "negative uptime",
+            with("uptime_seconds", json!(-1)),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "65 disks",
+            with("disks", json!(many_disks)),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "disk used over total",
+            with(
+                "disks",
+                json!([{"mount": "/", "used_bytes": 3, "total_bytes": 2}]),
+            ),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "bad machine_id",
+            with("machine_id", json!("../../etc/passwd")),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "vmid out of range",
+            with("vmid", json!(7)),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "bad observed_at",
+            with("observed_at", json!("last tuesday")),
+            Some(AGENT_TOKEN),
+            400,
+        ),
+        (
+            "1 MB body",
+            huge.to_string().into_bytes(),
+            Some(AGENT_TOKEN),
+            413,
+        ),
         ("missing token", valid.clone(), None, 401),
         ("wrong token", valid.clone(), Some("not-the-token"), 401),
-        ("admin token is not an agent token", valid.clone(), Some(ADMIN_TOKEN), 401),
+        (
+            "admin token is not an agent token",
+            valid.clone(),
+            Some(ADMIN_TOKEN),
+            401,
+        ),
     ];
     assert!(cases.len() >= 25);
     for (name, body, token, expected) in cases {
@@ -234,10 +419,23 @@ async fn hostile_reports_are_refused(backend: Backend) {
         assert_eq!(srv.vm_count().await, 0, "{name} created a VM");
     }
     // Errors name the field that was wrong.
-    let (_, answer) = srv.report_raw(with("cpu_percent", json!(101)), Some(AGENT_TOKEN)).await;
-    assert!(answer["error"].as_str().unwrap().starts_with("cpu_percent"), "{answer}");
-    let (_, answer) = srv.report_raw(without("uptime_seconds"), Some(AGENT_TOKEN)).await;
-    assert!(answer["error"].as_str().unwrap().starts_with("uptime_seconds"), "{answer}");
+    let (_, answer) = srv
+        .report_raw(with("cpu_percent", json!(101)), Some(AGENT_TOKEN))
+        .await;
+    assert!(
+        answer["error"].as_str().unwrap().starts_with("cpu_percent"),
+        "{answer}"
+    );
+    let (_, answer) = srv
+        .report_raw(without("uptime_seconds"), Some(AGENT_TOKEN))
+        .await;
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("uptime_seconds"),
+        "{answer}"
+    );
     srv.stop().await;
 }
 both_backends!(hostile_reports_are_refused);
@@ -250,14 +448,23 @@ async fn metric_history_is_downsampled(backend: Backend) {
     for i in 0..60i64 {
         let mut r = report_for("hist-01");
         r["cpu_percent"] = json!(i as f64);
-        let at = time::OffsetDateTime::from_unix_timestamp_nanos(((base + i * 60_000) as i128) * 1_000_000).unwrap();
-        r["observed_at"] = json!(at.format(&time::format_description::well_known::Rfc3339).unwrap());
+        let at = time::OffsetDateTime::from_unix_timestamp_nanos(
+            ((base + i * 60_000) as i128) * 1_000_000,
+        )
+        .unwrap();
+        r["observed_at"] = json!(at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap());
         let (status, body) = srv.report(&r).await;
         assert_eq!(status, 200, "{body}");
         vm_id = body["vm_id"].as_i64().unwrap();
     }
     let (status, hist) = srv
-        .get(&format!("/api/vms/{vm_id}/metrics?from={}&to={}&points=6", base, base + 60 * 60_000 - 1))
+        .get(&format!(
+            "/api/vms/{vm_id}/metrics?from={}&to={}&points=6",
+            base,
+            base + 60 * 60_000 - 1
+        ))
         .await;
     assert_eq!(status, 200, "{hist}");
     let points = hist["points"].as_array().unwrap();
@@ -272,7 +479,12 @@ async fn metric_history_is_downsampled(backend: Backend) {
     let (_, vm) = srv.get(&format!("/api/vms/{vm_id}")).await;
     assert_eq!(vm["cpu_percent"], 59.0);
 
-    for bad in ["points=0", "points=100000", "from=10&to=5", "from=yesterday"] {
+    for bad in [
+        "points=0",
+        "points=100000",
+        "from=10&to=5",
+        "from=yesterday",
+    ] {
         let (status, _) = srv.get(&format!("/api/vms/{vm_id}/metrics?{bad}")).await;
         assert_eq!(status, 400, "{bad}");
     }
@@ -292,7 +504,11 @@ async fn health_reports_storage(backend: Backend) {
     assert_eq!(health["database"]["ok"], true);
     assert_eq!(
         health["database"]["backend"],
-        if backend == Backend::Sqlite { "sqlite" } else { "postgresql" }
+        if backend == Backend::Sqlite {
+            "sqlite"
+        } else {
+            "postgresql"
+        }
     );
     assert_eq!(health["redis"], "not configured");
     assert_eq!(srv.get("/api/nope").await.0, 404);
@@ -311,12 +527,18 @@ async fn generated_tokens_are_kept_and_only_hashed() {
     let first = server::start(cfg.clone()).await.unwrap();
     first.stop().await;
     let token_path = server::auth::token_file(db.dir.path(), server::auth::Role::Agent);
-    let token = std::fs::read_to_string(&token_path).unwrap().trim().to_owned();
+    let token = std::fs::read_to_string(&token_path)
+        .unwrap()
+        .trim()
+        .to_owned();
     assert!(token.starts_with("vmhc_agent_"));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
     let second = server::start(cfg).await.unwrap();
     let http = reqwest::Client::new();
@@ -329,7 +551,10 @@ async fn generated_tokens_are_kept_and_only_hashed() {
         .unwrap();
     assert_eq!(resp.status().as_u16(), 200);
     let mut conn = second.state.db.conn().await.unwrap();
-    let stored = server::db::store::credential_hash(&mut conn, "agent").await.unwrap().unwrap();
+    let stored = server::db::store::credential_hash(&mut conn, "agent")
+        .await
+        .unwrap()
+        .unwrap();
     assert_ne!(stored, token);
     assert_eq!(stored, server::auth::hash_token(&token));
     drop(conn);

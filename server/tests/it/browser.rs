@@ -96,31 +96,57 @@ async fn dashboard_shows_new_reports_live_and_markup_as_text() {
     // A report appears within 5 s, without a reload.
     let (status, body) = srv.report(&report_for("live-vm-01")).await;
     assert_eq!(status, 200, "{body}");
-    wait_for("the new VM on the dashboard", Duration::from_secs(5), || async {
-        let text = browser.text_of("table.vms").await?;
-        text.contains("live-vm-01").then_some(())
-    })
+    wait_for(
+        "the new VM on the dashboard",
+        Duration::from_secs(5),
+        || async {
+            let text = browser.text_of("table.vms").await?;
+            text.contains("live-vm-01").then_some(())
+        },
+    )
     .await;
-    assert_eq!(browser.text_of("[data-count='healthy'] .value").await.as_deref(), Some("1"));
+    assert_eq!(
+        browser
+            .text_of("[data-count='healthy'] .value")
+            .await
+            .as_deref(),
+        Some("1")
+    );
 
     // A hostname holding markup (stored before validation existed, say) shows as text.
     let markup = "<b id=\"injected\">bold</b><img src=x onerror=\"window.pwned=1\">";
     let stored = {
         let state = srv.state();
         let mut conn = state.db.conn().await.unwrap();
-        let mut report = server::report::parse_report(report_for("placeholder").to_string().as_bytes(), server::now_ms()).unwrap();
+        let mut report = server::report::parse_report(
+            report_for("placeholder").to_string().as_bytes(),
+            server::now_ms(),
+        )
+        .unwrap();
         report.hostname = markup.to_owned();
-        let stored = server::db::store::store_reports(&mut conn, &[report], &state.status_config.get())
-            .await
-            .unwrap();
+        let stored =
+            server::db::store::store_reports(&mut conn, &[report], &state.status_config.get())
+                .await
+                .unwrap();
         server::ingest::refresh_cache(&state.db, &state.cache, &[stored[0].vm_id]).await;
         stored
     };
     let row = format!("tr[data-vm-id='{}'] .hostname", stored[0].vm_id);
-    let shown = wait_for("the markup VM", Duration::from_secs(5), || async { browser.text_of(&row).await }).await;
+    let shown = wait_for("the markup VM", Duration::from_secs(5), || async {
+        browser.text_of(&row).await
+    })
+    .await;
     assert_eq!(shown, markup);
-    assert!(browser.client.find(Locator::Css("#injected")).await.is_err());
-    let pwned = browser.client.execute("return window.pwned === undefined", vec![]).await.unwrap();
+    assert!(browser
+        .client
+        .find(Locator::Css("#injected"))
+        .await
+        .is_err());
+    let pwned = browser
+        .client
+        .execute("return window.pwned === undefined", vec![])
+        .await
+        .unwrap();
     assert_eq!(pwned, json!(true));
     browser.close().await;
     srv.stop().await;

@@ -46,7 +46,8 @@ pub struct TestDb {
 }
 
 pub fn admin_pg_url() -> String {
-    std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 pub async fn fresh_db(backend: Backend) -> TestDb {
@@ -59,9 +60,16 @@ pub async fn fresh_db(backend: Backend) -> TestDb {
             let name = format!(
                 "vmhc_t_{}_{}",
                 std::process::id(),
-                dir.path().file_name().unwrap().to_string_lossy().to_lowercase().replace(['.', '-'], "_")
+                dir.path()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .to_lowercase()
+                    .replace(['.', '-'], "_")
             );
-            conn.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+            conn.batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .unwrap();
             let base = admin.rsplit_once('/').unwrap().0;
             format!("{base}/{name}")
         }
@@ -106,7 +114,10 @@ impl TestServer {
         Self {
             server: Some(server),
             base,
-            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
             db,
         }
     }
@@ -120,7 +131,8 @@ impl TestServer {
     }
 
     pub async fn report(&self, body: &Value) -> (u16, Value) {
-        self.report_raw(body.to_string().into_bytes(), Some(AGENT_TOKEN)).await
+        self.report_raw(body.to_string().into_bytes(), Some(AGENT_TOKEN))
+            .await
     }
 
     pub async fn report_raw(&self, body: Vec<u8>, token: Option<&str>) -> (u16, Value) {
@@ -144,7 +156,13 @@ impl TestServer {
         (status, resp.json::<Value>().await.unwrap_or(Value::Null))
     }
 
-    pub async fn send(&self, method: reqwest::Method, path: &str, token: Option<&str>, body: Option<Value>) -> (u16, Value) {
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let mut req = self.http.request(method, self.url(path));
         if let Some(token) = token {
             req = req.bearer_auth(token);
@@ -159,7 +177,9 @@ impl TestServer {
 
     pub async fn metric_rows(&self) -> i64 {
         let mut conn = self.state().db.conn().await.unwrap();
-        server::db::store::count_metric_samples(&mut conn, None).await.unwrap()
+        server::db::store::count_metric_samples(&mut conn, None)
+            .await
+            .unwrap()
     }
 
     pub async fn vm_count(&self) -> usize {
@@ -199,11 +219,18 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -31,7 +31,11 @@ async fn hammer(srv: &TestServer, hostnames: Arc<Vec<String>>) -> (u64, u64) {
                 match resp {
                     Ok(r) if r.status().as_u16() == 200 => ok.fetch_add(1, Ordering::Relaxed),
                     Ok(r) => {
-                        eprintln!("refused: {} {}", r.status(), r.text().await.unwrap_or_default());
+                        eprintln!(
+                            "refused: {} {}",
+                            r.status(),
+                            r.text().await.unwrap_or_default()
+                        );
                         failed.fetch_add(1, Ordering::Relaxed)
                     }
                     Err(e) => {

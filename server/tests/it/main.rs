@@ -1,5 +1,7 @@
 //! Integration tests: the real server on SQLite and PostgreSQL, Redis, and a real browser.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod api;
 mod browser;
 mod common;

@@ -14,7 +14,16 @@ struct PrivateRedis {
 impl PrivateRedis {
     fn start(port: u16) -> Self {
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -28,14 +37,21 @@ impl PrivateRedis {
 
     async fn wait_ready(&self) {
         let url = self.url();
-        wait_for("redis-server to accept connections", Duration::from_secs(10), || {
-            let url = url.clone();
-            async move {
-                let client = redis::Client::open(url).ok()?;
-                let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING").query_async::<String>(&mut conn).await.ok()
-            }
-        })
+        wait_for(
+            "redis-server to accept connections",
+            Duration::from_secs(10),
+            || {
+                let url = url.clone();
+                async move {
+                    let client = redis::Client::open(url).ok()?;
+                    let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+                    redis::cmd("PING")
+                        .query_async::<String>(&mut conn)
+                        .await
+                        .ok()
+                }
+            },
+        )
         .await;
     }
 
@@ -54,7 +70,10 @@ impl Drop for PrivateRedis {
 }
 
 async fn health_redis(srv: &TestServer) -> String {
-    srv.get("/api/health").await.1["redis"].as_str().unwrap_or_default().to_owned()
+    srv.get("/api/health").await.1["redis"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 async fn list_hostnames(srv: &TestServer) -> Vec<String> {
@@ -80,7 +99,11 @@ async fn redis_cache_is_used_and_survives_an_outage() {
     .await;
 
     assert_eq!(srv.report(&report_for("before-outage")).await.0, 200);
-    assert_eq!(redis.hlen().await, 1, "the report's state is cached in Redis");
+    assert_eq!(
+        redis.hlen().await,
+        1,
+        "the report's state is cached in Redis"
+    );
     assert_eq!(list_hostnames(&srv).await, vec!["before-outage"]);
 
     // Outage: reports are still stored and reads come from the database.
@@ -93,9 +116,11 @@ async fn redis_cache_is_used_and_survives_an_outage() {
         list_hostnames(&srv).await,
         vec!["before-outage", "during-outage-1", "during-outage-2"]
     );
-    wait_for("health to show Redis down", Duration::from_secs(10), || async {
-        (health_redis(&srv).await == "down").then_some(())
-    })
+    wait_for(
+        "health to show Redis down",
+        Duration::from_secs(10),
+        || async { (health_redis(&srv).await == "down").then_some(()) },
+    )
     .await;
     let (status, health) = srv.get("/api/health").await;
     assert_eq!(status, 200);
@@ -104,9 +129,11 @@ async fn redis_cache_is_used_and_survives_an_outage() {
     // Redis returns (empty, as after a restart): the cache is rebuilt and used again.
     let redis = PrivateRedis::start(port);
     redis.wait_ready().await;
-    wait_for("health to show Redis up again", Duration::from_secs(15), || async {
-        (health_redis(&srv).await == "up").then_some(())
-    })
+    wait_for(
+        "health to show Redis up again",
+        Duration::from_secs(15),
+        || async { (health_redis(&srv).await == "up").then_some(()) },
+    )
     .await;
     assert_eq!(redis.hlen().await, 3);
     assert_eq!(srv.report(&report_for("after-outage")).await.0, 200);

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs the whole test suite: unit tests, API and storage tests on SQLite and PostgreSQL,
+# the Redis fault test, the dashboard in headless Chromium and the agent scripts.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+"$root/scripts/services.sh"
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  echo "==> installing chromium and chromium-driver"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+fi
+"$root/scripts/build-frontend.sh"
+
+export TEST_PG_URL="${TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}"
+# Each test makes its own database; clear those left by interrupted earlier runs.
+psql "$TEST_PG_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'vmhc_t_%'" |
+  while read -r name; do psql "$TEST_PG_URL" -qc "DROP DATABASE IF EXISTS \"$name\"" >/dev/null; done
+
+# app and server only: building frontend in the same run would switch on app's hydrate
+# feature inside the server.
+cargo test -p app -p server "$@"
