@@ -63,7 +63,10 @@ pub enum Db {
 }
 
 /// One pooled connection of either backend.
-#[expect(clippy::large_enum_variant, reason = "short-lived; boxing would add an allocation per checkout")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "short-lived; boxing would add an allocation per checkout"
+)]
 pub enum Conn {
     Postgres(Object<AsyncPgConnection>),
     Sqlite(Object<SqliteConn>),
