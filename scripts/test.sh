@@ -18,6 +18,9 @@ export TEST_PG_URL="${TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}"
 psql "$TEST_PG_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'vmhc_t_%'" |
   while read -r name; do psql "$TEST_PG_URL" -qc "DROP DATABASE IF EXISTS \"$name\"" >/dev/null; done
 
+echo "==> Windows agent: PowerShell grammar check"
+NODE_NO_WARNINGS=1 node scripts/check-powershell.mjs agents/*.ps1
+
 # app and server only: building frontend in the same run would switch on app's hydrate
 # feature inside the server.
 cargo test -p app -p server "$@"

@@ -25,8 +25,19 @@ if [[ "$(trunk --version 2>/dev/null || true)" != "trunk $TRUNK_VERSION" ]]; the
   cargo install trunk --version "$TRUNK_VERSION" --locked --force
 fi
 
-# wasm-opt from npm's binaryen 132: Debian's older binaryen produces WASM that fails to hydrate.
-if [[ "$(wasm-opt --version 2>/dev/null || true)" != *"version 132"* ]]; then
-  echo "==> installing binaryen 132 from npm"
+if ! command -v npm >/dev/null; then
+  if [[ "$(id -u)" -eq 0 ]]; then
+    echo "==> installing npm"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null
+  else
+    echo "npm is needed for wasm-opt: install it (apt-get install npm)" >&2
+    exit 1
+  fi
+fi
+
+# npm packages pinned in package-lock.json: binaryen 132 for wasm-opt (Debian's older binaryen
+# produces WASM that fails to hydrate) and the PowerShell grammar for the Windows agent check.
+if [[ "$(wasm-opt --version 2>/dev/null || true)" != *"version 132"* || ! -d "$root/node_modules/tree-sitter-powershell" ]]; then
+  echo "==> installing pinned npm tools"
   (cd "$root" && npm ci --no-audit --no-fund)
 fi

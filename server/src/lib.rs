@@ -1,5 +1,6 @@
 //! vm-healthcheck server: heartbeat ingest, status, REST API and the dashboard's back end.
 
+pub mod agents;
 pub mod api;
 pub mod auth;
 pub mod cache;

@@ -6,6 +6,24 @@ use serde::Deserialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
+/// Every field of the heartbeat contract, as agents must spell them.
+pub const CONTRACT_FIELDS: &[&str] = &[
+    "hostname",
+    "os",
+    "machine_id",
+    "vmid",
+    "node",
+    "cpu_percent",
+    "ram_used_bytes",
+    "ram_total_bytes",
+    "disks",
+    "uptime_seconds",
+    "agent_version",
+    "observed_at",
+];
+/// The fields of each entry of `disks`.
+pub const DISK_FIELDS: &[&str] = &["mount", "used_bytes", "total_bytes"];
+
 /// Largest accepted request body.
 pub const MAX_REPORT_BYTES: usize = 64 * 1024;
 pub const MAX_DISKS: usize = 64;

@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
     let options = state.leptos_options.clone();
     Router::new()
         .merge(api::router())
+        .merge(crate::agents::router())
         .leptos_routes_with_context(
             &state,
             generate_route_list(App),
