@@ -22,11 +22,16 @@ async fn database_url(backend: &str, dir: &tempfile::TempDir, round: usize) -> S
     if backend == "sqlite" {
         return format!("sqlite://{}/bench-{round}.db", dir.path().display());
     }
-    let admin = std::env::var("TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let admin = std::env::var("TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
     let mut conn = AsyncPgConnection::establish(&admin).await.unwrap();
     let name = format!("vmhc_bench_{}_{round}", std::process::id());
-    conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name}")).await.unwrap();
-    conn.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+    conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
+        .await
+        .unwrap();
+    conn.batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
     format!("{}/{name}", admin.rsplit_once('/').unwrap().0)
 }
 
@@ -34,7 +39,10 @@ async fn database_url(backend: &str, dir: &tempfile::TempDir, round: usize) -> S
 async fn run_once(backend: &str, batch_max: &str, round: usize) -> (f64, Vec<f64>) {
     let dir = tempfile::tempdir().unwrap();
     let mut vars: HashMap<String, String> = HashMap::new();
-    vars.insert("DATABASE_URL".into(), database_url(backend, &dir, round).await);
+    vars.insert(
+        "DATABASE_URL".into(),
+        database_url(backend, &dir, round).await,
+    );
     vars.insert("DATA_DIR".into(), dir.path().display().to_string());
     vars.insert("LISTEN_ADDR".into(), "127.0.0.1:0".into());
     vars.insert("AGENT_TOKEN".into(), "bench-agent".into());
@@ -43,7 +51,10 @@ async fn run_once(backend: &str, batch_max: &str, round: usize) -> (f64, Vec<f64
     let cfg = server::config::Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
     let srv = server::start(cfg).await.unwrap();
     let url = format!("http://{}/api/health/report", srv.addr);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(CLIENTS).build().unwrap();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()
+        .unwrap();
     let ok = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -60,7 +71,13 @@ async fn run_once(backend: &str, batch_max: &str, round: usize) -> (f64, Vec<f64
                 });
                 n += CLIENTS;
                 let t = Instant::now();
-                let resp = http.post(&url).bearer_auth("bench-agent").json(&body).send().await.unwrap();
+                let resp = http
+                    .post(&url)
+                    .bearer_auth("bench-agent")
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(resp.status().as_u16(), 200);
                 latencies.push(t.elapsed().as_secs_f64() * 1000.0);
                 ok.fetch_add(1, Ordering::Relaxed);
@@ -89,7 +106,10 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    println!("ingest: {CLIENTS} clients, {VMS} VMs, {}s per run, median of {ROUNDS} runs", RUN_FOR.as_secs());
+    println!(
+        "ingest: {CLIENTS} clients, {VMS} VMs, {}s per run, median of {ROUNDS} runs",
+        RUN_FOR.as_secs()
+    );
     println!("| backend | commits | reports/s | p50 ms | p99 ms |");
     println!("|---|---|---|---|---|");
     for backend in ["sqlite", "postgres"] {
@@ -114,7 +134,10 @@ async fn main() {
                 median(&mut p99s)
             );
             if batch_max == "1" {
-                println!("| {backend} | ratio grouped / one per report | {:.1}x | | |", grouped_rate / rate);
+                println!(
+                    "| {backend} | ratio grouped / one per report | {:.1}x | | |",
+                    grouped_rate / rate
+                );
             }
         }
     }

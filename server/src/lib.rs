@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod ingest;
+pub mod proxmox;
 pub mod report;
 pub mod scheduler;
 pub mod state;
