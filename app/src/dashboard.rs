@@ -2,7 +2,7 @@
 
 use crate::fleet::get_fleet;
 use crate::format;
-use crate::types::{FleetSnapshot, VmStatus, VmView};
+use crate::types::{FleetSnapshot, RemediationPhase, VmStatus, VmView};
 use leptos::prelude::*;
 
 /// How often the page asks for a fresh snapshot.
@@ -49,11 +49,18 @@ pub fn FleetPage() -> impl IntoView {
 }
 
 #[component]
-fn Fleet(snapshot: FleetSnapshot) -> impl IntoView {
+fn Fleet(snapshot: FleetSnapshot) -> AnyView {
     let counts = snapshot.counts.clone();
     let now_ms = snapshot.now_ms;
     let empty = snapshot.vms.is_empty();
+    let remediation = snapshot.remediation.clone();
+    let banner_class = if remediation.active {
+        "remediation on"
+    } else {
+        "remediation off"
+    };
     view! {
+        <p class=banner_class data-remediation=remediation.mode.clone()>{remediation.reason.clone()}</p>
         <section class="summary" aria-label="Fleet summary">
             <Count label="Total" value=counts.total class="total"/>
             <Count label="Healthy" value=counts.healthy class="healthy"/>
@@ -94,6 +101,7 @@ fn Fleet(snapshot: FleetSnapshot) -> impl IntoView {
             </table>
         </Show>
     }
+    .into_any()
 }
 
 #[component]
@@ -107,7 +115,7 @@ fn Count(label: &'static str, value: u64, class: &'static str) -> impl IntoView 
 }
 
 #[component]
-fn VmRow(vm: VmView, now_ms: i64) -> impl IntoView {
+fn VmRow(vm: VmView, now_ms: i64) -> AnyView {
     let status = vm.status;
     let ram = format::percent_of(vm.ram_used_bytes, vm.ram_total_bytes);
     let disk = format::percent_of(vm.disk_used_bytes, vm.disk_total_bytes);
@@ -123,6 +131,17 @@ fn VmRow(vm: VmView, now_ms: i64) -> impl IntoView {
         <tr class=format!("vm status-{status}") data-vm-id=vm.id>
             <td>
                 <span class=format!("badge {status}")>{status_label(status)}</span>
+                {phase_label(vm.remediation_phase)
+                    .map(|label| {
+                        view! {
+                            <span
+                                class=format!("phase {}", vm.remediation_phase.as_str())
+                                title=vm.phase_reason.clone().unwrap_or_default()
+                            >
+                                {label}
+                            </span>
+                        }
+                    })}
             </td>
             <td class="host">
                 <span class="hostname">{vm.hostname.clone()}</span>
@@ -140,12 +159,22 @@ fn VmRow(vm: VmView, now_ms: i64) -> impl IntoView {
             </td>
         </tr>
     }
+    .into_any()
 }
 
 fn percent(value: Option<f64>) -> String {
     value
         .map(|v| format!("{v:.0}%"))
         .unwrap_or_else(|| "-".into())
+}
+
+fn phase_label(phase: RemediationPhase) -> Option<&'static str> {
+    match phase {
+        RemediationPhase::Ok => None,
+        RemediationPhase::ResetPending => Some("reset pending"),
+        RemediationPhase::Recovering => Some("recovering"),
+        RemediationPhase::Manual => Some("manual"),
+    }
 }
 
 fn status_label(status: VmStatus) -> &'static str {

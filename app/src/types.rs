@@ -75,6 +75,57 @@ pub struct VmView {
     pub proxmox_node: Option<String>,
     pub proxmox_vmid: Option<i64>,
     pub proxmox_type: Option<String>,
+    /// How the Proxmox link was found: `report`, `smbios`, `name` or `manual`.
+    pub proxmox_link_source: Option<String>,
+    /// False when an operator opted this VM out of automatic resets.
+    pub auto_reset: bool,
+    pub remediation_phase: RemediationPhase,
+    pub phase_reason: Option<String>,
+    pub incident_attempts: i64,
+    pub last_reset_ms: Option<i64>,
+}
+
+/// Where a VM stands in the auto-remediation cycle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RemediationPhase {
+    /// Nothing to do, or an incident waiting for its next attempt.
+    Ok,
+    /// A reset was decided and sent; its Proxmox task is being followed.
+    ResetPending,
+    /// The reset's task finished; waiting for the VM to report with a smaller uptime.
+    Recovering,
+    /// Automatic attempts are exhausted: an operator must look (acknowledge to clear).
+    Manual,
+}
+
+impl RemediationPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::ResetPending => "reset_pending",
+            Self::Recovering => "recovering",
+            Self::Manual => "manual",
+        }
+    }
+
+    pub fn parse(value: &str) -> Self {
+        match value {
+            "reset_pending" => Self::ResetPending,
+            "recovering" => Self::Recovering,
+            "manual" => Self::Manual,
+            _ => Self::Ok,
+        }
+    }
+}
+
+/// Whether automatic remediation is acting, and why not when it is not.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RemediationSummary {
+    pub active: bool,
+    /// `live`, `shadow` or `off`.
+    pub mode: String,
+    pub reason: String,
 }
 
 /// How many VMs are in each status.
@@ -109,6 +160,7 @@ pub struct FleetSnapshot {
     pub now_ms: i64,
     pub counts: StatusCounts,
     pub vms: Vec<VmView>,
+    pub remediation: RemediationSummary,
 }
 
 /// The thresholds and timeouts that decide a VM's status; editable at run time.

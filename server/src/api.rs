@@ -2,9 +2,12 @@
 
 use crate::auth::Role;
 use crate::cache::CacheHealth;
+use crate::db::incidents;
 use crate::db::store::{self, MetricPoint, ResetAttempt, StatusChange};
 use crate::error::ApiError;
 use crate::ingest::{refresh_cache, IngestError};
+use crate::proxmox::{GuestKind, PowerAction};
+use crate::remediation::ActionError;
 use crate::report::{parse_report, MAX_REPORT_BYTES};
 use crate::state::AppState;
 use crate::status::validate_config;
@@ -14,7 +17,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::{any, get, post};
+use axum::routing::{any, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -31,6 +34,12 @@ pub fn router() -> Router<AppState> {
         .route("/api/vms/{id}", get(get_vm).delete(delete_vm))
         .route("/api/vms/{id}/metrics", get(metrics))
         .route("/api/vms/{id}/reset-history", get(reset_history))
+        .route("/api/vms/{id}/reset", post(reset_vm))
+        .route("/api/vms/{id}/shutdown", post(shutdown_vm))
+        .route("/api/vms/{id}/acknowledge", post(acknowledge))
+        .route("/api/vms/{id}/proxmox", put(link_vm))
+        .route("/api/vms/{id}/auto-reset", put(set_auto_reset))
+        .route("/api/remediation", get(remediation))
         .route("/api/status", get(status_summary))
         .route("/api/status/config", get(get_config).put(put_config))
         .route("/api/{*rest}", any(|| async { ApiError::NotFound }))
@@ -68,6 +77,7 @@ struct HealthReport {
     status: &'static str,
     database: ComponentHealth,
     redis: &'static str,
+    remediation: app::types::RemediationSummary,
     version: &'static str,
 }
 
@@ -104,6 +114,7 @@ async fn health(State(state): State<AppState>) -> impl IntoResponse {
             ok: db_ok,
         },
         redis,
+        remediation: state.engine.summary(crate::now_ms()),
         version: env!("CARGO_PKG_VERSION"),
     };
     (code, Json(body))
@@ -342,4 +353,197 @@ async fn put_config(
     Ok(Json(
         json!({ "config": updated, "changed_vms": changed.len() }),
     ))
+}
+
+fn action_error(err: ActionError) -> ApiError {
+    match err {
+        ActionError::NotFound => ApiError::NotFound,
+        ActionError::InFlight => {
+            ApiError::Conflict("an action is already in flight for this VM".into())
+        }
+        ActionError::NotLinked => ApiError::Conflict(
+            "the VM is not linked to a Proxmox guest; link it with PUT /api/vms/:id/proxmox".into(),
+        ),
+        ActionError::Unavailable(reason) => {
+            ApiError::Conflict(format!("remediation is unavailable: {reason}"))
+        }
+        ActionError::Proxmox(e) => ApiError::BadGateway(format!("Proxmox refused: {e}")),
+        ActionError::Db(e) => e.into(),
+    }
+}
+
+/// The admin credential is the only one that can ask; history names it so.
+const ADMIN_REQUESTER: &str = "admin token";
+
+async fn power(
+    state: AppState,
+    headers: HeaderMap,
+    id: String,
+    action: PowerAction,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    require(&state, Role::Admin, &headers)?;
+    let id = parse_id(&id)?;
+    let attempt_id = state
+        .engine
+        .manual_action(id, action, ADMIN_REQUESTER)
+        .await
+        .map_err(action_error)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "attempt_id": attempt_id, "action": action.as_str() })),
+    ))
+}
+
+async fn reset_vm(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    power(state, headers, id, PowerAction::Reset).await
+}
+
+async fn shutdown_vm(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    power(state, headers, id, PowerAction::Shutdown).await
+}
+
+async fn acknowledge(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&state, Role::Admin, &headers)?;
+    let id = parse_id(&id)?;
+    {
+        let mut conn = state.db.conn().await?;
+        store::get_vm(&mut conn, id)
+            .await?
+            .ok_or(ApiError::NotFound)?;
+    }
+    if !state.engine.acknowledge(id).await? {
+        return Err(ApiError::Conflict(
+            "the VM is not waiting for manual intervention".into(),
+        ));
+    }
+    Ok(Json(json!({ "vm_id": id, "remediation_phase": "ok" })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkRequest {
+    node: Option<String>,
+    vmid: Option<i64>,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+}
+
+/// Links a VM to a Proxmox guest by hand; `{"node": null, "vmid": null}` unlinks it.
+async fn link_vm(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<VmView>, ApiError> {
+    require(&state, Role::Admin, &headers)?;
+    let id = parse_id(&id)?;
+    let body = body_bytes(body)?;
+    let request: LinkRequest = parse_json(&body)?;
+    let link = match (request.node.as_deref(), request.vmid) {
+        (None, None) => None,
+        (Some(node), Some(vmid)) => {
+            if node.is_empty()
+                || node.len() > 63
+                || !node.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            {
+                return Err(ApiError::BadRequest(
+                    "node: must be a Proxmox node name".into(),
+                ));
+            }
+            if !(100..=999_999_999).contains(&vmid) {
+                return Err(ApiError::BadRequest(
+                    "vmid: must be between 100 and 999999999".into(),
+                ));
+            }
+            let kind = request.kind.as_deref().unwrap_or("qemu");
+            let kind = GuestKind::parse(kind)
+                .ok_or_else(|| ApiError::BadRequest("type: must be qemu or lxc".into()))?;
+            Some((node.to_owned(), vmid, kind))
+        }
+        _ => {
+            return Err(ApiError::BadRequest(
+                "node: give node and vmid together, or both null to unlink".into(),
+            ))
+        }
+    };
+    let mut conn = state.db.conn().await?;
+    let found = match &link {
+        Some((node, vmid, kind)) => {
+            incidents::set_link(
+                &mut conn,
+                id,
+                Some((node, *vmid, kind.as_str())),
+                Some("manual"),
+            )
+            .await?
+        }
+        None => incidents::set_link(&mut conn, id, None, None).await?,
+    };
+    if !found {
+        return Err(ApiError::NotFound);
+    }
+    let vm = store::get_vm(&mut conn, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    drop(conn);
+    refresh_cache(&state.db, &state.cache, &[id]).await;
+    Ok(Json(vm))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AutoResetRequest {
+    enabled: bool,
+}
+
+async fn set_auto_reset(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    require(&state, Role::Admin, &headers)?;
+    let id = parse_id(&id)?;
+    let body = body_bytes(body)?;
+    let request: AutoResetRequest = parse_json(&body)?;
+    let mut conn = state.db.conn().await?;
+    if !incidents::set_auto_reset(&mut conn, id, request.enabled).await? {
+        return Err(ApiError::NotFound);
+    }
+    drop(conn);
+    refresh_cache(&state.db, &state.cache, &[id]).await;
+    Ok(Json(json!({ "vm_id": id, "auto_reset": request.enabled })))
+}
+
+async fn remediation(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    let events = incidents::recent_events(&mut conn, 100).await?;
+    Ok(Json(
+        json!({ "summary": state.engine.summary(crate::now_ms()), "events": events }),
+    ))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if path == "." {
+            ApiError::BadRequest(format!("body: {inner}"))
+        } else {
+            ApiError::BadRequest(format!("{path}: {inner}"))
+        }
+    })
 }

@@ -3,8 +3,15 @@
 //! Variables read here (defaults in `.env.example`): `LISTEN_ADDR`, `DATABASE_URL`, `DATA_DIR`,
 //! `DB_POOL_SIZE`, `REDIS_URL`, `AGENT_TOKEN`, `ADMIN_TOKEN`, `STALE_TIMEOUT_MS`, `CPU_THRESHOLD`,
 //! `RAM_THRESHOLD`, `DISK_THRESHOLD`, `REPORT_INTERVAL_SECONDS`, `SCHEDULER_INTERVAL_MS`,
-//! `INGEST_BATCH_MAX`, `INGEST_QUEUE_CAPACITY`, `SITE_ROOT`, `LOG_FORMAT`.
+//! `INGEST_BATCH_MAX`, `INGEST_QUEUE_CAPACITY`, `SITE_ROOT`, `LOG_FORMAT`; Proxmox:
+//! `PROXMOX_HOST`, `PROXMOX_USER`, `PROXMOX_TOKEN`, `PROXMOX_SECRET`, `PROXMOX_CA_FILE`,
+//! `PROXMOX_FINGERPRINT`, `PROXMOX_TLS_INSECURE`, `PROXMOX_TIMEOUT_MS`; remediation:
+//! `AUTO_RESET_ENABLED`, `AUTO_RESET_MODE`, `MAX_RESET_ATTEMPTS`, `MAX_CONCURRENT_RESETS`,
+//! `RECOVERY_TIMEOUT_MS`, `RESET_BACKOFF_MS`, `STORM_PERCENT`, `REMEDIATE_HA_VMS`,
+//! `RECHECK_INTERVAL_MS`, `LINK_REFRESH_MS`, `TASK_TIMEOUT_MS`, `TASK_POLL_MS`.
 
+use crate::proxmox::{PveSettings, TlsTrust};
+use crate::remediation::policy::{Mode, RemediationConfig};
 use app::types::StatusConfig;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +43,12 @@ pub struct Config {
     pub ingest_queue_capacity: usize,
     pub site_root: PathBuf,
     pub log_json: bool,
+    /// `None` without `PROXMOX_HOST`: the product runs, remediation is off.
+    pub proxmox: Option<PveSettings>,
+    pub remediation: RemediationConfig,
+    pub link_refresh: Duration,
+    pub task_timeout: Duration,
+    pub task_poll: Duration,
 }
 
 /// A secret that never prints.
@@ -118,7 +131,49 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
+        let defaults = RemediationConfig::default();
+        let mode = match get("AUTO_RESET_MODE")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            None | Some("live") => Mode::Live,
+            Some("shadow") => Mode::Shadow,
+            Some(other) => {
+                return Err(ConfigError {
+                    name: "AUTO_RESET_MODE",
+                    reason: format!("{other:?} is neither live nor shadow"),
+                })
+            }
+        };
+        let remediation = RemediationConfig {
+            enabled: parse_bool(&get, "AUTO_RESET_ENABLED", defaults.enabled)?,
+            mode,
+            max_attempts: parse(&get, "MAX_RESET_ATTEMPTS", defaults.max_attempts)?.max(1),
+            max_concurrent: parse(&get, "MAX_CONCURRENT_RESETS", defaults.max_concurrent)?.max(1),
+            recovery_timeout_ms: parse(&get, "RECOVERY_TIMEOUT_MS", defaults.recovery_timeout_ms)?
+                .max(1),
+            backoff_base_ms: parse(&get, "RESET_BACKOFF_MS", defaults.backoff_base_ms)?.max(0),
+            storm_percent: parse(&get, "STORM_PERCENT", defaults.storm_percent)?,
+            remediate_ha: parse_bool(&get, "REMEDIATE_HA_VMS", defaults.remediate_ha)?,
+            recheck_ms: parse(&get, "RECHECK_INTERVAL_MS", defaults.recheck_ms)?.max(1),
+        };
+        if !(0.0..=100.0).contains(&remediation.storm_percent) {
+            return Err(ConfigError {
+                name: "STORM_PERCENT",
+                reason: "must be between 0 and 100".into(),
+            });
+        }
         Ok(Self {
+            proxmox: proxmox_settings(&get)?,
+            remediation,
+            link_refresh: Duration::from_millis(
+                parse(&get, "LINK_REFRESH_MS", 60_000u64)?.max(100),
+            ),
+            task_timeout: Duration::from_millis(
+                parse(&get, "TASK_TIMEOUT_MS", 120_000u64)?.max(100),
+            ),
+            task_poll: Duration::from_millis(parse(&get, "TASK_POLL_MS", 1_000u64)?.max(10)),
             listen_addr: parse(&get, "LISTEN_ADDR", SocketAddr::from(([0, 0, 0, 0], 3000)))?,
             database_url,
             data_dir,
@@ -139,6 +194,67 @@ impl Config {
         self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://")
     }
+}
+
+fn parse_bool(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match get(name).map(|v| v.trim().to_ascii_lowercase()) {
+        None => Ok(default),
+        Some(v) if matches!(v.as_str(), "1" | "true" | "yes" | "on") => Ok(true),
+        Some(v) if matches!(v.as_str(), "0" | "false" | "no" | "off") => Ok(false),
+        Some(v) => Err(ConfigError {
+            name,
+            reason: format!("{v:?} is not true or false"),
+        }),
+    }
+}
+
+fn proxmox_settings(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<PveSettings>, ConfigError> {
+    let Some(host) = get("PROXMOX_HOST") else {
+        return Ok(None);
+    };
+    if !(host.starts_with("https://") || host.starts_with("http://")) {
+        return Err(ConfigError {
+            name: "PROXMOX_HOST",
+            reason: "must be a URL such as https://pve1:8006".into(),
+        });
+    }
+    let required = |name: &'static str| {
+        get(name).ok_or(ConfigError {
+            name,
+            reason: "required when PROXMOX_HOST is set".into(),
+        })
+    };
+    let user = required("PROXMOX_USER")?;
+    let token_id = required("PROXMOX_TOKEN")?;
+    let secret = Secret(required("PROXMOX_SECRET")?);
+    let trust = if let Some(fp) = get("PROXMOX_FINGERPRINT") {
+        TlsTrust::Fingerprint(
+            crate::proxmox::tls::parse_fingerprint(&fp).ok_or(ConfigError {
+                name: "PROXMOX_FINGERPRINT",
+                reason: "must be the SHA-256 fingerprint, 32 bytes in hex (AA:BB:...)".into(),
+            })?,
+        )
+    } else if let Some(ca) = get("PROXMOX_CA_FILE") {
+        TlsTrust::CaFile(PathBuf::from(ca))
+    } else if parse_bool(get, "PROXMOX_TLS_INSECURE", false)? {
+        TlsTrust::Insecure
+    } else {
+        TlsTrust::System
+    };
+    Ok(Some(PveSettings {
+        host,
+        user,
+        token_id,
+        secret,
+        trust,
+        timeout: Duration::from_millis(parse(get, "PROXMOX_TIMEOUT_MS", 15_000u64)?.max(100)),
+    }))
 }
 
 fn parse<T: FromStr>(
@@ -188,6 +304,37 @@ mod tests {
         assert_eq!(err.name, "ram_threshold");
         let err = config(&[("SCHEDULER_INTERVAL_MS", "0")]).err().unwrap();
         assert_eq!(err.name, "SCHEDULER_INTERVAL_MS");
+    }
+
+    #[test]
+    fn proxmox_settings_are_checked() {
+        assert!(config(&[]).unwrap().proxmox.is_none());
+        let err = config(&[("PROXMOX_HOST", "https://pve1:8006")])
+            .err()
+            .unwrap();
+        assert_eq!(err.name, "PROXMOX_USER");
+        let full = [
+            ("PROXMOX_HOST", "https://pve1:8006"),
+            ("PROXMOX_USER", "root@pam"),
+            ("PROXMOX_TOKEN", "monitor"),
+            ("PROXMOX_SECRET", "s3cret"),
+        ];
+        let cfg = config(&full).unwrap();
+        assert_eq!(cfg.proxmox.as_ref().unwrap().trust, TlsTrust::System);
+        let mut pinned = full.to_vec();
+        pinned.push(("PROXMOX_FINGERPRINT", "nope"));
+        assert_eq!(config(&pinned).err().unwrap().name, "PROXMOX_FINGERPRINT");
+        assert_eq!(
+            config(&[("AUTO_RESET_MODE", "yolo")]).err().unwrap().name,
+            "AUTO_RESET_MODE"
+        );
+        assert_eq!(
+            config(&[("AUTO_RESET_MODE", "shadow")])
+                .unwrap()
+                .remediation
+                .mode,
+            Mode::Shadow
+        );
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use crate::cache::StateCache;
 use crate::db::store::{self, PreparedReport, StoredReport};
 use crate::db::{Db, DbError};
+use crate::remediation::IngestHealth;
 use crate::state::SharedStatusConfig;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -38,9 +39,10 @@ impl Ingest {
         status_config: SharedStatusConfig,
         batch_max: usize,
         queue_capacity: usize,
+        health: IngestHealth,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(queue_capacity);
-        let task = tokio::spawn(run_writer(rx, db, cache, status_config, batch_max));
+        let task = tokio::spawn(run_writer(rx, db, cache, status_config, batch_max, health));
         (Self { tx }, task)
     }
 
@@ -63,6 +65,7 @@ async fn run_writer(
     cache: Arc<StateCache>,
     status_config: SharedStatusConfig,
     batch_max: usize,
+    health: IngestHealth,
 ) {
     let mut jobs = Vec::with_capacity(batch_max);
     while let Some(first) = rx.recv().await {
@@ -101,6 +104,8 @@ async fn run_writer(
             }
             Err(err) => {
                 tracing::error!(error = %err, reports = jobs.len(), "could not store reports");
+                // Heartbeats we could not store must not count against the VMs.
+                health.record_failure(crate::now_ms());
                 for job in jobs.drain(..) {
                     let _ = job.reply.send(Err(IngestError::Unavailable));
                 }

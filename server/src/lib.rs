@@ -9,6 +9,7 @@ pub mod db;
 pub mod error;
 pub mod ingest;
 pub mod proxmox;
+pub mod remediation;
 pub mod report;
 pub mod scheduler;
 pub mod state;
@@ -53,6 +54,7 @@ impl RunningServer {
         for job in &self.jobs {
             job.abort();
         }
+        self.state.engine.shutdown();
     }
 
     /// Resolves when the HTTP server ends (on a signal or `stop`).
@@ -75,13 +77,23 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     let status_config =
         SharedStatusConfig::new(saved.unwrap_or_else(|| config.status_defaults.clone()));
+    let ingest_health = remediation::IngestHealth::default();
     let (ingest, writer) = Ingest::start(
         db.clone(),
         cache.clone(),
         status_config.clone(),
         config.ingest_batch_max,
         config.ingest_queue_capacity,
+        ingest_health.clone(),
     );
+    let engine = Arc::new(remediation::Engine::new(
+        &config,
+        db.clone(),
+        cache.clone(),
+        status_config.clone(),
+        ingest_health,
+        now_ms(),
+    )?);
     let site_root = config.site_root.to_string_lossy().into_owned();
     let wasm = config
         .site_root
@@ -105,6 +117,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             credentials,
             status_config,
             ingest,
+            engine,
         }),
     };
     scheduler::rebuild_cache(&state).await;

@@ -17,6 +17,9 @@ pub async fn run(state: AppState) {
         if let Err(err) = mark_stale(&state, crate::now_ms()).await {
             tracing::warn!(error = %err, "stale check failed");
         }
+        if let Err(err) = state.engine.tick(crate::now_ms()).await {
+            tracing::warn!(error = %err, "remediation round failed");
+        }
         if state.cache.needs_rebuild().await {
             rebuild_cache(&state).await;
         }

@@ -5,6 +5,7 @@ use crate::cache::StateCache;
 use crate::config::Config;
 use crate::db::Db;
 use crate::ingest::Ingest;
+use crate::remediation::Engine;
 use app::types::StatusConfig;
 use axum::extract::FromRef;
 use leptos::prelude::LeptosOptions;
@@ -47,6 +48,7 @@ pub struct Inner {
     pub credentials: Credentials,
     pub status_config: SharedStatusConfig,
     pub ingest: Ingest,
+    pub engine: Arc<Engine>,
 }
 
 impl std::ops::Deref for AppState {

@@ -26,8 +26,10 @@ pub fn router(state: AppState) -> Router {
                 tracing::warn!(error = %err, "dashboard could not load the fleet");
                 AppError::Unavailable
             })?;
+            let now_ms = crate::now_ms();
             Ok(FleetSnapshot {
-                now_ms: crate::now_ms(),
+                now_ms,
+                remediation: state.engine.summary(now_ms),
                 counts: StatusCounts::from_statuses(vms.iter().map(|v| v.status)),
                 vms,
             })

@@ -1,5 +1,6 @@
 //! Storage: one code path over SQLite and PostgreSQL through diesel-async.
 
+pub mod incidents;
 pub mod schema;
 pub mod store;
 

@@ -27,6 +27,22 @@ diesel::table! {
         disk_max_percent -> Nullable<Double>,
         disks_json -> Nullable<Text>,
         uptime_seconds -> Nullable<BigInt>,
+        proxmox_link_source -> Nullable<Text>,
+        remediation_phase -> Text,
+        phase_reason -> Nullable<Text>,
+        incident_attempts -> BigInt,
+        next_action_ms -> Nullable<BigInt>,
+        last_reset_ms -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    events (id) {
+        id -> BigInt,
+        at_ms -> BigInt,
+        kind -> Text,
+        vm_id -> Nullable<BigInt>,
+        message -> Text,
     }
 }
 
@@ -99,6 +115,7 @@ diesel::joinable!(reset_attempts -> vms (vm_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     vms,
+    events,
     metric_samples,
     status_changes,
     reset_attempts,

@@ -6,7 +6,7 @@ use super::schema::{
 use super::{Conn, DbError, SqliteConn};
 use crate::status::{self, LatestReport};
 use crate::with_conn;
-use app::types::{DiskUsage, StatusConfig, VmStatus, VmView};
+use app::types::{DiskUsage, RemediationPhase, StatusConfig, VmStatus, VmView};
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, QueryResult, SelectableHelper};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
@@ -44,6 +44,12 @@ pub struct VmRow {
     pub disk_max_percent: Option<f64>,
     pub disks_json: Option<String>,
     pub uptime_seconds: Option<i64>,
+    pub proxmox_link_source: Option<String>,
+    pub remediation_phase: String,
+    pub phase_reason: Option<String>,
+    pub incident_attempts: i64,
+    pub next_action_ms: Option<i64>,
+    pub last_reset_ms: Option<i64>,
 }
 
 impl VmRow {
@@ -87,6 +93,12 @@ impl VmRow {
             proxmox_node: self.proxmox_node,
             proxmox_vmid: self.proxmox_vmid,
             proxmox_type: self.proxmox_type,
+            proxmox_link_source: self.proxmox_link_source,
+            auto_reset: self.auto_reset,
+            remediation_phase: RemediationPhase::parse(&self.remediation_phase),
+            phase_reason: self.phase_reason,
+            incident_attempts: self.incident_attempts,
+            last_reset_ms: self.last_reset_ms,
         }
     }
 }
@@ -313,6 +325,34 @@ pub async fn store_reports(
                     row.status_since_ms
                 };
                 let target = vms::table.filter(vms::id.eq(id));
+                let phase = RemediationPhase::parse(&row.remediation_phase);
+                if crate::remediation::policy::report_ends_incident(
+                    phase,
+                    row.incident_attempts,
+                    row.last_reset_ms,
+                    report.observed_ms,
+                ) {
+                    let reason = match (row.uptime_seconds, row.last_reset_ms) {
+                        (_, Some(reset))
+                            if report.uptime_seconds * 1000 <= last_seen - reset + 60_000 =>
+                        {
+                            format!(
+                                "recovered: reporting again after the reset (uptime {}s)",
+                                report.uptime_seconds
+                            )
+                        }
+                        _ => "recovered: reporting again".to_owned(),
+                    };
+                    diesel::update(target)
+                        .set((
+                            vms::remediation_phase.eq(RemediationPhase::Ok.as_str()),
+                            vms::incident_attempts.eq(0),
+                            vms::next_action_ms.eq(None::<i64>),
+                            vms::phase_reason.eq(reason),
+                        ))
+                        .execute(c)
+                        .await?;
+                }
                 if newer {
                     diesel::update(target)
                         .set((
@@ -473,6 +513,28 @@ pub async fn list_vms(conn: &mut Conn) -> Result<Vec<VmView>, DbError> {
             .await
     })?;
     Ok(rows.into_iter().map(VmRow::into_view).collect())
+}
+
+/// Every VM row, for the remediation engine.
+pub async fn list_rows(conn: &mut Conn) -> Result<Vec<VmRow>, DbError> {
+    Ok(with_conn!(conn, |c| {
+        vms::table
+            .order(vms::id.asc())
+            .select(VmRow::as_select())
+            .load(c)
+            .await
+    })?)
+}
+
+pub async fn get_row(conn: &mut Conn, id: i64) -> Result<Option<VmRow>, DbError> {
+    Ok(with_conn!(conn, |c| {
+        vms::table
+            .find(id)
+            .select(VmRow::as_select())
+            .first(c)
+            .await
+            .optional()
+    })?)
 }
 
 pub async fn vms_by_ids(conn: &mut Conn, ids: &[i64]) -> Result<Vec<VmView>, DbError> {

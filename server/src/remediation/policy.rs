@@ -1,0 +1,480 @@
+//! Remediation policy: pure functions of (VM state, Proxmox facts, config, now) that decide
+//! what to do about a hung VM. The engine carries the decisions out; nothing here does I/O.
+
+use crate::proxmox::PveVmStatus;
+use app::types::{RemediationPhase, VmStatus};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Calls Proxmox.
+    Live,
+    /// Records "would reset" and calls nothing, for tuning the thresholds.
+    Shadow,
+}
+
+/// Remediation settings (environment variables in brackets).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RemediationConfig {
+    /// Global switch [AUTO_RESET_ENABLED].
+    pub enabled: bool,
+    /// [AUTO_RESET_MODE]: live or shadow.
+    pub mode: Mode,
+    /// Attempts per incident before `manual` [MAX_RESET_ATTEMPTS].
+    pub max_attempts: i64,
+    /// Resets in flight at once [MAX_CONCURRENT_RESETS].
+    pub max_concurrent: usize,
+    /// Time a reset VM has to report again [RECOVERY_TIMEOUT_MS].
+    pub recovery_timeout_ms: i64,
+    /// First pause between attempts, doubled each time [RESET_BACKOFF_MS].
+    pub backoff_base_ms: i64,
+    /// Share of linked VMs stale at once that pauses auto-reset [STORM_PERCENT].
+    pub storm_percent: f64,
+    /// Reset HA-managed VMs too [REMEDIATE_HA_VMS].
+    pub remediate_ha: bool,
+    /// Wait before looking again at a VM that was locked or left alone [RECHECK_INTERVAL_MS].
+    pub recheck_ms: i64,
+}
+
+impl Default for RemediationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            mode: Mode::Live,
+            max_attempts: 3,
+            max_concurrent: 2,
+            recovery_timeout_ms: 300_000,
+            backoff_base_ms: 60_000,
+            storm_percent: 30.0,
+            remediate_ha: false,
+            recheck_ms: 60_000,
+        }
+    }
+}
+
+/// What the policy needs to know about one VM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VmFacts {
+    pub id: i64,
+    pub status: VmStatus,
+    pub node: Option<String>,
+    pub linked: bool,
+    pub auto_reset: bool,
+    pub phase: RemediationPhase,
+    pub attempts: i64,
+    pub next_action_ms: Option<i64>,
+    pub last_reset_ms: Option<i64>,
+}
+
+/// Why a VM is not looked at this round, or that it should be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Screen {
+    Candidate,
+    Skip(&'static str),
+}
+
+/// First stage: is this VM a candidate for a reset at all (before asking Proxmox)?
+pub fn screen(vm: &VmFacts, now_ms: i64) -> Screen {
+    if vm.phase != RemediationPhase::Ok {
+        return Screen::Skip("an incident is already in progress");
+    }
+    if vm.status != VmStatus::Down {
+        return Screen::Skip("not stale");
+    }
+    if !vm.linked {
+        return Screen::Skip("not linked to a Proxmox guest");
+    }
+    if !vm.auto_reset {
+        return Screen::Skip("auto-reset is off for this VM");
+    }
+    if vm.next_action_ms.is_some_and(|t| t > now_ms) {
+        return Screen::Skip("waiting before the next look");
+    }
+    Screen::Candidate
+}
+
+/// The mass-staleness breaker: `Some(reason)` when so many linked VMs are stale that the
+/// cause is more likely the network, storage or this monitor than the VMs themselves.
+/// A single stale VM never trips it.
+pub fn storm(vms: &[VmFacts], cfg: &RemediationConfig) -> Option<String> {
+    let linked: Vec<&VmFacts> = vms
+        .iter()
+        .filter(|v| v.linked && v.phase != RemediationPhase::Manual)
+        .collect();
+    let stale = linked.iter().filter(|v| v.status == VmStatus::Down).count();
+    if stale >= 2 && (stale as f64) * 100.0 > cfg.storm_percent * linked.len() as f64 {
+        return Some(format!(
+            "{stale} of {} linked VMs are stale (more than {}%)",
+            linked.len(),
+            cfg.storm_percent
+        ));
+    }
+    let mut nodes: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+    for vm in &linked {
+        if let Some(node) = vm.node.as_deref() {
+            let entry = nodes.entry(node).or_default();
+            entry.0 += 1;
+            if vm.status == VmStatus::Down {
+                entry.1 += 1;
+            }
+        }
+    }
+    nodes
+        .into_iter()
+        .find(|(_, (total, down))| *total >= 2 && total == down)
+        .map(|(node, (total, _))| format!("all {total} VMs on node {node} are stale"))
+}
+
+/// Second stage: what to do with a candidate, given what Proxmox says about it now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Reset,
+    /// Shadow mode: record that a reset would have been sent.
+    WouldReset,
+    /// Not now (locked, or the concurrency limit is reached); look again later.
+    Wait(String),
+    /// Not ours to reset (off, paused, template, HA-managed).
+    Leave(String),
+}
+
+pub fn decide(pve: &PveVmStatus, cfg: &RemediationConfig, in_flight: usize) -> Decision {
+    if pve.template {
+        return Decision::Leave("a template".into());
+    }
+    if pve.status == "stopped" {
+        return Decision::Leave("stopped in Proxmox (intentionally off)".into());
+    }
+    if let Some(q) = pve.qmpstatus.as_deref().filter(|q| *q != "running") {
+        return Decision::Leave(format!("{q} in Proxmox"));
+    }
+    if pve.status != "running" {
+        return Decision::Leave(format!("Proxmox status is {}", pve.status));
+    }
+    if let Some(lock) = pve.lock.as_deref() {
+        return Decision::Wait(format!("locked ({lock}); waiting for it to end"));
+    }
+    if pve.ha_managed() && !cfg.remediate_ha {
+        return Decision::Leave("managed by Proxmox HA; left to HA".into());
+    }
+    if in_flight >= cfg.max_concurrent {
+        return Decision::Wait(format!("{in_flight} resets already in flight"));
+    }
+    match cfg.mode {
+        Mode::Shadow => Decision::WouldReset,
+        Mode::Live => Decision::Reset,
+    }
+}
+
+/// Pause before attempt `attempts + 1`: base, 2x base, 4x base...
+pub fn backoff_ms(cfg: &RemediationConfig, attempts: i64) -> i64 {
+    let exponent = (attempts - 1).clamp(0, 16) as u32;
+    cfg.backoff_base_ms.saturating_mul(1i64 << exponent)
+}
+
+/// Where an incident goes after an attempt failed or its recovery window ran out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NextStep {
+    pub phase: RemediationPhase,
+    pub next_action_ms: Option<i64>,
+    pub reason: String,
+}
+
+pub fn after_failed_attempt(
+    attempts: i64,
+    cfg: &RemediationConfig,
+    now_ms: i64,
+    what: &str,
+) -> NextStep {
+    if attempts >= cfg.max_attempts {
+        NextStep {
+            phase: RemediationPhase::Manual,
+            next_action_ms: None,
+            reason: format!(
+                "{what}; {attempts} of {} attempts used: manual intervention needed",
+                cfg.max_attempts
+            ),
+        }
+    } else {
+        let wait = backoff_ms(cfg, attempts);
+        NextStep {
+            phase: RemediationPhase::Ok,
+            next_action_ms: Some(now_ms + wait),
+            reason: format!(
+                "{what}; attempt {} of {} in {}s",
+                attempts + 1,
+                cfg.max_attempts,
+                wait / 1000
+            ),
+        }
+    }
+}
+
+/// For a VM in `recovering`: `Some` once its window passed without a fresh report.
+pub fn recovery_expired(vm: &VmFacts, cfg: &RemediationConfig, now_ms: i64) -> Option<NextStep> {
+    if vm.phase != RemediationPhase::Recovering {
+        return None;
+    }
+    let reset_at = vm.last_reset_ms?;
+    (now_ms >= reset_at + cfg.recovery_timeout_ms)
+        .then(|| after_failed_attempt(vm.attempts, cfg, now_ms, "no heartbeat after the reset"))
+}
+
+/// Whether a freshly stored report ends the VM's incident: it must have been taken after
+/// the last reset (replayed older reports prove nothing).
+pub fn report_ends_incident(
+    phase: RemediationPhase,
+    attempts: i64,
+    last_reset_ms: Option<i64>,
+    observed_ms: i64,
+) -> bool {
+    (phase != RemediationPhase::Ok || attempts > 0)
+        && observed_ms > last_reset_ms.unwrap_or(i64::MIN)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxmox::HaStatus;
+
+    const NOW: i64 = 1_000_000;
+
+    fn vm(status: VmStatus) -> VmFacts {
+        VmFacts {
+            id: 1,
+            status,
+            node: Some("pve1".into()),
+            linked: true,
+            auto_reset: true,
+            phase: RemediationPhase::Ok,
+            attempts: 0,
+            next_action_ms: None,
+            last_reset_ms: None,
+        }
+    }
+
+    fn pve(status: &str) -> PveVmStatus {
+        PveVmStatus {
+            status: status.into(),
+            qmpstatus: Some(status.into()),
+            lock: None,
+            template: false,
+            ha: Some(HaStatus { managed: false }),
+            uptime: Some(100),
+        }
+    }
+
+    #[test]
+    fn screen_table() {
+        let cases: Vec<(&str, VmFacts, Screen)> = vec![
+            ("stale and linked", vm(VmStatus::Down), Screen::Candidate),
+            ("healthy", vm(VmStatus::Healthy), Screen::Skip("not stale")),
+            ("warning", vm(VmStatus::Warning), Screen::Skip("not stale")),
+            (
+                "unlinked",
+                VmFacts {
+                    linked: false,
+                    ..vm(VmStatus::Down)
+                },
+                Screen::Skip("not linked to a Proxmox guest"),
+            ),
+            (
+                "opted out",
+                VmFacts {
+                    auto_reset: false,
+                    ..vm(VmStatus::Down)
+                },
+                Screen::Skip("auto-reset is off for this VM"),
+            ),
+            (
+                "manual",
+                VmFacts {
+                    phase: RemediationPhase::Manual,
+                    ..vm(VmStatus::Down)
+                },
+                Screen::Skip("an incident is already in progress"),
+            ),
+            (
+                "recovering",
+                VmFacts {
+                    phase: RemediationPhase::Recovering,
+                    ..vm(VmStatus::Down)
+                },
+                Screen::Skip("an incident is already in progress"),
+            ),
+            (
+                "backing off",
+                VmFacts {
+                    next_action_ms: Some(NOW + 1),
+                    ..vm(VmStatus::Down)
+                },
+                Screen::Skip("waiting before the next look"),
+            ),
+            (
+                "backoff over",
+                VmFacts {
+                    next_action_ms: Some(NOW),
+                    ..vm(VmStatus::Down)
+                },
+                Screen::Candidate,
+            ),
+        ];
+        for (name, facts, expected) in cases {
+            assert_eq!(screen(&facts, NOW), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn decide_table() {
+        let cfg = RemediationConfig::default();
+        let locked = PveVmStatus {
+            lock: Some("backup".into()),
+            ..pve("running")
+        };
+        let template = PveVmStatus {
+            template: true,
+            ..pve("running")
+        };
+        let ha = PveVmStatus {
+            ha: Some(HaStatus { managed: true }),
+            ..pve("running")
+        };
+        let paused = PveVmStatus {
+            qmpstatus: Some("paused".into()),
+            ..pve("running")
+        };
+        let cases: Vec<(&str, PveVmStatus, &RemediationConfig, usize, &str)> = vec![
+            ("running", pve("running"), &cfg, 0, "reset"),
+            ("stopped", pve("stopped"), &cfg, 0, "leave"),
+            ("paused", paused, &cfg, 0, "leave"),
+            ("template", template, &cfg, 0, "leave"),
+            ("locked", locked, &cfg, 0, "wait"),
+            ("ha", ha.clone(), &cfg, 0, "leave"),
+            ("limit reached", pve("running"), &cfg, 2, "wait"),
+        ];
+        let kind = |d: Decision| match d {
+            Decision::Reset => "reset",
+            Decision::WouldReset => "would",
+            Decision::Wait(_) => "wait",
+            Decision::Leave(_) => "leave",
+        };
+        for (name, status, cfg, in_flight, expected) in cases {
+            assert_eq!(kind(decide(&status, cfg, in_flight)), expected, "{name}");
+        }
+        let ha_allowed = RemediationConfig {
+            remediate_ha: true,
+            ..cfg.clone()
+        };
+        assert_eq!(decide(&ha, &ha_allowed, 0), Decision::Reset);
+        let shadow = RemediationConfig {
+            mode: Mode::Shadow,
+            ..cfg.clone()
+        };
+        assert_eq!(decide(&pve("running"), &shadow, 0), Decision::WouldReset);
+    }
+
+    #[test]
+    fn storm_table() {
+        let cfg = RemediationConfig::default();
+        let fleet = |down: usize, total: usize| -> Vec<VmFacts> {
+            (0..total)
+                .map(|i| VmFacts {
+                    id: i as i64,
+                    node: Some(format!("pve{}", i % 3)),
+                    ..vm(if i < down {
+                        VmStatus::Down
+                    } else {
+                        VmStatus::Healthy
+                    })
+                })
+                .collect()
+        };
+        assert_eq!(
+            storm(&fleet(1, 10), &cfg),
+            None,
+            "one stale VM is an incident, not a storm"
+        );
+        assert_eq!(storm(&fleet(3, 10), &cfg), None, "30% is not more than 30%");
+        assert!(storm(&fleet(4, 10), &cfg).is_some(), "40% trips it");
+        assert_eq!(
+            storm(&fleet(1, 2), &cfg),
+            None,
+            "small fleets: one VM never trips it"
+        );
+        // Every VM of one node stale (pve0 holds VMs 0 and 3 of 6).
+        let mut by_node = fleet(0, 6);
+        by_node[0].status = VmStatus::Down;
+        by_node[3].status = VmStatus::Down;
+        let reason = storm(
+            &by_node,
+            &RemediationConfig {
+                storm_percent: 50.0,
+                ..cfg.clone()
+            },
+        )
+        .unwrap();
+        assert!(reason.contains("pve0"), "{reason}");
+        // Unlinked and manual VMs do not count.
+        let mut mixed = fleet(4, 10);
+        for v in mixed.iter_mut().take(3) {
+            v.linked = false;
+        }
+        assert_eq!(storm(&mixed, &cfg), None);
+    }
+
+    #[test]
+    fn attempts_back_off_then_latch_manual() {
+        let cfg = RemediationConfig {
+            backoff_base_ms: 1000,
+            max_attempts: 3,
+            ..Default::default()
+        };
+        assert_eq!(backoff_ms(&cfg, 1), 1000);
+        assert_eq!(backoff_ms(&cfg, 2), 2000);
+        assert_eq!(backoff_ms(&cfg, 3), 4000);
+        let first = after_failed_attempt(1, &cfg, NOW, "task failed");
+        assert_eq!(
+            (first.phase, first.next_action_ms),
+            (RemediationPhase::Ok, Some(NOW + 1000))
+        );
+        let second = after_failed_attempt(2, &cfg, NOW, "task failed");
+        assert_eq!(second.next_action_ms, Some(NOW + 2000));
+        let last = after_failed_attempt(3, &cfg, NOW, "task failed");
+        assert_eq!(
+            (last.phase, last.next_action_ms),
+            (RemediationPhase::Manual, None)
+        );
+    }
+
+    #[test]
+    fn recovery_window() {
+        let cfg = RemediationConfig {
+            recovery_timeout_ms: 500,
+            ..Default::default()
+        };
+        let recovering = VmFacts {
+            phase: RemediationPhase::Recovering,
+            attempts: 1,
+            last_reset_ms: Some(NOW - 499),
+            ..vm(VmStatus::Down)
+        };
+        assert_eq!(recovery_expired(&recovering, &cfg, NOW), None);
+        let expired = recovery_expired(&recovering, &cfg, NOW + 1).unwrap();
+        assert_eq!(expired.phase, RemediationPhase::Ok);
+        assert!(report_ends_incident(
+            RemediationPhase::Recovering,
+            1,
+            Some(NOW),
+            NOW + 1
+        ));
+        assert!(
+            !report_ends_incident(RemediationPhase::Recovering, 1, Some(NOW), NOW - 5),
+            "a replayed old report"
+        );
+        assert!(report_ends_incident(
+            RemediationPhase::Manual,
+            3,
+            Some(NOW),
+            NOW + 1
+        ));
+        assert!(!report_ends_incident(RemediationPhase::Ok, 0, None, NOW));
+    }
+}
