@@ -14,7 +14,7 @@ use crate::proxmox::{GuestKind, GuestRef, PowerAction, PveClient, PveError, PveV
 use crate::state::SharedStatusConfig;
 use app::types::{RemediationPhase, RemediationSummary, VmStatus};
 use policy::{Decision, Mode, RemediationConfig, Screen, VmFacts};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::AbortHandle;
@@ -67,6 +67,7 @@ pub struct Engine {
     last_tick_ms: AtomicI64,
     last_link_ms: AtomicI64,
     reconciled: AtomicBool,
+    ticks: AtomicU64,
     storm: Mutex<Option<String>>,
     followers: Mutex<Vec<AbortHandle>>,
     task_timeout: Duration,
@@ -167,6 +168,7 @@ impl Engine {
             last_tick_ms: AtomicI64::new(now_ms),
             last_link_ms: AtomicI64::new(0),
             reconciled: AtomicBool::new(false),
+            ticks: AtomicU64::new(0),
             storm: Mutex::new(None),
             followers: Mutex::new(Vec::new()),
             task_timeout: config.task_timeout,
@@ -231,8 +233,19 @@ impl Engine {
         }
     }
 
+    /// Completed scheduler rounds, so callers can wait for the engine to have looked.
+    pub fn ticks(&self) -> u64 {
+        self.ticks.load(Ordering::Acquire)
+    }
+
     /// One scheduler round.
     pub async fn tick(self: &Arc<Self>, now_ms: i64) -> Result<(), DbError> {
+        let result = self.round(now_ms).await;
+        self.ticks.fetch_add(1, Ordering::AcqRel);
+        result
+    }
+
+    async fn round(self: &Arc<Self>, now_ms: i64) -> Result<(), DbError> {
         // A frozen process (or a long pause of ours) restarts the amnesty.
         let previous = self.last_tick_ms.swap(now_ms, Ordering::AcqRel);
         let stale_timeout = self.status_config.get().stale_timeout_ms;

@@ -7,4 +7,6 @@ mod api;
 mod browser;
 mod common;
 mod concurrency;
+mod fake_pve;
+mod proxmox;
 mod redis_cache;
