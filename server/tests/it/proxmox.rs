@@ -537,3 +537,112 @@ async fn tls_needs_the_ca_file_or_the_pinned_fingerprint() {
         server::proxmox::PveError::Unauthorized("Authentication failed!".into())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn interrupted_attempts_are_reconciled_after_a_crash_without_a_duplicate() {
+    use server::db::incidents::{self, Expected, NewAttempt};
+    let fake = FakePve::start(vec![
+        FakeVm::running(100, "pve1"),
+        FakeVm::running(101, "pve2"),
+    ])
+    .await;
+    let quiet = [("AUTO_RESET_ENABLED", "false")];
+    let mut srv = start(Backend::Sqlite, &fake, &quiet).await;
+    let sent_vm = report_vm(&srv, 100, "pve1", 100).await;
+    let unsent_vm = report_vm(&srv, 101, "pve2", 100).await;
+
+    // A reset that reached Proxmox (its UPID was stored) but whose outcome never was...
+    let upid: Value = srv
+        .http
+        .post(format!(
+            "{}/api2/json/nodes/pve1/qemu/100/status/reset",
+            fake.base
+        ))
+        .header(
+            "Authorization",
+            format!(
+                "PVEAPIToken={}!{}={}",
+                crate::fake_pve::USER,
+                crate::fake_pve::TOKEN_ID,
+                crate::fake_pve::SECRET
+            ),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let upid = upid["data"].as_str().unwrap().to_owned();
+    let intent = |vm_id: i64, vmid: i64, node: &str| NewAttempt {
+        vm_id,
+        action: "reset".into(),
+        trigger_source: "scheduler".into(),
+        requested_by: None,
+        mode: "live".into(),
+        proxmox_node: Some(node.into()),
+        proxmox_vmid: Some(vmid),
+        upid: None,
+        outcome: "pending".into(),
+        error: None,
+        evidence_json: None,
+        created_ms: server::now_ms(),
+        sent_ms: None,
+        finished_ms: None,
+    };
+    {
+        let mut conn = srv.state().db.conn().await.unwrap();
+        let fresh = Expected {
+            phase: app::types::RemediationPhase::Ok,
+            attempts: 0,
+        };
+        let sent = incidents::begin_attempt(
+            &mut conn,
+            &fresh,
+            true,
+            "reset",
+            &intent(sent_vm, 100, "pve1"),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        incidents::mark_sent(&mut conn, sent, &upid, server::now_ms())
+            .await
+            .unwrap();
+        // ...and one whose intent was written just before the process died.
+        incidents::begin_attempt(
+            &mut conn,
+            &fresh,
+            true,
+            "reset",
+            &intent(unsent_vm, 101, "pve2"),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    srv.stop().await;
+
+    let mut srv = start_on(srv.db, &fake, &quiet).await;
+    wait_for(
+        "the sent task to be followed",
+        Duration::from_secs(10),
+        || async { (history(&srv, sent_vm).await.first()?["outcome"] == "ok").then_some(()) },
+    )
+    .await;
+    assert_eq!(vm(&srv, sent_vm).await["remediation_phase"], "recovering");
+    let unsent = wait_for(
+        "the unsent intent to be closed",
+        Duration::from_secs(10),
+        || async {
+            let h = history(&srv, unsent_vm).await;
+            (h.first()?["outcome"] == "interrupted").then_some(h)
+        },
+    )
+    .await;
+    assert_eq!(unsent.len(), 1, "the record is kept, not dropped");
+    assert_eq!(vm(&srv, unsent_vm).await["remediation_phase"], "recovering");
+    wait_rounds(&srv, 5).await;
+    assert_eq!(fake.posts(), vec!["reset 100"], "no duplicate reset");
+    srv.stop().await;
+}
