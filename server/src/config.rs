@@ -79,6 +79,14 @@ impl std::fmt::Debug for Config {
             .field("data_dir", &self.data_dir)
             .field("redis", &self.redis_url.as_deref().map(redact_url))
             .field("status_defaults", &self.status_defaults)
+            .field(
+                "proxmox",
+                &self
+                    .proxmox
+                    .as_ref()
+                    .map(|p| (&p.host, &p.user, &p.token_id, &p.trust)),
+            )
+            .field("remediation", &self.remediation)
             .finish_non_exhaustive()
     }
 }
@@ -304,6 +312,31 @@ mod tests {
         assert_eq!(err.name, "ram_threshold");
         let err = config(&[("SCHEDULER_INTERVAL_MS", "0")]).err().unwrap();
         assert_eq!(err.name, "SCHEDULER_INTERVAL_MS");
+    }
+
+    /// Every variable this module reads is documented in `.env.example`.
+    #[test]
+    fn env_example_lists_every_variable() {
+        let source = include_str!("config.rs");
+        let example = include_str!("../../.env.example");
+        let documented: Vec<&str> = example
+            .lines()
+            .filter_map(|l| l.split_once('=').map(|(k, _)| k.trim()))
+            .collect();
+        let mut checked = 0;
+        for piece in source.split('"').skip(1).step_by(2) {
+            let is_var = piece.len() > 3
+                && piece.chars().all(|c| c.is_ascii_uppercase() || c == '_')
+                && piece.contains('_');
+            if is_var {
+                checked += 1;
+                assert!(
+                    documented.contains(&piece),
+                    "{piece} is missing from .env.example"
+                );
+            }
+        }
+        assert!(checked > 30, "only {checked} variables found");
     }
 
     #[test]
