@@ -319,17 +319,7 @@ async fn put_config(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     require(&state, Role::Admin, &headers)?;
     let body = body_bytes(body)?;
-    let mut deserializer = serde_json::Deserializer::from_slice(&body);
-    let patch: ConfigPatch =
-        serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
-            let path = err.path().to_string();
-            let inner = err.into_inner();
-            if path == "." {
-                ApiError::BadRequest(format!("body: {inner}"))
-            } else {
-                ApiError::BadRequest(format!("{path}: {inner}"))
-            }
-        })?;
+    let patch: ConfigPatch = parse_json(&body)?;
     let current = state.status_config.get();
     let updated = StatusConfig {
         cpu_threshold: patch.cpu_threshold.unwrap_or(current.cpu_threshold),

@@ -179,26 +179,10 @@ impl StateCache {
     /// True when Redis is configured but not serving, so the caller should try a rebuild.
     pub async fn needs_rebuild(&self) -> bool {
         match &self.redis {
-            Some(redis) if !redis.ready.load(Ordering::Acquire) => {
-                let ping: Result<String, _> = redis
-                    .run(|mut conn| async move {
-                        deadpool_redis::redis::cmd("PING")
-                            .query_async(&mut conn)
-                            .await
-                    })
-                    .await;
-                ping.is_ok()
-            }
+            Some(redis) if !redis.ready.load(Ordering::Acquire) => redis.ping().await.is_ok(),
             Some(redis) => {
                 // Probe a healthy Redis too, so an outage shows in /api/health without traffic.
-                let ping: Result<String, _> = redis
-                    .run(|mut conn| async move {
-                        deadpool_redis::redis::cmd("PING")
-                            .query_async(&mut conn)
-                            .await
-                    })
-                    .await;
-                if let Err(err) = ping {
+                if let Err(err) = redis.ping().await {
                     redis.mark_down(&err);
                 }
                 false
@@ -221,6 +205,15 @@ impl RedisCache {
         tokio::time::timeout(REDIS_TIMEOUT, attempt)
             .await
             .unwrap_or_else(|_| Err("timed out".into()))
+    }
+
+    async fn ping(&self) -> Result<String, String> {
+        self.run(|mut conn| async move {
+            deadpool_redis::redis::cmd("PING")
+                .query_async(&mut conn)
+                .await
+        })
+        .await
     }
 
     fn mark_down(&self, err: &str) {

@@ -293,28 +293,23 @@ pub async fn store_reports(
                     continue;
                 };
                 let newer = row.observed_at_ms.is_none_or(|t| report.observed_ms >= t);
-                let latest = LatestReport {
-                    last_seen_ms: last_seen,
-                    cpu_percent: if newer {
-                        report.cpu_percent
-                    } else {
-                        row.cpu_percent.unwrap_or(report.cpu_percent)
-                    },
-                    ram_used_bytes: if newer {
-                        report.ram_used_bytes
-                    } else {
-                        row.ram_used_bytes.unwrap_or(report.ram_used_bytes)
-                    },
-                    ram_total_bytes: if newer {
-                        report.ram_total_bytes
-                    } else {
-                        row.ram_total_bytes.unwrap_or(report.ram_total_bytes)
-                    },
-                    disk_max_percent: if newer {
-                        report.disk_max_percent
-                    } else {
-                        row.disk_max_percent
-                    },
+                // A replayed older report refreshes liveness but not the live figures.
+                let latest = if newer {
+                    LatestReport {
+                        last_seen_ms: last_seen,
+                        cpu_percent: report.cpu_percent,
+                        ram_used_bytes: report.ram_used_bytes,
+                        ram_total_bytes: report.ram_total_bytes,
+                        disk_max_percent: report.disk_max_percent,
+                    }
+                } else {
+                    LatestReport {
+                        last_seen_ms: last_seen,
+                        cpu_percent: row.cpu_percent.unwrap_or(report.cpu_percent),
+                        ram_used_bytes: row.ram_used_bytes.unwrap_or(report.ram_used_bytes),
+                        ram_total_bytes: row.ram_total_bytes.unwrap_or(report.ram_total_bytes),
+                        disk_max_percent: row.disk_max_percent,
+                    }
                 };
                 let verdict = status::evaluate(Some(&latest), cfg, last_seen);
                 let previous = VmStatus::parse(&row.status);
