@@ -560,3 +560,35 @@ async fn generated_tokens_are_kept_and_only_hashed() {
     drop(conn);
     second.stop().await;
 }
+
+/// When storage goes away, reports get 503 with Retry-After and nothing is acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn storage_outage_answers_503_with_retry_after() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let mut srv = TestServer::start(Backend::Postgres, &[]).await;
+    assert_eq!(srv.report(&report_for("before")).await.0, 200);
+    let name = srv.db.url.rsplit('/').next().unwrap().to_owned();
+    let mut admin = diesel_async::AsyncPgConnection::establish(&admin_pg_url())
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+    let resp = srv
+        .http
+        .post(srv.url("/api/health/report"))
+        .bearer_auth(AGENT_TOKEN)
+        .json(&report_for("during"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    assert_eq!(resp.headers()["retry-after"], "5");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "storage unavailable, retry later");
+    let (status, health) = srv.get("/api/health").await;
+    assert_eq!(status, 503);
+    assert_eq!(health["database"]["ok"], false);
+    srv.stop().await;
+}

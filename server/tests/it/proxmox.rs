@@ -167,6 +167,19 @@ async fn failing_resets_end_manual_and_stay_manual_across_restart() {
     wait_rounds(&srv, 8).await;
     assert_eq!(vm(&srv, id).await["remediation_phase"], "manual");
     assert_eq!(fake.posts().len(), 3, "manual is latched: no more resets");
+    let page = srv
+        .http
+        .get(&srv.base)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("phase manual"),
+        "the dashboard shows the manual state"
+    );
 
     let path = format!("/api/vms/{id}/acknowledge");
     assert_eq!(srv.send(Method::POST, &path, None, None).await.0, 401);
