@@ -69,6 +69,8 @@ pub struct Engine {
     reconciled: AtomicBool,
     ticks: AtomicU64,
     storm: Mutex<Option<String>>,
+    /// SMBIOS uuid per VMID (`None`: the guest has none), for zero-configuration linking.
+    uuids: Mutex<std::collections::HashMap<i64, Option<String>>>,
     followers: Mutex<Vec<AbortHandle>>,
     task_timeout: Duration,
     task_poll: Duration,
@@ -170,6 +172,7 @@ impl Engine {
             reconciled: AtomicBool::new(false),
             ticks: AtomicU64::new(0),
             storm: Mutex::new(None),
+            uuids: Mutex::new(std::collections::HashMap::new()),
             followers: Mutex::new(Vec::new()),
             task_timeout: config.task_timeout,
             task_poll: config.task_poll,
@@ -813,24 +816,37 @@ impl Engine {
             let mut conn = self.db.conn().await?;
             store::list_rows(&mut conn).await?
         };
-        let mut uuids = std::collections::HashMap::new();
+        // SMBIOS uuids rarely change: each guest's config is read once, then kept while the
+        // guest exists, so a large cluster costs one config call per new guest.
+        let mut uuids = self.uuids.lock().map(|u| u.clone()).unwrap_or_default();
+        uuids.retain(|vmid, _| resources.iter().any(|r| r.vmid == *vmid));
         if rows.iter().any(|r| {
             r.machine_id.is_some()
                 && r.reported_vmid.is_none()
                 && r.proxmox_link_source.as_deref() != Some("manual")
         }) {
-            for res in resources.iter().filter(|r| r.kind == "qemu" && !r.template) {
+            let unknown: Vec<&crate::proxmox::PveResource> = resources
+                .iter()
+                .filter(|r| r.kind == "qemu" && !r.template && !uuids.contains_key(&r.vmid))
+                .collect();
+            for res in unknown {
                 match pve.vm_smbios_uuid(&res.node, res.vmid).await {
-                    Ok(Some(uuid)) => {
+                    Ok(uuid) => {
                         uuids.insert(res.vmid, uuid);
                     }
-                    Ok(None) => {}
                     Err(err) => {
                         tracing::debug!(vmid = res.vmid, error = %err, "no config for uuid matching")
                     }
                 }
             }
         }
+        if let Ok(mut cached) = self.uuids.lock() {
+            cached.clone_from(&uuids);
+        }
+        let uuids: std::collections::HashMap<i64, String> = uuids
+            .into_iter()
+            .filter_map(|(vmid, uuid)| Some((vmid, uuid?)))
+            .collect();
         let mut changed = Vec::new();
         let mut conn = self.db.conn().await?;
         for row in &rows {
