@@ -127,8 +127,13 @@ UNIT
   say "enabled vm-healthcheck-agent.timer (every ${interval}s; nothing stays resident between reports)"
 else
   mkdir -p "$(dirname "$cron_file")"
+  # flock keeps a slow cycle (server unreachable, retries) from overlapping the next one.
+  runner="/usr/local/bin/vm-healthcheck-agent --tick"
+  if command -v flock >/dev/null 2>&1; then
+    runner="flock -n /var/lib/vm-healthcheck/lock $runner"
+  fi
   printf '%s\n' "# vm-healthcheck agent (written by install.sh)" \
-    "* * * * * root VMHC_CRON=1 /usr/local/bin/vm-healthcheck-agent --tick >/dev/null 2>&1" >"$cron_file"
+    "* * * * * root VMHC_CRON=1 $runner >/dev/null 2>&1" >"$cron_file"
   chmod 644 "$cron_file"
   say "wrote $cron_file (cron runs the agent every minute, ${interval}s apart within it)"
 fi

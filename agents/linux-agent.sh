@@ -18,7 +18,7 @@ SPOOL_MAX="${SPOOL_MAX:-100}"
 RETRY_ATTEMPTS="${RETRY_ATTEMPTS:-3}"
 RETRY_DELAY_SECONDS="${RETRY_DELAY_SECONDS:-2}"
 
-log() { printf '%s vm-healthcheck-agent: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*" >&2; }
+log() { TZ=UTC0 printf '%(%Y-%m-%dT%H:%M:%S)TZ vm-healthcheck-agent: %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
 # Reads KEY=VALUE lines without executing the file; the environment overrides each key.
@@ -51,7 +51,9 @@ load_config() {
   SERVER_URL="${SERVER_URL%/}"
 }
 
-# JSON string literal: escapes backslash, quote and control characters.
+# Collection uses bash builtins wherever it can: every fork costs CPU on each report.
+
+# Sets REPLY to the JSON string literal of $1 (backslash, quote and control characters escaped).
 json_str() {
   local s="$1"
   s="${s//\\/\\\\}"
@@ -59,42 +61,54 @@ json_str() {
   s="${s//$'\n'/\\n}"
   s="${s//$'\r'/\\r}"
   s="${s//$'\t'/\\t}"
-  s="$(printf '%s' "$s" | tr -d '\000-\010\013\014\016-\037')"
-  printf '"%s"' "$s"
+  local LC_ALL=C
+  s="${s//[$'\001'-$'\037']/}"
+  REPLY="\"$s\""
 }
 
-# Prints "busy total" jiffies from the first line of /proc/stat.
+# Sets CPU_BUSY and CPU_TOTAL from the first line of /proc/stat (jiffies).
 cpu_sample() {
-  awk '/^cpu / { idle = $5 + $6; total = 0; for (i = 2; i <= NF; i++) total += $i; print total - idle, total; exit }' /proc/stat
+  local user nice system idle iowait irq softirq steal
+  read -r _ user nice system idle iowait irq softirq steal _ </proc/stat
+  CPU_TOTAL=$((user + nice + system + idle + iowait + irq + softirq + ${steal:-0}))
+  CPU_BUSY=$((CPU_TOTAL - idle - iowait))
 }
 
-# CPU % since the previous sample (kept in the state dir between timer runs);
-# without one, measures over one second.
+# Sets CPU to the busy % since the previous sample (kept in the state dir between timer
+# runs), one decimal; without a previous sample, measures over one second.
 cpu_percent() {
-  local prev_file="$STATE_DIR/cpu.prev" prev now
-  now="$(cpu_sample)"
-  prev="$(cat "$prev_file" 2>/dev/null || true)"
-  if [[ -z "$prev" ]]; then
-    prev="$now"
+  local prev_file="$STATE_DIR/cpu.prev" prev_busy="" prev_total=""
+  if [[ -r "$prev_file" ]]; then read -r prev_busy prev_total <"$prev_file" || true; fi
+  cpu_sample
+  # Too short a window (or none) says little: measure over one second instead.
+  if [[ ! "$prev_busy" =~ ^[0-9]+$ || ! "$prev_total" =~ ^[0-9]+$ ]] || ((prev_total + 100 > CPU_TOTAL)); then
+    prev_busy=$CPU_BUSY prev_total=$CPU_TOTAL
     sleep 1
-    now="$(cpu_sample)"
+    cpu_sample
   fi
-  { printf '%s\n' "$now" >"$prev_file"; } 2>/dev/null || true
-  awk -v p="$prev" -v n="$now" 'BEGIN {
-    split(p, a, " "); split(n, b, " ");
-    busy = b[1] - a[1]; total = b[2] - a[2];
-    pct = (total > 0) ? busy * 100 / total : 0;
-    if (pct < 0) pct = 0; if (pct > 100) pct = 100;
-    printf "%.1f", pct }'
+  { printf '%s %s\n' "$CPU_BUSY" "$CPU_TOTAL" >"$prev_file"; } 2>/dev/null || true
+  local busy=$((CPU_BUSY - prev_busy)) total=$((CPU_TOTAL - prev_total)) tenths=0
+  ((total > 0)) && tenths=$((busy * 1000 / total))
+  ((tenths < 0)) && tenths=0
+  ((tenths > 1000)) && tenths=1000
+  CPU="$((tenths / 10)).$((tenths % 10))"
 }
 
-# "used total" in bytes: MemTotal - MemAvailable.
+# Sets RAM_USED and RAM_TOTAL in bytes: MemTotal - MemAvailable.
 ram_usage() {
-  awk '/^MemTotal:/ { t = $2 } /^MemAvailable:/ { a = $2 }
-       END { if (a == "") a = 0; printf "%.0f %.0f", (t - a) * 1024, t * 1024 }' /proc/meminfo
+  local key value _ total=0 available=0
+  while read -r key value _; do
+    case "$key" in
+      MemTotal:) total=$value ;;
+      MemAvailable:) available=$value ;;
+    esac
+  done </proc/meminfo
+  RAM_TOTAL=$((total * 1024))
+  RAM_USED=$(((total - available) * 1024))
 }
 
-# JSON array of real filesystems (no tmpfs, overlay, squashfs, network mounts...), one per device.
+# Sets DISKS to a JSON array of real filesystems (no tmpfs, overlay, squashfs, network
+# mounts...), one per device.
 disks_json() {
   local mounts=() dev mnt fstype
   local -A seen=()
@@ -105,76 +119,117 @@ disks_json() {
     esac
     [[ -n "${seen[$dev]:-}" ]] && continue
     seen[$dev]=1
-    mounts+=("$(printf '%b' "$mnt")")
+    # /proc/mounts escapes spaces and the like as octal (\040).
+    printf -v mnt '%b' "$mnt"
+    mounts+=("$mnt")
   done </proc/mounts
-  if ((${#mounts[@]} == 0)); then
-    printf '[]'
-    return
+  DISKS="["
+  if ((${#mounts[@]} > 0)); then
+    local first=1 header=1 used total mount
+    # -P keeps one line per filesystem; sizes in 1K blocks.
+    while read -r _ total used _ _ mount; do
+      if ((header)); then header=0 && continue; fi
+      [[ "$total" =~ ^[0-9]+$ && "$used" =~ ^[0-9]+$ ]] || continue
+      ((first)) || DISKS+=","
+      first=0
+      json_str "$mount"
+      # payload:disk:begin
+      DISKS+="{\"mount\":$REPLY,\"used_bytes\":$((used * 1024)),\"total_bytes\":$((total * 1024))}"
+      # payload:disk:end
+    done < <(df -P -k "${mounts[@]}" 2>/dev/null)
   fi
-  local first=1 line used total mount
-  printf '['
-  # -P keeps one line per filesystem; sizes in 1K blocks.
-  while read -r line; do
-    read -r _ total used _ _ mount <<<"$line"
-    [[ "$total" =~ ^[0-9]+$ && "$used" =~ ^[0-9]+$ ]] || continue
-    ((first)) || printf ','
-    first=0
-    # payload:disk:begin
-    printf '{"mount":%s,"used_bytes":%s,"total_bytes":%s}' "$(json_str "$mount")" "$((used * 1024))" "$((total * 1024))"
-    # payload:disk:end
-  done < <(df -P -k "${mounts[@]}" 2>/dev/null | tail -n +2)
-  printf ']'
+  DISKS+="]"
 }
 
+# Sets MACHINE_ID to the SMBIOS uuid in lower case, or empty (the file is root-only).
 machine_id() {
-  local uuid
-  uuid="$(cat /sys/class/dmi/id/product_uuid 2>/dev/null || true)"
-  uuid="$(printf '%s' "$uuid" | tr 'A-F' 'a-f' | tr -d '[:space:]')"
-  [[ "$uuid" =~ ^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$ ]] && printf '%s' "$uuid"
+  MACHINE_ID=""
+  local uuid=""
+  if [[ -r /sys/class/dmi/id/product_uuid ]]; then
+    read -r uuid </sys/class/dmi/id/product_uuid || true
+  fi
+  uuid="${uuid,,}"
+  [[ "$uuid" =~ ^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$ ]] && MACHINE_ID="$uuid"
+  return 0
 }
 
-# Now in RFC 3339 UTC, with milliseconds where date supports %N (GNU; busybox does not).
+# Sets OBSERVED_AT to now in RFC 3339 UTC: with milliseconds from bash 5's EPOCHREALTIME,
+# else whole seconds.
 observed_at() {
-  local ms
-  ms="$(date -u +%N 2>/dev/null | cut -c1-3)"
-  if [[ "$ms" =~ ^[0-9]{3}$ ]]; then
-    date -u "+%Y-%m-%dT%H:%M:%S.${ms}Z"
+  local now="${EPOCHREALTIME:-}" seconds fraction
+  if [[ "$now" =~ ^([0-9]+)[.,]([0-9]{3}) ]]; then
+    seconds="${BASH_REMATCH[1]}" fraction="${BASH_REMATCH[2]}"
+    TZ=UTC0 printf -v OBSERVED_AT "%(%Y-%m-%dT%H:%M:%S)T.${fraction}Z" "$seconds"
   else
-    date -u +%Y-%m-%dT%H:%M:%SZ
+    TZ=UTC0 printf -v OBSERVED_AT '%(%Y-%m-%dT%H:%M:%S)TZ' -1
   fi
 }
 
-# Builds one report as JSON.
+# Sets REPORT to one report as JSON.
 build_report() {
-  local hostname cpu ram_used ram_total uptime uuid json
-  hostname="$(cat /proc/sys/kernel/hostname 2>/dev/null || hostname)"
-  cpu="$(cpu_percent)"
-  read -r ram_used ram_total <<<"$(ram_usage)"
-  uptime="$(awk '{ printf "%d", $1 }' /proc/uptime)"
-  uuid="$(machine_id || true)"
+  local hostname="" uptime=""
+  read -r hostname </proc/sys/kernel/hostname || hostname="${HOSTNAME:-unknown}"
+  cpu_percent
+  ram_usage
+  read -r uptime _ </proc/uptime
+  uptime="${uptime%%.*}"
+  machine_id
+  disks_json
+  observed_at
   # payload:begin
-  json="{\"hostname\":$(json_str "$hostname"),\"os\":\"linux\""
-  [[ -n "$uuid" ]] && json+=",\"machine_id\":$(json_str "$uuid")"
-  [[ -n "$VMID" ]] && json+=",\"vmid\":$VMID"
-  [[ -n "$NODE" ]] && json+=",\"node\":$(json_str "$NODE")"
-  json+=",\"cpu_percent\":$cpu,\"ram_used_bytes\":$ram_used,\"ram_total_bytes\":$ram_total"
-  json+=",\"disks\":$(disks_json),\"uptime_seconds\":$uptime"
-  json+=",\"agent_version\":$(json_str "$AGENT_VERSION")"
-  json+=",\"observed_at\":$(json_str "$(observed_at)")}"
+  json_str "$hostname"
+  REPORT="{\"hostname\":$REPLY,\"os\":\"linux\""
+  if [[ -n "$MACHINE_ID" ]]; then json_str "$MACHINE_ID" && REPORT+=",\"machine_id\":$REPLY"; fi
+  if [[ -n "$VMID" ]]; then REPORT+=",\"vmid\":$VMID"; fi
+  if [[ -n "$NODE" ]]; then json_str "$NODE" && REPORT+=",\"node\":$REPLY"; fi
+  REPORT+=",\"cpu_percent\":$CPU,\"ram_used_bytes\":$RAM_USED,\"ram_total_bytes\":$RAM_TOTAL"
+  REPORT+=",\"disks\":$DISKS,\"uptime_seconds\":$uptime"
+  json_str "$AGENT_VERSION"
+  REPORT+=",\"agent_version\":$REPLY"
+  json_str "$OBSERVED_AT"
+  REPORT+=",\"observed_at\":$REPLY}"
   # payload:end
-  printf '%s' "$json"
 }
 
-# POSTs the JSON file $1; prints the HTTP status (000 when unreachable) and leaves the body in $2.
+# POSTs the JSON file $1 over plain HTTP with bash's /dev/tcp: no process at all, which is
+# most of a report's cost. It has no connect timeout, so it is used only while the server
+# answers (see send_file); anything else goes through curl or wget.
+post_builtin() {
+  local body_file="$1" response_file="$2" host port prefix body fd proto code line
+  HTTP_CODE=000
+  [[ "$SERVER_URL" =~ ^http://([A-Za-z0-9._-]+)(:([0-9]+))?(/.*)?$ ]] || return 1
+  host="${BASH_REMATCH[1]}" port="${BASH_REMATCH[3]:-80}" prefix="${BASH_REMATCH[4]}"
+  IFS= read -r body <"$body_file" || [[ -n "$body" ]] || return 1
+  # Braces keep the 2>/dev/null to this line (on exec itself it would silence the shell).
+  { exec {fd}<>"/dev/tcp/$host/$port"; } 2>/dev/null || return 0
+  local LC_ALL=C # so ${#body} counts bytes
+  printf 'POST %s/api/health/report HTTP/1.1\r\nHost: %s:%s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' \
+    "$prefix" "$host" "$port" "$AGENT_TOKEN" "${#body}" "$body" 1>&"$fd"
+  if IFS=' ' read -r -t 15 proto code _ <&"$fd" && [[ "$proto" == HTTP/1.* && "$code" =~ ^[0-9]{3}$ ]]; then
+    # Skip the headers; keep the body for error messages.
+    while IFS= read -r -t 15 line <&"$fd" && [[ "$line" != $'\r' && -n "$line" ]]; do :; done
+    line=""
+    IFS= read -r -t 15 -d '' line <&"$fd" || true
+    printf '%s' "$line" >"$response_file"
+    HTTP_CODE="$code"
+  fi
+  exec {fd}>&-
+}
+
+# POSTs the JSON file $1; sets HTTP_CODE (000 when unreachable) and leaves the body in $2.
 # The token goes through a config file or stdin, never the command line (visible in ps).
 post_report() {
   local body_file="$1" response_file="$2" code
   if command -v curl >/dev/null 2>&1; then
-    code="$(printf 'header = "Authorization: Bearer %s"\n' "$AGENT_TOKEN" |
-      curl -sS -K - -o "$response_file" -w '%{http_code}' --connect-timeout 5 --max-time 15 \
-        -H 'Content-Type: application/json' --data-binary "@$body_file" \
-        "$SERVER_URL/api/health/report" 2>/dev/null)" || true
-    printf '%s' "${code:-000}"
+    # The here-string feeds the header through stdin; output goes to files, so no subshell.
+    local code_file="$STATE_DIR/http-status"
+    curl -sS -K - -o "$response_file" -w '%{http_code}' --connect-timeout 5 --max-time 15 \
+      -H 'Content-Type: application/json' --data-binary "@$body_file" \
+      "$SERVER_URL/api/health/report" <<<"header = \"Authorization: Bearer $AGENT_TOKEN\"" \
+      >"$code_file" 2>/dev/null || true
+    code=""
+    read -r code <"$code_file" || true
+    HTTP_CODE="${code:-000}"
   elif wget --version 2>/dev/null | grep -q 'GNU Wget'; then
     local rc headers
     rc="$(mktemp)"
@@ -184,12 +239,12 @@ post_report() {
       "$SERVER_URL/api/health/report" 2>&1)" || true
     rm -f "$rc"
     code="$(printf '%s\n' "$headers" | awk '/^  HTTP\// { c = $2 } END { print c }')"
-    printf '%s' "${code:-000}"
+    HTTP_CODE="${code:-000}"
   else
     # busybox wget: no config file, so the header is on its command line.
     wget -q -O "$response_file" -T 15 --header "Authorization: Bearer $AGENT_TOKEN" \
       --header 'Content-Type: application/json' --post-file="$body_file" \
-      "$SERVER_URL/api/health/report" 2>/dev/null && printf '200' || printf '000'
+      "$SERVER_URL/api/health/report" 2>/dev/null && HTTP_CODE=200 || HTTP_CODE=000
   fi
 }
 
@@ -201,19 +256,24 @@ error_message() {
 # Returns 0 when accepted, 2 when refused for good (4xx but 429), 1 when the server is
 # unreachable or failing (worth keeping in the spool).
 send_file() {
-  local file="$1" response code attempt=1 delay="$RETRY_DELAY_SECONDS"
-  response="$(mktemp)"
+  local file="$1" response="$STATE_DIR/response.json" code attempt=1 delay="$RETRY_DELAY_SECONDS"
   while :; do
-    code="$(post_report "$file" "$response")"
+    if ((attempt == 1)) && [[ "$SERVER_URL" == http://* && -z "$(compgen -G "$SPOOL_DIR/*.json")" ]] &&
+      [[ "${VMHC_HTTP_CLIENT:-}" != external ]]; then
+      post_builtin "$file" "$response"
+    else
+      post_report "$file" "$response"
+    fi
+    code="$HTTP_CODE"
     case "$code" in
-      2??) rm -f "$response"; return 0 ;;
+      2??) return 0 ;;
       401 | 403)
         log "the server rejected the agent token (HTTP $code): check AGENT_TOKEN in $CONF_FILE"
-        rm -f "$response"; return 2 ;;
+        return 2 ;;
       429 | 000 | 5??) ;;
       4??)
         log "report refused (HTTP $code): $(error_message "$response")"
-        rm -f "$response"; return 2 ;;
+        return 2 ;;
     esac
     if ((attempt >= RETRY_ATTEMPTS)); then
       if [[ "$code" == 000 ]]; then
@@ -221,7 +281,7 @@ send_file() {
       else
         log "server answered HTTP $code: $(error_message "$response")"
       fi
-      rm -f "$response"; return 1
+      return 1
     fi
     sleep "$delay"
     attempt=$((attempt + 1))
@@ -232,8 +292,9 @@ send_file() {
 # Keeps a report for later, dropping the oldest beyond SPOOL_MAX.
 spool() {
   mkdir -p "$SPOOL_DIR" && chmod 700 "$SPOOL_DIR"
-  local name
-  name="$SPOOL_DIR/$(date +%s%N)-$$.json"
+  local name stamp="${EPOCHREALTIME:-$(date +%s)}"
+  # Names sort in the order reports were taken (fixed width, microseconds).
+  printf -v name '%s/%020d-%s.json' "$SPOOL_DIR" "${stamp//[.,]/}" "$$"
   cp "$1" "$name"
   local files=("$SPOOL_DIR"/*.json)
   local excess=$((${#files[@]} - SPOOL_MAX))
@@ -258,9 +319,11 @@ replay_spool() {
 
 # One cycle: replay what is spooled, then report now (or spool it).
 cycle() {
-  local report result=0
-  report="$(mktemp)"
-  build_report >"$report"
+  # Fixed scratch names (one agent runs at a time: the systemd unit, or cron under flock)
+  # spare a fork for rm on every report.
+  local report="$STATE_DIR/report.json" result=0
+  build_report
+  printf '%s' "$REPORT" >"$report"
   if replay_spool; then
     send_file "$report"
     result=$?
@@ -269,14 +332,15 @@ cycle() {
     spool "$report"
     result=1
   fi
-  rm -f "$report"
   return "$result"
 }
 
 main() {
   local mode="${1:---run}"
   umask 077
-  mkdir -p "$STATE_DIR" 2>/dev/null || die "cannot create $STATE_DIR"
+  # A server closing the connection early must not kill the agent mid-write.
+  trap '' PIPE
+  [[ -d "$STATE_DIR" ]] || mkdir -p "$STATE_DIR" 2>/dev/null || die "cannot create $STATE_DIR"
   load_config
   case "$mode" in
     --once)

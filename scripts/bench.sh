@@ -19,18 +19,4 @@ server_pid=$!
 trap 'kill "$server_pid" 2>/dev/null || true; rm -rf "$data"' EXIT
 until curl -fsS "http://127.0.0.1:$port/api/health" >/dev/null 2>&1; do sleep 0.2; done
 
-export VMHC_STATE_DIR="$data/agent" VMHC_AGENT_CONF="$data/none" SERVER_URL="http://127.0.0.1:$port" AGENT_TOKEN=bench-agent
-mkdir -p "$VMHC_STATE_DIR"
-bash agents/linux-agent.sh --tick # primes the CPU sample, as the timer's earlier runs would
-samples=()
-start_total="$(awk '{ print $16 + $17 }' /proc/$$/stat)"
-for _ in $(seq 1 20); do
-  # user + system CPU of the agent and every process it started, in milliseconds
-  before="$(awk '{ print $16 + $17 }' /proc/$$/stat)"
-  bash agents/linux-agent.sh --tick
-  after="$(awk '{ print $16 + $17 }' /proc/$$/stat)"
-  samples+=("$(( (after - before) * 1000 / $(getconf CLK_TCK) ))")
-done
-end_total="$(awk '{ print $16 + $17 }' /proc/$$/stat)"
-echo "agent CPU per report: mean $(( (end_total - start_total) * 1000 / $(getconf CLK_TCK) / 20 )) ms over 20 runs"
-printf '%s\n' "${samples[@]}" | sort -n | awk '{ a[NR] = $1 } END { printf "agent CPU per report: median %d ms, min %d ms, max %d ms (%d runs)\n", a[int((NR + 1) / 2)], a[1], a[NR], NR }'
+python3 "$root/scripts/agent-cost.py" "http://127.0.0.1:$port" bench-agent 20

@@ -23,4 +23,8 @@ NODE_NO_WARNINGS=1 node scripts/check-powershell.mjs agents/*.ps1
 
 # app and server only: building frontend in the same run would switch on app's hydrate
 # feature inside the server.
-cargo test -p app -p server "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test -p app -p server "$@" 2>&1 | tee "$log"
+# One closing line for the whole suite, summed over the test binaries.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
