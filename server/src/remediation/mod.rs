@@ -535,6 +535,11 @@ impl Engine {
         evidence: Option<String>,
         automatic: bool,
     ) -> Result<i64, ActionError> {
+        // Containers have no reset: the closest action is a reboot.
+        let action = match (guest.kind, action) {
+            (GuestKind::Lxc, PowerAction::Reset) => PowerAction::Reboot,
+            (_, action) => action,
+        };
         let pve = self.pve.as_ref().ok_or_else(|| {
             ActionError::Unavailable(self.unavailable.clone().unwrap_or_default())
         })?;

@@ -659,3 +659,25 @@ async fn interrupted_attempts_are_reconciled_after_a_crash_without_a_duplicate()
     assert_eq!(fake.posts(), vec!["reset 100"], "no duplicate reset");
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hung_container_is_rebooted_not_reset() {
+    let mut container = FakeVm::running(200, "pve1");
+    container.kind = "lxc";
+    let fake = FakePve::start(vec![container]).await;
+    let mut srv = start(Backend::Sqlite, &fake, &[]).await;
+    let id = report_vm(&srv, 200, "pve1", 5000).await;
+    wait_for("the reboot", Duration::from_secs(15), || async {
+        (!fake.posts().is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(fake.posts(), vec!["reboot 200"]);
+    assert_eq!(vm(&srv, id).await["proxmox_type"], "lxc");
+    let h = wait_for("the task outcome", Duration::from_secs(10), || async {
+        let h = history(&srv, id).await;
+        (h.first()?["outcome"] == "ok").then_some(h)
+    })
+    .await;
+    assert_eq!(h[0]["action"], "reboot");
+    srv.stop().await;
+}
