@@ -415,22 +415,9 @@ impl Engine {
                 }
             }
             Decision::WouldReset => {
-                incidents::record_attempt(
-                    &mut conn,
-                    &attempt(
-                        row,
-                        &guest,
-                        "reset",
-                        "scheduler",
-                        None,
-                        "shadow",
-                        "would_reset",
-                        None,
-                        Some(evidence),
-                        now_ms,
-                    ),
-                )
-                .await?;
+                let note =
+                    decision_note(row, &guest, "shadow", "would_reset", None, evidence, now_ms);
+                incidents::record_attempt(&mut conn, &note).await?;
                 incidents::defer(
                     &mut conn,
                     row.id,
@@ -446,22 +433,17 @@ impl Engine {
             Decision::Leave(reason) => {
                 // One history entry per reason, not one per look.
                 if row.phase_reason.as_deref() != Some(reason.as_str()) {
-                    incidents::record_attempt(
-                        &mut conn,
-                        &attempt(
-                            row,
-                            &guest,
-                            "reset",
-                            "scheduler",
-                            None,
-                            mode_name(self.cfg.mode),
-                            "left_alone",
-                            Some(reason.clone()),
-                            Some(evidence),
-                            now_ms,
-                        ),
-                    )
-                    .await?;
+                    let mode = mode_name(self.cfg.mode);
+                    let note = decision_note(
+                        row,
+                        &guest,
+                        mode,
+                        "left_alone",
+                        Some(reason.clone()),
+                        evidence,
+                        now_ms,
+                    );
+                    incidents::record_attempt(&mut conn, &note).await?;
                     tracing::info!(vm_id = row.id, hostname = %row.hostname, %reason, "stale VM left alone");
                 }
                 incidents::defer(&mut conn, row.id, now_ms + self.cfg.recheck_ms, &reason).await?;
@@ -971,6 +953,30 @@ fn evidence_json(row: &VmRow, status: &PveVmStatus, now_ms: i64) -> String {
         }
     })
     .to_string()
+}
+
+/// A history row for what the scheduler decided about a stale VM without acting.
+fn decision_note(
+    row: &VmRow,
+    guest: &GuestRef,
+    mode: &str,
+    outcome: &str,
+    error: Option<String>,
+    evidence: String,
+    now_ms: i64,
+) -> NewAttempt {
+    attempt(
+        row,
+        guest,
+        "reset",
+        "scheduler",
+        None,
+        mode,
+        outcome,
+        error,
+        Some(evidence),
+        now_ms,
+    )
 }
 
 #[expect(
