@@ -204,7 +204,7 @@ impl Engine {
         let until = self.amnesty_until(now_ms);
         if now_ms < until {
             return inactive(format!(
-                "auto-reset waits {}s after start-up",
+                "auto-reset waits {}s after start-up or an outage",
                 (until - now_ms + 999) / 1000
             ));
         }
@@ -347,12 +347,15 @@ impl Engine {
                 .await?;
             }
             None => {
-                tracing::info!("fleet recovered: auto-reset resumes");
+                // VMs still catching up after the storm get one stale timeout to report
+                // before any of them can be reset: the same grace as after start-up.
+                self.amnesty_from_ms.store(now_ms, Ordering::Release);
+                tracing::info!("fleet recovered: auto-reset resumes after one stale timeout");
                 incidents::insert_event(
                     &mut conn,
                     "breaker_reset",
                     None,
-                    "fleet recovered: auto-reset resumes",
+                    "fleet recovered: auto-reset resumes after one stale timeout",
                     now_ms,
                 )
                 .await?;

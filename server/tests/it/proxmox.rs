@@ -14,7 +14,7 @@ const FAST: &[(&str, &str)] = &[
     ("REPORT_INTERVAL_SECONDS", "1"),
     ("LINK_REFRESH_MS", "200"),
     ("TASK_POLL_MS", "50"),
-    ("RECOVERY_TIMEOUT_MS", "3000"),
+    ("RECOVERY_TIMEOUT_MS", "10000"),
     ("RESET_BACKOFF_MS", "300"),
     ("RECHECK_INTERVAL_MS", "300"),
 ];
@@ -204,12 +204,13 @@ async fn restart_with_every_vm_stale_resets_nothing_during_amnesty() {
         FakeVm::running(101, "pve2"),
     ])
     .await;
-    let extra = [("STORM_PERCENT", "100"), ("STALE_TIMEOUT_MS", "3000")];
+    // Long enough to observe the amnesty on a loaded machine.
+    let extra = [("STORM_PERCENT", "100"), ("STALE_TIMEOUT_MS", "6000")];
     let mut srv = start(Backend::Sqlite, &fake, &extra).await;
     report_vm(&srv, 100, "pve1", 100).await;
     report_vm(&srv, 101, "pve2", 100).await;
     srv.stop().await;
-    let stale_at = server::now_ms() + 3000;
+    let stale_at = server::now_ms() + 6000;
     wait_for("the VMs to be stale", Duration::from_secs(10), || async {
         (server::now_ms() > stale_at).then_some(())
     })
@@ -227,7 +228,7 @@ async fn restart_with_every_vm_stale_resets_nothing_during_amnesty() {
     .await;
     wait_rounds(&srv, 5).await;
     assert!(
-        server::now_ms() < restarted_at + 3000,
+        server::now_ms() < restarted_at + 6000,
         "test too slow to observe the amnesty"
     );
     assert!(
