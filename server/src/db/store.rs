@@ -500,14 +500,13 @@ pub async fn reevaluate(
 }
 
 pub async fn list_vms(conn: &mut Conn) -> Result<Vec<VmView>, DbError> {
-    let rows: Vec<VmRow> = with_conn!(conn, |c| {
-        vms::table
-            .order((vms::hostname.asc(), vms::id.asc()))
-            .select(VmRow::as_select())
-            .load(c)
-            .await
-    })?;
-    Ok(rows.into_iter().map(VmRow::into_view).collect())
+    let mut views: Vec<VmView> = list_rows(conn)
+        .await?
+        .into_iter()
+        .map(VmRow::into_view)
+        .collect();
+    views.sort_by(|a, b| a.hostname.cmp(&b.hostname).then(a.id.cmp(&b.id)));
+    Ok(views)
 }
 
 /// Every VM row, for the remediation engine.
@@ -544,15 +543,7 @@ pub async fn vms_by_ids(conn: &mut Conn, ids: &[i64]) -> Result<Vec<VmView>, DbE
 }
 
 pub async fn get_vm(conn: &mut Conn, id: i64) -> Result<Option<VmView>, DbError> {
-    let row: Option<VmRow> = with_conn!(conn, |c| {
-        vms::table
-            .find(id)
-            .select(VmRow::as_select())
-            .first(c)
-            .await
-            .optional()
-    })?;
-    Ok(row.map(VmRow::into_view))
+    Ok(get_row(conn, id).await?.map(VmRow::into_view))
 }
 
 /// Deletes a VM with its history; false when it did not exist.
