@@ -14,17 +14,34 @@ fi
 "$root/scripts/build-frontend.sh"
 
 export TEST_PG_URL="${TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}"
-# Each test makes its own database; clear those left by interrupted earlier runs.
-psql "$TEST_PG_URL" -Atqc "SELECT datname FROM pg_database WHERE datname LIKE 'vmhc_t_%'" |
-  while read -r name; do psql "$TEST_PG_URL" -qc "DROP DATABASE IF EXISTS \"$name\"" >/dev/null; done
+# Each test process makes a template database vmhc_tmpl_<pid> and one database per test,
+# vmhc_t_<pid>_<name>, cloned from it (server/tests/it/common.rs). Drops those of processes
+# that are gone, never those of a run still going beside this one.
+drop_stale_test_databases() {
+  local names name pid
+  names="$(psql "$TEST_PG_URL" -Atqc \
+    "SELECT datname FROM pg_database WHERE datname ~ '^vmhc_(t|tmpl)_[0-9]+(_|$)'")"
+  while read -r name; do
+    [[ $name =~ ^vmhc_(t|tmpl)_([0-9]+) ]] || continue
+    pid="${BASH_REMATCH[2]}"
+    # kill -0 also fails on a live process of another user; /proc tells those apart.
+    if kill -0 "$pid" 2>/dev/null || [[ -d /proc/$pid ]]; then
+      continue
+    fi
+    PGOPTIONS="-c client_min_messages=warning" psql "$TEST_PG_URL" -qc \
+      "DROP DATABASE IF EXISTS \"$name\" WITH (FORCE)" >/dev/null
+  done <<<"$names"
+}
+drop_stale_test_databases
 
 echo "==> Windows agent: PowerShell grammar check"
 NODE_NO_WARNINGS=1 node scripts/check-powershell.mjs agents/*.ps1
 
-# app and server only: building frontend in the same run would switch on app's hydrate
+# Not frontend: building it in the same run would switch on app's hydrate
 # feature inside the server.
 log="$(mktemp)"
-trap 'rm -f "$log"' EXIT
-cargo test -p app -p server "$@" 2>&1 | tee "$log"
+# The test processes have ended by then, so this also drops this run's databases.
+trap 'rm -f "$log"; drop_stale_test_databases || true' EXIT
+cargo test -p domain -p proxmox -p app -p server "$@" 2>&1 | tee "$log"
 # One closing line for the whole suite, summed over the test binaries.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"

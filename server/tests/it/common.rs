@@ -1,9 +1,9 @@
 //! Test harness: fresh databases on both backends, in-process servers, HTTP helpers.
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
-use serde_json::{json, Value};
-use server::config::Config;
+use serde_json::{Value, json};
 use server::RunningServer;
+use server::config::Config;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
@@ -56,7 +56,8 @@ pub async fn fresh_db(backend: Backend) -> TestDb {
         Backend::Sqlite => format!("sqlite://{}", dir.path().join("test.db").display()),
         Backend::Postgres => {
             let admin = admin_pg_url();
-            let mut conn = AsyncPgConnection::establish(&admin).await.unwrap();
+            let template = pg_template(&admin).await;
+            // The process id lets scripts/test.sh drop only what finished runs left behind.
             let name = format!(
                 "vmhc_t_{}_{}",
                 std::process::id(),
@@ -67,14 +68,98 @@ pub async fn fresh_db(backend: Backend) -> TestDb {
                     .to_lowercase()
                     .replace(['.', '-'], "_")
             );
-            conn.batch_execute(&format!("CREATE DATABASE {name}"))
-                .await
-                .unwrap();
-            let base = admin.rsplit_once('/').unwrap().0;
-            format!("{base}/{name}")
+            let mut conn = AsyncPgConnection::establish(&admin).await.unwrap();
+            clone_pg_database(&mut conn, &name, template).await;
+            pg_database_url(&admin, &name)
         }
     };
     TestDb { url, dir }
+}
+
+/// `admin` with its database name replaced by `name`.
+fn pg_database_url(admin: &str, name: &str) -> String {
+    let base = admin.rsplit_once('/').unwrap().0;
+    format!("{base}/{name}")
+}
+
+/// How long template preparation and cloning may wait for stray sessions to leave.
+const PG_TEMPLATE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// The migrated template of this test process, made on first use and shared by every test
+/// in the process (each test runs on its own runtime; the cell does not depend on one).
+static PG_TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
+
+async fn pg_template(admin: &str) -> &'static str {
+    PG_TEMPLATE
+        .get_or_init(|| create_pg_template(admin))
+        .await
+        .as_str()
+}
+
+/// Creates `vmhc_tmpl_<pid>` and migrates it through the server's own start-up path, then
+/// closes it to connections: PostgreSQL clones a database only while nobody is connected.
+/// The process id keeps concurrent runs from sharing or dropping each other's template.
+async fn create_pg_template(admin: &str) -> String {
+    let name = format!("vmhc_tmpl_{}", std::process::id());
+    let mut conn = AsyncPgConnection::establish(admin).await.unwrap();
+    // Left by an earlier process that had the same id, or by a test that failed half-way
+    // through this function.
+    conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+    conn.batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap();
+    let db = server::db::Db::connect(&pg_database_url(admin, &name), 1)
+        .await
+        .unwrap_or_else(|e| panic!("migrating template database {name}: {e}"));
+    drop(db);
+    // Refuses new sessions; the migration session still closes asynchronously, so wait.
+    conn.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+        .await
+        .unwrap();
+    wait_until_unused(&mut conn, &name).await;
+    name
+}
+
+/// Polls pg_stat_activity until no session is connected to `database`.
+async fn wait_until_unused(conn: &mut AsyncPgConnection, database: &str) {
+    use diesel_async::RunQueryDsl;
+    let start = Instant::now();
+    loop {
+        let sessions: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            &format!("(SELECT count(*) FROM pg_stat_activity WHERE datname = '{database}')"),
+        ))
+        .get_result(conn)
+        .await
+        .unwrap();
+        if sessions == 0 {
+            return;
+        }
+        assert!(
+            start.elapsed() < PG_TEMPLATE_DEADLINE,
+            "{sessions} session(s) still connected to {database} after {PG_TEMPLATE_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `CREATE DATABASE name TEMPLATE template`, retried while a session lingers on the template.
+async fn clone_pg_database(conn: &mut AsyncPgConnection, name: &str, template: &str) {
+    let start = Instant::now();
+    loop {
+        let sql = format!("CREATE DATABASE {name} TEMPLATE {template}");
+        match conn.batch_execute(&sql).await {
+            Ok(()) => return,
+            Err(e)
+                if e.to_string().contains("is being accessed by other users")
+                    && start.elapsed() < PG_TEMPLATE_DEADLINE =>
+            {
+                wait_until_unused(conn, template).await;
+            }
+            Err(e) => panic!("{sql}: {e}"),
+        }
+    }
 }
 
 pub fn test_config(db: &TestDb, extra: &[(&str, &str)]) -> Config {
