@@ -4,13 +4,19 @@
 //! Run: `scripts/bench.sh` (or `cargo bench -p server --bench ingest`); PostgreSQL from
 //! `TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432/test`.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::as_conversions,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use serde_json::json;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const CLIENTS: usize = 64;

@@ -4,11 +4,13 @@
 //! fails, reads fall back to the database, the outage is logged once, and once Redis answers
 //! again it is rebuilt from the database before it is read from.
 
-use app::types::VmView;
+use crate::db::Db;
 use deadpool_redis::redis::AsyncCommands;
+use domain::VmId;
+use domain::view::VmView;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 const REDIS_KEY: &str = "vmhc:vms";
@@ -16,7 +18,7 @@ const REDIS_KEY: &str = "vmhc:vms";
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct StateCache {
-    local: RwLock<HashMap<i64, VmView>>,
+    local: RwLock<HashMap<VmId, VmView>>,
     redis: Option<RedisCache>,
 }
 
@@ -126,7 +128,7 @@ impl StateCache {
         }
     }
 
-    pub async fn remove(&self, id: i64) {
+    pub async fn remove(&self, id: VmId) {
         if let Ok(mut map) = self.local.write() {
             map.remove(&id);
         }
@@ -220,5 +222,20 @@ impl RedisCache {
         if self.ready.swap(false, Ordering::AcqRel) {
             tracing::warn!(error = %err, "Redis unavailable; serving from the database until it returns");
         }
+    }
+}
+
+/// Re-reads the given VMs and writes them to the cache; failures only cost freshness.
+pub async fn refresh(db: &Db, cache: &StateCache, ids: &[VmId]) {
+    if ids.is_empty() {
+        return;
+    }
+    let views = match db.conn().await {
+        Ok(mut conn) => crate::db::store::vms_by_ids(&mut conn, ids).await,
+        Err(err) => Err(err),
+    };
+    match views {
+        Ok(views) => cache.put(&views).await,
+        Err(err) => tracing::warn!(error = %err, "could not refresh the state cache"),
     }
 }

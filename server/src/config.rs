@@ -10,9 +10,11 @@
 //! `RECOVERY_TIMEOUT_MS`, `RESET_BACKOFF_MS`, `STORM_PERCENT`, `REMEDIATE_HA_VMS`,
 //! `RECHECK_INTERVAL_MS`, `LINK_REFRESH_MS`, `TASK_TIMEOUT_MS`, `TASK_POLL_MS`.
 
-use crate::proxmox::{PveSettings, TlsTrust};
-use crate::remediation::policy::{Mode, RemediationConfig};
-use app::types::StatusConfig;
+use domain::Mode;
+pub use domain::Secret;
+use domain::policy::RemediationConfig;
+use domain::status::StatusConfig;
+use proxmox::{PveSettings, TlsTrust};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -51,26 +53,6 @@ pub struct Config {
     pub task_poll: Duration,
 }
 
-/// A secret that never prints.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: String) -> Self {
-        Self(value)
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
-    }
-}
-
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
@@ -93,11 +75,12 @@ impl std::fmt::Debug for Config {
 
 /// Drops any password from a connection URL so it can be logged.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***{}", &url[..scheme_end], &url[at..])
-        }
-        _ => url.to_owned(),
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.rsplit_once('@') {
+        Some((_credentials, host)) => format!("{scheme}://***@{host}"),
+        None => url.to_owned(),
     }
 }
 
@@ -128,7 +111,7 @@ impl Config {
                 defaults.report_interval_seconds,
             )?,
         };
-        crate::status::validate_config(&status_defaults).map_err(|e| ConfigError {
+        domain::status::validate_config(&status_defaults).map_err(|e| ConfigError {
             name: e.field,
             reason: e.message,
         })?;
@@ -151,7 +134,7 @@ impl Config {
                 return Err(ConfigError {
                     name: "AUTO_RESET_MODE",
                     reason: format!("{other:?} is neither live nor shadow"),
-                })
+                });
             }
         };
         let remediation = RemediationConfig {
@@ -187,8 +170,8 @@ impl Config {
             data_dir,
             db_pool_size: parse(&get, "DB_POOL_SIZE", 8usize)?.max(2),
             redis_url: get("REDIS_URL"),
-            agent_token: get("AGENT_TOKEN").map(Secret),
-            admin_token: get("ADMIN_TOKEN").map(Secret),
+            agent_token: get("AGENT_TOKEN").map(Secret::new),
+            admin_token: get("ADMIN_TOKEN").map(Secret::new),
             status_defaults,
             scheduler_interval: Duration::from_millis(scheduler_interval_ms),
             ingest_batch_max: parse(&get, "INGEST_BATCH_MAX", 500usize)?.max(1),
@@ -240,14 +223,12 @@ fn proxmox_settings(
     };
     let user = required("PROXMOX_USER")?;
     let token_id = required("PROXMOX_TOKEN")?;
-    let secret = Secret(required("PROXMOX_SECRET")?);
+    let secret = Secret::new(required("PROXMOX_SECRET")?);
     let trust = if let Some(fp) = get("PROXMOX_FINGERPRINT") {
-        TlsTrust::Fingerprint(
-            crate::proxmox::tls::parse_fingerprint(&fp).ok_or(ConfigError {
-                name: "PROXMOX_FINGERPRINT",
-                reason: "must be the SHA-256 fingerprint, 32 bytes in hex (AA:BB:...)".into(),
-            })?,
-        )
+        TlsTrust::Fingerprint(proxmox::tls::parse_fingerprint(&fp).ok_or(ConfigError {
+            name: "PROXMOX_FINGERPRINT",
+            reason: "must be the SHA-256 fingerprint, 32 bytes in hex (AA:BB:...)".into(),
+        })?)
     } else if let Some(ca) = get("PROXMOX_CA_FILE") {
         TlsTrust::CaFile(PathBuf::from(ca))
     } else if parse_bool(get, "PROXMOX_TLS_INSECURE", false)? {

@@ -3,13 +3,20 @@
 //! A report is answered only after the transaction holding it has committed, so every 200
 //! is durable; grouping many reports into one commit is what lets the database keep up.
 
-use crate::cache::StateCache;
-use crate::db::store::{self, PreparedReport, StoredReport};
+use crate::cache::{self, StateCache};
+use crate::db::reports::{NewMetric, PlannedState, ReportWriter};
 use crate::db::{Db, DbError};
-use crate::remediation::IngestHealth;
-use crate::state::SharedStatusConfig;
+use crate::health::JobHealth;
+use crate::settings::SharedStatusConfig;
+use crate::with_conn;
+use diesel_async::AsyncConnection;
+use domain::heartbeat::Heartbeat;
+use domain::ingest::{StoredVm, newest_per_vm, plan};
+use domain::status::StatusConfig;
+use domain::{VmId, VmStatus};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 /// Why a report could not be stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -20,8 +27,15 @@ pub enum IngestError {
     Unavailable,
 }
 
+/// What storing one report decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredReport {
+    pub vm_id: VmId,
+    pub status: VmStatus,
+}
+
 struct Job {
-    report: PreparedReport,
+    report: Heartbeat,
     reply: oneshot::Sender<Result<StoredReport, IngestError>>,
 }
 
@@ -31,23 +45,42 @@ pub struct Ingest {
     tx: mpsc::Sender<Job>,
 }
 
+/// Everything the writer needs; the receiver is shared so a restarted writer drains the
+/// same queue.
+#[derive(Clone)]
+pub struct Writer {
+    rx: Arc<Mutex<mpsc::Receiver<Job>>>,
+    db: Db,
+    cache: Arc<StateCache>,
+    status_config: SharedStatusConfig,
+    batch_max: usize,
+    health: JobHealth,
+}
+
 impl Ingest {
-    /// Starts the writer task; it ends when every handle is dropped.
-    pub fn start(
+    /// The submitting handle and the writer that must be run (see `Writer::run`).
+    pub fn new(
         db: Db,
         cache: Arc<StateCache>,
         status_config: SharedStatusConfig,
         batch_max: usize,
         queue_capacity: usize,
-        health: IngestHealth,
-    ) -> (Self, tokio::task::JoinHandle<()>) {
+        health: JobHealth,
+    ) -> (Self, Writer) {
         let (tx, rx) = mpsc::channel(queue_capacity);
-        let task = tokio::spawn(run_writer(rx, db, cache, status_config, batch_max, health));
-        (Self { tx }, task)
+        let writer = Writer {
+            rx: Arc::new(Mutex::new(rx)),
+            db,
+            cache,
+            status_config,
+            batch_max,
+            health,
+        };
+        (Self { tx }, writer)
     }
 
     /// Queues a report and waits until it is committed.
-    pub async fn submit(&self, report: PreparedReport) -> Result<StoredReport, IngestError> {
+    pub async fn submit(&self, report: Heartbeat) -> Result<StoredReport, IngestError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .try_send(Job { report, reply })
@@ -55,49 +88,48 @@ impl Ingest {
                 mpsc::error::TrySendError::Full(_) => IngestError::Busy,
                 mpsc::error::TrySendError::Closed(_) => IngestError::Unavailable,
             })?;
-        answer.await.map_err(|_| IngestError::Unavailable)?
+        // The writer dropped the reply: it stopped (or restarted) before committing.
+        answer.await.map_err(|_dropped| IngestError::Unavailable)?
     }
 }
 
-async fn run_writer(
-    mut rx: mpsc::Receiver<Job>,
-    db: Db,
-    cache: Arc<StateCache>,
-    status_config: SharedStatusConfig,
-    batch_max: usize,
-    health: IngestHealth,
-) {
-    let mut jobs = Vec::with_capacity(batch_max);
-    while let Some(first) = rx.recv().await {
-        jobs.push(first);
-        // Everything that queued while the previous commit ran goes into this one.
-        while jobs.len() < batch_max {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
+impl Writer {
+    /// Commits queued reports until every `Ingest` handle is dropped.
+    pub async fn run(self) {
+        let mut rx = self.rx.lock().await;
+        let mut jobs = Vec::with_capacity(self.batch_max);
+        while let Some(first) = rx.recv().await {
+            jobs.push(first);
+            // Everything that queued while the previous commit ran goes into this one.
+            while jobs.len() < self.batch_max {
+                match rx.try_recv() {
+                    Ok(job) => jobs.push(job),
+                    Err(_) => break,
+                }
             }
+            self.commit(&mut jobs).await;
         }
-        let reports: Vec<PreparedReport> = jobs.iter().map(|j| j.report.clone()).collect();
-        let cfg = status_config.get();
-        let mut result = write_batch(&db, &reports, &cfg).await;
-        if let Err(err) = &result {
+    }
+
+    async fn commit(&self, jobs: &mut Vec<Job>) {
+        let reports: Vec<Heartbeat> = jobs.iter().map(|j| j.report.clone()).collect();
+        let cfg = self.status_config.get();
+        let mut result = write_batch(&self.db, &reports, &cfg).await;
+        if let Err(DbError::Query(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UniqueViolation,
+            _,
+        ))) = &result
+        {
             // A concurrent replica may have created the same VM; a second pass finds it.
-            if matches!(
-                err,
-                DbError::Query(diesel::result::Error::DatabaseError(
-                    diesel::result::DatabaseErrorKind::UniqueViolation,
-                    _
-                ))
-            ) {
-                result = write_batch(&db, &reports, &cfg).await;
-            }
+            result = write_batch(&self.db, &reports, &cfg).await;
         }
         match result {
             Ok(stored) => {
-                let mut ids: Vec<i64> = stored.iter().map(|s| s.vm_id).collect();
+                self.health.record_commit(crate::now_ms());
+                let mut ids: Vec<VmId> = stored.iter().map(|s| s.vm_id).collect();
                 ids.sort_unstable();
                 ids.dedup();
-                refresh_cache(&db, &cache, &ids).await;
+                cache::refresh(&self.db, &self.cache, &ids).await;
                 for (job, outcome) in jobs.drain(..).zip(stored) {
                     let _ = job.reply.send(Ok(outcome));
                 }
@@ -105,7 +137,7 @@ async fn run_writer(
             Err(err) => {
                 tracing::error!(error = %err, reports = jobs.len(), "could not store reports");
                 // Heartbeats we could not store must not count against the VMs.
-                health.record_failure(crate::now_ms());
+                self.health.record_ingest_failure(crate::now_ms());
                 for job in jobs.drain(..) {
                     let _ = job.reply.send(Err(IngestError::Unavailable));
                 }
@@ -114,26 +146,84 @@ async fn run_writer(
     }
 }
 
-async fn write_batch(
+/// One transaction: VMs found or created, a metric row per report, then the state the
+/// core planned for each VM applied.
+pub async fn write_batch(
     db: &Db,
-    reports: &[PreparedReport],
-    cfg: &app::types::StatusConfig,
+    reports: &[Heartbeat],
+    cfg: &StatusConfig,
 ) -> Result<Vec<StoredReport>, DbError> {
     let (mut conn, _turn) = db.write_conn().await?;
-    store::store_reports(&mut conn, reports, cfg).await
+    with_conn!(conn, |c| {
+        c.transaction::<_, DbError, _>(async |c| {
+            let (ids, known) = c.find_or_create_vms(reports).await?;
+            let metrics = ids
+                .iter()
+                .zip(reports)
+                .map(|(&id, r)| NewMetric::of(id, r))
+                .collect();
+            c.insert_metrics(metrics).await?;
+            let planned = plan_batch(&ids, reports, &known, cfg);
+            c.apply_latest_state(&planned).await?;
+            let statuses: BTreeMap<VmId, VmStatus> = planned
+                .iter()
+                .map(|p| (p.vm_id, p.update.verdict.status))
+                .collect();
+            Ok(ids
+                .iter()
+                .map(|&vm_id| StoredReport {
+                    vm_id,
+                    status: statuses.get(&vm_id).copied().unwrap_or(VmStatus::Unknown),
+                })
+                .collect())
+        })
+        .await
+    })
 }
 
-/// Re-reads the given VMs and writes them to the cache; failures only cost freshness.
-pub async fn refresh_cache(db: &Db, cache: &StateCache, ids: &[i64]) {
-    if ids.is_empty() {
-        return;
-    }
-    let views = match db.conn().await {
-        Ok(mut conn) => store::vms_by_ids(&mut conn, ids).await,
-        Err(err) => Err(err),
-    };
-    match views {
-        Ok(views) => cache.put(&views).await,
-        Err(err) => tracing::warn!(error = %err, "could not refresh the state cache"),
-    }
+/// The core's plan for every VM of the batch, from the rows as they were before it.
+fn plan_batch<'a>(
+    ids: &[VmId],
+    reports: &'a [Heartbeat],
+    known: &'a [crate::db::store::VmRow],
+    cfg: &StatusConfig,
+) -> Vec<PlannedState<'a>> {
+    let batch: Vec<(VmId, &Heartbeat)> = ids.iter().copied().zip(reports).collect();
+    newest_per_vm(&batch)
+        .into_iter()
+        .filter_map(|(vm_id, (report, last_seen))| {
+            let row = known.iter().find(|row| row.vm_id() == vm_id)?;
+            let stored = StoredVm {
+                status: row.status(),
+                status_since_ms: row.status_since_ms,
+                observed_at_ms: row.observed_at_ms,
+                cpu_percent: row.cpu_percent,
+                ram_used_bytes: row.ram_used_bytes,
+                ram_total_bytes: row.ram_total_bytes,
+                disk_max_percent: row.disk_max_percent,
+                uptime_seconds: row.uptime_seconds,
+                phase: row.phase(),
+                attempts: row.incident_attempts,
+                last_reset_ms: row.last_reset_ms,
+            };
+            // A VM first seen without a uuid adopts the one it now sends.
+            let machine_id = row
+                .machine_id
+                .as_deref()
+                .or_else(|| batch_uuid(&batch, vm_id));
+            Some(PlannedState {
+                vm_id,
+                report,
+                machine_id,
+                update: plan(&stored, report, last_seen, cfg),
+            })
+        })
+        .collect()
+}
+
+fn batch_uuid<'a>(batch: &[(VmId, &'a Heartbeat)], vm_id: VmId) -> Option<&'a str> {
+    batch
+        .iter()
+        .filter(|(id, _)| *id == vm_id)
+        .find_map(|(_, r)| r.machine_id.as_deref())
 }

@@ -1,28 +1,32 @@
 //! vm-healthcheck server: heartbeat ingest, status, REST API and the dashboard's back end.
 
 pub mod agents;
-pub mod api;
 pub mod auth;
+pub mod backend;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod db;
-pub mod error;
+pub mod health;
+pub mod http;
 pub mod ingest;
-pub mod proxmox;
 pub mod remediation;
-pub mod report;
 pub mod scheduler;
+pub mod settings;
 pub mod state;
-pub mod status;
 pub mod web;
 
 use crate::auth::Credentials;
 use crate::cache::StateCache;
+use crate::clock::SystemClock;
 use crate::config::Config;
-use crate::db::{store, Db};
+use crate::db::{Db, store};
+use crate::health::JobHealth;
 use crate::ingest::Ingest;
-use crate::state::{AppState, Inner, SharedStatusConfig};
+use crate::settings::SharedStatusConfig;
+use crate::state::{AppState, Inner};
 use leptos::config::{Env, LeptosOptions};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::task::JoinHandle;
@@ -31,8 +35,7 @@ use tokio::task::JoinHandle;
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A started server; dropping it leaves it running, `stop` ends it and its jobs.
@@ -51,18 +54,21 @@ impl RunningServer {
             let _ = tx.send(());
         }
         let _ = (&mut self.serve).await;
+        self.end_jobs();
+    }
+
+    /// Resolves when the HTTP server ends (on a signal or `stop`), then ends the jobs the
+    /// same way `stop` does.
+    pub async fn wait(mut self) {
+        let _ = (&mut self.serve).await;
+        self.end_jobs();
+    }
+
+    fn end_jobs(&self) {
         for job in &self.jobs {
             job.abort();
         }
         self.state.engine.shutdown();
-    }
-
-    /// Resolves when the HTTP server ends (on a signal or `stop`).
-    pub async fn wait(self) {
-        let _ = self.serve.await;
-        for job in &self.jobs {
-            job.abort();
-        }
     }
 }
 
@@ -77,22 +83,22 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     };
     let status_config =
         SharedStatusConfig::new(saved.unwrap_or_else(|| config.status_defaults.clone()));
-    let ingest_health = remediation::IngestHealth::default();
-    let (ingest, writer) = Ingest::start(
+    let health = JobHealth::default();
+    let (ingest, writer) = Ingest::new(
         db.clone(),
         cache.clone(),
         status_config.clone(),
         config.ingest_batch_max,
         config.ingest_queue_capacity,
-        ingest_health.clone(),
+        health.clone(),
     );
-    let engine = Arc::new(remediation::Engine::new(
+    let engine = Arc::new(remediation::Engine::from_config(
         &config,
         db.clone(),
         cache.clone(),
         status_config.clone(),
-        ingest_health,
-        now_ms(),
+        health.clone(),
+        Arc::new(SystemClock),
     )?);
     let site_root = config.site_root.to_string_lossy().into_owned();
     let wasm = config
@@ -118,6 +124,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             status_config,
             ingest,
             engine,
+            health: health.clone(),
+            started_ms: now_ms(),
         }),
     };
     scheduler::rebuild_cache(&state).await;
@@ -138,7 +146,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             tracing::error!(error = %err, "HTTP server failed");
         }
     });
-    let scheduler = tokio::spawn(scheduler::run(state.clone()));
+    let writer = supervise("ingest writer", health.clone(), move || {
+        writer.clone().run()
+    });
+    let scheduler_state = state.clone();
+    let scheduler = supervise("scheduler", health, move || {
+        scheduler::run(scheduler_state.clone())
+    });
     tracing::info!(%addr, database = state.db.backend_name(), "vm-healthcheck listening");
     Ok(RunningServer {
         addr,
@@ -147,6 +161,37 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         serve,
         jobs: vec![writer, scheduler],
     })
+}
+
+/// Runs a background job and starts it again if it panics: a dead writer would refuse every
+/// heartbeat and a dead scheduler would stop detection, while the API still answered.
+fn supervise<F, Fut>(name: &'static str, health: JobHealth, job: F) -> JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            // Aborting the supervisor drops this guard, which ends the job too.
+            let mut running = AbortOnDrop(tokio::spawn(job()));
+            match (&mut running.0).await {
+                Ok(()) => return,
+                Err(err) if err.is_cancelled() => return,
+                Err(err) => {
+                    health.record_restart();
+                    tracing::error!(job = name, error = %err, "background job panicked; restarting it");
+                }
+            }
+        }
+    })
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 async fn shutdown_signal() {
@@ -167,5 +212,30 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[tokio::test]
+    async fn a_panicking_job_is_started_again() {
+        let health = JobHealth::default();
+        let runs = Arc::new(AtomicU32::new(0));
+        let counter = runs.clone();
+        let supervisor = supervise("test job", health.clone(), move || {
+            let counter = counter.clone();
+            async move {
+                if counter.fetch_add(1, Ordering::AcqRel) == 0 {
+                    panic!("first run fails");
+                }
+            }
+        });
+        supervisor.await.unwrap();
+        assert_eq!(runs.load(Ordering::Acquire), 2);
+        assert_eq!(health.restarts(), 1);
     }
 }

@@ -1,9 +1,11 @@
-//! Periodic jobs: stale-VM detection and cache recovery, each a plain async fn.
+//! Periodic jobs: stale-VM detection, the remediation round and cache recovery.
 
-use crate::db::store;
+use crate::cache;
 use crate::db::DbError;
-use crate::ingest::refresh_cache;
+use crate::db::store;
 use crate::state::AppState;
+use domain::VmId;
+use domain::status;
 
 /// Runs the jobs every `SCHEDULER_INTERVAL_MS` until the task is aborted.
 pub async fn run(state: AppState) {
@@ -18,37 +20,55 @@ pub async fn run(state: AppState) {
             tracing::warn!(error = %err, "stale check failed");
         }
         if let Err(err) = state.engine.tick(crate::now_ms()).await {
-            tracing::warn!(error = %err, "remediation round failed");
+            // Includes a stored state this version cannot read: nothing is acted on.
+            tracing::error!(error = %err, "remediation round failed");
         }
         if state.cache.needs_rebuild().await {
             rebuild_cache(&state).await;
         }
+        state.health.record_round(crate::now_ms());
     }
 }
 
 /// Picks up configuration saved by another replica.
 pub async fn sync_status_config(state: &AppState) -> Result<(), DbError> {
     let mut conn = state.db.conn().await?;
-    if let Some(saved) = store::load_status_config(&mut conn).await? {
-        if saved != state.status_config.get() {
-            state.status_config.set(saved);
-        }
+    if let Some(saved) = store::load_status_config(&mut conn).await?
+        && saved != state.status_config.get()
+    {
+        state.status_config.set(saved);
     }
     Ok(())
 }
 
 /// Turns VMs whose heartbeats went stale `down`, recording each change.
-pub async fn mark_stale(state: &AppState, now_ms: i64) -> Result<Vec<i64>, DbError> {
+pub async fn mark_stale(state: &AppState, now_ms: i64) -> Result<Vec<VmId>, DbError> {
     let cfg = state.status_config.get();
     let changed = {
         let (mut conn, _turn) = state.db.write_conn().await?;
-        store::reevaluate(&mut conn, &cfg, now_ms, true).await?
+        let rows = store::overdue_rows(&mut conn, cfg.stale_timeout_ms, now_ms).await?;
+        let verdicts = judge(&rows, &cfg, now_ms);
+        store::apply_verdicts(&mut conn, &verdicts, now_ms).await?
     };
     if !changed.is_empty() {
         tracing::info!(vms = changed.len(), "heartbeats went stale");
-        refresh_cache(&state.db, &state.cache, &changed).await;
+        cache::refresh(&state.db, &state.cache, &changed).await;
     }
     Ok(changed)
+}
+
+/// The core's verdict for each row whose status it changes.
+pub fn judge(
+    rows: &[store::VmRow],
+    cfg: &status::StatusConfig,
+    now_ms: i64,
+) -> Vec<(VmId, domain::VmStatus, status::Verdict)> {
+    rows.iter()
+        .filter_map(|row| {
+            let verdict = status::evaluate(row.latest_report().as_ref(), cfg, now_ms);
+            (verdict.status != row.status()).then(|| (row.vm_id(), row.status(), verdict))
+        })
+        .collect()
 }
 
 /// Refills the cache from the database (start-up, and after a Redis outage).

@@ -4,36 +4,13 @@ use crate::auth::Credentials;
 use crate::cache::StateCache;
 use crate::config::Config;
 use crate::db::Db;
+use crate::health::JobHealth;
 use crate::ingest::Ingest;
 use crate::remediation::Engine;
-use app::types::StatusConfig;
+use crate::settings::SharedStatusConfig;
 use axum::extract::FromRef;
 use leptos::prelude::LeptosOptions;
-use std::sync::{Arc, RwLock};
-
-/// The status configuration in force, replaced as a whole when an operator changes it.
-#[derive(Clone)]
-pub struct SharedStatusConfig(Arc<RwLock<StatusConfig>>);
-
-impl SharedStatusConfig {
-    pub fn new(cfg: StatusConfig) -> Self {
-        Self(Arc::new(RwLock::new(cfg)))
-    }
-
-    pub fn get(&self) -> StatusConfig {
-        match self.0.read() {
-            Ok(cfg) => cfg.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    pub fn set(&self, cfg: StatusConfig) {
-        match self.0.write() {
-            Ok(mut current) => *current = cfg,
-            Err(poisoned) => *poisoned.into_inner() = cfg,
-        }
-    }
-}
+use std::sync::Arc;
 
 #[derive(Clone, FromRef)]
 pub struct AppState {
@@ -49,6 +26,9 @@ pub struct Inner {
     pub status_config: SharedStatusConfig,
     pub ingest: Ingest,
     pub engine: Arc<Engine>,
+    pub health: JobHealth,
+    /// When this process started (epoch ms).
+    pub started_ms: i64,
 }
 
 impl std::ops::Deref for AppState {

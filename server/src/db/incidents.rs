@@ -1,39 +1,75 @@
 //! Queries for remediation: incident state on `vms`, the reset history, fleet events.
 
 use super::schema::{events, reset_attempts, vms};
-use super::store::ResetAttempt;
+use super::store::AttemptRow;
+use super::stored::Stored;
 use super::{Conn, DbError};
 use crate::with_conn;
-use app::types::RemediationPhase;
 use diesel::{ExpressionMethods, QueryDsl};
 use diesel_async::{AsyncConnection, RunQueryDsl};
-use serde::Serialize;
+use domain::view::Event;
+use domain::{
+    AttemptId, AttemptOutcome, EventKind, GuestRef, LinkSource, Mode, PowerAction,
+    RemediationPhase, TriggerSource, VmId, VmStatus,
+};
 
-/// A reset attempt about to be made (written before Proxmox is called).
-#[derive(Clone, Debug, diesel::Insertable)]
-#[diesel(table_name = reset_attempts)]
+/// A history row about to be written (for a power action: before Proxmox is called).
+#[derive(Clone, Debug)]
 pub struct NewAttempt {
-    pub vm_id: i64,
-    pub action: String,
-    pub trigger_source: String,
+    pub vm_id: VmId,
+    pub action: PowerAction,
+    pub trigger_source: TriggerSource,
     pub requested_by: Option<String>,
-    pub mode: String,
-    pub proxmox_node: Option<String>,
-    pub proxmox_vmid: Option<i64>,
-    pub upid: Option<String>,
-    pub outcome: String,
+    pub mode: Mode,
+    pub guest: Option<GuestRef>,
+    pub outcome: AttemptOutcome,
     pub error: Option<String>,
     pub evidence_json: Option<String>,
     pub created_ms: i64,
-    pub sent_ms: Option<i64>,
-    pub finished_ms: Option<i64>,
 }
 
-/// The incident fields of a VM as the engine expects to find them (compare-and-set).
+#[derive(diesel::Insertable)]
+#[diesel(table_name = reset_attempts)]
+struct AttemptInsert<'a> {
+    vm_id: i64,
+    action: &'static str,
+    trigger_source: &'static str,
+    requested_by: Option<&'a str>,
+    mode: &'static str,
+    proxmox_node: Option<&'a str>,
+    proxmox_vmid: Option<i64>,
+    outcome: &'static str,
+    error: Option<&'a str>,
+    evidence_json: Option<&'a str>,
+    created_ms: i64,
+}
+
+impl NewAttempt {
+    fn row(&self) -> AttemptInsert<'_> {
+        AttemptInsert {
+            vm_id: self.vm_id.get(),
+            action: self.action.as_str(),
+            trigger_source: self.trigger_source.as_str(),
+            requested_by: self.requested_by.as_deref(),
+            mode: self.mode.as_str(),
+            proxmox_node: self.guest.as_ref().map(|g| g.node.as_str()),
+            proxmox_vmid: self.guest.as_ref().map(|g| g.vmid.get()),
+            outcome: self.outcome.as_str(),
+            error: self.error.as_deref(),
+            evidence_json: self.evidence_json.as_deref(),
+            created_ms: self.created_ms,
+        }
+    }
+}
+
+/// The incident fields of a VM as the engine read them (compare-and-set before acting).
 #[derive(Clone, Debug)]
 pub struct Expected {
     pub phase: RemediationPhase,
     pub attempts: i64,
+    /// For an automatic reset: the VM must still be `down` with this last-seen time, so a
+    /// heartbeat that arrived while the reset was being decided cancels it.
+    pub still_down_since: Option<Option<i64>>,
 }
 
 /// Moves a VM into `reset_pending` and records the attempt, both or neither. `None` when
@@ -44,62 +80,70 @@ pub async fn begin_attempt(
     count_attempt: bool,
     reason: &str,
     attempt: &NewAttempt,
-) -> Result<Option<i64>, DbError> {
+) -> Result<Option<AttemptId>, DbError> {
     let attempts = expected.attempts + i64::from(count_attempt);
     with_conn!(conn, |c| {
         c.transaction::<_, DbError, _>(async |c| {
-            let updated = diesel::update(
-                vms::table
-                    .filter(vms::id.eq(attempt.vm_id))
-                    .filter(vms::remediation_phase.eq(expected.phase.as_str()))
-                    .filter(vms::incident_attempts.eq(expected.attempts)),
-            )
-            .set((
-                vms::remediation_phase.eq(RemediationPhase::ResetPending.as_str()),
-                vms::incident_attempts.eq(attempts),
-                vms::last_reset_ms.eq(attempt.created_ms),
-                vms::next_action_ms.eq(None::<i64>),
-                vms::phase_reason.eq(reason),
-            ))
-            .execute(c)
-            .await?;
+            let mut guard = diesel::update(vms::table)
+                .filter(vms::id.eq(attempt.vm_id.get()))
+                .filter(vms::remediation_phase.eq(expected.phase.as_str()))
+                .filter(vms::incident_attempts.eq(expected.attempts))
+                .into_boxed();
+            if let Some(last_seen) = expected.still_down_since {
+                guard = guard.filter(vms::status.eq(VmStatus::Down.as_str()));
+                guard = match last_seen {
+                    Some(t) => guard.filter(vms::last_seen_ms.eq(t)),
+                    None => guard.filter(vms::last_seen_ms.is_null()),
+                };
+            }
+            let updated = guard
+                .set((
+                    vms::remediation_phase.eq(RemediationPhase::ResetPending.as_str()),
+                    vms::incident_attempts.eq(attempts),
+                    vms::last_reset_ms.eq(attempt.created_ms),
+                    vms::next_action_ms.eq(None::<i64>),
+                    vms::phase_reason.eq(reason),
+                ))
+                .execute(c)
+                .await?;
             if updated != 1 {
                 return Ok(None);
             }
             let id: i64 = diesel::insert_into(reset_attempts::table)
-                .values(attempt)
+                .values(attempt.row())
                 .returning(reset_attempts::id)
                 .get_result(c)
                 .await?;
-            Ok(Some(id))
+            Ok(Some(AttemptId(id)))
         })
         .await
     })
 }
 
 /// Records an attempt that changes no incident state (shadow mode, left alone).
-pub async fn record_attempt(conn: &mut Conn, attempt: &NewAttempt) -> Result<i64, DbError> {
-    Ok(with_conn!(conn, |c| {
+pub async fn record_attempt(conn: &mut Conn, attempt: &NewAttempt) -> Result<AttemptId, DbError> {
+    let id: i64 = with_conn!(conn, |c| {
         diesel::insert_into(reset_attempts::table)
-            .values(attempt)
+            .values(attempt.row())
             .returning(reset_attempts::id)
             .get_result(c)
             .await
-    })?)
+    })?;
+    Ok(AttemptId(id))
 }
 
 pub async fn mark_sent(
     conn: &mut Conn,
-    attempt_id: i64,
+    attempt_id: AttemptId,
     upid: &str,
     now_ms: i64,
 ) -> Result<(), DbError> {
     with_conn!(conn, |c| {
-        diesel::update(reset_attempts::table.find(attempt_id))
+        diesel::update(reset_attempts::table.find(attempt_id.get()))
             .set((
                 reset_attempts::upid.eq(upid),
                 reset_attempts::sent_ms.eq(now_ms),
-                reset_attempts::outcome.eq("sent"),
+                reset_attempts::outcome.eq(AttemptOutcome::Sent.as_str()),
             ))
             .execute(c)
             .await
@@ -109,15 +153,15 @@ pub async fn mark_sent(
 
 pub async fn finish_attempt(
     conn: &mut Conn,
-    attempt_id: i64,
-    outcome: &str,
+    attempt_id: AttemptId,
+    outcome: AttemptOutcome,
     error: Option<&str>,
     now_ms: i64,
 ) -> Result<(), DbError> {
     with_conn!(conn, |c| {
-        diesel::update(reset_attempts::table.find(attempt_id))
+        diesel::update(reset_attempts::table.find(attempt_id.get()))
             .set((
-                reset_attempts::outcome.eq(outcome),
+                reset_attempts::outcome.eq(outcome.as_str()),
                 reset_attempts::error.eq(error),
                 reset_attempts::finished_ms.eq(now_ms),
             ))
@@ -130,7 +174,7 @@ pub async fn finish_attempt(
 /// Sets a VM's incident state; with `only_if`, only when it is still in that phase.
 pub async fn set_phase(
     conn: &mut Conn,
-    vm_id: i64,
+    vm_id: VmId,
     only_if: Option<RemediationPhase>,
     phase: RemediationPhase,
     attempts: Option<i64>,
@@ -139,7 +183,7 @@ pub async fn set_phase(
 ) -> Result<bool, DbError> {
     let updated = with_conn!(conn, |c| {
         let mut query = diesel::update(vms::table)
-            .filter(vms::id.eq(vm_id))
+            .filter(vms::id.eq(vm_id.get()))
             .into_boxed();
         if let Some(expected) = only_if {
             query = query.filter(vms::remediation_phase.eq(expected.as_str()));
@@ -174,12 +218,12 @@ pub async fn set_phase(
 /// Notes why a VM was left alone and when to look again, without touching its phase.
 pub async fn defer(
     conn: &mut Conn,
-    vm_id: i64,
+    vm_id: VmId,
     next_action_ms: i64,
     reason: &str,
 ) -> Result<(), DbError> {
     with_conn!(conn, |c| {
-        diesel::update(vms::table.find(vm_id))
+        diesel::update(vms::table.find(vm_id.get()))
             .set((
                 vms::next_action_ms.eq(next_action_ms),
                 vms::phase_reason.eq(reason),
@@ -190,9 +234,9 @@ pub async fn defer(
     Ok(())
 }
 
-pub async fn set_auto_reset(conn: &mut Conn, vm_id: i64, enabled: bool) -> Result<bool, DbError> {
+pub async fn set_auto_reset(conn: &mut Conn, vm_id: VmId, enabled: bool) -> Result<bool, DbError> {
     let n = with_conn!(conn, |c| {
-        diesel::update(vms::table.find(vm_id))
+        diesel::update(vms::table.find(vm_id.get()))
             .set(vms::auto_reset.eq(enabled))
             .execute(c)
             .await
@@ -203,16 +247,15 @@ pub async fn set_auto_reset(conn: &mut Conn, vm_id: i64, enabled: bool) -> Resul
 /// Links a VM to a Proxmox guest (or unlinks it with `None`).
 pub async fn set_link(
     conn: &mut Conn,
-    vm_id: i64,
-    link: Option<(&str, i64, &str)>,
-    source: Option<&str>,
+    vm_id: VmId,
+    link: Option<&(GuestRef, LinkSource)>,
 ) -> Result<bool, DbError> {
-    let (node, vmid, kind) = match link {
-        Some((n, v, k)) => (Some(n), Some(v), Some(k)),
-        None => (None, None, None),
-    };
+    let node = link.map(|(g, _)| g.node.as_str());
+    let vmid = link.map(|(g, _)| g.vmid.get());
+    let kind = link.map(|(g, _)| g.kind.as_str());
+    let source = link.map(|(_, s)| s.as_str());
     let n = with_conn!(conn, |c| {
-        diesel::update(vms::table.find(vm_id))
+        diesel::update(vms::table.find(vm_id.get()))
             .set((
                 vms::proxmox_node.eq(node),
                 vms::proxmox_vmid.eq(vmid),
@@ -226,30 +269,33 @@ pub async fn set_link(
 }
 
 /// Attempts whose outcome a crash may have left open.
-pub async fn unfinished_attempts(conn: &mut Conn) -> Result<Vec<ResetAttempt>, DbError> {
+pub async fn unfinished_attempts(conn: &mut Conn) -> Result<Vec<AttemptRow>, DbError> {
+    let open = [
+        AttemptOutcome::Pending.as_str(),
+        AttemptOutcome::Sent.as_str(),
+    ];
     Ok(with_conn!(conn, |c| {
         reset_attempts::table
-            .filter(reset_attempts::outcome.eq_any(["pending", "sent"]))
+            .filter(reset_attempts::outcome.eq_any(open))
             .order(reset_attempts::id.asc())
             .load(c)
             .await
     })?)
 }
 
-/// One fleet-level event.
-#[derive(Clone, Debug, PartialEq, Serialize, diesel::Queryable)]
-pub struct Event {
-    pub id: i64,
-    pub at_ms: i64,
-    pub kind: String,
-    pub vm_id: Option<i64>,
-    pub message: String,
+#[derive(diesel::Queryable)]
+struct EventRow {
+    id: i64,
+    at_ms: i64,
+    kind: Stored<EventKind>,
+    vm_id: Option<i64>,
+    message: String,
 }
 
 pub async fn insert_event(
     conn: &mut Conn,
-    kind: &str,
-    vm_id: Option<i64>,
+    kind: EventKind,
+    vm_id: Option<VmId>,
     message: &str,
     now_ms: i64,
 ) -> Result<(), DbError> {
@@ -257,8 +303,8 @@ pub async fn insert_event(
         diesel::insert_into(events::table)
             .values((
                 events::at_ms.eq(now_ms),
-                events::kind.eq(kind),
-                events::vm_id.eq(vm_id),
+                events::kind.eq(kind.as_str()),
+                events::vm_id.eq(vm_id.map(VmId::get)),
                 events::message.eq(message),
             ))
             .execute(c)
@@ -268,11 +314,21 @@ pub async fn insert_event(
 }
 
 pub async fn recent_events(conn: &mut Conn, limit: i64) -> Result<Vec<Event>, DbError> {
-    Ok(with_conn!(conn, |c| {
+    let rows: Vec<EventRow> = with_conn!(conn, |c| {
         events::table
             .order(events::id.desc())
             .limit(limit)
             .load(c)
             .await
-    })?)
+    })?;
+    Ok(rows
+        .into_iter()
+        .map(|r| Event {
+            id: r.id,
+            at_ms: r.at_ms,
+            kind: r.kind.0,
+            vm_id: r.vm_id.map(VmId),
+            message: r.message,
+        })
+        .collect())
 }

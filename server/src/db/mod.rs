@@ -1,8 +1,10 @@
 //! Storage: one code path over SQLite and PostgreSQL through diesel-async.
 
 pub mod incidents;
+pub mod reports;
 pub mod schema;
 pub mod store;
+pub mod stored;
 
 use diesel::result::Error as DieselError;
 use diesel::sqlite::SqliteConnection;
@@ -10,7 +12,7 @@ use diesel_async::pooled_connection::deadpool::{Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
-use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,16 +81,23 @@ pub struct WriteGuard(
     Option<tokio::sync::OwnedMutexGuard<()>>,
 );
 
+impl Conn {
+    /// The connection itself, whether the caller holds it or a `&mut` to it.
+    pub fn as_backend(&mut self) -> &mut Conn {
+        self
+    }
+}
+
 /// Runs the same diesel-async code against whichever connection type `$conn` holds.
 #[macro_export]
 macro_rules! with_conn {
     ($conn:expr, |$c:ident| $body:expr) => {
-        match $conn {
-            $crate::db::Conn::Postgres(ref mut pooled) => {
+        match $conn.as_backend() {
+            $crate::db::Conn::Postgres(pooled) => {
                 let $c: &mut diesel_async::AsyncPgConnection = &mut *pooled;
                 $body
             }
-            $crate::db::Conn::Sqlite(ref mut pooled) => {
+            $crate::db::Conn::Sqlite(pooled) => {
                 let $c: &mut $crate::db::SqliteConn = &mut *pooled;
                 $body
             }
@@ -112,11 +121,11 @@ impl Db {
             Db::Postgres(pool)
         } else {
             let path = sqlite_path(url);
-            if let Some(parent) = std::path::Path::new(&path).parent() {
-                if !parent.as_os_str().is_empty() {
-                    std::fs::create_dir_all(parent)
-                        .map_err(|e| DbError::Unavailable(format!("{}: {e}", parent.display())))?;
-                }
+            if let Some(parent) = std::path::Path::new(&path).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| DbError::Unavailable(format!("{}: {e}", parent.display())))?;
             }
             let mut config = ManagerConfig::<SqliteConn>::default();
             config.custom_setup = Box::new(|url| {

@@ -313,11 +313,11 @@ fn payload_keys(text: &str, begin: &str, end: &str, pattern: &Regex) -> BTreeSet
 /// Both agents send exactly the contract's field names.
 #[test]
 fn agents_send_the_contract_fields() {
-    let contract: BTreeSet<String> = server::report::CONTRACT_FIELDS
+    let contract: BTreeSet<String> = domain::heartbeat::CONTRACT_FIELDS
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let disk_contract: BTreeSet<String> = server::report::DISK_FIELDS
+    let disk_contract: BTreeSet<String> = domain::heartbeat::DISK_FIELDS
         .iter()
         .map(|s| s.to_string())
         .collect();

@@ -117,18 +117,16 @@ async fn dashboard_shows_new_reports_live_and_markup_as_text() {
     let markup = "<b id=\"injected\">bold</b><img src=x onerror=\"window.pwned=1\">";
     let stored = {
         let state = srv.state();
-        let mut conn = state.db.conn().await.unwrap();
-        let mut report = server::report::parse_report(
+        let mut report = domain::heartbeat::parse_report(
             report_for("placeholder").to_string().as_bytes(),
             server::now_ms(),
         )
         .unwrap();
         report.hostname = markup.to_owned();
-        let stored =
-            server::db::store::store_reports(&mut conn, &[report], &state.status_config.get())
-                .await
-                .unwrap();
-        server::ingest::refresh_cache(&state.db, &state.cache, &[stored[0].vm_id]).await;
+        let stored = server::ingest::write_batch(&state.db, &[report], &state.status_config.get())
+            .await
+            .unwrap();
+        server::cache::refresh(&state.db, &state.cache, &[stored[0].vm_id]).await;
         stored
     };
     let row = format!("tr[data-vm-id='{}'] .hostname", stored[0].vm_id);
@@ -137,11 +135,13 @@ async fn dashboard_shows_new_reports_live_and_markup_as_text() {
     })
     .await;
     assert_eq!(shown, markup);
-    assert!(browser
-        .client
-        .find(Locator::Css("#injected"))
-        .await
-        .is_err());
+    assert!(
+        browser
+            .client
+            .find(Locator::Css("#injected"))
+            .await
+            .is_err()
+    );
     let pwned = browser
         .client
         .execute("return window.pwned === undefined", vec![])

@@ -1,15 +1,16 @@
 //! A fake Proxmox VE API, faithful to the reference: PVEAPIToken auth with 401 reason
 //! phrases, the `{"data": ...}` envelope, UPID tasks that run then stop with an exit status,
-//! locks, `VM 100 not running`, 595 for an offline node, VMs that migrate. HTTP or HTTPS.
+//! locks, `VM 100 not running`, 595 for an offline node, 596 after a forwarded request,
+//! node task lists, VMs that migrate. HTTP or HTTPS.
 
+use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, Request, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::Router;
 use hyper::ext::ReasonPhrase;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -56,6 +57,11 @@ impl FakeVm {
 struct Task {
     started: Instant,
     exit: String,
+    node: String,
+    kind: String,
+    vmid: i64,
+    /// Epoch seconds, as Proxmox lists it.
+    starttime: i64,
 }
 
 #[derive(Default)]
@@ -67,6 +73,9 @@ pub struct FakeState {
     tasks: HashMap<String, Task>,
     pub task_duration: Duration,
     next_pid: u32,
+    /// Power actions whose task starts but whose answer is lost on the way back: the node
+    /// proxy answers 596 after it forwarded the request.
+    pub lost_answers: u32,
 }
 
 #[derive(Clone)]
@@ -111,6 +120,7 @@ impl FakePve {
                 "/api2/json/nodes/{node}/tasks/{upid}/status",
                 get(task_status),
             )
+            .route("/api2/json/nodes/{node}/tasks", get(task_list))
             .fallback(|req: Request<Body>| async move {
                 let text = format!(
                     "Method '{} {}' not implemented",
@@ -344,14 +354,54 @@ async fn action(
         Some(lock) => format!("VM is locked ({lock})"),
         None => vm.task_exit.clone(),
     };
+    let starttime = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     st.tasks.insert(
         upid.clone(),
         Task {
             started: Instant::now(),
             exit,
+            node: node.clone(),
+            kind: task_type,
+            vmid,
+            starttime,
         },
     );
+    if st.lost_answers > 0 {
+        st.lost_answers -= 1;
+        return pve_error(596, "Connection timed out");
+    }
     data(json!(upid))
+}
+
+/// `GET /nodes/{node}/tasks?vmid=&typefilter=&since=`: newest first, like Proxmox.
+async fn task_list(
+    State(state): Shared,
+    Path(node): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let st = state.lock().unwrap();
+    let vmid: Option<i64> = q.get("vmid").and_then(|v| v.parse().ok());
+    let since: i64 = q.get("since").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut list: Vec<(&String, &Task)> = st
+        .tasks
+        .iter()
+        .filter(|(_, t)| t.node == node)
+        .filter(|(_, t)| vmid.is_none_or(|v| t.vmid == v))
+        .filter(|(_, t)| q.get("typefilter").is_none_or(|f| &t.kind == f))
+        .filter(|(_, t)| t.starttime >= since)
+        .collect();
+    list.sort_by_key(|(_, t)| std::cmp::Reverse(t.starttime));
+    let entries: Vec<Value> = list
+        .into_iter()
+        .map(|(upid, t)| {
+            json!({"upid": upid, "node": t.node, "type": t.kind, "id": t.vmid.to_string(),
+                   "starttime": t.starttime, "user": format!("{USER}!{TOKEN_ID}")})
+        })
+        .collect();
+    data(json!(entries))
 }
 
 async fn task_status(State(state): Shared, Path((node, upid)): Path<(String, String)>) -> Response {
@@ -367,7 +417,7 @@ async fn task_status(State(state): Shared, Path((node, upid)): Path<(String, Str
         return resp;
     };
     let mut body =
-        json!({"upid": upid, "node": node, "type": "qmreset", "user": USER, "tokenid": TOKEN_ID});
+        json!({"upid": upid, "node": node, "type": task.kind, "user": USER, "tokenid": TOKEN_ID});
     if task.started.elapsed() < st.task_duration {
         body["status"] = json!("running");
     } else {

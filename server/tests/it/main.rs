@@ -1,6 +1,12 @@
 //! Integration tests: the real server on SQLite and PostgreSQL, Redis, and a real browser.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::as_conversions,
+    clippy::indexing_slicing,
+    clippy::string_slice
+)]
 
 mod agent;
 mod api;
@@ -8,5 +14,7 @@ mod browser;
 mod common;
 mod concurrency;
 mod fake_pve;
+mod http;
 mod proxmox;
 mod redis_cache;
+mod storage;

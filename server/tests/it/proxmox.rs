@@ -3,7 +3,7 @@
 use crate::common::*;
 use crate::fake_pve::{FakePve, FakeVm};
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -123,10 +123,12 @@ async fn hung_vm_is_reset_once_and_recovers() {
     assert_eq!(after["status"], "healthy");
     assert_eq!(after["remediation_phase"], "ok");
     assert_eq!(after["incident_attempts"], 0);
-    assert!(after["phase_reason"]
-        .as_str()
-        .unwrap()
-        .contains("recovered"));
+    assert!(
+        after["phase_reason"]
+            .as_str()
+            .unwrap()
+            .contains("recovered")
+    );
     assert_eq!(fake.posts(), vec!["reset 100"]);
     srv.stop().await;
 }
@@ -147,10 +149,12 @@ async fn failing_resets_end_manual_and_stay_manual_across_restart() {
     let attempts = history(&srv, id).await;
     assert_eq!(attempts.len(), 3);
     assert!(attempts.iter().all(|a| a["outcome"] == "failed"));
-    assert!(attempts[0]["error"]
-        .as_str()
-        .unwrap()
-        .contains("can't lock file"));
+    assert!(
+        attempts[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("can't lock file")
+    );
     // Newest first: the pause doubles (300 ms, then 600 ms, after each task ended).
     let created: Vec<i64> = attempts
         .iter()
@@ -499,7 +503,7 @@ async fn migrated_vm_is_followed_and_admin_actions_share_the_executor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_needs_the_ca_file_or_the_pinned_fingerprint() {
-    use server::proxmox::{PveClient, PveSettings, TlsTrust};
+    use proxmox::{PveClient, PveSettings, TlsTrust};
     use sha2::Digest;
     let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
     let cert_der = certified.cert.der().to_vec();
@@ -548,7 +552,7 @@ async fn tls_needs_the_ca_file_or_the_pinned_fingerprint() {
         .unwrap_err();
     assert_eq!(
         err,
-        server::proxmox::PveError::Unauthorized("Authentication failed!".into())
+        proxmox::PveError::Unauthorized("Authentication failed!".into())
     );
 }
 
@@ -589,26 +593,27 @@ async fn interrupted_attempts_are_reconciled_after_a_crash_without_a_duplicate()
         .unwrap();
     let upid = upid["data"].as_str().unwrap().to_owned();
     let intent = |vm_id: i64, vmid: i64, node: &str| NewAttempt {
-        vm_id,
-        action: "reset".into(),
-        trigger_source: "scheduler".into(),
+        vm_id: domain::VmId(vm_id),
+        action: domain::PowerAction::Reset,
+        trigger_source: domain::TriggerSource::Scheduler,
         requested_by: None,
-        mode: "live".into(),
-        proxmox_node: Some(node.into()),
-        proxmox_vmid: Some(vmid),
-        upid: None,
-        outcome: "pending".into(),
+        mode: domain::Mode::Live,
+        guest: Some(domain::GuestRef {
+            node: node.parse().unwrap(),
+            vmid: domain::Vmid::try_from(vmid).unwrap(),
+            kind: domain::GuestKind::Qemu,
+        }),
+        outcome: domain::AttemptOutcome::Pending,
         error: None,
         evidence_json: None,
         created_ms: server::now_ms(),
-        sent_ms: None,
-        finished_ms: None,
     };
     {
         let mut conn = srv.state().db.conn().await.unwrap();
         let fresh = Expected {
-            phase: app::types::RemediationPhase::Ok,
+            phase: domain::RemediationPhase::Ok,
             attempts: 0,
+            still_down_since: None,
         };
         let sent = incidents::begin_attempt(
             &mut conn,
@@ -681,4 +686,27 @@ async fn hung_container_is_rebooted_not_reset() {
     .await;
     assert_eq!(h[0]["action"], "reboot");
     srv.stop().await;
+}
+
+/// Behind the node proxy a 596 can arrive after the request was forwarded: the reset runs.
+/// Sending it again would reset the VM twice; the client looks the task up instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reset_answered_596_after_forwarding_runs_once() {
+    let fake = FakePve::start(vec![FakeVm::running(100, "pve1")]).await;
+    fake.state.lock().unwrap().lost_answers = 1;
+    let srv = start(Backend::Sqlite, &fake, &[]).await;
+    let id = report_vm(&srv, 100, "pve1", 5000).await;
+    let done = wait_for(
+        "the reset's task to be found and followed",
+        Duration::from_secs(20),
+        || async {
+            let h = history(&srv, id).await;
+            (h.first()?["outcome"] == "ok").then_some(h)
+        },
+    )
+    .await;
+    assert!(done[0]["upid"].as_str().unwrap().starts_with("UPID:pve1:"));
+    wait_rounds(&srv, 5).await;
+    assert_eq!(fake.posts(), vec!["reset 100"], "the reset was sent twice");
+    assert_eq!(vm(&srv, id).await["remediation_phase"], "recovering");
 }

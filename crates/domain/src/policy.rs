@@ -1,15 +1,44 @@
 //! Remediation policy: pure functions of (VM state, Proxmox facts, config, now) that decide
 //! what to do about a hung VM. The engine carries the decisions out; nothing here does I/O.
 
-use crate::proxmox::PveVmStatus;
-use app::types::{RemediationPhase, VmStatus};
+use crate::enums::{Mode, RemediationPhase, VmStatus};
+use crate::ids::{NodeName, VmId};
+use crate::status::percent_of;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Calls Proxmox.
-    Live,
-    /// Records "would reset" and calls nothing, for tuning the thresholds.
-    Shadow,
+/// What Proxmox says about a guest's power state, reduced to what the policy needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GuestPower {
+    Running,
+    /// Stopped in Proxmox: intentionally off.
+    Stopped,
+    /// Running as a process but not executing (QEMU `qmpstatus`: paused, suspended...).
+    Suspended(String),
+    /// Any other status Proxmox reports.
+    Other(String),
+}
+
+/// A guest's state in Proxmox at the moment a reset is considered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GuestState {
+    pub power: GuestPower,
+    /// A config lock (backup, migrate, snapshot...).
+    pub lock: Option<String>,
+    pub template: bool,
+    pub ha_managed: bool,
+    pub uptime_seconds: Option<i64>,
+}
+
+impl GuestState {
+    /// A plain running guest, the usual case.
+    pub fn running() -> Self {
+        GuestState {
+            power: GuestPower::Running,
+            lock: None,
+            template: false,
+            ha_managed: false,
+            uptime_seconds: None,
+        }
+    }
 }
 
 /// Remediation settings (environment variables in brackets).
@@ -54,9 +83,9 @@ impl Default for RemediationConfig {
 /// What the policy needs to know about one VM.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VmFacts {
-    pub id: i64,
+    pub id: VmId,
     pub status: VmStatus,
-    pub node: Option<String>,
+    pub node: Option<NodeName>,
     pub linked: bool,
     pub auto_reset: bool,
     pub phase: RemediationPhase,
@@ -101,7 +130,11 @@ pub fn storm(vms: &[VmFacts], cfg: &RemediationConfig) -> Option<String> {
         .filter(|v| v.linked && v.phase != RemediationPhase::Manual)
         .collect();
     let stale = linked.iter().filter(|v| v.status == VmStatus::Down).count();
-    if stale >= 2 && (stale as f64) * 100.0 > cfg.storm_percent * linked.len() as f64 {
+    let share = percent_of(
+        i64::try_from(stale).unwrap_or(i64::MAX),
+        i64::try_from(linked.len()).unwrap_or(i64::MAX),
+    );
+    if stale >= 2 && share > cfg.storm_percent {
         return Some(format!(
             "{stale} of {} linked VMs are stale (more than {}%)",
             linked.len(),
@@ -110,7 +143,7 @@ pub fn storm(vms: &[VmFacts], cfg: &RemediationConfig) -> Option<String> {
     }
     let mut nodes: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
     for vm in &linked {
-        if let Some(node) = vm.node.as_deref() {
+        if let Some(node) = vm.node.as_ref().map(NodeName::as_str) {
             let entry = nodes.entry(node).or_default();
             entry.0 += 1;
             if vm.status == VmStatus::Down {
@@ -136,23 +169,24 @@ pub enum Decision {
     Leave(String),
 }
 
-pub fn decide(pve: &PveVmStatus, cfg: &RemediationConfig, in_flight: usize) -> Decision {
-    if pve.template {
+pub fn decide(guest: &GuestState, cfg: &RemediationConfig, in_flight: usize) -> Decision {
+    if guest.template {
         return Decision::Leave("a template".into());
     }
-    if pve.status == "stopped" {
-        return Decision::Leave("stopped in Proxmox (intentionally off)".into());
+    match &guest.power {
+        GuestPower::Stopped => {
+            return Decision::Leave("stopped in Proxmox (intentionally off)".into());
+        }
+        GuestPower::Suspended(q) => return Decision::Leave(format!("{q} in Proxmox")),
+        GuestPower::Other(status) => {
+            return Decision::Leave(format!("Proxmox status is {status}"));
+        }
+        GuestPower::Running => {}
     }
-    if let Some(q) = pve.qmpstatus.as_deref().filter(|q| *q != "running") {
-        return Decision::Leave(format!("{q} in Proxmox"));
-    }
-    if pve.status != "running" {
-        return Decision::Leave(format!("Proxmox status is {}", pve.status));
-    }
-    if let Some(lock) = pve.lock.as_deref() {
+    if let Some(lock) = guest.lock.as_deref() {
         return Decision::Wait(format!("locked ({lock}); waiting for it to end"));
     }
-    if pve.ha_managed() && !cfg.remediate_ha {
+    if guest.ha_managed && !cfg.remediate_ha {
         return Decision::Leave("managed by Proxmox HA; left to HA".into());
     }
     if in_flight >= cfg.max_concurrent {
@@ -166,7 +200,7 @@ pub fn decide(pve: &PveVmStatus, cfg: &RemediationConfig, in_flight: usize) -> D
 
 /// Pause before attempt `attempts + 1`: base, 2x base, 4x base...
 pub fn backoff_ms(cfg: &RemediationConfig, attempts: i64) -> i64 {
-    let exponent = (attempts - 1).clamp(0, 16) as u32;
+    let exponent = u32::try_from(attempts.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
     cfg.backoff_base_ms.saturating_mul(1i64 << exponent)
 }
 
@@ -232,16 +266,16 @@ pub fn report_ends_incident(
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::get_unwrap)]
     use super::*;
-    use crate::proxmox::HaStatus;
 
     const NOW: i64 = 1_000_000;
 
     fn vm(status: VmStatus) -> VmFacts {
         VmFacts {
-            id: 1,
+            id: VmId(1),
             status,
-            node: Some("pve1".into()),
+            node: Some(node("pve1")),
             linked: true,
             auto_reset: true,
             phase: RemediationPhase::Ok,
@@ -251,14 +285,15 @@ mod tests {
         }
     }
 
-    fn pve(status: &str) -> PveVmStatus {
-        PveVmStatus {
-            status: status.into(),
-            qmpstatus: Some(status.into()),
-            lock: None,
-            template: false,
-            ha: Some(HaStatus { managed: false }),
-            uptime: Some(100),
+    fn node(name: &str) -> NodeName {
+        name.parse().unwrap()
+    }
+
+    fn guest(power: GuestPower) -> GuestState {
+        GuestState {
+            power,
+            uptime_seconds: Some(100),
+            ..GuestState::running()
         }
     }
 
@@ -325,30 +360,35 @@ mod tests {
     #[test]
     fn decide_table() {
         let cfg = RemediationConfig::default();
-        let locked = PveVmStatus {
+        let running = || guest(GuestPower::Running);
+        let locked = GuestState {
             lock: Some("backup".into()),
-            ..pve("running")
+            ..running()
         };
-        let template = PveVmStatus {
+        let template = GuestState {
             template: true,
-            ..pve("running")
+            ..running()
         };
-        let ha = PveVmStatus {
-            ha: Some(HaStatus { managed: true }),
-            ..pve("running")
+        let ha = GuestState {
+            ha_managed: true,
+            ..running()
         };
-        let paused = PveVmStatus {
-            qmpstatus: Some("paused".into()),
-            ..pve("running")
-        };
-        let cases: Vec<(&str, PveVmStatus, &RemediationConfig, usize, &str)> = vec![
-            ("running", pve("running"), &cfg, 0, "reset"),
-            ("stopped", pve("stopped"), &cfg, 0, "leave"),
+        let paused = guest(GuestPower::Suspended("paused".into()));
+        let cases: Vec<(&str, GuestState, &RemediationConfig, usize, &str)> = vec![
+            ("running", running(), &cfg, 0, "reset"),
+            ("stopped", guest(GuestPower::Stopped), &cfg, 0, "leave"),
+            (
+                "other",
+                guest(GuestPower::Other("prelaunch".into())),
+                &cfg,
+                0,
+                "leave",
+            ),
             ("paused", paused, &cfg, 0, "leave"),
             ("template", template, &cfg, 0, "leave"),
             ("locked", locked, &cfg, 0, "wait"),
             ("ha", ha.clone(), &cfg, 0, "leave"),
-            ("limit reached", pve("running"), &cfg, 2, "wait"),
+            ("limit reached", running(), &cfg, 2, "wait"),
         ];
         let kind = |d: Decision| match d {
             Decision::Reset => "reset",
@@ -368,7 +408,7 @@ mod tests {
             mode: Mode::Shadow,
             ..cfg.clone()
         };
-        assert_eq!(decide(&pve("running"), &shadow, 0), Decision::WouldReset);
+        assert_eq!(decide(&running(), &shadow, 0), Decision::WouldReset);
     }
 
     #[test]
@@ -377,8 +417,8 @@ mod tests {
         let fleet = |down: usize, total: usize| -> Vec<VmFacts> {
             (0..total)
                 .map(|i| VmFacts {
-                    id: i as i64,
-                    node: Some(format!("pve{}", i % 3)),
+                    id: VmId(i64::try_from(i).unwrap()),
+                    node: Some(node(&format!("pve{}", i % 3))),
                     ..vm(if i < down {
                         VmStatus::Down
                     } else {

@@ -1,10 +1,12 @@
-//! The heartbeat contract: parsing and validating an agent's report (pure, no I/O).
+//! The heartbeat contract: an agent's report parsed into typed values (pure, no I/O).
 
-use crate::db::store::PreparedReport;
-use app::types::DiskUsage;
+use crate::enums::OsKind;
+use crate::ids::{NodeName, Vmid};
+use crate::status::percent_of;
+use crate::view::DiskUsage;
 use serde::Deserialize;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
 
 /// Every field of the heartbeat contract, as agents must spell them.
 pub const CONTRACT_FIELDS: &[&str] = &[
@@ -77,8 +79,32 @@ struct RawDisk {
     total_bytes: i64,
 }
 
+/// A heartbeat that passed every check, ready to store.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Heartbeat {
+    pub hostname: String,
+    pub os: OsKind,
+    /// Lower-case SMBIOS uuid.
+    pub machine_id: Option<String>,
+    pub vmid: Option<Vmid>,
+    pub node: Option<NodeName>,
+    pub agent_version: Option<String>,
+    pub cpu_percent: f64,
+    pub ram_used_bytes: i64,
+    pub ram_total_bytes: i64,
+    pub disks: Vec<DiskUsage>,
+    pub disk_used_bytes: i64,
+    pub disk_total_bytes: i64,
+    pub disk_max_percent: Option<f64>,
+    pub uptime_seconds: i64,
+    /// When the agent took the sample (clamped to the server's clock).
+    pub observed_ms: i64,
+    /// When the server received it; liveness never trusts the agent's clock.
+    pub received_ms: i64,
+}
+
 /// Parses and checks a report body received at `received_ms`.
-pub fn parse_report(body: &[u8], received_ms: i64) -> Result<PreparedReport, InvalidReport> {
+pub fn parse_report(body: &[u8], received_ms: i64) -> Result<Heartbeat, InvalidReport> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let raw: RawReport = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let path = err.path().to_string();
@@ -104,8 +130,55 @@ fn missing_field_name(message: &str) -> Option<String> {
     Some(rest.split('`').next()?.to_owned())
 }
 
-fn validate(raw: RawReport, received_ms: i64) -> Result<PreparedReport, InvalidReport> {
-    let hostname = raw.hostname.trim().to_owned();
+fn validate(raw: RawReport, received_ms: i64) -> Result<Heartbeat, InvalidReport> {
+    let hostname = parse_hostname(&raw.hostname)?;
+    let os = raw
+        .os
+        .trim()
+        .to_ascii_lowercase()
+        .parse::<OsKind>()
+        .map_err(|_unknown| invalid("os", "must be linux, windows or other"))?;
+    let machine_id = parse_machine_id(raw.machine_id)?;
+    let vmid = raw
+        .vmid
+        .map(Vmid::try_from)
+        .transpose()
+        .map_err(|e| invalid("vmid", e.0))?;
+    let node = match raw.node.map(|n| n.trim().to_owned()) {
+        None => None,
+        Some(n) if n.is_empty() => None,
+        Some(n) => Some(NodeName::try_from(n).map_err(|e| invalid("node", e.0))?),
+    };
+    check_cpu_and_ram(raw.cpu_percent, raw.ram_used_bytes, raw.ram_total_bytes)?;
+    let disks = parse_disks(raw.disks.unwrap_or_default())?;
+    if raw.uptime_seconds < 0 {
+        return Err(invalid("uptime_seconds", "must not be negative"));
+    }
+    let agent_version = parse_agent_version(raw.agent_version)?;
+    let observed_ms = parse_observed_at(raw.observed_at, received_ms)?;
+    let (disk_used_bytes, disk_total_bytes, disk_max_percent) = disk_totals(&disks);
+    Ok(Heartbeat {
+        hostname,
+        os,
+        machine_id,
+        vmid,
+        node,
+        agent_version,
+        cpu_percent: raw.cpu_percent,
+        ram_used_bytes: raw.ram_used_bytes,
+        ram_total_bytes: raw.ram_total_bytes,
+        disks,
+        disk_used_bytes,
+        disk_total_bytes,
+        disk_max_percent,
+        uptime_seconds: raw.uptime_seconds,
+        observed_ms,
+        received_ms,
+    })
+}
+
+fn parse_hostname(raw: &str) -> Result<String, InvalidReport> {
+    let hostname = raw.trim().to_owned();
     if hostname.is_empty() || hostname.chars().count() > MAX_HOSTNAME_CHARS {
         return Err(invalid("hostname", "must be 1 to 253 characters"));
     }
@@ -120,42 +193,35 @@ fn validate(raw: RawReport, received_ms: i64) -> Result<PreparedReport, InvalidR
             "may contain only letters, digits, '.', '-' and '_'",
         ));
     }
-    let os = raw.os.trim().to_ascii_lowercase();
-    if !matches!(os.as_str(), "linux" | "windows" | "other") {
-        return Err(invalid("os", "must be linux, windows or other"));
+    Ok(hostname)
+}
+
+fn parse_machine_id(raw: Option<String>) -> Result<Option<String>, InvalidReport> {
+    match raw.map(|m| m.trim().to_ascii_lowercase()) {
+        None => Ok(None),
+        Some(m) if m.is_empty() => Ok(None),
+        Some(m) if is_uuid(&m) => Ok(Some(m)),
+        Some(_) => Err(invalid("machine_id", "must be a UUID")),
     }
-    let machine_id = match raw.machine_id.map(|m| m.trim().to_ascii_lowercase()) {
-        None => None,
-        Some(m) if m.is_empty() => None,
-        Some(m) if is_uuid(&m) => Some(m),
-        Some(_) => return Err(invalid("machine_id", "must be a UUID")),
-    };
-    if let Some(vmid) = raw.vmid {
-        if !(100..=999_999_999).contains(&vmid) {
-            return Err(invalid("vmid", "must be between 100 and 999999999"));
-        }
-    }
-    let node = match raw.node.map(|n| n.trim().to_owned()) {
-        None => None,
-        Some(n) if n.is_empty() => None,
-        Some(n) if n.len() <= 63 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') => {
-            Some(n)
-        }
-        Some(_) => return Err(invalid("node", "must be a Proxmox node name")),
-    };
-    if !raw.cpu_percent.is_finite() || !(0.0..=100.0).contains(&raw.cpu_percent) {
+}
+
+fn check_cpu_and_ram(cpu: f64, ram_used: i64, ram_total: i64) -> Result<(), InvalidReport> {
+    if !cpu.is_finite() || !(0.0..=100.0).contains(&cpu) {
         return Err(invalid("cpu_percent", "must be between 0 and 100"));
     }
-    if raw.ram_total_bytes <= 0 {
+    if ram_total <= 0 {
         return Err(invalid("ram_total_bytes", "must be greater than 0"));
     }
-    if raw.ram_used_bytes < 0 || raw.ram_used_bytes > raw.ram_total_bytes {
+    if ram_used < 0 || ram_used > ram_total {
         return Err(invalid(
             "ram_used_bytes",
             "must be between 0 and ram_total_bytes",
         ));
     }
-    let raw_disks = raw.disks.unwrap_or_default();
+    Ok(())
+}
+
+fn parse_disks(raw_disks: Vec<RawDisk>) -> Result<Vec<DiskUsage>, InvalidReport> {
     if raw_disks.len() > MAX_DISKS {
         return Err(invalid("disks", "at most 64 entries"));
     }
@@ -186,66 +252,54 @@ fn validate(raw: RawReport, received_ms: i64) -> Result<PreparedReport, InvalidR
             total_bytes: disk.total_bytes,
         });
     }
-    if raw.uptime_seconds < 0 {
-        return Err(invalid("uptime_seconds", "must not be negative"));
+    Ok(disks)
+}
+
+fn parse_agent_version(raw: Option<String>) -> Result<Option<String>, InvalidReport> {
+    match raw {
+        Some(v) if v.len() > 64 || v.chars().any(char::is_control) => Err(invalid(
+            "agent_version",
+            "must be at most 64 printable characters",
+        )),
+        other => Ok(other.filter(|v| !v.is_empty())),
     }
-    let agent_version = match raw.agent_version {
-        Some(v) if v.len() > 64 || v.chars().any(char::is_control) => {
-            return Err(invalid(
-                "agent_version",
-                "must be at most 64 printable characters",
-            ))
-        }
-        other => other.filter(|v| !v.is_empty()),
+}
+
+fn parse_observed_at(raw: Option<String>, received_ms: i64) -> Result<i64, InvalidReport> {
+    let Some(text) = raw else {
+        return Ok(received_ms);
     };
-    let observed_ms = match raw.observed_at {
-        None => received_ms,
-        Some(text) => {
-            let at = OffsetDateTime::parse(&text, &Rfc3339)
-                .map_err(|_| invalid("observed_at", "must be an RFC 3339 time"))?;
-            let ms = (at.unix_timestamp_nanos() / 1_000_000) as i64;
-            if ms < received_ms - MAX_REPLAY_AGE_MS {
-                return Err(invalid("observed_at", "is more than 7 days old"));
-            }
-            // A clock running ahead would make a sample look newer than it is.
-            if ms > received_ms + MAX_CLOCK_AHEAD_MS {
-                received_ms
-            } else {
-                ms
-            }
-        }
-    };
-    let disk_used_bytes = disks
+    let at = OffsetDateTime::parse(&text, &Rfc3339)
+        .map_err(|_unparsable| invalid("observed_at", "must be an RFC 3339 time"))?;
+    let ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000)
+        .map_err(|_overflow| invalid("observed_at", "is out of range"))?;
+    if ms < received_ms.saturating_sub(MAX_REPLAY_AGE_MS) {
+        return Err(invalid("observed_at", "is more than 7 days old"));
+    }
+    // A clock running ahead would make a sample look newer than it is.
+    Ok(if ms > received_ms.saturating_add(MAX_CLOCK_AHEAD_MS) {
+        received_ms
+    } else {
+        ms
+    })
+}
+
+/// Used and total bytes over all filesystems, and the fullest one's usage in percent.
+fn disk_totals(disks: &[DiskUsage]) -> (i64, i64, Option<f64>) {
+    let used = disks
         .iter()
         .map(|d| d.used_bytes)
         .fold(0i64, i64::saturating_add);
-    let disk_total_bytes = disks
+    let total = disks
         .iter()
         .map(|d| d.total_bytes)
         .fold(0i64, i64::saturating_add);
-    let disk_max_percent = disks
+    let max_percent = disks
         .iter()
         .filter(|d| d.total_bytes > 0)
-        .map(|d| d.used_bytes as f64 * 100.0 / d.total_bytes as f64)
+        .map(|d| percent_of(d.used_bytes, d.total_bytes))
         .reduce(f64::max);
-    Ok(PreparedReport {
-        hostname,
-        os,
-        machine_id,
-        vmid: raw.vmid,
-        node,
-        agent_version,
-        cpu_percent: raw.cpu_percent,
-        ram_used_bytes: raw.ram_used_bytes,
-        ram_total_bytes: raw.ram_total_bytes,
-        disks,
-        disk_used_bytes,
-        disk_total_bytes,
-        disk_max_percent,
-        uptime_seconds: raw.uptime_seconds,
-        observed_ms,
-        received_ms,
-    })
+    (used, total, max_percent)
 }
 
 fn is_uuid(value: &str) -> bool {
@@ -259,6 +313,7 @@ fn is_uuid(value: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::get_unwrap)]
     use super::*;
     use serde_json::json;
 

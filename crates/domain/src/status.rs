@@ -1,6 +1,70 @@
 //! Status policy: a pure function of (latest report, config, now), plus config validation.
 
-use app::types::{StatusConfig, VmStatus};
+use crate::enums::VmStatus;
+use serde::{Deserialize, Serialize};
+
+/// The thresholds and timeouts that decide a VM's status; editable at run time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusConfig {
+    pub cpu_threshold: f64,
+    pub ram_threshold: f64,
+    pub disk_threshold: f64,
+    pub stale_timeout_ms: i64,
+    pub report_interval_seconds: i64,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        Self {
+            cpu_threshold: 80.0,
+            ram_threshold: 90.0,
+            disk_threshold: 90.0,
+            stale_timeout_ms: 300_000,
+            report_interval_seconds: 30,
+        }
+    }
+}
+
+/// `part` as a percentage of `whole`; 0 when `whole` is not positive.
+pub fn percent_of(part: i64, whole: i64) -> f64 {
+    if whole <= 0 {
+        return 0.0;
+    }
+    approx_f64(part) * 100.0 / approx_f64(whole)
+}
+
+/// A count as a float, for ratios and display. Exact up to 2^53 (8 PiB in bytes).
+pub fn approx_f64(value: i64) -> f64 {
+    #[expect(clippy::as_conversions, reason = "i64 to f64 has no lossless From")]
+    let value = value as f64;
+    value
+}
+
+/// How many VMs are in each status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusCounts {
+    pub total: u64,
+    pub healthy: u64,
+    pub warning: u64,
+    pub down: u64,
+    pub unknown: u64,
+}
+
+impl StatusCounts {
+    pub fn from_statuses(statuses: impl IntoIterator<Item = VmStatus>) -> Self {
+        let mut counts = Self::default();
+        for status in statuses {
+            counts.total += 1;
+            match status {
+                VmStatus::Healthy => counts.healthy += 1,
+                VmStatus::Warning => counts.warning += 1,
+                VmStatus::Down => counts.down += 1,
+                VmStatus::Unknown => counts.unknown += 1,
+            }
+        }
+        counts
+    }
+}
 
 /// The parts of a VM's latest report that decide its status.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,11 +104,7 @@ pub fn evaluate(latest: Option<&LatestReport>, cfg: &StatusConfig, now_ms: i64) 
             report.cpu_percent, cfg.cpu_threshold
         ));
     }
-    let ram_percent = if report.ram_total_bytes > 0 {
-        report.ram_used_bytes as f64 * 100.0 / report.ram_total_bytes as f64
-    } else {
-        0.0
-    };
+    let ram_percent = percent_of(report.ram_used_bytes, report.ram_total_bytes);
     if ram_percent > cfg.ram_threshold {
         reasons.push(format!("RAM {ram_percent:.0}% > {:.0}%", cfg.ram_threshold));
     }
@@ -108,6 +168,7 @@ pub fn validate_config(cfg: &StatusConfig) -> Result<(), InvalidConfig> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::get_unwrap)]
     use super::*;
 
     const NOW: i64 = 1_000_000_000;

@@ -1,0 +1,226 @@
+//! Closed sets of stored and exchanged values; parsing rejects anything unknown.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A stored or received value that names no variant.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {kind}: {value:?}")]
+pub struct UnknownValue {
+    pub kind: &'static str,
+    pub value: String,
+}
+
+/// Defines a string enum whose one spelling serves `Display`, `FromStr` and serde.
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident, $kind:literal { $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+ }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownValue;
+
+            fn from_str(value: &str) -> Result<Self, UnknownValue> {
+                match value {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(UnknownValue { kind: $kind, value: value.to_owned() }),
+                }
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// A VM's health as the monitor judges it.
+    VmStatus, "status" {
+        Unknown = "unknown",
+        Healthy = "healthy",
+        Warning = "warning",
+        Down = "down",
+    }
+);
+
+string_enum!(
+    /// Where a VM stands in the auto-remediation cycle.
+    RemediationPhase, "remediation phase" {
+        /// Nothing to do, or an incident waiting for its next attempt.
+        Ok = "ok",
+        /// A reset was decided and sent; its Proxmox task is being followed.
+        ResetPending = "reset_pending",
+        /// The reset's task finished; waiting for the VM to report with a smaller uptime.
+        Recovering = "recovering",
+        /// Automatic attempts are exhausted: an operator must look (acknowledge to clear).
+        Manual = "manual",
+    }
+);
+
+string_enum!(
+    /// The two kinds of Proxmox guest.
+    GuestKind, "guest type" {
+        Qemu = "qemu",
+        Lxc = "lxc",
+    }
+);
+
+string_enum!(
+    /// A power action Proxmox can run on a guest.
+    PowerAction, "action" {
+        Reset = "reset",
+        Reboot = "reboot",
+        Shutdown = "shutdown",
+        Stop = "stop",
+        Start = "start",
+    }
+);
+
+string_enum!(
+    /// How an attempt in the reset history ended (or that it has not yet).
+    AttemptOutcome, "attempt outcome" {
+        /// Intent recorded; Proxmox not yet confirmed the request.
+        Pending = "pending",
+        /// Proxmox answered with a task; the task is being followed.
+        Sent = "sent",
+        Ok = "ok",
+        Failed = "failed",
+        /// The server stopped between intent and answer; treated as sent.
+        Interrupted = "interrupted",
+        /// Shadow mode: what a live monitor would have done.
+        WouldReset = "would_reset",
+        /// A stale VM that is not ours to reset (stopped, template, HA...).
+        LeftAlone = "left_alone",
+    }
+);
+
+impl AttemptOutcome {
+    /// Outcomes a crash may have left open.
+    pub fn is_open(self) -> bool {
+        matches!(self, AttemptOutcome::Pending | AttemptOutcome::Sent)
+    }
+}
+
+string_enum!(
+    /// Who started an attempt, as stored in the history.
+    TriggerSource, "trigger" {
+        Scheduler = "scheduler",
+        Admin = "admin",
+    }
+);
+
+string_enum!(
+    /// Whether remediation acts or only records what it would do.
+    Mode, "mode" {
+        /// Calls Proxmox.
+        Live = "live",
+        /// Records "would reset" and calls nothing, for tuning the thresholds.
+        Shadow = "shadow",
+    }
+);
+
+string_enum!(
+    /// How a VM's Proxmox link was found.
+    LinkSource, "link source" {
+        /// The VMID the agent reported.
+        Report = "report",
+        /// The SMBIOS uuid in the guest's config.
+        Smbios = "smbios",
+        /// A unique guest name equal to the hostname.
+        Name = "name",
+        /// Set by an operator.
+        Manual = "manual",
+    }
+);
+
+string_enum!(
+    /// The operating system family an agent reports.
+    OsKind, "os" {
+        Linux = "linux",
+        Windows = "windows",
+        Other = "other",
+    }
+);
+
+string_enum!(
+    /// A fleet-level happening recorded in the event log.
+    EventKind, "event kind" {
+        /// So many VMs went stale at once that auto-reset paused.
+        BreakerTripped = "breaker_tripped",
+        /// The fleet recovered; auto-reset resumes after one stale timeout.
+        BreakerReset = "breaker_reset",
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::get_unwrap)]
+    use super::*;
+
+    fn round_trips<T>(all: &[T])
+    where
+        T: Copy + fmt::Display + FromStr<Err = UnknownValue> + PartialEq + fmt::Debug,
+        T: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        for value in all {
+            let text = value.to_string();
+            assert_eq!(text.parse::<T>().unwrap(), *value);
+            let json = serde_json::to_string(value).unwrap();
+            assert_eq!(json, format!("\"{text}\""));
+            assert_eq!(serde_json::from_str::<T>(&json).unwrap(), *value);
+        }
+    }
+
+    #[test]
+    fn every_variant_round_trips() {
+        round_trips(VmStatus::ALL);
+        round_trips(RemediationPhase::ALL);
+        round_trips(GuestKind::ALL);
+        round_trips(PowerAction::ALL);
+        round_trips(AttemptOutcome::ALL);
+        round_trips(TriggerSource::ALL);
+        round_trips(Mode::ALL);
+        round_trips(LinkSource::ALL);
+        round_trips(OsKind::ALL);
+        round_trips(EventKind::ALL);
+    }
+
+    #[test]
+    fn unknown_values_are_errors_not_defaults() {
+        let err = "rebooting".parse::<RemediationPhase>().unwrap_err();
+        assert_eq!(err.kind, "remediation phase");
+        assert!("OK".parse::<RemediationPhase>().is_err());
+        assert!("".parse::<VmStatus>().is_err());
+        assert!("destroy".parse::<PowerAction>().is_err());
+        assert!(serde_json::from_str::<RemediationPhase>("\"paused\"").is_err());
+    }
+}

@@ -1,0 +1,216 @@
+//! What a batch of heartbeats does to each VM's state: computed here, applied by storage.
+
+use crate::enums::{RemediationPhase, VmStatus};
+use crate::heartbeat::Heartbeat;
+use crate::ids::VmId;
+use crate::policy::report_ends_incident;
+use crate::status::{self, LatestReport, StatusConfig, Verdict};
+use std::collections::BTreeMap;
+
+/// What storage holds about a VM before the batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredVm {
+    pub status: VmStatus,
+    pub status_since_ms: i64,
+    pub observed_at_ms: Option<i64>,
+    pub cpu_percent: Option<f64>,
+    pub ram_used_bytes: Option<i64>,
+    pub ram_total_bytes: Option<i64>,
+    pub disk_max_percent: Option<f64>,
+    pub uptime_seconds: Option<i64>,
+    pub phase: RemediationPhase,
+    pub attempts: i64,
+    pub last_reset_ms: Option<i64>,
+}
+
+/// The new state of one VM after a batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateUpdate {
+    /// The newest report is newer than what is stored, so it sets the live figures; a
+    /// replayed older report only refreshes liveness.
+    pub takes_figures: bool,
+    pub last_seen_ms: i64,
+    pub verdict: Verdict,
+    pub status_since_ms: i64,
+    /// `(from, to)` when the status changed.
+    pub change: Option<(VmStatus, VmStatus)>,
+    /// The reason, when this report ends the VM's remediation incident.
+    pub ends_incident: Option<String>,
+}
+
+/// Per VM of a batch: the report with the newest observation and the newest receipt time.
+pub fn newest_per_vm<'a>(batch: &[(VmId, &'a Heartbeat)]) -> BTreeMap<VmId, (&'a Heartbeat, i64)> {
+    let mut newest: BTreeMap<VmId, (&Heartbeat, i64)> = BTreeMap::new();
+    for &(id, report) in batch {
+        let entry = newest.entry(id).or_insert((report, report.received_ms));
+        entry.1 = entry.1.max(report.received_ms);
+        if report.observed_ms >= entry.0.observed_ms {
+            entry.0 = report;
+        }
+    }
+    newest
+}
+
+/// Decides what `newest` (received last at `last_seen_ms`) changes for a stored VM.
+pub fn plan(
+    vm: &StoredVm,
+    newest: &Heartbeat,
+    last_seen_ms: i64,
+    cfg: &StatusConfig,
+) -> StateUpdate {
+    let takes_figures = vm.observed_at_ms.is_none_or(|t| newest.observed_ms >= t);
+    let latest = if takes_figures {
+        LatestReport {
+            last_seen_ms,
+            cpu_percent: newest.cpu_percent,
+            ram_used_bytes: newest.ram_used_bytes,
+            ram_total_bytes: newest.ram_total_bytes,
+            disk_max_percent: newest.disk_max_percent,
+        }
+    } else {
+        LatestReport {
+            last_seen_ms,
+            cpu_percent: vm.cpu_percent.unwrap_or(newest.cpu_percent),
+            ram_used_bytes: vm.ram_used_bytes.unwrap_or(newest.ram_used_bytes),
+            ram_total_bytes: vm.ram_total_bytes.unwrap_or(newest.ram_total_bytes),
+            disk_max_percent: vm.disk_max_percent,
+        }
+    };
+    let verdict = status::evaluate(Some(&latest), cfg, last_seen_ms);
+    let changed = vm.status != verdict.status;
+    let ends_incident =
+        report_ends_incident(vm.phase, vm.attempts, vm.last_reset_ms, newest.observed_ms)
+            .then(|| recovery_reason(vm.last_reset_ms, newest.uptime_seconds, last_seen_ms));
+    StateUpdate {
+        takes_figures,
+        last_seen_ms,
+        status_since_ms: if changed {
+            last_seen_ms
+        } else {
+            vm.status_since_ms
+        },
+        change: changed.then_some((vm.status, verdict.status)),
+        verdict,
+        ends_incident,
+    }
+}
+
+/// Says whether the guest visibly restarted (its uptime began after the reset).
+fn recovery_reason(last_reset_ms: Option<i64>, uptime_seconds: i64, last_seen_ms: i64) -> String {
+    match last_reset_ms {
+        Some(reset)
+            if uptime_seconds.saturating_mul(1000)
+                <= last_seen_ms.saturating_sub(reset).saturating_add(60_000) =>
+        {
+            format!("recovered: reporting again after the reset (uptime {uptime_seconds}s)")
+        }
+        _ => "recovered: reporting again".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::get_unwrap)]
+    use super::*;
+    use crate::enums::OsKind;
+
+    const NOW: i64 = 1_000_000_000;
+
+    fn beat(observed_ms: i64, cpu: f64, uptime: i64) -> Heartbeat {
+        Heartbeat {
+            hostname: "web".into(),
+            os: OsKind::Linux,
+            machine_id: None,
+            vmid: None,
+            node: None,
+            agent_version: None,
+            cpu_percent: cpu,
+            ram_used_bytes: 10,
+            ram_total_bytes: 100,
+            disks: Vec::new(),
+            disk_used_bytes: 0,
+            disk_total_bytes: 0,
+            disk_max_percent: None,
+            uptime_seconds: uptime,
+            observed_ms,
+            received_ms: NOW,
+        }
+    }
+
+    fn stored(status: VmStatus) -> StoredVm {
+        StoredVm {
+            status,
+            status_since_ms: 5,
+            observed_at_ms: Some(NOW - 30_000),
+            cpu_percent: Some(95.0),
+            ram_used_bytes: Some(10),
+            ram_total_bytes: Some(100),
+            disk_max_percent: None,
+            uptime_seconds: Some(1000),
+            phase: RemediationPhase::Ok,
+            attempts: 0,
+            last_reset_ms: None,
+        }
+    }
+
+    #[test]
+    fn plan_table() {
+        let cfg = StatusConfig::default();
+        let fresh = plan(&stored(VmStatus::Down), &beat(NOW, 5.0, 10), NOW, &cfg);
+        assert!(fresh.takes_figures);
+        assert_eq!(fresh.change, Some((VmStatus::Down, VmStatus::Healthy)));
+        assert_eq!(fresh.status_since_ms, NOW);
+        assert_eq!(fresh.ends_incident, None);
+
+        // A replayed older report keeps the stored (hot) figures but refreshes liveness.
+        let replay = plan(
+            &stored(VmStatus::Down),
+            &beat(NOW - 60_000, 5.0, 10),
+            NOW,
+            &cfg,
+        );
+        assert!(!replay.takes_figures);
+        assert_eq!(replay.verdict.status, VmStatus::Warning);
+
+        let unchanged = plan(&stored(VmStatus::Healthy), &beat(NOW, 5.0, 10), NOW, &cfg);
+        assert_eq!((unchanged.change, unchanged.status_since_ms), (None, 5));
+    }
+
+    #[test]
+    fn a_report_after_the_reset_ends_the_incident() {
+        let cfg = StatusConfig::default();
+        let recovering = StoredVm {
+            phase: RemediationPhase::Recovering,
+            attempts: 1,
+            last_reset_ms: Some(NOW - 20_000),
+            ..stored(VmStatus::Down)
+        };
+        let after = plan(&recovering, &beat(NOW, 5.0, 15), NOW, &cfg);
+        assert_eq!(
+            after.ends_incident.as_deref(),
+            Some("recovered: reporting again after the reset (uptime 15s)")
+        );
+        let old = plan(&recovering, &beat(NOW - 30_000, 5.0, 15), NOW, &cfg);
+        assert_eq!(
+            old.ends_incident, None,
+            "a replay from before the reset proves nothing"
+        );
+        let no_restart = plan(&recovering, &beat(NOW, 5.0, 100_000), NOW, &cfg);
+        assert_eq!(
+            no_restart.ends_incident.as_deref(),
+            Some("recovered: reporting again")
+        );
+    }
+
+    #[test]
+    fn newest_observation_and_newest_receipt_per_vm() {
+        let mut late = beat(NOW - 10, 1.0, 1);
+        late.received_ms = NOW + 5;
+        let early = beat(NOW, 2.0, 1);
+        let batch = [(VmId(1), &late), (VmId(1), &early), (VmId(2), &early)];
+        let newest = newest_per_vm(&batch);
+        let (report, seen) = newest.get(&VmId(1)).unwrap();
+        assert_eq!((report.cpu_percent, *seen), (2.0, NOW + 5));
+        assert_eq!(newest.len(), 2);
+    }
+}

@@ -1,0 +1,20 @@
+//! The vm-healthcheck core: ids, stored states, the heartbeat contract and every pure decision.
+//!
+//! Nothing here does I/O. The server, the Proxmox client and the dashboard all build on it.
+
+pub mod enums;
+pub mod heartbeat;
+pub mod ids;
+pub mod ingest;
+pub mod link;
+pub mod policy;
+pub mod secret;
+pub mod status;
+pub mod view;
+
+pub use enums::{
+    AttemptOutcome, EventKind, GuestKind, LinkSource, Mode, OsKind, PowerAction, RemediationPhase,
+    TriggerSource, UnknownValue, VmStatus,
+};
+pub use ids::{AttemptId, GuestRef, InvalidId, NodeName, VmId, Vmid};
+pub use secret::Secret;

@@ -1,0 +1,124 @@
+//! What the pages and the REST API show: one shape for the browser and the server.
+
+use crate::enums::{
+    AttemptOutcome, EventKind, GuestKind, LinkSource, Mode, PowerAction, RemediationPhase,
+    TriggerSource, VmStatus,
+};
+use crate::ids::{AttemptId, NodeName, VmId, Vmid};
+use crate::status::StatusCounts;
+use serde::{Deserialize, Serialize};
+
+/// One filesystem as the agent reported it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DiskUsage {
+    pub mount: String,
+    pub used_bytes: i64,
+    pub total_bytes: i64,
+}
+
+/// The latest known state of one monitored VM.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmView {
+    pub id: VmId,
+    pub hostname: String,
+    pub os: String,
+    pub machine_id: Option<String>,
+    pub agent_version: Option<String>,
+    pub status: VmStatus,
+    pub status_since_ms: i64,
+    pub status_reason: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: Option<i64>,
+    pub observed_at_ms: Option<i64>,
+    pub cpu_percent: Option<f64>,
+    pub ram_used_bytes: Option<i64>,
+    pub ram_total_bytes: Option<i64>,
+    pub disk_used_bytes: Option<i64>,
+    pub disk_total_bytes: Option<i64>,
+    pub disk_max_percent: Option<f64>,
+    pub disks: Vec<DiskUsage>,
+    pub uptime_seconds: Option<i64>,
+    pub proxmox_node: Option<NodeName>,
+    pub proxmox_vmid: Option<Vmid>,
+    pub proxmox_type: Option<GuestKind>,
+    /// How the Proxmox link was found.
+    pub proxmox_link_source: Option<LinkSource>,
+    /// False when an operator opted this VM out of automatic resets.
+    pub auto_reset: bool,
+    pub remediation_phase: RemediationPhase,
+    pub phase_reason: Option<String>,
+    pub incident_attempts: i64,
+    pub last_reset_ms: Option<i64>,
+}
+
+/// Whether automatic remediation is acting, and why not when it is not.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RemediationSummary {
+    pub active: bool,
+    /// `live`, `shadow` or `off`.
+    pub mode: String,
+    pub reason: String,
+}
+
+/// Everything the fleet page shows, taken at one instant.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FleetSnapshot {
+    pub now_ms: i64,
+    pub counts: StatusCounts,
+    pub vms: Vec<VmView>,
+    pub remediation: RemediationSummary,
+}
+
+/// One downsampled point of a VM's metric history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricPoint {
+    pub t_ms: i64,
+    pub samples: i64,
+    pub cpu_avg: f64,
+    pub cpu_max: f64,
+    pub ram_percent_avg: f64,
+    pub disk_percent_avg: Option<f64>,
+    pub uptime_max: i64,
+}
+
+/// One recorded status change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusChange {
+    pub id: i64,
+    pub vm_id: VmId,
+    pub from_status: VmStatus,
+    pub to_status: VmStatus,
+    pub at_ms: i64,
+    pub reason: String,
+}
+
+/// One reset or shutdown attempt, as the history shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResetAttempt {
+    pub id: AttemptId,
+    pub vm_id: VmId,
+    pub action: PowerAction,
+    pub trigger_source: TriggerSource,
+    pub requested_by: Option<String>,
+    pub mode: Mode,
+    pub proxmox_node: Option<NodeName>,
+    pub proxmox_vmid: Option<Vmid>,
+    pub upid: Option<String>,
+    pub outcome: AttemptOutcome,
+    pub error: Option<String>,
+    /// What the decision was based on (JSON), for automatic attempts.
+    pub evidence_json: Option<String>,
+    pub created_ms: i64,
+    pub sent_ms: Option<i64>,
+    pub finished_ms: Option<i64>,
+}
+
+/// One fleet-level event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: i64,
+    pub at_ms: i64,
+    pub kind: EventKind,
+    pub vm_id: Option<VmId>,
+    pub message: String,
+}

@@ -1,0 +1,11 @@
+ALTER TABLE vms DROP CONSTRAINT vms_status_check;
+ALTER TABLE vms DROP CONSTRAINT vms_remediation_phase_check;
+ALTER TABLE vms DROP CONSTRAINT vms_proxmox_type_check;
+ALTER TABLE vms DROP CONSTRAINT vms_proxmox_link_source_check;
+ALTER TABLE reset_attempts DROP CONSTRAINT reset_attempts_action_check;
+ALTER TABLE reset_attempts DROP CONSTRAINT reset_attempts_trigger_source_check;
+ALTER TABLE reset_attempts DROP CONSTRAINT reset_attempts_mode_check;
+ALTER TABLE reset_attempts DROP CONSTRAINT reset_attempts_outcome_check;
+ALTER TABLE status_changes DROP CONSTRAINT status_changes_from_status_check;
+ALTER TABLE status_changes DROP CONSTRAINT status_changes_to_status_check;
+ALTER TABLE events DROP CONSTRAINT events_kind_check;

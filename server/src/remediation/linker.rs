@@ -1,0 +1,154 @@
+//! Keeps each VM's Proxmox link current (see `domain::link`) and follows migrations.
+
+use super::Ctx;
+use crate::cache;
+use crate::db::incidents;
+use crate::db::store::{self, VmRow};
+use domain::link::{self, ClusterGuest, LinkSubject};
+use domain::policy::GuestState;
+use domain::{GuestKind, GuestRef, LinkSource, Vmid};
+use proxmox::{ProxmoxApi, PveError};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, Ordering};
+
+#[derive(Default)]
+pub struct Linker {
+    /// SMBIOS uuid per VMID (`None`: the guest has none), for zero-configuration linking.
+    uuids: Mutex<HashMap<Vmid, Option<String>>>,
+    last_refresh_ms: AtomicI64,
+}
+
+fn subject(row: &VmRow) -> LinkSubject<'_> {
+    LinkSubject {
+        hostname: &row.hostname,
+        machine_id: row.machine_id.as_deref(),
+        reported_vmid: row.reported_vmid.and_then(|v| Vmid::try_from(v).ok()),
+        current: row.guest().zip(row.link_source()),
+    }
+}
+
+impl Linker {
+    /// Refreshes every link when the refresh interval has passed.
+    pub async fn refresh_if_due(&self, ctx: &Ctx, pve: &dyn ProxmoxApi, now_ms: i64) {
+        let every = i64::try_from(ctx.timing.link_refresh.as_millis()).unwrap_or(i64::MAX);
+        if now_ms.saturating_sub(self.last_refresh_ms.load(Ordering::Acquire)) < every {
+            return;
+        }
+        self.last_refresh_ms.store(now_ms, Ordering::Release);
+        if let Err(err) = self.refresh(ctx, pve).await {
+            tracing::warn!(error = %err, "could not refresh Proxmox links");
+        }
+    }
+
+    async fn refresh(&self, ctx: &Ctx, pve: &dyn ProxmoxApi) -> anyhow::Result<()> {
+        let guests = pve.cluster_guests().await?;
+        let rows = {
+            let mut conn = ctx.db.conn().await?;
+            store::list_rows(&mut conn).await?
+        };
+        let uuids = self.known_uuids(pve, &guests, &rows).await;
+        let mut changed = Vec::new();
+        let mut conn = ctx.db.conn().await?;
+        for row in &rows {
+            let subject = subject(row);
+            let found = link::resolve(&subject, &guests, &uuids);
+            if link::should_replace(subject.current.as_ref(), found.as_ref()) {
+                incidents::set_link(&mut conn, row.vm_id(), found.as_ref()).await?;
+                changed.push(row.vm_id());
+            }
+        }
+        drop(conn);
+        cache::refresh(&ctx.db, &ctx.cache, &changed).await;
+        Ok(())
+    }
+
+    /// SMBIOS uuids rarely change: each guest's config is read once, then kept while the
+    /// guest exists, so a large cluster costs one config call per new guest.
+    async fn known_uuids(
+        &self,
+        pve: &dyn ProxmoxApi,
+        guests: &[ClusterGuest],
+        rows: &[VmRow],
+    ) -> HashMap<Vmid, String> {
+        let mut uuids = self.uuids.lock().map(|u| u.clone()).unwrap_or_default();
+        uuids.retain(|vmid, _| guests.iter().any(|g| g.guest.vmid == *vmid));
+        let wanted = rows.iter().any(|r| {
+            r.machine_id.is_some()
+                && r.reported_vmid.is_none()
+                && r.link_source() != Some(LinkSource::Manual)
+        });
+        if wanted {
+            let unknown: Vec<&ClusterGuest> = guests
+                .iter()
+                .filter(|g| {
+                    g.guest.kind == GuestKind::Qemu
+                        && !g.template
+                        && !uuids.contains_key(&g.guest.vmid)
+                })
+                .collect();
+            for g in unknown {
+                match pve.smbios_uuid(&g.guest.node, g.guest.vmid).await {
+                    Ok(uuid) => {
+                        uuids.insert(g.guest.vmid, uuid);
+                    }
+                    Err(err) => {
+                        tracing::debug!(vmid = %g.guest.vmid, error = %err, "no config for uuid matching");
+                    }
+                }
+            }
+        }
+        if let Ok(mut cached) = self.uuids.lock() {
+            cached.clone_from(&uuids);
+        }
+        uuids
+            .into_iter()
+            .filter_map(|(vmid, uuid)| Some((vmid, uuid?)))
+            .collect()
+    }
+
+    /// `status/current`, re-resolving the node once if the VM migrated.
+    pub async fn state_following_migration(
+        &self,
+        ctx: &Ctx,
+        pve: &dyn ProxmoxApi,
+        row: &VmRow,
+        guest: GuestRef,
+    ) -> Result<(GuestRef, GuestState), PveError> {
+        match pve.guest_state(&guest).await {
+            Ok(state) => Ok((guest, state)),
+            Err(PveError::VmNotFound(_)) => {
+                let moved = self.relocate(ctx, pve, row, &guest).await?;
+                let state = pve.guest_state(&moved).await?;
+                Ok((moved, state))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Finds a guest's current node through the cluster list and stores the new link.
+    pub async fn relocate(
+        &self,
+        ctx: &Ctx,
+        pve: &dyn ProxmoxApi,
+        row: &VmRow,
+        guest: &GuestRef,
+    ) -> Result<GuestRef, PveError> {
+        let guests = pve.cluster_guests().await?;
+        let found = link::relocate(guest, &guests).ok_or_else(|| {
+            PveError::VmNotFound(format!("VM {} is no longer in the cluster", guest.vmid))
+        })?;
+        tracing::info!(vm_id = %row.id, from = %guest.node, to = %found.node, "VM migrated; link updated");
+        let source = row.link_source().unwrap_or(LinkSource::Manual);
+        match ctx.db.conn().await {
+            Ok(mut conn) => {
+                let stored = (found.clone(), source);
+                if let Err(err) = incidents::set_link(&mut conn, row.vm_id(), Some(&stored)).await {
+                    tracing::warn!(error = %err, "could not store the new link");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "could not store the new link"),
+        }
+        Ok(found)
+    }
+}

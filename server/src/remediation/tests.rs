@@ -1,0 +1,622 @@
+//! Engine unit tests: a scripted Proxmox, a manual clock and a SQLite file; no sleeps.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+use super::*;
+use crate::clock::ManualClock;
+use crate::db::incidents::Expected;
+use crate::ingest::write_batch;
+use domain::heartbeat::Heartbeat;
+use domain::status::StatusConfig;
+use domain::{GuestKind, LinkSource, NodeName, OsKind, Vmid};
+use proxmox::{PveFuture, TaskState};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+const T0: i64 = 1_800_000_000_000;
+const STALE: i64 = 60_000;
+
+/// Proxmox as a script: per-guest states, queued task outcomes, and a log of every POST.
+#[derive(Default)]
+struct ScriptedPve {
+    guests: Mutex<Vec<domain::link::ClusterGuest>>,
+    states: Mutex<HashMap<i64, GuestState>>,
+    /// Outcome of each task, in order of the power actions; empty means success.
+    task_outcomes: Mutex<VecDeque<TaskState>>,
+    upids: Mutex<HashMap<String, TaskState>>,
+    posts: Mutex<Vec<(i64, PowerAction)>>,
+    /// A heartbeat stored while `guest_state` is answering, as a slow Proxmox allows.
+    report_during_status: Mutex<Option<(Db, Heartbeat)>>,
+}
+
+impl ScriptedPve {
+    fn set_state(&self, vmid: i64, state: GuestState) {
+        self.states.lock().unwrap().insert(vmid, state);
+    }
+
+    fn posts(&self) -> Vec<(i64, PowerAction)> {
+        self.posts.lock().unwrap().clone()
+    }
+
+    fn fail_next_tasks(&self, n: usize) {
+        let mut q = self.task_outcomes.lock().unwrap();
+        for _ in 0..n {
+            q.push_back(TaskState::Failed("VM is locked (backup)".into()));
+        }
+    }
+}
+
+impl ProxmoxApi for ScriptedPve {
+    fn cluster_guests(&self) -> PveFuture<'_, Vec<domain::link::ClusterGuest>> {
+        Box::pin(async { Ok(self.guests.lock().unwrap().clone()) })
+    }
+
+    fn guest_state<'a>(&'a self, guest: &'a GuestRef) -> PveFuture<'a, GuestState> {
+        Box::pin(async move {
+            let pending = self.report_during_status.lock().unwrap().take();
+            if let Some((db, beat)) = pending {
+                write_batch(&db, &[beat], &status_config()).await.unwrap();
+            }
+            let states = self.states.lock().unwrap();
+            Ok(states
+                .get(&guest.vmid.get())
+                .cloned()
+                .unwrap_or_else(GuestState::running))
+        })
+    }
+
+    fn smbios_uuid<'a>(&'a self, _: &'a NodeName, _: Vmid) -> PveFuture<'a, Option<String>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn power_action<'a>(
+        &'a self,
+        guest: &'a GuestRef,
+        action: PowerAction,
+    ) -> PveFuture<'a, String> {
+        Box::pin(async move {
+            let mut posts = self.posts.lock().unwrap();
+            posts.push((guest.vmid.get(), action));
+            let upid = format!(
+                "UPID:{}:{:08X}:qmreset:{}:",
+                guest.node,
+                posts.len(),
+                guest.vmid
+            );
+            let outcome = self
+                .task_outcomes
+                .lock()
+                .unwrap()
+                .pop_front()
+                .unwrap_or_else(|| TaskState::Succeeded("OK".into()));
+            self.upids.lock().unwrap().insert(upid.clone(), outcome);
+            Ok(upid)
+        })
+    }
+
+    fn task_state<'a>(&'a self, upid: &'a str) -> PveFuture<'a, TaskState> {
+        Box::pin(async move {
+            Ok(self
+                .upids
+                .lock()
+                .unwrap()
+                .get(upid)
+                .cloned()
+                .unwrap_or(TaskState::Running))
+        })
+    }
+}
+
+fn status_config() -> StatusConfig {
+    StatusConfig {
+        stale_timeout_ms: STALE,
+        report_interval_seconds: 10,
+        ..StatusConfig::default()
+    }
+}
+
+struct Rig {
+    engine: Arc<Engine>,
+    pve: Arc<ScriptedPve>,
+    clock: ManualClock,
+    db: Db,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(cfg: RemediationConfig) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("engine.db").display());
+    let db = Db::connect(&url, 4).await.unwrap();
+    let pve = Arc::new(ScriptedPve::default());
+    let clock = ManualClock::new(T0);
+    let engine = engine_on(&db, &pve, &clock, cfg, JobHealth::default());
+    Rig {
+        engine,
+        pve,
+        clock,
+        db,
+        _dir: dir,
+    }
+}
+
+fn engine_on(
+    db: &Db,
+    pve: &Arc<ScriptedPve>,
+    clock: &ManualClock,
+    cfg: RemediationConfig,
+    health: JobHealth,
+) -> Arc<Engine> {
+    let ctx = Ctx {
+        db: db.clone(),
+        cache: Arc::new(StateCache::new(None).unwrap()),
+        status_config: SharedStatusConfig::new(status_config()),
+        cfg,
+        pve: Some(Arc::<ScriptedPve>::clone(pve)),
+        unavailable: None,
+        clock: Arc::new(clock.clone()),
+        timing: Timing {
+            task_timeout: Duration::from_secs(60),
+            task_poll: Duration::from_secs(1),
+            link_refresh: Duration::from_secs(3600),
+        },
+        health,
+    };
+    Arc::new(Engine::new(ctx, Leader::Always))
+}
+
+fn quick() -> RemediationConfig {
+    RemediationConfig {
+        backoff_base_ms: 1_000,
+        recovery_timeout_ms: 30_000,
+        ..RemediationConfig::default()
+    }
+}
+
+fn beat(host: &str, vmid: i64, at: i64, uptime: i64) -> Heartbeat {
+    Heartbeat {
+        hostname: host.into(),
+        os: OsKind::Linux,
+        machine_id: None,
+        vmid: Some(Vmid::try_from(vmid).unwrap()),
+        node: None,
+        agent_version: None,
+        cpu_percent: 5.0,
+        ram_used_bytes: 10,
+        ram_total_bytes: 100,
+        disks: Vec::new(),
+        disk_used_bytes: 0,
+        disk_total_bytes: 0,
+        disk_max_percent: None,
+        uptime_seconds: uptime,
+        observed_ms: at,
+        received_ms: at,
+    }
+}
+
+impl Rig {
+    /// A VM that reported at `at`, linked to guest `vmid` on pve1.
+    async fn vm(&self, host: &str, vmid: i64, at: i64) -> VmId {
+        let stored = write_batch(&self.db, &[beat(host, vmid, at, 1_000)], &status_config())
+            .await
+            .unwrap();
+        let id = stored[0].vm_id;
+        let guest = GuestRef {
+            node: "pve1".parse().unwrap(),
+            vmid: Vmid::try_from(vmid).unwrap(),
+            kind: GuestKind::Qemu,
+        };
+        self.pve
+            .guests
+            .lock()
+            .unwrap()
+            .push(domain::link::ClusterGuest {
+                guest: guest.clone(),
+                name: Some(host.into()),
+                template: false,
+            });
+        let mut conn = self.db.conn().await.unwrap();
+        incidents::set_link(&mut conn, id, Some(&(guest, LinkSource::Report)))
+            .await
+            .unwrap();
+        id
+    }
+
+    async fn report(&self, host: &str, vmid: i64, uptime: i64) {
+        let now = self.clock.now_ms();
+        write_batch(&self.db, &[beat(host, vmid, now, uptime)], &status_config())
+            .await
+            .unwrap();
+    }
+
+    /// Scheduler rounds every 5 s of clock time up to `t` (the engine treats a longer
+    /// gap as its own outage and restarts the amnesty).
+    async fn run_to(&self, t: i64) {
+        self.run_engine_to(&self.engine, t).await;
+    }
+
+    async fn run_engine_to(&self, engine: &Arc<Engine>, t: i64) {
+        while self.clock.now_ms() < t {
+            let step = (t - self.clock.now_ms()).min(5_000);
+            self.clock.advance(step);
+            self.round_of(engine).await;
+        }
+    }
+
+    /// The scheduler's round at the clock's time: stale check, then the engine.
+    async fn round(&self) {
+        self.round_of(&self.engine).await;
+    }
+
+    async fn round_of(&self, engine: &Arc<Engine>) {
+        let now = self.clock.now_ms();
+        let mut conn = self.db.conn().await.unwrap();
+        let rows = store::overdue_rows(&mut conn, STALE, now).await.unwrap();
+        let verdicts = crate::scheduler::judge(&rows, &status_config(), now);
+        store::apply_verdicts(&mut conn, &verdicts, now)
+            .await
+            .unwrap();
+        drop(conn);
+        engine.tick(now).await.unwrap();
+    }
+
+    /// An intent written as by a process that died before Proxmox answered.
+    async fn open_intent(&self, id: VmId, at: i64) {
+        let mut conn = self.db.conn().await.unwrap();
+        let row = store::get_row(&mut conn, id).await.unwrap().unwrap();
+        let intent = NewAttempt {
+            vm_id: id,
+            action: PowerAction::Reset,
+            trigger_source: TriggerSource::Scheduler,
+            requested_by: None,
+            mode: Mode::Live,
+            guest: row.guest(),
+            outcome: AttemptOutcome::Pending,
+            error: None,
+            evidence_json: None,
+            created_ms: at,
+        };
+        let expected = Expected {
+            phase: row.phase(),
+            attempts: row.incident_attempts,
+            still_down_since: None,
+        };
+        incidents::begin_attempt(&mut conn, &expected, true, "reset", &intent)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    async fn row(&self, id: VmId) -> VmRow {
+        let mut conn = self.db.conn().await.unwrap();
+        store::get_row(&mut conn, id).await.unwrap().unwrap()
+    }
+
+    /// Lets follower tasks run until the VM leaves `reset_pending` (bounded, no sleeps).
+    async fn settle(&self, id: VmId) -> VmRow {
+        for _ in 0..1_000 {
+            let row = self.row(id).await;
+            if row.phase() != RemediationPhase::ResetPending {
+                return row;
+            }
+            tokio::task::yield_now().await;
+        }
+        panic!("the task follower never finished");
+    }
+
+    async fn history(&self, id: VmId) -> Vec<domain::view::ResetAttempt> {
+        let mut conn = self.db.conn().await.unwrap();
+        store::reset_history(&mut conn, id).await.unwrap()
+    }
+
+    async fn events(&self) -> Vec<domain::EventKind> {
+        let mut conn = self.db.conn().await.unwrap();
+        incidents::recent_events(&mut conn, 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+}
+
+/// Past the start-up amnesty and the VM's stale timeout.
+const LATER: i64 = 2 * STALE + 1_000;
+
+#[tokio::test]
+async fn one_reset_then_recovery() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    r.run_to(T0 + STALE).await;
+    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Reset)]);
+    let row = r.settle(id).await;
+    assert_eq!(row.phase(), RemediationPhase::Recovering);
+    let history = r.history(id).await;
+    assert_eq!(history[0].outcome, AttemptOutcome::Ok);
+    assert_eq!(history[0].trigger_source, TriggerSource::Scheduler);
+    // Another round while recovering sends nothing more.
+    r.clock.advance(1_000);
+    r.round().await;
+    assert_eq!(r.pve.posts().len(), 1);
+    // A fresh heartbeat with a small uptime ends the incident.
+    r.report("web", 100, 20).await;
+    let row = r.row(id).await;
+    assert_eq!(
+        (row.phase(), row.incident_attempts),
+        (RemediationPhase::Ok, 0)
+    );
+    assert!(row.phase_reason.unwrap().contains("after the reset"));
+}
+
+#[tokio::test]
+async fn failed_resets_back_off_doubling_then_latch_manual() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    r.pve.fail_next_tasks(3);
+    r.run_to(T0 + STALE).await;
+    let row = r.settle(id).await;
+    assert_eq!(row.next_action_ms, Some(r.clock.now_ms() + 1_000));
+    // Not before the first backoff (1 s)...
+    r.clock.advance(999);
+    r.round().await;
+    assert_eq!(r.pve.posts().len(), 1);
+    r.clock.advance(1);
+    r.round().await;
+    assert_eq!(r.pve.posts().len(), 2);
+    let row = r.settle(id).await;
+    // ...then twice as long (2 s).
+    assert_eq!(row.next_action_ms, Some(r.clock.now_ms() + 2_000));
+    r.clock.advance(1_999);
+    r.round().await;
+    assert_eq!(r.pve.posts().len(), 2);
+    r.clock.advance(1);
+    r.round().await;
+    let row = r.settle(id).await;
+    assert_eq!(row.phase(), RemediationPhase::Manual);
+    assert_eq!(row.incident_attempts, 3);
+    let later = r.clock.now_ms() + 600_000;
+    r.run_to(later).await;
+    assert_eq!(
+        r.pve.posts().len(),
+        3,
+        "manual is latched until acknowledged"
+    );
+    assert!(r.engine.acknowledge(id).await.unwrap());
+    assert_eq!(r.row(id).await.phase(), RemediationPhase::Ok);
+}
+
+#[tokio::test]
+async fn nothing_is_reset_during_the_amnesty() {
+    let r = rig(quick()).await;
+    r.vm("web", 100, T0 - 10 * STALE).await;
+    // The VM is long stale, but this engine started at T0.
+    r.run_to(T0 + STALE - 1).await;
+    assert!(r.pve.posts().is_empty());
+    assert!(!r.engine.summary(r.clock.now_ms()).active);
+    r.run_to(T0 + STALE).await;
+    assert_eq!(r.pve.posts().len(), 1);
+}
+
+#[tokio::test]
+async fn the_breaker_trips_on_mass_staleness_and_clears() {
+    let r = rig(quick()).await;
+    r.vm("a", 100, T0).await;
+    r.vm("b", 101, T0).await;
+    r.vm("c", 102, T0 + LATER).await;
+    r.vm("d", 103, T0 + LATER).await;
+    let others = || async {
+        r.report("b", 101, 5_000).await;
+        r.report("c", 102, 5_000).await;
+        r.report("d", 103, 5_000).await;
+    };
+    r.run_to(T0 + LATER).await;
+    assert!(
+        r.pve.posts().is_empty(),
+        "2 of 4 stale is a storm, not two hung VMs"
+    );
+    assert_eq!(r.events().await, vec![domain::EventKind::BreakerTripped]);
+    assert!(r.engine.summary(r.clock.now_ms()).reason.contains("paused"));
+    // Most of the fleet comes back; `a` stays silent. The breaker clears and a new
+    // amnesty starts, so `a` is not reset at once.
+    r.clock.advance(1_000);
+    others().await;
+    r.round().await;
+    assert_eq!(r.events().await[0], domain::EventKind::BreakerReset);
+    assert!(r.pve.posts().is_empty());
+    let cleared = r.clock.now_ms();
+    r.run_to(cleared + STALE - 1_000).await;
+    assert!(r.pve.posts().is_empty(), "still within the amnesty");
+    r.clock.advance(1_000);
+    others().await;
+    r.round().await;
+    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Reset)]);
+}
+
+#[tokio::test]
+async fn guests_proxmox_reports_as_off_paused_template_locked_or_ha_are_never_reset() {
+    let r = rig(quick()).await;
+    let screens = [
+        (100, GuestPower::Stopped, None, false, false, "stopped"),
+        (
+            101,
+            GuestPower::Suspended("paused".into()),
+            None,
+            false,
+            false,
+            "paused",
+        ),
+        (102, GuestPower::Running, None, true, false, "template"),
+        (
+            103,
+            GuestPower::Running,
+            Some("backup"),
+            false,
+            false,
+            "locked",
+        ),
+        (104, GuestPower::Running, None, false, true, "HA"),
+    ];
+    let mut ids = Vec::new();
+    for (vmid, power, lock, template, ha, _) in &screens {
+        ids.push(r.vm(&format!("vm{vmid}"), *vmid, T0).await);
+        r.pve.set_state(
+            *vmid,
+            GuestState {
+                power: power.clone(),
+                lock: lock.map(str::to_owned),
+                template: *template,
+                ha_managed: *ha,
+                uptime_seconds: None,
+            },
+        );
+    }
+    // Five of five stale would trip the breaker: a healthy majority keeps it quiet.
+    for n in 0..12 {
+        r.vm(&format!("ok{n}"), 200 + n, T0 + LATER).await;
+    }
+    r.run_to(T0 + STALE).await;
+    assert!(r.pve.posts().is_empty(), "{:?}", r.pve.posts());
+    for (id, (_, _, _, _, _, what)) in ids.iter().zip(&screens) {
+        let reason = r.row(*id).await.phase_reason.unwrap_or_default();
+        assert!(!reason.is_empty(), "{what}: a reason is recorded");
+    }
+    let locked = r.row(ids[3]).await;
+    assert!(locked.phase_reason.unwrap().contains("locked"));
+    assert_eq!(
+        r.history(ids[3]).await.len(),
+        0,
+        "a lock is waited out, not logged"
+    );
+    assert_eq!(
+        r.history(ids[4]).await[0].outcome,
+        AttemptOutcome::LeftAlone
+    );
+}
+
+#[tokio::test]
+async fn shadow_mode_records_and_sends_nothing() {
+    let cfg = RemediationConfig {
+        mode: Mode::Shadow,
+        ..quick()
+    };
+    let r = rig(cfg).await;
+    let id = r.vm("web", 100, T0).await;
+    r.run_to(T0 + STALE).await;
+    assert!(r.pve.posts().is_empty());
+    let history = r.history(id).await;
+    assert_eq!(history[0].outcome, AttemptOutcome::WouldReset);
+    assert_eq!(history[0].mode, Mode::Shadow);
+    assert_eq!(r.row(id).await.phase(), RemediationPhase::Ok);
+}
+
+#[tokio::test]
+async fn a_vm_that_reports_while_its_reset_is_decided_is_not_reset() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    r.run_to(T0 + STALE - 5_000).await;
+    // The heartbeat lands between the stale verdict and the compare-and-set.
+    *r.pve.report_during_status.lock().unwrap() =
+        Some((r.db.clone(), beat("web", 100, T0 + STALE, 5_000)));
+    r.run_to(T0 + STALE).await;
+    assert!(
+        r.pve.report_during_status.lock().unwrap().is_none(),
+        "the round asked Proxmox about the VM"
+    );
+    assert!(
+        r.pve.posts().is_empty(),
+        "reset sent to a VM that just reported"
+    );
+    assert!(r.history(id).await.is_empty());
+    let row = r.row(id).await;
+    assert_eq!(
+        (row.status(), row.phase()),
+        (domain::VmStatus::Healthy, RemediationPhase::Ok)
+    );
+}
+
+#[tokio::test]
+async fn a_crash_between_intent_and_outcome_is_not_reset_twice() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    r.clock.set(T0 + LATER);
+    // Mark it stale, then write an intent as a process that died before the POST would.
+    let mut conn = r.db.conn().await.unwrap();
+    let rows = store::overdue_rows(&mut conn, STALE, T0 + LATER)
+        .await
+        .unwrap();
+    let verdicts = crate::scheduler::judge(&rows, &status_config(), T0 + LATER);
+    store::apply_verdicts(&mut conn, &verdicts, T0 + LATER)
+        .await
+        .unwrap();
+    drop(conn);
+    r.open_intent(id, T0 + LATER).await;
+    // A new process (new engine) starts on the same database and waits out its amnesty.
+    let patient = RemediationConfig {
+        recovery_timeout_ms: 600_000,
+        ..quick()
+    };
+    let restarted = engine_on(&r.db, &r.pve, &r.clock, patient, JobHealth::default());
+    let later = r.clock.now_ms() + STALE;
+    r.run_engine_to(&restarted, later).await;
+    assert!(
+        r.pve.posts().is_empty(),
+        "the interrupted reset must not be sent again"
+    );
+    assert_eq!(r.history(id).await[0].outcome, AttemptOutcome::Interrupted);
+    assert_eq!(r.row(id).await.phase(), RemediationPhase::Recovering);
+}
+
+#[tokio::test]
+async fn an_unknown_stored_phase_fails_the_round_and_resets_nothing() {
+    use diesel_async::SimpleAsyncConnection;
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    let mut conn = r.db.conn().await.unwrap();
+    let crate::db::Conn::Sqlite(c) = &mut conn else {
+        unreachable!("the rig uses SQLite")
+    };
+    let refused = c
+        .batch_execute(&format!(
+            "UPDATE vms SET remediation_phase = 'rebooting' WHERE id = {id}"
+        ))
+        .await;
+    assert!(
+        refused.is_err(),
+        "the CHECK trigger refuses an unknown phase"
+    );
+    c.batch_execute("DROP TRIGGER vms_remediation_phase_check_update")
+        .await
+        .unwrap();
+    c.batch_execute(&format!(
+        "UPDATE vms SET remediation_phase = 'rebooting' WHERE id = {id}"
+    ))
+    .await
+    .unwrap();
+    drop(conn);
+    r.clock.set(T0 + LATER);
+    let now = r.clock.now_ms();
+    assert!(
+        r.engine.tick(now).await.is_err(),
+        "an unreadable state is an error"
+    );
+    assert!(r.pve.posts().is_empty());
+}
+
+#[tokio::test]
+async fn becoming_leader_again_reconciles_what_another_replica_left_open() {
+    use std::sync::atomic::AtomicBool;
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    let leading = Arc::new(AtomicBool::new(true));
+    let ctx = r.engine.ctx.clone();
+    let engine = Arc::new(Engine::new(ctx, Leader::Manual(leading.clone())));
+    engine.tick(T0 + 1_000).await.unwrap();
+    // Another replica leads for a while and dies between intent and outcome.
+    leading.store(false, Ordering::Release);
+    engine.tick(T0 + 2_000).await.unwrap();
+    r.open_intent(id, T0 + 2_500).await;
+    // This process leads again: the open attempt is reconciled, not left pending.
+    leading.store(true, Ordering::Release);
+    engine.tick(T0 + 3_000).await.unwrap();
+    assert_eq!(r.history(id).await[0].outcome, AttemptOutcome::Interrupted);
+    assert_eq!(r.row(id).await.phase(), RemediationPhase::Recovering);
+}
