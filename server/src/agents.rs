@@ -1,11 +1,11 @@
 //! Serves the agent scripts and installers, compiled into the binary so any server can hand
 //! them out (`curl -fsSL http://SERVER:3000/agents/install.sh | sudo bash -s -- ...`).
 
+use axum::Router;
 use axum::extract::Path;
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
 
 const FILES: &[(&str, &str, &str)] = &[
     (

@@ -1,8 +1,8 @@
 //! Agent and admin bearer tokens: generated on first start when unset, stored only as hashes.
 
 use crate::config::{Config, Secret};
-use crate::db::{store, Db, DbError};
-use axum::http::{header, HeaderMap};
+use crate::db::{Db, DbError, store};
+use axum::http::{HeaderMap, header};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
@@ -28,6 +28,22 @@ impl Role {
             Role::Admin => "admin",
         }
     }
+
+    /// How history and logs name whoever holds this role's shared token.
+    pub fn credential_name(self) -> &'static str {
+        match self {
+            Role::Agent => "agent token",
+            Role::Admin => "admin token",
+        }
+    }
+}
+
+/// Who made an authenticated request: the role it proved and the credential that proved it.
+/// With shared tokens the name is the token's; per-user logins will name the user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub role: Role,
+    pub name: &'static str,
 }
 
 /// Tokens are 256 random bits, so one SHA-256 round is enough: a slow password hash
@@ -43,6 +59,14 @@ impl Credentials {
         Ok(Self {
             agent_hash: resolve(db, config, Role::Agent, config.agent_token.as_ref()).await?,
             admin_hash: resolve(db, config, Role::Admin, config.admin_token.as_ref()).await?,
+        })
+    }
+
+    /// The caller, when the request's `Authorization: Bearer` token is this role's token.
+    pub fn authenticate(&self, role: Role, headers: &HeaderMap) -> Option<Caller> {
+        self.allows(role, headers).then(|| Caller {
+            role,
+            name: role.credential_name(),
         })
     }
 
@@ -158,6 +182,18 @@ mod tests {
         assert!(!creds.allows(Role::Agent, &headers("Basic agent-1")));
         assert!(!creds.allows(Role::Agent, &headers("Bearer ")));
         assert!(!creds.allows(Role::Agent, &HeaderMap::new()));
+        let admin = creds.authenticate(Role::Admin, &headers("Bearer admin-1"));
+        assert_eq!(
+            admin,
+            Some(Caller {
+                role: Role::Admin,
+                name: "admin token"
+            })
+        );
+        assert_eq!(
+            creds.authenticate(Role::Admin, &headers("Bearer agent-1")),
+            None
+        );
     }
 
     #[test]

@@ -1,0 +1,170 @@
+//! Extractors: who is calling, which VM a path names, query strings and size-limited bodies.
+//!
+//! Each rejects with an [`ApiError`], so every failure answers in the API's JSON.
+
+use super::error::{ApiError, FieldError};
+use crate::auth::{Caller, Role};
+use crate::state::AppState;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use domain::heartbeat::MAX_REPORT_BYTES;
+use domain::{InvalidId, VmId};
+use serde::de::DeserializeOwned;
+
+/// Checks the request's bearer token against `role`'s credential.
+fn authenticate(state: &AppState, parts: &Parts, role: Role) -> Result<Caller, ApiError> {
+    state
+        .credentials
+        .authenticate(role, &parts.headers)
+        .ok_or(ApiError::Unauthorized)
+}
+
+/// A caller holding the admin credential; anyone else gets 401.
+#[derive(Clone, Copy, Debug)]
+pub struct Admin(pub Caller);
+
+/// A caller holding the agent credential (heartbeat reports); anyone else gets 401.
+#[derive(Clone, Copy, Debug)]
+pub struct Agent(pub Caller);
+
+impl FromRequestParts<AppState> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(state, parts, Role::Admin).map(Admin)
+    }
+}
+
+impl FromRequestParts<AppState> for Agent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        authenticate(state, parts, Role::Agent).map(Agent)
+    }
+}
+
+/// The VM named by a route's one `{id}` segment; anything but a positive integer is a 400
+/// naming `id`.
+#[derive(Clone, Copy, Debug)]
+pub struct VmPath(pub VmId);
+
+impl<S: Send + Sync> FromRequestParts<S> for VmPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let raw = match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(raw)) => raw,
+            // A route without exactly one parameter: our bug, not the client's.
+            Err(rejection) if rejection.status().is_server_error() => {
+                return Err(ApiError::Internal(format!(
+                    "VmPath on a route it does not fit: {}",
+                    rejection.body_text()
+                )));
+            }
+            // Undecodable segments (bad percent-encoding, not UTF-8) are not ids either.
+            Err(_) => {
+                return Err(ApiError::field(
+                    "id",
+                    InvalidId("must be a positive integer"),
+                ));
+            }
+        };
+        raw.parse::<VmId>().field("id").map(VmPath)
+    }
+}
+
+/// Query parameters; a malformed query string is a 400 in the API's JSON.
+#[derive(Debug)]
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(value)| QueryParams(value))
+            .map_err(|rejection| ApiError::field("query", rejection.body_text()))
+    }
+}
+
+/// The raw request body, within the route's `DefaultBodyLimit`; over it is a 413.
+#[derive(Debug)]
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(req, state)
+            .await
+            .map(RawBody)
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    // Every API route shares this limit (see `super::router`).
+                    ApiError::PayloadTooLarge(MAX_REPORT_BYTES)
+                } else {
+                    ApiError::field("body", rejection.body_text())
+                }
+            })
+    }
+}
+
+/// A JSON body; errors name the field that was wrong (`"cpu_threshold: invalid type..."`).
+/// The content type is not checked: agents and scripts send JSON without always saying so.
+#[derive(Debug)]
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let RawBody(body) = RawBody::from_request(req, state).await?;
+        parse_json(&body).map(JsonBody)
+    }
+}
+
+/// Deserializes `body`, naming the path of the first wrong field, or `body` for the whole.
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        // Broken JSON has no field to name (serde_path_to_error says `?` or `.`).
+        if path == "." || path == "?" || inner.is_syntax() || inner.is_eof() {
+            ApiError::field("body", inner)
+        } else {
+            ApiError::field(&path, inner)
+        }
+    })?;
+    // One document per body: `{...} garbage` is refused, not half read.
+    deserializer.end().map_err(|e| ApiError::field("body", e))?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Patch {
+        cpu_threshold: Option<f64>,
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let ok = parse_json::<Patch>(br#"{"cpu_threshold": 1}"#).unwrap();
+        assert_eq!(ok.cpu_threshold, Some(1.0));
+        let err = parse_json::<Patch>(br#"{"cpu_threshold": "high"}"#).unwrap_err();
+        assert!(err.public_message().starts_with("cpu_threshold: "), "{err}");
+        let err = parse_json::<Patch>(b"{").unwrap_err();
+        assert!(err.public_message().starts_with("body: "), "{err}");
+        let err = parse_json::<Patch>(br#"{} {}"#).unwrap_err();
+        assert!(err.public_message().starts_with("body: trailing"), "{err}");
+    }
+}

@@ -1,0 +1,88 @@
+//! `GET /api/health`: storage, cache, background jobs and remediation at a glance.
+
+use crate::cache::CacheHealth;
+use crate::db::store;
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use domain::view::RemediationSummary;
+use serde::Serialize;
+
+#[derive(Serialize)]
+pub struct HealthReport {
+    status: &'static str,
+    database: ComponentHealth,
+    redis: &'static str,
+    remediation: RemediationSummary,
+    jobs: JobsHealth,
+    version: &'static str,
+}
+
+#[derive(Serialize)]
+struct ComponentHealth {
+    backend: &'static str,
+    ok: bool,
+}
+
+/// Seconds since each background job last did its work (`None`: not yet).
+#[derive(Serialize)]
+struct JobsHealth {
+    ok: bool,
+    scheduler_round_age_s: Option<i64>,
+    writer_commit_age_s: Option<i64>,
+    restarts: i64,
+}
+
+fn age_s(now_ms: i64, mark_ms: i64) -> Option<i64> {
+    (mark_ms > 0).then(|| now_ms.saturating_sub(mark_ms) / 1000)
+}
+
+/// 200 while storage answers and the scheduler runs, else 503 (a load balancer's signal).
+pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthReport>) {
+    let db_ok = match state.db.conn().await {
+        Ok(mut conn) => store::ping(&mut conn).await.is_ok(),
+        Err(_) => false,
+    };
+    let redis = match state.cache.health() {
+        CacheHealth::InProcess => "not configured",
+        CacheHealth::RedisUp => "up",
+        CacheHealth::RedisDown => "down",
+    };
+    let now = crate::now_ms();
+    // The scheduler runs every few seconds; ten missed rounds (or a minute) means it died.
+    let interval_ms =
+        i64::try_from(state.config.scheduler_interval.as_millis()).unwrap_or(i64::MAX);
+    let round_limit_ms = interval_ms.saturating_mul(10).max(60_000);
+    let last_round = state.health.last_round_ms();
+    let scheduler_ok = last_round == 0 && now.saturating_sub(state.started_ms) < round_limit_ms
+        || last_round > 0 && now.saturating_sub(last_round) < round_limit_ms;
+    let jobs = JobsHealth {
+        ok: scheduler_ok,
+        scheduler_round_age_s: age_s(now, last_round),
+        writer_commit_age_s: age_s(now, state.health.last_commit_ms()),
+        restarts: state.health.restarts(),
+    };
+    let status = match (db_ok && jobs.ok, redis) {
+        (false, _) => "unavailable",
+        (true, "down") => "degraded",
+        (true, _) => "ok",
+    };
+    let code = if db_ok && jobs.ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = HealthReport {
+        status,
+        database: ComponentHealth {
+            backend: state.db.backend_name(),
+            ok: db_ok,
+        },
+        redis,
+        remediation: state.engine.summary(now),
+        jobs,
+        version: env!("CARGO_PKG_VERSION"),
+    };
+    (code, Json(body))
+}

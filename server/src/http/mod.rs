@@ -1,0 +1,60 @@
+//! The REST API: its route table, and the fleet read the dashboard shares with it.
+//!
+//! Handlers are grouped by resource; [`extract`] holds what they take (caller, VM id, body)
+//! and [`error`] the one mapping from failures to status codes.
+
+pub mod error;
+pub mod extract;
+mod health;
+mod remediation;
+mod report;
+mod status;
+mod vms;
+
+pub use error::ApiError;
+
+use crate::db::store;
+use crate::state::AppState;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{any, get, post, put};
+use domain::heartbeat::MAX_REPORT_BYTES;
+use domain::view::VmView;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/health", get(health::health))
+        .route("/api/health/report", post(report::report))
+        .route("/api/vms", get(vms::list))
+        .route("/api/vms/{id}", get(vms::get).delete(vms::delete))
+        .route("/api/vms/{id}/metrics", get(vms::metrics))
+        .route("/api/vms/{id}/reset-history", get(vms::reset_history))
+        .route("/api/vms/{id}/proxmox", put(vms::link))
+        .route("/api/vms/{id}/auto-reset", put(vms::set_auto_reset))
+        .route("/api/vms/{id}/reset", post(remediation::reset))
+        .route("/api/vms/{id}/shutdown", post(remediation::shutdown))
+        .route("/api/vms/{id}/acknowledge", post(remediation::acknowledge))
+        .route("/api/remediation", get(remediation::overview))
+        .route("/api/status", get(status::summary))
+        .route(
+            "/api/status/config",
+            get(status::get_config).put(status::put_config),
+        )
+        .route("/api/{*rest}", any(|| async { ApiError::NotFound }))
+        // Reports are the largest bodies; the rest are small JSON documents. `RawBody`
+        // reports this limit when a body exceeds it.
+        .layer(DefaultBodyLimit::max(MAX_REPORT_BYTES))
+}
+
+/// Every VM, sorted by hostname: from the cache when it is serving, else from the database.
+pub async fn fleet(state: &AppState) -> Result<Vec<VmView>, ApiError> {
+    let mut vms = match state.cache.snapshot().await {
+        Some(vms) => vms,
+        None => {
+            let mut conn = state.db.conn().await?;
+            store::list_vms(&mut conn).await?
+        }
+    };
+    vms.sort_by(|a, b| a.hostname.cmp(&b.hostname).then(a.id.cmp(&b.id)));
+    Ok(vms)
+}

@@ -1,0 +1,98 @@
+//! Remediation: an operator's reset or shutdown, acknowledging a VM, and the recent events.
+
+use super::error::ApiError;
+use super::extract::{Admin, VmPath};
+use crate::auth::Caller;
+use crate::db::{incidents, store};
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use domain::view::{Event, RemediationSummary};
+use domain::{AttemptId, PowerAction, RemediationPhase, VmId};
+use serde::Serialize;
+
+/// A power action that was sent; its outcome lands in the VM's reset history.
+#[derive(Serialize)]
+pub struct PowerAccepted {
+    attempt_id: AttemptId,
+    action: PowerAction,
+}
+
+async fn power(
+    state: &AppState,
+    caller: Caller,
+    id: VmId,
+    action: PowerAction,
+) -> Result<(StatusCode, Json<PowerAccepted>), ApiError> {
+    // History records who asked: today the admin token, later the logged-in user.
+    let attempt_id = state.engine.manual_action(id, action, caller.name).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(PowerAccepted { attempt_id, action }),
+    ))
+}
+
+pub async fn reset(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    VmPath(id): VmPath,
+) -> Result<(StatusCode, Json<PowerAccepted>), ApiError> {
+    power(&state, caller, id, PowerAction::Reset).await
+}
+
+pub async fn shutdown(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    VmPath(id): VmPath,
+) -> Result<(StatusCode, Json<PowerAccepted>), ApiError> {
+    power(&state, caller, id, PowerAction::Shutdown).await
+}
+
+#[derive(Serialize)]
+pub struct Acknowledged {
+    vm_id: VmId,
+    remediation_phase: RemediationPhase,
+}
+
+/// Clears a VM's latched `manual` state so automatic remediation may act on it again.
+pub async fn acknowledge(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    VmPath(id): VmPath,
+) -> Result<Json<Acknowledged>, ApiError> {
+    {
+        let mut conn = state.db.conn().await?;
+        store::get_vm(&mut conn, id)
+            .await?
+            .ok_or(ApiError::NotFound)?;
+    }
+    if !state.engine.acknowledge(id).await? {
+        return Err(ApiError::Conflict(
+            "the VM is not waiting for manual intervention".into(),
+        ));
+    }
+    tracing::info!(vm_id = %id, by = caller.name, "manual state acknowledged");
+    Ok(Json(Acknowledged {
+        vm_id: id,
+        remediation_phase: RemediationPhase::Ok,
+    }))
+}
+
+#[derive(Serialize)]
+pub struct RemediationOverview {
+    summary: RemediationSummary,
+    events: Vec<Event>,
+}
+
+/// The engine's state and the last hundred events.
+pub async fn overview(
+    State(state): State<AppState>,
+) -> Result<Json<RemediationOverview>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    let events = incidents::recent_events(&mut conn, 100).await?;
+    Ok(Json(RemediationOverview {
+        summary: state.engine.summary(crate::now_ms()),
+        events,
+    }))
+}

@@ -1,0 +1,233 @@
+//! `/api/vms`: the fleet, one VM with its history, deleting it, and its per-VM settings.
+
+use super::error::{ApiError, FieldError};
+use super::extract::{Admin, JsonBody, QueryParams, VmPath};
+use crate::cache::refresh as refresh_cache;
+use crate::db::{incidents, store};
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use domain::view::{MetricPoint, ResetAttempt, StatusChange, VmView};
+use domain::{GuestKind, GuestRef, LinkSource, NodeName, VmId, Vmid};
+use serde::{Deserialize, Serialize};
+
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<VmView>>, ApiError> {
+    Ok(Json(super::fleet(&state).await?))
+}
+
+/// One VM as the fleet shows it, plus its status changes.
+#[derive(Serialize)]
+pub struct VmDetail {
+    #[serde(flatten)]
+    vm: VmView,
+    status_changes: Vec<StatusChange>,
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    VmPath(id): VmPath,
+) -> Result<Json<VmDetail>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    let vm = store::get_vm(&mut conn, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let status_changes = store::status_changes_for(&mut conn, id).await?;
+    Ok(Json(VmDetail { vm, status_changes }))
+}
+
+/// Forgets a VM and its whole history (a decommissioned host).
+pub async fn delete(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    VmPath(id): VmPath,
+) -> Result<StatusCode, ApiError> {
+    let deleted = {
+        let (mut conn, _turn) = state.db.write_conn().await?;
+        store::delete_vm(&mut conn, id).await?
+    };
+    if !deleted {
+        return Err(ApiError::NotFound);
+    }
+    state.cache.remove(id).await;
+    tracing::info!(vm_id = %id, by = caller.name, "VM deleted");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Longest history one request may cover, and most points it may ask for.
+const MAX_RANGE_MS: i64 = 400 * 86_400_000;
+const MAX_POINTS: i64 = 2_000;
+/// The times RFC 3339 can write (years 0000 to 9999); beyond them a bound is a mistake, and
+/// keeping within them keeps the database's bucket arithmetic far from overflow.
+const EARLIEST_MS: i64 = -62_167_219_200_000;
+const LATEST_MS: i64 = 253_402_300_799_999;
+
+#[derive(Deserialize)]
+pub struct MetricsQuery {
+    from: Option<String>,
+    to: Option<String>,
+    points: Option<String>,
+}
+
+#[derive(Serialize)]
+pub struct MetricHistory {
+    vm_id: VmId,
+    from_ms: i64,
+    to_ms: i64,
+    points: Vec<MetricPoint>,
+}
+
+/// Downsampled metrics between `from` and `to` (default: the last day), `points` buckets.
+pub async fn metrics(
+    State(state): State<AppState>,
+    VmPath(id): VmPath,
+    QueryParams(query): QueryParams<MetricsQuery>,
+) -> Result<Json<MetricHistory>, ApiError> {
+    let now = crate::now_ms();
+    let to_ms = time_param(query.to.as_deref(), "to")?.unwrap_or(now);
+    let from_ms =
+        time_param(query.from.as_deref(), "from")?.unwrap_or(to_ms.saturating_sub(86_400_000));
+    if from_ms >= to_ms {
+        return Err(ApiError::BadRequest("from: must be before to".into()));
+    }
+    // Checked: extreme bounds must be refused, not wrap around in a release build.
+    if to_ms
+        .checked_sub(from_ms)
+        .is_none_or(|span| span > MAX_RANGE_MS)
+    {
+        return Err(ApiError::BadRequest(
+            "from: range longer than 400 days".into(),
+        ));
+    }
+    let points = match query.points.as_deref() {
+        None => 300,
+        Some(raw) => raw
+            .parse::<i64>()
+            .ok()
+            .filter(|p| (1..=MAX_POINTS).contains(p))
+            .ok_or_else(|| ApiError::BadRequest("points: must be between 1 and 2000".into()))?,
+    };
+    let mut conn = state.db.conn().await?;
+    store::get_vm(&mut conn, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    let points = store::metric_history(&mut conn, id, from_ms, to_ms, points).await?;
+    Ok(Json(MetricHistory {
+        vm_id: id,
+        from_ms,
+        to_ms,
+        points,
+    }))
+}
+
+/// Accepts epoch milliseconds or an RFC 3339 time, within years 0000 to 9999.
+fn time_param(raw: Option<&str>, name: &str) -> Result<Option<i64>, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let ms = match raw.parse::<i64>() {
+        Ok(ms) => ms,
+        Err(_) => time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
+            .ok_or_else(|| ApiError::field(name, "must be epoch milliseconds or RFC 3339"))?,
+    };
+    if !(EARLIEST_MS..=LATEST_MS).contains(&ms) {
+        return Err(ApiError::field(
+            name,
+            "must be between the years 0000 and 9999",
+        ));
+    }
+    Ok(Some(ms))
+}
+
+pub async fn reset_history(
+    State(state): State<AppState>,
+    VmPath(id): VmPath,
+) -> Result<Json<Vec<ResetAttempt>>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    store::get_vm(&mut conn, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(store::reset_history(&mut conn, id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkRequest {
+    node: Option<String>,
+    vmid: Option<i64>,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+}
+
+/// Links a VM to a Proxmox guest by hand; `{"node": null, "vmid": null}` unlinks it.
+pub async fn link(
+    State(state): State<AppState>,
+    _admin: Admin,
+    VmPath(id): VmPath,
+    JsonBody(request): JsonBody<LinkRequest>,
+) -> Result<Json<VmView>, ApiError> {
+    let link = match (request.node, request.vmid) {
+        (None, None) => None,
+        (Some(node), Some(vmid)) => {
+            let node = NodeName::try_from(node).field("node")?;
+            let vmid = Vmid::try_from(vmid).field("vmid")?;
+            let kind = request
+                .kind
+                .as_deref()
+                .unwrap_or("qemu")
+                .parse::<GuestKind>()
+                .ok()
+                .ok_or_else(|| ApiError::field("type", "must be qemu or lxc"))?;
+            Some((GuestRef { node, vmid, kind }, LinkSource::Manual))
+        }
+        _ => {
+            return Err(ApiError::field(
+                "node",
+                "give node and vmid together, or both null to unlink",
+            ));
+        }
+    };
+    let mut conn = state.db.conn().await?;
+    if !incidents::set_link(&mut conn, id, link.as_ref()).await? {
+        return Err(ApiError::NotFound);
+    }
+    let vm = store::get_vm(&mut conn, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    drop(conn);
+    refresh_cache(&state.db, &state.cache, &[id]).await;
+    Ok(Json(vm))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoResetRequest {
+    enabled: bool,
+}
+
+#[derive(Serialize)]
+pub struct AutoResetSet {
+    vm_id: VmId,
+    auto_reset: bool,
+}
+
+/// Turns automatic remediation on or off for one VM.
+pub async fn set_auto_reset(
+    State(state): State<AppState>,
+    _admin: Admin,
+    VmPath(id): VmPath,
+    JsonBody(request): JsonBody<AutoResetRequest>,
+) -> Result<Json<AutoResetSet>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    if !incidents::set_auto_reset(&mut conn, id, request.enabled).await? {
+        return Err(ApiError::NotFound);
+    }
+    drop(conn);
+    refresh_cache(&state.db, &state.cache, &[id]).await;
+    Ok(Json(AutoResetSet {
+        vm_id: id,
+        auto_reset: request.enabled,
+    }))
+}
