@@ -2,18 +2,21 @@
 
 /// Formats a byte count with binary units, e.g. `1.5 GiB`.
 pub fn bytes(value: i64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut scaled = value.max(0) as f64;
-    let mut unit = 0;
-    while scaled >= 1024.0 && unit < UNITS.len() - 1 {
+    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
+    let value = value.max(0);
+    if value < 1024 {
+        return format!("{value} B");
+    }
+    let mut scaled = domain::status::approx_f64(value);
+    let mut shown = "B";
+    for unit in UNITS {
+        if scaled < 1024.0 {
+            break;
+        }
         scaled /= 1024.0;
-        unit += 1;
+        shown = unit;
     }
-    if unit == 0 {
-        format!("{} B", value.max(0))
-    } else {
-        format!("{scaled:.1} {}", UNITS[unit])
-    }
+    format!("{scaled:.1} {shown}")
 }
 
 /// Formats a duration in seconds as the two most significant units, e.g. `3d 4h`.
@@ -40,7 +43,7 @@ pub fn age(then_ms: i64, now_ms: i64) -> String {
 /// Formats `part` of `whole` as a percentage, or a dash when unknown.
 pub fn percent_of(part: Option<i64>, whole: Option<i64>) -> Option<f64> {
     match (part, whole) {
-        (Some(p), Some(w)) if w > 0 => Some(p as f64 * 100.0 / w as f64),
+        (Some(p), Some(w)) if w > 0 => Some(domain::status::percent_of(p, w)),
         _ => None,
     }
 }

@@ -1,14 +1,16 @@
-//! The vm-healthcheck dashboard: shared types, Leptos components and server functions.
+//! The vm-healthcheck dashboard: routes, pages, components and the server functions behind them.
 
+#[cfg(feature = "ssr")]
+pub mod backend;
+pub mod components;
 pub mod error;
-pub mod fleet;
 pub mod format;
-pub mod types;
-
-mod dashboard;
+pub mod model;
+pub mod pages;
+pub mod rpc;
 
 use leptos::prelude::*;
-use leptos_meta::{provide_meta_context, Link, Meta, Stylesheet, Title};
+use leptos_meta::{Link, Meta, Stylesheet, Title, provide_meta_context};
 use leptos_router::components::{Route, Router, Routes};
 use leptos_router::path;
 
@@ -32,7 +34,7 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
     }
 }
 
-/// The root component: routes and document metadata.
+/// The root component: document metadata and every route, declared here and nowhere else.
 #[component]
 pub fn App() -> impl IntoView {
     provide_meta_context();
@@ -44,7 +46,7 @@ pub fn App() -> impl IntoView {
         <Router>
             <main>
                 <Routes fallback=|| view! { <p class="empty">"Page not found."</p> }>
-                    <Route path=path!("/") view=dashboard::FleetPage/>
+                    <Route path=path!("/") view=pages::FleetPage/>
                 </Routes>
             </main>
         </Router>

@@ -1,15 +1,14 @@
 //! The HTTP surface: dashboard rendering through leptos_axum, static front-end files, the API.
 
-use crate::api;
+use crate::backend::ServerBackend;
+use crate::http;
 use crate::state::AppState;
-use app::error::AppError;
-use app::fleet::FleetSource;
-use app::types::{FleetSnapshot, StatusCounts};
-use app::{shell, App};
-use axum::http::{header, HeaderValue, StatusCode};
+use app::backend::BackendHandle;
+use app::{App, shell};
 use axum::Router;
+use axum::http::{HeaderValue, StatusCode, header};
 use leptos::prelude::provide_context;
-use leptos_axum::{generate_route_list, LeptosRoutes};
+use leptos_axum::{LeptosRoutes, generate_route_list};
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
@@ -18,33 +17,19 @@ use tower_http::trace::TraceLayer;
 pub const OUTPUT_NAME: &str = "frontend";
 
 pub fn router(state: AppState) -> Router {
-    let source_state = state.clone();
-    let fleet_source = FleetSource::new(move || {
-        let state = source_state.clone();
-        async move {
-            let vms = api::fleet(&state).await.map_err(|err| {
-                tracing::warn!(error = %err, "dashboard could not load the fleet");
-                AppError::Unavailable
-            })?;
-            let now_ms = crate::now_ms();
-            Ok(FleetSnapshot {
-                now_ms,
-                remediation: state.engine.summary(now_ms),
-                counts: StatusCounts::from_statuses(vms.iter().map(|v| v.status)),
-                vms,
-            })
-        }
-    });
+    // The dashboard's one way into the server, for rendered pages and `/rpc` server functions
+    // alike: leptos_routes_with_context provides it to both.
+    let backend = BackendHandle::new(ServerBackend::new(state.clone()));
     let pkg_dir = std::path::Path::new(&*state.leptos_options.site_root)
         .join(&*state.leptos_options.site_pkg_dir);
     let options = state.leptos_options.clone();
     Router::new()
-        .merge(api::router())
+        .merge(http::router())
         .merge(crate::agents::router())
         .leptos_routes_with_context(
             &state,
             generate_route_list(App),
-            move || provide_context(fleet_source.clone()),
+            move || provide_context(backend.clone()),
             move || shell(options.clone()),
         )
         .nest_service("/pkg", ServeDir::new(pkg_dir))

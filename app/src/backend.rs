@@ -1,0 +1,105 @@
+//! The server's side of every server function: one trait the host implements and provides.
+//!
+//! Server-only (`ssr`): the browser build never sees it. Server functions in [`crate::rpc`]
+//! reach the server through [`Backend`] alone, passing a [`RequestInfo`] so the host can see
+//! who is calling.
+
+use crate::error::AppError;
+use domain::view::FleetSnapshot;
+use http::request::Parts;
+use http::{Extensions, HeaderMap, Method, Uri};
+use leptos::prelude::use_context;
+use std::future::Future;
+use std::ops::Deref;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// What [`Backend`] methods return: a boxed future, so the trait stays object safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Who is calling: the HTTP request behind a server function call or a server-rendered page.
+///
+/// Built from the request head leptos_axum provides as context. Anything middleware puts in
+/// the request's extensions (a signed-in user, say) is visible through [`Self::extensions`].
+#[derive(Clone, Debug)]
+pub struct RequestInfo {
+    parts: Parts,
+}
+
+impl RequestInfo {
+    pub fn new(parts: Parts) -> Self {
+        Self { parts }
+    }
+
+    /// The request being served now, as leptos_axum provides it to pages and server functions.
+    pub fn current() -> Option<Self> {
+        use_context::<Parts>().map(Self::new)
+    }
+
+    pub fn method(&self) -> &Method {
+        &self.parts.method
+    }
+
+    pub fn uri(&self) -> &Uri {
+        &self.parts.uri
+    }
+
+    pub fn headers(&self) -> &HeaderMap {
+        &self.parts.headers
+    }
+
+    /// Typed values that server middleware attached to the request.
+    pub fn extensions(&self) -> &Extensions {
+        &self.parts.extensions
+    }
+
+    /// The whole request head.
+    pub fn parts(&self) -> &Parts {
+        &self.parts
+    }
+}
+
+/// Everything the pages may ask of the server. Implementations log internal failures and
+/// return [`AppError::Unavailable`] rather than sending detail to the browser.
+pub trait Backend: Send + Sync + 'static {
+    /// The whole fleet with per-status counts and the remediation summary, as `caller` may
+    /// see it.
+    fn fleet<'a>(
+        &'a self,
+        caller: &'a RequestInfo,
+    ) -> BoxFuture<'a, Result<FleetSnapshot, AppError>>;
+}
+
+/// The [`Backend`] the server provides once as Leptos context, for pages and server functions.
+#[derive(Clone)]
+pub struct BackendHandle(pub Arc<dyn Backend>);
+
+impl BackendHandle {
+    pub fn new(backend: impl Backend) -> Self {
+        Self(Arc::new(backend))
+    }
+}
+
+impl Deref for BackendHandle {
+    type Target = dyn Backend;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+/// What every server function starts with: the provided back end and who is calling.
+///
+/// Either missing means the server was wired wrongly; that is logged, and the browser is told
+/// only that the service is unavailable.
+pub fn from_context() -> Result<(BackendHandle, RequestInfo), AppError> {
+    let Some(backend) = use_context::<BackendHandle>() else {
+        tracing::error!("no Backend provided as context; see server/src/web.rs");
+        return Err(AppError::Unavailable);
+    };
+    let Some(caller) = RequestInfo::current() else {
+        tracing::error!("no request Parts in context; is this running outside leptos_axum?");
+        return Err(AppError::Unavailable);
+    };
+    Ok((backend, caller))
+}

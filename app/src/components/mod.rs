@@ -1,0 +1,11 @@
+//! Building blocks the pages are made of; each takes signals so it updates in place.
+
+pub mod remediation_banner;
+pub mod status_badge;
+pub mod summary;
+pub mod vm_table;
+
+pub use remediation_banner::RemediationBanner;
+pub use status_badge::{PhaseBadge, StatusBadge};
+pub use summary::SummaryCounts;
+pub use vm_table::VmTable;

@@ -1,0 +1,110 @@
+//! The VM table: one row per VM, keyed by VM id, each row following its own VM.
+
+use crate::components::{PhaseBadge, StatusBadge};
+use crate::format;
+use crate::model::FleetModel;
+use domain::VmId;
+use domain::view::VmView;
+use leptos::prelude::*;
+
+/// Rows keep their DOM nodes across refreshes: a refresh moves, adds or removes rows by id and
+/// updates only the cells whose text changed.
+#[component]
+pub fn VmTable(#[prop(into)] fleet: Signal<FleetModel>) -> impl IntoView {
+    let ids = Memo::new(move |_| fleet.with(|f| f.order.clone()));
+    let now_ms = Memo::new(move |_| fleet.with(|f| f.now_ms));
+    view! {
+        <Show
+            when=move || ids.with(|ids| !ids.is_empty())
+            fallback=|| {
+                view! {
+                    <p class="empty">
+                        "No VM has reported yet. Install the agent on a VM to see it here."
+                    </p>
+                }
+            }
+        >
+            <table class="vms">
+                <thead>
+                    <tr>
+                        <th>"Status"</th>
+                        <th>"Host"</th>
+                        <th>"CPU"</th>
+                        <th>"RAM"</th>
+                        <th>"Disk"</th>
+                        <th>"Uptime"</th>
+                        <th>"Last seen"</th>
+                    </tr>
+                </thead>
+                <tbody>
+                    <For
+                        each=move || ids.get()
+                        key=|id| *id
+                        children=move |id| row_for(fleet, id).map(|vm| view! { <VmRow vm now_ms/> })
+                    />
+                </tbody>
+            </table>
+        </Show>
+    }
+}
+
+/// The row's own view of its VM: it changes only when this VM's data does. Once the VM leaves
+/// the fleet the row keeps its last data until the table drops it.
+fn row_for(fleet: Signal<FleetModel>, id: VmId) -> Option<Memo<VmView>> {
+    let first = fleet.with_untracked(|f| f.vm(id).cloned())?;
+    Some(Memo::new(move |prev: Option<&VmView>| {
+        fleet
+            .with(|f| f.vm(id).cloned())
+            .or_else(|| prev.cloned())
+            .unwrap_or_else(|| first.clone())
+    }))
+}
+
+#[component]
+fn VmRow(vm: Memo<VmView>, now_ms: Memo<i64>) -> impl IntoView {
+    let id = vm.with_untracked(|v| v.id.get());
+    let status = Memo::new(move |_| vm.with(|v| v.status));
+    let phase = Memo::new(move |_| vm.with(|v| v.remediation_phase));
+    let phase_reason = Memo::new(move |_| vm.with(|v| v.phase_reason.clone()));
+    let text = move |pick: fn(&VmView) -> String| move || vm.with(pick);
+    view! {
+        <tr class=move || format!("vm status-{}", status.get()) data-vm-id=id>
+            <td>
+                <StatusBadge status/>
+                <PhaseBadge phase reason=phase_reason/>
+            </td>
+            <td class="host">
+                <span class="hostname">{text(|v| v.hostname.clone())}</span>
+                <span class="os">{text(|v| v.os.clone())}</span>
+            </td>
+            <td>{text(|v| percent(v.cpu_percent))}</td>
+            <td title=text(|v| usage_detail(v.ram_used_bytes, v.ram_total_bytes))>
+                {text(|v| percent(format::percent_of(v.ram_used_bytes, v.ram_total_bytes)))}
+            </td>
+            <td title=text(|v| usage_detail(v.disk_used_bytes, v.disk_total_bytes))>
+                {text(|v| percent(format::percent_of(v.disk_used_bytes, v.disk_total_bytes)))}
+            </td>
+            <td>{text(|v| v.uptime_seconds.map(format::duration).unwrap_or_else(|| "-".into()))}</td>
+            <td>
+                {move || {
+                    vm.with(|v| v.last_seen_ms)
+                        .map(|seen| format::age(seen, now_ms.get()))
+                        .unwrap_or_else(|| "never".into())
+                }}
+            </td>
+        </tr>
+    }
+}
+
+fn usage_detail(used: Option<i64>, total: Option<i64>) -> String {
+    match (used, total) {
+        (Some(used), Some(total)) => format!("{} / {}", format::bytes(used), format::bytes(total)),
+        _ => String::new(),
+    }
+}
+
+fn percent(value: Option<f64>) -> String {
+    value
+        .map(|v| format!("{v:.0}%"))
+        .unwrap_or_else(|| "-".into())
+}

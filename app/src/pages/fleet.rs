@@ -1,0 +1,77 @@
+//! The fleet page ("/"): summary counts and one row per VM, refreshed in place.
+
+use crate::components::{RemediationBanner, SummaryCounts, VmTable};
+use crate::error::AppError;
+use crate::model::FleetModel;
+use crate::rpc::get_fleet;
+use domain::view::FleetSnapshot;
+use leptos::prelude::*;
+use std::time::Duration;
+
+/// How often the page asks for a fresh snapshot.
+const REFRESH: Duration = Duration::from_millis(2_000);
+
+#[component]
+pub fn FleetPage() -> impl IntoView {
+    let (tick, set_tick) = signal(0u64);
+    let (hydrated, set_hydrated) = signal(false);
+    let fleet = Resource::new(move || tick.get(), |_| get_fleet());
+
+    // Effects run only in the browser: this marks the page live once hydrated and starts the
+    // refresh timer, which is cleared when the page unmounts.
+    Effect::new(move |_| {
+        set_hydrated.set(true);
+        match set_interval_with_handle(move || set_tick.update(|t| *t += 1), REFRESH) {
+            Ok(handle) => on_cleanup(move || handle.clear()),
+            Err(err) => leptos::logging::error!("could not start the refresh timer: {err:?}"),
+        }
+    });
+
+    view! {
+        <div class="page" data-hydrated=move || hydrated.get().to_string()>
+            <header class="topbar">
+                <h1>"vm-healthcheck"</h1>
+                <span class="live" title="Refreshes every few seconds">
+                    {move || if hydrated.get() { "live" } else { "loading" }}
+                </span>
+            </header>
+            <Transition fallback=|| view! { <p class="empty">"Loading fleet..."</p> }>
+                <Fleet fleet/>
+            </Transition>
+        </div>
+    }
+}
+
+/// The fleet from the latest snapshot. Built once: every part follows signals derived from the
+/// resource, so a refresh updates text in place instead of rebuilding the table. Rendered
+/// inside the `Transition` so the server waits for the first snapshot.
+#[component]
+fn Fleet(fleet: Resource<Result<FleetSnapshot, AppError>>) -> impl IntoView {
+    // A failed refresh keeps the last good snapshot on screen, under the error.
+    let model = Memo::new(move |prev: Option<&FleetModel>| {
+        fleet.with(|result| match result {
+            Some(Ok(snapshot)) => FleetModel::from(snapshot),
+            _ => prev.cloned().unwrap_or_default(),
+        })
+    });
+    let loaded = Memo::new(move |prev: Option<&bool>| {
+        prev.copied().unwrap_or(false) || fleet.with(|result| matches!(result, Some(Ok(_))))
+    });
+    let error = Memo::new(move |_| {
+        fleet.with(|result| match result {
+            Some(Err(err)) => Some(err.clone()),
+            _ => None,
+        })
+    });
+    let remediation = Memo::new(move |_| model.with(|m| m.remediation.clone()));
+    let counts = Memo::new(move |_| model.with(|m| m.counts.clone()));
+
+    view! {
+        {move || error.get().map(|err| view! { <p class="error" role="alert">{err.to_string()}</p> })}
+        <Show when=move || loaded.get()>
+            <RemediationBanner summary=remediation/>
+            <SummaryCounts counts/>
+            <VmTable fleet=model/>
+        </Show>
+    }
+}

@@ -1,0 +1,78 @@
+//! Server functions (under `/rpc`): the pages' only calls to the server, each served through
+//! the provided [`Backend`](crate::backend::Backend).
+
+use crate::error::AppError;
+use domain::view::FleetSnapshot;
+use leptos::prelude::*;
+
+/// The whole fleet with per-status counts, as the fleet page shows it.
+#[server(prefix = "/rpc", endpoint = "fleet")]
+pub async fn get_fleet() -> Result<FleetSnapshot, AppError> {
+    let (backend, caller) = crate::backend::from_context()?;
+    backend.fleet(&caller).await
+}
+
+#[cfg(all(test, feature = "ssr"))]
+mod tests {
+    use super::*;
+    use crate::backend::{Backend, BackendHandle, BoxFuture, RequestInfo};
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll, Waker};
+
+    /// Records who called and answers with an empty fleet.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Backend for Arc<Recorder> {
+        fn fleet<'a>(
+            &'a self,
+            caller: &'a RequestInfo,
+        ) -> BoxFuture<'a, Result<FleetSnapshot, AppError>> {
+            Box::pin(async move {
+                let who = caller
+                    .headers()
+                    .get("x-caller")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("anonymous");
+                if let Ok(mut calls) = self.0.lock() {
+                    calls.push(format!("{} {who}", caller.uri()));
+                }
+                Ok(FleetSnapshot::default())
+            })
+        }
+    }
+
+    fn ready<T>(fut: impl std::future::Future<Output = T>) -> T {
+        let mut fut = std::pin::pin!(fut);
+        match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(value) => value,
+            Poll::Pending => panic!("the test back end never waits"),
+        }
+    }
+
+    #[test]
+    fn get_fleet_goes_through_the_backend_with_the_caller() {
+        let recorder = Arc::new(Recorder::default());
+        let owner = Owner::new();
+        let result = owner.with(|| {
+            provide_context(BackendHandle::new(recorder.clone()));
+            let (parts, ()) = http::Request::builder()
+                .uri("/rpc/fleet")
+                .header("x-caller", "alice")
+                .body(())
+                .unwrap()
+                .into_parts();
+            provide_context(parts);
+            ready(get_fleet())
+        });
+        assert_eq!(result, Ok(FleetSnapshot::default()));
+        assert_eq!(*recorder.0.lock().unwrap(), vec!["/rpc/fleet alice"]);
+    }
+
+    #[test]
+    fn get_fleet_without_a_backend_is_unavailable() {
+        let owner = Owner::new();
+        let result = owner.with(|| ready(get_fleet()));
+        assert_eq!(result, Err(AppError::Unavailable));
+    }
+}
