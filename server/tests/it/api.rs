@@ -3,7 +3,7 @@
 use crate::both_backends;
 use crate::common::*;
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
 async fn report_shows_up_in_vm_list(backend: Backend) {
@@ -452,9 +452,10 @@ async fn metric_history_is_downsampled(backend: Backend) {
             ((base + i * 60_000) as i128) * 1_000_000,
         )
         .unwrap();
-        r["observed_at"] = json!(at
-            .format(&time::format_description::well_known::Rfc3339)
-            .unwrap());
+        r["observed_at"] = json!(
+            at.format(&time::format_description::well_known::Rfc3339)
+                .unwrap()
+        );
         let (status, body) = srv.report(&r).await;
         assert_eq!(status, 200, "{body}");
         vm_id = body["vm_id"].as_i64().unwrap();

@@ -2,8 +2,8 @@
 
 use crate::both_backends;
 use crate::common::*;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 const CLIENTS: usize = 64;
