@@ -43,6 +43,7 @@ struct Job {
 #[derive(Clone)]
 pub struct Ingest {
     tx: mpsc::Sender<Job>,
+    health: JobHealth,
 }
 
 /// Everything the writer needs; the receiver is shared so a restarted writer drains the
@@ -76,20 +77,35 @@ impl Ingest {
             batch_max,
             health,
         };
-        (Self { tx }, writer)
+        (
+            Self {
+                tx,
+                health: writer.health.clone(),
+            },
+            writer,
+        )
     }
 
     /// Queues a report and waits until it is committed.
     pub async fn submit(&self, report: Heartbeat) -> Result<StoredReport, IngestError> {
         let (reply, answer) = oneshot::channel();
-        self.tx
+        let queued = self
+            .tx
             .try_send(Job { report, reply })
             .map_err(|err| match err {
                 mpsc::error::TrySendError::Full(_) => IngestError::Busy,
                 mpsc::error::TrySendError::Closed(_) => IngestError::Unavailable,
-            })?;
-        // The writer dropped the reply: it stopped (or restarted) before committing.
-        answer.await.map_err(|_dropped| IngestError::Unavailable)?
+            });
+        let result = match queued {
+            // The writer dropped the reply: it stopped (or restarted) before committing.
+            Ok(()) => answer.await.unwrap_or(Err(IngestError::Unavailable)),
+            Err(err) => Err(err),
+        };
+        if result.is_err() {
+            // A heartbeat refused for our own reasons must not count against its VM.
+            self.health.record_ingest_failure(crate::now_ms());
+        }
+        result
     }
 }
 

@@ -171,6 +171,8 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     tokio::spawn(async move {
+        // A job that keeps panicking is restarted at most every 30 s, not in a hot loop.
+        let mut pause = std::time::Duration::from_millis(100);
         loop {
             // Aborting the supervisor drops this guard, which ends the job too.
             let mut running = AbortOnDrop(tokio::spawn(job()));
@@ -179,7 +181,11 @@ where
                 Err(err) if err.is_cancelled() => return,
                 Err(err) => {
                     health.record_restart();
-                    tracing::error!(job = name, error = %err, "background job panicked; restarting it");
+                    // Heartbeats refused meanwhile must not count against the VMs.
+                    health.record_ingest_failure(now_ms());
+                    tracing::error!(job = name, error = %err, pause_ms = pause.as_millis(), "background job panicked; restarting it");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(30));
                 }
             }
         }

@@ -155,11 +155,18 @@ impl PveClient {
         match self.post(&path).await {
             Err(SendError::MaybeDelivered(why)) => {
                 tracing::warn!(error = %why, vmid = %guest.vmid, "power action unanswered; looking for its task");
-                self.find_task(guest, action, sent_at)
-                    .await?
-                    .ok_or_else(|| {
-                        PveError::Ambiguous(format!("{why}; no {} task found", action.as_str()))
-                    })
+                // Not finding out is as ambiguous as not being answered: never a plain
+                // failure that would be retried.
+                match self.find_task(guest, action, sent_at).await {
+                    Ok(Some(upid)) => Ok(upid),
+                    Ok(None) => Err(PveError::Ambiguous(format!(
+                        "{why}; no {} task found",
+                        action.as_str()
+                    ))),
+                    Err(err) => Err(PveError::Ambiguous(format!(
+                        "{why}; the task list could not be read: {err}"
+                    ))),
+                }
             }
             other => other.map_err(Into::into),
         }
@@ -238,6 +245,10 @@ impl PveClient {
                     delay *= 2;
                     attempt += 1;
                 }
+                // A 2xx whose body makes no sense: the node accepted the request.
+                Err(SendError::Failed(PveError::Decode(why))) => {
+                    return Err(SendError::MaybeDelivered(why));
+                }
                 other => return other,
             }
         }
@@ -271,7 +282,8 @@ impl PveClient {
         let body = response
             .bytes()
             .await
-            .map_err(|e| SendError::Failed(PveError::Transient(format!("reading answer: {e}"))))?;
+            // The request arrived; only the answer was lost.
+            .map_err(|e| SendError::MaybeDelivered(format!("reading answer: {e}")))?;
         if (200..300).contains(&status) {
             let envelope: Envelope<T> = serde_json::from_slice(&body)
                 .map_err(|e| SendError::Failed(PveError::Decode(e.to_string())))?;

@@ -67,6 +67,9 @@ impl NewAttempt {
 pub struct Expected {
     pub phase: RemediationPhase,
     pub attempts: i64,
+    /// The incident's last attempt time: it changes on every attempt, so a state that came
+    /// back to the same phase and count is still told apart.
+    pub last_reset_ms: Option<i64>,
     /// For an automatic reset: the VM must still be `down` with this last-seen time, so a
     /// heartbeat that arrived while the reset was being decided cancels it.
     pub still_down_since: Option<Option<i64>>,
@@ -89,6 +92,10 @@ pub async fn begin_attempt(
                 .filter(vms::remediation_phase.eq(expected.phase.as_str()))
                 .filter(vms::incident_attempts.eq(expected.attempts))
                 .into_boxed();
+            guard = match expected.last_reset_ms {
+                Some(t) => guard.filter(vms::last_reset_ms.eq(t)),
+                None => guard.filter(vms::last_reset_ms.is_null()),
+            };
             if let Some(last_seen) = expected.still_down_since {
                 guard = guard.filter(vms::status.eq(VmStatus::Down.as_str()));
                 guard = match last_seen {

@@ -70,6 +70,7 @@ impl Executor {
         let expected = Expected {
             phase: row.phase(),
             attempts: row.incident_attempts,
+            last_reset_ms: row.last_reset_ms,
             // The VM was judged down from this last-seen time; a heartbeat since cancels.
             still_down_since: automatic.then_some(row.last_seen_ms),
         };

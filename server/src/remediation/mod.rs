@@ -239,7 +239,11 @@ impl Engine {
         if !was_leading {
             // Every time this process becomes leader, not only at start: another replica
             // may have left attempts open when it stopped leading.
-            self.executor.reconcile().await?;
+            if let Err(err) = self.executor.reconcile().await {
+                // Try again next round rather than lead with attempts left open.
+                self.leading.store(false, Ordering::Release);
+                return Err(err);
+            }
         }
         if let Some(pve) = &self.ctx.pve {
             self.linker

@@ -278,6 +278,7 @@ impl Rig {
         let expected = Expected {
             phase: row.phase(),
             attempts: row.incident_attempts,
+            last_reset_ms: row.last_reset_ms,
             still_down_since: None,
         };
         incidents::begin_attempt(&mut conn, &expected, true, "reset", &intent)

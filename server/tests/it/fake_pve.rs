@@ -76,6 +76,8 @@ pub struct FakeState {
     /// Power actions whose task starts but whose answer is lost on the way back: the node
     /// proxy answers 596 after it forwarded the request.
     pub lost_answers: u32,
+    /// The node's task list answers 500 (e.g. the node is still struggling).
+    pub task_list_broken: bool,
 }
 
 #[derive(Clone)]
@@ -383,6 +385,9 @@ async fn task_list(
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
     let st = state.lock().unwrap();
+    if st.task_list_broken {
+        return pve_error(500, "got timeout");
+    }
     let vmid: Option<i64> = q.get("vmid").and_then(|v| v.parse().ok());
     let since: i64 = q.get("since").and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut list: Vec<(&String, &Task)> = st

@@ -613,6 +613,7 @@ async fn interrupted_attempts_are_reconciled_after_a_crash_without_a_duplicate()
         let fresh = Expected {
             phase: domain::RemediationPhase::Ok,
             attempts: 0,
+            last_reset_ms: None,
             still_down_since: None,
         };
         let sent = incidents::begin_attempt(
@@ -709,4 +710,35 @@ async fn a_reset_answered_596_after_forwarding_runs_once() {
     wait_rounds(&srv, 5).await;
     assert_eq!(fake.posts(), vec!["reset 100"], "the reset was sent twice");
     assert_eq!(vm(&srv, id).await["remediation_phase"], "recovering");
+}
+
+/// A 596 and then no way to read the task list: the reset may have run. It is recorded as
+/// interrupted and treated as sent (recovery window), never sent again after a backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unanswered_reset_whose_task_cannot_be_looked_up_is_treated_as_sent() {
+    let fake = FakePve::start(vec![FakeVm::running(100, "pve1")]).await;
+    {
+        let mut st = fake.state.lock().unwrap();
+        st.lost_answers = 1;
+        st.task_list_broken = true;
+    }
+    let srv = start(Backend::Sqlite, &fake, &[]).await;
+    let id = report_vm(&srv, 100, "pve1", 5000).await;
+    let h = wait_for(
+        "the attempt to be recorded",
+        Duration::from_secs(20),
+        || async {
+            let h = history(&srv, id).await;
+            (h.first()?["outcome"] == "interrupted").then_some(h)
+        },
+    )
+    .await;
+    assert!(
+        h[0]["error"].as_str().unwrap().contains("outcome unknown"),
+        "{h:?}"
+    );
+    assert_eq!(vm(&srv, id).await["remediation_phase"], "recovering");
+    // Past the backoff a plain failure would have retried by now.
+    wait_rounds(&srv, 10).await;
+    assert_eq!(fake.posts(), vec!["reset 100"]);
 }
