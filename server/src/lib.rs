@@ -50,11 +50,16 @@ pub struct RunningServer {
 impl RunningServer {
     /// Stops accepting requests and ends the background jobs.
     pub async fn stop(mut self) {
+        self.begin_shutdown();
+        let _ = (&mut self.serve).await;
+        self.end_jobs();
+    }
+
+    /// Asks the HTTP server to stop, as a signal would; `wait` then returns.
+    pub fn begin_shutdown(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
-        let _ = (&mut self.serve).await;
-        self.end_jobs();
     }
 
     /// Resolves when the HTTP server ends (on a signal or `stop`), then ends the jobs the

@@ -366,6 +366,13 @@ impl Executor {
         Ok(())
     }
 
+    pub fn following(&self) -> usize {
+        self.followers
+            .lock()
+            .map(|f| f.values().filter(|h| !h.is_finished()).count())
+            .unwrap_or(0)
+    }
+
     fn is_following(&self, attempt_id: AttemptId) -> bool {
         self.followers
             .lock()

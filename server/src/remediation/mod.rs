@@ -216,6 +216,11 @@ impl Engine {
         self.executor.shutdown();
     }
 
+    /// Proxmox tasks this process is still following.
+    pub fn following(&self) -> usize {
+        self.executor.following()
+    }
+
     /// Completed scheduler rounds, so callers can wait for the engine to have looked.
     pub fn ticks(&self) -> u64 {
         self.ticks.load(Ordering::Acquire)

@@ -742,3 +742,24 @@ async fn an_unanswered_reset_whose_task_cannot_be_looked_up_is_treated_as_sent()
     wait_rounds(&srv, 10).await;
     assert_eq!(fake.posts(), vec!["reset 100"]);
 }
+
+/// A server ended by a signal (`wait`) shuts the engine down as `stop` does: no task
+/// follower outlives it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_server_ended_by_a_signal_stops_following_tasks() {
+    let fake = FakePve::start(vec![FakeVm::running(100, "pve1")]).await;
+    fake.state.lock().unwrap().task_duration = Duration::from_secs(600);
+    let mut srv = start(Backend::Sqlite, &fake, &[]).await;
+    report_vm(&srv, 100, "pve1", 5000).await;
+    wait_for(
+        "a reset being followed",
+        Duration::from_secs(15),
+        || async { (srv.state().engine.following() == 1).then_some(()) },
+    )
+    .await;
+    let mut running = srv.server.take().unwrap();
+    let engine = running.state.engine.clone();
+    running.begin_shutdown();
+    running.wait().await;
+    assert_eq!(engine.following(), 0, "a follower outlived the server");
+}
