@@ -139,24 +139,8 @@ impl Executor {
                 // second attempt.
                 tracing::error!(vm_id = %vm_id, error = %why, "power action outcome unknown");
                 let note = format!("outcome unknown ({why}); treated as sent");
-                incidents::finish_attempt(
-                    &mut conn,
-                    followed.attempt_id,
-                    AttemptOutcome::Interrupted,
-                    Some(&note),
-                    now_ms,
-                )
-                .await?;
-                incidents::set_phase(
-                    &mut conn,
-                    vm_id,
-                    Some(RemediationPhase::ResetPending),
-                    RemediationPhase::Recovering,
-                    None,
-                    None,
-                    "outcome unknown; waiting for a heartbeat",
-                )
-                .await?;
+                let reason = "outcome unknown; waiting for a heartbeat";
+                treat_as_sent(&mut conn, followed.attempt_id, vm_id, &note, reason, now_ms).await?;
                 Err(ActionError::Proxmox(PveError::Ambiguous(why)))
             }
             Err(err) => {
@@ -349,17 +333,10 @@ impl Executor {
                 }
                 _ => {
                     let mut conn = self.ctx.db.conn().await?;
-                    incidents::finish_attempt(&mut conn, attempt_id, AttemptOutcome::Interrupted, Some("the server stopped before Proxmox confirmed the request; treated as sent"), now_ms).await?;
-                    incidents::set_phase(
-                        &mut conn,
-                        vm_id,
-                        Some(RemediationPhase::ResetPending),
-                        RemediationPhase::Recovering,
-                        None,
-                        None,
-                        "interrupted by a restart; waiting for a heartbeat",
-                    )
-                    .await?;
+                    let note =
+                        "the server stopped before Proxmox confirmed the request; treated as sent";
+                    let reason = "interrupted by a restart; waiting for a heartbeat";
+                    treat_as_sent(&mut conn, attempt_id, vm_id, note, reason, now_ms).await?;
                 }
             }
         }
@@ -388,4 +365,35 @@ impl Executor {
             }
         }
     }
+}
+
+/// An attempt whose request may have reached Proxmox: closed as interrupted and its VM put in
+/// `recovering`, so the recovery window applies before any second attempt.
+async fn treat_as_sent(
+    conn: &mut Conn,
+    attempt_id: AttemptId,
+    vm_id: VmId,
+    note: &str,
+    reason: &str,
+    now_ms: i64,
+) -> Result<(), DbError> {
+    incidents::finish_attempt(
+        conn,
+        attempt_id,
+        AttemptOutcome::Interrupted,
+        Some(note),
+        now_ms,
+    )
+    .await?;
+    incidents::set_phase(
+        conn,
+        vm_id,
+        Some(RemediationPhase::ResetPending),
+        RemediationPhase::Recovering,
+        None,
+        None,
+        reason,
+    )
+    .await?;
+    Ok(())
 }
