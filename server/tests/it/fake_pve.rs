@@ -1,20 +1,24 @@
-//! A fake Proxmox VE API, faithful to the reference: PVEAPIToken auth with 401 reason
-//! phrases, the `{"data": ...}` envelope, UPID tasks that run then stop with an exit status,
-//! locks, `VM 100 not running`, 595 for an offline node, 596 after a forwarded request,
-//! node task lists, VMs that migrate. HTTP or HTTPS.
+//! A strict fake Proxmox VE API, faithful to the reference: API tokens with 401 reason phrases,
+//! per-token privileges answering 403, the `{"data": ...}` envelope, guest-type-checked paths,
+//! UPID tasks readable only on their own node, locks, 595/596, slow and hung answers, and a
+//! log of every call recorded before it is answered. HTTP or HTTPS.
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, Request, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use hyper::ext::ReasonPhrase;
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tokio::sync::watch;
 
 pub const USER: &str = "root@pam";
 pub const TOKEN_ID: &str = "monitor";
@@ -52,7 +56,43 @@ impl FakeVm {
             task_exit: "OK".into(),
         }
     }
+
+    /// A running LXC container.
+    pub fn container(vmid: i64, node: &str) -> Self {
+        Self {
+            kind: "lxc",
+            name: format!("ct{vmid}"),
+            ..Self::running(vmid, node)
+        }
+    }
 }
+
+/// One request as the fake received it: recorded on arrival, `status` set when answered
+/// (0 while no answer was sent: held, hung, or abandoned by the client).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    pub method: String,
+    /// Percent-decoded, without `/api2/json` and without the query.
+    pub path: String,
+    /// The token id presented (`monitor` of `root@pam!monitor`), empty without one.
+    pub token_id: String,
+    pub status: u16,
+}
+
+/// A power-action POST about to be accepted, as the action gate sees it.
+#[derive(Clone, Debug)]
+pub struct ActionCall {
+    pub node: String,
+    pub kind: String,
+    pub vmid: i64,
+    pub action: String,
+    pub token_id: String,
+}
+
+/// Decides whether a power action is accepted; awaited without the fake's lock.
+pub type Gate = Arc<dyn Fn(ActionCall) -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+pub const GATE_REFUSAL: &str = "refused by the test gate: no pending attempt";
 
 struct Task {
     started: Instant,
@@ -60,16 +100,35 @@ struct Task {
     node: String,
     kind: String,
     vmid: i64,
+    /// The token that started it: only it may read the task without `Sys.Audit`.
+    token_id: String,
     /// Epoch seconds, as Proxmox lists it.
     starttime: i64,
 }
 
-#[derive(Default)]
+/// A privilege withheld on an ACL path (and everything below it), from one token or all.
+struct Denial {
+    token_id: Option<String>,
+    acl_path: String,
+    privilege: String,
+}
+
+struct StatusBarrier {
+    id: u64,
+    waiting: usize,
+    deadline: Duration,
+    held: usize,
+    first_held: Option<Instant>,
+    release: watch::Sender<bool>,
+}
+
 pub struct FakeState {
     pub vms: BTreeMap<i64, FakeVm>,
     pub offline_nodes: HashSet<String>,
-    /// Every power-action POST that reached the fake, as "action vmid".
+    /// Every power-action POST the fake accepted (a task started), as "action vmid".
     pub posts: Vec<String>,
+    /// Every request, in arrival order.
+    pub calls: Vec<Call>,
     tasks: HashMap<String, Task>,
     pub task_duration: Duration,
     next_pid: u32,
@@ -78,6 +137,58 @@ pub struct FakeState {
     pub lost_answers: u32,
     /// The node's task list answers 500 (e.g. the node is still struggling).
     pub task_list_broken: bool,
+    tokens: BTreeSet<String>,
+    denials: Vec<Denial>,
+    /// Substrings of "METHOD path": matching requests wait before the fake acts on them.
+    hangs: Vec<String>,
+    /// Substrings of "METHOD path": the fake acts, then the answer waits.
+    hung_answers: Vec<String>,
+    delays: Vec<(String, Duration)>,
+    /// Bumped whenever the hang settings change, to wake hung requests.
+    hang_changed: watch::Sender<u64>,
+    barrier: Option<StatusBarrier>,
+    next_barrier: u64,
+    gate: Option<Gate>,
+}
+
+impl FakeState {
+    fn new(vms: Vec<FakeVm>) -> Self {
+        Self {
+            vms: vms.into_iter().map(|v| (v.vmid, v)).collect(),
+            offline_nodes: HashSet::new(),
+            posts: Vec::new(),
+            calls: Vec::new(),
+            tasks: HashMap::new(),
+            task_duration: Duration::from_millis(150),
+            next_pid: 0x000A_1B2C,
+            lost_answers: 0,
+            task_list_broken: false,
+            tokens: BTreeSet::from([TOKEN_ID.to_owned()]),
+            denials: Vec::new(),
+            hangs: Vec::new(),
+            hung_answers: Vec::new(),
+            delays: Vec::new(),
+            hang_changed: watch::Sender::new(0),
+            barrier: None,
+            next_barrier: 0,
+            gate: None,
+        }
+    }
+
+    /// Whether `token_id` lacks `privilege` on `acl_path` (ACLs propagate down the tree).
+    fn denied(&self, token_id: &str, acl_path: &str, privilege: &str) -> bool {
+        self.denials.iter().any(|d| {
+            d.privilege == privilege
+                && d.token_id.as_deref().is_none_or(|t| t == token_id)
+                && (d.acl_path == "/"
+                    || acl_path == d.acl_path
+                    || acl_path.starts_with(&format!("{}/", d.acl_path)))
+        })
+    }
+
+    fn wake_hung(&self) {
+        self.hang_changed.send_modify(|v| *v += 1);
+    }
 }
 
 #[derive(Clone)]
@@ -87,8 +198,31 @@ pub struct FakePve {
 }
 
 impl FakePve {
+    /// Power actions the fake accepted, as "action vmid".
     pub fn posts(&self) -> Vec<String> {
         self.state.lock().unwrap().posts.clone()
+    }
+
+    /// Every request received so far, whatever it was answered.
+    pub fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+
+    /// Every power-action POST that reached the fake, whatever it answered: "reset 100".
+    pub fn action_attempts(&self) -> Vec<String> {
+        self.calls()
+            .iter()
+            .filter(|c| c.method == "POST")
+            .filter_map(|c| {
+                let parts: Vec<&str> = c.path.split('/').collect();
+                match parts.as_slice() {
+                    ["", "nodes", _, "qemu" | "lxc", vmid, "status", action] => {
+                        Some(format!("{action} {vmid}"))
+                    }
+                    _ => None,
+                }
+            })
+            .collect()
     }
 
     pub fn with_vm<R>(&self, vmid: i64, f: impl FnOnce(&mut FakeVm) -> R) -> R {
@@ -97,12 +231,110 @@ impl FakePve {
 
     /// Environment for a server using this fake.
     pub fn env(&self) -> Vec<(&'static str, String)> {
+        self.env_for_token(TOKEN_ID)
+    }
+
+    /// Environment for a server using this fake with another token of `USER`.
+    pub fn env_for_token(&self, token_id: &str) -> Vec<(&'static str, String)> {
         vec![
             ("PROXMOX_HOST", self.base.clone()),
             ("PROXMOX_USER", USER.into()),
-            ("PROXMOX_TOKEN", TOKEN_ID.into()),
+            ("PROXMOX_TOKEN", token_id.into()),
             ("PROXMOX_SECRET", SECRET.into()),
         ]
+    }
+
+    /// Accepts `USER!token_id` (with `SECRET`) as well.
+    pub fn allow_token(&self, token_id: &str) {
+        self.state.lock().unwrap().tokens.insert(token_id.into());
+    }
+
+    /// Withholds `privilege` (`VM.Audit`, `VM.PowerMgmt`, `Sys.Audit`) on `acl_path`
+    /// (`/vms/100`, `/vms`, `/nodes/pve1`, `/`) and below, from every token.
+    pub fn deny(&self, acl_path: &str, privilege: &str) {
+        self.state.lock().unwrap().denials.push(Denial {
+            token_id: None,
+            acl_path: acl_path.into(),
+            privilege: privilege.into(),
+        });
+    }
+
+    /// Withholds `privilege` on `acl_path` and below from one token only.
+    pub fn deny_token(&self, token_id: &str, acl_path: &str, privilege: &str) {
+        self.state.lock().unwrap().denials.push(Denial {
+            token_id: Some(token_id.into()),
+            acl_path: acl_path.into(),
+            privilege: privilege.into(),
+        });
+    }
+
+    /// Every answer waits `d` before the fake acts (`Duration::ZERO`: no delay).
+    pub fn delay(&self, d: Duration) {
+        self.delay_on("", d);
+    }
+
+    /// Requests whose "METHOD path" contains `matcher` wait `d` before the fake acts; the
+    /// longest matching delay applies. Setting the same matcher again replaces it.
+    pub fn delay_on(&self, matcher: &str, d: Duration) {
+        let mut st = self.state.lock().unwrap();
+        st.delays.retain(|(m, _)| m != matcher);
+        if !d.is_zero() {
+            st.delays.push((matcher.into(), d));
+        }
+    }
+
+    /// Every request waits, unanswered and not acted on, until `hang(false)`; off also
+    /// clears `hang_on` and `hang_answer_on`.
+    pub fn hang(&self, on: bool) {
+        let mut st = self.state.lock().unwrap();
+        if on {
+            st.hangs.push(String::new());
+        } else {
+            st.hangs.clear();
+            st.hung_answers.clear();
+        }
+        st.wake_hung();
+    }
+
+    /// Requests whose "METHOD path" contains `matcher` (e.g. `"POST "`, `"status/current"`)
+    /// hang before the fake acts on them: nothing happens, no answer comes.
+    pub fn hang_on(&self, matcher: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.hangs.push(matcher.into());
+        st.wake_hung();
+    }
+
+    /// Requests whose "METHOD path" contains `matcher` are acted on (a POST starts its task)
+    /// but their answer never comes.
+    pub fn hang_answer_on(&self, matcher: &str) {
+        let mut st = self.state.lock().unwrap();
+        st.hung_answers.push(matcher.into());
+        st.wake_hung();
+    }
+
+    /// Holds each `GET .../status/current` until `waiting` of them are held at once or
+    /// `deadline` passed since the first was held; then releases them all and disarms.
+    pub fn hold_status_until(&self, waiting: usize, deadline: Duration) {
+        let mut st = self.state.lock().unwrap();
+        st.next_barrier += 1;
+        st.barrier = Some(StatusBarrier {
+            id: st.next_barrier,
+            waiting,
+            deadline,
+            held: 0,
+            first_held: None,
+            release: watch::Sender::new(false),
+        });
+    }
+
+    /// Every power-action POST awaits `gate` before it is accepted; `false` refuses it
+    /// with a 500 ([`GATE_REFUSAL`]).
+    pub fn gate_actions(&self, gate: Gate) {
+        self.state.lock().unwrap().gate = Some(gate);
+    }
+
+    pub fn ungate_actions(&self) {
+        self.state.lock().unwrap().gate = None;
     }
 
     fn router(state: Arc<Mutex<FakeState>>) -> Router {
@@ -110,38 +342,45 @@ impl FakePve {
             .route("/api2/json/version", get(version))
             .route("/api2/json/cluster/resources", get(resources))
             .route(
-                "/api2/json/nodes/{node}/{kind}/{vmid}/status/current",
-                get(current),
+                "/api2/json/nodes/{node}/qemu/{vmid}/status/current",
+                get(|s: Shared, c: Caller, p: GuestPath| async move { current(s, c, p, "qemu") }),
             )
-            .route("/api2/json/nodes/{node}/qemu/{vmid}/config", get(config))
             .route(
-                "/api2/json/nodes/{node}/{kind}/{vmid}/status/{action}",
-                post(action),
+                "/api2/json/nodes/{node}/lxc/{vmid}/status/current",
+                get(|s: Shared, c: Caller, p: GuestPath| async move { current(s, c, p, "lxc") }),
+            )
+            .route(
+                "/api2/json/nodes/{node}/qemu/{vmid}/config",
+                get(|s: Shared, c: Caller, p: GuestPath| async move { config(s, c, p, "qemu") }),
+            )
+            .route(
+                "/api2/json/nodes/{node}/lxc/{vmid}/config",
+                get(|s: Shared, c: Caller, p: GuestPath| async move { config(s, c, p, "lxc") }),
+            )
+            .route(
+                "/api2/json/nodes/{node}/qemu/{vmid}/status/{action}",
+                post(|s: Shared, c: Caller, p: ActionPath| action(s, c, p, "qemu")),
+            )
+            .route(
+                "/api2/json/nodes/{node}/lxc/{vmid}/status/{action}",
+                post(|s: Shared, c: Caller, p: ActionPath| action(s, c, p, "lxc")),
             )
             .route(
                 "/api2/json/nodes/{node}/tasks/{upid}/status",
                 get(task_status),
             )
             .route("/api2/json/nodes/{node}/tasks", get(task_list))
-            .fallback(|req: Request<Body>| async move {
-                let text = format!(
-                    "Method '{} {}' not implemented",
-                    req.method(),
-                    req.uri().path().trim_start_matches("/api2/json")
-                );
-                pve_error(501, &text)
-            })
-            .layer(axum::middleware::from_fn(authenticate))
+            .fallback(|req: Request<Body>| async move { not_implemented(&req) })
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                authenticate,
+            ))
+            .layer(axum::middleware::from_fn_with_state(state.clone(), record))
             .with_state(state)
     }
 
     fn new_state(vms: Vec<FakeVm>) -> Arc<Mutex<FakeState>> {
-        Arc::new(Mutex::new(FakeState {
-            vms: vms.into_iter().map(|v| (v.vmid, v)).collect(),
-            task_duration: Duration::from_millis(150),
-            next_pid: 0x000A_1B2C,
-            ..Default::default()
-        }))
+        Arc::new(Mutex::new(FakeState::new(vms)))
     }
 
     /// Serves over plain HTTP on a free port.
@@ -226,35 +465,227 @@ fn pve_error(status: u16, message: &str) -> Response {
     response
 }
 
+fn forbidden(acl_path: &str, privilege: &str) -> Response {
+    pve_error(
+        403,
+        &format!("Permission check failed ({acl_path}, {privilege})"),
+    )
+}
+
+fn no_such_task() -> Response {
+    let mut resp = pve_error(400, "Parameter verification failed.");
+    *resp.body_mut() = Body::from(
+        json!({"data": null, "errors": {"upid": "no such task"}, "message": "Parameter verification failed.\n"})
+            .to_string(),
+    );
+    resp
+}
+
+fn not_implemented(req: &Request<Body>) -> Response {
+    let text = format!(
+        "Method '{} {}' not implemented",
+        req.method(),
+        req.uri().path().trim_start_matches("/api2/json")
+    );
+    pve_error(501, &text)
+}
+
 fn data(value: Value) -> Response {
     axum::Json(json!({ "data": value })).into_response()
 }
 
-async fn authenticate(
-    headers: HeaderMap,
-    req: Request<Body>,
-    next: axum::middleware::Next,
-) -> Response {
-    let expected = format!("PVEAPIToken={USER}!{TOKEN_ID}={SECRET}");
-    match headers.get("authorization").and_then(|v| v.to_str().ok()) {
-        None => pve_error(401, "No ticket"),
-        Some(v) if v == expected => next.run(req).await,
-        Some(_) => pve_error(401, "Authentication failed!"),
+fn percent_decode(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = (bytes[i] == b'%')
+            .then(|| bytes.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The token id in `PVEAPIToken=user!tokenid=secret`, empty without one.
+fn presented_token(headers: &HeaderMap) -> String {
+    headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("PVEAPIToken="))
+        .and_then(|v| v.split_once('!'))
+        .and_then(|(_, rest)| rest.split_once('='))
+        .map(|(token, _)| token.to_owned())
+        .unwrap_or_default()
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum HangPoint {
+    BeforeActing,
+    BeforeAnswering,
+}
+
+/// Waits while a hang setting matches `line`; the lock is held only to check.
+async fn wait_while_hung(state: &Arc<Mutex<FakeState>>, line: &str, point: HangPoint) {
+    loop {
+        let mut changed = {
+            let st = state.lock().unwrap();
+            let matchers = match point {
+                HangPoint::BeforeActing => &st.hangs,
+                HangPoint::BeforeAnswering => &st.hung_answers,
+            };
+            if !matchers.iter().any(|m| line.contains(m.as_str())) {
+                return;
+            }
+            // Subscribed under the lock: a change made after the check is not missed.
+            st.hang_changed.subscribe()
+        };
+        if changed.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
+/// Holds a status read at the armed barrier, if any, until it releases.
+async fn hold_at_barrier(state: &Arc<Mutex<FakeState>>) {
+    let (mut released, id, until) = {
+        let mut st = state.lock().unwrap();
+        let Some(barrier) = st.barrier.as_mut() else {
+            return;
+        };
+        barrier.held += 1;
+        let first = *barrier.first_held.get_or_insert_with(Instant::now);
+        if barrier.held >= barrier.waiting {
+            barrier.release.send_replace(true);
+            st.barrier = None;
+            return;
+        }
+        (
+            barrier.release.subscribe(),
+            barrier.id,
+            first + barrier.deadline,
+        )
+    };
+    let until = tokio::time::Instant::from_std(until);
+    if tokio::time::timeout_at(until, released.wait_for(|r| *r))
+        .await
+        .is_err()
+    {
+        let mut st = state.lock().unwrap();
+        if let Some(barrier) = st.barrier.take_if(|b| b.id == id) {
+            barrier.release.send_replace(true);
+        }
+    }
+}
+
+/// Records the call, then applies delay, hang and barrier, then answers and notes the status.
+async fn record(
+    State(state): State<Arc<Mutex<FakeState>>>,
+    req: Request<Body>,
+    next: Next,
+) -> Response {
+    let method = req.method().to_string();
+    let path = percent_decode(req.uri().path().trim_start_matches("/api2/json"));
+    let line = format!("{method} {path}");
+    let (index, delay) = {
+        let mut st = state.lock().unwrap();
+        st.calls.push(Call {
+            method: method.clone(),
+            path: path.clone(),
+            token_id: presented_token(req.headers()),
+            status: 0,
+        });
+        let delay = st
+            .delays
+            .iter()
+            .filter(|(m, _)| line.contains(m.as_str()))
+            .map(|(_, d)| *d)
+            .max()
+            .unwrap_or_default();
+        (st.calls.len() - 1, delay)
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    wait_while_hung(&state, &line, HangPoint::BeforeActing).await;
+    if method == "GET" && path.ends_with("/status/current") {
+        hold_at_barrier(&state).await;
+    }
+    let response = next.run(req).await;
+    wait_while_hung(&state, &line, HangPoint::BeforeAnswering).await;
+    if let Some(call) = state.lock().unwrap().calls.get_mut(index) {
+        call.status = response.status().as_u16();
+    }
+    response
+}
+
+/// The token calling, once authenticated.
+#[derive(Clone)]
+struct TokenId(String);
+
 type Shared = State<Arc<Mutex<FakeState>>>;
+type Caller = Extension<TokenId>;
+type GuestPath = Path<(String, i64)>;
+type ActionPath = Path<(String, i64, String)>;
+
+/// Token auth, then the node proxy: a request for an offline node never reaches it (595).
+async fn authenticate(State(state): Shared, mut req: Request<Body>, next: Next) -> Response {
+    let Some(header) = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return pve_error(401, "No ticket");
+    };
+    let token_id = presented_token(req.headers());
+    let offline = {
+        let st = state.lock().unwrap();
+        if !st.tokens.contains(&token_id)
+            || header != format!("PVEAPIToken={USER}!{token_id}={SECRET}")
+        {
+            return pve_error(401, "Authentication failed!");
+        }
+        let path = req.uri().path().trim_start_matches("/api2/json");
+        let mut parts = path.split('/').skip(1);
+        parts.next() == Some("nodes")
+            && parts
+                .next()
+                .is_some_and(|node| st.offline_nodes.contains(&percent_decode(node)))
+    };
+    if offline {
+        return pve_error(595, "No route to host");
+    }
+    req.extensions_mut().insert(TokenId(token_id));
+    next.run(req).await
+}
 
 async fn version() -> Response {
     data(json!({"version": "9.1.3", "release": "9.1", "repoid": "1a2b3c4d"}))
 }
 
-async fn resources(State(state): Shared, Query(q): Query<HashMap<String, String>>) -> Response {
+/// Only guests the token may audit are listed, as Proxmox filters by `VM.Audit`.
+async fn resources(
+    State(state): Shared,
+    Extension(caller): Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let st = state.lock().unwrap();
     assert_eq!(q.get("type").map(String::as_str), Some("vm"));
     let list: Vec<Value> = st
         .vms
         .values()
+        .filter(|vm| !st.denied(&caller.0, &format!("/vms/{}", vm.vmid), "VM.Audit"))
         .map(|vm| {
             let mut entry = json!({
                 "id": format!("{}/{}", vm.kind, vm.vmid), "vmid": vm.vmid, "node": vm.node,
@@ -273,51 +704,91 @@ async fn resources(State(state): Shared, Query(q): Query<HashMap<String, String>
     data(json!(list))
 }
 
-/// The VM if it lives on `node`, else the error Proxmox gives for a VMID not on that node.
-#[expect(clippy::result_large_err, reason = "the error is the response itself")]
-fn locate(st: &FakeState, node: &str, vmid: i64, for_post: bool) -> Result<FakeVm, Response> {
-    if st.offline_nodes.contains(node) {
-        return Err(pve_error(595, "No route to host"));
-    }
-    match st.vms.get(&vmid) {
-        Some(vm) if vm.node == node => Ok(vm.clone()),
-        _ if for_post => Err(pve_error(
-            500,
-            &format!("unable to find configuration file for VM {vmid} on node '{node}'"),
-        )),
-        _ => Err(pve_error(
-            500,
-            &format!("Configuration file 'nodes/{node}/qemu-server/{vmid}.conf' does not exist"),
-        )),
-    }
+/// Where Proxmox keeps a guest's config, as its "does not exist" message names it.
+fn config_path(node: &str, kind: &str, vmid: i64) -> String {
+    let dir = if kind == "lxc" { "lxc" } else { "qemu-server" };
+    format!("nodes/{node}/{dir}/{vmid}.conf")
 }
 
-async fn current(
+/// The guest if a config of this type exists on `node`: a container reached through
+/// `/qemu/` (or a VM through `/lxc/`) has none there, exactly like a VMID of another node.
+fn guest_on(st: &FakeState, node: &str, kind: &str, vmid: i64) -> Option<FakeVm> {
+    st.vms
+        .get(&vmid)
+        .filter(|vm| vm.node == node && vm.kind == kind)
+        .cloned()
+}
+
+/// `GET .../status/current` and `GET .../config` load the config first.
+#[expect(clippy::result_large_err, reason = "the error is the response itself")]
+fn audited_guest(
+    st: &FakeState,
+    caller: &str,
+    node: &str,
+    kind: &str,
+    vmid: i64,
+) -> Result<FakeVm, Response> {
+    if st.denied(caller, &format!("/vms/{vmid}"), "VM.Audit") {
+        return Err(forbidden(&format!("/vms/{vmid}"), "VM.Audit"));
+    }
+    guest_on(st, node, kind, vmid).ok_or_else(|| {
+        pve_error(
+            500,
+            &format!(
+                "Configuration file '{}' does not exist",
+                config_path(node, kind, vmid)
+            ),
+        )
+    })
+}
+
+fn current(
     State(state): Shared,
-    Path((node, _kind, vmid)): Path<(String, String, i64)>,
+    Extension(caller): Caller,
+    Path((node, vmid)): GuestPath,
+    kind: &'static str,
 ) -> Response {
     let st = state.lock().unwrap();
-    let vm = match locate(&st, &node, vmid, false) {
+    let vm = match audited_guest(&st, &caller.0, &node, kind, vmid) {
         Ok(vm) => vm,
         Err(resp) => return resp,
     };
     let mut body = json!({
-        "vmid": vm.vmid, "name": vm.name, "status": vm.status, "qmpstatus": vm.qmpstatus,
+        "vmid": vm.vmid, "name": vm.name, "status": vm.status,
         "uptime": "100", "ha": {"managed": i32::from(vm.ha_managed)}, "template": i32::from(vm.template),
-        "agent": 1, "cpus": 2,
+        "cpus": 2,
     });
+    if kind == "qemu" {
+        // Only QEMU has a QMP status and a guest agent.
+        body["qmpstatus"] = json!(vm.qmpstatus);
+        body["agent"] = json!(1);
+    } else {
+        body["type"] = json!("lxc");
+    }
     if let Some(lock) = &vm.lock {
         body["lock"] = json!(lock);
     }
     data(body)
 }
 
-async fn config(State(state): Shared, Path((node, vmid)): Path<(String, i64)>) -> Response {
+fn config(
+    State(state): Shared,
+    Extension(caller): Caller,
+    Path((node, vmid)): GuestPath,
+    kind: &'static str,
+) -> Response {
     let st = state.lock().unwrap();
-    let vm = match locate(&st, &node, vmid, false) {
+    let vm = match audited_guest(&st, &caller.0, &node, kind, vmid) {
         Ok(vm) => vm,
         Err(resp) => return resp,
     };
+    if kind == "lxc" {
+        return data(json!({
+            "hostname": vm.name, "cores": 1, "memory": 512, "swap": 512, "ostype": "debian",
+            "arch": "amd64", "rootfs": format!("local-lvm:vm-{vmid}-disk-0,size=8G"),
+            "digest": "0123456789abcdef0123456789abcdef01234567",
+        }));
+    }
     let mut body = json!({"name": vm.name, "cores": 2, "memory": "2048", "cpulimit": "0.5"});
     if let Some(uuid) = &vm.smbios_uuid {
         body["smbios1"] = json!(format!("manufacturer=UUVNVQ==,uuid={uuid},base64=1"));
@@ -325,37 +796,108 @@ async fn config(State(state): Shared, Path((node, vmid)): Path<(String, i64)>) -
     data(body)
 }
 
+/// The checks qemu-server and pve-container make before forking the worker: the guest's
+/// config must be on this node (QEMU), the guest running (LXC checks only that, locally).
+/// `Ok` carries the exit status the task will end with.
+#[expect(clippy::result_large_err, reason = "the error is the response itself")]
+fn admit_action(
+    st: &FakeState,
+    node: &str,
+    kind: &str,
+    vmid: i64,
+    action: &str,
+) -> Result<String, Response> {
+    let guest = guest_on(st, node, kind, vmid);
+    let running = guest.as_ref().is_some_and(|g| g.status == "running");
+    if kind == "qemu" {
+        let Some(vm) = guest else {
+            return Err(pve_error(
+                500,
+                &format!("unable to find configuration file for VM {vmid} on node '{node}'"),
+            ));
+        };
+        if matches!(action, "reset" | "reboot" | "shutdown") && !running {
+            return Err(pve_error(500, &format!("VM {vmid} not running")));
+        }
+        // The lock is checked inside the worker, so the POST itself succeeds.
+        return Ok(match &vm.lock {
+            Some(lock) => format!("VM is locked ({lock})"),
+            None => vm.task_exit,
+        });
+    }
+    match action {
+        // pve-container's reboot says "VM", the others "CT".
+        "reboot" if !running => Err(pve_error(500, &format!("VM {vmid} not running"))),
+        "stop" | "shutdown" if !running => Err(pve_error(500, &format!("CT {vmid} not running"))),
+        "start" if running => Err(pve_error(500, &format!("CT {vmid} already running"))),
+        // The start worker loads the config and fails there.
+        "start" if guest.is_none() => Ok(format!(
+            "Configuration file '{}' does not exist",
+            config_path(node, kind, vmid)
+        )),
+        _ => {
+            let ct = guest.unwrap();
+            Ok(match &ct.lock {
+                // The reboot worker takes no config lock.
+                Some(lock) if action != "reboot" => format!("CT is locked ({lock})"),
+                _ => ct.task_exit,
+            })
+        }
+    }
+}
+
 async fn action(
     State(state): Shared,
-    Path((node, kind, vmid, action)): Path<(String, String, i64, String)>,
+    Extension(caller): Caller,
+    Path((node, vmid, action)): ActionPath,
+    kind: &'static str,
 ) -> Response {
-    let mut st = state.lock().unwrap();
-    let vm = match locate(&st, &node, vmid, true) {
-        Ok(vm) => vm,
-        Err(resp) => return resp,
+    let known: &[&str] = if kind == "qemu" {
+        &["reset", "reboot", "shutdown", "stop", "start"]
+    } else {
+        // Containers have no reset.
+        &["reboot", "shutdown", "stop", "start"]
     };
-    if kind == "lxc" && action == "reset" {
+    if !known.contains(&action.as_str()) {
         return pve_error(
             501,
-            &format!("Method 'POST /nodes/{node}/lxc/{vmid}/status/reset' not implemented"),
+            &format!("Method 'POST /nodes/{node}/{kind}/{vmid}/status/{action}' not implemented"),
         );
     }
-    if matches!(action.as_str(), "reset" | "reboot" | "shutdown") && vm.status != "running" {
-        return pve_error(500, &format!("VM {vmid} not running"));
+    let gate = {
+        let st = state.lock().unwrap();
+        if st.denied(&caller.0, &format!("/vms/{vmid}"), "VM.PowerMgmt") {
+            return forbidden(&format!("/vms/{vmid}"), "VM.PowerMgmt");
+        }
+        st.gate.clone()
+    };
+    if let Some(gate) = gate {
+        let call = ActionCall {
+            node: node.clone(),
+            kind: kind.into(),
+            vmid,
+            action: action.clone(),
+            token_id: caller.0.clone(),
+        };
+        if !gate(call).await {
+            return pve_error(500, GATE_REFUSAL);
+        }
     }
+    let mut st = state.lock().unwrap();
+    let exit = match admit_action(&st, &node, kind, vmid, &action) {
+        Ok(exit) => exit,
+        Err(resp) => return resp,
+    };
     st.posts.push(format!("{action} {vmid}"));
     st.next_pid += 1;
-    let task_type = format!("qm{action}");
+    let prefix = if kind == "lxc" { "vz" } else { "qm" };
+    let task_type = format!("{prefix}{action}");
     let upid = format!(
-        "UPID:{node}:{:08X}:0123ABCD:{:08X}:{task_type}:{vmid}:{USER}!{TOKEN_ID}:",
+        "UPID:{node}:{:08X}:0123ABCD:{:08X}:{task_type}:{vmid}:{USER}!{}:",
         st.next_pid,
-        0x66A1_B2C3u32 + st.next_pid
+        0x66A1_B2C3u32 + st.next_pid,
+        caller.0
     );
-    // The lock is checked inside the worker, so the POST itself succeeds.
-    let exit = match &vm.lock {
-        Some(lock) => format!("VM is locked ({lock})"),
-        None => vm.task_exit.clone(),
-    };
     let starttime = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -368,6 +910,7 @@ async fn action(
             node: node.clone(),
             kind: task_type,
             vmid,
+            token_id: caller.0.clone(),
             starttime,
         },
     );
@@ -378,9 +921,11 @@ async fn action(
     data(json!(upid))
 }
 
-/// `GET /nodes/{node}/tasks?vmid=&typefilter=&since=`: newest first, like Proxmox.
+/// `GET /nodes/{node}/tasks?vmid=&typefilter=&since=`: newest first, like Proxmox; without
+/// `Sys.Audit` on the node a token sees only the tasks it started.
 async fn task_list(
     State(state): Shared,
+    Extension(caller): Caller,
     Path(node): Path<String>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Response {
@@ -388,12 +933,14 @@ async fn task_list(
     if st.task_list_broken {
         return pve_error(500, "got timeout");
     }
+    let audit = !st.denied(&caller.0, &format!("/nodes/{node}"), "Sys.Audit");
     let vmid: Option<i64> = q.get("vmid").and_then(|v| v.parse().ok());
     let since: i64 = q.get("since").and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut list: Vec<(&String, &Task)> = st
         .tasks
         .iter()
         .filter(|(_, t)| t.node == node)
+        .filter(|(_, t)| audit || t.token_id == caller.0)
         .filter(|(_, t)| vmid.is_none_or(|v| t.vmid == v))
         .filter(|(_, t)| q.get("typefilter").is_none_or(|f| &t.kind == f))
         .filter(|(_, t)| t.starttime >= since)
@@ -403,26 +950,27 @@ async fn task_list(
         .into_iter()
         .map(|(upid, t)| {
             json!({"upid": upid, "node": t.node, "type": t.kind, "id": t.vmid.to_string(),
-                   "starttime": t.starttime, "user": format!("{USER}!{TOKEN_ID}")})
+                   "starttime": t.starttime, "user": format!("{USER}!{}", t.token_id)})
         })
         .collect();
     data(json!(entries))
 }
 
-async fn task_status(State(state): Shared, Path((node, upid)): Path<(String, String)>) -> Response {
+/// A task's log lives on the node that ran it: asked on another node, there is no such task.
+async fn task_status(
+    State(state): Shared,
+    Extension(caller): Caller,
+    Path((node, upid)): Path<(String, String)>,
+) -> Response {
     let st = state.lock().unwrap();
-    if st.offline_nodes.contains(&node) {
-        return pve_error(595, "No route to host");
-    }
-    let Some(task) = st.tasks.get(&upid) else {
-        let mut resp = pve_error(400, "Parameter verification failed.");
-        *resp.body_mut() = Body::from(
-            json!({"data": null, "errors": {"upid": "no such task"}, "message": "Parameter verification failed.\n"}).to_string(),
-        );
-        return resp;
+    let Some(task) = st.tasks.get(&upid).filter(|t| t.node == node) else {
+        return no_such_task();
     };
-    let mut body =
-        json!({"upid": upid, "node": node, "type": task.kind, "user": USER, "tokenid": TOKEN_ID});
+    if task.token_id != caller.0 && st.denied(&caller.0, &format!("/nodes/{node}"), "Sys.Audit") {
+        return forbidden(&format!("/nodes/{node}"), "Sys.Audit");
+    }
+    let mut body = json!({"upid": upid, "node": node, "type": task.kind, "id": task.vmid.to_string(),
+                          "user": USER, "tokenid": task.token_id});
     if task.started.elapsed() < st.task_duration {
         body["status"] = json!("running");
     } else {

@@ -14,6 +14,7 @@ mod browser;
 mod common;
 mod concurrency;
 mod fake_pve;
+mod fake_pve_contract;
 mod http;
 mod proxmox;
 mod redis_cache;
