@@ -18,4 +18,5 @@ mod fake_pve_contract;
 mod http;
 mod proxmox;
 mod redis_cache;
+mod safeguards;
 mod storage;

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const FAST: &[(&str, &str)] = &[
+pub(crate) const FAST: &[(&str, &str)] = &[
     ("SCHEDULER_INTERVAL_MS", "100"),
     ("STALE_TIMEOUT_MS", "1500"),
     ("REPORT_INTERVAL_SECONDS", "1"),
@@ -19,7 +19,7 @@ const FAST: &[(&str, &str)] = &[
     ("RECHECK_INTERVAL_MS", "300"),
 ];
 
-fn env_for(fake: &FakePve, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+pub(crate) fn env_for(fake: &FakePve, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut vars: Vec<(String, String)> = FAST
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -29,20 +29,20 @@ fn env_for(fake: &FakePve, extra: &[(&str, &str)]) -> Vec<(String, String)> {
     vars
 }
 
-async fn start(backend: Backend, fake: &FakePve, extra: &[(&str, &str)]) -> TestServer {
+pub(crate) async fn start(backend: Backend, fake: &FakePve, extra: &[(&str, &str)]) -> TestServer {
     let vars = env_for(fake, extra);
     let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     TestServer::start(backend, &refs).await
 }
 
-async fn start_on(db: TestDb, fake: &FakePve, extra: &[(&str, &str)]) -> TestServer {
+pub(crate) async fn start_on(db: TestDb, fake: &FakePve, extra: &[(&str, &str)]) -> TestServer {
     let vars = env_for(fake, extra);
     let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     TestServer::start_on(db, &refs).await
 }
 
 /// A report from the VM with this VMID (the agent was told its VMID and node).
-async fn report_vm(srv: &TestServer, vmid: i64, node: &str, uptime: i64) -> i64 {
+pub(crate) async fn report_vm(srv: &TestServer, vmid: i64, node: &str, uptime: i64) -> i64 {
     let mut r = report_for(&format!("guest-{vmid}"));
     r["vmid"] = json!(vmid);
     r["node"] = json!(node);
@@ -52,11 +52,11 @@ async fn report_vm(srv: &TestServer, vmid: i64, node: &str, uptime: i64) -> i64 
     body["vm_id"].as_i64().unwrap()
 }
 
-async fn vm(srv: &TestServer, id: i64) -> Value {
+pub(crate) async fn vm(srv: &TestServer, id: i64) -> Value {
     srv.get(&format!("/api/vms/{id}")).await.1
 }
 
-async fn history(srv: &TestServer, id: i64) -> Vec<Value> {
+pub(crate) async fn history(srv: &TestServer, id: i64) -> Vec<Value> {
     srv.get(&format!("/api/vms/{id}/reset-history"))
         .await
         .1
@@ -66,7 +66,7 @@ async fn history(srv: &TestServer, id: i64) -> Vec<Value> {
 }
 
 /// Waits until the engine has completed `n` more rounds.
-async fn wait_rounds(srv: &TestServer, n: u64) {
+pub(crate) async fn wait_rounds(srv: &TestServer, n: u64) {
     let target = srv.state().engine.ticks() + n;
     wait_for("engine rounds", Duration::from_secs(30), || async {
         (srv.state().engine.ticks() >= target).then_some(())
@@ -74,7 +74,7 @@ async fn wait_rounds(srv: &TestServer, n: u64) {
     .await;
 }
 
-async fn wait_active(srv: &TestServer) {
+pub(crate) async fn wait_active(srv: &TestServer) {
     wait_for(
         "the start-up amnesty to end",
         Duration::from_secs(20),
@@ -400,30 +400,6 @@ async fn shadow_mode_records_would_reset_and_calls_nothing() {
         "shadow"
     );
     srv.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_servers_on_one_postgres_reset_an_incident_once() {
-    let fake = FakePve::start(vec![FakeVm::running(100, "pve1")]).await;
-    let db = fresh_db(Backend::Postgres).await;
-    let second_db = TestDb {
-        url: db.url.clone(),
-        dir: tempfile::tempdir().unwrap(),
-    };
-    let mut a = start_on(db, &fake, &[]).await;
-    let mut b = start_on(second_db, &fake, &[]).await;
-    let id = report_vm(&a, 100, "pve1", 5000).await;
-    wait_for("the reset", Duration::from_secs(15), || async {
-        (!fake.posts().is_empty()).then_some(())
-    })
-    .await;
-    wait_rounds(&a, 10).await;
-    wait_rounds(&b, 10).await;
-    assert_eq!(fake.posts(), vec!["reset 100"]);
-    let h = history(&b, id).await;
-    assert_eq!(h.len(), 1, "{h:?}");
-    a.stop().await;
-    b.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
