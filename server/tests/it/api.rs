@@ -43,6 +43,48 @@ async fn report_shows_up_in_vm_list(backend: Backend) {
 }
 both_backends!(report_shows_up_in_vm_list);
 
+/// Unknown fields are ignored; a replayed sample keeps its time while liveness uses the
+/// receive time; a time ahead of the server's clock is replaced by the receive time.
+async fn sample_time_and_liveness_follow_the_contract(backend: Backend) {
+    let mut srv = TestServer::start(backend, &[]).await;
+    let hour_ago = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let mut replayed = report_for("replayer");
+    replayed["observed_at"] = json!(
+        hour_ago
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    );
+    replayed["future_field"] = json!({"nested": [1, 2, 3]});
+    let before = server::now_ms();
+    let (status, body) = srv.report(&replayed).await;
+    assert_eq!(status, 200, "unknown fields are ignored: {body}");
+    assert_eq!(body["status"], "healthy", "liveness uses the receive time");
+    let id = body["vm_id"].as_i64().unwrap();
+    let (_, v) = srv.get(&format!("/api/vms/{id}")).await;
+    let hour_ago_ms = i64::try_from(hour_ago.unix_timestamp_nanos() / 1_000_000).unwrap();
+    assert_eq!(v["observed_at_ms"], hour_ago_ms, "{v}");
+    assert!(v["last_seen_ms"].as_i64().unwrap() >= before, "{v}");
+    // Stored at its own time: found in a window around an hour ago.
+    let (_, hist) = srv
+        .get(&format!(
+            "/api/vms/{id}/metrics?from={}&to={}&points=1",
+            hour_ago_ms - 1000,
+            hour_ago_ms + 1000
+        ))
+        .await;
+    assert_eq!(hist["points"][0]["samples"], 1, "{hist}");
+
+    let mut ahead = report_for("replayer");
+    ahead["observed_at"] = json!("2999-01-01T00:00:00Z");
+    let before = server::now_ms();
+    assert_eq!(srv.report(&ahead).await.0, 200);
+    let (_, v) = srv.get(&format!("/api/vms/{id}")).await;
+    let observed = v["observed_at_ms"].as_i64().unwrap();
+    assert!(observed >= before && observed <= server::now_ms(), "{v}");
+    srv.stop().await;
+}
+both_backends!(sample_time_and_liveness_follow_the_contract);
+
 async fn machine_id_identifies_a_vm_across_renames(backend: Backend) {
     let mut srv = TestServer::start(backend, &[]).await;
     let mut first = report_for("old-name");

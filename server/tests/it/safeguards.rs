@@ -734,3 +734,63 @@ async fn acknowledged_reports_survive_a_kill_9(backend: Backend) {
     srv.stop().await;
 }
 both_backends!(acknowledged_reports_survive_a_kill_9);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn auto_reset_switched_off_resets_nothing_and_says_why() {
+    let fake = FakePve::start(vec![FakeVm::running(100, "pve1")]).await;
+    let mut srv = start(Backend::Sqlite, &fake, &[("AUTO_RESET_ENABLED", "false")]).await;
+    let id = report_vm(&srv, 100, "pve1", 5000).await;
+    wait_for("the VM to go down", Duration::from_secs(10), || async {
+        (vm(&srv, id).await["status"] == "down").then_some(())
+    })
+    .await;
+    wait_rounds(&srv, 20).await;
+    assert_eq!(fake.action_attempts(), Vec::<String>::new());
+    let (_, health) = srv.get("/api/health").await;
+    assert_eq!(
+        health["remediation"]["reason"], "auto-reset off: AUTO_RESET_ENABLED=false",
+        "{health}"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_proxmox_the_monitor_runs_and_says_auto_reset_is_off() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    assert_eq!(srv.report(&report_for("standalone")).await.0, 200);
+    let (status, health) = srv.get("/api/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["remediation"]["active"], false, "{health}");
+    let reason = health["remediation"]["reason"].as_str().unwrap().to_owned();
+    assert!(reason.starts_with("auto-reset off: "), "{reason}");
+    let page = srv
+        .http
+        .get(srv.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains(&reason),
+        "the dashboard does not say: {reason}"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ha_managed_guests_are_reset_only_when_allowed() {
+    let mut ha = FakeVm::running(100, "pve1");
+    ha.ha_managed = true;
+    let fake = FakePve::start(vec![ha]).await;
+    let mut srv = start(Backend::Sqlite, &fake, &[("REMEDIATE_HA_VMS", "true")]).await;
+    report_vm(&srv, 100, "pve1", 5000).await;
+    wait_for(
+        "the reset of the HA guest",
+        Duration::from_secs(15),
+        || async { (fake.posts() == vec!["reset 100"]).then_some(()) },
+    )
+    .await;
+    srv.stop().await;
+}
