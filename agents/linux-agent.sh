@@ -241,10 +241,19 @@ post_report() {
     code="$(printf '%s\n' "$headers" | awk '/^  HTTP\// { c = $2 } END { print c }')"
     HTTP_CODE="${code:-000}"
   else
-    # busybox wget: no config file, so the header is on its command line.
-    wget -q -O "$response_file" -T 15 --header "Authorization: Bearer $AGENT_TOKEN" \
+    # busybox wget: no config file, so the header is on its command line. On an HTTP error
+    # it keeps no body and names the status only in its message ("HTTP/1.1 401 ...").
+    local err
+    : >"$response_file"
+    if err="$(wget -q -O "$response_file" -T 15 --header "Authorization: Bearer $AGENT_TOKEN" \
       --header 'Content-Type: application/json' --post-file="$body_file" \
-      "$SERVER_URL/api/health/report" 2>/dev/null && HTTP_CODE=200 || HTTP_CODE=000
+      "$SERVER_URL/api/health/report" 2>&1)"; then
+      HTTP_CODE=200
+    elif [[ "$err" =~ HTTP/[0-9.]+\ ([0-9]{3}) ]]; then
+      HTTP_CODE="${BASH_REMATCH[1]}"
+    else
+      HTTP_CODE=000
+    fi
   fi
 }
 
