@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # Benchmarks: heartbeat ingest throughput (both backends) and the Linux agent's cost per report.
 # Figures and how to read them: BENCHMARKS.md.
+#
+#   scripts/bench.sh           the full measurement (release builds, several minutes)
+#   scripts/bench.sh --smoke   CI's check, seconds: a short ingest run per backend and commit
+#                              mode that fails unless every 200 answered is a stored row
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 "$root/scripts/services.sh"
+
+if [[ ${1:-} == --smoke ]]; then
+  echo "==> ingest smoke: stored rows == 200s answered, SQLite and PostgreSQL"
+  # The test profile: reuses what the test suite built instead of a release build.
+  cargo test -q -p server --bench ingest -- --smoke
+  exit
+fi
 
 echo "==> ingest"
 cargo bench -p server --bench ingest

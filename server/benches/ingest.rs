@@ -3,6 +3,11 @@
 //!
 //! Run: `scripts/bench.sh` (or `cargo bench -p server --bench ingest`); PostgreSQL from
 //! `TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432/test`.
+//!
+//! `--smoke` (`scripts/bench.sh --smoke`, run by CI): one short run per backend and commit
+//! mode that checks the promise behind the figures: every 200 answered is a stored row.
+//! Exits non-zero when the count of stored metric rows differs from the count of 200s, or
+//! when any request got another answer.
 
 #![allow(
     clippy::unwrap_used,
@@ -23,26 +28,45 @@ const CLIENTS: usize = 64;
 const VMS: usize = 1000;
 const RUN_FOR: Duration = Duration::from_secs(4);
 const ROUNDS: usize = 3;
+const SMOKE_RUN_FOR: Duration = Duration::from_secs(2);
+
+fn admin_pg_url() -> String {
+    std::env::var("TEST_PG_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+fn pg_database_name(round: usize) -> String {
+    format!("vmhc_bench_{}_{round}", std::process::id())
+}
+
+async fn pg_execute(sql: &str) {
+    let mut conn = AsyncPgConnection::establish(&admin_pg_url()).await.unwrap();
+    conn.batch_execute(sql).await.unwrap();
+}
 
 async fn database_url(backend: &str, dir: &tempfile::TempDir, round: usize) -> String {
     if backend == "sqlite" {
         return format!("sqlite://{}/bench-{round}.db", dir.path().display());
     }
-    let admin = std::env::var("TEST_PG_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let mut conn = AsyncPgConnection::establish(&admin).await.unwrap();
-    let name = format!("vmhc_bench_{}_{round}", std::process::id());
-    conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name}"))
-        .await
-        .unwrap();
-    conn.batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    format!("{}/{name}", admin.rsplit_once('/').unwrap().0)
+    let name = pg_database_name(round);
+    pg_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+    pg_execute(&format!("CREATE DATABASE {name}")).await;
+    format!("{}/{name}", admin_pg_url().rsplit_once('/').unwrap().0)
 }
 
-/// Reports per second and per-request latencies (ms) for one run.
-async fn run_once(backend: &str, batch_max: &str, round: usize) -> (f64, Vec<f64>) {
+/// What one run measured.
+struct Run {
+    /// Reports answered 200 per second.
+    rate: f64,
+    /// Per-request latencies (ms) of the 200s.
+    latencies: Vec<f64>,
+    answered_200: u64,
+    /// Requests answered otherwise, or not at all.
+    other: u64,
+    stored_rows: i64,
+}
+
+async fn run_once(backend: &'static str, batch_max: &str, round: usize, run_for: Duration) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let mut vars: HashMap<String, String> = HashMap::new();
     vars.insert(
@@ -62,14 +86,15 @@ async fn run_once(backend: &str, batch_max: &str, round: usize) -> (f64, Vec<f64
         .build()
         .unwrap();
     let ok = Arc::new(AtomicU64::new(0));
+    let other = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for client in 0..CLIENTS {
-        let (http, url, ok) = (http.clone(), url.clone(), ok.clone());
+        let (http, url, ok, other) = (http.clone(), url.clone(), ok.clone(), other.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut n = client;
-            while started.elapsed() < RUN_FOR {
+            while started.elapsed() < run_for {
                 let body = json!({
                     "hostname": format!("bench-{:04}", n % VMS), "os": "linux", "cpu_percent": 10.0,
                     "ram_used_bytes": 1000, "ram_total_bytes": 4000, "uptime_seconds": 100,
@@ -82,11 +107,21 @@ async fn run_once(backend: &str, batch_max: &str, round: usize) -> (f64, Vec<f64
                     .bearer_auth("bench-agent")
                     .json(&body)
                     .send()
-                    .await
-                    .unwrap();
-                assert_eq!(resp.status().as_u16(), 200);
-                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
-                ok.fetch_add(1, Ordering::Relaxed);
+                    .await;
+                match resp {
+                    Ok(resp) if resp.status().as_u16() == 200 => {
+                        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(resp) => {
+                        eprintln!("{backend}: answer {}", resp.status());
+                        other.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        eprintln!("{backend}: request failed: {e}");
+                        other.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
             latencies
         }));
@@ -95,9 +130,27 @@ async fn run_once(backend: &str, batch_max: &str, round: usize) -> (f64, Vec<f64
     for task in tasks {
         latencies.extend(task.await.unwrap());
     }
-    let rate = ok.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+    let answered_200 = ok.load(Ordering::Relaxed);
+    let rate = answered_200 as f64 / started.elapsed().as_secs_f64();
+    // Every client has had its last answer: whatever was answered 200 must be stored now.
+    let stored_rows = {
+        let mut conn = srv.state.db.conn().await.unwrap();
+        server::db::store::count_metric_samples(&mut conn, None)
+            .await
+            .unwrap()
+    };
     srv.stop().await;
-    (rate, latencies)
+    if backend == "postgres" {
+        let name = pg_database_name(round);
+        pg_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+    }
+    Run {
+        rate,
+        latencies,
+        answered_200,
+        other: other.load(Ordering::Relaxed),
+        stored_rows,
+    }
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -110,8 +163,40 @@ fn percentile(values: &mut [f64], p: f64) -> f64 {
     values[((values.len() as f64 - 1.0) * p) as usize]
 }
 
+/// One short run per backend and commit mode; exits 1 unless stored rows == 200s answered.
+async fn smoke() {
+    let mut failed = false;
+    for backend in ["sqlite", "postgres"] {
+        for batch_max in ["500", "1"] {
+            let run = run_once(backend, batch_max, 0, SMOKE_RUN_FOR).await;
+            let verdict = if run.answered_200 > 0
+                && run.other == 0
+                && i64::try_from(run.answered_200) == Ok(run.stored_rows)
+            {
+                "ok"
+            } else {
+                failed = true;
+                "FAIL"
+            };
+            println!(
+                "{verdict}: {backend}, batch max {batch_max}: {} answered 200, {} stored rows, \
+                 {} other answers ({:.0} reports/s)",
+                run.answered_200, run.stored_rows, run.other, run.rate
+            );
+        }
+    }
+    if failed {
+        println!("ingest smoke: stored rows must equal the 200s answered, with no other answers");
+        std::process::exit(1);
+    }
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
+    if std::env::args().any(|a| a == "--smoke") {
+        smoke().await;
+        return;
+    }
     println!(
         "ingest: {CLIENTS} clients, {VMS} VMs, {}s per run, median of {ROUNDS} runs",
         RUN_FOR.as_secs()
@@ -125,7 +210,13 @@ async fn main() {
             let mut p50s = Vec::new();
             let mut p99s = Vec::new();
             for round in 0..ROUNDS {
-                let (rate, mut lat) = run_once(backend, batch_max, round).await;
+                let Run {
+                    rate,
+                    latencies: mut lat,
+                    other,
+                    ..
+                } = run_once(backend, batch_max, round, RUN_FOR).await;
+                assert_eq!(other, 0, "requests not answered 200");
                 rates.push(rate);
                 p50s.push(percentile(&mut lat, 0.5));
                 p99s.push(percentile(&mut lat, 0.99));

@@ -57,7 +57,7 @@ pub async fn fresh_db(backend: Backend) -> TestDb {
         Backend::Postgres => {
             let admin = admin_pg_url();
             let template = pg_template(&admin).await;
-            // The process id lets scripts/test.sh drop only what finished runs left behind.
+            // The process id lets scripts/test.sh drop only what finished test processes left.
             let name = format!(
                 "vmhc_t_{}_{}",
                 std::process::id(),
@@ -85,8 +85,7 @@ fn pg_database_url(admin: &str, name: &str) -> String {
 /// How long template preparation and cloning may wait for stray sessions to leave.
 const PG_TEMPLATE_DEADLINE: Duration = Duration::from_secs(30);
 
-/// The migrated template of this test process, made on first use and shared by every test
-/// in the process (each test runs on its own runtime; the cell does not depend on one).
+/// The migrated template, looked up (or made) once per test process.
 static PG_TEMPLATE: tokio::sync::OnceCell<String> = tokio::sync::OnceCell::const_new();
 
 async fn pg_template(admin: &str) -> &'static str {
@@ -96,29 +95,92 @@ async fn pg_template(admin: &str) -> &'static str {
         .as_str()
 }
 
-/// Creates `vmhc_tmpl_<pid>` and migrates it through the server's own start-up path, then
-/// closes it to connections: PostgreSQL clones a database only while nobody is connected.
-/// The process id keeps concurrent runs from sharing or dropping each other's template.
+/// Advisory lock (taken in the admin database) serialising template creation across
+/// test processes: the test runner starts one process per test.
+const PG_TEMPLATE_LOCK_KEY: i64 = 0x0076_6d68_746d_706c;
+
+/// First 16 hex digits of SHA-256 over migrations/postgres: every relative file path in byte
+/// order, each followed by NUL, its contents and NUL. scripts/test.sh computes the same
+/// digest to drop templates of older migrations.
+fn migrations_hash() -> String {
+    use sha2::{Digest, Sha256};
+    fn walk(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let root = workspace_root().join("migrations/postgres");
+    let mut files = Vec::new();
+    walk(&root, &mut files);
+    let mut files: Vec<(String, PathBuf)> = files
+        .into_iter()
+        .map(|p| {
+            let rel = p
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            (rel, p)
+        })
+        .collect();
+    files.sort();
+    let mut hasher = Sha256::new();
+    for (rel, path) in files {
+        hasher.update(rel.as_bytes());
+        hasher.update([0]);
+        hasher.update(std::fs::read(&path).unwrap());
+        hasher.update([0]);
+    }
+    let digest = hasher.finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `vmhc_tmpl_<migrations hash>`, shared by every test process and every run with the same
+/// migrations. Made under an advisory lock, migrated through the server's own start-up path,
+/// then closed to connections: PostgreSQL clones a database only while nobody is connected,
+/// and a closed database is also the mark of a finished template (a creator that died
+/// half-way leaves one still open, which the next creator replaces).
 async fn create_pg_template(admin: &str) -> String {
-    let name = format!("vmhc_tmpl_{}", std::process::id());
+    use diesel_async::RunQueryDsl;
+    let name = format!("vmhc_tmpl_{}", migrations_hash());
     let mut conn = AsyncPgConnection::establish(admin).await.unwrap();
-    // Left by an earlier process that had the same id, or by a test that failed half-way
-    // through this function.
-    conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+    conn.batch_execute(&format!("SELECT pg_advisory_lock({PG_TEMPLATE_LOCK_KEY})"))
         .await
         .unwrap();
-    conn.batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .unwrap();
-    let db = server::db::Db::connect(&pg_database_url(admin, &name), 1)
-        .await
-        .unwrap_or_else(|e| panic!("migrating template database {name}: {e}"));
-    drop(db);
-    // Refuses new sessions; the migration session still closes asynchronously, so wait.
-    conn.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
-        .await
-        .unwrap();
-    wait_until_unused(&mut conn, &name).await;
+    let ready: i64 = diesel::select(diesel::dsl::sql::<diesel::sql_types::BigInt>(&format!(
+        "(SELECT count(*) FROM pg_database WHERE datname = '{name}' AND NOT datallowconn)"
+    )))
+    .get_result(&mut conn)
+    .await
+    .unwrap();
+    if ready == 0 {
+        conn.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .unwrap();
+        conn.batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let db = server::db::Db::connect(&pg_database_url(admin, &name), 1)
+            .await
+            .unwrap_or_else(|e| panic!("migrating template database {name}: {e}"));
+        drop(db);
+        // Refuses new sessions; the migration session still closes asynchronously, so wait
+        // before letting anyone clone it.
+        conn.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false"))
+            .await
+            .unwrap();
+        wait_until_unused(&mut conn, &name).await;
+    }
+    conn.batch_execute(&format!(
+        "SELECT pg_advisory_unlock({PG_TEMPLATE_LOCK_KEY})"
+    ))
+    .await
+    .unwrap();
     name
 }
 
