@@ -15,6 +15,8 @@ CONF_FILE="${VMHC_AGENT_CONF:-/etc/vm-healthcheck/agent.conf}"
 STATE_DIR="${VMHC_STATE_DIR:-/var/lib/vm-healthcheck}"
 SPOOL_DIR="$STATE_DIR/spool"
 SPOOL_MAX="${SPOOL_MAX:-100}"
+# The server keeps at most this many filesystems of one report.
+MAX_DISKS=64
 RETRY_ATTEMPTS="${RETRY_ATTEMPTS:-3}"
 RETRY_DELAY_SECONDS="${RETRY_DELAY_SECONDS:-2}"
 
@@ -123,21 +125,32 @@ disks_json() {
     printf -v mnt '%b' "$mnt"
     mounts+=("$mnt")
   done </proc/mounts
-  DISKS="["
+  # Each entry is "<permille full> <json>", so the fullest can be kept when there are many.
+  local entries=()
   if ((${#mounts[@]} > 0)); then
-    local first=1 header=1 used total mount
+    local header=1 used total mount
     # -P keeps one line per filesystem; sizes in 1K blocks.
     while read -r _ total used _ _ mount; do
       if ((header)); then header=0 && continue; fi
       [[ "$total" =~ ^[0-9]+$ && "$used" =~ ^[0-9]+$ ]] || continue
-      ((first)) || DISKS+=","
-      first=0
+      # The server drops mount names over 1024 bytes; so does the agent.
+      ((${#mount} <= 1024)) || continue
       json_str "$mount"
       # payload:disk:begin
-      DISKS+="{\"mount\":$REPLY,\"used_bytes\":$((used * 1024)),\"total_bytes\":$((total * 1024))}"
+      entries+=("$((total > 0 ? used * 1000 / total : 0)) {\"mount\":$REPLY,\"used_bytes\":$((used * 1024)),\"total_bytes\":$((total * 1024))}")
       # payload:disk:end
     done < <(df -P -k "${mounts[@]}" 2>/dev/null)
   fi
+  if ((${#entries[@]} > MAX_DISKS)); then
+    # ZFS mounts every dataset: send the fullest, as many as the server keeps.
+    mapfile -t entries < <(printf '%s\n' "${entries[@]}" | sort -rn | head -n "$MAX_DISKS")
+  fi
+  local entry
+  DISKS="["
+  for entry in "${entries[@]}"; do
+    [[ $DISKS == "[" ]] || DISKS+=","
+    DISKS+="${entry#* }"
+  done
   DISKS+="]"
 }
 

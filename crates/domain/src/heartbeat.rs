@@ -5,6 +5,7 @@ use crate::ids::{NodeName, Vmid};
 use crate::status::percent_of;
 use crate::view::DiskUsage;
 use serde::Deserialize;
+use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -30,7 +31,8 @@ pub const DISK_FIELDS: &[&str] = &["mount", "used_bytes", "total_bytes"];
 pub const MAX_REPORT_BYTES: usize = 64 * 1024;
 pub const MAX_DISKS: usize = 64;
 const MAX_HOSTNAME_CHARS: usize = 253;
-/// Spooled reports older than this are refused rather than stored out of context.
+/// A sample time older than this comes from a wrong clock or a stale spool: the receive
+/// time is used instead.
 const MAX_REPLAY_AGE_MS: i64 = 7 * 86_400_000;
 /// Agent clocks ahead of ours by more than this are not trusted for `observed_at`.
 const MAX_CLOCK_AHEAD_MS: i64 = 60_000;
@@ -50,26 +52,76 @@ fn invalid(field: &str, message: impl Into<String>) -> InvalidReport {
     }
 }
 
+/// An optional part of a report that was dropped or replaced: the report is still stored
+/// (a bad optional part must never make a live VM look dead), and the agent is told why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Warning {
+    pub field: String,
+    pub message: String,
+}
+
+/// A report that will be stored, and what was dropped from it on the way.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Accepted {
+    pub heartbeat: Heartbeat,
+    pub warnings: Vec<Warning>,
+}
+
+/// Most warnings one answer lists; a report with hundreds of bad disks gets a count.
+const MAX_WARNINGS: usize = 16;
+
+/// Collects the warnings of one report.
+#[derive(Default)]
+struct Warnings {
+    listed: Vec<Warning>,
+    more: usize,
+}
+
+impl Warnings {
+    fn add(&mut self, field: &str, message: impl Into<String>) {
+        if self.listed.len() < MAX_WARNINGS {
+            self.listed.push(Warning {
+                field: field.to_owned(),
+                message: message.into(),
+            });
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn finish(mut self) -> Vec<Warning> {
+        if self.more > 0 {
+            self.listed.push(Warning {
+                field: "report".into(),
+                message: format!("{} more parts dropped", self.more),
+            });
+        }
+        self.listed
+    }
+}
+
 #[derive(Deserialize)]
 struct RawReport {
     hostname: String,
     os: String,
+    // Optional parts are read loosely: a wrong type drops the part with a warning.
     #[serde(default)]
-    machine_id: Option<String>,
+    machine_id: Value,
     #[serde(default)]
-    vmid: Option<i64>,
+    vmid: Value,
     #[serde(default)]
-    node: Option<String>,
+    node: Value,
     cpu_percent: f64,
     ram_used_bytes: i64,
     ram_total_bytes: i64,
     #[serde(default)]
-    disks: Option<Vec<RawDisk>>,
+    disks: Value,
     uptime_seconds: i64,
     #[serde(default)]
-    agent_version: Option<String>,
+    agent_version: Value,
     #[serde(default)]
-    observed_at: Option<String>,
+    observed_at: Value,
 }
 
 #[derive(Deserialize)]
@@ -103,8 +155,9 @@ pub struct Heartbeat {
     pub received_ms: i64,
 }
 
-/// Parses and checks a report body received at `received_ms`.
-pub fn parse_report(body: &[u8], received_ms: i64) -> Result<Heartbeat, InvalidReport> {
+/// Parses and checks a report body received at `received_ms`. Required fields that are
+/// wrong refuse the report; optional parts that are wrong are dropped with a warning.
+pub fn parse_report(body: &[u8], received_ms: i64) -> Result<Accepted, InvalidReport> {
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let raw: RawReport = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
         let path = err.path().to_string();
@@ -130,7 +183,7 @@ fn missing_field_name(message: &str) -> Option<String> {
     Some(rest.split('`').next()?.to_owned())
 }
 
-fn validate(raw: RawReport, received_ms: i64) -> Result<Heartbeat, InvalidReport> {
+fn validate(raw: RawReport, received_ms: i64) -> Result<Accepted, InvalidReport> {
     let hostname = parse_hostname(&raw.hostname)?;
     let os = raw
         .os
@@ -138,26 +191,19 @@ fn validate(raw: RawReport, received_ms: i64) -> Result<Heartbeat, InvalidReport
         .to_ascii_lowercase()
         .parse::<OsKind>()
         .map_err(|_unknown| invalid("os", "must be linux, windows or other"))?;
-    let machine_id = parse_machine_id(raw.machine_id)?;
-    let vmid = raw
-        .vmid
-        .map(Vmid::try_from)
-        .transpose()
-        .map_err(|e| invalid("vmid", e.0))?;
-    let node = match raw.node.map(|n| n.trim().to_owned()) {
-        None => None,
-        Some(n) if n.is_empty() => None,
-        Some(n) => Some(NodeName::try_from(n).map_err(|e| invalid("node", e.0))?),
-    };
     check_cpu_and_ram(raw.cpu_percent, raw.ram_used_bytes, raw.ram_total_bytes)?;
-    let disks = parse_disks(raw.disks.unwrap_or_default())?;
     if raw.uptime_seconds < 0 {
         return Err(invalid("uptime_seconds", "must not be negative"));
     }
-    let agent_version = parse_agent_version(raw.agent_version)?;
-    let observed_ms = parse_observed_at(raw.observed_at, received_ms)?;
+    let mut warnings = Warnings::default();
+    let machine_id = parse_machine_id(raw.machine_id, &mut warnings);
+    let vmid = parse_vmid(raw.vmid, &mut warnings);
+    let node = parse_node(raw.node, &mut warnings);
+    let disks = parse_disks(raw.disks, &mut warnings);
+    let agent_version = parse_agent_version(raw.agent_version, &mut warnings);
+    let observed_ms = parse_observed_at(raw.observed_at, received_ms, &mut warnings);
     let (disk_used_bytes, disk_total_bytes, disk_max_percent) = disk_totals(&disks);
-    Ok(Heartbeat {
+    let heartbeat = Heartbeat {
         hostname,
         os,
         machine_id,
@@ -174,7 +220,23 @@ fn validate(raw: RawReport, received_ms: i64) -> Result<Heartbeat, InvalidReport
         uptime_seconds: raw.uptime_seconds,
         observed_ms,
         received_ms,
+    };
+    Ok(Accepted {
+        heartbeat,
+        warnings: warnings.finish(),
     })
+}
+
+/// The text of an optional string field; null, absent or blank is `None`.
+fn optional_text(value: Value, field: &str, warnings: &mut Warnings) -> Option<String> {
+    match value {
+        Value::Null => None,
+        Value::String(text) => Some(text.trim().to_owned()).filter(|t| !t.is_empty()),
+        _ => {
+            warnings.add(field, "must be a string; ignored");
+            None
+        }
+    }
 }
 
 fn parse_hostname(raw: &str) -> Result<String, InvalidReport> {
@@ -196,13 +258,42 @@ fn parse_hostname(raw: &str) -> Result<String, InvalidReport> {
     Ok(hostname)
 }
 
-fn parse_machine_id(raw: Option<String>) -> Result<Option<String>, InvalidReport> {
-    match raw.map(|m| m.trim().to_ascii_lowercase()) {
-        None => Ok(None),
-        Some(m) if m.is_empty() => Ok(None),
-        Some(m) if is_uuid(&m) => Ok(Some(m)),
-        Some(_) => Err(invalid("machine_id", "must be a UUID")),
+fn parse_machine_id(value: Value, warnings: &mut Warnings) -> Option<String> {
+    let text = optional_text(value, "machine_id", warnings)?.to_ascii_lowercase();
+    if is_uuid(&text) {
+        Some(text)
+    } else {
+        warnings.add("machine_id", "must be a UUID; ignored");
+        None
     }
+}
+
+fn parse_vmid(value: Value, warnings: &mut Warnings) -> Option<Vmid> {
+    match value {
+        Value::Null => None,
+        Value::Number(n) => match n.as_i64().map(Vmid::try_from) {
+            Some(Ok(vmid)) => Some(vmid),
+            Some(Err(e)) => {
+                warnings.add("vmid", format!("{}; ignored", e.0));
+                None
+            }
+            None => {
+                warnings.add("vmid", "must be an integer; ignored");
+                None
+            }
+        },
+        _ => {
+            warnings.add("vmid", "must be an integer; ignored");
+            None
+        }
+    }
+}
+
+fn parse_node(value: Value, warnings: &mut Warnings) -> Option<NodeName> {
+    let text = optional_text(value, "node", warnings)?;
+    NodeName::try_from(text)
+        .map_err(|e| warnings.add("node", format!("{}; ignored", e.0)))
+        .ok()
 }
 
 fn check_cpu_and_ram(cpu: f64, ram_used: i64, ram_total: i64) -> Result<(), InvalidReport> {
@@ -221,67 +312,117 @@ fn check_cpu_and_ram(cpu: f64, ram_used: i64, ram_total: i64) -> Result<(), Inva
     Ok(())
 }
 
-fn parse_disks(raw_disks: Vec<RawDisk>) -> Result<Vec<DiskUsage>, InvalidReport> {
-    if raw_disks.len() > MAX_DISKS {
-        return Err(invalid("disks", "at most 64 entries"));
-    }
-    let mut disks = Vec::with_capacity(raw_disks.len());
-    for (i, disk) in raw_disks.into_iter().enumerate() {
-        let at = |field: &str| format!("disks[{i}].{field}");
-        if disk.mount.is_empty()
-            || disk.mount.len() > 1024
-            || disk.mount.chars().any(char::is_control)
-        {
-            return Err(invalid(
-                &at("mount"),
-                "must be 1 to 1024 printable characters",
-            ));
+fn parse_disks(value: Value, warnings: &mut Warnings) -> Vec<DiskUsage> {
+    let entries = match value {
+        Value::Null => return Vec::new(),
+        Value::Array(entries) => entries,
+        _ => {
+            warnings.add("disks", "must be an array; ignored");
+            return Vec::new();
         }
-        if disk.total_bytes < 0 {
-            return Err(invalid(&at("total_bytes"), "must not be negative"));
-        }
-        if disk.used_bytes < 0 || disk.used_bytes > disk.total_bytes {
-            return Err(invalid(
-                &at("used_bytes"),
-                "must be between 0 and total_bytes",
-            ));
-        }
-        disks.push(DiskUsage {
-            mount: disk.mount,
-            used_bytes: disk.used_bytes,
-            total_bytes: disk.total_bytes,
-        });
-    }
-    Ok(disks)
-}
-
-fn parse_agent_version(raw: Option<String>) -> Result<Option<String>, InvalidReport> {
-    match raw {
-        Some(v) if v.len() > 64 || v.chars().any(char::is_control) => Err(invalid(
-            "agent_version",
-            "must be at most 64 printable characters",
-        )),
-        other => Ok(other.filter(|v| !v.is_empty())),
-    }
-}
-
-fn parse_observed_at(raw: Option<String>, received_ms: i64) -> Result<i64, InvalidReport> {
-    let Some(text) = raw else {
-        return Ok(received_ms);
     };
-    let at = OffsetDateTime::parse(&text, &Rfc3339)
-        .map_err(|_unparsable| invalid("observed_at", "must be an RFC 3339 time"))?;
-    let ms = i64::try_from(at.unix_timestamp_nanos() / 1_000_000)
-        .map_err(|_overflow| invalid("observed_at", "is out of range"))?;
+    let count = entries.len();
+    let mut disks: Vec<DiskUsage> = entries
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, entry)| {
+            parse_disk(entry)
+                .map_err(|(field, message)| {
+                    warnings.add(&format!("disks[{i}]{field}"), format!("{message}; dropped"));
+                })
+                .ok()
+        })
+        .collect();
+    if disks.len() > MAX_DISKS {
+        // The fullest filesystems are the ones the status and its warnings are about.
+        disks.sort_by(|a, b| fullness(b).total_cmp(&fullness(a)));
+        disks.truncate(MAX_DISKS);
+        warnings.add(
+            "disks",
+            format!("{count} entries; kept the {MAX_DISKS} fullest"),
+        );
+    }
+    disks
+}
+
+fn fullness(disk: &DiskUsage) -> f64 {
+    if disk.total_bytes > 0 {
+        percent_of(disk.used_bytes, disk.total_bytes)
+    } else {
+        0.0
+    }
+}
+
+/// One entry of `disks`, or the sub-field that was wrong and why.
+fn parse_disk(entry: Value) -> Result<DiskUsage, (String, String)> {
+    let disk: RawDisk =
+        serde_json::from_value(entry).map_err(|e| (String::new(), e.to_string()))?;
+    if disk.mount.is_empty() || disk.mount.len() > 1024 || disk.mount.chars().any(char::is_control)
+    {
+        return Err((
+            ".mount".into(),
+            "must be 1 to 1024 printable characters".into(),
+        ));
+    }
+    if disk.total_bytes < 0 {
+        return Err((".total_bytes".into(), "must not be negative".into()));
+    }
+    if disk.used_bytes < 0 || disk.used_bytes > disk.total_bytes {
+        return Err((
+            ".used_bytes".into(),
+            "must be between 0 and total_bytes".into(),
+        ));
+    }
+    Ok(DiskUsage {
+        mount: disk.mount,
+        used_bytes: disk.used_bytes,
+        total_bytes: disk.total_bytes,
+    })
+}
+
+fn parse_agent_version(value: Value, warnings: &mut Warnings) -> Option<String> {
+    let text = optional_text(value, "agent_version", warnings)?;
+    if text.len() > 64 || text.chars().any(char::is_control) {
+        warnings.add(
+            "agent_version",
+            "must be at most 64 printable characters; ignored",
+        );
+        return None;
+    }
+    Some(text)
+}
+
+/// The sample's time: the agent's when it is plausible, else the receive time.
+fn parse_observed_at(value: Value, received_ms: i64, warnings: &mut Warnings) -> i64 {
+    let Some(text) = optional_text(value, "observed_at", warnings) else {
+        return received_ms;
+    };
+    let Some(ms) = OffsetDateTime::parse(&text, &Rfc3339)
+        .ok()
+        .and_then(|at| i64::try_from(at.unix_timestamp_nanos() / 1_000_000).ok())
+    else {
+        warnings.add(
+            "observed_at",
+            "must be an RFC 3339 time; the receive time was used",
+        );
+        return received_ms;
+    };
     if ms < received_ms.saturating_sub(MAX_REPLAY_AGE_MS) {
-        return Err(invalid("observed_at", "is more than 7 days old"));
+        warnings.add(
+            "observed_at",
+            "is more than 7 days old; the receive time was used",
+        );
+        return received_ms;
     }
     // A clock running ahead would make a sample look newer than it is.
-    Ok(if ms > received_ms.saturating_add(MAX_CLOCK_AHEAD_MS) {
-        received_ms
-    } else {
-        ms
-    })
+    if ms > received_ms.saturating_add(MAX_CLOCK_AHEAD_MS) {
+        warnings.add(
+            "observed_at",
+            "is ahead of the server's clock; the receive time was used",
+        );
+        return received_ms;
+    }
+    ms
 }
 
 /// Used and total bytes over all filesystems, and the fullest one's usage in percent.
@@ -335,9 +476,17 @@ mod tests {
             .field
     }
 
+    fn accepted(value: &serde_json::Value) -> Accepted {
+        parse_report(value.to_string().as_bytes(), NOW).unwrap()
+    }
+
     #[test]
     fn accepts_and_normalises_a_valid_report() {
-        let r = parse_report(valid().to_string().as_bytes(), NOW).unwrap();
+        let Accepted {
+            heartbeat: r,
+            warnings,
+        } = accepted(&valid());
+        assert_eq!(warnings, vec![]);
         assert_eq!(
             r.machine_id.as_deref(),
             Some("7d2a1c9e-0000-4000-8000-00000000abcd")
@@ -348,7 +497,7 @@ mod tests {
     }
 
     #[test]
-    fn names_the_offending_field() {
+    fn names_the_offending_required_field() {
         let cases: Vec<(&str, serde_json::Value)> = vec![
             ("cpu_percent", json!(101)),
             ("cpu_percent", json!(-1)),
@@ -357,10 +506,7 @@ mod tests {
             ("hostname", json!("<script>alert(1)</script>")),
             ("hostname", json!("x".repeat(10_000))),
             ("os", json!("beos")),
-            ("machine_id", json!("not-a-uuid")),
-            ("vmid", json!(5)),
             ("uptime_seconds", json!(-5)),
-            ("observed_at", json!("yesterday")),
         ];
         for (field, value) in cases {
             let mut body = valid();
@@ -373,9 +519,85 @@ mod tests {
         let mut body = valid();
         body.as_object_mut().unwrap().remove("uptime_seconds");
         assert_eq!(field_of(body), "uptime_seconds");
+    }
+
+    #[test]
+    fn bad_optional_parts_are_dropped_with_a_warning() {
+        let cases: Vec<(&str, serde_json::Value, &str)> = vec![
+            ("machine_id", json!("not-a-uuid"), "machine_id"),
+            ("machine_id", json!(42), "machine_id"),
+            ("vmid", json!(5), "vmid"),
+            ("vmid", json!("101"), "vmid"),
+            ("node", json!("pve1/../x"), "node"),
+            ("agent_version", json!("v".repeat(65)), "agent_version"),
+            ("observed_at", json!("yesterday"), "observed_at"),
+            ("observed_at", json!("2026-08-01T00:00:00Z"), "observed_at"),
+            ("disks", json!("all of them"), "disks"),
+            (
+                "disks",
+                json!([{"mount": "/", "used_bytes": 500, "total_bytes": 100}]),
+                "disks[0].used_bytes",
+            ),
+            (
+                "disks",
+                json!([{"mount": "m".repeat(2000), "used_bytes": 1, "total_bytes": 100}]),
+                "disks[0].mount",
+            ),
+            ("disks", json!([{"mount": "/"}]), "disks[0]"),
+        ];
+        for (field, value, warned) in cases {
+            let mut body = valid();
+            body[field] = value.clone();
+            let Accepted {
+                heartbeat,
+                warnings,
+            } = accepted(&body);
+            let fields: Vec<&str> = warnings.iter().map(|w| w.field.as_str()).collect();
+            assert_eq!(fields, vec![warned], "{field} = {value}");
+            assert_eq!(heartbeat.observed_ms, NOW, "{field} = {value}");
+            match field {
+                "machine_id" => assert_eq!(heartbeat.machine_id, None),
+                "vmid" => assert_eq!(heartbeat.vmid, None),
+                "node" => assert_eq!(heartbeat.node, None),
+                "agent_version" => assert_eq!(heartbeat.agent_version, None),
+                "disks" => assert_eq!(heartbeat.disks, vec![]),
+                _ => {}
+            }
+        }
+    }
+
+    #[test]
+    fn more_than_64_disks_keep_the_fullest() {
         let mut body = valid();
-        body["disks"][1]["used_bytes"] = json!(500);
-        assert_eq!(field_of(body), "disks[1].used_bytes");
+        body["disks"] = json!(
+            (0..200)
+                .map(|i| json!({"mount": format!("/d{i}"), "used_bytes": i, "total_bytes": 200}))
+                .collect::<Vec<_>>()
+        );
+        let Accepted {
+            heartbeat,
+            warnings,
+        } = accepted(&body);
+        assert_eq!(heartbeat.disks.len(), MAX_DISKS);
+        assert_eq!(heartbeat.disks[0].mount, "/d199");
+        assert!(heartbeat.disks.iter().all(|d| d.used_bytes >= 136));
+        assert_eq!(heartbeat.disk_max_percent, Some(99.5));
+        assert_eq!(
+            warnings.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            vec!["disks: 200 entries; kept the 64 fullest"]
+        );
+    }
+
+    #[test]
+    fn hundreds_of_bad_parts_are_counted_not_listed() {
+        let mut body = valid();
+        body["disks"] = json!(vec![json!({"mount": "/"}); 300]);
+        let warnings = accepted(&body).warnings;
+        assert_eq!(warnings.len(), MAX_WARNINGS + 1);
+        assert_eq!(
+            warnings[MAX_WARNINGS].to_string(),
+            "report: 284 more parts dropped"
+        );
     }
 
     #[test]
@@ -383,15 +605,12 @@ mod tests {
         let mut body = valid();
         body["observed_at"] = json!("2026-09-21T14:13:20Z");
         let r = parse_report(body.to_string().as_bytes(), NOW + 60_000).unwrap();
-        assert_eq!(r.observed_ms, NOW);
+        assert_eq!((r.heartbeat.observed_ms, r.warnings), (NOW, vec![]));
         let mut body = valid();
         body["observed_at"] = json!("2099-01-01T00:00:00Z");
-        assert_eq!(
-            parse_report(body.to_string().as_bytes(), NOW)
-                .unwrap()
-                .observed_ms,
-            NOW
-        );
+        let r = accepted(&body);
+        assert_eq!(r.heartbeat.observed_ms, NOW);
+        assert_eq!(r.warnings[0].field, "observed_at");
     }
 
     #[test]

@@ -9,12 +9,15 @@ use domain::heartbeat::parse_report;
 use domain::{VmId, VmStatus};
 use serde::Serialize;
 
-/// What an agent learns from a stored report: its id, its status and when to report next.
+/// What an agent learns from a stored report: its id, its status, when to report next,
+/// and which parts of the report were dropped.
 #[derive(Serialize)]
 pub struct ReportAccepted {
     vm_id: VmId,
     status: VmStatus,
     report_interval_seconds: i64,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
 }
 
 pub async fn report(
@@ -22,12 +25,17 @@ pub async fn report(
     _agent: Agent,
     RawBody(body): RawBody,
 ) -> Result<Json<ReportAccepted>, ApiError> {
-    let prepared =
+    let accepted =
         parse_report(&body, crate::now_ms()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let stored = state.ingest.submit(prepared).await?;
+    let warnings: Vec<String> = accepted.warnings.iter().map(ToString::to_string).collect();
+    let stored = state.ingest.submit(accepted.heartbeat).await?;
+    if !warnings.is_empty() {
+        tracing::info!(vm_id = %stored.vm_id, dropped = warnings.len(), "report stored without some of its parts");
+    }
     Ok(Json(ReportAccepted {
         vm_id: stored.vm_id,
         status: stored.status,
         report_interval_seconds: state.status_config.get().report_interval_seconds,
+        warnings,
     }))
 }

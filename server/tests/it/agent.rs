@@ -1420,3 +1420,46 @@ fn agents_send_the_contract_fields() {
         disk_contract
     );
 }
+
+/// A guest with more filesystems than the server keeps (ZFS mounts every dataset) sends the
+/// fullest 64, not a report the server would have to trim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_filesystems_send_the_fullest_64() {
+    let fake = FakeServer::start(Answer::Status(200, "{}"));
+    let state = tempfile::tempdir().unwrap();
+    prime_cpu(state.path());
+    // A df stand-in listing 100 datasets, dataset i holding i of 1000 blocks.
+    let bin = tempfile::tempdir().unwrap();
+    let mut listing = String::from("Filesystem 1024-blocks Used Available Capacity Mounted on\n");
+    for i in 0..100 {
+        listing.push_str(&format!(
+            "tank/ds{i} 1000 {i} {} 1% /tank/ds{i}\n",
+            1000 - i
+        ));
+    }
+    std::fs::write(state.path().join("df.out"), listing).unwrap();
+    let df = bin.path().join("df");
+    std::fs::write(
+        &df,
+        format!(
+            "#!/bin/sh\ncat '{}'\n",
+            state.path().join("df.out").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&df, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut agent = agent_cmd(&fake.base, AGENT_TOKEN, state.path(), &["--once"]);
+    agent.env("PATH", path_with(bin.path()));
+    let out = agent.output().unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let body = fake.bodies().pop().unwrap();
+    let disks = body["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 64, "{body}");
+    assert!(
+        disks
+            .iter()
+            .all(|d| d["used_bytes"].as_i64().unwrap() >= 36 * 1024),
+        "not the fullest: {body}"
+    );
+    assert_eq!(disks[0]["mount"], "/tank/ds99");
+}

@@ -121,7 +121,8 @@ async fn dashboard_shows_new_reports_live_and_markup_as_text() {
             report_for("placeholder").to_string().as_bytes(),
             server::now_ms(),
         )
-        .unwrap();
+        .unwrap()
+        .heartbeat;
         report.hostname = markup.to_owned();
         let stored = server::ingest::write_batch(&state.db, &[report], &state.status_config.get())
             .await
