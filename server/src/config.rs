@@ -236,6 +236,15 @@ fn proxmox_settings(
     } else {
         TlsTrust::System
     };
+    // The API token travels in a header: over plain HTTP anyone on the path reads it.
+    if host.starts_with("http://") && !parse_bool(get, "PROXMOX_TLS_INSECURE", false)? {
+        return Err(ConfigError {
+            name: "PROXMOX_HOST",
+            reason: "is plain http://, which would send the API token in clear; use \
+                     https:// (PROXMOX_TLS_INSECURE=true allows it for a test setup)"
+                .into(),
+        });
+    }
     Ok(Some(PveSettings {
         host,
         user,
@@ -335,6 +344,16 @@ mod tests {
         ];
         let cfg = config(&full).unwrap();
         assert_eq!(cfg.proxmox.as_ref().unwrap().trust, TlsTrust::System);
+        let mut plain = full.to_vec();
+        plain.push(("PROXMOX_HOST", "http://pve1:8006"));
+        let err = config(&plain).err().unwrap();
+        assert_eq!(err.name, "PROXMOX_HOST");
+        assert!(err.reason.contains("in clear"), "{}", err.reason);
+        plain.push(("PROXMOX_TLS_INSECURE", "true"));
+        assert_eq!(
+            config(&plain).unwrap().proxmox.unwrap().host,
+            "http://pve1:8006"
+        );
         let mut pinned = full.to_vec();
         pinned.push(("PROXMOX_FINGERPRINT", "nope"));
         assert_eq!(config(&pinned).err().unwrap().name, "PROXMOX_FINGERPRINT");

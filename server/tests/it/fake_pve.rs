@@ -241,6 +241,8 @@ impl FakePve {
             ("PROXMOX_USER", USER.into()),
             ("PROXMOX_TOKEN", token_id.into()),
             ("PROXMOX_SECRET", SECRET.into()),
+            // The fake speaks plain HTTP on loopback.
+            ("PROXMOX_TLS_INSECURE", "true".into()),
         ]
     }
 
