@@ -68,6 +68,8 @@ pub struct PveClient {
     http: reqwest::Client,
     base: String,
     auth_header: String,
+    /// `user!token`, as Proxmox writes it into the UPIDs of tasks this token starts.
+    task_owner: String,
 }
 
 /// Retries for transient failures of idempotent calls.
@@ -104,6 +106,7 @@ impl PveClient {
                 settings.token_id,
                 settings.secret.expose()
             ),
+            task_owner: format!("{}!{}", settings.user, settings.token_id),
         })
     }
 
@@ -194,6 +197,9 @@ impl PveClient {
             .filter(|t| t.kind.as_deref() == Some(kind))
             .filter(|t| t.id.as_deref().is_none_or(|id| id == vmid))
             .filter(|t| t.starttime.is_none_or(|s| s >= since))
+            // A token that may read every task also sees other replicas' and people's
+            // resets of this guest: only a task started with our own token is ours.
+            .filter(|t| types::upid_user(&t.upid) == Some(self.task_owner.as_str()))
             .max_by_key(|t| t.starttime.unwrap_or(0))
             .map(|t| t.upid))
     }

@@ -154,6 +154,13 @@ pub fn upid_node(upid: &str) -> Option<&str> {
     parts.next().filter(|n| !n.is_empty())
 }
 
+/// The user (with its token, `root@pam!monitor`) that started the task named by `upid`.
+pub fn upid_user(upid: &str) -> Option<&str> {
+    let mut parts = upid.split(':');
+    (parts.next()? == "UPID").then_some(())?;
+    parts.nth(6).filter(|u| !u.is_empty())
+}
+
 fn lenient_bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     Ok(match serde_json::Value::deserialize(d)? {
         serde_json::Value::Bool(b) => b,
@@ -219,6 +226,11 @@ mod tests {
             Some("pve2")
         );
         assert_eq!(upid_node("nonsense"), None);
+        assert_eq!(
+            upid_user("UPID:pve2:000A1B2C:0123ABCD:66A1B2C3:qmreset:100:root@pam!ci:"),
+            Some("root@pam!ci")
+        );
+        assert_eq!(upid_user("UPID:pve2:000A1B2C"), None);
         let t = PveTaskStatus {
             status: "stopped".into(),
             exitstatus: Some("WARNINGS: 2".into()),

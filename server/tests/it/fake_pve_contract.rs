@@ -644,3 +644,30 @@ async fn calls_name_their_token_and_tasks_belong_to_theirs() {
         None
     );
 }
+
+/// After an unanswered POST the client looks for its task; a reset of the same guest that
+/// another token (another replica, a person) started is not taken for ours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_tokens_task_is_not_taken_for_ours() {
+    let fake = FakePve::start(vec![FakeVm::running(100, "pve1")]).await;
+    fake.allow_token("replica-b");
+    let target = guest("pve1", 100, GuestKind::Qemu);
+    let theirs = within(
+        "their reset",
+        client_at(&fake.base, "replica-b", SHORT).power_action(&target, PowerAction::Reset),
+    )
+    .await
+    .unwrap();
+    assert!(theirs.contains("!replica-b:"), "{theirs}");
+    fake.hang_on("POST ");
+    let err = within(
+        "our reset",
+        client(&fake, SHORT).power_action(&target, PowerAction::Reset),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, PveError::Ambiguous(m) if m.contains("no reset task found")),
+        "{err:?}"
+    );
+}
