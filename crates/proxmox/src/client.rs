@@ -54,6 +54,10 @@ pub enum PveError {
     /// be found: the action may or may not run. Never retried blindly.
     #[error("outcome unknown: {0}")]
     Ambiguous(String),
+    /// The node's certificate failed verification (wrong pin, unknown CA): a setting to
+    /// fix or someone in the middle, not an outage to wait out. Never retried.
+    #[error("Proxmox's certificate is not trusted: {0}")]
+    Untrusted(String),
 }
 
 impl PveError {
@@ -272,7 +276,9 @@ impl PveClient {
         request: reqwest::RequestBuilder,
     ) -> Result<T, SendError> {
         let response = request.send().await.map_err(|err| {
-            if err.is_connect() {
+            if let Some(why) = tls_rejection(&err) {
+                SendError::Failed(PveError::Untrusted(why))
+            } else if err.is_connect() {
                 SendError::NotDelivered(format!("connection failed: {}", root_cause(&err)))
             } else {
                 SendError::MaybeDelivered(format!("request failed: {}", root_cause(&err)))
@@ -405,6 +411,28 @@ fn classify(status: u16, message: String) -> PveError {
         502..=504 => PveError::Transient(format!("{status} {message}")),
         _ => PveError::Server { status, message },
     }
+}
+
+/// The TLS verifier's refusal somewhere in `err`'s chain, if that is why it failed.
+fn tls_rejection(err: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cause = Some(err);
+    while let Some(current) = cause {
+        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
+            return Some(tls.to_string());
+        }
+        // io::Error's own source() skips the error it wraps, so step inside it instead.
+        cause = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => io.get_ref().map(as_source),
+            None => current.source(),
+        };
+    }
+    None
+}
+
+fn as_source<'a>(
+    inner: &'a (dyn std::error::Error + Send + Sync + 'static),
+) -> &'a (dyn std::error::Error + 'static) {
+    inner
 }
 
 fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
