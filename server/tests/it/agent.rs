@@ -786,7 +786,7 @@ async fn a_spooled_report_refused_for_good_is_dropped_and_replay_goes_on() {
     let spool = state.path().join("spool");
     std::fs::create_dir(&spool).unwrap();
     let mut refused = report_for("spooled-01");
-    refused["observed_at"] = json!("yesterday");
+    refused["cpu_percent"] = json!(101);
     let mut valid = report_for("spooled-02");
     let observed = server::now_ms() - 300_000;
     let at = time::OffsetDateTime::from_unix_timestamp(observed / 1000).unwrap();
@@ -800,7 +800,7 @@ async fn a_spooled_report_refused_for_good_is_dropped_and_replay_goes_on() {
     let out = run_agent(&srv.base, AGENT_TOKEN, state.path(), &["--tick"], &[]);
     assert!(out.status.success());
     assert!(
-        stderr_of(&out).contains("report refused (HTTP 400): observed_at"),
+        stderr_of(&out).contains("report refused (HTTP 400): cpu_percent"),
         "{}",
         stderr_of(&out)
     );
