@@ -74,6 +74,7 @@ mod tests {
             proxmox_vmid: None,
             proxmox_type: None,
             proxmox_link_source: None,
+            link_verified: false,
             auto_reset: true,
             remediation_phase: RemediationPhase::Ok,
             phase_reason: None,

@@ -8,7 +8,8 @@
 //! `PROXMOX_FINGERPRINT`, `PROXMOX_TLS_INSECURE`, `PROXMOX_TIMEOUT_MS`; remediation:
 //! `AUTO_RESET_ENABLED`, `AUTO_RESET_MODE`, `MAX_RESET_ATTEMPTS`, `MAX_CONCURRENT_RESETS`,
 //! `RECOVERY_TIMEOUT_MS`, `RESET_BACKOFF_MS`, `STORM_PERCENT`, `REMEDIATE_HA_VMS`,
-//! `RECHECK_INTERVAL_MS`, `LINK_REFRESH_MS`, `TASK_TIMEOUT_MS`, `TASK_POLL_MS`.
+//! `RECHECK_INTERVAL_MS`, `LINK_REFRESH_MS`, `LINK_AUTO_APPROVE`, `TASK_TIMEOUT_MS`,
+//! `TASK_POLL_MS`.
 
 use domain::Mode;
 pub use domain::Secret;
@@ -48,6 +49,8 @@ pub struct Config {
     /// `None` without `PROXMOX_HOST`: the product runs, remediation is off.
     pub proxmox: Option<PveSettings>,
     pub remediation: RemediationConfig,
+    /// Which automatic link matches count as verified (`LINK_AUTO_APPROVE`).
+    pub link_policy: domain::link::LinkPolicy,
     pub link_refresh: Duration,
     pub task_timeout: Duration,
     pub task_poll: Duration,
@@ -155,9 +158,22 @@ impl Config {
                 reason: "must be between 0 and 100".into(),
             });
         }
+        let link_policy = match get("LINK_AUTO_APPROVE").as_deref().map(str::trim) {
+            None | Some("" | "none") => domain::link::LinkPolicy::default(),
+            Some("uuid") => domain::link::LinkPolicy {
+                auto_approve_uuid: true,
+            },
+            Some(other) => {
+                return Err(ConfigError {
+                    name: "LINK_AUTO_APPROVE",
+                    reason: format!("{other:?} is not none or uuid"),
+                });
+            }
+        };
         Ok(Self {
             proxmox: proxmox_settings(&get)?,
             remediation,
+            link_policy,
             link_refresh: Duration::from_millis(
                 parse(&get, "LINK_REFRESH_MS", 60_000u64)?.max(100),
             ),

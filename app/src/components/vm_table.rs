@@ -66,12 +66,23 @@ fn VmRow(vm: Memo<VmView>, now_ms: Memo<i64>) -> impl IntoView {
     let status = Memo::new(move |_| vm.with(|v| v.status));
     let phase = Memo::new(move |_| vm.with(|v| v.remediation_phase));
     let phase_reason = Memo::new(move |_| vm.with(|v| v.phase_reason.clone()));
+    // A link the agent's report suggested is never acted on until an operator confirms it.
+    let link_pending =
+        Memo::new(move |_| vm.with(|v| v.proxmox_vmid.is_some() && !v.link_verified));
     let text = move |pick: fn(&VmView) -> String| move || vm.with(pick);
     view! {
         <tr class=move || format!("vm status-{}", status.get()) data-vm-id=id>
             <td>
                 <StatusBadge status/>
                 <PhaseBadge phase reason=phase_reason/>
+                <Show when=move || link_pending.get()>
+                    <span
+                        class="phase link-pending"
+                        title="auto-reset waits until an operator confirms this VM's Proxmox guest"
+                    >
+                        "link pending approval"
+                    </span>
+                </Show>
             </td>
             <td class="host">
                 <span class="hostname">{text(|v| v.hostname.clone())}</span>

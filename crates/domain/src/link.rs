@@ -1,4 +1,4 @@
-//! Linking monitored VMs to Proxmox guests: by reported VMID, by SMBIOS uuid, by unique name.
+//! Linking monitored VMs to Proxmox guests, and which links may be acted on.
 
 use crate::enums::{GuestKind, LinkSource};
 use crate::ids::{GuestRef, NodeName, Vmid};
@@ -38,9 +38,6 @@ pub fn resolve(
     if let Some((linked, LinkSource::Manual)) = &vm.current {
         return by_vmid(linked.vmid, Some(linked.kind)).map(|g| (g, LinkSource::Manual));
     }
-    if let Some(guest) = vm.reported_vmid.and_then(|vmid| by_vmid(vmid, None)) {
-        return Some((guest, LinkSource::Report));
-    }
     if let Some(machine_id) = vm.machine_id {
         let mut matches = uuids.iter().filter(|(_, uuid)| uuid.as_str() == machine_id);
         // A restore without `unique` can duplicate a uuid: ambiguous means no link.
@@ -49,6 +46,9 @@ pub fn resolve(
         {
             return Some((guest, LinkSource::Smbios));
         }
+    }
+    if let Some(guest) = vm.reported_vmid.and_then(|vmid| by_vmid(vmid, None)) {
+        return Some((guest, LinkSource::Report));
     }
     let short = vm.hostname.split('.').next().unwrap_or(vm.hostname);
     let mut named = guests.iter().filter(|g| {
@@ -60,6 +60,25 @@ pub fn resolve(
     match (named.next(), named.next()) {
         (Some(g), None) => Some((g.guest.clone(), LinkSource::Name)),
         _ => None,
+    }
+}
+
+/// Which automatic matches an admin trusts as links.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LinkPolicy {
+    /// Single-tenant sites: an unambiguous SMBIOS uuid match links without approval.
+    pub auto_approve_uuid: bool,
+}
+
+/// Whether a link found this way may be acted on (reset, shut down) without an operator's
+/// approval. A VMID or a name is only what the agent claims, so never: root in one guest
+/// must not be able to point the monitor at another. A uuid match is trusted only where
+/// the admin chose to; an operator's link always is.
+pub fn verified(source: LinkSource, policy: LinkPolicy) -> bool {
+    match source {
+        LinkSource::Manual => true,
+        LinkSource::Smbios => policy.auto_approve_uuid,
+        LinkSource::Report | LinkSource::Name => false,
     }
 }
 
@@ -158,6 +177,41 @@ mod tests {
         };
         let (g, how) = resolve(&manual, &cluster, &uuids).unwrap();
         assert_eq!((g.vmid, how), (vmid(103), LinkSource::Manual));
+    }
+
+    #[test]
+    fn only_an_operator_or_a_trusted_uuid_verifies_a_link() {
+        let trusting = LinkPolicy {
+            auto_approve_uuid: true,
+        };
+        let cases = [
+            (LinkSource::Manual, LinkPolicy::default(), true),
+            (LinkSource::Manual, trusting, true),
+            (LinkSource::Smbios, LinkPolicy::default(), false),
+            (LinkSource::Smbios, trusting, true),
+            (LinkSource::Report, trusting, false),
+            (LinkSource::Name, trusting, false),
+        ];
+        for (source, policy, expected) in cases {
+            assert_eq!(verified(source, policy), expected, "{source} {policy:?}");
+        }
+    }
+
+    #[test]
+    fn a_uuid_match_comes_before_a_claimed_vmid() {
+        let cluster = vec![
+            guest("pve1", 100, GuestKind::Qemu, "web"),
+            guest("pve2", 101, GuestKind::Qemu, "db"),
+        ];
+        let mut uuids = HashMap::new();
+        uuids.insert(Vmid::try_from(101).unwrap(), "u-db".to_owned());
+        let both = LinkSubject {
+            machine_id: Some("u-db"),
+            reported_vmid: Some(Vmid::try_from(100).unwrap()),
+            ..subject("db")
+        };
+        let (g, how) = resolve(&both, &cluster, &uuids).unwrap();
+        assert_eq!((g.vmid.get(), how), (101, LinkSource::Smbios));
     }
 
     #[test]

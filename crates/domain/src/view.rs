@@ -43,6 +43,9 @@ pub struct VmView {
     pub proxmox_type: Option<GuestKind>,
     /// How the Proxmox link was found.
     pub proxmox_link_source: Option<LinkSource>,
+    /// False while the link is only a proposal waiting for an operator's approval: such a
+    /// VM is never reset.
+    pub link_verified: bool,
     /// False when an operator opted this VM out of automatic resets.
     pub auto_reset: bool,
     pub remediation_phase: RemediationPhase,

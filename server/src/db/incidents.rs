@@ -252,10 +252,12 @@ pub async fn set_auto_reset(conn: &mut Conn, vm_id: VmId, enabled: bool) -> Resu
 }
 
 /// Links a VM to a Proxmox guest (or unlinks it with `None`).
+/// Stores a VM's link; `verified` says whether remediation may act on it.
 pub async fn set_link(
     conn: &mut Conn,
     vm_id: VmId,
     link: Option<&(GuestRef, LinkSource)>,
+    verified: bool,
 ) -> Result<bool, DbError> {
     let node = link.map(|(g, _)| g.node.as_str());
     let vmid = link.map(|(g, _)| g.vmid.get());
@@ -268,6 +270,7 @@ pub async fn set_link(
                 vms::proxmox_vmid.eq(vmid),
                 vms::proxmox_type.eq(kind),
                 vms::proxmox_link_source.eq(source),
+                vms::link_verified.eq(verified && link.is_some()),
             ))
             .execute(c)
             .await

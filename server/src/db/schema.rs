@@ -33,6 +33,7 @@ diesel::table! {
         incident_attempts -> BigInt,
         next_action_ms -> Nullable<BigInt>,
         last_reset_ms -> Nullable<BigInt>,
+        link_verified -> Bool,
     }
 }
 

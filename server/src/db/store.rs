@@ -52,6 +52,7 @@ pub struct VmRow {
     pub incident_attempts: i64,
     pub next_action_ms: Option<i64>,
     pub last_reset_ms: Option<i64>,
+    pub link_verified: bool,
 }
 
 impl VmRow {
@@ -79,6 +80,11 @@ impl VmRow {
             vmid: Vmid::try_from(self.proxmox_vmid?).ok()?,
             kind: self.proxmox_type?.0,
         })
+    }
+
+    /// The guest remediation may act on: linked and verified (see `domain::link`).
+    pub fn verified_guest(&self) -> Option<GuestRef> {
+        self.guest().filter(|_| self.link_verified)
     }
 
     /// The status inputs of this row, when it has ever reported.
@@ -123,6 +129,7 @@ impl VmRow {
             proxmox_vmid: guest.as_ref().map(|g| g.vmid),
             proxmox_type: guest.as_ref().map(|g| g.kind),
             proxmox_link_source: inner(self.proxmox_link_source),
+            link_verified: self.link_verified,
             auto_reset: self.auto_reset,
             remediation_phase: self.remediation_phase.0,
             phase_reason: self.phase_reason,

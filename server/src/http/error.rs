@@ -129,6 +129,11 @@ impl From<ActionError> for ApiError {
                 "the VM is not linked to a Proxmox guest; link it with PUT /api/vms/:id/proxmox"
                     .into(),
             ),
+            ActionError::LinkPending => ApiError::Conflict(
+                "the VM's Proxmox link is only proposed (a VMID or name the agent reported); \
+                 confirm it with PUT /api/vms/:id/proxmox"
+                    .into(),
+            ),
             ActionError::Unavailable(reason) => {
                 ApiError::Conflict(format!("remediation is unavailable: {reason}"))
             }

@@ -190,7 +190,8 @@ pub async fn link(
         }
     };
     let mut conn = state.db.conn().await?;
-    if !incidents::set_link(&mut conn, id, link.as_ref()).await? {
+    // An operator's link is verified: it is the approval.
+    if !incidents::set_link(&mut conn, id, link.as_ref(), true).await? {
         return Err(ApiError::NotFound);
     }
     let vm = store::get_vm(&mut conn, id)

@@ -53,8 +53,13 @@ impl Linker {
         for row in &rows {
             let subject = subject(row);
             let found = link::resolve(&subject, &guests, &uuids);
-            if link::should_replace(subject.current.as_ref(), found.as_ref()) {
-                incidents::set_link(&mut conn, row.vm_id(), found.as_ref()).await?;
+            let verified = found
+                .as_ref()
+                .is_some_and(|(_, how)| link::verified(*how, ctx.links));
+            if link::should_replace(subject.current.as_ref(), found.as_ref())
+                || (found.is_some() && verified != row.link_verified)
+            {
+                incidents::set_link(&mut conn, row.vm_id(), found.as_ref(), verified).await?;
                 changed.push(row.vm_id());
             }
         }
@@ -143,7 +148,10 @@ impl Linker {
         match ctx.db.conn().await {
             Ok(mut conn) => {
                 let stored = (found.clone(), source);
-                if let Err(err) = incidents::set_link(&mut conn, row.vm_id(), Some(&stored)).await {
+                let verified = row.link_verified;
+                if let Err(err) =
+                    incidents::set_link(&mut conn, row.vm_id(), Some(&stored), verified).await
+                {
                     tracing::warn!(error = %err, "could not store the new link");
                 }
             }

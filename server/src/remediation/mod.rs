@@ -35,6 +35,8 @@ pub enum ActionError {
     Unavailable(String),
     #[error("the VM is not linked to a Proxmox guest")]
     NotLinked,
+    #[error("the VM's Proxmox link is a proposal waiting for approval")]
+    LinkPending,
     #[error("an action is already in flight for this VM")]
     InFlight,
     #[error("not found")]
@@ -96,6 +98,8 @@ pub struct Ctx {
     pub clock: Arc<dyn Clock>,
     pub timing: Timing,
     pub health: JobHealth,
+    /// Which automatic link matches may be acted on without an operator's approval.
+    pub links: domain::link::LinkPolicy,
 }
 
 pub struct Engine {
@@ -143,6 +147,7 @@ impl Engine {
                 link_refresh: config.link_refresh,
             },
             health,
+            links: config.link_policy,
         };
         Ok(Self::new(
             ctx,
@@ -321,7 +326,7 @@ impl Engine {
         in_flight: &mut usize,
         now_ms: i64,
     ) -> Result<bool, DbError> {
-        let (Some(pve), Some(guest)) = (&self.ctx.pve, row.guest()) else {
+        let (Some(pve), Some(guest)) = (&self.ctx.pve, row.verified_guest()) else {
             return Ok(false);
         };
         let found = self
@@ -452,6 +457,9 @@ impl Engine {
             return Err(ActionError::InFlight);
         }
         let guest = row.guest().ok_or(ActionError::NotLinked)?;
+        if !row.link_verified {
+            return Err(ActionError::LinkPending);
+        }
         let trigger = Trigger::Operator(requested_by.to_owned());
         self.executor
             .execute(&row, &guest, action, &trigger, None)
@@ -478,7 +486,7 @@ impl Engine {
 }
 
 fn facts(row: &VmRow) -> VmFacts {
-    let guest = row.guest();
+    let guest = row.verified_guest();
     VmFacts {
         id: row.vm_id(),
         status: row.status(),

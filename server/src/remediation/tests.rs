@@ -160,6 +160,7 @@ fn engine_on(
             link_refresh: Duration::from_secs(3600),
         },
         health,
+        links: domain::link::LinkPolicy::default(),
     };
     Arc::new(Engine::new(ctx, Leader::Always))
 }
@@ -215,7 +216,7 @@ impl Rig {
                 template: false,
             });
         let mut conn = self.db.conn().await.unwrap();
-        incidents::set_link(&mut conn, id, Some(&(guest, LinkSource::Report)))
+        incidents::set_link(&mut conn, id, Some(&(guest, LinkSource::Manual)), true)
             .await
             .unwrap();
         id

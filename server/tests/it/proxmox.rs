@@ -5,7 +5,7 @@ use crate::fake_pve::{FakePve, FakeVm};
 use reqwest::Method;
 use serde_json::{Value, json};
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 pub(crate) const FAST: &[(&str, &str)] = &[
@@ -41,15 +41,38 @@ pub(crate) async fn start_on(db: TestDb, fake: &FakePve, extra: &[(&str, &str)])
     TestServer::start_on(db, &refs).await
 }
 
-/// A report from the VM with this VMID (the agent was told its VMID and node).
+/// A report from the VM with this VMID (the agent was told its VMID and node), whose link
+/// to that QEMU guest an operator confirmed.
 pub(crate) async fn report_vm(srv: &TestServer, vmid: i64, node: &str, uptime: i64) -> i64 {
+    report_guest(srv, vmid, node, "qemu", uptime).await
+}
+
+/// Like `report_vm`, for a guest of `kind` (`qemu` or `lxc`).
+pub(crate) async fn report_guest(
+    srv: &TestServer,
+    vmid: i64,
+    node: &str,
+    kind: &str,
+    uptime: i64,
+) -> i64 {
     let mut r = report_for(&format!("guest-{vmid}"));
     r["vmid"] = json!(vmid);
     r["node"] = json!(node);
     r["uptime_seconds"] = json!(uptime);
     let (status, body) = srv.report(&r).await;
     assert_eq!(status, 200, "{body}");
-    body["vm_id"].as_i64().unwrap()
+    let id = body["vm_id"].as_i64().unwrap();
+    // A reported VMID is only a proposal; the operator's confirmation makes it a link.
+    let (status, body) = srv
+        .send(
+            Method::PUT,
+            &format!("/api/vms/{id}/proxmox"),
+            Some(ADMIN_TOKEN),
+            Some(json!({"node": node, "vmid": vmid, "type": kind})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    id
 }
 
 pub(crate) async fn vm(srv: &TestServer, id: i64) -> Value {
@@ -267,14 +290,31 @@ async fn mass_staleness_pauses_auto_reset_until_the_fleet_recovers() {
         .collect();
     let fake = FakePve::start(vms).await;
     let mut srv = start(Backend::Sqlite, &fake, &[]).await;
-    let alive: Arc<Mutex<HashSet<i64>>> = Arc::new(Mutex::new((100..105).collect()));
+    let mut ids = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        ids.push(report_vm(&srv, 100 + i as i64, node, 5000).await);
+    }
+    let opt = |id: i64, enabled: bool| {
+        let srv = &srv;
+        async move {
+            let path = format!("/api/vms/{id}/auto-reset");
+            let body = json!({ "enabled": enabled });
+            let (status, _) = srv
+                .send(Method::PUT, &path, Some(ADMIN_TOKEN), Some(body))
+                .await;
+            assert_eq!(status, 200);
+        }
+    };
+    // Held for a whole round of reports, so VMs silenced together fall silent together.
+    let alive: Arc<tokio::sync::Mutex<HashSet<i64>>> =
+        Arc::new(tokio::sync::Mutex::new((100..105).collect()));
     let (base, http) = (srv.base.clone(), srv.http.clone());
     let keeper = {
         let alive = alive.clone();
         tokio::spawn(async move {
             loop {
-                let ids: Vec<i64> = alive.lock().unwrap().iter().copied().collect();
-                for vmid in ids {
+                let ids = alive.lock().await;
+                for &vmid in ids.iter() {
                     let mut r = report_for(&format!("guest-{vmid}"));
                     r["vmid"] = json!(vmid);
                     let _ = http
@@ -284,6 +324,7 @@ async fn mass_staleness_pauses_auto_reset_until_the_fleet_recovers() {
                         .send()
                         .await;
                 }
+                drop(ids);
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
@@ -291,8 +332,11 @@ async fn mass_staleness_pauses_auto_reset_until_the_fleet_recovers() {
     wait_active(&srv).await;
     let events = || async { srv.get("/api/remediation").await.1["events"].clone() };
 
-    // 40 % stale at once: the breaker trips.
-    alive.lock().unwrap().retain(|v| *v > 101);
+    // 40 % stale: the breaker trips. The two are opted out while they fall silent, so
+    // neither is reset in the moment the first is stale and the second not yet.
+    opt(ids[0], false).await;
+    opt(ids[1], false).await;
+    alive.lock().await.retain(|v| *v > 101);
     wait_for("the breaker", Duration::from_secs(10), || async {
         let e = events().await;
         e.as_array()?
@@ -301,6 +345,8 @@ async fn mass_staleness_pauses_auto_reset_until_the_fleet_recovers() {
             .then_some(())
     })
     .await;
+    opt(ids[0], true).await;
+    opt(ids[1], true).await;
     wait_rounds(&srv, 8).await;
     assert!(fake.posts().is_empty(), "{:?}", fake.posts());
     let (_, health) = srv.get("/api/health").await;
@@ -313,7 +359,7 @@ async fn mass_staleness_pauses_auto_reset_until_the_fleet_recovers() {
     );
 
     // They come back: the breaker resets.
-    alive.lock().unwrap().extend([100, 101]);
+    alive.lock().await.extend([100, 101]);
     wait_for("the breaker to reset", Duration::from_secs(10), || async {
         let e = events().await;
         e.as_array()?
@@ -324,7 +370,7 @@ async fn mass_staleness_pauses_auto_reset_until_the_fleet_recovers() {
     .await;
 
     // One VM hangs alone: auto-reset acts again.
-    alive.lock().unwrap().remove(&104);
+    alive.lock().await.remove(&104);
     wait_for("the single reset", Duration::from_secs(15), || async {
         (!fake.posts().is_empty()).then_some(())
     })
@@ -659,7 +705,7 @@ async fn hung_container_is_rebooted_not_reset() {
     container.kind = "lxc";
     let fake = FakePve::start(vec![container]).await;
     let mut srv = start(Backend::Sqlite, &fake, &[]).await;
-    let id = report_vm(&srv, 200, "pve1", 5000).await;
+    let id = report_guest(&srv, 200, "pve1", "lxc", 5000).await;
     wait_for("the reboot", Duration::from_secs(15), || async {
         (!fake.posts().is_empty()).then_some(())
     })

@@ -322,16 +322,24 @@ async fn every_vm_of_one_node_stale_pauses_auto_reset() {
     let healthy: Vec<(String, Option<i64>)> = (100..106)
         .map(|v| (format!("guest-{v}"), Some(v)))
         .collect();
-    for (host, vmid) in &healthy {
-        let mut r = report_for(host);
-        r["vmid"] = json!(vmid);
-        r["node"] = json!("pve1");
-        assert_eq!(srv.report(&r).await.0, 200);
+    for vmid in 100..106 {
+        report_vm(&srv, vmid, "pve1", 5000).await;
     }
     let reporter = keep_reporting(&srv, healthy, None);
     // Two of eight linked VMs (25 %, under STORM_PERCENT=30): only the node rule can trip.
-    report_vm(&srv, 200, "pve2", 5000).await;
-    report_vm(&srv, 201, "pve2", 5000).await;
+    // They are opted out while they fall silent, so neither is reset in the moment the
+    // first is stale and the second not yet; then opted in again.
+    let mut silent = Vec::new();
+    for vmid in [200, 201] {
+        let id = report_vm(&srv, vmid, "pve2", 5000).await;
+        let path = format!("/api/vms/{id}/auto-reset");
+        let off = Some(json!({"enabled": false}));
+        assert_eq!(
+            srv.send(Method::PUT, &path, Some(ADMIN_TOKEN), off).await.0,
+            200
+        );
+        silent.push(path);
+    }
 
     let event = wait_for("the breaker event", Duration::from_secs(15), || async {
         let events = srv.get("/api/remediation").await.1["events"].clone();
@@ -349,6 +357,13 @@ async fn every_vm_of_one_node_stale_pauses_auto_reset() {
             .contains("all 2 VMs on node pve2"),
         "{event}"
     );
+    for path in &silent {
+        let on = Some(json!({"enabled": true}));
+        assert_eq!(
+            srv.send(Method::PUT, path, Some(ADMIN_TOKEN), on).await.0,
+            200
+        );
+    }
     wait_rounds(&srv, 15).await;
     assert_eq!(fake.posts(), Vec::<String>::new());
     let (_, health) = srv.get("/api/health").await;
@@ -793,4 +808,118 @@ async fn ha_managed_guests_are_reset_only_when_allowed() {
     )
     .await;
     srv.stop().await;
+}
+
+/// Root in one guest claims another guest's VMID (under fresh hostnames, again and again)
+/// and falls silent: the claim is shown for approval and nothing is ever reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claimed_vmid_never_gets_a_guest_reset() {
+    let fake = FakePve::start(vec![FakeVm::running(108, "pve2")]).await;
+    let mut srv = start(Backend::Sqlite, &fake, &[]).await;
+    let forge = |hostname: &str| {
+        let mut forged = report_for(hostname);
+        forged["vmid"] = json!(108);
+        forged["node"] = json!("pve2");
+        forged
+    };
+    let down_with_claim = |id: i64| {
+        let srv = &srv;
+        async move {
+            wait_for(
+                "the claim to show as a proposal",
+                Duration::from_secs(10),
+                || async {
+                    let v = vm(srv, id).await;
+                    (v["status"] == "down" && v["proxmox_vmid"] == 108).then_some(v)
+                },
+            )
+            .await
+        }
+    };
+    let (status, body) = srv.report(&forge("zz1")).await;
+    assert_eq!(status, 200, "{body}");
+    let first = body["vm_id"].as_i64().unwrap();
+    let v = down_with_claim(first).await;
+    assert_eq!(
+        (v["proxmox_link_source"].clone(), v["link_verified"].clone()),
+        (json!("report"), json!(false)),
+        "{v}"
+    );
+    wait_rounds(&srv, 20).await;
+    assert_eq!(fake.action_attempts(), Vec::<String>::new());
+
+    // A fresh hostname each time changes nothing.
+    for hostname in ["zz2", "zz3"] {
+        let (_, body) = srv.report(&forge(hostname)).await;
+        let v = down_with_claim(body["vm_id"].as_i64().unwrap()).await;
+        assert_eq!(v["link_verified"], false, "{v}");
+    }
+    wait_rounds(&srv, 10).await;
+    assert_eq!(fake.action_attempts(), Vec::<String>::new());
+
+    // An operator's reset waits for the approval too.
+    let (status, body) = srv
+        .send(
+            Method::POST,
+            &format!("/api/vms/{first}/reset"),
+            Some(ADMIN_TOKEN),
+            None,
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("confirm it with PUT"),
+        "{body}"
+    );
+    let page = srv
+        .http
+        .get(srv.url("/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("link pending approval"),
+        "the dashboard does not say so"
+    );
+    assert_eq!(fake.action_attempts(), Vec::<String>::new());
+    srv.stop().await;
+}
+
+/// An SMBIOS uuid match is a proposal by default and a link where auto-approval is on.
+async fn uuid_link(auto_approve: Option<&str>) -> (Value, Vec<String>) {
+    let uuid = "4c4c4544-0000-1000-8000-000000000108";
+    let mut guest = FakeVm::running(108, "pve2");
+    guest.smbios_uuid = Some(uuid.into());
+    let fake = FakePve::start(vec![guest]).await;
+    let env: Vec<(&str, &str)> = auto_approve
+        .map(|v| ("LINK_AUTO_APPROVE", v))
+        .into_iter()
+        .collect();
+    let mut srv = start(Backend::Sqlite, &fake, &env).await;
+    let id = report_plain(&srv, "by-uuid", Some(uuid)).await;
+    let v = wait_for("the uuid match", Duration::from_secs(10), || async {
+        let v = vm(&srv, id).await;
+        (v["proxmox_link_source"] == "smbios" && v["status"] == "down").then_some(v)
+    })
+    .await;
+    wait_rounds(&srv, 20).await;
+    let attempts = fake.action_attempts();
+    srv.stop().await;
+    (v, attempts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_uuid_match_links_only_where_auto_approval_is_on() {
+    let (proposed, attempts) = uuid_link(None).await;
+    assert_eq!(proposed["link_verified"], false, "{proposed}");
+    assert_eq!(attempts, Vec::<String>::new());
+    let (linked, attempts) = uuid_link(Some("uuid")).await;
+    assert_eq!(linked["link_verified"], true, "{linked}");
+    assert_eq!(attempts, vec!["reset 108"]);
 }
