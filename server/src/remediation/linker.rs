@@ -12,6 +12,9 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, Ordering};
 
+/// Shortest pause between two refreshes brought forward by new VMs.
+const NEWCOMER_REFRESH_GAP_MS: i64 = 1_000;
+
 #[derive(Default)]
 pub struct Linker {
     /// SMBIOS uuid per VMID (`None`: the guest has none), for zero-configuration linking.
@@ -29,10 +32,21 @@ fn subject(row: &VmRow) -> LinkSubject<'_> {
 }
 
 impl Linker {
-    /// Refreshes every link when the refresh interval has passed.
-    pub async fn refresh_if_due(&self, ctx: &Ctx, pve: &dyn ProxmoxApi, now_ms: i64) {
+    /// Refreshes every link when the refresh interval has passed, or soon after a VM
+    /// first reported, so a new VM's link (or proposal) shows within seconds.
+    pub async fn refresh_if_due(
+        &self,
+        ctx: &Ctx,
+        pve: &dyn ProxmoxApi,
+        now_ms: i64,
+        rows: &[VmRow],
+    ) {
         let every = i64::try_from(ctx.timing.link_refresh.as_millis()).unwrap_or(i64::MAX);
-        if now_ms.saturating_sub(self.last_refresh_ms.load(Ordering::Acquire)) < every {
+        let last = self.last_refresh_ms.load(Ordering::Acquire);
+        let since = now_ms.saturating_sub(last);
+        let newcomer = rows.iter().any(|r| r.first_seen_ms >= last);
+        // At most one early refresh a second, however fast new VMs appear.
+        if since < every && !(newcomer && since >= NEWCOMER_REFRESH_GAP_MS) {
             return;
         }
         self.last_refresh_ms.store(now_ms, Ordering::Release);

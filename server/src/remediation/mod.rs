@@ -255,15 +255,16 @@ impl Engine {
                 return Err(err);
             }
         }
-        if let Some(pve) = &self.ctx.pve {
-            self.linker
-                .refresh_if_due(&self.ctx, pve.as_ref(), now_ms)
-                .await;
-        }
         let rows = {
             let mut conn = self.ctx.db.conn().await?;
             store::list_rows(&mut conn).await?
         };
+        if let Some(pve) = &self.ctx.pve {
+            // Links it makes are acted on from the next round, which reads them afresh.
+            self.linker
+                .refresh_if_due(&self.ctx, pve.as_ref(), now_ms, &rows)
+                .await;
+        }
         let mut touched = self.expire_recoveries(&rows, now_ms).await?;
         let all: Vec<VmFacts> = rows.iter().map(facts).collect();
         let storm = policy::storm(&all, &self.ctx.cfg);

@@ -923,3 +923,28 @@ async fn a_uuid_match_links_only_where_auto_approval_is_on() {
     assert_eq!(linked["link_verified"], true, "{linked}");
     assert_eq!(attempts, vec!["reset 108"]);
 }
+
+/// A new VM's link shows within seconds of its first report, not at the next periodic
+/// refresh (here ten minutes away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_new_vm_is_linked_within_seconds_of_its_first_report() {
+    let uuid = "4c4c4544-0000-1000-8000-000000000207";
+    let mut guest = FakeVm::running(207, "pve1");
+    guest.smbios_uuid = Some(uuid.into());
+    let fake = FakePve::start(vec![FakeVm::running(100, "pve1"), guest]).await;
+    let slow_refresh = [("LINK_REFRESH_MS", "600000"), ("LINK_AUTO_APPROVE", "uuid")];
+    let mut srv = start(Backend::Sqlite, &fake, &slow_refresh).await;
+    // The first refresh runs at start-up.
+    wait_rounds(&srv, 3).await;
+    let id = report_plain(&srv, "newcomer", Some(uuid)).await;
+    let v = wait_for("the link of the new VM", Duration::from_secs(5), || async {
+        let v = vm(&srv, id).await;
+        (v["proxmox_vmid"] == 207).then_some(v)
+    })
+    .await;
+    assert_eq!(
+        (v["proxmox_link_source"].clone(), v["link_verified"].clone()),
+        (json!("smbios"), json!(true))
+    );
+    srv.stop().await;
+}
