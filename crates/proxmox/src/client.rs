@@ -276,7 +276,9 @@ impl PveClient {
         request: reqwest::RequestBuilder,
     ) -> Result<T, SendError> {
         let response = request.send().await.map_err(|err| {
-            if let Some(why) = tls_rejection(&err) {
+            // A TLS failure while connecting means nothing was sent; later (reading the
+            // answer) the request may have arrived, so it stays "maybe delivered".
+            if let Some(why) = tls_rejection(&err).filter(|_| err.is_connect()) {
                 SendError::Failed(PveError::Untrusted(why))
             } else if err.is_connect() {
                 SendError::NotDelivered(format!("connection failed: {}", root_cause(&err)))

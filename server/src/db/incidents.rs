@@ -73,6 +73,9 @@ pub struct Expected {
     /// For an automatic reset: the VM must still be `down` with this last-seen time, so a
     /// heartbeat that arrived while the reset was being decided cancels it.
     pub still_down_since: Option<Option<i64>>,
+    /// The guest acted on must still be this VM's verified link: an unlink or a link
+    /// replaced while Proxmox was being asked cancels the action.
+    pub linked_vmid: Option<i64>,
 }
 
 /// Moves a VM into `reset_pending` and records the attempt, both or neither. `None` when
@@ -96,6 +99,11 @@ pub async fn begin_attempt(
                 Some(t) => guard.filter(vms::last_reset_ms.eq(t)),
                 None => guard.filter(vms::last_reset_ms.is_null()),
             };
+            if let Some(vmid) = expected.linked_vmid {
+                guard = guard
+                    .filter(vms::proxmox_vmid.eq(vmid))
+                    .filter(vms::link_verified.eq(true));
+            }
             if let Some(last_seen) = expected.still_down_since {
                 guard = guard.filter(vms::status.eq(VmStatus::Down.as_str()));
                 guard = match last_seen {
@@ -265,6 +273,57 @@ pub async fn set_link(
     let source = link.map(|(_, s)| s.as_str());
     let n = with_conn!(conn, |c| {
         diesel::update(vms::table.find(vm_id.get()))
+            .set((
+                vms::proxmox_node.eq(node),
+                vms::proxmox_vmid.eq(vmid),
+                vms::proxmox_type.eq(kind),
+                vms::proxmox_link_source.eq(source),
+                vms::link_verified.eq(verified && link.is_some()),
+            ))
+            .execute(c)
+            .await
+    })?;
+    Ok(n == 1)
+}
+
+/// The link a VM had when it was read: a refresh writes only if it is still the same, so
+/// an operator's confirmation or unlink made meanwhile is never overwritten.
+#[derive(Clone, Debug)]
+pub struct LinkAsRead {
+    pub guest: Option<GuestRef>,
+    pub source: Option<LinkSource>,
+    pub verified: bool,
+}
+
+/// Like `set_link`, only if the VM's link is still `read`; false when it changed.
+pub async fn replace_link(
+    conn: &mut Conn,
+    vm_id: VmId,
+    read: &LinkAsRead,
+    link: Option<&(GuestRef, LinkSource)>,
+    verified: bool,
+) -> Result<bool, DbError> {
+    let node = link.map(|(g, _)| g.node.as_str());
+    let vmid = link.map(|(g, _)| g.vmid.get());
+    let kind = link.map(|(g, _)| g.kind.as_str());
+    let source = link.map(|(_, s)| s.as_str());
+    let n = with_conn!(conn, |c| {
+        let mut guard = diesel::update(vms::table)
+            .filter(vms::id.eq(vm_id.get()))
+            .filter(vms::link_verified.eq(read.verified))
+            .into_boxed();
+        guard = match &read.guest {
+            Some(g) => guard
+                .filter(vms::proxmox_node.eq(g.node.as_str()))
+                .filter(vms::proxmox_vmid.eq(g.vmid.get()))
+                .filter(vms::proxmox_type.eq(g.kind.as_str())),
+            None => guard.filter(vms::proxmox_vmid.is_null()),
+        };
+        guard = match read.source {
+            Some(s) => guard.filter(vms::proxmox_link_source.eq(s.as_str())),
+            None => guard.filter(vms::proxmox_link_source.is_null()),
+        };
+        guard
             .set((
                 vms::proxmox_node.eq(node),
                 vms::proxmox_vmid.eq(vmid),

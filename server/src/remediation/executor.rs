@@ -73,6 +73,7 @@ impl Executor {
             last_reset_ms: row.last_reset_ms,
             // The VM was judged down from this last-seen time; a heartbeat since cancels.
             still_down_since: automatic.then_some(row.last_seen_ms),
+            linked_vmid: Some(guest.vmid.get()),
         };
         let intent = NewAttempt {
             vm_id: row.vm_id(),

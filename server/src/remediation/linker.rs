@@ -73,8 +73,16 @@ impl Linker {
             if link::should_replace(subject.current.as_ref(), found.as_ref())
                 || (found.is_some() && verified != row.link_verified)
             {
-                incidents::set_link(&mut conn, row.vm_id(), found.as_ref(), verified).await?;
-                changed.push(row.vm_id());
+                let read = incidents::LinkAsRead {
+                    guest: row.guest(),
+                    source: row.link_source(),
+                    verified: row.link_verified,
+                };
+                if incidents::replace_link(&mut conn, row.vm_id(), &read, found.as_ref(), verified)
+                    .await?
+                {
+                    changed.push(row.vm_id());
+                }
             }
         }
         drop(conn);
@@ -92,11 +100,9 @@ impl Linker {
     ) -> HashMap<Vmid, String> {
         let mut uuids = self.uuids.lock().map(|u| u.clone()).unwrap_or_default();
         uuids.retain(|vmid, _| guests.iter().any(|g| g.guest.vmid == *vmid));
-        let wanted = rows.iter().any(|r| {
-            r.machine_id.is_some()
-                && r.reported_vmid.is_none()
-                && r.link_source() != Some(LinkSource::Manual)
-        });
+        let wanted = rows
+            .iter()
+            .any(|r| r.machine_id.is_some() && r.link_source() != Some(LinkSource::Manual));
         if wanted {
             let unknown: Vec<&ClusterGuest> = guests
                 .iter()

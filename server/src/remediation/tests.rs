@@ -281,6 +281,7 @@ impl Rig {
             attempts: row.incident_attempts,
             last_reset_ms: row.last_reset_ms,
             still_down_since: None,
+            linked_vmid: None,
         };
         incidents::begin_attempt(&mut conn, &expected, true, "reset", &intent)
             .await

@@ -647,6 +647,7 @@ async fn interrupted_attempts_are_reconciled_after_a_crash_without_a_duplicate()
             attempts: 0,
             last_reset_ms: None,
             still_down_since: None,
+            linked_vmid: None,
         };
         let sent = incidents::begin_attempt(
             &mut conn,

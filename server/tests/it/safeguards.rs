@@ -160,6 +160,7 @@ async fn two_attempts_on_the_same_expected_state_give_one_winner() {
         attempts: 0,
         last_reset_ms: None,
         still_down_since: None,
+        linked_vmid: None,
     };
     let mut first = srv.state().db.conn().await.unwrap();
     let mut second = srv.state().db.conn().await.unwrap();
@@ -377,7 +378,8 @@ async fn resets_in_flight_never_exceed_the_cap() {
     // One VM per node, so the breaker's node rule stays out of the way.
     let node = |vmid: i64| format!("pve{}", vmid - 99);
     let fake = FakePve::start((100..103).map(|v| FakeVm::running(v, &node(v))).collect()).await;
-    fake.state.lock().unwrap().task_duration = Duration::from_secs(4);
+    // The first task runs until the test lets it end, however slow the machine is.
+    fake.state.lock().unwrap().task_duration = Duration::from_secs(3600);
     let mut srv = start(
         Backend::Sqlite,
         &fake,
@@ -394,6 +396,7 @@ async fn resets_in_flight_never_exceed_the_cap() {
     // Ten rounds while the first task still runs: no second reset starts.
     wait_rounds(&srv, 10).await;
     assert_eq!(fake.posts().len(), 1, "{:?}", fake.posts());
+    fake.state.lock().unwrap().task_duration = Duration::ZERO;
     wait_for("all three resets", Duration::from_secs(30), || async {
         (fake.posts().len() == 3).then_some(())
     })
@@ -902,7 +905,13 @@ async fn uuid_link(auto_approve: Option<&str>) -> (Value, Vec<String>) {
         .into_iter()
         .collect();
     let mut srv = start(Backend::Sqlite, &fake, &env).await;
-    let id = report_plain(&srv, "by-uuid", Some(uuid)).await;
+    // The agent also says its VMID: the uuid still decides (and is still looked up).
+    let mut r = report_for("by-uuid");
+    r["machine_id"] = json!(uuid);
+    r["vmid"] = json!(108);
+    let (status, body) = srv.report(&r).await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["vm_id"].as_i64().unwrap();
     let v = wait_for("the uuid match", Duration::from_secs(10), || async {
         let v = vm(&srv, id).await;
         (v["proxmox_link_source"] == "smbios" && v["status"] == "down").then_some(v)
@@ -946,5 +955,80 @@ async fn a_new_vm_is_linked_within_seconds_of_its_first_report() {
         (v["proxmox_link_source"].clone(), v["link_verified"].clone()),
         (json!("smbios"), json!(true))
     );
+    srv.stop().await;
+}
+
+/// A link that changed after it was read is neither overwritten by a link refresh nor
+/// acted on by a reset decided on the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_link_changed_meanwhile_is_neither_overwritten_nor_acted_on() {
+    use server::db::incidents::{Expected, LinkAsRead, begin_attempt, replace_link};
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let id = report_plain(&srv, "contested-link", None).await;
+    let guest = |vmid: i64| domain::GuestRef {
+        node: "pve1".parse().unwrap(),
+        vmid: domain::Vmid::try_from(vmid).unwrap(),
+        kind: domain::GuestKind::Qemu,
+    };
+    // A refresh read the VM unlinked; an operator then confirmed guest 100.
+    let stale = LinkAsRead {
+        guest: None,
+        source: None,
+        verified: false,
+    };
+    let (status, _) = srv
+        .send(
+            Method::PUT,
+            &format!("/api/vms/{id}/proxmox"),
+            Some(ADMIN_TOKEN),
+            Some(json!({"node": "pve1", "vmid": 100})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let mut conn = srv.state().db.conn().await.unwrap();
+    let proposal = (guest(100), domain::LinkSource::Report);
+    let vm_id = domain::VmId(id);
+    assert!(
+        !replace_link(&mut conn, vm_id, &stale, Some(&proposal), false)
+            .await
+            .unwrap()
+    );
+    drop(conn);
+    let v = vm(&srv, id).await;
+    assert_eq!(
+        (v["proxmox_link_source"].clone(), v["link_verified"].clone()),
+        (json!("manual"), json!(true))
+    );
+
+    // A reset decided for guest 101 (the link before) is refused; for 100 it goes ahead.
+    let mut conn = srv.state().db.conn().await.unwrap();
+    let expected = |vmid: i64| Expected {
+        phase: domain::RemediationPhase::Ok,
+        attempts: 0,
+        last_reset_ms: None,
+        still_down_since: None,
+        linked_vmid: Some(vmid),
+    };
+    let old = begin_attempt(
+        &mut conn,
+        &expected(101),
+        true,
+        "old link",
+        &attempt_at(id, 1_000, "a"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(old, None);
+    let current = begin_attempt(
+        &mut conn,
+        &expected(100),
+        true,
+        "link",
+        &attempt_at(id, 1_001, "b"),
+    )
+    .await
+    .unwrap();
+    assert!(current.is_some());
+    drop(conn);
     srv.stop().await;
 }
