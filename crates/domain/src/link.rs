@@ -20,6 +20,8 @@ pub struct LinkSubject<'a> {
     pub reported_vmid: Option<Vmid>,
     /// The link in force and how it was made.
     pub current: Option<(GuestRef, LinkSource)>,
+    /// An operator removed the link: nothing is proposed again until one links it.
+    pub unlinked_by_operator: bool,
 }
 
 /// The guest a VM belongs to and how it was found. A manual link is kept while its VMID
@@ -35,6 +37,9 @@ pub fn resolve(
             .find(|g| g.guest.vmid == vmid && kind.is_none_or(|k| g.guest.kind == k))
             .map(|g| g.guest.clone())
     };
+    if vm.unlinked_by_operator {
+        return None;
+    }
     if let Some((linked, LinkSource::Manual)) = &vm.current {
         return by_vmid(linked.vmid, Some(linked.kind)).map(|g| (g, LinkSource::Manual));
     }
@@ -130,6 +135,7 @@ mod tests {
             machine_id: None,
             reported_vmid: None,
             current: None,
+            unlinked_by_operator: false,
         }
     }
 
@@ -195,6 +201,17 @@ mod tests {
         for (source, policy, expected) in cases {
             assert_eq!(verified(source, policy), expected, "{source} {policy:?}");
         }
+    }
+
+    #[test]
+    fn an_operators_unlink_is_kept() {
+        let cluster = vec![guest("pve1", 100, GuestKind::Qemu, "web")];
+        let unlinked = LinkSubject {
+            reported_vmid: Some(Vmid::try_from(100).unwrap()),
+            unlinked_by_operator: true,
+            ..subject("web")
+        };
+        assert_eq!(resolve(&unlinked, &cluster, &HashMap::new()), None);
     }
 
     #[test]

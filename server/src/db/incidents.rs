@@ -260,6 +260,24 @@ pub async fn set_auto_reset(conn: &mut Conn, vm_id: VmId, enabled: bool) -> Resu
 }
 
 /// Links a VM to a Proxmox guest (or unlinks it with `None`).
+/// Removes a VM's link for good: a manual source with no guest, which link refreshes
+/// respect (nothing is proposed again until an operator links the VM).
+pub async fn unlink_by_operator(conn: &mut Conn, vm_id: VmId) -> Result<bool, DbError> {
+    let n = with_conn!(conn, |c| {
+        diesel::update(vms::table.find(vm_id.get()))
+            .set((
+                vms::proxmox_node.eq(None::<&str>),
+                vms::proxmox_vmid.eq(None::<i64>),
+                vms::proxmox_type.eq(None::<&str>),
+                vms::proxmox_link_source.eq(Some(LinkSource::Manual.as_str())),
+                vms::link_verified.eq(false),
+            ))
+            .execute(c)
+            .await
+    })?;
+    Ok(n == 1)
+}
+
 /// Stores a VM's link; `verified` says whether remediation may act on it.
 pub async fn set_link(
     conn: &mut Conn,

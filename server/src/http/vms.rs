@@ -190,8 +190,12 @@ pub async fn link(
         }
     };
     let mut conn = state.db.conn().await?;
-    // An operator's link is verified: it is the approval.
-    if !incidents::set_link(&mut conn, id, link.as_ref(), true).await? {
+    // An operator's link is verified: it is the approval. An unlink stays until relinked.
+    let stored = match &link {
+        Some(link) => incidents::set_link(&mut conn, id, Some(link), true).await?,
+        None => incidents::unlink_by_operator(&mut conn, id).await?,
+    };
+    if !stored {
         return Err(ApiError::NotFound);
     }
     let vm = store::get_vm(&mut conn, id)

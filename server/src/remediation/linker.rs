@@ -28,6 +28,9 @@ fn subject(row: &VmRow) -> LinkSubject<'_> {
         machine_id: row.machine_id.as_deref(),
         reported_vmid: row.reported_vmid.and_then(|v| Vmid::try_from(v).ok()),
         current: row.guest().zip(row.link_source()),
+        // Stored as a manual source without a guest (see the link endpoint).
+        unlinked_by_operator: row.guest().is_none()
+            && row.link_source() == Some(LinkSource::Manual),
     }
 }
 

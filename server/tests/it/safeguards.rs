@@ -659,6 +659,13 @@ async fn a_manual_link_is_kept_and_used_and_unlinked_vms_cannot_be_reset() {
             json!("the VM is not linked to a Proxmox guest; link it with PUT /api/vms/:id/proxmox")
         )
     );
+    // The unlink stays, even while the agent claims the guest's VMID and refreshes run.
+    let mut claim = report_for("nameless");
+    claim["vmid"] = json!(105);
+    assert_eq!(srv.report(&claim).await.0, 200);
+    wait_rounds(&srv, 10).await;
+    let v = vm(&srv, id).await;
+    assert_eq!(v["proxmox_vmid"], Value::Null, "{v}");
     assert_eq!(fake.posts(), vec!["reset 105"]);
     srv.stop().await;
 }
