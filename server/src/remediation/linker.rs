@@ -15,10 +15,18 @@ use std::sync::atomic::{AtomicI64, Ordering};
 /// Shortest pause between two refreshes brought forward by new VMs.
 const NEWCOMER_REFRESH_GAP_MS: i64 = 1_000;
 
+/// A guest's SMBIOS uuid as read, with the name it had then: a VMID that now names a
+/// guest of another name was reused by a new guest, whose uuid must be read afresh.
+#[derive(Clone)]
+struct CachedUuid {
+    name: Option<String>,
+    uuid: Option<String>,
+}
+
 #[derive(Default)]
 pub struct Linker {
     /// SMBIOS uuid per VMID (`None`: the guest has none), for zero-configuration linking.
-    uuids: Mutex<HashMap<Vmid, Option<String>>>,
+    uuids: Mutex<HashMap<Vmid, CachedUuid>>,
     last_refresh_ms: AtomicI64,
 }
 
@@ -93,8 +101,9 @@ impl Linker {
         Ok(())
     }
 
-    /// SMBIOS uuids rarely change: each guest's config is read once, then kept while the
-    /// guest exists, so a large cluster costs one config call per new guest.
+    /// SMBIOS uuids rarely change: each guest's config is read once, then kept while a
+    /// guest of that VMID and name exists, so a large cluster costs one config call per
+    /// new guest.
     async fn known_uuids(
         &self,
         pve: &dyn ProxmoxApi,
@@ -102,7 +111,11 @@ impl Linker {
         rows: &[VmRow],
     ) -> HashMap<Vmid, String> {
         let mut uuids = self.uuids.lock().map(|u| u.clone()).unwrap_or_default();
-        uuids.retain(|vmid, _| guests.iter().any(|g| g.guest.vmid == *vmid));
+        uuids.retain(|vmid, cached| {
+            guests
+                .iter()
+                .any(|g| g.guest.vmid == *vmid && g.name == cached.name)
+        });
         let wanted = rows
             .iter()
             .any(|r| r.machine_id.is_some() && r.link_source() != Some(LinkSource::Manual));
@@ -118,7 +131,8 @@ impl Linker {
             for g in unknown {
                 match pve.smbios_uuid(&g.guest.node, g.guest.vmid).await {
                     Ok(uuid) => {
-                        uuids.insert(g.guest.vmid, uuid);
+                        let name = g.name.clone();
+                        uuids.insert(g.guest.vmid, CachedUuid { name, uuid });
                     }
                     Err(err) => {
                         tracing::debug!(vmid = %g.guest.vmid, error = %err, "no config for uuid matching");
@@ -131,7 +145,7 @@ impl Linker {
         }
         uuids
             .into_iter()
-            .filter_map(|(vmid, uuid)| Some((vmid, uuid?)))
+            .filter_map(|(vmid, cached)| Some((vmid, cached.uuid?)))
             .collect()
     }
 

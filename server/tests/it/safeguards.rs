@@ -1039,3 +1039,52 @@ async fn a_link_changed_meanwhile_is_neither_overwritten_nor_acted_on() {
     drop(conn);
     srv.stop().await;
 }
+
+/// A guest destroyed and a new one given its VMID: the new guest does not inherit the old
+/// one's uuid link, and is not reset when the VM that was linked falls silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reused_vmid_does_not_inherit_a_uuid_link() {
+    let uuid = "4c4c4544-0000-1000-8000-000000000109";
+    let mut original = FakeVm::running(109, "pve1");
+    original.smbios_uuid = Some(uuid.into());
+    let fake = FakePve::start(vec![original]).await;
+    let mut srv = start(Backend::Sqlite, &fake, &[("LINK_AUTO_APPROVE", "uuid")]).await;
+    let id = report_plain(&srv, "old-109", Some(uuid)).await;
+    let mut r = report_for("old-109");
+    r["machine_id"] = json!(uuid);
+    let keeper = {
+        let (http, url, r) = (srv.http.clone(), srv.url("/api/health/report"), r.clone());
+        tokio::spawn(async move {
+            loop {
+                let _ = http
+                    .post(&url)
+                    .bearer_auth(AGENT_TOKEN)
+                    .json(&r)
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    wait_for("the uuid link", Duration::from_secs(10), || async {
+        (vm(&srv, id).await["link_verified"] == true).then_some(())
+    })
+    .await;
+    // VM 109 destroyed; a new guest takes its VMID.
+    fake.with_vm(109, |g| {
+        g.name = "new-109".into();
+        g.smbios_uuid = Some("4c4c4544-0000-1000-8000-0000000009ff".into());
+    });
+    wait_for("the old link to go", Duration::from_secs(10), || async {
+        (vm(&srv, id).await["link_verified"] == false).then_some(())
+    })
+    .await;
+    keeper.abort();
+    wait_for("the old VM to go down", Duration::from_secs(10), || async {
+        (vm(&srv, id).await["status"] == "down").then_some(())
+    })
+    .await;
+    wait_rounds(&srv, 15).await;
+    assert_eq!(fake.action_attempts(), Vec::<String>::new());
+    srv.stop().await;
+}
