@@ -263,19 +263,40 @@ pub async fn set_auto_reset(conn: &mut Conn, vm_id: VmId, enabled: bool) -> Resu
 /// Removes a VM's link for good: a manual source with no guest, which link refreshes
 /// respect (nothing is proposed again until an operator links the VM).
 pub async fn unlink_by_operator(conn: &mut Conn, vm_id: VmId) -> Result<bool, DbError> {
+    let columns = LinkColumns {
+        proxmox_link_source: Some(LinkSource::Manual.as_str()),
+        ..LinkColumns::of(None, false)
+    };
     let n = with_conn!(conn, |c| {
         diesel::update(vms::table.find(vm_id.get()))
-            .set((
-                vms::proxmox_node.eq(None::<&str>),
-                vms::proxmox_vmid.eq(None::<i64>),
-                vms::proxmox_type.eq(None::<&str>),
-                vms::proxmox_link_source.eq(Some(LinkSource::Manual.as_str())),
-                vms::link_verified.eq(false),
-            ))
+            .set(&columns)
             .execute(c)
             .await
     })?;
     Ok(n == 1)
+}
+
+/// The link columns of `vms` as one write.
+#[derive(diesel::AsChangeset)]
+#[diesel(table_name = vms, treat_none_as_null = true)]
+struct LinkColumns<'a> {
+    proxmox_node: Option<&'a str>,
+    proxmox_vmid: Option<i64>,
+    proxmox_type: Option<&'static str>,
+    proxmox_link_source: Option<&'static str>,
+    link_verified: bool,
+}
+
+impl<'a> LinkColumns<'a> {
+    fn of(link: Option<&'a (GuestRef, LinkSource)>, verified: bool) -> Self {
+        Self {
+            proxmox_node: link.map(|(g, _)| g.node.as_str()),
+            proxmox_vmid: link.map(|(g, _)| g.vmid.get()),
+            proxmox_type: link.map(|(g, _)| g.kind.as_str()),
+            proxmox_link_source: link.map(|(_, s)| s.as_str()),
+            link_verified: verified && link.is_some(),
+        }
+    }
 }
 
 /// Stores a VM's link; `verified` says whether remediation may act on it.
@@ -285,19 +306,10 @@ pub async fn set_link(
     link: Option<&(GuestRef, LinkSource)>,
     verified: bool,
 ) -> Result<bool, DbError> {
-    let node = link.map(|(g, _)| g.node.as_str());
-    let vmid = link.map(|(g, _)| g.vmid.get());
-    let kind = link.map(|(g, _)| g.kind.as_str());
-    let source = link.map(|(_, s)| s.as_str());
+    let columns = LinkColumns::of(link, verified);
     let n = with_conn!(conn, |c| {
         diesel::update(vms::table.find(vm_id.get()))
-            .set((
-                vms::proxmox_node.eq(node),
-                vms::proxmox_vmid.eq(vmid),
-                vms::proxmox_type.eq(kind),
-                vms::proxmox_link_source.eq(source),
-                vms::link_verified.eq(verified && link.is_some()),
-            ))
+            .set(&columns)
             .execute(c)
             .await
     })?;
@@ -321,10 +333,7 @@ pub async fn replace_link(
     link: Option<&(GuestRef, LinkSource)>,
     verified: bool,
 ) -> Result<bool, DbError> {
-    let node = link.map(|(g, _)| g.node.as_str());
-    let vmid = link.map(|(g, _)| g.vmid.get());
-    let kind = link.map(|(g, _)| g.kind.as_str());
-    let source = link.map(|(_, s)| s.as_str());
+    let columns = LinkColumns::of(link, verified);
     let n = with_conn!(conn, |c| {
         let mut guard = diesel::update(vms::table)
             .filter(vms::id.eq(vm_id.get()))
@@ -341,16 +350,7 @@ pub async fn replace_link(
             Some(s) => guard.filter(vms::proxmox_link_source.eq(s.as_str())),
             None => guard.filter(vms::proxmox_link_source.is_null()),
         };
-        guard
-            .set((
-                vms::proxmox_node.eq(node),
-                vms::proxmox_vmid.eq(vmid),
-                vms::proxmox_type.eq(kind),
-                vms::proxmox_link_source.eq(source),
-                vms::link_verified.eq(verified && link.is_some()),
-            ))
-            .execute(c)
-            .await
+        guard.set(&columns).execute(c).await
     })?;
     Ok(n == 1)
 }
