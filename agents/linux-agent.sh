@@ -4,10 +4,16 @@
 #   vm-healthcheck-agent --once   send one report now; exit non-zero if it was not accepted
 #   vm-healthcheck-agent --tick   one timer/cron cycle: replay the spool, then send a report
 #   vm-healthcheck-agent --run    stay running and report every INTERVAL_SECONDS (systemd service)
+#   vm-healthcheck-agent --enrol  forget this VM's credential and enrol again with AGENT_TOKEN
+#   vm-healthcheck-agent --set-credential   store a new credential read from standard input
 #
 # Config: /etc/vm-healthcheck/agent.conf (KEY=VALUE lines: SERVER_URL, AGENT_TOKEN,
-# INTERVAL_SECONDS, optional VMID and NODE); an environment variable of the same name wins.
-# Needs bash, coreutils (or busybox), awk, and curl or wget.
+# INTERVAL_SECONDS, optional VMID, NODE, CREDENTIAL_FILE, INSECURE, CA_FILE, PINNED_PUBKEY);
+# an environment variable of the same name wins.
+# AGENT_TOKEN only enrols: the server answers the first accepted report with this VM's own
+# credential, kept in CREDENTIAL_FILE (default: "credential" beside agent.conf) and sent
+# instead of the token from then on.
+# Needs bash, coreutils (or busybox), awk, and curl (or GNU wget; for http:// bash alone).
 set -uo pipefail
 
 AGENT_VERSION="1.0.0"
@@ -19,6 +25,9 @@ SPOOL_MAX="${SPOOL_MAX:-100}"
 MAX_DISKS=64
 RETRY_ATTEMPTS="${RETRY_ATTEMPTS:-3}"
 RETRY_DELAY_SECONDS="${RETRY_DELAY_SECONDS:-2}"
+# What the server's credentials look like; nothing else is stored or sent as one.
+CREDENTIAL_PATTERN='^vmhc_vm_[0-9a-f]{64}$'
+WGET_KIND=""
 
 log() { TZ=UTC0 printf '%(%Y-%m-%dT%H:%M:%S)TZ vm-healthcheck-agent: %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -34,7 +43,7 @@ load_config() {
       value="${value#\"}"; value="${value%\"}"
       value="${value#\'}"; value="${value%\'}"
       case "$key" in
-        SERVER_URL | AGENT_TOKEN | INTERVAL_SECONDS | VMID | NODE)
+        SERVER_URL | AGENT_TOKEN | INTERVAL_SECONDS | VMID | NODE | CREDENTIAL_FILE | INSECURE | CA_FILE | PINNED_PUBKEY)
           # An exported variable of the same name takes precedence over the file.
           if [[ -z "${!key+set}" ]]; then printf -v "$key" '%s' "$value"; fi
           ;;
@@ -46,11 +55,91 @@ load_config() {
   INTERVAL_SECONDS="${INTERVAL_SECONDS:-30}"
   VMID="${VMID:-}"
   NODE="${NODE:-}"
+  INSECURE="${INSECURE:-false}"
+  CA_FILE="${CA_FILE:-}"
+  PINNED_PUBKEY="${PINNED_PUBKEY:-}"
+  # By default the credential lives beside agent.conf (so an image installed with
+  # install.sh --root keeps both in the same place).
+  if [[ -z "${CREDENTIAL_FILE:-}" ]]; then
+    if [[ "$CONF_FILE" == */* ]]; then CREDENTIAL_FILE="${CONF_FILE%/*}/credential"; else CREDENTIAL_FILE=credential; fi
+  fi
+}
+
+# Checks what sending a report needs: the server's address, how to reach it safely, and
+# the interval. Nothing has been sent when this refuses.
+check_server_config() {
   [[ -n "$SERVER_URL" ]] || die "SERVER_URL is not set (in $CONF_FILE or the environment)"
-  [[ -n "$AGENT_TOKEN" ]] || die "AGENT_TOKEN is not set (in $CONF_FILE or the environment)"
   [[ "$INTERVAL_SECONDS" =~ ^[0-9]+$ && "$INTERVAL_SECONDS" -ge 1 ]] || die "INTERVAL_SECONDS must be a positive integer"
   [[ -z "$VMID" || "$VMID" =~ ^[0-9]+$ ]] || die "VMID must be a number"
   SERVER_URL="${SERVER_URL%/}"
+  case "$SERVER_URL" in
+    https://*) ;;
+    http://*)
+      # The token and this VM's credential would cross the network in clear.
+      [[ "$INSECURE" == true ]] ||
+        die "refusing to report to $SERVER_URL: over http:// the agent token and this VM's credential cross the network in clear; use https:// (for example behind a TLS reverse proxy), or set INSECURE=true in $CONF_FILE to accept that"
+      ;;
+    *) die "SERVER_URL must start with https:// (or http:// with INSECURE=true): $SERVER_URL" ;;
+  esac
+  if [[ -n "$CA_FILE" && ! -r "$CA_FILE" ]]; then die "CA_FILE $CA_FILE cannot be read"; fi
+  if [[ -n "$PINNED_PUBKEY" ]]; then
+    # curl's form; a bare base64 SHA-256 of the public key is taken as such.
+    [[ "$PINNED_PUBKEY" == sha256//* ]] || PINNED_PUBKEY="sha256//$PINNED_PUBKEY"
+    [[ "$PINNED_PUBKEY" =~ ^sha256//[A-Za-z0-9+/]{43}=(\;sha256//[A-Za-z0-9+/]{43}=)*$ ]] ||
+      die "PINNED_PUBKEY must be sha256// and the base64 SHA-256 of the server's public key (44 characters)"
+  fi
+  if [[ "$SERVER_URL" == https://* ]] && ! command -v curl >/dev/null 2>&1; then
+    [[ -z "$PINNED_PUBKEY" ]] || die "PINNED_PUBKEY needs curl (wget cannot pin a key): install curl"
+    gnu_wget ||
+      die "https:// without curl needs GNU wget: busybox wget can only take the token or credential on its command line, where every local user sees it; install curl (Alpine: apk add curl)"
+  fi
+}
+
+# Sets AUTH_KIND and AUTH_SECRET: this VM's credential when it has one (never falling back
+# to the token), else the enrolment token.
+load_auth() {
+  local LC_ALL=C
+  if [[ -e "$CREDENTIAL_FILE" ]]; then
+    local credential=""
+    [[ -r "$CREDENTIAL_FILE" ]] || die "cannot read this VM's credential in $CREDENTIAL_FILE"
+    read -r credential <"$CREDENTIAL_FILE" || true
+    [[ "$credential" =~ $CREDENTIAL_PATTERN ]] ||
+      die "$CREDENTIAL_FILE holds no credential: store one with \`vm-healthcheck-agent --set-credential\` or enrol again with \`vm-healthcheck-agent --enrol\`"
+    AUTH_KIND=credential
+    AUTH_SECRET="$credential"
+  else
+    [[ -n "$AGENT_TOKEN" ]] || die "AGENT_TOKEN is not set (in $CONF_FILE or the environment) and this VM has no credential ($CREDENTIAL_FILE)"
+    # It goes into an HTTP header and curl's config: printable, no quote or backslash.
+    [[ "$AGENT_TOKEN" =~ ^[!-~]+$ && "$AGENT_TOKEN" != *[\"\\]* ]] ||
+      die "AGENT_TOKEN has characters a token cannot have"
+    AUTH_KIND=token
+    AUTH_SECRET="$AGENT_TOKEN"
+  fi
+}
+
+# Writes this VM's credential $1 to CREDENTIAL_FILE atomically: a temporary file created
+# 0600 beside it, then renamed over it, so it is never readable by others, not even briefly.
+store_credential() {
+  local credential="$1" dir tmp
+  [[ "$credential" =~ $CREDENTIAL_PATTERN ]] || return 1
+  dir="."
+  [[ "$CREDENTIAL_FILE" == */* ]] && dir="${CREDENTIAL_FILE%/*}"
+  [[ -d "$dir" ]] || mkdir -p "$dir" || return 1
+  tmp="$(umask 077 && mktemp "$dir/.credential.XXXXXXXX")" || return 1
+  if chmod 600 "$tmp" && printf '%s\n' "$credential" >"$tmp" && mv -f "$tmp" "$CREDENTIAL_FILE"; then
+    return 0
+  fi
+  rm -f "$tmp"
+  return 1
+}
+
+# True when wget is GNU Wget (which reads headers from a wgetrc), not busybox's.
+gnu_wget() {
+  if [[ -z "$WGET_KIND" ]]; then
+    WGET_KIND=other
+    if wget --version 2>/dev/null | grep -q 'GNU Wget'; then WGET_KIND=gnu; fi
+  fi
+  [[ "$WGET_KIND" == gnu ]]
 }
 
 # Collection uses bash builtins wherever it can: every fork costs CPU on each report.
@@ -217,9 +306,9 @@ post_builtin() {
   { exec {fd}<>"/dev/tcp/$host/$port"; } 2>/dev/null || return 0
   local LC_ALL=C # so ${#body} counts bytes
   printf 'POST %s/api/health/report HTTP/1.1\r\nHost: %s:%s\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s' \
-    "$prefix" "$host" "$port" "$AGENT_TOKEN" "${#body}" "$body" 1>&"$fd"
+    "$prefix" "$host" "$port" "$AUTH_SECRET" "${#body}" "$body" 1>&"$fd"
   if IFS=' ' read -r -t 15 proto code _ <&"$fd" && [[ "$proto" == HTTP/1.* && "$code" =~ ^[0-9]{3}$ ]]; then
-    # Skip the headers; keep the body for error messages.
+    # Skip the headers; keep the body for error messages and the credential.
     while IFS= read -r -t 15 line <&"$fd" && [[ "$line" != $'\r' && -n "$line" ]]; do :; done
     line=""
     IFS= read -r -t 15 -d '' line <&"$fd" || true
@@ -229,44 +318,59 @@ post_builtin() {
   exec {fd}>&-
 }
 
+# post_builtin with a deadline, for machines with neither curl nor GNU wget: it runs in a
+# forked subshell (which sees the secret without it ever being on a command line) that is
+# killed if it has not answered in time.
+post_builtin_bounded() {
+  local out pid code=""
+  exec {out}< <(post_builtin "$1" "$2"; printf '%s\n' "$HTTP_CODE")
+  pid=$!
+  if ! IFS= read -r -t 30 -u "$out" code; then kill "$pid" 2>/dev/null; fi
+  exec {out}<&-
+  [[ "$code" =~ ^[0-9]{3}$ ]] || code=000
+  HTTP_CODE="$code"
+}
+
 # POSTs the JSON file $1; sets HTTP_CODE (000 when unreachable) and leaves the body in $2.
-# The token goes through a config file or stdin, never the command line (visible in ps).
+# The token or credential goes through a config file or stdin, never a command line
+# (visible to every local user in ps).
 post_report() {
   local body_file="$1" response_file="$2" code
   if command -v curl >/dev/null 2>&1; then
+    local tls=()
+    if [[ -n "$CA_FILE" ]]; then tls+=(--cacert "$CA_FILE"); fi
+    if [[ -n "$PINNED_PUBKEY" ]]; then
+      tls+=(--pinnedpubkey "$PINNED_PUBKEY")
+      # The pinned key is the trust: a self-signed certificate has no chain to check.
+      # curl still refuses any other key before sending anything.
+      if [[ -z "$CA_FILE" ]]; then tls+=(--insecure); fi
+    fi
     # The here-string feeds the header through stdin; output goes to files, so no subshell.
     local code_file="$STATE_DIR/http-status"
     curl -sS -K - -o "$response_file" -w '%{http_code}' --connect-timeout 5 --max-time 15 \
+      --proto '=http,https' "${tls[@]}" \
       -H 'Content-Type: application/json' --data-binary "@$body_file" \
-      "$SERVER_URL/api/health/report" <<<"header = \"Authorization: Bearer $AGENT_TOKEN\"" \
+      "$SERVER_URL/api/health/report" <<<"header = \"Authorization: Bearer $AUTH_SECRET\"" \
       >"$code_file" 2>/dev/null || true
     code=""
     read -r code <"$code_file" || true
     HTTP_CODE="${code:-000}"
-  elif wget --version 2>/dev/null | grep -q 'GNU Wget'; then
-    local rc headers
+  elif gnu_wget; then
+    local rc headers tls=()
+    if [[ -n "$CA_FILE" ]]; then tls+=("--ca-certificate=$CA_FILE"); fi
     rc="$(mktemp)"
-    printf 'header = Authorization: Bearer %s\n' "$AGENT_TOKEN" >"$rc"
+    printf 'header = Authorization: Bearer %s\n' "$AUTH_SECRET" >"$rc"
     headers="$(WGETRC="$rc" wget -q -S -O "$response_file" --content-on-error --timeout=15 --tries=1 \
-      --header='Content-Type: application/json' --post-file="$body_file" \
+      "${tls[@]}" --header='Content-Type: application/json' --post-file="$body_file" \
       "$SERVER_URL/api/health/report" 2>&1)" || true
     rm -f "$rc"
     code="$(printf '%s\n' "$headers" | awk '/^  HTTP\// { c = $2 } END { print c }')"
     HTTP_CODE="${code:-000}"
   else
-    # busybox wget: no config file, so the header is on its command line. On an HTTP error
-    # it keeps no body and names the status only in its message ("HTTP/1.1 401 ...").
-    local err
+    # busybox wget can only take a header on its command line, where every local user
+    # sees it: http:// goes through bash itself, and https:// was refused at start-up.
     : >"$response_file"
-    if err="$(wget -q -O "$response_file" -T 15 --header "Authorization: Bearer $AGENT_TOKEN" \
-      --header 'Content-Type: application/json' --post-file="$body_file" \
-      "$SERVER_URL/api/health/report" 2>&1)"; then
-      HTTP_CODE=200
-    elif [[ "$err" =~ HTTP/[0-9.]+\ ([0-9]{3}) ]]; then
-      HTTP_CODE="${BASH_REMATCH[1]}"
-    else
-      HTTP_CODE=000
-    fi
+    post_builtin_bounded "$body_file" "$response_file"
   fi
 }
 
@@ -274,9 +378,46 @@ error_message() {
   sed -n 's/.*"error":"\([^"]*\)".*/\1/p' "$1" 2>/dev/null | head -c 300
 }
 
-# Sends the JSON file $1 with retries on transient failures.
-# Returns 0 when accepted, 2 when refused for good (4xx but 429), 1 when the server is
-# unreachable or failing (worth keeping in the spool).
+# Reads an accepted report's answer in $1: logs the server's warnings, and keeps the
+# credential an enrolment answer carries. Returns 1 when that credential could not be kept.
+accepted() {
+  local body="" warnings item
+  local json_string='"(([^"\\]|\\.)*)"'
+  local warnings_array='"warnings"[[:space:]]*:[[:space:]]*\[(("([^"\\]|\\.)*"|[[:space:],])*)\]'
+  local credential_member='"credential"[[:space:]]*:[[:space:]]*"([^"]*)"'
+  [[ -s "$1" ]] || return 0
+  IFS= read -r -d '' body <"$1" || true
+  if [[ "$body" =~ $warnings_array ]]; then
+    warnings="${BASH_REMATCH[1]}"
+    while [[ "$warnings" =~ $json_string ]]; do
+      item="${BASH_REMATCH[1]}"
+      item="${item//\\\"/\"}"
+      warnings="${warnings#*"${BASH_REMATCH[0]}"}"
+      log "warning from the server: ${item:0:300}"
+    done
+  fi
+  if [[ "$AUTH_KIND" == token && "$body" =~ $credential_member ]]; then
+    local credential="${BASH_REMATCH[1]}"
+    # Not left lying in the scratch answer file.
+    : >"$1"
+    if ! store_credential "$credential"; then
+      log "error: the server enrolled this VM but its credential could not be stored in $CREDENTIAL_FILE; fix that, then ask the admin for a new credential (\`vm-healthcheck-agent --set-credential\`) or re-enrol with \`vm-healthcheck-agent --enrol\`"
+      return 1
+    fi
+    AUTH_KIND=credential
+    AUTH_SECRET="$credential"
+    log "enrolled: this VM's own credential is in $CREDENTIAL_FILE and replaces the agent token"
+  fi
+  return 0
+}
+
+# Sends the JSON file $1 with retries on transient failures. Returns
+#   0 accepted;
+#   1 the server is unreachable or failing (worth keeping in the spool);
+#   2 refused for good (4xx but 429, or a wrong enrolment token): dropped;
+#   3 this VM's credential was rejected, or its identity is enrolled by another credential:
+#     nothing more can be sent until an admin acts, so the cycle stops and fails;
+#   4 accepted, but the credential it brought could not be stored (the cycle fails too).
 send_file() {
   local file="$1" response="$STATE_DIR/response.json" code attempt=1 delay="$RETRY_DELAY_SECONDS"
   while :; do
@@ -288,9 +429,22 @@ send_file() {
     fi
     code="$HTTP_CODE"
     case "$code" in
-      2??) return 0 ;;
+      2??)
+        accepted "$response" || return 4
+        return 0 ;;
       401 | 403)
+        if [[ "$AUTH_KIND" == credential ]]; then
+          log "the server rejected this VM's credential (revoked or rotated; HTTP $code): ask the admin for a new one (\`vm-healthcheck-agent --set-credential\`) or re-enrol with \`vm-healthcheck-agent --enrol\`"
+          return 3
+        fi
         log "the server rejected the agent token (HTTP $code): check AGENT_TOKEN in $CONF_FILE"
+        return 2 ;;
+      409)
+        if [[ "$AUTH_KIND" == token ]]; then
+          log "this identity is already enrolled by another credential (HTTP 409): $(error_message "$response"); if that credential is this VM's, install it with \`vm-healthcheck-agent --set-credential\`, else ask the admin to revoke it, then run \`vm-healthcheck-agent --enrol\`"
+          return 3
+        fi
+        log "report refused (HTTP $code): $(error_message "$response")"
         return 2 ;;
       429 | 000 | 5??) ;;
       4??)
@@ -325,6 +479,8 @@ spool() {
 }
 
 # Sends spooled reports oldest first; stops at the first that cannot be delivered yet.
+# Returns 0 when the spool is empty, 1 when the server is unreachable, 3 when nothing more
+# can be sent (see send_file).
 replay_spool() {
   [[ -d "$SPOOL_DIR" ]] || return 0
   local file result
@@ -334,27 +490,53 @@ replay_spool() {
     result=$?
     case "$result" in
       0 | 2) rm -f "$file" ;;
+      4) rm -f "$file" && return 3 ;;
+      3) return 3 ;;
       *) return 1 ;;
     esac
   done
 }
 
-# One cycle: replay what is spooled, then report now (or spool it).
+# One cycle: replay what is spooled, then report now (or spool it). Returns as send_file,
+# 3 and 4 both as 3.
 cycle() {
   # Fixed scratch names (one agent runs at a time: the systemd unit, or cron under flock)
   # spare a fork for rm on every report.
   local report="$STATE_DIR/report.json" result=0
   build_report
   printf '%s' "$REPORT" >"$report"
-  if replay_spool; then
+  replay_spool
+  result=$?
+  if ((result == 0)); then
     send_file "$report"
     result=$?
-    [[ $result -eq 1 ]] && spool "$report"
-  else
-    spool "$report"
-    result=1
   fi
+  case "$result" in
+    # A report the server could not take, or that waits for this VM's credential to be
+    # sorted out, is kept and sent later.
+    1 | 3) spool "$report" ;;
+    4) result=3 ;;
+  esac
   return "$result"
+}
+
+# Reads a credential from standard input (never the command line) and stores it.
+set_credential() {
+  local credential=""
+  if [[ -t 0 ]]; then
+    printf 'new credential for this VM (vmhc_vm_...): ' >&2
+    IFS= read -r -s credential || true
+    printf '\n' >&2
+  else
+    IFS= read -r credential || true
+  fi
+  credential="${credential%$'\r'}"
+  credential="${credential//[[:space:]]/}"
+  local LC_ALL=C
+  [[ "$credential" =~ $CREDENTIAL_PATTERN ]] ||
+    die "standard input holds no credential (vmhc_vm_ and 64 hex digits); nothing changed"
+  store_credential "$credential" || die "could not write $CREDENTIAL_FILE"
+  echo "stored this VM's new credential in $CREDENTIAL_FILE"
 }
 
 main() {
@@ -362,14 +544,36 @@ main() {
   umask 077
   # A server closing the connection early must not kill the agent mid-write.
   trap '' PIPE
+  case "$mode" in
+    --version) echo "$AGENT_VERSION" && return 0 ;;
+    --set-credential)
+      (($# == 1)) || die "--set-credential reads the credential from standard input, never from the command line"
+      load_config
+      set_credential
+      return 0
+      ;;
+    --once | --tick | --run | --enrol) ;;
+    *) die "usage: $0 [--once | --tick | --run | --enrol | --set-credential | --version]" ;;
+  esac
   [[ -d "$STATE_DIR" ]] || mkdir -p "$STATE_DIR" 2>/dev/null || die "cannot create $STATE_DIR"
   load_config
+  check_server_config
+  if [[ "$mode" == --enrol ]]; then
+    [[ -n "$AGENT_TOKEN" ]] || die "--enrol needs AGENT_TOKEN (in $CONF_FILE or the environment)"
+    rm -f "$CREDENTIAL_FILE" || die "cannot remove $CREDENTIAL_FILE"
+  fi
+  load_auth
+  local result
   case "$mode" in
-    --once)
-      if cycle; then
-        echo "report accepted by $SERVER_URL"
-      else
+    --once | --enrol)
+      cycle
+      result=$?
+      if ((result != 0)); then
         die "report not accepted by $SERVER_URL (kept in $SPOOL_DIR when the server was unreachable)"
+      fi
+      echo "report accepted by $SERVER_URL"
+      if [[ "$mode" == --enrol && "$AUTH_KIND" == token ]]; then
+        echo "the server issued no credential: this VM goes on reporting with the agent token"
       fi
       ;;
     --tick)
@@ -377,21 +581,24 @@ main() {
       local runs=1 i
       if [[ "${VMHC_CRON:-}" == 1 ]] && ((INTERVAL_SECONDS < 60)); then runs=$((60 / INTERVAL_SECONDS)); fi
       for ((i = 1; i <= runs; i++)); do
-        cycle || true
+        cycle
+        result=$?
+        # Only an admin can help now: fail, so the timer unit shows it.
+        ((result == 3)) && exit 1
         if ((i < runs)); then sleep "$INTERVAL_SECONDS"; fi
       done
-      # A tick always succeeds: undelivered reports wait in the spool.
+      # Otherwise a tick succeeds: undelivered reports wait in the spool.
       return 0
       ;;
     --run)
       log "reporting to $SERVER_URL every ${INTERVAL_SECONDS}s"
       while :; do
-        cycle || true
+        cycle
+        result=$?
+        ((result == 3)) && exit 1
         sleep "$INTERVAL_SECONDS"
       done
       ;;
-    --version) echo "$AGENT_VERSION" ;;
-    *) die "usage: $0 [--once | --tick | --run | --version]" ;;
   esac
 }
 

@@ -17,7 +17,9 @@ fn agent_path() -> PathBuf {
 }
 
 /// The agent with `args`, configured only through the environment; variables the agent
-/// reads are cleared so the caller's environment cannot leak in.
+/// reads are cleared so the caller's environment cannot leak in. The test servers speak
+/// plain http://, which the agent refuses without INSECURE=true; its credential is kept in
+/// `state_dir/credential` (beside the config file it is pointed at).
 fn agent_cmd(server_url: &str, token: &str, state_dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new("bash");
     cmd.arg(agent_path())
@@ -26,6 +28,7 @@ fn agent_cmd(server_url: &str, token: &str, state_dir: &Path, args: &[&str]) -> 
         .env("VMHC_STATE_DIR", state_dir)
         .env("SERVER_URL", server_url)
         .env("AGENT_TOKEN", token)
+        .env("INSECURE", "true")
         .env("RETRY_DELAY_SECONDS", "0");
     for var in [
         "VMID",
@@ -35,6 +38,9 @@ fn agent_cmd(server_url: &str, token: &str, state_dir: &Path, args: &[&str]) -> 
         "RETRY_ATTEMPTS",
         "VMHC_CRON",
         "VMHC_HTTP_CLIENT",
+        "CREDENTIAL_FILE",
+        "CA_FILE",
+        "PINNED_PUBKEY",
     ] {
         cmd.env_remove(var);
     }
@@ -62,6 +68,28 @@ fn stderr_of(out: &Output) -> String {
 /// A stored sample from boot: the agent then skips its one-second CPU measurement.
 fn prime_cpu(state_dir: &Path) {
     std::fs::write(state_dir.join("cpu.prev"), "0 0\n").unwrap();
+}
+
+/// A stored sample as busy as now but up to 10^6 jiffies earlier: the agent then reports a
+/// CPU close to 0%.
+fn quiet_cpu(state_dir: &Path) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    let total: u64 = fields.iter().sum();
+    let busy = total - fields[3] - fields[4];
+    std::fs::write(
+        state_dir.join("cpu.prev"),
+        format!("{busy} {}\n", total.saturating_sub(1_000_000)),
+    )
+    .unwrap();
 }
 
 /// Spooled report files, oldest first (the agent's own order).
@@ -167,6 +195,19 @@ struct Hit {
     request: String,
 }
 
+impl Hit {
+    /// The request's `Authorization` header, if any.
+    fn authorization(&self) -> Option<String> {
+        self.request.split("\r\n\r\n").next().and_then(|head| {
+            head.lines().find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("authorization")
+                    .then(|| value.trim().to_owned())
+            })
+        })
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Answer {
     /// An HTTP status and JSON body.
@@ -175,7 +216,11 @@ enum Answer {
     HangUp,
 }
 
-/// A server that answers every request the same way and records each one.
+/// Decides the status and JSON body of an answer from the request.
+type Responder = Arc<dyn Fn(&Hit) -> (u16, String) + Send + Sync>;
+
+/// A server that answers every request the same way (or as a responder decides) and
+/// records each one.
 struct FakeServer {
     base: String,
     hits: Arc<Mutex<Vec<Hit>>>,
@@ -183,6 +228,17 @@ struct FakeServer {
 
 impl FakeServer {
     fn start(answer: Answer) -> Self {
+        match answer {
+            Answer::HangUp => Self::serve(None),
+            Answer::Status(code, body) => Self::responding(move |_| (code, body.to_owned())),
+        }
+    }
+
+    fn responding(respond: impl Fn(&Hit) -> (u16, String) + Send + Sync + 'static) -> Self {
+        Self::serve(Some(Arc::new(respond)))
+    }
+
+    fn serve(responder: Option<Responder>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let hits = Arc::new(Mutex::new(Vec::new()));
@@ -191,13 +247,15 @@ impl FakeServer {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
                 let at = Instant::now();
-                let request = match answer {
-                    Answer::HangUp => String::new(),
-                    Answer::Status(..) => read_request(&mut stream),
+                let request = match responder {
+                    None => String::new(),
+                    Some(_) => read_request(&mut stream),
                 };
+                let hit = Hit { at, request };
+                let answer = responder.as_ref().map(|respond| respond(&hit));
                 // Recorded before answering: once the agent has its answer, the hit is here.
-                log.lock().unwrap().push(Hit { at, request });
-                if let Answer::Status(code, body) = answer {
+                log.lock().unwrap().push(hit);
+                if let Some((code, body)) = answer {
                     let _ = write!(
                         stream,
                         "HTTP/1.1 {code} Test\r\nContent-Type: application/json\r\n\
@@ -224,6 +282,45 @@ impl FakeServer {
             })
             .collect()
     }
+
+    /// The `Authorization` header of every request received ("" when there was none).
+    fn authorizations(&self) -> Vec<String> {
+        self.hits()
+            .iter()
+            .map(|h| h.authorization().unwrap_or_default())
+            .collect()
+    }
+}
+
+/// A VM credential as the server hands them out, made of `digit` repeated.
+fn test_credential(digit: char) -> String {
+    assert!(digit.is_ascii_hexdigit() && !digit.is_ascii_uppercase());
+    format!("vmhc_vm_{}", digit.to_string().repeat(64))
+}
+
+fn bearer(secret: &str) -> String {
+    format!("Bearer {secret}")
+}
+
+/// A stand-in speaking the enrolment protocol: a report with AGENT_TOKEN is accepted and
+/// answered with `credential` and a warning; one with `credential` is accepted; anything
+/// else is a 401.
+fn enrolling_server(credential: &str) -> FakeServer {
+    let credential = credential.to_owned();
+    FakeServer::responding(move |hit| match hit.authorization() {
+        Some(auth) if auth == bearer(AGENT_TOKEN) => (
+            200,
+            json!({"vm_id": 1, "status": "healthy", "report_interval_seconds": 30,
+                   "warnings": ["disks[3]: mount: \"odd\" name, dropped"],
+                   "credential": credential})
+            .to_string(),
+        ),
+        Some(auth) if auth == bearer(&credential) => (
+            200,
+            json!({"vm_id": 1, "status": "healthy", "report_interval_seconds": 30}).to_string(),
+        ),
+        _ => (401, json!({"error": "unauthorized"}).to_string()),
+    })
 }
 
 fn read_request(stream: &mut TcpStream) -> String {
@@ -778,6 +875,15 @@ async fn the_spool_keeps_the_latest_100_reports() {
     assert_eq!(newest["hostname"], hostname().as_str());
 }
 
+/// This machine's report as the agent builds it (taken by a stand-in server).
+fn own_report(state_dir: &Path) -> Value {
+    let fake = FakeServer::start(Answer::Status(200, "{}"));
+    prime_cpu(state_dir);
+    let out = run_agent(&fake.base, AGENT_TOKEN, state_dir, &["--once"], &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    fake.bodies().pop().unwrap()
+}
+
 /// A spooled report the server refuses for good is dropped; the rest still goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_spooled_report_refused_for_good_is_dropped_and_replay_goes_on() {
@@ -785,10 +891,11 @@ async fn a_spooled_report_refused_for_good_is_dropped_and_replay_goes_on() {
     let state = tempfile::tempdir().unwrap();
     let spool = state.path().join("spool");
     std::fs::create_dir(&spool).unwrap();
-    let mut refused = report_for("spooled-01");
+    // Reports this VM took earlier: one the server cannot take, one it can.
+    let mut refused = own_report(state.path());
     refused["cpu_percent"] = json!(101);
-    let mut valid = report_for("spooled-02");
-    let observed = server::now_ms() - 300_000;
+    let mut valid = own_report(state.path());
+    let observed = (server::now_ms() - 300_000) / 1000 * 1000;
     let at = time::OffsetDateTime::from_unix_timestamp(observed / 1000).unwrap();
     valid["observed_at"] = json!(
         at.format(&time::format_description::well_known::Rfc3339)
@@ -805,27 +912,18 @@ async fn a_spooled_report_refused_for_good_is_dropped_and_replay_goes_on() {
         stderr_of(&out)
     );
     assert_eq!(spool_files(state.path()), 0);
-    assert_eq!(
-        srv.metric_rows().await,
-        2,
-        "the valid spooled one and the new one"
-    );
-    let (_, vms) = srv.get("/api/vms").await;
-    let mut hostnames: Vec<String> = vms
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["hostname"].as_str().unwrap().to_owned())
-        .collect();
-    hostnames.sort();
-    let mut expected = vec![hostname(), "spooled-02".to_owned()];
-    expected.sort();
-    assert_eq!(hostnames, expected);
+    assert_eq!(srv.vm_count().await, 1);
+    // The valid spooled one, with the time it was taken, then the new one.
+    let stored = observed_in_arrival_order(&srv).await;
+    assert_eq!(stored.len(), 2, "{stored:?}");
+    assert_eq!(stored[0], observed);
+    assert!(stored[1] > observed + 200_000, "{stored:?}");
     srv.stop().await;
 }
 
 /// Plain http:// while the server answers: bash's /dev/tcp, no curl. https://, retries and
-/// replays: curl with timeouts. The token is never on curl's command line.
+/// replays: curl with timeouts. The token (or the credential the server gave in exchange)
+/// is never on curl's command line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn curl_only_for_https_retries_and_replays_and_never_with_the_token() {
     let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
@@ -879,8 +977,8 @@ async fn curl_only_for_https_retries_and_replays_and_never_with_the_token() {
             "{call}"
         );
         assert!(
-            !call.contains(AGENT_TOKEN),
-            "token on the command line: {call}"
+            !call.contains(AGENT_TOKEN) && !call.contains("vmhc_vm_"),
+            "token or credential on the command line: {call}"
         );
     }
     srv.stop().await;
@@ -901,18 +999,22 @@ fn path_without_curl(dir: &Path, wget: &str) -> String {
     dir.display().to_string()
 }
 
-/// Without curl, GNU wget carries the token in a temporary wgetrc, never on its command line;
-/// busybox wget can only take it on the command line (as agents/README.md says). Both learn
-/// the HTTP status, so a wrong token is reported and not retried.
+/// Without curl, GNU wget carries the token in a temporary wgetrc, never on its command
+/// line. busybox wget can only take a header on its command line, so it is never given one:
+/// http:// reports go through bash itself (retries and replays too), and an https:// server
+/// is refused before anything is sent (agents/README.md). Both learn the HTTP status, so a
+/// wrong token is reported and not retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_curl_wget_is_used() {
-    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
     let real = find_in_path("wget").display().to_string();
     for busybox in [false, true] {
-        let state = tempfile::tempdir().unwrap();
+        // A server each: the same host enrols in each case.
+        let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+        let mut accepted = 0;
         let bin = tempfile::tempdir().unwrap();
         let tmp = tempfile::tempdir().unwrap();
-        let log = state.path().join("wget.log").display().to_string();
+        let logs = tempfile::tempdir().unwrap();
+        let log = logs.path().join("wget.log").display().to_string();
         let shim = if busybox {
             // GNU wget standing in for busybox's: the same options, and on an HTTP error
             // busybox's only word on the status, "wget: server returned error: HTTP/1.1 401 ...".
@@ -934,6 +1036,14 @@ async fn without_curl_wget_is_used() {
             ("VMHC_HTTP_CLIENT", "external"),
             ("TMPDIR", tmp.path().to_str().unwrap()),
         ];
+        let posts = || -> Vec<String> {
+            lines_of(Path::new(&log))
+                .into_iter()
+                .filter(|l| l.contains("--post-file"))
+                .collect()
+        };
+        // A fresh state each time: no credential from an earlier enrolment.
+        let state = tempfile::tempdir().unwrap();
         prime_cpu(state.path());
         let out = run_agent(&srv.base, AGENT_TOKEN, state.path(), &["--once"], &extra);
         assert!(
@@ -941,29 +1051,59 @@ async fn without_curl_wget_is_used() {
             "busybox {busybox}: {}",
             stderr_of(&out)
         );
-        let posts = || -> Vec<String> {
-            lines_of(Path::new(&log))
-                .into_iter()
-                .filter(|l| l.contains("--post-file"))
-                .collect()
-        };
+        accepted += 1;
         let sent = posts();
-        assert_eq!(sent.len(), 1, "{sent:?}");
-        assert_eq!(
-            sent[0].contains(AGENT_TOKEN),
-            busybox,
-            "token on wget's command line: {}",
-            sent[0]
-        );
-        let timeout = if busybox { "-T 15" } else { "--timeout=15" };
-        assert!(sent[0].contains(timeout), "{}", sent[0]);
+        if busybox {
+            assert_eq!(
+                sent,
+                Vec::<String>::new(),
+                "busybox wget is never given a report"
+            );
+        } else {
+            assert_eq!(sent.len(), 1, "{sent:?}");
+            assert!(
+                !sent[0].contains(AGENT_TOKEN),
+                "token on wget's command line: {}",
+                sent[0]
+            );
+            assert!(sent[0].contains("--timeout=15"), "{}", sent[0]);
+        }
         assert_eq!(
             std::fs::read_dir(tmp.path()).unwrap().count(),
             0,
             "the temporary wgetrc is removed"
         );
 
+        // Retries and replays too: a server that hangs up is tried three times, then the
+        // report is spooled and replayed once the server answers.
+        let hangup = FakeServer::start(Answer::HangUp);
         prime_cpu(state.path());
+        let out = run_agent(&hangup.base, AGENT_TOKEN, state.path(), &["--tick"], &extra);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        assert_eq!(
+            hangup.hits().len(),
+            3,
+            "busybox {busybox}: {}",
+            stderr_of(&out)
+        );
+        assert_eq!(spool_files(state.path()), 1);
+        prime_cpu(state.path());
+        let out = run_agent(&srv.base, AGENT_TOKEN, state.path(), &["--tick"], &extra);
+        assert!(out.status.success(), "{}", stderr_of(&out));
+        assert_eq!(spool_files(state.path()), 0);
+        accepted += 2;
+        if busybox {
+            assert_eq!(
+                posts(),
+                Vec::<String>::new(),
+                "busybox wget is never given a report"
+            );
+        }
+        assert_eq!(srv.metric_rows().await, accepted);
+
+        let state = tempfile::tempdir().unwrap();
+        prime_cpu(state.path());
+        let before = posts().len();
         let out = run_agent(&srv.base, "wrong-token", state.path(), &["--once"], &extra);
         assert!(!out.status.success());
         assert!(
@@ -971,11 +1111,32 @@ async fn without_curl_wget_is_used() {
             "busybox {busybox}: {}",
             stderr_of(&out)
         );
-        assert_eq!(posts().len(), 2, "busybox {busybox}: not retried");
+        if !busybox {
+            assert_eq!(posts().len(), before + 1, "not retried");
+        }
         assert_eq!(spool_files(state.path()), 0);
+
+        // https:// cannot go through bash: with busybox wget alone it is refused before
+        // anything is sent, saying why.
+        let https = format!("https://127.0.0.1:{}", free_port());
+        let out = run_agent(&https, AGENT_TOKEN, state.path(), &["--once"], &extra);
+        if busybox {
+            assert!(!out.status.success());
+            assert!(
+                stderr_of(&out).contains("https:// without curl needs GNU wget"),
+                "{}",
+                stderr_of(&out)
+            );
+            assert_eq!(posts(), Vec::<String>::new());
+            assert_eq!(spool_files(state.path()), 0, "nothing taken");
+        } else {
+            // GNU wget tries (nobody listens there) and keeps the report for later.
+            assert!(!out.status.success());
+            assert!(posts().last().unwrap().contains(&https), "{:?}", posts());
+            assert!(posts().iter().all(|p| !p.contains(AGENT_TOKEN)));
+        }
+        srv.stop().await;
     }
-    assert_eq!(srv.metric_rows().await, 2);
-    srv.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1112,17 +1273,23 @@ async fn cron_ticks_report_several_times_a_minute_for_short_intervals() {
 }
 
 /// KEY=VALUE lines from the config file; the environment overrides each key.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_is_read_and_the_environment_overrides_it() {
-    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let fake = FakeServer::responding(|hit| match hit.authorization() {
+        Some(auth) if auth == bearer(AGENT_TOKEN) => (200, "{}".to_owned()),
+        _ => (401, r#"{"error":"unauthorized"}"#.to_owned()),
+    });
     let state = tempfile::tempdir().unwrap();
     let conf = state.path().join("agent.conf");
+    let keys = tempfile::tempdir().unwrap();
+    let credential_file = keys.path().join("vm-credential");
     std::fs::write(
         &conf,
         format!(
             "# written by hand\nSERVER_URL=\"{}\"\nAGENT_TOKEN=wrong-token\nINTERVAL_SECONDS=30\n\
-             VMID=4242\nNODE='pve-a'\n",
-            srv.base
+             VMID=4242\nNODE='pve-a'\nINSECURE=true\nCREDENTIAL_FILE={}\n",
+            fake.base,
+            credential_file.display()
         ),
     )
     .unwrap();
@@ -1131,7 +1298,8 @@ async fn config_file_is_read_and_the_environment_overrides_it() {
         let mut cmd = agent_cmd("", "", state.path(), &["--once"]);
         cmd.env("VMHC_AGENT_CONF", &conf)
             .env_remove("SERVER_URL")
-            .env_remove("AGENT_TOKEN");
+            .env_remove("AGENT_TOKEN")
+            .env_remove("INSECURE");
         for (k, v) in extra {
             cmd.env(k, v);
         }
@@ -1147,17 +1315,37 @@ async fn config_file_is_read_and_the_environment_overrides_it() {
     );
     let out = run(&[("AGENT_TOKEN", AGENT_TOKEN)]);
     assert!(out.status.success(), "{}", stderr_of(&out));
-    assert_eq!(
-        reported_link(&srv).await,
-        (Some(4242), Some("pve-a".to_owned()))
-    );
     let out = run(&[("AGENT_TOKEN", AGENT_TOKEN), ("NODE", "pve-b")]);
     assert!(out.status.success(), "{}", stderr_of(&out));
+    let bodies = fake.bodies();
+    let links: Vec<(Value, Value)> = bodies
+        .iter()
+        .map(|b| (b["vmid"].clone(), b["node"].clone()))
+        .collect();
     assert_eq!(
-        reported_link(&srv).await,
-        (Some(4242), Some("pve-b".to_owned()))
+        links,
+        [
+            (json!(4242), json!("pve-a")),
+            (json!(4242), json!("pve-a")),
+            (json!(4242), json!("pve-b")),
+        ]
     );
-    srv.stop().await;
+    assert_eq!(
+        fake.authorizations(),
+        [
+            bearer("wrong-token"),
+            bearer(AGENT_TOKEN),
+            bearer(AGENT_TOKEN)
+        ]
+    );
+
+    // CREDENTIAL_FILE says where this VM's credential is; once there, it is what is sent.
+    let credential = test_credential('c');
+    std::fs::write(&credential_file, format!("{credential}\n")).unwrap();
+    let out = run(&[("AGENT_TOKEN", AGENT_TOKEN)]);
+    assert!(!out.status.success(), "the stand-in takes only the token");
+    assert_eq!(fake.authorizations().last().unwrap(), &bearer(&credential));
+    assert!(!state.path().join("credential").exists());
 }
 
 /// Milliseconds from bash 5's EPOCHREALTIME; whole seconds without it.
@@ -1210,11 +1398,17 @@ async fn the_server_hands_out_the_agent_files() {
     srv.stop().await;
 }
 
+/// The README's install line (the test server is plain http://, hence --insecure), the
+/// token in a file.
 fn install(base: &str, token: &str, root: &Path, options: &str) -> Output {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
     let script = format!(
-        "curl -fsSL {base}/agents/install.sh | bash -s -- --server {base} --token {token} \
-         --root {root} --cron {options}",
-        root = root.display()
+        "curl -fsSL {base}/agents/install.sh | bash -s -- --server {base} --token-file {file} \
+         --insecure --root {root} --cron {options}",
+        root = root.display(),
+        file = token_file.display()
     );
     Command::new("bash")
         .arg("-c")
@@ -1238,6 +1432,11 @@ fn readme_crontab_line() -> String {
 async fn installer_served_by_the_server_installs_with_cron_and_uninstalls() {
     let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
     let root = tempfile::tempdir().unwrap();
+    // A stored CPU sample far behind in idle time: the first report says the machine is
+    // idle whatever a parallel build does meanwhile (this test is about the row's health).
+    let state = root.path().join("var/lib/vm-healthcheck");
+    std::fs::create_dir_all(&state).unwrap();
+    quiet_cpu(&state);
     let options = "--interval 20 --vmid 101 --node pve1";
     let out = install(&srv.base, AGENT_TOKEN, root.path(), options);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -1255,6 +1454,9 @@ async fn installer_served_by_the_server_installs_with_cron_and_uninstalls() {
             "INTERVAL_SECONDS=20",
             "VMID=101",
             "NODE=pve1",
+            "INSECURE=true",
+            "CA_FILE=",
+            "PINNED_PUBKEY=",
         ]
     );
     assert_eq!(mode_of(&conf), 0o600);
@@ -1311,7 +1513,7 @@ async fn installer_served_by_the_server_installs_with_cron_and_uninstalls() {
     // The VM's own row says healthy (the summary's "Healthy" label is always there).
     let cell = page.find(&format!(">{hostname}<")).unwrap();
     let row = &page[page[..cell].rfind("<tr").unwrap()..cell];
-    assert!(row.contains("status-healthy"), "{row}");
+    assert!(row.contains("status-healthy"), "{row}\n{vms}");
 
     // Running it again changes nothing but sending one more report.
     let out = install(&srv.base, AGENT_TOKEN, root.path(), options);
@@ -1462,4 +1664,637 @@ async fn many_filesystems_send_the_fullest_64() {
         "not the fullest: {body}"
     );
     assert_eq!(disks[0]["mount"], "/tank/ds99");
+}
+
+/// The agent refuses a plain http:// server unless INSECURE=true: the token and the VM's
+/// credential would cross the network in clear. Nothing is sent or spooled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_servers_are_refused_without_insecure_and_nothing_is_sent() {
+    let fake = FakeServer::start(Answer::Status(200, "{}"));
+    let state = tempfile::tempdir().unwrap();
+    for mode in ["--once", "--tick", "--run", "--enrol"] {
+        for insecure in [None, Some("false"), Some("yes")] {
+            prime_cpu(state.path());
+            let mut cmd = agent_cmd(&fake.base, AGENT_TOKEN, state.path(), &[mode]);
+            match insecure {
+                None => cmd.env_remove("INSECURE"),
+                Some(value) => cmd.env("INSECURE", value),
+            };
+            let out = cmd.stdin(Stdio::null()).output().unwrap();
+            let stderr = stderr_of(&out);
+            assert!(!out.status.success(), "{mode} INSECURE={insecure:?}");
+            assert!(
+                stderr.contains(&format!("refusing to report to {}", fake.base))
+                    && stderr.contains("cross the network in clear")
+                    && stderr.contains("INSECURE=true"),
+                "{mode} INSECURE={insecure:?}: {stderr}"
+            );
+        }
+    }
+    for url in ["ftp://127.0.0.1/", "127.0.0.1:3000"] {
+        let out = run_agent(url, AGENT_TOKEN, state.path(), &["--once"], &[]);
+        assert!(!out.status.success());
+        assert!(
+            stderr_of(&out).contains("must start with https://"),
+            "{}",
+            stderr_of(&out)
+        );
+    }
+    assert_eq!(fake.hits().len(), 0, "nothing sent");
+    assert_eq!(spool_files(state.path()), 0, "nothing spooled");
+
+    // INSECURE=true in agent.conf is the operator saying so.
+    let conf = state.path().join("agent.conf");
+    std::fs::write(&conf, "INSECURE=true\n").unwrap();
+    prime_cpu(state.path());
+    let out = agent_cmd(&fake.base, AGENT_TOKEN, state.path(), &["--once"])
+        .env("VMHC_AGENT_CONF", &conf)
+        .env_remove("INSECURE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(fake.hits().len(), 1);
+}
+
+/// The credential file: this VM's credential and a newline, mode 0600, and no temporary
+/// file left beside it.
+fn assert_credential_file(file: &Path, credential: &str) {
+    assert_eq!(
+        std::fs::read_to_string(file).unwrap(),
+        format!("{credential}\n")
+    );
+    assert_eq!(mode_of(file), 0o600, "{}", file.display());
+    let dir = file.parent().unwrap();
+    let leftovers: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".credential"))
+        .collect();
+    assert_eq!(leftovers, Vec::<String>::new(), "temporary files left");
+}
+
+/// The answer to the first report accepted with the token carries this VM's credential: the
+/// agent keeps it (0600, atomically, nowhere else) and sends it instead of the token from
+/// then on, through bash's own HTTP and through curl alike. The answer's warnings are logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_credential_from_enrolment_is_kept_and_replaces_the_token() {
+    for client in ["builtin", "external"] {
+        let credential = test_credential('a');
+        let fake = enrolling_server(&credential);
+        let state = tempfile::tempdir().unwrap();
+        let extra = [("VMHC_HTTP_CLIENT", client)];
+        prime_cpu(state.path());
+        let out = run_agent(&fake.base, AGENT_TOKEN, state.path(), &["--once"], &extra);
+        let stderr = stderr_of(&out);
+        assert!(out.status.success(), "{client}: {stderr}");
+        assert!(
+            stderr.contains(r#"warning from the server: disks[3]: mount: "odd" name, dropped"#),
+            "{client}: {stderr}"
+        );
+        assert!(stderr.contains("enrolled"), "{client}: {stderr}");
+        assert!(
+            !stderr.contains(&credential),
+            "the credential must not be logged"
+        );
+        let file = state.path().join("credential");
+        assert_credential_file(&file, &credential);
+        // Not left in the agent's scratch copy of the answer either.
+        for entry in std::fs::read_dir(state.path())
+            .unwrap()
+            .filter_map(Result::ok)
+        {
+            if entry.path() != file && entry.path().is_file() {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                assert!(!text.contains(&credential), "{}", entry.path().display());
+            }
+        }
+
+        // The token is not sent again: a wrong one, or none at all, changes nothing.
+        for token in ["garbage-token", ""] {
+            prime_cpu(state.path());
+            let out = run_agent(&fake.base, token, state.path(), &["--once"], &extra);
+            assert!(
+                out.status.success(),
+                "{client} {token:?}: {}",
+                stderr_of(&out)
+            );
+        }
+        assert_eq!(
+            fake.authorizations(),
+            [
+                bearer(AGENT_TOKEN),
+                bearer(&credential),
+                bearer(&credential)
+            ],
+            "{client}"
+        );
+        assert_credential_file(&file, &credential);
+    }
+}
+
+/// The real server: the first report enrols the VM and gives it its credential, which alone
+/// reports from then on. Once that credential is in use, the token cannot enrol the same
+/// identity again (409): the agent says so and fails, keeping the report; given its
+/// credential back (--set-credential, from standard input), it replays it with the credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enrolment_with_the_real_server() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let state = tempfile::tempdir().unwrap();
+    prime_cpu(state.path());
+    let out = run_agent(&srv.base, AGENT_TOKEN, state.path(), &["--once"], &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let file = state.path().join("credential");
+    assert!(
+        file.exists(),
+        "the server's answer carried no credential: {}",
+        stderr_of(&out)
+    );
+    let credential = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    assert!(
+        Regex::new("^vmhc_vm_[0-9a-f]{64}$")
+            .unwrap()
+            .is_match(&credential),
+        "{credential}"
+    );
+    assert_credential_file(&file, &credential);
+
+    prime_cpu(state.path());
+    let out = run_agent(&srv.base, "garbage-token", state.path(), &["--once"], &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(srv.vm_count().await, 1);
+    assert_eq!(srv.metric_rows().await, 2);
+
+    // The credential file is lost; the identity is enrolled by that credential.
+    std::fs::remove_file(&file).unwrap();
+    prime_cpu(state.path());
+    let out = run_agent(&srv.base, AGENT_TOKEN, state.path(), &["--tick"], &[]);
+    let stderr = stderr_of(&out);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("already enrolled by another credential (HTTP 409)"),
+        "{stderr}"
+    );
+    assert!(!file.exists());
+    assert_eq!(srv.metric_rows().await, 2);
+    assert_eq!(spool_files(state.path()), 1, "kept for later");
+
+    let mut set = agent_cmd(&srv.base, "", state.path(), &["--set-credential"]);
+    let out = with_stdin(&mut set, &format!("{credential}\n"));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_credential_file(&file, &credential);
+    prime_cpu(state.path());
+    let out = run_agent(&srv.base, "garbage-token", state.path(), &["--tick"], &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(spool_files(state.path()), 0);
+    assert_eq!(
+        srv.metric_rows().await,
+        4,
+        "the spooled report and the new one"
+    );
+    assert_eq!(srv.vm_count().await, 1);
+    srv.stop().await;
+}
+
+/// `cmd` run with `input` on its standard input.
+fn with_stdin(cmd: &mut Command, input: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // A program that exits without reading all of it closes the pipe early.
+    let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+    child.wait_with_output().unwrap()
+}
+
+/// A credential the server rejects (revoked, or rotated by an admin) stops the agent with a
+/// clear message and a failure, in every mode; the token is never tried instead (the real
+/// server would have taken it), the credential stays, and the report waits in the spool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rejected_credential_fails_and_never_falls_back_to_the_token() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let stand_in = FakeServer::start(Answer::Status(401, r#"{"error":"unauthorized"}"#));
+    let revoked = test_credential('d');
+    for (base, client) in [
+        (&srv.base, "builtin"),
+        (&srv.base, "external"),
+        (&stand_in.base, "builtin"),
+    ] {
+        let state = tempfile::tempdir().unwrap();
+        let file = state.path().join("credential");
+        std::fs::write(&file, format!("{revoked}\n")).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        for (i, mode) in ["--once", "--tick"].into_iter().enumerate() {
+            prime_cpu(state.path());
+            let extra = [("VMHC_HTTP_CLIENT", client)];
+            let out = run_agent(base, AGENT_TOKEN, state.path(), &[mode], &extra);
+            let stderr = stderr_of(&out);
+            assert!(!out.status.success(), "{mode} {client}: {stderr}");
+            assert!(
+                stderr.contains(
+                    "the server rejected this VM's credential (revoked or rotated; HTTP 401)"
+                ) && stderr.contains("vm-healthcheck-agent --enrol"),
+                "{mode} {client}: {stderr}"
+            );
+            assert!(
+                !stderr.contains(&revoked),
+                "the credential must not be logged"
+            );
+            assert_credential_file(&file, &revoked);
+            assert_eq!(spool_files(state.path()), i + 1, "{mode} {client}");
+        }
+    }
+    assert_eq!(srv.vm_count().await, 0, "the token was used");
+    assert_eq!(srv.metric_rows().await, 0);
+    // One request per run, not retried, and always with the credential.
+    assert_eq!(
+        stand_in.authorizations(),
+        [bearer(&revoked), bearer(&revoked)]
+    );
+
+    // A long-running agent stops too (its unit's Restart= decides what happens next).
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(state.path().join("credential"), format!("{revoked}\n")).unwrap();
+    prime_cpu(state.path());
+    let mut run = agent_cmd(&stand_in.base, AGENT_TOKEN, state.path(), &["--run"]);
+    let mut child = run
+        .env("INTERVAL_SECONDS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = wait_for("--run to stop", Duration::from_secs(20), || {
+        let status = child.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    assert!(!status.success());
+    assert_eq!(stand_in.hits().len(), 3);
+    srv.stop().await;
+}
+
+/// 409 to the token: another credential holds this identity. Said, not retried, failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_enrolled_by_another_credential_fails_clearly() {
+    let fake = FakeServer::start(Answer::Status(
+        409,
+        r#"{"error":"this VM's identity is already enrolled with another credential"}"#,
+    ));
+    let state = tempfile::tempdir().unwrap();
+    for mode in ["--once", "--tick"] {
+        prime_cpu(state.path());
+        let out = run_agent(&fake.base, AGENT_TOKEN, state.path(), &[mode], &[]);
+        let stderr = stderr_of(&out);
+        assert!(!out.status.success(), "{mode}: {stderr}");
+        assert!(
+            stderr.contains("this identity is already enrolled by another credential (HTTP 409)"),
+            "{mode}: {stderr}"
+        );
+    }
+    assert_eq!(fake.hits().len(), 2, "not retried");
+    assert!(!state.path().join("credential").exists());
+}
+
+/// Reports spooled before the VM had its credential are replayed with it as soon as it has
+/// one: the first replayed report enrols, everything after it carries the credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spooled_reports_are_replayed_with_the_credential() {
+    let credential = test_credential('b');
+    let fake = enrolling_server(&credential);
+    let state = tempfile::tempdir().unwrap();
+    let report = own_report(state.path());
+    let spool = state.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    for i in 1..=3 {
+        std::fs::write(spool.join(format!("{i:020}-1.json")), report.to_string()).unwrap();
+    }
+    let before = fake.hits().len();
+    prime_cpu(state.path());
+    let out = run_agent(&fake.base, AGENT_TOKEN, state.path(), &["--tick"], &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(spool_files(state.path()), 0);
+    assert_eq!(
+        fake.authorizations()[before..],
+        [
+            bearer(AGENT_TOKEN),
+            bearer(&credential),
+            bearer(&credential),
+            bearer(&credential),
+        ]
+    );
+
+    // A server that was down while the VM had its credential: replayed with it too.
+    let hangup = FakeServer::start(Answer::HangUp);
+    prime_cpu(state.path());
+    let out = run_agent(&hangup.base, AGENT_TOKEN, state.path(), &["--tick"], &[]);
+    assert!(out.status.success());
+    assert_eq!(spool_files(state.path()), 1);
+    let before = fake.hits().len();
+    prime_cpu(state.path());
+    let out = run_agent(&fake.base, "garbage-token", state.path(), &["--tick"], &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(spool_files(state.path()), 0);
+    assert_eq!(
+        fake.authorizations()[before..],
+        [bearer(&credential), bearer(&credential)]
+    );
+}
+
+/// An admin's rotation: `--set-credential` takes the new credential from standard input,
+/// never from the command line, and writes it as enrolment does. Nothing else is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_credential_reads_standard_input_only() {
+    let fake = FakeServer::start(Answer::Status(200, "{}"));
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("credential");
+    let set = |input: &str, args: &[&str]| {
+        let mut all = vec!["--set-credential"];
+        all.extend_from_slice(args);
+        // Needs neither the server's address nor the token.
+        let mut cmd = agent_cmd("", "", state.path(), &all);
+        cmd.env_remove("SERVER_URL").env_remove("AGENT_TOKEN");
+        with_stdin(&mut cmd, input)
+    };
+    let first = test_credential('1');
+    let out = set(&format!("{first}\n"), &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("stored this VM's new credential"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_credential_file(&file, &first);
+    // Replaced, without a trailing newline too.
+    let second = test_credential('2');
+    let out = set(&second, &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_credential_file(&file, &second);
+
+    let third = test_credential('3');
+    for (input, args, message) in [
+        ("", vec![third.as_str()], "never from the command line"),
+        (
+            "not-a-credential\n",
+            vec![],
+            "standard input holds no credential",
+        ),
+        ("", vec![], "standard input holds no credential"),
+        (
+            &format!("{}\n", third.to_uppercase())[..],
+            vec![],
+            "standard input holds no credential",
+        ),
+    ] {
+        let out = set(input, &args);
+        assert!(!out.status.success(), "{input:?} {args:?}");
+        assert!(stderr_of(&out).contains(message), "{}", stderr_of(&out));
+        assert_credential_file(&file, &second);
+    }
+
+    prime_cpu(state.path());
+    let out = run_agent(&fake.base, AGENT_TOKEN, state.path(), &["--once"], &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(fake.authorizations(), [bearer(&second)]);
+
+    // A file that holds no credential is not silently replaced by the token.
+    std::fs::write(&file, "garbage\n").unwrap();
+    let out = run_agent(&fake.base, AGENT_TOKEN, state.path(), &["--once"], &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("holds no credential"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(fake.hits().len(), 1, "nothing sent");
+}
+
+/// `--enrol` forgets the credential and enrols again with the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrol_forgets_the_credential_and_enrols_with_the_token() {
+    let fresh = test_credential('e');
+    let fake = enrolling_server(&fresh);
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("credential");
+    let old = test_credential('0');
+    std::fs::write(&file, format!("{old}\n")).unwrap();
+    // Without a token it cannot, and keeps what it has.
+    let out = run_agent(&fake.base, "", state.path(), &["--enrol"], &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("--enrol needs AGENT_TOKEN"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), format!("{old}\n"));
+
+    prime_cpu(state.path());
+    let out = run_agent(&fake.base, AGENT_TOKEN, state.path(), &["--enrol"], &[]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_credential_file(&file, &fresh);
+    assert_eq!(fake.authorizations(), [bearer(AGENT_TOKEN)]);
+}
+
+/// Runs agents/install.sh from the repository with `args` and `stdin`.
+fn run_installer(args: &[&str], stdin: &str) -> Output {
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace_root().join("agents/install.sh"))
+        .args(args);
+    with_stdin(&mut cmd, stdin)
+}
+
+/// Every file under `dir`.
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().filter_map(Result::ok) {
+        let path = entry.path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// The installer takes the token from a file or from standard input; `--token` still works
+/// but warns that the token shows in `ps` and shell history. Piped into bash, it refuses
+/// `--token-stdin` (its standard input is the script itself).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn installer_takes_the_token_from_a_file_or_standard_input() {
+    let secrets = tempfile::tempdir().unwrap();
+    let token_file = secrets.path().join("token");
+    std::fs::write(&token_file, format!("{AGENT_TOKEN}\n")).unwrap();
+    let token_file = token_file.display().to_string();
+    for (how, stdin, warned) in [
+        (vec!["--token-file", token_file.as_str()], "", false),
+        (
+            vec!["--token-stdin"],
+            &format!("{AGENT_TOKEN}\n")[..],
+            false,
+        ),
+        (vec!["--token", AGENT_TOKEN], "", true),
+    ] {
+        // A server each: every install is a first enrolment of this host.
+        let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+        let root = tempfile::tempdir().unwrap();
+        let root_arg = root.path().display().to_string();
+        let mut args = vec![
+            "--server",
+            &srv.base,
+            "--insecure",
+            "--cron",
+            "--root",
+            &root_arg,
+        ];
+        args.extend_from_slice(&how);
+        let out = run_installer(&args, stdin);
+        let stderr = stderr_of(&out);
+        assert!(out.status.success(), "{how:?}: {stderr}");
+        assert_eq!(
+            stderr.contains("--token puts the token on the command line"),
+            warned,
+            "{how:?}: {stderr}"
+        );
+        let conf =
+            std::fs::read_to_string(root.path().join("etc/vm-healthcheck/agent.conf")).unwrap();
+        assert!(
+            conf.contains(&format!("\nAGENT_TOKEN={AGENT_TOKEN}\n")),
+            "{conf}"
+        );
+        assert_eq!(srv.metric_rows().await, 1, "{how:?}");
+        srv.stop().await;
+    }
+
+    let root = tempfile::tempdir().unwrap();
+    let cases: [(&[&str], &str, &str); 4] = [
+        (&[], "", "the agent token is required"),
+        (
+            &["--token-file", "/nonexistent/token"],
+            "",
+            "cannot read the token file",
+        ),
+        (&["--token-stdin"], "", "no token on standard input"),
+        (
+            &["--token-stdin", "--token-file", &token_file],
+            "",
+            "give the token once",
+        ),
+    ];
+    let root_arg = root.path().display().to_string();
+    for (how, stdin, message) in cases {
+        let mut args = vec![
+            "--server",
+            "http://127.0.0.1:9",
+            "--insecure",
+            "--cron",
+            "--root",
+            &root_arg,
+        ];
+        args.extend_from_slice(how);
+        let out = run_installer(&args, stdin);
+        assert!(!out.status.success(), "{how:?}");
+        assert!(
+            stderr_of(&out).contains(message),
+            "{how:?}: {}",
+            stderr_of(&out)
+        );
+    }
+    // Piped into bash, standard input is the rest of the script.
+    let script = std::fs::read_to_string(workspace_root().join("agents/install.sh")).unwrap();
+    let mut piped = Command::new("bash");
+    piped.args([
+        "-s",
+        "--",
+        "--server",
+        "http://127.0.0.1:9",
+        "--insecure",
+        "--token-stdin",
+        "--root",
+        &root_arg,
+    ]);
+    let out = with_stdin(&mut piped, &script);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("--token-stdin needs this script saved to a file"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(files_under(root.path()), Vec::<PathBuf>::new());
+}
+
+/// The installer refuses an http:// server without --insecure: nothing is downloaded,
+/// installed or sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn installer_refuses_http_without_insecure() {
+    let fake = FakeServer::start(Answer::Status(200, "{}"));
+    let root = tempfile::tempdir().unwrap();
+    let root_arg = root.path().display().to_string();
+    let out = run_installer(
+        &[
+            "--server",
+            &fake.base,
+            "--token-stdin",
+            "--cron",
+            "--root",
+            &root_arg,
+        ],
+        &format!("{AGENT_TOKEN}\n"),
+    );
+    let stderr = stderr_of(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("refusing the http:// server {}", fake.base))
+            && stderr.contains("--insecure"),
+        "{stderr}"
+    );
+    assert_eq!(fake.hits().len(), 0);
+    assert_eq!(files_under(root.path()), Vec::<PathBuf>::new());
+}
+
+/// `--sha256 HEX`: the downloaded agent must have that SHA-256, else nothing is installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn installer_refuses_an_agent_with_another_sha256() {
+    use sha2::{Digest, Sha256};
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let agent = std::fs::read(agent_path()).unwrap();
+    let right = hex::encode(Sha256::digest(&agent));
+    let wrong = hex::encode(Sha256::digest(b"something else"));
+    let root = tempfile::tempdir().unwrap();
+    let out = install(
+        &srv.base,
+        AGENT_TOKEN,
+        root.path(),
+        &format!("--sha256 {wrong}"),
+    );
+    let stderr = stderr_of(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("SHA-256 is {right}, not {wrong}")),
+        "{stderr}"
+    );
+    assert_eq!(files_under(root.path()), Vec::<PathBuf>::new());
+    assert_eq!(srv.vm_count().await, 0);
+
+    let out = install(&srv.base, AGENT_TOKEN, root.path(), "--sha256 nothex");
+    assert!(!out.status.success());
+    assert!(stderr_of(&out).contains("--sha256 must be 64 hex digits"));
+    assert_eq!(files_under(root.path()), Vec::<PathBuf>::new());
+
+    // The right one (in either case) installs.
+    let out = install(
+        &srv.base,
+        AGENT_TOKEN,
+        root.path(),
+        &format!("--sha256 {}", right.to_uppercase()),
+    );
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(
+        std::fs::read(root.path().join("usr/local/bin/vm-healthcheck-agent")).unwrap(),
+        agent
+    );
+    assert_eq!(srv.metric_rows().await, 1);
+    srv.stop().await;
 }
