@@ -83,7 +83,7 @@ impl Credentials {
     }
 }
 
-fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     let token = token.trim();
@@ -136,9 +136,17 @@ async fn resolve(
 }
 
 fn generate_token(role: Role) -> String {
+    generate_secret(&format!("vmhc_{}_", role.name()))
+        .expose()
+        .to_owned()
+}
+
+/// 256 random bits as hex after `prefix`: credentials and tokens, shown once and stored
+/// only as [`hash_token`].
+pub fn generate_secret(prefix: &str) -> Secret {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
-    format!("vmhc_{}_{}", role.name(), hex::encode(bytes))
+    Secret::new(format!("{prefix}{}", hex::encode(bytes)))
 }
 
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {

@@ -6,6 +6,7 @@
 use crate::cache::{self, StateCache};
 use crate::db::reports::{NewMetric, PlannedState, ReportWriter};
 use crate::db::{Db, DbError};
+use crate::enrolment::{self, Presented};
 use crate::health::JobHealth;
 use crate::settings::SharedStatusConfig;
 use crate::with_conn;
@@ -13,7 +14,7 @@ use diesel_async::AsyncConnection;
 use domain::heartbeat::Heartbeat;
 use domain::ingest::{StoredVm, newest_per_vm, plan};
 use domain::status::StatusConfig;
-use domain::{VmId, VmStatus};
+use domain::{Secret, VmId, VmStatus};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -25,17 +26,49 @@ pub enum IngestError {
     Busy,
     #[error("storage unavailable")]
     Unavailable,
+    /// No credential or enrolment token in force.
+    #[error("unknown, revoked or expired credential")]
+    Unauthorized,
+    /// An enrolment asked for an identity another credential holds.
+    #[error("identity already enrolled")]
+    IdentityTaken,
+}
+
+impl IngestError {
+    /// Failures of our own (the report was fine): they must never count against a VM.
+    pub fn is_ours(self) -> bool {
+        matches!(self, IngestError::Busy | IngestError::Unavailable)
+    }
 }
 
 /// What storing one report decided.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct StoredReport {
     pub vm_id: VmId,
     pub status: VmStatus,
+    /// The VM's new credential, when the report enrolled it: sent to its agent once.
+    pub credential: Option<Secret>,
+}
+
+/// A report and what its sender proved about who it is.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    pub report: Heartbeat,
+    pub presented: Presented,
+}
+
+impl Submission {
+    /// A report sent with the fleet's shared agent token.
+    pub fn fleet(report: Heartbeat) -> Self {
+        Self {
+            report,
+            presented: Presented::FleetToken,
+        }
+    }
 }
 
 struct Job {
-    report: Heartbeat,
+    submission: Submission,
     reply: oneshot::Sender<Result<StoredReport, IngestError>>,
 }
 
@@ -87,11 +120,11 @@ impl Ingest {
     }
 
     /// Queues a report and waits until it is committed.
-    pub async fn submit(&self, report: Heartbeat) -> Result<StoredReport, IngestError> {
+    pub async fn submit(&self, submission: Submission) -> Result<StoredReport, IngestError> {
         let (reply, answer) = oneshot::channel();
         let queued = self
             .tx
-            .try_send(Job { report, reply })
+            .try_send(Job { submission, reply })
             .map_err(|err| match err {
                 mpsc::error::TrySendError::Full(_) => IngestError::Busy,
                 mpsc::error::TrySendError::Closed(_) => IngestError::Unavailable,
@@ -101,7 +134,9 @@ impl Ingest {
             Ok(()) => answer.await.unwrap_or(Err(IngestError::Unavailable)),
             Err(err) => Err(err),
         };
-        if result.is_err() {
+        if let Err(err) = result
+            && err.is_ours()
+        {
             // A heartbeat refused for our own reasons must not count against its VM.
             self.health.record_ingest_failure(crate::now_ms());
         }
@@ -128,26 +163,29 @@ impl Writer {
     }
 
     async fn commit(&self, jobs: &mut Vec<Job>) {
-        let reports: Vec<Heartbeat> = jobs.iter().map(|j| j.report.clone()).collect();
+        let submissions: Vec<Submission> = jobs.iter().map(|j| j.submission.clone()).collect();
         let cfg = self.status_config.get();
-        let mut result = write_batch(&self.db, &reports, &cfg).await;
+        let mut result = write_batch(&self.db, &submissions, &cfg).await;
         if let Err(DbError::Query(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UniqueViolation,
             _,
         ))) = &result
         {
             // A concurrent replica may have created the same VM; a second pass finds it.
-            result = write_batch(&self.db, &reports, &cfg).await;
+            result = write_batch(&self.db, &submissions, &cfg).await;
         }
         match result {
-            Ok(stored) => {
+            Ok(outcomes) => {
                 self.health.record_commit(crate::now_ms());
-                let mut ids: Vec<VmId> = stored.iter().map(|s| s.vm_id).collect();
+                let mut ids: Vec<VmId> = outcomes
+                    .iter()
+                    .filter_map(|o| o.as_ref().ok().map(|s| s.vm_id))
+                    .collect();
                 ids.sort_unstable();
                 ids.dedup();
                 cache::refresh(&self.db, &self.cache, &ids).await;
-                for (job, outcome) in jobs.drain(..).zip(stored) {
-                    let _ = job.reply.send(Ok(outcome));
+                for (job, outcome) in jobs.drain(..).zip(outcomes) {
+                    let _ = job.reply.send(outcome);
                 }
             }
             Err(err) => {
@@ -162,34 +200,45 @@ impl Writer {
     }
 }
 
-/// One transaction: VMs found or created, a metric row per report, then the state the
-/// core planned for each VM applied.
+/// One transaction: whose each report is (credential or enrolment), a metric row per
+/// admitted report, then the state the core planned for each VM applied. The outcomes are
+/// in the order of `submissions`; a refused report stores nothing.
 pub async fn write_batch(
     db: &Db,
-    reports: &[Heartbeat],
+    submissions: &[Submission],
     cfg: &StatusConfig,
-) -> Result<Vec<StoredReport>, DbError> {
+) -> Result<Vec<Result<StoredReport, IngestError>>, DbError> {
     let (mut conn, _turn) = db.write_conn().await?;
+    let now_ms = crate::now_ms();
     with_conn!(conn, |c| {
         c.transaction::<_, DbError, _>(async |c| {
-            let (ids, known) = c.find_or_create_vms(reports).await?;
+            let admitted = enrolment::admit(c, submissions, now_ms).await?;
+            let (ids, reports): (Vec<VmId>, Vec<Heartbeat>) = admitted
+                .outcomes
+                .iter()
+                .filter_map(|o| o.as_ref().ok().map(|a| (a.vm_id, a.report.clone())))
+                .unzip();
             let metrics = ids
                 .iter()
-                .zip(reports)
+                .zip(&reports)
                 .map(|(&id, r)| NewMetric::of(id, r))
                 .collect();
             c.insert_metrics(metrics).await?;
-            let planned = plan_batch(&ids, reports, &known, cfg);
+            let planned = plan_batch(&ids, &reports, &admitted.known, cfg);
             c.apply_latest_state(&planned).await?;
             let statuses: BTreeMap<VmId, VmStatus> = planned
                 .iter()
                 .map(|p| (p.vm_id, p.update.verdict.status))
                 .collect();
-            Ok(ids
-                .iter()
-                .map(|&vm_id| StoredReport {
-                    vm_id,
-                    status: statuses.get(&vm_id).copied().unwrap_or(VmStatus::Unknown),
+            Ok(admitted
+                .outcomes
+                .into_iter()
+                .map(|outcome| {
+                    outcome.map(|a| StoredReport {
+                        vm_id: a.vm_id,
+                        status: statuses.get(&a.vm_id).copied().unwrap_or(VmStatus::Unknown),
+                        credential: a.credential,
+                    })
                 })
                 .collect())
         })

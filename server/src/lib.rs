@@ -6,6 +6,7 @@ pub mod backend;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod enrolment;
 pub mod db;
 pub mod health;
 pub mod http;

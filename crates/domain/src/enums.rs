@@ -178,6 +178,10 @@ string_enum!(
         BreakerTripped = "breaker_tripped",
         /// The fleet recovered; auto-reset resumes after one stale timeout.
         BreakerReset = "breaker_reset",
+        /// A VM's report said something its credential's VM did not enrol with.
+        IdentityClaim = "identity_claim",
+        /// An enrolment asked for an identity another credential holds.
+        EnrolmentRefused = "enrolment_refused",
     }
 );
 

@@ -4,6 +4,7 @@
 
 pub mod enums;
 pub mod heartbeat;
+pub mod identity;
 pub mod ids;
 pub mod ingest;
 pub mod link;

@@ -279,7 +279,7 @@ pub async fn unlink_by_operator(conn: &mut Conn, vm_id: VmId) -> Result<bool, Db
 /// The link columns of `vms` as one write.
 #[derive(diesel::AsChangeset)]
 #[diesel(table_name = vms, treat_none_as_null = true)]
-struct LinkColumns<'a> {
+pub(crate) struct LinkColumns<'a> {
     proxmox_node: Option<&'a str>,
     proxmox_vmid: Option<i64>,
     proxmox_type: Option<&'static str>,
@@ -288,7 +288,7 @@ struct LinkColumns<'a> {
 }
 
 impl<'a> LinkColumns<'a> {
-    fn of(link: Option<&'a (GuestRef, LinkSource)>, verified: bool) -> Self {
+    pub(crate) fn of(link: Option<&'a (GuestRef, LinkSource)>, verified: bool) -> Self {
         Self {
             proxmox_node: link.map(|(g, _)| g.node.as_str()),
             proxmox_vmid: link.map(|(g, _)| g.vmid.get()),

@@ -68,11 +68,14 @@ pub struct PlannedState<'a> {
 
 /// The heartbeat write path's storage steps, for either backend.
 pub trait ReportWriter {
-    /// The VM id of each report (in order) and the rows as they were before the batch.
-    fn find_or_create_vms(
+    /// The VMs these reports may belong to: same uuid or same hostname.
+    fn candidate_vms(
         &mut self,
-        reports: &[Heartbeat],
-    ) -> impl Future<Output = QueryResult<(Vec<VmId>, Vec<VmRow>)>> + Send;
+        reports: &[&Heartbeat],
+    ) -> impl Future<Output = QueryResult<Vec<VmRow>>> + Send;
+
+    /// A new VM for a report that matched none.
+    fn create_vm(&mut self, report: &Heartbeat) -> impl Future<Output = QueryResult<VmRow>> + Send;
 
     fn insert_metrics(
         &mut self,
@@ -115,46 +118,36 @@ pub fn match_vm(known: &[VmRow], report: &Heartbeat) -> Option<usize> {
 macro_rules! report_writer {
     ($conn:ty, $insert_metrics:item) => {
         impl ReportWriter for $conn {
-            async fn find_or_create_vms(
-                &mut self,
-                reports: &[Heartbeat],
-            ) -> QueryResult<(Vec<VmId>, Vec<VmRow>)> {
+            async fn candidate_vms(&mut self, reports: &[&Heartbeat]) -> QueryResult<Vec<VmRow>> {
                 let machine_ids: Vec<&str> = reports
                     .iter()
                     .filter_map(|r| r.machine_id.as_deref())
                     .collect();
                 let hostnames: Vec<&str> = reports.iter().map(|r| r.hostname.as_str()).collect();
-                let mut known: Vec<VmRow> = vms::table
+                vms::table
                     .filter(vms::machine_id.eq_any(&machine_ids))
                     .or_filter(vms::hostname.eq_any(&hostnames))
                     .order(vms::id.asc())
                     .select(VmRow::as_select())
                     .load(self)
-                    .await?;
-                let mut ids = Vec::with_capacity(reports.len());
-                for report in reports {
-                    if let Some(row) = match_vm(&known, report).and_then(|i| known.get(i)) {
-                        ids.push(row.vm_id());
-                        continue;
-                    }
-                    let row: VmRow = diesel::insert_into(vms::table)
-                        .values(NewVm {
-                            hostname: &report.hostname,
-                            os: report.os.as_str(),
-                            machine_id: report.machine_id.as_deref(),
-                            auto_reset: true,
-                            status: VmStatus::Unknown.as_str(),
-                            status_since_ms: report.received_ms,
-                            status_reason: "no report yet",
-                            first_seen_ms: report.received_ms,
-                        })
-                        .returning(VmRow::as_returning())
-                        .get_result(self)
-                        .await?;
-                    ids.push(row.vm_id());
-                    known.push(row);
-                }
-                Ok((ids, known))
+                    .await
+            }
+
+            async fn create_vm(&mut self, report: &Heartbeat) -> QueryResult<VmRow> {
+                diesel::insert_into(vms::table)
+                    .values(NewVm {
+                        hostname: &report.hostname,
+                        os: report.os.as_str(),
+                        machine_id: report.machine_id.as_deref(),
+                        auto_reset: true,
+                        status: VmStatus::Unknown.as_str(),
+                        status_since_ms: report.received_ms,
+                        status_reason: "no report yet",
+                        first_seen_ms: report.received_ms,
+                    })
+                    .returning(VmRow::as_returning())
+                    .get_result(self)
+                    .await
             }
 
             $insert_metrics

@@ -110,6 +110,36 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    agent_credentials (id) {
+        id -> BigInt,
+        vm_id -> BigInt,
+        token_hash -> Text,
+        created_ms -> BigInt,
+        confirmed_ms -> Nullable<BigInt>,
+        revoked_ms -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    enrolment_tokens (id) {
+        id -> BigInt,
+        token_hash -> Text,
+        label -> Text,
+        created_by -> Text,
+        created_ms -> BigInt,
+        expires_ms -> Nullable<BigInt>,
+        max_uses -> Nullable<BigInt>,
+        uses -> BigInt,
+        guest_node -> Nullable<Text>,
+        guest_vmid -> Nullable<BigInt>,
+        guest_type -> Nullable<Text>,
+        revoked_ms -> Nullable<BigInt>,
+        last_used_ms -> Nullable<BigInt>,
+    }
+}
+
+diesel::joinable!(agent_credentials -> vms (vm_id));
 diesel::joinable!(metric_samples -> vms (vm_id));
 diesel::joinable!(status_changes -> vms (vm_id));
 diesel::joinable!(reset_attempts -> vms (vm_id));
@@ -122,4 +152,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     reset_attempts,
     runtime_config,
     credentials,
+    agent_credentials,
+    enrolment_tokens,
 );

@@ -114,6 +114,12 @@ impl From<IngestError> for ApiError {
     fn from(err: IngestError) -> Self {
         match err {
             IngestError::Busy | IngestError::Unavailable => ApiError::Unavailable,
+            IngestError::Unauthorized => ApiError::Unauthorized,
+            IngestError::IdentityTaken => ApiError::Conflict(
+                "this VM's identity is already enrolled with another credential; an admin can \
+                 revoke it (DELETE /api/vms/:id/credential) or issue a new one"
+                    .into(),
+            ),
         }
     }
 }

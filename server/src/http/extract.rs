@@ -3,7 +3,8 @@
 //! Each rejects with an [`ApiError`], so every failure answers in the API's JSON.
 
 use super::error::{ApiError, FieldError};
-use crate::auth::{Caller, Role};
+use crate::auth::{Caller, Role, bearer_token};
+use crate::enrolment::Presented;
 use crate::state::AppState;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
@@ -25,9 +26,11 @@ fn authenticate(state: &AppState, parts: &Parts, role: Role) -> Result<Caller, A
 #[derive(Clone, Copy, Debug)]
 pub struct Admin(pub Caller);
 
-/// A caller holding the agent credential (heartbeat reports); anyone else gets 401.
-#[derive(Clone, Copy, Debug)]
-pub struct Agent(pub Caller);
+/// What an agent's report carries: the fleet token, a VM credential or an enrolment
+/// token. Which VM it names (if any) is decided by the writer, inside its transaction; no
+/// bearer at all is a 401 here.
+#[derive(Clone, Debug)]
+pub struct AgentBearer(pub Presented);
 
 impl FromRequestParts<AppState> for Admin {
     type Rejection = ApiError;
@@ -37,11 +40,15 @@ impl FromRequestParts<AppState> for Admin {
     }
 }
 
-impl FromRequestParts<AppState> for Agent {
+impl FromRequestParts<AppState> for AgentBearer {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authenticate(state, parts, Role::Agent).map(Agent)
+        if authenticate(state, parts, Role::Agent).is_ok() {
+            return Ok(AgentBearer(Presented::FleetToken));
+        }
+        let token = bearer_token(&parts.headers).ok_or(ApiError::Unauthorized)?;
+        Ok(AgentBearer(Presented::of_bearer(token)))
     }
 }
 

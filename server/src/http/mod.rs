@@ -3,6 +3,7 @@
 //! Handlers are grouped by resource; [`extract`] holds what they take (caller, VM id, body)
 //! and [`error`] the one mapping from failures to status codes.
 
+mod enrolment;
 pub mod error;
 pub mod extract;
 mod health;
@@ -17,7 +18,7 @@ use crate::db::store;
 use crate::state::AppState;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{any, get, post, put};
+use axum::routing::{any, delete, get, post, put};
 use domain::heartbeat::MAX_REPORT_BYTES;
 use domain::view::VmView;
 
@@ -31,6 +32,15 @@ pub fn router() -> Router<AppState> {
         .route("/api/vms/{id}/reset-history", get(vms::reset_history))
         .route("/api/vms/{id}/proxmox", put(vms::link))
         .route("/api/vms/{id}/auto-reset", put(vms::set_auto_reset))
+        .route(
+            "/api/vms/{id}/credential",
+            post(enrolment::rotate).delete(enrolment::revoke),
+        )
+        .route(
+            "/api/enrolment-tokens",
+            get(enrolment::list_tokens).post(enrolment::create_token),
+        )
+        .route("/api/enrolment-tokens/{id}", delete(enrolment::revoke_token))
         .route("/api/vms/{id}/reset", post(remediation::reset))
         .route("/api/vms/{id}/shutdown", post(remediation::shutdown))
         .route("/api/vms/{id}/acknowledge", post(remediation::acknowledge))

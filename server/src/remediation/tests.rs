@@ -5,7 +5,7 @@
 use super::*;
 use crate::clock::ManualClock;
 use crate::db::incidents::Expected;
-use crate::ingest::write_batch;
+use crate::ingest::{Submission, write_batch};
 use domain::heartbeat::Heartbeat;
 use domain::status::StatusConfig;
 use domain::{GuestKind, LinkSource, NodeName, OsKind, Vmid};
@@ -55,7 +55,9 @@ impl ProxmoxApi for ScriptedPve {
         Box::pin(async move {
             let pending = self.report_during_status.lock().unwrap().take();
             if let Some((db, beat)) = pending {
-                write_batch(&db, &[beat], &status_config()).await.unwrap();
+                write_batch(&db, &[Submission::fleet(beat)], &status_config())
+                    .await
+                    .unwrap();
             }
             let states = self.states.lock().unwrap();
             Ok(states
@@ -197,10 +199,14 @@ fn beat(host: &str, vmid: i64, at: i64, uptime: i64) -> Heartbeat {
 impl Rig {
     /// A VM that reported at `at`, linked to guest `vmid` on pve1.
     async fn vm(&self, host: &str, vmid: i64, at: i64) -> VmId {
-        let stored = write_batch(&self.db, &[beat(host, vmid, at, 1_000)], &status_config())
-            .await
-            .unwrap();
-        let id = stored[0].vm_id;
+        let stored = write_batch(
+            &self.db,
+            &[Submission::fleet(beat(host, vmid, at, 1_000))],
+            &status_config(),
+        )
+        .await
+        .unwrap();
+        let id = stored[0].as_ref().unwrap().vm_id;
         let guest = GuestRef {
             node: "pve1".parse().unwrap(),
             vmid: Vmid::try_from(vmid).unwrap(),
@@ -224,9 +230,14 @@ impl Rig {
 
     async fn report(&self, host: &str, vmid: i64, uptime: i64) {
         let now = self.clock.now_ms();
-        write_batch(&self.db, &[beat(host, vmid, now, uptime)], &status_config())
-            .await
-            .unwrap();
+        let stored = write_batch(
+            &self.db,
+            &[Submission::fleet(beat(host, vmid, now, uptime))],
+            &status_config(),
+        )
+        .await
+        .unwrap();
+        stored[0].as_ref().unwrap();
     }
 
     /// Scheduler rounds every 5 s of clock time up to `t` (the engine treats a longer

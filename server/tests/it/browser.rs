@@ -124,13 +124,18 @@ async fn dashboard_shows_new_reports_live_and_markup_as_text() {
         .unwrap()
         .heartbeat;
         report.hostname = markup.to_owned();
-        let stored = server::ingest::write_batch(&state.db, &[report], &state.status_config.get())
-            .await
-            .unwrap();
-        server::cache::refresh(&state.db, &state.cache, &[stored[0].vm_id]).await;
-        stored
+        let stored = server::ingest::write_batch(
+            &state.db,
+            &[server::ingest::Submission::fleet(report)],
+            &state.status_config.get(),
+        )
+        .await
+        .unwrap();
+        let vm_id = stored[0].as_ref().unwrap().vm_id;
+        server::cache::refresh(&state.db, &state.cache, &[vm_id]).await;
+        vm_id
     };
-    let row = format!("tr[data-vm-id='{}'] .hostname", stored[0].vm_id);
+    let row = format!("tr[data-vm-id='{}'] .hostname", stored);
     let shown = wait_for("the markup VM", Duration::from_secs(5), || async {
         browser.text_of(&row).await
     })

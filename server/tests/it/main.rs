@@ -16,6 +16,7 @@ mod concurrency;
 mod fake_pve;
 mod fake_pve_contract;
 mod http;
+mod identity;
 mod proxmox;
 mod redis_cache;
 mod safeguards;

@@ -1,0 +1,35 @@
+-- Each VM reports with its own credential; its identity comes from the credential, never
+-- from what the report says. Only SHA-256 hashes of credentials and tokens are stored.
+CREATE TABLE agent_credentials (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    vm_id BIGINT NOT NULL REFERENCES vms (id) ON DELETE CASCADE,
+    token_hash TEXT NOT NULL UNIQUE,
+    created_ms BIGINT NOT NULL,
+    -- When the credential became the VM's identity: its first use, or its issue by an
+    -- admin. NULL while its agent has not moved over to it.
+    confirmed_ms BIGINT,
+    revoked_ms BIGINT
+);
+CREATE INDEX agent_credentials_vm ON agent_credentials (vm_id);
+
+-- Tokens an admin hands out for agents to enrol with: fleet-wide (with an expiry and a
+-- use count) or bound to one Proxmox guest, which the enrolled VM is then linked to.
+CREATE TABLE enrolment_tokens (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    label TEXT NOT NULL,
+    created_by TEXT NOT NULL,
+    created_ms BIGINT NOT NULL,
+    expires_ms BIGINT,
+    max_uses BIGINT,
+    uses BIGINT NOT NULL DEFAULT 0,
+    guest_node TEXT,
+    guest_vmid BIGINT,
+    guest_type TEXT,
+    revoked_ms BIGINT,
+    last_used_ms BIGINT
+);
+
+ALTER TABLE events DROP CONSTRAINT events_kind_check;
+ALTER TABLE events ADD CONSTRAINT events_kind_check CHECK (kind IN ('breaker_tripped','breaker_reset','identity_claim','enrolment_refused'));
+ALTER TABLE enrolment_tokens ADD CONSTRAINT enrolment_tokens_guest_type_check CHECK (guest_type IS NULL OR guest_type IN ('qemu','lxc'));

@@ -1,0 +1,277 @@
+//! Agent credentials and enrolment tokens: issue, list and revoke (admin).
+//!
+//! Credentials and tokens are shown once, in the answer that creates them, and stored only
+//! as hashes; every such answer says `Cache-Control: no-store`.
+
+use super::error::{ApiError, FieldError};
+use super::extract::{Admin, JsonBody, VmPath};
+use crate::auth;
+use crate::db::identity::{self, NewToken, TokenRow};
+use crate::enrolment::CREDENTIAL_PREFIX;
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use domain::{GuestKind, NodeName, VmId, Vmid};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of admin-created enrolment tokens.
+const TOKEN_PREFIX: &str = "vmhc_enrol_";
+const MAX_LABEL_CHARS: usize = 100;
+const MAX_EXPIRY_HOURS: i64 = 24 * 366;
+const MAX_USES: i64 = 100_000;
+
+type NoStore = [(header::HeaderName, &'static str); 1];
+const NO_STORE: NoStore = [(header::CACHE_CONTROL, "no-store")];
+
+#[derive(Serialize)]
+pub struct IssuedCredential {
+    vm_id: VmId,
+    credential: String,
+}
+
+/// A new credential for a VM: the old one stops working at once. For a VM whose agent
+/// must be moved to a new credential by hand (`vm-healthcheck-agent --set-credential`).
+pub async fn rotate(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    VmPath(id): VmPath,
+) -> Result<(NoStore, Json<IssuedCredential>), ApiError> {
+    let secret = auth::generate_secret(CREDENTIAL_PREFIX);
+    let stored = {
+        let (mut conn, _turn) = state.db.write_conn().await?;
+        identity::rotate_credential(
+            &mut conn,
+            id,
+            &auth::hash_token(secret.expose()),
+            crate::now_ms(),
+        )
+        .await?
+    };
+    if !stored {
+        return Err(ApiError::NotFound);
+    }
+    tracing::info!(vm_id = %id, by = caller.name, "agent credential rotated");
+    Ok((
+        NO_STORE,
+        Json(IssuedCredential {
+            vm_id: id,
+            credential: secret.expose().to_owned(),
+        }),
+    ))
+}
+
+#[derive(Serialize)]
+pub struct Revoked {
+    vm_id: VmId,
+    revoked: usize,
+}
+
+/// Revokes a VM's credentials: its reports are refused (401) until it enrols again with
+/// a valid enrolment token.
+pub async fn revoke(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    VmPath(id): VmPath,
+) -> Result<Json<Revoked>, ApiError> {
+    let revoked = {
+        let (mut conn, _turn) = state.db.write_conn().await?;
+        identity::revoke_credentials(&mut conn, id, crate::now_ms()).await?
+    };
+    tracing::info!(vm_id = %id, revoked, by = caller.name, "agent credentials revoked");
+    Ok(Json(Revoked { vm_id: id, revoked }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestBinding {
+    node: String,
+    vmid: i64,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    label: String,
+    #[serde(default)]
+    expires_in_hours: Option<i64>,
+    #[serde(default)]
+    max_uses: Option<i64>,
+    /// Bind the token to one guest: the VM that enrols with it is linked to that guest.
+    #[serde(default)]
+    guest: Option<GuestBinding>,
+}
+
+/// An enrolment token as listed (never its value).
+#[derive(Serialize)]
+pub struct TokenView {
+    id: i64,
+    label: String,
+    created_by: String,
+    created_ms: i64,
+    expires_ms: Option<i64>,
+    max_uses: Option<i64>,
+    uses: i64,
+    last_used_ms: Option<i64>,
+    revoked_ms: Option<i64>,
+    guest: Option<GuestView>,
+}
+
+#[derive(Serialize)]
+pub struct GuestView {
+    node: String,
+    vmid: i64,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+impl From<TokenRow> for TokenView {
+    fn from(row: TokenRow) -> Self {
+        let guest = match (row.guest_node, row.guest_vmid, row.guest_type) {
+            (Some(node), Some(vmid), Some(kind)) => Some(GuestView { node, vmid, kind }),
+            _ => None,
+        };
+        TokenView {
+            id: row.id,
+            label: row.label,
+            created_by: row.created_by,
+            created_ms: row.created_ms,
+            expires_ms: row.expires_ms,
+            max_uses: row.max_uses,
+            uses: row.uses,
+            last_used_ms: row.last_used_ms,
+            revoked_ms: row.revoked_ms,
+            guest,
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub struct CreatedToken {
+    #[serde(flatten)]
+    view: TokenView,
+    token: String,
+}
+
+pub async fn create_token(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    JsonBody(request): JsonBody<TokenRequest>,
+) -> Result<(StatusCode, NoStore, Json<CreatedToken>), ApiError> {
+    let label = request.label.trim();
+    if label.is_empty()
+        || label.chars().count() > MAX_LABEL_CHARS
+        || label.chars().any(char::is_control)
+    {
+        return Err(ApiError::field(
+            "label",
+            format!("1 to {MAX_LABEL_CHARS} printable characters"),
+        ));
+    }
+    let now = crate::now_ms();
+    let expires_ms = match request.expires_in_hours {
+        None => None,
+        Some(h) if (1..=MAX_EXPIRY_HOURS).contains(&h) => Some(now.saturating_add(h * 3_600_000)),
+        Some(_) => {
+            return Err(ApiError::field(
+                "expires_in_hours",
+                format!("from 1 to {MAX_EXPIRY_HOURS}"),
+            ));
+        }
+    };
+    let guest = match &request.guest {
+        None => None,
+        Some(g) => {
+            let node = NodeName::try_from(g.node.clone()).field("guest.node")?;
+            let vmid = Vmid::try_from(g.vmid).field("guest.vmid")?;
+            let kind = g
+                .kind
+                .as_deref()
+                .unwrap_or("qemu")
+                .parse::<GuestKind>()
+                .ok()
+                .ok_or_else(|| ApiError::field("guest.type", "must be qemu or lxc"))?;
+            Some((node, vmid, kind))
+        }
+    };
+    let max_uses = match (request.max_uses, &guest) {
+        // A token for one guest enrols one VM.
+        (None | Some(1), Some(_)) => Some(1),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field(
+                "max_uses",
+                "a token bound to a guest enrols exactly one VM",
+            ));
+        }
+        (None, None) => None,
+        (Some(n), None) if (1..=MAX_USES).contains(&n) => Some(n),
+        (Some(_), None) => {
+            return Err(ApiError::field("max_uses", format!("from 1 to {MAX_USES}")));
+        }
+    };
+    let secret = auth::generate_secret(TOKEN_PREFIX);
+    let hash = auth::hash_token(secret.expose());
+    let row = {
+        let (mut conn, _turn) = state.db.write_conn().await?;
+        identity::create_token(
+            &mut conn,
+            &NewToken {
+                token_hash: &hash,
+                label,
+                created_by: caller.name,
+                created_ms: now,
+                expires_ms,
+                max_uses,
+                guest_node: guest.as_ref().map(|(n, _, _)| n.as_str()),
+                guest_vmid: guest.as_ref().map(|(_, v, _)| v.get()),
+                guest_type: guest.as_ref().map(|(_, _, k)| k.as_str()),
+            },
+        )
+        .await?
+    };
+    tracing::info!(
+        token_id = row.id,
+        by = caller.name,
+        "enrolment token created"
+    );
+    Ok((
+        StatusCode::CREATED,
+        NO_STORE,
+        Json(CreatedToken {
+            view: row.into(),
+            token: secret.expose().to_owned(),
+        }),
+    ))
+}
+
+pub async fn list_tokens(
+    State(state): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<Vec<TokenView>>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    let rows = identity::list_tokens(&mut conn).await?;
+    Ok(Json(rows.into_iter().map(TokenView::from).collect()))
+}
+
+pub async fn revoke_token(
+    State(state): State<AppState>,
+    Admin(caller): Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id: i64 = id
+        .parse()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::field("id", "must be a positive integer"))?;
+    let revoked = {
+        let (mut conn, _turn) = state.db.write_conn().await?;
+        identity::revoke_token(&mut conn, id, crate::now_ms()).await?
+    };
+    if !revoked {
+        return Err(ApiError::NotFound);
+    }
+    tracing::info!(token_id = id, by = caller.name, "enrolment token revoked");
+    Ok(StatusCode::NO_CONTENT)
+}
