@@ -34,12 +34,16 @@ die() { log "error: $*"; exit 1; }
 
 # Reads KEY=VALUE lines without executing the file; the environment overrides each key.
 load_config() {
-  local key value
+  local line key value
   if [[ -r "$CONF_FILE" ]]; then
-    while IFS='=' read -r key value; do
+    while IFS= read -r line || [[ -n "$line" ]]; do
+      # Split at the first "=" only: values may end in "=" (base64 tokens and pins).
+      [[ "$line" == *=* ]] || continue
+      key="${line%%=*}" value="${line#*=}"
       key="${key//[[:space:]]/}"
       [[ -z "$key" || "$key" == \#* ]] && continue
       value="${value%$'\r'}"
+      value="${value#"${value%%[![:space:]]*}"}"; value="${value%"${value##*[![:space:]]}"}"
       value="${value#\"}"; value="${value%\"}"
       value="${value#\'}"; value="${value%\'}"
       case "$key" in
@@ -331,11 +335,13 @@ post_builtin_bounded() {
   HTTP_CODE="$code"
 }
 
-# POSTs the JSON file $1; sets HTTP_CODE (000 when unreachable) and leaves the body in $2.
+# POSTs the JSON file $1; sets HTTP_CODE (000 when unreachable) and leaves the body in $2;
+# sets UNTRUSTED when the server's certificate failed verification or the pinned key.
 # The token or credential goes through a config file or stdin, never a command line
 # (visible to every local user in ps).
 post_report() {
-  local body_file="$1" response_file="$2" code
+  local body_file="$1" response_file="$2" code rc=0
+  UNTRUSTED=""
   if command -v curl >/dev/null 2>&1; then
     local tls=()
     if [[ -n "$CA_FILE" ]]; then tls+=(--cacert "$CA_FILE"); fi
@@ -351,21 +357,26 @@ post_report() {
       --proto '=http,https' "${tls[@]}" \
       -H 'Content-Type: application/json' --data-binary "@$body_file" \
       "$SERVER_URL/api/health/report" <<<"header = \"Authorization: Bearer $AUTH_SECRET\"" \
-      >"$code_file" 2>/dev/null || true
+      >"$code_file" 2>/dev/null || rc=$?
     code=""
     read -r code <"$code_file" || true
     HTTP_CODE="${code:-000}"
+    # Peer verification, CA file, issuer check, pinned key (curl's exit codes).
+    case "$rc" in 51 | 60 | 77 | 83 | 90) UNTRUSTED="curl exit code $rc" ;; esac
   elif gnu_wget; then
-    local rc headers tls=()
+    local headers tls=()
     if [[ -n "$CA_FILE" ]]; then tls+=("--ca-certificate=$CA_FILE"); fi
-    rc="$(mktemp)"
-    printf 'header = Authorization: Bearer %s\n' "$AUTH_SECRET" >"$rc"
-    headers="$(WGETRC="$rc" wget -q -S -O "$response_file" --content-on-error --timeout=15 --tries=1 \
+    local wgetrc
+    wgetrc="$(mktemp)"
+    printf 'header = Authorization: Bearer %s\n' "$AUTH_SECRET" >"$wgetrc"
+    headers="$(WGETRC="$wgetrc" wget -q -S -O "$response_file" --content-on-error --timeout=15 --tries=1 \
       "${tls[@]}" --header='Content-Type: application/json' --post-file="$body_file" \
-      "$SERVER_URL/api/health/report" 2>&1)" || true
-    rm -f "$rc"
+      "$SERVER_URL/api/health/report" 2>&1)" || rc=$?
+    rm -f "$wgetrc"
     code="$(printf '%s\n' "$headers" | awk '/^  HTTP\// { c = $2 } END { print c }')"
     HTTP_CODE="${code:-000}"
+    # wget's exit status for a failed certificate check.
+    if [[ "$rc" == 5 ]]; then UNTRUSTED="wget exit status 5"; fi
   else
     # busybox wget can only take a header on its command line, where every local user
     # sees it: http:// goes through bash itself, and https:// was refused at start-up.
@@ -423,11 +434,17 @@ send_file() {
   while :; do
     if ((attempt == 1)) && [[ "$SERVER_URL" == http://* && -z "$(compgen -G "$SPOOL_DIR/*.json")" ]] &&
       [[ "${VMHC_HTTP_CLIENT:-}" != external ]]; then
+      UNTRUSTED=""
       post_builtin "$file" "$response"
     else
       post_report "$file" "$response"
     fi
     code="$HTTP_CODE"
+    if [[ "$code" == 000 && -n "$UNTRUSTED" ]]; then
+      # Not an outage: trying again changes nothing. The report waits for the trust to be set.
+      log "the server's certificate is not trusted ($UNTRUSTED): set CA_FILE or PINNED_PUBKEY in $CONF_FILE"
+      return 1
+    fi
     case "$code" in
       2??)
         accepted "$response" || return 4

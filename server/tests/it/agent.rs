@@ -2298,3 +2298,252 @@ async fn installer_refuses_an_agent_with_another_sha256() {
     assert_eq!(srv.metric_rows().await, 1);
     srv.stop().await;
 }
+
+/// Standard base64 with padding (what `curl --pinnedpubkey sha256//` takes).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// An HTTPS front for a plain-HTTP server, with a fresh self-signed certificate for
+/// localhost: the server as it looks serving TLS itself or behind a TLS reverse proxy.
+struct TlsFront {
+    base: String,
+    cert_pem: String,
+    /// `sha256//` and the base64 SHA-256 of the certificate's public key.
+    pin: String,
+    /// Connections that sent anything after the handshake.
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl TlsFront {
+    async fn start(backend: &str) -> Self {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+        use sha2::Digest;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let pin = format!(
+            "sha256//{}",
+            base64(&sha2::Sha256::digest(certified.key_pair.public_key_der()))
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from(certified.cert.der().to_vec())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der())),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&requests);
+        let backend = backend.to_owned();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, counted, backend) =
+                    (acceptor.clone(), Arc::clone(&counted), backend.clone());
+                tokio::spawn(async move {
+                    // Clients that refuse the certificate are the point of some checks.
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut first = [0u8; 1];
+                    if !matches!(tls.read(&mut first).await, Ok(1)) {
+                        return;
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let mut up = tokio::net::TcpStream::connect(&backend).await.unwrap();
+                    up.write_all(&first).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                });
+            }
+        });
+        Self {
+            base: format!("https://localhost:{port}"),
+            cert_pem: certified.cert.pem(),
+            pin,
+            requests,
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// https:// with a self-signed certificate: trusted through CA_FILE, or through
+/// PINNED_PUBKEY alone; without either, or with another key pinned, nothing is sent (the
+/// report waits in the spool, not retried in vain) and the agent says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn https_is_trusted_through_the_ca_file_or_the_pinned_key() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let front = TlsFront::start(srv.base.trim_start_matches("http://")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("server.pem");
+    std::fs::write(&ca, &front.cert_pem).unwrap();
+    let ca = ca.display().to_string();
+    let other_pin = format!("sha256//{}", base64(&[7u8; 32]));
+    let bare_pin = front.pin.trim_start_matches("sha256//").to_owned();
+    let state = tempfile::tempdir().unwrap();
+    let run = |extra: &[(&str, &str)]| {
+        prime_cpu(state.path());
+        let mut cmd = agent_cmd(&front.base, AGENT_TOKEN, state.path(), &["--once"]);
+        cmd.env_remove("INSECURE");
+        for (k, v) in extra {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+
+    let untrusted: [&[(&str, &str)]; 3] = [
+        &[],
+        &[("PINNED_PUBKEY", &other_pin)],
+        &[("PINNED_PUBKEY", &other_pin), ("CA_FILE", &ca)],
+    ];
+    for (i, extra) in untrusted.into_iter().enumerate() {
+        let out = run(extra);
+        let stderr = stderr_of(&out);
+        assert!(!out.status.success(), "{extra:?}");
+        assert!(
+            stderr.contains("the server's certificate is not trusted")
+                && stderr.contains("set CA_FILE or PINNED_PUBKEY"),
+            "{extra:?}: {stderr}"
+        );
+        assert_eq!(
+            spool_files(state.path()),
+            i + 1,
+            "{extra:?}: kept for later"
+        );
+    }
+    assert_eq!(
+        front.requests(),
+        0,
+        "nothing sent past an untrusted handshake"
+    );
+    assert_eq!(srv.metric_rows().await, 0);
+
+    // Trusted: the spooled reports go out first, then the new one.
+    let out = run(&[("CA_FILE", &ca)]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(spool_files(state.path()), 0);
+    assert_eq!(srv.metric_rows().await, 4);
+    for extra in [
+        &[("PINNED_PUBKEY", front.pin.as_str())][..],
+        &[("PINNED_PUBKEY", bare_pin.as_str())][..],
+        &[("PINNED_PUBKEY", front.pin.as_str()), ("CA_FILE", &ca)][..],
+    ] {
+        let out = run(extra);
+        assert!(out.status.success(), "{extra:?}: {}", stderr_of(&out));
+    }
+    assert_eq!(srv.metric_rows().await, 7);
+    let out = run(&[("PINNED_PUBKEY", "sha256//not-a-hash")]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("PINNED_PUBKEY must be"),
+        "{}",
+        stderr_of(&out)
+    );
+
+    // GNU wget (no curl) verifies with CA_FILE too; it cannot pin a key, and says so.
+    let bin = tempfile::tempdir().unwrap();
+    let real = find_in_path("wget").display().to_string();
+    let path = path_without_curl(bin.path(), &format!("#!/bin/sh\nexec '{real}' \"$@\"\n"));
+    let out = run(&[("PATH", &path), ("CA_FILE", &ca)]);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(srv.metric_rows().await, 8);
+    let out = run(&[("PATH", &path)]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("the server's certificate is not trusted (wget"),
+        "{}",
+        stderr_of(&out)
+    );
+    let out = run(&[("PATH", &path), ("PINNED_PUBKEY", &front.pin)]);
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("PINNED_PUBKEY needs curl"),
+        "{}",
+        stderr_of(&out)
+    );
+    srv.stop().await;
+}
+
+/// The installer over https: it downloads the agent trusting --ca-file or --pinned-pubkey
+/// (and writes them to agent.conf for the agent); without either it installs nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn installer_over_https_trusts_the_ca_file_or_the_pinned_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, AGENT_TOKEN).unwrap();
+    let token_file = token_file.display().to_string();
+    for case in ["neither", "--ca-file", "--pinned-pubkey"] {
+        // Each case its own server: a first enrolment of this host each time.
+        let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+        let front = TlsFront::start(srv.base.trim_start_matches("http://")).await;
+        let ca = dir.path().join("server.pem");
+        std::fs::write(&ca, &front.cert_pem).unwrap();
+        let ca = ca.display().to_string();
+        let (trust, line) = match case {
+            "--ca-file" => (vec![case, ca.as_str()], format!("CA_FILE={ca}")),
+            "--pinned-pubkey" => (
+                vec![case, front.pin.as_str()],
+                format!("PINNED_PUBKEY={}", front.pin),
+            ),
+            _ => (vec![], String::new()),
+        };
+        let root = tempfile::tempdir().unwrap();
+        let root_arg = root.path().display().to_string();
+        let mut args = vec![
+            "--server",
+            &front.base,
+            "--token-file",
+            &token_file,
+            "--cron",
+            "--root",
+            &root_arg,
+        ];
+        args.extend_from_slice(&trust);
+        let out = run_installer(&args, "");
+        if case == "neither" {
+            assert!(!out.status.success());
+            assert!(
+                stderr_of(&out).contains("could not download"),
+                "{}",
+                stderr_of(&out)
+            );
+            assert_eq!(files_under(root.path()), Vec::<PathBuf>::new());
+            assert_eq!(front.requests(), 0);
+        } else {
+            assert!(out.status.success(), "{case}: {}", stderr_of(&out));
+            let conf =
+                std::fs::read_to_string(root.path().join("etc/vm-healthcheck/agent.conf")).unwrap();
+            assert!(conf.contains(&format!("\n{line}\n")), "{conf}");
+            assert!(conf.contains("\nINSECURE=false\n"), "{conf}");
+            // The download and the first report, both through the front.
+            assert_eq!(front.requests(), 2);
+            assert_eq!(srv.metric_rows().await, 1);
+        }
+        srv.stop().await;
+    }
+}
