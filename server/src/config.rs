@@ -9,7 +9,7 @@
 //! `AUTO_RESET_ENABLED`, `AUTO_RESET_MODE`, `MAX_RESET_ATTEMPTS`, `MAX_CONCURRENT_RESETS`,
 //! `RECOVERY_TIMEOUT_MS`, `RESET_BACKOFF_MS`, `STORM_PERCENT`, `REMEDIATE_HA_VMS`,
 //! `RECHECK_INTERVAL_MS`, `LINK_REFRESH_MS`, `LINK_AUTO_APPROVE`, `TASK_TIMEOUT_MS`,
-//! `TASK_POLL_MS`.
+//! `TASK_POLL_MS`; serving: `TLS`, `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_SUBJECT_NAMES`.
 
 use domain::Mode;
 pub use domain::Secret;
@@ -54,6 +54,25 @@ pub struct Config {
     pub link_refresh: Duration,
     pub task_timeout: Duration,
     pub task_poll: Duration,
+    /// HTTPS or plain HTTP on `listen_addr` (`TLS`, `TLS_CERT_FILE`, `TLS_KEY_FILE`).
+    pub tls: TlsMode,
+    /// Names a generated certificate covers besides localhost, the loopback addresses and
+    /// the machine's hostname (`TLS_SUBJECT_NAMES`).
+    pub tls_subject_names: Vec<String>,
+    /// Longest a client may take over its TLS handshake before it is disconnected.
+    pub tls_handshake_timeout: Duration,
+}
+
+/// How the listener speaks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain HTTP, for a deployment behind a reverse proxy that terminates TLS (`TLS=off`).
+    Off,
+    /// HTTPS with a self-signed certificate made on first start and kept in `data_dir`.
+    Generated,
+    /// HTTPS with the operator's PEM certificate chain and private key. Only the paths are
+    /// held here; the key is read when the server starts and never logged.
+    Files { cert: PathBuf, key: PathBuf },
 }
 
 impl std::fmt::Debug for Config {
@@ -72,6 +91,8 @@ impl std::fmt::Debug for Config {
                     .map(|p| (&p.host, &p.user, &p.token_id, &p.trust)),
             )
             .field("remediation", &self.remediation)
+            .field("tls", &self.tls)
+            .field("tls_subject_names", &self.tls_subject_names)
             .finish_non_exhaustive()
     }
 }
@@ -171,6 +192,9 @@ impl Config {
             }
         };
         Ok(Self {
+            tls: tls_mode(&get)?,
+            tls_subject_names: tls_subject_names(&get)?,
+            tls_handshake_timeout: Duration::from_secs(10),
             proxmox: proxmox_settings(&get)?,
             remediation,
             link_policy,
@@ -217,6 +241,75 @@ fn parse_bool(
             reason: format!("{v:?} is not true or false"),
         }),
     }
+}
+
+/// `TLS` (auto, files or off; default auto) with `TLS_CERT_FILE` and `TLS_KEY_FILE`: auto
+/// serves the given files when both are set and a generated certificate when neither is.
+fn tls_mode(get: &impl Fn(&str) -> Option<String>) -> Result<TlsMode, ConfigError> {
+    let cert = get("TLS_CERT_FILE").map(PathBuf::from);
+    let key = get("TLS_KEY_FILE").map(PathBuf::from);
+    let requested = get("TLS").map(|v| v.trim().to_ascii_lowercase());
+    match (requested.as_deref(), cert, key) {
+        (None | Some("auto" | "files"), Some(cert), Some(key)) => Ok(TlsMode::Files { cert, key }),
+        (None | Some("auto"), None, None) => Ok(TlsMode::Generated),
+        (None | Some("auto" | "files"), Some(_), None) => Err(ConfigError {
+            name: "TLS_KEY_FILE",
+            reason: "required when TLS_CERT_FILE is set".into(),
+        }),
+        (None | Some("auto" | "files"), None, Some(_)) => Err(ConfigError {
+            name: "TLS_CERT_FILE",
+            reason: "required when TLS_KEY_FILE is set".into(),
+        }),
+        (Some("files"), None, None) => Err(ConfigError {
+            name: "TLS_CERT_FILE",
+            reason: "TLS=files needs TLS_CERT_FILE and TLS_KEY_FILE".into(),
+        }),
+        (Some("off"), None, None) => Ok(TlsMode::Off),
+        // Serving plain HTTP while a certificate is configured would be a silent downgrade.
+        (Some("off"), _, _) => Err(ConfigError {
+            name: "TLS",
+            reason: "is off, but TLS_CERT_FILE or TLS_KEY_FILE is set; unset them for plain \
+                     HTTP"
+                .into(),
+        }),
+        (Some(other), _, _) => Err(ConfigError {
+            name: "TLS",
+            reason: format!("{other:?} is not auto, files or off"),
+        }),
+    }
+}
+
+/// `TLS_SUBJECT_NAMES`: comma-separated DNS names or IP addresses.
+fn tls_subject_names(get: &impl Fn(&str) -> Option<String>) -> Result<Vec<String>, ConfigError> {
+    let mut names: Vec<String> = Vec::new();
+    for name in get("TLS_SUBJECT_NAMES")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+    {
+        let is_ip = name.parse::<std::net::IpAddr>().is_ok();
+        let is_dns = name.len() <= 253
+            && name.split('.').enumerate().all(|(i, label)| {
+                (i == 0 && label == "*")
+                    || (!label.is_empty()
+                        && label.len() <= 63
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                        && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+            });
+        if !is_ip && !is_dns {
+            return Err(ConfigError {
+                name: "TLS_SUBJECT_NAMES",
+                reason: format!("{name:?} is neither a DNS name nor an IP address"),
+            });
+        }
+        let name = name.to_ascii_lowercase();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    Ok(names)
 }
 
 fn proxmox_settings(
@@ -384,6 +477,79 @@ mod tests {
                 .mode,
             Mode::Shadow
         );
+    }
+
+    #[test]
+    fn tls_is_generated_unless_files_are_given_or_it_is_off() {
+        assert_eq!(config(&[]).unwrap().tls, TlsMode::Generated);
+        assert_eq!(config(&[("TLS", "AUTO")]).unwrap().tls, TlsMode::Generated);
+        assert_eq!(config(&[("TLS", "off")]).unwrap().tls, TlsMode::Off);
+        let files = [
+            ("TLS_CERT_FILE", "/etc/c.pem"),
+            ("TLS_KEY_FILE", "/etc/k.pem"),
+        ];
+        let expected = TlsMode::Files {
+            cert: "/etc/c.pem".into(),
+            key: "/etc/k.pem".into(),
+        };
+        assert_eq!(config(&files).unwrap().tls, expected);
+        let mut explicit = files.to_vec();
+        explicit.push(("TLS", "files"));
+        assert_eq!(config(&explicit).unwrap().tls, expected);
+        assert_eq!(
+            config(&[("TLS_CERT_FILE", "/etc/c.pem")])
+                .err()
+                .unwrap()
+                .name,
+            "TLS_KEY_FILE"
+        );
+        assert_eq!(
+            config(&[("TLS_KEY_FILE", "/etc/k.pem")])
+                .err()
+                .unwrap()
+                .name,
+            "TLS_CERT_FILE"
+        );
+        assert_eq!(
+            config(&[("TLS", "files")]).err().unwrap().name,
+            "TLS_CERT_FILE"
+        );
+        let mut off_with_files = files.to_vec();
+        off_with_files.push(("TLS", "off"));
+        assert_eq!(config(&off_with_files).err().unwrap().name, "TLS");
+        assert_eq!(config(&[("TLS", "maybe")]).err().unwrap().name, "TLS");
+    }
+
+    #[test]
+    fn tls_subject_names_are_checked_and_deduplicated() {
+        let cfg = config(&[(
+            "TLS_SUBJECT_NAMES",
+            " Monitor.example.org, 10.0.0.5,,fe80::1 ,monitor.example.org,*.lab.example",
+        )])
+        .unwrap();
+        assert_eq!(
+            cfg.tls_subject_names,
+            vec![
+                "monitor.example.org",
+                "10.0.0.5",
+                "fe80::1",
+                "*.lab.example"
+            ]
+        );
+        for bad in [
+            "has space",
+            "-lead.example",
+            "a..b",
+            "x.*.example",
+            "ünï.example",
+        ] {
+            assert_eq!(
+                config(&[("TLS_SUBJECT_NAMES", bad)]).err().unwrap().name,
+                "TLS_SUBJECT_NAMES",
+                "{bad}"
+            );
+        }
+        assert!(config(&[]).unwrap().tls_subject_names.is_empty());
     }
 
     #[test]
