@@ -15,6 +15,7 @@ pub mod remediation;
 pub mod scheduler;
 pub mod settings;
 pub mod state;
+pub mod tls;
 pub mod web;
 
 use crate::auth::Credentials;
@@ -135,19 +136,28 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         }),
     };
     scheduler::rebuild_cache(&state).await;
+    let tls = tls::prepare(&config)?;
+    let https = tls.is_some();
     let listener = tokio::net::TcpListener::bind(config.listen_addr).await?;
     let addr = listener.local_addr()?;
     let app = web::router(state.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let handshake_timeout = config.tls_handshake_timeout;
     let serve = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                tokio::select! {
-                    _ = shutdown_rx => {}
-                    _ = shutdown_signal() => {}
-                }
-            })
-            .await;
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown_rx => {}
+                _ = shutdown_signal() => {}
+            }
+        };
+        let result = match tls {
+            Some(acceptor) => tls::serve(listener, app, acceptor, handshake_timeout, stop).await,
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+        };
         if let Err(err) = result {
             tracing::error!(error = %err, "HTTP server failed");
         }
@@ -159,7 +169,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let scheduler = supervise("scheduler", health, move || {
         scheduler::run(scheduler_state.clone())
     });
-    tracing::info!(%addr, database = state.db.backend_name(), "vm-healthcheck listening");
+    tracing::info!(%addr, https, database = state.db.backend_name(), "vm-healthcheck listening");
     Ok(RunningServer {
         addr,
         state,

@@ -232,6 +232,7 @@ pub fn test_config(db: &TestDb, extra: &[(&str, &str)]) -> Config {
     vars.insert("AGENT_TOKEN".into(), AGENT_TOKEN.into());
     vars.insert("ADMIN_TOKEN".into(), ADMIN_TOKEN.into());
     vars.insert("SCHEDULER_INTERVAL_MS".into(), "200".into());
+    vars.insert("TLS".into(), "off".into());
     vars.insert(
         "SITE_ROOT".into(),
         workspace_root().join("target/site").display().to_string(),
