@@ -21,3 +21,4 @@ mod proxmox;
 mod redis_cache;
 mod safeguards;
 mod storage;
+mod tls;
