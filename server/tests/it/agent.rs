@@ -2547,3 +2547,75 @@ async fn installer_over_https_trusts_the_ca_file_or_the_pinned_key() {
         srv.stop().await;
     }
 }
+
+/// The admin's side with the real server: a rotated credential is refused (401), and the
+/// agent says so and fails without trying the token; given the new one on standard input it
+/// reports again, what it kept meanwhile first. After a revocation, `--enrol` with the token
+/// gives the VM a fresh credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotation_and_revocation_by_an_admin() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("credential");
+    let run = |token: &str, mode: &str| {
+        prime_cpu(state.path());
+        run_agent(&srv.base, token, state.path(), &[mode], &[])
+    };
+    for _ in 0..2 {
+        let out = run(AGENT_TOKEN, "--once");
+        assert!(out.status.success(), "{}", stderr_of(&out));
+    }
+    let enrolled = std::fs::read_to_string(&file).unwrap();
+    let vm = only_vm_id(&srv).await;
+    let path = format!("/api/vms/{vm}/credential");
+
+    let (status, body) = srv
+        .send(reqwest::Method::POST, &path, Some(ADMIN_TOKEN), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let rotated = body["credential"].as_str().unwrap().to_owned();
+    let out = run(AGENT_TOKEN, "--tick");
+    let stderr = stderr_of(&out);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rejected this VM's credential (revoked or rotated"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), enrolled);
+    assert_eq!(srv.metric_rows().await, 2, "the token was not used");
+    assert_eq!(spool_files(state.path()), 1);
+
+    let mut set = agent_cmd(&srv.base, "", state.path(), &["--set-credential"]);
+    let out = with_stdin(&mut set, &format!("{rotated}\n"));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_credential_file(&file, &rotated);
+    let out = run("garbage-token", "--tick");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert_eq!(spool_files(state.path()), 0);
+    assert_eq!(srv.metric_rows().await, 4);
+
+    let (status, body) = srv
+        .send(reqwest::Method::DELETE, &path, Some(ADMIN_TOKEN), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let out = run(AGENT_TOKEN, "--once");
+    assert!(!out.status.success());
+    assert!(
+        stderr_of(&out).contains("rejected this VM's credential (revoked or rotated"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(srv.metric_rows().await, 4, "the token was not used");
+    let out = run(AGENT_TOKEN, "--enrol");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    let fresh = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    assert_ne!(fresh, rotated);
+    assert_credential_file(&file, &fresh);
+    assert_eq!(
+        srv.metric_rows().await,
+        6,
+        "the kept report and the new one"
+    );
+    assert_eq!(srv.vm_count().await, 1);
+    srv.stop().await;
+}
