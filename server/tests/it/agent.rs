@@ -1466,6 +1466,10 @@ async fn installer_served_by_the_server_installs_with_cron_and_uninstalls() {
         std::fs::read(agent_path()).unwrap()
     );
     assert_eq!(mode_of(&bin), 0o755);
+    // The first report enrolled the VM: its credential is beside agent.conf, in the image.
+    let credential_file = root.path().join("etc/vm-healthcheck/credential");
+    let credential = std::fs::read_to_string(&credential_file).unwrap();
+    assert_credential_file(&credential_file, credential.trim());
     let cron_file = root.path().join("etc/cron.d/vm-healthcheck-agent");
     let cron = std::fs::read_to_string(&cron_file).unwrap();
     let jobs: Vec<&str> = cron.lines().filter(|l| !l.starts_with('#')).collect();
@@ -1515,9 +1519,18 @@ async fn installer_served_by_the_server_installs_with_cron_and_uninstalls() {
     let row = &page[page[..cell].rfind("<tr").unwrap()..cell];
     assert!(row.contains("status-healthy"), "{row}\n{vms}");
 
-    // Running it again changes nothing but sending one more report.
+    // Running it again changes nothing but sending one more report, with the credential.
     let out = install(&srv.base, AGENT_TOKEN, root.path(), options);
     assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("kept this VM's credential"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&credential_file).unwrap(),
+        credential
+    );
     assert_eq!(std::fs::read_to_string(&conf).unwrap(), text);
     assert_eq!(std::fs::read_to_string(&cron_file).unwrap(), cron);
     assert_eq!(srv.vm_count().await, 1);
