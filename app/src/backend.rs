@@ -5,7 +5,8 @@
 //! who is calling.
 
 use crate::error::AppError;
-use domain::view::FleetSnapshot;
+use domain::VmId;
+use domain::view::{FleetSnapshot, SignedIn};
 use http::request::Parts;
 use http::{Extensions, HeaderMap, Method, Uri};
 use leptos::prelude::use_context;
@@ -68,6 +69,16 @@ pub trait Backend: Send + Sync + 'static {
         &'a self,
         caller: &'a RequestInfo,
     ) -> BoxFuture<'a, Result<FleetSnapshot, AppError>>;
+
+    /// Who `caller` is signed in as.
+    fn me<'a>(&'a self, caller: &'a RequestInfo) -> BoxFuture<'a, Result<SignedIn, AppError>>;
+
+    /// An operator's reset of one VM through Proxmox; the implementation checks the role.
+    fn reset<'a>(
+        &'a self,
+        caller: &'a RequestInfo,
+        vm: VmId,
+    ) -> BoxFuture<'a, Result<(), AppError>>;
 }
 
 /// The [`Backend`] the server provides once as Leptos context, for pages and server functions.
@@ -102,4 +113,17 @@ pub fn from_context() -> Result<(BackendHandle, RequestInfo), AppError> {
         return Err(AppError::Unavailable);
     };
     Ok((backend, caller))
+}
+
+/// Gives a refused server function call its HTTP status (401, 403) instead of a generic 500,
+/// so scripts and proxies see what happened.
+pub fn answer_status<T>(result: &Result<T, AppError>) {
+    let status = match result {
+        Err(AppError::Unauthorized) => http::StatusCode::UNAUTHORIZED,
+        Err(AppError::Forbidden) => http::StatusCode::FORBIDDEN,
+        _ => return,
+    };
+    if let Some(response) = use_context::<leptos_axum::ResponseOptions>() {
+        response.set_status(status);
+    }
 }

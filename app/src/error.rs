@@ -11,6 +11,13 @@ pub enum AppError {
     Unavailable,
     #[error("not found")]
     NotFound,
+    #[error("sign in first")]
+    Unauthorized,
+    #[error("your role does not allow this")]
+    Forbidden,
+    /// The request was understood and refused; the reason is for the operator.
+    #[error("{0}")]
+    Refused(String),
     #[error("request failed: {0}")]
     Transport(String),
 }

@@ -47,6 +47,8 @@ pub fn App() -> impl IntoView {
             <main>
                 <Routes fallback=|| view! { <p class="empty">"Page not found."</p> }>
                     <Route path=path!("/") view=pages::FleetPage/>
+                    <Route path=path!("/login") view=pages::LoginPage/>
+                    <Route path=path!("/setup") view=pages::SetupPage/>
                 </Routes>
             </main>
         </Router>

@@ -2,7 +2,7 @@
 //! the provided [`Backend`](crate::backend::Backend).
 
 use crate::error::AppError;
-use domain::view::FleetSnapshot;
+use domain::view::{FleetSnapshot, SignedIn};
 use leptos::prelude::*;
 
 /// The whole fleet with per-status counts, as the fleet page shows it.
@@ -10,6 +10,22 @@ use leptos::prelude::*;
 pub async fn get_fleet() -> Result<FleetSnapshot, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
     backend.fleet(&caller).await
+}
+
+/// Who is signed in (the pages show the name and offer what the role allows).
+#[server(prefix = "/rpc", endpoint = "me")]
+pub async fn get_me() -> Result<SignedIn, AppError> {
+    let (backend, caller) = crate::backend::from_context()?;
+    backend.me(&caller).await
+}
+
+/// Resets one VM through Proxmox (operators); recorded in its history and the audit log.
+#[server(prefix = "/rpc", endpoint = "reset")]
+pub async fn reset_vm(vm_id: i64) -> Result<(), AppError> {
+    let (backend, caller) = crate::backend::from_context()?;
+    let result = backend.reset(&caller, domain::VmId(vm_id)).await;
+    crate::backend::answer_status(&result);
+    result
 }
 
 #[cfg(all(test, feature = "ssr"))]
@@ -39,6 +55,18 @@ mod tests {
                 }
                 Ok(FleetSnapshot::default())
             })
+        }
+
+        fn me<'a>(&'a self, _caller: &'a RequestInfo) -> BoxFuture<'a, Result<SignedIn, AppError>> {
+            Box::pin(async { Err(AppError::Unauthorized) })
+        }
+
+        fn reset<'a>(
+            &'a self,
+            _caller: &'a RequestInfo,
+            _vm: domain::VmId,
+        ) -> BoxFuture<'a, Result<(), AppError>> {
+            Box::pin(async { Err(AppError::Forbidden) })
         }
     }
 

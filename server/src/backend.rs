@@ -1,10 +1,13 @@
 //! The dashboard's back end: app's server-only `Backend` trait, served from the shared state.
 
+use crate::accounts::{self, Principal, audit_quietly};
+use crate::remediation::ActionError;
 use crate::state::AppState;
 use app::backend::{Backend, BoxFuture, RequestInfo};
 use app::error::AppError;
 use domain::status::StatusCounts;
-use domain::view::FleetSnapshot;
+use domain::view::{FleetSnapshot, SignedIn};
+use domain::{PowerAction, UserRole, VmId};
 use std::fmt::Display;
 
 /// Answers the dashboard's server functions from [`AppState`]; web.rs provides it as context.
@@ -24,6 +27,7 @@ impl Backend for ServerBackend {
         caller: &'a RequestInfo,
     ) -> BoxFuture<'a, Result<FleetSnapshot, AppError>> {
         Box::pin(async move {
+            signed_in(caller, UserRole::Viewer)?;
             let vms = crate::http::fleet(&self.state)
                 .await
                 .map_err(|err| unavailable("fleet", caller, err))?;
@@ -36,6 +40,82 @@ impl Backend for ServerBackend {
             })
         })
     }
+
+    fn me<'a>(&'a self, caller: &'a RequestInfo) -> BoxFuture<'a, Result<SignedIn, AppError>> {
+        Box::pin(async move {
+            let who = signed_in(caller, UserRole::Viewer)?;
+            Ok(SignedIn {
+                username: who.name.clone(),
+                role: who.role,
+            })
+        })
+    }
+
+    fn reset<'a>(
+        &'a self,
+        caller: &'a RequestInfo,
+        vm: VmId,
+    ) -> BoxFuture<'a, Result<(), AppError>> {
+        Box::pin(async move {
+            let from = accounts::source(caller.extensions());
+            let who = match signed_in(caller, UserRole::Operator) {
+                Ok(who) => who,
+                Err(err) => {
+                    if let Some(who) = caller.extensions().get::<Principal>() {
+                        audit_quietly(
+                            &self.state,
+                            &who.name,
+                            "reset",
+                            Some(&format!("vm {vm}")),
+                            &from,
+                            "forbidden",
+                            None,
+                        )
+                        .await;
+                    }
+                    return Err(err);
+                }
+            };
+            let result = self
+                .state
+                .engine
+                .manual_action(vm, PowerAction::Reset, &who.name)
+                .await;
+            let outcome = match &result {
+                Ok(_) => "accepted".to_owned(),
+                Err(err) => format!("refused: {err}"),
+            };
+            audit_quietly(
+                &self.state,
+                &who.name,
+                "reset",
+                Some(&format!("vm {vm}")),
+                &from,
+                &outcome,
+                None,
+            )
+            .await;
+            match result {
+                Ok(_) => Ok(()),
+                Err(ActionError::NotFound) => Err(AppError::NotFound),
+                Err(ActionError::Db(err)) => Err(unavailable("reset", caller, err)),
+                // What stopped it (not linked, in flight, Proxmox refused) is the operator's to read.
+                Err(other) => Err(AppError::Refused(other.to_string())),
+            }
+        })
+    }
+}
+
+/// The signed-in caller (the session check put it on the request), holding `role`.
+fn signed_in(caller: &RequestInfo, role: UserRole) -> Result<&Principal, AppError> {
+    let who = caller
+        .extensions()
+        .get::<Principal>()
+        .ok_or(AppError::Unauthorized)?;
+    if who.role < role {
+        return Err(AppError::Forbidden);
+    }
+    Ok(who)
 }
 
 /// Logs an internal failure with what was asked and by which request; the browser only learns

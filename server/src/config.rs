@@ -61,6 +61,11 @@ pub struct Config {
     pub tls_subject_names: Vec<String>,
     /// Longest a client may take over its TLS handshake before it is disconnected.
     pub tls_handshake_timeout: Duration,
+    /// Session lifetimes and the sign-in throttle.
+    pub accounts: crate::accounts::AccountSettings,
+    /// The first admin, for unattended installs (`ADMIN_USERNAME`, `ADMIN_PASSWORD`).
+    pub admin_username: Option<String>,
+    pub admin_password: Option<Secret>,
 }
 
 /// How the listener speaks.
@@ -210,6 +215,9 @@ impl Config {
             data_dir,
             db_pool_size: parse(&get, "DB_POOL_SIZE", 8usize)?.max(2),
             redis_url: get("REDIS_URL"),
+            accounts: account_settings(&get)?,
+            admin_username: get("ADMIN_USERNAME"),
+            admin_password: get("ADMIN_PASSWORD").map(Secret::new),
             agent_token: get("AGENT_TOKEN").map(Secret::new),
             admin_token: get("ADMIN_TOKEN").map(Secret::new),
             status_defaults,
@@ -225,6 +233,27 @@ impl Config {
         self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://")
     }
+}
+
+fn account_settings(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<crate::accounts::AccountSettings, ConfigError> {
+    let defaults = crate::accounts::AccountSettings::default();
+    let minutes = |name: &'static str, default_ms: i64| -> Result<i64, ConfigError> {
+        let value: i64 = parse(get, name, default_ms / 60_000)?;
+        if value < 1 {
+            return Err(ConfigError {
+                name,
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(value.saturating_mul(60_000))
+    };
+    Ok(crate::accounts::AccountSettings {
+        session_idle_ms: minutes("SESSION_IDLE_MINUTES", defaults.session_idle_ms)?,
+        session_max_ms: minutes("SESSION_MAX_MINUTES", defaults.session_max_ms)?,
+        login_window_ms: parse(get, "LOGIN_THROTTLE_WINDOW_MS", defaults.login_window_ms)?.max(1),
+    })
 }
 
 fn parse_bool(

@@ -1,13 +1,14 @@
 //! vm-healthcheck server: heartbeat ingest, status, REST API and the dashboard's back end.
 
+pub mod accounts;
 pub mod agents;
 pub mod auth;
 pub mod backend;
 pub mod cache;
 pub mod clock;
 pub mod config;
-pub mod enrolment;
 pub mod db;
+pub mod enrolment;
 pub mod health;
 pub mod http;
 pub mod ingest;
@@ -83,6 +84,7 @@ impl RunningServer {
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let db = Db::connect(&config.database_url, config.db_pool_size).await?;
     let credentials = Credentials::load(&db, &config).await?;
+    accounts::bootstrap(&db, &config).await?;
     let cache = Arc::new(StateCache::new(config.redis_url.as_deref())?);
     let saved = {
         let mut conn = db.conn().await?;
@@ -133,6 +135,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             engine,
             health: health.clone(),
             started_ms: now_ms(),
+            login_throttle: accounts::throttle::LoginThrottle::new(config.accounts.login_window_ms),
         }),
     };
     scheduler::rebuild_cache(&state).await;
@@ -153,9 +156,12 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         let result = match tls {
             Some(acceptor) => tls::serve(listener, app, acceptor, handshake_timeout, stop).await,
             None => {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stop)
-                    .await
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                )
+                .with_graceful_shutdown(stop)
+                .await
             }
         };
         if let Err(err) = result {

@@ -29,6 +29,8 @@ pub struct Inner {
     pub health: JobHealth,
     /// When this process started (epoch ms).
     pub started_ms: i64,
+    /// Failed sign-ins per account and per address (per replica).
+    pub login_throttle: crate::accounts::throttle::LoginThrottle,
 }
 
 impl std::ops::Deref for AppState {

@@ -377,6 +377,16 @@ pub async fn serve(
                 },
                 _ = stopped.changed() => return,
             };
+            // The peer address, as `axum::serve` gives it, for the audit log and throttles.
+            let app = tower::ServiceExt::map_request(
+                app,
+                move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                    request
+                        .extensions_mut()
+                        .insert(axum::extract::ConnectInfo(peer));
+                    request
+                },
+            );
             let service = hyper_util::service::TowerToHyperService::new(app);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             if let Err(err) = watcher.watch(connection).await {

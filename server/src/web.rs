@@ -1,17 +1,25 @@
 //! The HTTP surface: dashboard rendering through leptos_axum, static front-end files, the API.
 
+use crate::accounts::{self, sessions::DbSessionStore};
 use crate::backend::ServerBackend;
+use crate::config::TlsMode;
+use crate::db::people;
 use crate::http;
 use crate::state::AppState;
 use app::backend::BackendHandle;
 use app::{App, shell};
 use axum::Router;
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Redirect, Response};
 use leptos::prelude::provide_context;
 use leptos_axum::{LeptosRoutes, generate_route_list};
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
+use tower_sessions::cookie::SameSite;
+use tower_sessions::{Expiry, SessionManagerLayer};
 
 /// The front end's file names, as Trunk writes them (see Trunk.toml).
 pub const OUTPUT_NAME: &str = "frontend";
@@ -34,6 +42,8 @@ pub fn router(state: AppState) -> Router {
         )
         .nest_service("/pkg", ServeDir::new(pkg_dir))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
+        .layer(middleware::from_fn_with_state(state.clone(), sign_in_first))
+        .layer(session_layer(&state))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
@@ -44,4 +54,67 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// The session cookie: HttpOnly, SameSite=Strict, Secure when we serve HTTPS, ended after
+/// `SESSION_IDLE_MINUTES` unused (the absolute limit is checked on each use).
+fn session_layer(state: &AppState) -> SessionManagerLayer<DbSessionStore> {
+    let idle_ms = state.config.accounts.session_idle_ms;
+    SessionManagerLayer::new(DbSessionStore::new(state.db.clone()))
+        .with_name("vmhc_session")
+        .with_http_only(true)
+        .with_same_site(SameSite::Strict)
+        .with_secure(!matches!(state.config.tls, TlsMode::Off))
+        .with_expiry(Expiry::OnInactivity(time::Duration::milliseconds(idle_ms)))
+}
+
+/// Pages and server functions need a signed-in session: pages redirect to the sign-in
+/// page (or to the first-start setup), server functions answer 401. The API, the agent
+/// files and the static bundle check their own credentials.
+async fn sign_in_first(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let path = request.uri().path().to_owned();
+    let path = path.as_str();
+    let open = ["/api/", "/agents/", "/pkg/", "/auth/"]
+        .iter()
+        .any(|prefix| path.starts_with(prefix));
+    if open {
+        return next.run(request).await;
+    }
+    let public_page = matches!(path, "/login" | "/setup");
+    let rpc = path.starts_with("/rpc/");
+    let (mut parts, body) = request.into_parts();
+    match accounts::principal(&state, &parts).await {
+        Ok(Some(who)) => {
+            if public_page {
+                return Redirect::to("/").into_response();
+            }
+            if rpc && !accounts::same_origin(&parts.method, &parts.headers) {
+                return (StatusCode::FORBIDDEN, "cross-site request refused").into_response();
+            }
+            parts.extensions.insert(who);
+            next.run(Request::from_parts(parts, body)).await
+        }
+        Ok(None) if rpc => (StatusCode::UNAUTHORIZED, "sign in first").into_response(),
+        Ok(None) => {
+            let no_user = match state.db.conn().await {
+                Ok(mut conn) => people::count_users(&mut conn).await.map(|n| n == 0),
+                Err(err) => Err(err),
+            };
+            match (no_user, path) {
+                (Ok(true), "/setup") | (Ok(false), "/login") => {
+                    next.run(Request::from_parts(parts, body)).await
+                }
+                (Ok(true), _) => Redirect::to("/setup").into_response(),
+                (Ok(false), _) => Redirect::to("/login").into_response(),
+                (Err(err), _) => {
+                    tracing::warn!(error = %err, "could not check the session");
+                    (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
+                }
+            }
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "could not check the session");
+            (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
+        }
+    }
 }

@@ -3,6 +3,7 @@
 use crate::components::{PhaseBadge, StatusBadge};
 use crate::format;
 use crate::model::FleetModel;
+use crate::rpc::ResetVm;
 use domain::VmId;
 use domain::view::VmView;
 use leptos::prelude::*;
@@ -10,7 +11,11 @@ use leptos::prelude::*;
 /// Rows keep their DOM nodes across refreshes: a refresh moves, adds or removes rows by id and
 /// updates only the cells whose text changed.
 #[component]
-pub fn VmTable(#[prop(into)] fleet: Signal<FleetModel>) -> impl IntoView {
+pub fn VmTable(
+    #[prop(into)] fleet: Signal<FleetModel>,
+    /// Whether the signed-in user may reset (operators and admins).
+    can_operate: Signal<bool>,
+) -> impl IntoView {
     let ids = Memo::new(move |_| fleet.with(|f| f.order.clone()));
     let now_ms = Memo::new(move |_| fleet.with(|f| f.now_ms));
     view! {
@@ -34,13 +39,16 @@ pub fn VmTable(#[prop(into)] fleet: Signal<FleetModel>) -> impl IntoView {
                         <th>"Disk"</th>
                         <th>"Uptime"</th>
                         <th>"Last seen"</th>
+                        <th></th>
                     </tr>
                 </thead>
                 <tbody>
                     <For
                         each=move || ids.get()
                         key=|id| *id
-                        children=move |id| row_for(fleet, id).map(|vm| view! { <VmRow vm now_ms/> })
+                        children=move |id| {
+                            row_for(fleet, id).map(|vm| view! { <VmRow vm now_ms can_operate/> })
+                        }
                     />
                 </tbody>
             </table>
@@ -61,7 +69,7 @@ fn row_for(fleet: Signal<FleetModel>, id: VmId) -> Option<Memo<VmView>> {
 }
 
 #[component]
-fn VmRow(vm: Memo<VmView>, now_ms: Memo<i64>) -> impl IntoView {
+fn VmRow(vm: Memo<VmView>, now_ms: Memo<i64>, can_operate: Signal<bool>) -> impl IntoView {
     let id = vm.with_untracked(|v| v.id.get());
     let status = Memo::new(move |_| vm.with(|v| v.status));
     let phase = Memo::new(move |_| vm.with(|v| v.remediation_phase));
@@ -103,7 +111,43 @@ fn VmRow(vm: Memo<VmView>, now_ms: Memo<i64>) -> impl IntoView {
                         .unwrap_or_else(|| "never".into())
                 }}
             </td>
+            <td class="actions">
+                <Show when=move || can_operate.get()>
+                    <ResetButton id/>
+                </Show>
+            </td>
         </tr>
+    }
+}
+
+/// Reset in two clicks: the first arms the button, the second sends the reset.
+#[component]
+fn ResetButton(id: i64) -> impl IntoView {
+    let armed = RwSignal::new(false);
+    let reset = ServerAction::<ResetVm>::new();
+    let result = move || {
+        reset.value().get().map(|r| match r {
+            Ok(()) => "reset sent".to_owned(),
+            Err(err) => err.to_string(),
+        })
+    };
+    view! {
+        <button
+            class="reset"
+            class:armed=move || armed.get()
+            disabled=move || reset.pending().get()
+            on:click=move |_| {
+                if armed.get() {
+                    armed.set(false);
+                    reset.dispatch(ResetVm { vm_id: id });
+                } else {
+                    armed.set(true);
+                }
+            }
+        >
+            {move || if armed.get() { "Confirm reset" } else { "Reset" }}
+        </button>
+        <span class="action-result" role="status">{result}</span>
     }
 }
 

@@ -3,7 +3,8 @@
 use crate::components::{RemediationBanner, SummaryCounts, VmTable};
 use crate::error::AppError;
 use crate::model::FleetModel;
-use crate::rpc::get_fleet;
+use crate::rpc::{get_fleet, get_me};
+use domain::UserRole;
 use domain::view::FleetSnapshot;
 use leptos::prelude::*;
 use std::time::Duration;
@@ -16,6 +17,12 @@ pub fn FleetPage() -> impl IntoView {
     let (tick, set_tick) = signal(0u64);
     let (hydrated, set_hydrated) = signal(false);
     let fleet = Resource::new(move || tick.get(), |_| get_fleet());
+    let me = OnceResource::new(get_me());
+    let can_operate = Signal::derive(move || {
+        me.get()
+            .and_then(Result::ok)
+            .is_some_and(|m| m.role >= UserRole::Operator)
+    });
 
     // Effects run only in the browser: this marks the page live once hydrated and starts the
     // refresh timer, which is cleared when the page unmounts.
@@ -34,9 +41,28 @@ pub fn FleetPage() -> impl IntoView {
                 <span class="live" title="Refreshes every few seconds">
                     {move || if hydrated.get() { "live" } else { "loading" }}
                 </span>
+                <Transition fallback=|| ()>
+                    {move || {
+                        me.get()
+                            .and_then(Result::ok)
+                            .map(|m| {
+                                view! {
+                                    <span class="user">
+                                        <span class="username">{m.username}</span>
+                                        " ("
+                                        {m.role.to_string()}
+                                        ")"
+                                    </span>
+                                }
+                            })
+                    }}
+                </Transition>
+                <form class="signout" method="post" action="/auth/logout">
+                    <button type="submit">"Sign out"</button>
+                </form>
             </header>
             <Transition fallback=|| view! { <p class="empty">"Loading fleet..."</p> }>
-                <Fleet fleet/>
+                <Fleet fleet can_operate/>
             </Transition>
         </div>
     }
@@ -46,7 +72,10 @@ pub fn FleetPage() -> impl IntoView {
 /// resource, so a refresh updates text in place instead of rebuilding the table. Rendered
 /// inside the `Transition` so the server waits for the first snapshot.
 #[component]
-fn Fleet(fleet: Resource<Result<FleetSnapshot, AppError>>) -> impl IntoView {
+fn Fleet(
+    fleet: Resource<Result<FleetSnapshot, AppError>>,
+    can_operate: Signal<bool>,
+) -> impl IntoView {
     // A failed refresh keeps the last good snapshot on screen, under the error.
     let model = Memo::new(move |prev: Option<&FleetModel>| {
         fleet.with(|result| match result {
@@ -71,7 +100,7 @@ fn Fleet(fleet: Resource<Result<FleetSnapshot, AppError>>) -> impl IntoView {
         <Show when=move || loaded.get()>
             <RemediationBanner summary=remediation/>
             <SummaryCounts counts/>
-            <VmTable fleet=model/>
+            <VmTable fleet=model can_operate/>
         </Show>
     }
 }

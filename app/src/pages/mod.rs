@@ -1,5 +1,7 @@
 //! One module per route; `crate::App` maps paths to these pages.
 
 pub mod fleet;
+pub mod login;
 
 pub use fleet::FleetPage;
+pub use login::{LoginPage, SetupPage};

@@ -185,6 +185,18 @@ string_enum!(
     }
 );
 
+string_enum!(
+    /// What a person or an API token may do; each role includes the ones before it.
+    UserRole, "role" {
+        /// Reads everything but secrets.
+        Viewer = "viewer",
+        /// Resets, shutdowns, acknowledgements, link approvals, per-VM auto-reset.
+        Operator = "operator",
+        /// Configuration, users, tokens and agent credentials.
+        Admin = "admin",
+    }
+);
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::get_unwrap)]
@@ -216,6 +228,7 @@ mod tests {
         round_trips(LinkSource::ALL);
         round_trips(OsKind::ALL);
         round_trips(EventKind::ALL);
+        round_trips(UserRole::ALL);
     }
 
     #[test]

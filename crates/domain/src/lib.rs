@@ -15,7 +15,7 @@ pub mod view;
 
 pub use enums::{
     AttemptOutcome, EventKind, GuestKind, LinkSource, Mode, OsKind, PowerAction, RemediationPhase,
-    TriggerSource, UnknownValue, VmStatus,
+    TriggerSource, UnknownValue, UserRole, VmStatus,
 };
 pub use ids::{AttemptId, GuestRef, InvalidId, NodeName, VmId, Vmid};
 pub use secret::Secret;

@@ -2,7 +2,7 @@
 
 use crate::enums::{
     AttemptOutcome, EventKind, GuestKind, LinkSource, Mode, PowerAction, RemediationPhase,
-    TriggerSource, VmStatus,
+    TriggerSource, UserRole, VmStatus,
 };
 use crate::ids::{AttemptId, NodeName, VmId, Vmid};
 use crate::status::StatusCounts;
@@ -61,6 +61,13 @@ pub struct RemediationSummary {
     /// `live`, `shadow` or `off`.
     pub mode: String,
     pub reason: String,
+}
+
+/// Who is signed in, as the pages show it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SignedIn {
+    pub username: String,
+    pub role: UserRole,
 }
 
 /// Everything the fleet page shows, taken at one instant.

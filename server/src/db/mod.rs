@@ -2,6 +2,7 @@
 
 pub mod identity;
 pub mod incidents;
+pub mod people;
 pub mod reports;
 pub mod schema;
 pub mod store;

@@ -139,6 +139,53 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    users (id) {
+        id -> BigInt,
+        username -> Text,
+        password_hash -> Text,
+        role -> Text,
+        created_ms -> BigInt,
+        password_changed_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    sessions (id_hash) {
+        id_hash -> Text,
+        user_id -> Nullable<BigInt>,
+        data -> Text,
+        expires_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    api_tokens (id) {
+        id -> BigInt,
+        user_id -> BigInt,
+        token_hash -> Text,
+        label -> Text,
+        role -> Text,
+        created_ms -> BigInt,
+        last_used_ms -> Nullable<BigInt>,
+        revoked_ms -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    audit_log (id) {
+        id -> BigInt,
+        at_ms -> BigInt,
+        actor -> Text,
+        action -> Text,
+        target -> Nullable<Text>,
+        source -> Nullable<Text>,
+        outcome -> Text,
+        detail -> Nullable<Text>,
+    }
+}
+
+diesel::joinable!(api_tokens -> users (user_id));
 diesel::joinable!(agent_credentials -> vms (vm_id));
 diesel::joinable!(metric_samples -> vms (vm_id));
 diesel::joinable!(status_changes -> vms (vm_id));
@@ -154,4 +201,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     credentials,
     agent_credentials,
     enrolment_tokens,
+    users,
+    sessions,
+    api_tokens,
+    audit_log,
 );

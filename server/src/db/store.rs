@@ -533,6 +533,15 @@ pub async fn insert_credential_if_absent(
         .ok_or(DbError::Query(diesel::result::Error::NotFound))
 }
 
+pub async fn delete_credential(conn: &mut Conn, name: &str) -> Result<(), DbError> {
+    with_conn!(conn, |c| {
+        diesel::delete(credentials::table.find(name))
+            .execute(c)
+            .await
+    })?;
+    Ok(())
+}
+
 /// A cheap round trip, for readiness.
 pub async fn ping(conn: &mut Conn) -> Result<(), DbError> {
     with_conn!(conn, |c| {

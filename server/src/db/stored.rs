@@ -33,3 +33,10 @@ impl<T> Stored<T> {
 pub fn inner<T>(value: Option<Stored<T>>) -> Option<T> {
     value.map(Stored::into_inner)
 }
+
+/// Serialized as the value it holds.
+impl<T: serde::Serialize> serde::Serialize for Stored<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}

@@ -34,7 +34,7 @@ pub struct IssuedCredential {
 /// must be moved to a new credential by hand (`vm-healthcheck-agent --set-credential`).
 pub async fn rotate(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Admin(actor): Admin,
     VmPath(id): VmPath,
 ) -> Result<(NoStore, Json<IssuedCredential>), ApiError> {
     let secret = auth::generate_secret(CREDENTIAL_PREFIX);
@@ -51,7 +51,7 @@ pub async fn rotate(
     if !stored {
         return Err(ApiError::NotFound);
     }
-    tracing::info!(vm_id = %id, by = caller.name, "agent credential rotated");
+    tracing::info!(vm_id = %id, by = %actor.who.name, "agent credential rotated");
     Ok((
         NO_STORE,
         Json(IssuedCredential {
@@ -71,14 +71,14 @@ pub struct Revoked {
 /// a valid enrolment token.
 pub async fn revoke(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Admin(actor): Admin,
     VmPath(id): VmPath,
 ) -> Result<Json<Revoked>, ApiError> {
     let revoked = {
         let (mut conn, _turn) = state.db.write_conn().await?;
         identity::revoke_credentials(&mut conn, id, crate::now_ms()).await?
     };
-    tracing::info!(vm_id = %id, revoked, by = caller.name, "agent credentials revoked");
+    tracing::info!(vm_id = %id, revoked, by = %actor.who.name, "agent credentials revoked");
     Ok(Json(Revoked { vm_id: id, revoked }))
 }
 
@@ -157,7 +157,7 @@ pub struct CreatedToken {
 
 pub async fn create_token(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Admin(actor): Admin,
     JsonBody(request): JsonBody<TokenRequest>,
 ) -> Result<(StatusCode, NoStore, Json<CreatedToken>), ApiError> {
     let label = request.label.trim();
@@ -220,7 +220,7 @@ pub async fn create_token(
             &NewToken {
                 token_hash: &hash,
                 label,
-                created_by: caller.name,
+                created_by: &actor.who.name,
                 created_ms: now,
                 expires_ms,
                 max_uses,
@@ -233,7 +233,7 @@ pub async fn create_token(
     };
     tracing::info!(
         token_id = row.id,
-        by = caller.name,
+        by = %actor.who.name,
         "enrolment token created"
     );
     Ok((
@@ -257,7 +257,7 @@ pub async fn list_tokens(
 
 pub async fn revoke_token(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Admin(actor): Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id: i64 = id
@@ -272,6 +272,6 @@ pub async fn revoke_token(
     if !revoked {
         return Err(ApiError::NotFound);
     }
-    tracing::info!(token_id = id, by = caller.name, "enrolment token revoked");
+    tracing::info!(token_id = id, by = %actor.who.name, "enrolment token revoked");
     Ok(StatusCode::NO_CONTENT)
 }

@@ -22,6 +22,12 @@ pub enum ApiError {
     BadRequest(String),
     #[error("missing or invalid token")]
     Unauthorized,
+    /// Signed in, but not allowed this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// Too many attempts; retry after this many seconds.
+    #[error("too many attempts, retry later")]
+    TooManyRequests(i64),
     #[error("not found")]
     NotFound,
     #[error("{0}")]
@@ -58,6 +64,8 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -169,6 +177,9 @@ impl IntoResponse for ApiError {
                     header::RETRY_AFTER,
                     HeaderValue::from_static(RETRY_AFTER_SECONDS),
                 );
+            }
+            ApiError::TooManyRequests(seconds) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
             }
             _ => {}
         }

@@ -3,6 +3,7 @@
 //! Each rejects with an [`ApiError`], so every failure answers in the API's JSON.
 
 use super::error::{ApiError, FieldError};
+use crate::accounts::{self, Principal, Via};
 use crate::auth::{Caller, Role, bearer_token};
 use crate::enrolment::Presented;
 use crate::state::AppState;
@@ -10,11 +11,12 @@ use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
+use domain::UserRole;
 use domain::heartbeat::MAX_REPORT_BYTES;
 use domain::{InvalidId, VmId};
 use serde::de::DeserializeOwned;
 
-/// Checks the request's bearer token against `role`'s credential.
+/// Checks the request\'s bearer token against `role`\'s shared credential.
 fn authenticate(state: &AppState, parts: &Parts, role: Role) -> Result<Caller, ApiError> {
     state
         .credentials
@@ -22,23 +24,75 @@ fn authenticate(state: &AppState, parts: &Parts, role: Role) -> Result<Caller, A
         .ok_or(ApiError::Unauthorized)
 }
 
-/// A caller holding the admin credential; anyone else gets 401.
-#[derive(Clone, Copy, Debug)]
-pub struct Admin(pub Caller);
+/// Who made a request and from where.
+#[derive(Clone, Debug)]
+pub struct Actor {
+    pub who: Principal,
+    /// The peer address, for the audit log.
+    pub from: String,
+}
+
+/// The caller, holding at least `role`: 401 without a session or token, 403 with too
+/// little a role or a cookie-borne write from another site.
+async fn require(state: &AppState, parts: &Parts, role: UserRole) -> Result<Actor, ApiError> {
+    let who = accounts::principal(state, parts)
+        .await?
+        .ok_or(ApiError::Unauthorized)?;
+    if who.via == Via::Session && !accounts::same_origin(&parts.method, &parts.headers) {
+        return Err(ApiError::Forbidden(
+            "a cross-site request with a session cookie is refused".into(),
+        ));
+    }
+    if who.role < role {
+        return Err(ApiError::Forbidden(format!("this needs the {role} role")));
+    }
+    Ok(Actor {
+        who,
+        from: accounts::source(&parts.extensions),
+    })
+}
+
+/// Defines an extractor for callers holding at least one role.
+macro_rules! role_extractor {
+    ($(#[$meta:meta])* $name:ident, $role:expr) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug)]
+        pub struct $name(pub Actor);
+
+        impl FromRequestParts<AppState> for $name {
+            type Rejection = ApiError;
+
+            async fn from_request_parts(
+                parts: &mut Parts,
+                state: &AppState,
+            ) -> Result<Self, ApiError> {
+                require(state, parts, $role).await.map($name)
+            }
+        }
+    };
+}
+
+role_extractor!(
+    /// Anyone signed in (or holding an API token): reads.
+    Viewer,
+    UserRole::Viewer
+);
+role_extractor!(
+    /// Resets, shutdowns, acknowledgements, link approvals, per-VM auto-reset.
+    Operator,
+    UserRole::Operator
+);
+role_extractor!(
+    /// Configuration, users, tokens and agent credentials.
+    Admin,
+    UserRole::Admin
+);
 
 /// What an agent's report carries: the fleet token, a VM credential or an enrolment
 /// token. Which VM it names (if any) is decided by the writer, inside its transaction; no
 /// bearer at all is a 401 here.
 #[derive(Clone, Debug)]
 pub struct AgentBearer(pub Presented);
-
-impl FromRequestParts<AppState> for Admin {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        authenticate(state, parts, Role::Admin).map(Admin)
-    }
-}
 
 impl FromRequestParts<AppState> for AgentBearer {
     type Rejection = ApiError;

@@ -39,7 +39,33 @@ fn age_s(now_ms: i64, mark_ms: i64) -> Option<i64> {
 }
 
 /// 200 while storage answers and the scheduler runs, else 503 (a load balancer's signal).
-pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthReport>) {
+/// What an anonymous caller learns: only whether the service is up.
+#[derive(Serialize)]
+pub struct PublicHealth {
+    status: &'static str,
+}
+
+/// 200 while storage answers and the scheduler runs, else 503 (a load balancer's signal).
+/// Signed-in callers and tokens get the details; anyone else only the status.
+pub async fn health(
+    State(state): State<AppState>,
+    parts: axum::http::request::Parts,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let (code, report) = health_report(&state).await;
+    match crate::accounts::principal(&state, &parts).await {
+        Ok(Some(_)) => (code, Json(report)).into_response(),
+        _ => (
+            code,
+            Json(PublicHealth {
+                status: report.status,
+            }),
+        )
+            .into_response(),
+    }
+}
+
+async fn health_report(state: &AppState) -> (StatusCode, HealthReport) {
     let db_ok = match state.db.conn().await {
         Ok(mut conn) => store::ping(&mut conn).await.is_ok(),
         Err(_) => false,
@@ -84,5 +110,5 @@ pub async fn health(State(state): State<AppState>) -> (StatusCode, Json<HealthRe
         jobs,
         version: env!("CARGO_PKG_VERSION"),
     };
-    (code, Json(body))
+    (code, body)
 }

@@ -7,6 +7,7 @@ mod enrolment;
 pub mod error;
 pub mod extract;
 mod health;
+mod people;
 mod remediation;
 mod report;
 mod status;
@@ -26,6 +27,25 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/api/health", get(health::health))
         .route("/api/health/report", post(report::report))
+        .route("/api/login", post(people::login))
+        .route("/api/logout", post(people::logout))
+        .route("/api/setup", post(people::setup))
+        .route("/api/me", get(people::me))
+        .route(
+            "/api/users",
+            get(people::list_users).post(people::create_user),
+        )
+        .route("/api/users/{id}", delete(people::delete_user))
+        .route("/api/users/{id}/password", put(people::set_password))
+        .route(
+            "/api/tokens",
+            get(people::list_api_tokens).post(people::create_api_token),
+        )
+        .route("/api/tokens/{id}", delete(people::revoke_api_token))
+        .route("/api/audit", get(people::audit))
+        .route("/auth/login", post(people::form_login))
+        .route("/auth/logout", post(people::form_logout))
+        .route("/auth/setup", post(people::form_setup))
         .route("/api/vms", get(vms::list))
         .route("/api/vms/{id}", get(vms::get).delete(vms::delete))
         .route("/api/vms/{id}/metrics", get(vms::metrics))
@@ -40,7 +60,10 @@ pub fn router() -> Router<AppState> {
             "/api/enrolment-tokens",
             get(enrolment::list_tokens).post(enrolment::create_token),
         )
-        .route("/api/enrolment-tokens/{id}", delete(enrolment::revoke_token))
+        .route(
+            "/api/enrolment-tokens/{id}",
+            delete(enrolment::revoke_token),
+        )
         .route("/api/vms/{id}/reset", post(remediation::reset))
         .route("/api/vms/{id}/shutdown", post(remediation::shutdown))
         .route("/api/vms/{id}/acknowledge", post(remediation::acknowledge))

@@ -1,8 +1,8 @@
 //! Remediation: an operator's reset or shutdown, acknowledging a VM, and the recent events.
 
 use super::error::ApiError;
-use super::extract::{Admin, VmPath};
-use crate::auth::Caller;
+use super::extract::{Actor, Operator, Viewer, VmPath};
+use crate::accounts::audit_quietly;
 use crate::db::{incidents, store};
 use crate::state::AppState;
 use axum::Json;
@@ -21,12 +21,30 @@ pub struct PowerAccepted {
 
 async fn power(
     state: &AppState,
-    caller: Caller,
+    actor: Actor,
     id: VmId,
     action: PowerAction,
 ) -> Result<(StatusCode, Json<PowerAccepted>), ApiError> {
-    // History records who asked: today the admin token, later the logged-in user.
-    let attempt_id = state.engine.manual_action(id, action, caller.name).await?;
+    // History records who asked: the signed-in user or the token's owner.
+    let result = state
+        .engine
+        .manual_action(id, action, &actor.who.name)
+        .await;
+    let outcome = match &result {
+        Ok(_) => "accepted".to_owned(),
+        Err(err) => format!("refused: {err}"),
+    };
+    audit_quietly(
+        state,
+        &actor.who.name,
+        action.as_str(),
+        Some(&format!("vm {id}")),
+        &actor.from,
+        &outcome,
+        None,
+    )
+    .await;
+    let attempt_id = result?;
     Ok((
         StatusCode::ACCEPTED,
         Json(PowerAccepted { attempt_id, action }),
@@ -35,18 +53,18 @@ async fn power(
 
 pub async fn reset(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Operator(actor): Operator,
     VmPath(id): VmPath,
 ) -> Result<(StatusCode, Json<PowerAccepted>), ApiError> {
-    power(&state, caller, id, PowerAction::Reset).await
+    power(&state, actor, id, PowerAction::Reset).await
 }
 
 pub async fn shutdown(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Operator(actor): Operator,
     VmPath(id): VmPath,
 ) -> Result<(StatusCode, Json<PowerAccepted>), ApiError> {
-    power(&state, caller, id, PowerAction::Shutdown).await
+    power(&state, actor, id, PowerAction::Shutdown).await
 }
 
 #[derive(Serialize)]
@@ -58,7 +76,7 @@ pub struct Acknowledged {
 /// Clears a VM's latched `manual` state so automatic remediation may act on it again.
 pub async fn acknowledge(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Operator(actor): Operator,
     VmPath(id): VmPath,
 ) -> Result<Json<Acknowledged>, ApiError> {
     {
@@ -72,7 +90,17 @@ pub async fn acknowledge(
             "the VM is not waiting for manual intervention".into(),
         ));
     }
-    tracing::info!(vm_id = %id, by = caller.name, "manual state acknowledged");
+    tracing::info!(vm_id = %id, by = %actor.who.name, "manual state acknowledged");
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "acknowledge",
+        Some(&format!("vm {id}")),
+        &actor.from,
+        "success",
+        None,
+    )
+    .await;
     Ok(Json(Acknowledged {
         vm_id: id,
         remediation_phase: RemediationPhase::Ok,
@@ -88,6 +116,7 @@ pub struct RemediationOverview {
 /// The engine's state and the last hundred events.
 pub async fn overview(
     State(state): State<AppState>,
+    _viewer: Viewer,
 ) -> Result<Json<RemediationOverview>, ApiError> {
     let mut conn = state.db.conn().await?;
     let events = incidents::recent_events(&mut conn, 100).await?;

@@ -1,7 +1,7 @@
 //! `/api/status`: fleet counts, and the status thresholds read and changed at run time.
 
 use super::error::ApiError;
-use super::extract::{Admin, JsonBody};
+use super::extract::{Admin, JsonBody, Viewer};
 use crate::cache::refresh as refresh_cache;
 use crate::db::store;
 use crate::state::AppState;
@@ -16,7 +16,10 @@ pub struct StatusSummary {
     config: StatusConfig,
 }
 
-pub async fn summary(State(state): State<AppState>) -> Result<Json<StatusSummary>, ApiError> {
+pub async fn summary(
+    State(state): State<AppState>,
+    _viewer: Viewer,
+) -> Result<Json<StatusSummary>, ApiError> {
     let vms = super::fleet(&state).await?;
     Ok(Json(StatusSummary {
         counts: StatusCounts::from_statuses(vms.iter().map(|v| v.status)),
@@ -24,7 +27,7 @@ pub async fn summary(State(state): State<AppState>) -> Result<Json<StatusSummary
     }))
 }
 
-pub async fn get_config(State(state): State<AppState>) -> Json<StatusConfig> {
+pub async fn get_config(State(state): State<AppState>, _viewer: Viewer) -> Json<StatusConfig> {
     Json(state.status_config.get())
 }
 
@@ -49,7 +52,7 @@ pub struct ConfigUpdated {
 /// Saves the new thresholds and re-judges every VM under them at once.
 pub async fn put_config(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Admin(actor): Admin,
     JsonBody(patch): JsonBody<ConfigPatch>,
 ) -> Result<Json<ConfigUpdated>, ApiError> {
     let current = state.status_config.get();
@@ -76,9 +79,19 @@ pub async fn put_config(
     tracing::info!(
         config = ?updated,
         changed_vms = changed.len(),
-        by = caller.name,
+        by = %actor.who.name,
         "status configuration updated"
     );
+    crate::accounts::audit_quietly(
+        &state,
+        &actor.who.name,
+        "configure",
+        Some("status thresholds"),
+        &actor.from,
+        "success",
+        Some(&format!("{updated:?}")),
+    )
+    .await;
     Ok(Json(ConfigUpdated {
         config: updated,
         changed_vms: changed.len(),

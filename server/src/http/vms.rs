@@ -1,7 +1,8 @@
 //! `/api/vms`: the fleet, one VM with its history, deleting it, and its per-VM settings.
 
 use super::error::{ApiError, FieldError};
-use super::extract::{Admin, JsonBody, QueryParams, VmPath};
+use super::extract::{Admin, JsonBody, Operator, QueryParams, Viewer, VmPath};
+use crate::accounts::audit_quietly;
 use crate::cache::refresh as refresh_cache;
 use crate::db::{incidents, store};
 use crate::state::AppState;
@@ -12,7 +13,10 @@ use domain::view::{MetricPoint, ResetAttempt, StatusChange, VmView};
 use domain::{GuestKind, GuestRef, LinkSource, NodeName, VmId, Vmid};
 use serde::{Deserialize, Serialize};
 
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<VmView>>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    _viewer: Viewer,
+) -> Result<Json<Vec<VmView>>, ApiError> {
     Ok(Json(super::fleet(&state).await?))
 }
 
@@ -26,6 +30,7 @@ pub struct VmDetail {
 
 pub async fn get(
     State(state): State<AppState>,
+    _viewer: Viewer,
     VmPath(id): VmPath,
 ) -> Result<Json<VmDetail>, ApiError> {
     let mut conn = state.db.conn().await?;
@@ -39,7 +44,7 @@ pub async fn get(
 /// Forgets a VM and its whole history (a decommissioned host).
 pub async fn delete(
     State(state): State<AppState>,
-    Admin(caller): Admin,
+    Admin(actor): Admin,
     VmPath(id): VmPath,
 ) -> Result<StatusCode, ApiError> {
     let deleted = {
@@ -50,7 +55,17 @@ pub async fn delete(
         return Err(ApiError::NotFound);
     }
     state.cache.remove(id).await;
-    tracing::info!(vm_id = %id, by = caller.name, "VM deleted");
+    tracing::info!(vm_id = %id, by = %actor.who.name, "VM deleted");
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "delete_vm",
+        Some(&format!("vm {id}")),
+        &actor.from,
+        "success",
+        None,
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -80,6 +95,7 @@ pub struct MetricHistory {
 /// Downsampled metrics between `from` and `to` (default: the last day), `points` buckets.
 pub async fn metrics(
     State(state): State<AppState>,
+    _viewer: Viewer,
     VmPath(id): VmPath,
     QueryParams(query): QueryParams<MetricsQuery>,
 ) -> Result<Json<MetricHistory>, ApiError> {
@@ -143,6 +159,7 @@ fn time_param(raw: Option<&str>, name: &str) -> Result<Option<i64>, ApiError> {
 
 pub async fn reset_history(
     State(state): State<AppState>,
+    _viewer: Viewer,
     VmPath(id): VmPath,
 ) -> Result<Json<Vec<ResetAttempt>>, ApiError> {
     let mut conn = state.db.conn().await?;
@@ -164,7 +181,7 @@ pub struct LinkRequest {
 /// Links a VM to a Proxmox guest by hand; `{"node": null, "vmid": null}` unlinks it.
 pub async fn link(
     State(state): State<AppState>,
-    _admin: Admin,
+    Operator(actor): Operator,
     VmPath(id): VmPath,
     JsonBody(request): JsonBody<LinkRequest>,
 ) -> Result<Json<VmView>, ApiError> {
@@ -198,6 +215,20 @@ pub async fn link(
     if !stored {
         return Err(ApiError::NotFound);
     }
+    let detail = match &link {
+        Some((guest, _)) => format!("linked to {} {} on {}", guest.kind, guest.vmid, guest.node),
+        None => "unlinked".to_owned(),
+    };
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "link",
+        Some(&format!("vm {id}")),
+        &actor.from,
+        "success",
+        Some(&detail),
+    )
+    .await;
     let vm = store::get_vm(&mut conn, id)
         .await?
         .ok_or(ApiError::NotFound)?;
@@ -221,7 +252,7 @@ pub struct AutoResetSet {
 /// Turns automatic remediation on or off for one VM.
 pub async fn set_auto_reset(
     State(state): State<AppState>,
-    _admin: Admin,
+    Operator(actor): Operator,
     VmPath(id): VmPath,
     JsonBody(request): JsonBody<AutoResetRequest>,
 ) -> Result<Json<AutoResetSet>, ApiError> {
@@ -230,6 +261,16 @@ pub async fn set_auto_reset(
         return Err(ApiError::NotFound);
     }
     drop(conn);
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "auto_reset",
+        Some(&format!("vm {id}")),
+        &actor.from,
+        "success",
+        Some(if request.enabled { "on" } else { "off" }),
+    )
+    .await;
     refresh_cache(&state.db, &state.cache, &[id]).await;
     Ok(Json(AutoResetSet {
         vm_id: id,

@@ -1504,6 +1504,7 @@ async fn installer_served_by_the_server_installs_with_cron_and_uninstalls() {
             let html = srv
                 .http
                 .get(&srv.base)
+                .bearer_auth(ADMIN_TOKEN)
                 .send()
                 .await
                 .ok()?

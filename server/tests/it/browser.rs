@@ -60,6 +60,53 @@ impl Browser {
         el.text().await.ok()
     }
 
+    async fn fill(&self, name: &str, value: &str) {
+        let field = self
+            .client
+            .find(Locator::Css(&format!("input[name='{name}']")))
+            .await
+            .unwrap();
+        field.send_keys(value).await.unwrap();
+    }
+
+    async fn click(&self, css: &str) {
+        self.client
+            .find(Locator::Css(css))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+    }
+
+    async fn path(&self) -> String {
+        self.client.current_url().await.unwrap().path().to_owned()
+    }
+
+    /// Signs in through the sign-in page and waits for the hydrated fleet page.
+    async fn sign_in(&self, base: &str, username: &str, password: &str) {
+        self.client.goto(&format!("{base}/")).await.unwrap();
+        assert_eq!(
+            self.path().await,
+            "/login",
+            "anonymous pages lead to the sign-in page"
+        );
+        self.fill("username", username).await;
+        self.fill("password", password).await;
+        self.click("form.auth button[type='submit']").await;
+        self.hydrated().await;
+    }
+
+    async fn hydrated(&self) {
+        wait_for("hydration", Duration::from_secs(20), || async {
+            self.client
+                .find(Locator::Css(".page[data-hydrated='true']"))
+                .await
+                .ok()
+        })
+        .await;
+    }
+
     async fn close(mut self) {
         let _ = self.client.clone().close().await;
         let _ = self.driver.kill();
@@ -79,17 +126,18 @@ fn require_front_end() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dashboard_shows_new_reports_live_and_markup_as_text() {
     require_front_end();
-    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
-    let browser = Browser::start().await;
-    browser.client.goto(&srv.base).await.unwrap();
-    wait_for("hydration", Duration::from_secs(20), || async {
-        browser
-            .client
-            .find(Locator::Css(".page[data-hydrated='true']"))
-            .await
-            .ok()
-    })
+    let mut srv = TestServer::start(
+        Backend::Sqlite,
+        &[
+            ("ADMIN_USERNAME", "admin"),
+            ("ADMIN_PASSWORD", "correct horse battery"),
+        ],
+    )
     .await;
+    let browser = Browser::start().await;
+    browser
+        .sign_in(&srv.base, "admin", "correct horse battery")
+        .await;
     let empty = browser.text_of(".empty").await.unwrap_or_default();
     assert!(empty.contains("No VM has reported yet"), "{empty}");
 
@@ -154,6 +202,143 @@ async fn dashboard_shows_new_reports_live_and_markup_as_text() {
         .await
         .unwrap();
     assert_eq!(pwned, json!(true));
+    browser.close().await;
+    srv.stop().await;
+}
+
+/// First start in a browser: the setup page with the code from `data/setup-code`, then an
+/// operator signs in and resets a VM with the two-click button; the reset reaches Proxmox
+/// and the audit log names the operator. A viewer sees no reset button.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn setup_sign_in_and_an_operators_reset() {
+    use crate::fake_pve::{FakePve, FakeVm};
+    require_front_end();
+    let fake = FakePve::start(vec![FakeVm::running(101, "pve1")]).await;
+    let mut srv = crate::proxmox::start(Backend::Sqlite, &fake, &[]).await;
+    let code = std::fs::read_to_string(srv.db.dir.path().join("setup-code")).unwrap();
+    let browser = Browser::start().await;
+
+    browser.client.goto(&srv.base).await.unwrap();
+    assert_eq!(
+        browser.path().await,
+        "/setup",
+        "with no user, pages lead to setup"
+    );
+    browser.fill("setup_code", "wrong-code").await;
+    browser.fill("username", "root").await;
+    browser.fill("password", "correct horse battery").await;
+    browser.click("form.auth button[type='submit']").await;
+    let error = wait_for(
+        "the wrong-code message",
+        Duration::from_secs(10),
+        || async { browser.text_of(".error").await },
+    )
+    .await;
+    assert!(error.contains("setup code"), "{error}");
+    browser.fill("setup_code", code.trim()).await;
+    browser.fill("username", "root").await;
+    browser.fill("password", "correct horse battery").await;
+    browser.click("form.auth button[type='submit']").await;
+    browser.hydrated().await;
+    assert_eq!(
+        browser.text_of(".user .username").await.as_deref(),
+        Some("root")
+    );
+    assert!(
+        !srv.db.dir.path().join("setup-code").exists(),
+        "the used setup code was kept"
+    );
+
+    // The admin (over the API) makes an operator and a viewer; a VM on guest 101 reports.
+    for (name, role) in [("olga", "operator"), ("victor", "viewer")] {
+        let (status, body) = srv
+            .send(
+                reqwest::Method::POST,
+                "/api/users",
+                Some(ADMIN_TOKEN),
+                Some(json!({"username": name, "password": "operator password", "role": role})),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let vm = crate::proxmox::report_vm(&srv, 101, "pve1", 100).await;
+    crate::people::opt_out(&srv, vm).await;
+
+    // Sign out, then the viewer: the fleet, but no reset button.
+    browser.click("form.signout button").await;
+    wait_for("the sign-in page", Duration::from_secs(10), || async {
+        (browser.path().await == "/login").then_some(())
+    })
+    .await;
+    browser
+        .sign_in(&srv.base, "victor", "operator password")
+        .await;
+    let row = format!("tr[data-vm-id='{vm}']");
+    wait_for("the VM row", Duration::from_secs(10), || async {
+        browser.text_of(&row).await
+    })
+    .await;
+    assert!(
+        browser
+            .client
+            .find(Locator::Css(&format!("{row} button.reset")))
+            .await
+            .is_err(),
+        "a viewer is offered a reset"
+    );
+    browser.click("form.signout button").await;
+    wait_for("the sign-in page", Duration::from_secs(10), || async {
+        (browser.path().await == "/login").then_some(())
+    })
+    .await;
+
+    // The operator resets in two clicks.
+    browser
+        .sign_in(&srv.base, "olga", "operator password")
+        .await;
+    let button = format!("{row} button.reset");
+    wait_for("the reset button", Duration::from_secs(10), || async {
+        browser.text_of(&button).await
+    })
+    .await;
+    browser.click(&button).await;
+    assert_eq!(
+        browser.text_of(&button).await.as_deref(),
+        Some("Confirm reset")
+    );
+    assert!(fake.posts().is_empty(), "one click sent a reset");
+    browser.click(&button).await;
+    let said = wait_for("the reset to be sent", Duration::from_secs(10), || async {
+        browser
+            .text_of(&format!("{row} .action-result"))
+            .await
+            .filter(|t| !t.is_empty())
+    })
+    .await;
+    assert_eq!(said, "reset sent");
+    wait_for("the POST to Proxmox", Duration::from_secs(10), || async {
+        (!fake.posts().is_empty()).then_some(())
+    })
+    .await;
+    let (_, history) = srv.get(&format!("/api/vms/{vm}/reset-history")).await;
+    assert_eq!(history[0]["requested_by"], "olga", "{history}");
+    let (_, audit) = srv.get("/api/audit").await;
+    let entry = audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["action"] == "reset")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (
+            entry["actor"].clone(),
+            entry["outcome"].clone(),
+            entry["target"].clone()
+        ),
+        (json!("olga"), json!("accepted"), json!(format!("vm {vm}"))),
+        "{audit}"
+    );
     browser.close().await;
     srv.stop().await;
 }

@@ -298,8 +298,18 @@ impl TestServer {
         (status, body)
     }
 
+    /// A read as the bootstrap admin token (every read needs a credential).
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self.http.get(self.url(path)).send().await.unwrap();
+        self.get_as(path, Some(ADMIN_TOKEN)).await
+    }
+
+    /// A read with `token`, or anonymously.
+    pub async fn get_as(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = self.http.get(self.url(path));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         (status, resp.json::<Value>().await.unwrap_or(Value::Null))
     }

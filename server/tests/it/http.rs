@@ -34,24 +34,17 @@ fn is_json(headers: &reqwest::header::HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/json"))
 }
 
-/// A route taking a VM id: method, path after `/api/vms/{id}`, admin-only, and a valid body.
+/// A route taking a VM id: method, path after `/api/vms/{id}`, and a valid body.
 struct IdRoute {
     method: Method,
     suffix: &'static str,
-    admin: bool,
     body: Option<&'static [u8]>,
 }
 
-const fn id_route(
-    method: Method,
-    suffix: &'static str,
-    admin: bool,
-    body: Option<&'static [u8]>,
-) -> IdRoute {
+const fn id_route(method: Method, suffix: &'static str, body: Option<&'static [u8]>) -> IdRoute {
     IdRoute {
         method,
         suffix,
-        admin,
         body,
     }
 }
@@ -59,23 +52,17 @@ const fn id_route(
 async fn bad_ids_are_400_naming_id(backend: Backend) {
     let mut srv = TestServer::start(backend, &[]).await;
     let routes = [
-        id_route(Method::GET, "", false, None),
-        id_route(Method::GET, "/metrics", false, None),
-        id_route(Method::GET, "/reset-history", false, None),
-        id_route(Method::DELETE, "", true, None),
-        id_route(Method::POST, "/reset", true, None),
-        id_route(Method::POST, "/shutdown", true, None),
-        id_route(Method::POST, "/acknowledge", true, None),
-        id_route(
-            Method::PUT,
-            "/auto-reset",
-            true,
-            Some(br#"{"enabled": true}"#),
-        ),
+        id_route(Method::GET, "", None),
+        id_route(Method::GET, "/metrics", None),
+        id_route(Method::GET, "/reset-history", None),
+        id_route(Method::DELETE, "", None),
+        id_route(Method::POST, "/reset", None),
+        id_route(Method::POST, "/shutdown", None),
+        id_route(Method::POST, "/acknowledge", None),
+        id_route(Method::PUT, "/auto-reset", Some(br#"{"enabled": true}"#)),
         id_route(
             Method::PUT,
             "/proxmox",
-            true,
             Some(br#"{"node": null, "vmid": null}"#),
         ),
     ];
@@ -91,7 +78,7 @@ async fn bad_ids_are_400_naming_id(backend: Backend) {
         for route in &routes {
             let method = route.method.clone();
             let path = format!("/api/vms/{bad}{}", route.suffix);
-            let token = route.admin.then_some(ADMIN_TOKEN);
+            let token = Some(ADMIN_TOKEN);
             let body = route.body.map(<[u8]>::to_vec);
             let (status, headers, text) = raw(&srv, method.clone(), &path, token, body).await;
             assert_eq!(status, 400, "{method} {path}: {text}");
@@ -206,7 +193,7 @@ async fn unreadable_stored_value_is_a_logged_500_not_a_503(backend: Backend) {
         format!("/api/vms/{id}"),
         "/api/status".to_owned(),
     ] {
-        let (status, headers, text) = raw(&srv, Method::GET, &path, None, None).await;
+        let (status, headers, text) = raw(&srv, Method::GET, &path, Some(ADMIN_TOKEN), None).await;
         assert_eq!(status, 500, "{path}: {text}");
         assert!(
             headers.get("retry-after").is_none(),
@@ -235,7 +222,8 @@ async fn extreme_metric_ranges_are_400(backend: Backend) {
             "points=-1",
         ] {
             let path = format!("/api/vms/{vm}/metrics?{query}");
-            let (status, headers, text) = raw(&srv, Method::GET, &path, None, None).await;
+            let (status, headers, text) =
+                raw(&srv, Method::GET, &path, Some(ADMIN_TOKEN), None).await;
             assert_eq!(status, 400, "{path}: {text}");
             assert!(is_json(&headers), "{path}");
             let error: Value = serde_json::from_str(&text).unwrap();

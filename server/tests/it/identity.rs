@@ -306,7 +306,9 @@ async fn a_vm_cannot_act_for_another() {
         FakeVm::running(108, "pve2"),
     ])
     .await;
-    let mut srv = start(Backend::Sqlite, &fake, &[]).await;
+    // The forgeries happen within the start-up pause (one stale timeout), so B's own
+    // silence while they are checked cannot get it reset.
+    let mut srv = start(Backend::Sqlite, &fake, &[("STALE_TIMEOUT_MS", "8000")]).await;
     // B enrols as guest 108 (an operator confirmed the link) and keeps reporting.
     let mut b_body = with_uuid("db-b", UUID_B);
     b_body["vmid"] = json!(108);
@@ -330,7 +332,7 @@ async fn a_vm_cannot_act_for_another() {
             .0,
         200
     );
-    wait_active(&srv).await;
+    // All of this happens inside the start-up pause, when nothing is reset.
     let b_seen = vm(&srv, b).await["last_seen_ms"].clone();
 
     // A's forgeries, each stored as A's own report with A's identity.
@@ -410,7 +412,8 @@ async fn a_vm_cannot_act_for_another() {
             }
         })
     };
-    wait_for("A to go down", Duration::from_secs(15), || async {
+    wait_active(&srv).await;
+    wait_for("A to go down", Duration::from_secs(30), || async {
         (vm(&srv, a).await["status"] == "down").then_some(())
     })
     .await;

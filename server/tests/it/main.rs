@@ -17,6 +17,7 @@ mod fake_pve;
 mod fake_pve_contract;
 mod http;
 mod identity;
+mod people;
 mod proxmox;
 mod redis_cache;
 mod safeguards;

@@ -197,6 +197,7 @@ async fn failing_resets_end_manual_and_stay_manual_across_restart() {
     let page = srv
         .http
         .get(&srv.base)
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()

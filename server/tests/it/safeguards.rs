@@ -201,7 +201,7 @@ fn intent_first_gate(srv: &TestServer, vm_ids: Arc<std::sync::Mutex<Vec<(i64, i6
                 return false;
             };
             let url = format!("{base}/api/vms/{id}/reset-history");
-            let Ok(resp) = http.get(url).send().await else {
+            let Ok(resp) = http.get(url).bearer_auth(ADMIN_TOKEN).send().await else {
                 return false;
             };
             let rows: Value = resp.json().await.unwrap_or(Value::Null);
@@ -684,6 +684,7 @@ async fn acknowledged_reports_survive_a_kill_9(backend: Backend) {
         .env("AGENT_TOKEN", AGENT_TOKEN)
         .env("ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "error")
+        .env("TLS", "off")
         .env("SITE_ROOT", workspace_root().join("target/site"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -791,6 +792,7 @@ async fn without_proxmox_the_monitor_runs_and_says_auto_reset_is_off() {
     let page = srv
         .http
         .get(srv.url("/"))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
@@ -887,6 +889,7 @@ async fn a_claimed_vmid_never_gets_a_guest_reset() {
     let page = srv
         .http
         .get(srv.url("/"))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()

@@ -1,0 +1,448 @@
+//! Sign-in and sign-out, the first admin, users, per-user API tokens and the audit log.
+
+use super::error::ApiError;
+use super::extract::{Admin, JsonBody, QueryParams, Viewer};
+use crate::accounts::{self, LoginError, SetupError, audit_quietly};
+use crate::auth;
+use crate::config::Secret;
+use crate::db::people::{self, ApiTokenView, AuditView, UserView};
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use domain::UserRole;
+use serde::{Deserialize, Serialize};
+use tower_sessions::Session;
+
+type NoStore = [(header::HeaderName, &'static str); 1];
+const NO_STORE: NoStore = [(header::CACHE_CONTROL, "no-store")];
+const API_TOKEN_PREFIX: &str = "vmhc_api_";
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    username: String,
+    password: String,
+}
+
+/// Who is signed in.
+#[derive(Serialize)]
+pub struct Me {
+    username: String,
+    role: UserRole,
+}
+
+fn session_of(parts: &Parts) -> Result<Session, ApiError> {
+    parts
+        .extensions
+        .get::<Session>()
+        .cloned()
+        .ok_or_else(|| ApiError::Internal("no session layer on this route".into()))
+}
+
+fn same_origin(parts: &Parts) -> Result<(), ApiError> {
+    if accounts::same_origin(&parts.method, &parts.headers) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "a cross-site sign-in is refused".into(),
+        ))
+    }
+}
+
+/// Signs in with a name and password; the answer sets the session cookie.
+pub async fn login(
+    State(state): State<AppState>,
+    parts: Parts,
+    JsonBody(request): JsonBody<LoginRequest>,
+) -> Result<Json<Me>, ApiError> {
+    same_origin(&parts)?;
+    let session = session_of(&parts)?;
+    let from = accounts::source(&parts.extensions);
+    match accounts::login(
+        &state,
+        &session,
+        &request.username,
+        &request.password,
+        &from,
+    )
+    .await
+    {
+        Ok(who) => Ok(Json(Me {
+            username: who.name,
+            role: who.role,
+        })),
+        Err(LoginError::Invalid) => Err(ApiError::Unauthorized),
+        Err(LoginError::Throttled(ms)) => Err(ApiError::TooManyRequests(ms / 1000 + 1)),
+        Err(LoginError::Unavailable) => Err(ApiError::Unavailable),
+    }
+}
+
+pub async fn logout(State(state): State<AppState>, parts: Parts) -> Result<StatusCode, ApiError> {
+    same_origin(&parts)?;
+    let session = session_of(&parts)?;
+    accounts::logout(&state, &session, &accounts::source(&parts.extensions)).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn me(Viewer(actor): Viewer) -> Json<Me> {
+    Json(Me {
+        username: actor.who.name,
+        role: actor.who.role,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetupRequest {
+    setup_code: String,
+    username: String,
+    password: String,
+}
+
+/// Creates the first admin with the one-time setup code; refused once any user exists.
+pub async fn setup(
+    State(state): State<AppState>,
+    parts: Parts,
+    JsonBody(request): JsonBody<SetupRequest>,
+) -> Result<(StatusCode, Json<Me>), ApiError> {
+    same_origin(&parts)?;
+    let session = session_of(&parts)?;
+    let from = accounts::source(&parts.extensions);
+    let result = accounts::setup(
+        &state,
+        &session,
+        &Secret::new(request.setup_code),
+        &request.username,
+        &Secret::new(request.password),
+        &from,
+    )
+    .await;
+    match result {
+        Ok(who) => Ok((
+            StatusCode::CREATED,
+            Json(Me {
+                username: who.name,
+                role: who.role,
+            }),
+        )),
+        Err(SetupError::Done) => Err(ApiError::Conflict("setup is done: sign in".into())),
+        Err(SetupError::WrongCode) => Err(ApiError::Forbidden(
+            "wrong setup code (see data/setup-code or the server log)".into(),
+        )),
+        Err(SetupError::Invalid(message)) => Err(ApiError::BadRequest(message)),
+        Err(SetupError::Unavailable) => Err(ApiError::Unavailable),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    username: String,
+    password: String,
+    role: UserRole,
+}
+
+pub async fn create_user(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    JsonBody(request): JsonBody<NewUser>,
+) -> Result<(StatusCode, Json<UserView>), ApiError> {
+    accounts::check_username(&request.username).map_err(|e| ApiError::field("username", e))?;
+    accounts::check_password(&request.password).map_err(|e| ApiError::field("password", e))?;
+    let hash = accounts::hash_password(&request.password)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let row = {
+        let mut conn = state.db.conn().await?;
+        people::create_user(
+            &mut conn,
+            &request.username,
+            &hash,
+            request.role,
+            crate::now_ms(),
+        )
+        .await?
+    };
+    let Some(row) = row else {
+        return Err(ApiError::Conflict("that username is taken".into()));
+    };
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "create_user",
+        Some(&row.username),
+        &actor.from,
+        "success",
+        Some(request.role.as_str()),
+    )
+    .await;
+    Ok((StatusCode::CREATED, Json(row.into())))
+}
+
+pub async fn list_users(
+    State(state): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<Vec<UserView>>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    Ok(Json(people::list_users(&mut conn).await?))
+}
+
+fn positive_id(raw: &str) -> Result<i64, ApiError> {
+    raw.parse()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::field("id", "must be a positive integer"))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PasswordChange {
+    password: String,
+}
+
+/// Sets a user's password (an admin, or the user for themselves through `/api/me`); every
+/// session of that user ends, on every replica.
+pub async fn set_password(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<PasswordChange>,
+) -> Result<StatusCode, ApiError> {
+    let id = positive_id(&id)?;
+    accounts::check_password(&request.password).map_err(|e| ApiError::field("password", e))?;
+    let hash = accounts::hash_password(&request.password)
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let mut conn = state.db.conn().await?;
+    if !people::set_password(&mut conn, id, &hash, crate::now_ms()).await? {
+        return Err(ApiError::NotFound);
+    }
+    drop(conn);
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "set_password",
+        Some(&format!("user {id}")),
+        &actor.from,
+        "success",
+        None,
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn delete_user(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = positive_id(&id)?;
+    let mut conn = state.db.conn().await?;
+    if !people::delete_user(&mut conn, id).await? {
+        return Err(ApiError::NotFound);
+    }
+    drop(conn);
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "delete_user",
+        Some(&format!("user {id}")),
+        &actor.from,
+        "success",
+        None,
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewApiToken {
+    /// The user the token acts as.
+    username: String,
+    label: String,
+    role: UserRole,
+}
+
+#[derive(Serialize)]
+pub struct CreatedApiToken {
+    id: i64,
+    token: String,
+}
+
+/// A token for scripts, acting as a user with at most that user's role; shown once.
+pub async fn create_api_token(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    JsonBody(request): JsonBody<NewApiToken>,
+) -> Result<(StatusCode, NoStore, Json<CreatedApiToken>), ApiError> {
+    let label = request.label.trim();
+    if label.is_empty() || label.chars().count() > 100 || label.chars().any(char::is_control) {
+        return Err(ApiError::field("label", "1 to 100 printable characters"));
+    }
+    let mut conn = state.db.conn().await?;
+    let owner = people::user_by_name(&mut conn, &request.username)
+        .await?
+        .ok_or_else(|| ApiError::field("username", "no such user"))?;
+    if request.role > owner.role.0 {
+        return Err(ApiError::field(
+            "role",
+            format!("{} is only a {}", owner.username, owner.role.0),
+        ));
+    }
+    let secret = auth::generate_secret(API_TOKEN_PREFIX);
+    let id = people::create_api_token(
+        &mut conn,
+        owner.id,
+        &auth::hash_token(secret.expose()),
+        label,
+        request.role,
+        crate::now_ms(),
+    )
+    .await?;
+    drop(conn);
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "create_api_token",
+        Some(&owner.username),
+        &actor.from,
+        "success",
+        Some(&format!("{label} ({})", request.role)),
+    )
+    .await;
+    Ok((
+        StatusCode::CREATED,
+        NO_STORE,
+        Json(CreatedApiToken {
+            id,
+            token: secret.expose().to_owned(),
+        }),
+    ))
+}
+
+pub async fn list_api_tokens(
+    State(state): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<Vec<ApiTokenView>>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    Ok(Json(people::list_api_tokens(&mut conn).await?))
+}
+
+pub async fn revoke_api_token(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = positive_id(&id)?;
+    let mut conn = state.db.conn().await?;
+    if !people::revoke_api_token(&mut conn, id, crate::now_ms()).await? {
+        return Err(ApiError::NotFound);
+    }
+    drop(conn);
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "revoke_api_token",
+        Some(&format!("token {id}")),
+        &actor.from,
+        "success",
+        None,
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// The audit log, newest first; `?before=ID` pages back.
+pub async fn audit(
+    State(state): State<AppState>,
+    _admin: Admin,
+    QueryParams(query): QueryParams<AuditQuery>,
+) -> Result<Json<Vec<AuditView>>, ApiError> {
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::field("limit", "from 1 to 1000"));
+    }
+    let mut conn = state.db.conn().await?;
+    Ok(Json(
+        people::audit_entries(&mut conn, query.before, limit).await?,
+    ))
+}
+
+/// The sign-in page's form (works without JavaScript).
+#[derive(Deserialize)]
+pub struct LoginForm {
+    username: String,
+    password: String,
+}
+
+/// `POST /auth/login` from the sign-in page: back to the fleet, or to the page with why.
+pub async fn form_login(
+    State(state): State<AppState>,
+    parts: Parts,
+    axum::Form(form): axum::Form<LoginForm>,
+) -> Result<axum::response::Redirect, ApiError> {
+    same_origin(&parts)?;
+    let session = session_of(&parts)?;
+    let from = accounts::source(&parts.extensions);
+    let to = match accounts::login(&state, &session, &form.username, &form.password, &from).await {
+        Ok(_) => "/",
+        Err(LoginError::Invalid) => "/login?error=invalid",
+        Err(LoginError::Throttled(_)) => "/login?error=throttled",
+        Err(LoginError::Unavailable) => "/login?error=unavailable",
+    };
+    Ok(axum::response::Redirect::to(to))
+}
+
+pub async fn form_logout(
+    State(state): State<AppState>,
+    parts: Parts,
+) -> Result<axum::response::Redirect, ApiError> {
+    same_origin(&parts)?;
+    let session = session_of(&parts)?;
+    accounts::logout(&state, &session, &accounts::source(&parts.extensions)).await;
+    Ok(axum::response::Redirect::to("/login"))
+}
+
+#[derive(Deserialize)]
+pub struct SetupForm {
+    setup_code: String,
+    username: String,
+    password: String,
+}
+
+pub async fn form_setup(
+    State(state): State<AppState>,
+    parts: Parts,
+    axum::Form(form): axum::Form<SetupForm>,
+) -> Result<axum::response::Redirect, ApiError> {
+    same_origin(&parts)?;
+    let session = session_of(&parts)?;
+    let from = accounts::source(&parts.extensions);
+    let result = accounts::setup(
+        &state,
+        &session,
+        &Secret::new(form.setup_code),
+        &form.username,
+        &Secret::new(form.password),
+        &from,
+    )
+    .await;
+    let to = match result {
+        Ok(_) => "/",
+        Err(SetupError::Done) => "/login",
+        Err(SetupError::WrongCode) => "/setup?error=code",
+        Err(SetupError::Invalid(_)) => "/setup?error=invalid",
+        Err(SetupError::Unavailable) => "/setup?error=unavailable",
+    };
+    Ok(axum::response::Redirect::to(to))
+}
