@@ -24,7 +24,7 @@ echo "==> Linux agent: CPU time per report (--tick, 20 runs against a local serv
 data="$(mktemp -d)"
 port=38090
 cargo build --release -p server
-AGENT_TOKEN=bench-agent ADMIN_TOKEN=bench-admin DATA_DIR="$data" LISTEN_ADDR="127.0.0.1:$port" \
+AGENT_TOKEN=bench-agent ADMIN_TOKEN=bench-admin DATA_DIR="$data" LISTEN_ADDR="127.0.0.1:$port" TLS=off \
   RUST_LOG=warn "$root/target/release/vm-healthcheck" &
 server_pid=$!
 trap 'kill "$server_pid" 2>/dev/null || true; rm -rf "$data"' EXIT

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Smoke test of the run command: starts scripts/run.sh as a fresh clone would and checks
-# that the dashboard and the API answer.
+# Smoke test of the run command: starts scripts/run.sh as a fresh clone would (HTTPS with a
+# generated certificate, no user yet) and checks that the dashboard and the API answer.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -15,7 +15,10 @@ cleanup() { kill -- -"$pid" 2>/dev/null || true; rm -rf "$data"; }
 trap cleanup EXIT
 
 deadline=$((SECONDS + 1200))
-until curl -fsS "http://127.0.0.1:$port/api/health" >/dev/null 2>&1; do
+base="https://127.0.0.1:$port"
+# The generated certificate is the only one trusted: the server must present it.
+tls() { curl -fsS --cacert "$data/tls-cert.pem" "$@"; }
+until [[ -s "$data/tls-cert.pem" ]] && tls "$base/api/health" >/dev/null 2>&1; do
   if ! kill -0 "$pid" 2>/dev/null; then
     echo "smoke: the run command exited early"; tail -50 "$log"; exit 1
   fi
@@ -25,10 +28,17 @@ until curl -fsS "http://127.0.0.1:$port/api/health" >/dev/null 2>&1; do
   sleep 2
 done
 
-page="$(curl -fsS "http://127.0.0.1:$port/")"
-grep -q "vm-healthcheck" <<<"$page" || { echo "smoke: dashboard not rendered"; exit 1; }
+[[ "$(tls -o /dev/null -w '%{redirect_url}' "$base/")" == "$base/setup" ]] ||
+  { echo "smoke: with no user the dashboard does not lead to setup"; exit 1; }
+page="$(tls "$base/setup")"
+grep -q "Create the first admin" <<<"$page" || { echo "smoke: setup page not rendered"; exit 1; }
 grep -q "frontend_bg.wasm\|frontend.js" <<<"$page" || { echo "smoke: hydration script missing"; exit 1; }
-curl -fsS "http://127.0.0.1:$port/pkg/frontend_bg.wasm" -o /dev/null || { echo "smoke: WASM not served"; exit 1; }
+tls "$base/pkg/frontend_bg.wasm" -o /dev/null || { echo "smoke: WASM not served"; exit 1; }
+[[ "$(tls "$base/api/health")" == '{"status":"ok"}' ]] || { echo "smoke: anonymous health says more than ok"; exit 1; }
+[[ "$(curl -sS -o /dev/null -w '%{http_code}' --cacert "$data/tls-cert.pem" "$base/api/vms")" == 401 ]] ||
+  { echo "smoke: the fleet is readable anonymously"; exit 1; }
+[[ "$(stat -c %a "$data/setup-code")" == 600 ]] || { echo "smoke: setup code missing or readable by others"; exit 1; }
+grep -q "sha256_fingerprint=" "$data/tls-fingerprint" || { echo "smoke: no certificate fingerprint"; exit 1; }
 [[ -s "$data/vm-healthcheck.db" ]] || { echo "smoke: SQLite database not created"; exit 1; }
 [[ -s "$data/agent-token" ]] || { echo "smoke: agent token not generated"; exit 1; }
 if grep -q "$(cat "$data/agent-token")" "$log"; then echo "smoke: token leaked to the log"; exit 1; fi

@@ -66,6 +66,15 @@ struct Run {
     stored_rows: i64,
 }
 
+/// The report of VM number `n`.
+fn report(n: usize) -> serde_json::Value {
+    json!({
+        "hostname": format!("bench-{n:04}"), "os": "linux", "cpu_percent": 10.0,
+        "ram_used_bytes": 1000, "ram_total_bytes": 4000, "uptime_seconds": 100,
+        "disks": [{"mount": "/", "used_bytes": 1, "total_bytes": 2}]
+    })
+}
+
 async fn run_once(backend: &'static str, batch_max: &str, round: usize, run_for: Duration) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let mut vars: HashMap<String, String> = HashMap::new();
@@ -78,6 +87,7 @@ async fn run_once(backend: &'static str, batch_max: &str, round: usize, run_for:
     vars.insert("AGENT_TOKEN".into(), "bench-agent".into());
     vars.insert("ADMIN_TOKEN".into(), "bench-admin".into());
     vars.insert("INGEST_BATCH_MAX".into(), batch_max.into());
+    vars.insert("TLS".into(), "off".into());
     let cfg = server::config::Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
     let srv = server::start(cfg).await.unwrap();
     let url = format!("http://{}/api/health/report", srv.addr);
@@ -85,26 +95,46 @@ async fn run_once(backend: &'static str, batch_max: &str, round: usize, run_for:
         .pool_max_idle_per_host(CLIENTS)
         .build()
         .unwrap();
+    // Every VM enrols once, as agents do, and then reports with its own credential.
+    let mut credentials = Vec::with_capacity(VMS);
+    for n in 0..VMS {
+        let answer: serde_json::Value = http
+            .post(&url)
+            .bearer_auth("bench-agent")
+            .json(&report(n))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        credentials.push(answer["credential"].as_str().unwrap().to_owned());
+    }
+    let credentials = Arc::new(credentials);
+    let enrolled_rows = {
+        let mut conn = srv.state.db.conn().await.unwrap();
+        server::db::store::count_metric_samples(&mut conn, None)
+            .await
+            .unwrap()
+    };
     let ok = Arc::new(AtomicU64::new(0));
     let other = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for client in 0..CLIENTS {
         let (http, url, ok, other) = (http.clone(), url.clone(), ok.clone(), other.clone());
+        let credentials = credentials.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let mut n = client;
             while started.elapsed() < run_for {
-                let body = json!({
-                    "hostname": format!("bench-{:04}", n % VMS), "os": "linux", "cpu_percent": 10.0,
-                    "ram_used_bytes": 1000, "ram_total_bytes": 4000, "uptime_seconds": 100,
-                    "disks": [{"mount": "/", "used_bytes": 1, "total_bytes": 2}]
-                });
+                let body = report(n % VMS);
+                let credential = &credentials[n % VMS];
                 n += CLIENTS;
                 let t = Instant::now();
                 let resp = http
                     .post(&url)
-                    .bearer_auth("bench-agent")
+                    .bearer_auth(credential)
                     .json(&body)
                     .send()
                     .await;
@@ -138,6 +168,7 @@ async fn run_once(backend: &'static str, batch_max: &str, round: usize, run_for:
         server::db::store::count_metric_samples(&mut conn, None)
             .await
             .unwrap()
+            - enrolled_rows
     };
     srv.stop().await;
     if backend == "postgres" {

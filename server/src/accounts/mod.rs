@@ -401,9 +401,12 @@ pub async fn bootstrap(db: &Db, config: &crate::config::Config) -> anyhow::Resul
     )
     .await?;
     if in_force == hash_token(&code) {
+        // One-time and worthless once the first admin exists, so it may be shown where the
+        // person installing the server looks first.
         tracing::warn!(
+            setup_code = %code,
             path = %path.display(),
-            "no user yet: open the dashboard and create the first admin with the setup code in this file"
+            "no user yet: open the dashboard and create the first admin with this setup code"
         );
     } else {
         // Another replica's code is in force; its data directory holds it.

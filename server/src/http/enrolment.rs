@@ -5,6 +5,7 @@
 
 use super::error::{ApiError, FieldError};
 use super::extract::{Admin, JsonBody, VmPath};
+use crate::accounts::audit_quietly;
 use crate::auth;
 use crate::db::identity::{self, NewToken, TokenRow};
 use crate::enrolment::CREDENTIAL_PREFIX;
@@ -52,6 +53,16 @@ pub async fn rotate(
         return Err(ApiError::NotFound);
     }
     tracing::info!(vm_id = %id, by = %actor.who.name, "agent credential rotated");
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "rotate_credential",
+        Some(&format!("vm {id}")),
+        &actor.from,
+        "success",
+        None,
+    )
+    .await;
     Ok((
         NO_STORE,
         Json(IssuedCredential {
@@ -79,6 +90,16 @@ pub async fn revoke(
         identity::revoke_credentials(&mut conn, id, crate::now_ms()).await?
     };
     tracing::info!(vm_id = %id, revoked, by = %actor.who.name, "agent credentials revoked");
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "revoke_credential",
+        Some(&format!("vm {id}")),
+        &actor.from,
+        "success",
+        Some(&format!("{revoked} revoked")),
+    )
+    .await;
     Ok(Json(Revoked { vm_id: id, revoked }))
 }
 
@@ -236,6 +257,16 @@ pub async fn create_token(
         by = %actor.who.name,
         "enrolment token created"
     );
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "create_enrolment_token",
+        Some(&format!("token {}", row.id)),
+        &actor.from,
+        "success",
+        Some(&row.label),
+    )
+    .await;
     Ok((
         StatusCode::CREATED,
         NO_STORE,
@@ -273,5 +304,15 @@ pub async fn revoke_token(
         return Err(ApiError::NotFound);
     }
     tracing::info!(token_id = id, by = %actor.who.name, "enrolment token revoked");
+    audit_quietly(
+        &state,
+        &actor.who.name,
+        "revoke_enrolment_token",
+        Some(&format!("token {id}")),
+        &actor.from,
+        "success",
+        None,
+    )
+    .await;
     Ok(StatusCode::NO_CONTENT)
 }
