@@ -37,7 +37,11 @@ pub fn router(state: AppState) -> Router {
         .leptos_routes_with_context(
             &state,
             generate_route_list(App),
-            move || provide_context(backend.clone()),
+            move || {
+                provide_context(backend.clone());
+                // A fresh nonce per page for the inline hydration scripts (see app::shell).
+                leptos::nonce::provide_nonce();
+            },
             move || shell(options.clone()),
         )
         .nest_service("/pkg", ServeDir::new(pkg_dir))
@@ -51,6 +55,10 @@ pub fn router(state: AppState) -> Router {
         .layer(SetResponseHeaderLayer::if_not_present(
             header::X_FRAME_OPTIONS,
             HeaderValue::from_static("DENY"),
+        ))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::REFERRER_POLICY,
+            HeaderValue::from_static("no-referrer"),
         ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)

@@ -171,6 +171,30 @@ async fn nothing_is_readable_anonymously() {
         (status, headers["location"].to_str().unwrap()),
         (303, "/login")
     );
+    // The sign-in page itself: a nonce-based content security policy, no referrer.
+    let (status, page, headers) = anonymous.request(Method::GET, "/login", None, "none").await;
+    assert_eq!(status, 200);
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    let nonce = csp
+        .split("'nonce-")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap();
+    assert!(
+        csp.contains("frame-ancestors 'none'") && !csp.contains("unsafe-inline"),
+        "{csp}"
+    );
+    let page = page.as_str().unwrap();
+    assert!(
+        page.contains(&format!("nonce=\"{nonce}\"")),
+        "inline scripts carry the nonce"
+    );
+    assert_eq!(headers["referrer-policy"], "no-referrer");
+    let (_, _, again) = anonymous.request(Method::GET, "/login", None, "none").await;
+    assert_ne!(
+        again["content-security-policy"], headers["content-security-policy"],
+        "a nonce per page"
+    );
     assert_eq!(anonymous.rpc("fleet", "").await, 401);
     assert_eq!(anonymous.rpc("me", "").await, 401);
     assert_eq!(anonymous.rpc("reset", &format!("vm_id={id}")).await, 401);
