@@ -63,6 +63,8 @@ pub struct Config {
     pub tls_handshake_timeout: Duration,
     /// Session lifetimes and the sign-in throttle.
     pub accounts: crate::accounts::AccountSettings,
+    /// Abuse limits: report rate per credential, request time, trusted proxies, Host names.
+    pub limits: Limits,
     /// The first admin, for unattended installs (`ADMIN_USERNAME`, `ADMIN_PASSWORD`).
     pub admin_username: Option<String>,
     pub admin_password: Option<Secret>,
@@ -216,6 +218,7 @@ impl Config {
             db_pool_size: parse(&get, "DB_POOL_SIZE", 8usize)?.max(2),
             redis_url: get("REDIS_URL"),
             accounts: account_settings(&get)?,
+            limits: limits(&get)?,
             admin_username: get("ADMIN_USERNAME"),
             admin_password: get("ADMIN_PASSWORD").map(Secret::new),
             agent_token: get("AGENT_TOKEN").map(Secret::new),
@@ -233,6 +236,74 @@ impl Config {
         self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://")
     }
+}
+
+/// What one client may ask of the server.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Reports one VM credential may send per minute, sustained (`REPORT_RATE_PER_MINUTE`)…
+    pub report_rate_per_minute: u32,
+    /// …and at once, e.g. replaying its spool (`REPORT_BURST`).
+    pub report_burst: u32,
+    /// Longest a request may take before it is answered 408 (`REQUEST_TIMEOUT_SECONDS`).
+    pub request_timeout: Duration,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// The host name (and port) the server is reached by (`PUBLIC_URL`): requests naming
+    /// another host are refused, against DNS rebinding. `None`: any host.
+    pub public_host: Option<String>,
+}
+
+fn limits(get: &impl Fn(&str) -> Option<String>) -> Result<Limits, ConfigError> {
+    let positive = |name: &'static str, default: u32| -> Result<u32, ConfigError> {
+        let value: u32 = parse(get, name, default)?;
+        if value == 0 {
+            return Err(ConfigError {
+                name,
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(value)
+    };
+    let trusted_proxies = match get("TRUSTED_PROXIES") {
+        None => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|ip| {
+                ip.parse()
+                    .map_err(|_err: std::net::AddrParseError| ConfigError {
+                        name: "TRUSTED_PROXIES",
+                        reason: format!("{ip:?} is not an IP address"),
+                    })
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let public_host = match get("PUBLIC_URL") {
+        None => None,
+        Some(url) => Some(public_host(&url).ok_or(ConfigError {
+            name: "PUBLIC_URL",
+            reason: format!("{url:?} is not an http:// or https:// URL with a host"),
+        })?),
+    };
+    Ok(Limits {
+        report_rate_per_minute: positive("REPORT_RATE_PER_MINUTE", 120)?,
+        report_burst: positive("REPORT_BURST", 120)?,
+        request_timeout: Duration::from_secs(u64::from(positive("REQUEST_TIMEOUT_SECONDS", 60)?)),
+        trusted_proxies,
+        public_host,
+    })
+}
+
+/// `host[:port]` of an http(s) URL, lower-cased.
+fn public_host(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    if !matches!(scheme, "http" | "https") {
+        return None;
+    }
+    let authority = rest.split('/').next()?.rsplit('@').next()?;
+    (!authority.is_empty()).then(|| authority.to_ascii_lowercase())
 }
 
 fn account_settings(

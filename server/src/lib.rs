@@ -136,6 +136,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             health: health.clone(),
             started_ms: now_ms(),
             login_throttle: accounts::throttle::LoginThrottle::new(config.accounts.login_window_ms),
+            report_limiter: report_limiter(&config.limits),
         }),
     };
     scheduler::rebuild_cache(&state).await;
@@ -183,6 +184,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         serve,
         jobs: vec![writer, scheduler],
     })
+}
+
+fn report_limiter(limits: &config::Limits) -> governor::DefaultKeyedRateLimiter<String> {
+    let per_minute = std::num::NonZeroU32::new(limits.report_rate_per_minute)
+        .unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = std::num::NonZeroU32::new(limits.report_burst).unwrap_or(std::num::NonZeroU32::MIN);
+    governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute).allow_burst(burst))
 }
 
 /// Runs a background job and starts it again if it panics: a dead writer would refuse every

@@ -31,6 +31,8 @@ pub struct Inner {
     pub started_ms: i64,
     /// Failed sign-ins per account and per address (per replica).
     pub login_throttle: crate::accounts::throttle::LoginThrottle,
+    /// Reports per VM credential (per replica): one VM cannot flood the writer.
+    pub report_limiter: governor::DefaultKeyedRateLimiter<String>,
 }
 
 impl std::ops::Deref for AppState {

@@ -17,6 +17,7 @@ use leptos::prelude::provide_context;
 use leptos_axum::{LeptosRoutes, generate_route_list};
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tower_sessions::cookie::SameSite;
 use tower_sessions::{Expiry, SessionManagerLayer};
@@ -32,7 +33,8 @@ pub fn router(state: AppState) -> Router {
         .join(&*state.leptos_options.site_pkg_dir);
     let options = state.leptos_options.clone();
     Router::new()
-        .merge(http::router())
+        // Leaves connections for the writer, the scheduler and sign-ins.
+        .merge(http::router(state.config.db_pool_size.saturating_sub(2)))
         .merge(crate::agents::router())
         .leptos_routes_with_context(
             &state,
@@ -48,6 +50,14 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
         .layer(middleware::from_fn_with_state(state.clone(), sign_in_first))
         .layer(session_layer(&state))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            state.config.limits.request_timeout,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            known_host_and_client,
+        ))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),
@@ -125,4 +135,37 @@ async fn sign_in_first(State(state): State<AppState>, request: Request, next: Ne
             (StatusCode::SERVICE_UNAVAILABLE, "storage unavailable").into_response()
         }
     }
+}
+
+/// Refuses requests for a host other than `PUBLIC_URL`'s (421), and notes the client's
+/// address (through a trusted proxy if there is one) for the audit log and throttles.
+async fn known_host_and_client(
+    State(state): State<AppState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let limits = &state.config.limits;
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| request.uri().authority().map(|a| a.as_str()));
+    if !accounts::host_allowed(host, limits.public_host.as_deref()) {
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            "this server answers only to the host in its PUBLIC_URL",
+        )
+            .into_response();
+    }
+    let peer = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|info| info.0.ip());
+    if let Some(peer) = peer {
+        let client = accounts::client_addr(peer, request.headers(), &limits.trusted_proxies);
+        request
+            .extensions_mut()
+            .insert(accounts::ClientAddr(client));
+    }
+    next.run(request).await
 }

@@ -233,12 +233,61 @@ pub fn same_origin(method: &Method, headers: &HeaderMap) -> bool {
     }
 }
 
-/// Where the request came from (the peer address), for the audit log and the throttle.
+/// The client's address: the peer, or what a trusted reverse proxy says (see `web.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::IpAddr);
+
+/// Where the request came from, for the audit log and the throttle.
 pub fn source(extensions: &axum::http::Extensions) -> String {
     extensions
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|info| info.0.ip().to_string())
+        .get::<ClientAddr>()
+        .map(|addr| addr.0)
+        .or_else(|| {
+            extensions
+                .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                .map(|info| info.0.ip())
+        })
+        .map(|ip| ip.to_string())
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The client behind `peer`: the last `X-Forwarded-For` entry when `peer` is a trusted
+/// proxy (the one address that proxy saw), else `peer` itself.
+pub fn client_addr(
+    peer: std::net::IpAddr,
+    headers: &HeaderMap,
+    trusted_proxies: &[std::net::IpAddr],
+) -> std::net::IpAddr {
+    if !trusted_proxies.contains(&peer) {
+        return peer;
+    }
+    headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .last()
+        .and_then(|ip| ip.trim().parse().ok())
+        .unwrap_or(peer)
+}
+
+/// Whether a request's `Host` is one the server answers to: `public_host` (from
+/// `PUBLIC_URL`) or a loopback name; any host when `PUBLIC_URL` is unset. A page served to
+/// another name (DNS rebinding) would otherwise talk to us with the victim's network access.
+pub fn host_allowed(host: Option<&str>, public_host: Option<&str>) -> bool {
+    let Some(public) = public_host else {
+        return true;
+    };
+    let Some(host) = host.map(str::to_ascii_lowercase) else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default().to_owned(),
+        None => host.split(':').next().unwrap_or_default().to_owned(),
+    };
+    host == public
+        || public.split(':').next() == Some(name.as_str()) && !public.contains(':')
+        || matches!(name.as_str(), "localhost" | "127.0.0.1" | "::1")
 }
 
 /// Why a sign-in did not happen.
@@ -535,6 +584,30 @@ mod tests {
             &headers(&[("origin", "https://evil.example"), ("host", "mon:3000")])
         ));
         assert!(!same_origin(&post, &headers(&[("host", "mon:3000")])));
+    }
+
+    #[test]
+    fn only_a_trusted_proxy_names_the_client() {
+        let proxy: std::net::IpAddr = "10.0.0.2".parse().unwrap();
+        let h = headers(&[("x-forwarded-for", "6.6.6.6, 192.0.2.7")]);
+        assert_eq!(client_addr(proxy, &h, &[proxy]).to_string(), "192.0.2.7");
+        let stranger: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+        assert_eq!(client_addr(stranger, &h, &[proxy]), stranger);
+        assert_eq!(client_addr(proxy, &headers(&[]), &[proxy]), proxy);
+    }
+
+    #[test]
+    fn hosts_outside_public_url_are_refused() {
+        assert!(host_allowed(Some("anything"), None));
+        let public = Some("mon.example:3000");
+        assert!(host_allowed(Some("MON.example:3000"), public));
+        assert!(host_allowed(Some("localhost:3000"), public));
+        assert!(host_allowed(Some("[::1]:3000"), public));
+        assert!(!host_allowed(Some("evil.example:3000"), public));
+        assert!(!host_allowed(Some("mon.example:4000"), public));
+        assert!(!host_allowed(None, public));
+        assert!(host_allowed(Some("mon.example"), Some("mon.example")));
+        assert!(host_allowed(Some("mon.example:443"), Some("mon.example")));
     }
 
     #[test]

@@ -22,8 +22,12 @@ use axum::extract::DefaultBodyLimit;
 use axum::routing::{any, delete, get, post, put};
 use domain::heartbeat::MAX_REPORT_BYTES;
 use domain::view::VmView;
+use tower::limit::GlobalConcurrencyLimitLayer;
 
-pub fn router() -> Router<AppState> {
+/// The API's routes. `read_slots` bounds the history reads running at once (they hold a
+/// database connection each): reads queue, they never starve the ingest writer.
+pub fn router(read_slots: usize) -> Router<AppState> {
+    let reads = GlobalConcurrencyLimitLayer::new(read_slots.max(1));
     Router::new()
         .route("/api/health", get(health::health))
         .route("/api/health/report", post(report::report))
@@ -42,14 +46,23 @@ pub fn router() -> Router<AppState> {
             get(people::list_api_tokens).post(people::create_api_token),
         )
         .route("/api/tokens/{id}", delete(people::revoke_api_token))
-        .route("/api/audit", get(people::audit))
+        .route("/api/audit", get(people::audit).layer(reads.clone()))
         .route("/auth/login", post(people::form_login))
         .route("/auth/logout", post(people::form_logout))
         .route("/auth/setup", post(people::form_setup))
         .route("/api/vms", get(vms::list))
-        .route("/api/vms/{id}", get(vms::get).delete(vms::delete))
-        .route("/api/vms/{id}/metrics", get(vms::metrics))
-        .route("/api/vms/{id}/reset-history", get(vms::reset_history))
+        .route(
+            "/api/vms/{id}",
+            get(vms::get).layer(reads.clone()).delete(vms::delete),
+        )
+        .route(
+            "/api/vms/{id}/metrics",
+            get(vms::metrics).layer(reads.clone()),
+        )
+        .route(
+            "/api/vms/{id}/reset-history",
+            get(vms::reset_history).layer(reads.clone()),
+        )
         .route("/api/vms/{id}/proxmox", put(vms::link))
         .route("/api/vms/{id}/auto-reset", put(vms::set_auto_reset))
         .route(
@@ -67,7 +80,10 @@ pub fn router() -> Router<AppState> {
         .route("/api/vms/{id}/reset", post(remediation::reset))
         .route("/api/vms/{id}/shutdown", post(remediation::shutdown))
         .route("/api/vms/{id}/acknowledge", post(remediation::acknowledge))
-        .route("/api/remediation", get(remediation::overview))
+        .route(
+            "/api/remediation",
+            get(remediation::overview).layer(reads.clone()),
+        )
         .route("/api/status", get(status::summary))
         .route(
             "/api/status/config",

@@ -2,6 +2,7 @@
 
 use super::error::ApiError;
 use super::extract::{AgentBearer, RawBody};
+use crate::enrolment::Presented;
 use crate::ingest::Submission;
 use crate::state::AppState;
 use axum::Json;
@@ -37,6 +38,9 @@ pub async fn report(
     ),
     ApiError,
 > {
+    if let Presented::Credential { hash } = &presented {
+        within_rate(&state, hash)?;
+    }
     let accepted =
         parse_report(&body, crate::now_ms()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let warnings: Vec<String> = accepted.warnings.iter().map(ToString::to_string).collect();
@@ -61,4 +65,26 @@ pub async fn report(
             credential: stored.credential.map(|c| c.expose().to_owned()),
         }),
     ))
+}
+
+/// Most distinct credentials the limiter keeps before it forgets idle ones (a spray of
+/// made-up credentials must not grow it without bound).
+const MAX_LIMITER_KEYS: usize = 200_000;
+
+/// 429 when this credential sends faster than `REPORT_RATE_PER_MINUTE` beyond its burst.
+fn within_rate(state: &AppState, credential_hash: &str) -> Result<(), ApiError> {
+    let limiter = &state.report_limiter;
+    if limiter.len() > MAX_LIMITER_KEYS {
+        limiter.retain_recent();
+    }
+    limiter
+        .check_key(&credential_hash.to_owned())
+        .map_err(|not_until| {
+            use governor::clock::Clock;
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            let seconds = i64::try_from(wait.as_secs())
+                .unwrap_or(i64::MAX)
+                .saturating_add(1);
+            ApiError::TooManyRequests(seconds)
+        })
 }

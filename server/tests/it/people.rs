@@ -540,3 +540,161 @@ async fn first_start_setup_needs_the_code_and_happens_once() {
     assert_eq!(Person::at(&srv).login("ops", PASSWORD).await, 200);
     srv.stop().await;
 }
+
+/// One VM credential cannot flood the writer: beyond its burst it gets 429 with
+/// Retry-After and nothing is stored; other VMs and enrolments are not affected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_credential_that_floods_is_slowed() {
+    let mut srv = TestServer::start(
+        Backend::Sqlite,
+        &[("REPORT_RATE_PER_MINUTE", "1"), ("REPORT_BURST", "3")],
+    )
+    .await;
+    let mut credentials = Vec::new();
+    for host in ["flood", "calm"] {
+        let (status, body) = srv.report(&report_for(host)).await;
+        assert_eq!(status, 200, "{body}");
+        credentials.push(body["credential"].as_str().unwrap().to_owned());
+    }
+    let body = report_for("flood").to_string().into_bytes();
+    for _ in 0..3 {
+        assert_eq!(
+            srv.report_raw(body.clone(), Some(&credentials[0])).await.0,
+            200
+        );
+    }
+    let rows = srv.metric_rows().await;
+    let resp = srv
+        .http
+        .post(srv.url("/api/health/report"))
+        .bearer_auth(&credentials[0])
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    assert!(resp.headers().get("retry-after").is_some());
+    assert_eq!(srv.metric_rows().await, rows, "a refused report was stored");
+    let calm = report_for("calm").to_string().into_bytes();
+    assert_eq!(srv.report_raw(calm, Some(&credentials[1])).await.0, 200);
+    assert_eq!(srv.report(&report_for("newcomer")).await.0, 200);
+    srv.stop().await;
+}
+
+/// With `PUBLIC_URL`, a request naming another host (DNS rebinding) is refused; the
+/// public name and loopback answer. Behind a trusted proxy the audit log names the client
+/// from `X-Forwarded-For`; from anyone else that header is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn foreign_hosts_are_refused_and_only_trusted_proxies_name_the_client() {
+    let mut srv = TestServer::start(
+        Backend::Sqlite,
+        &[
+            ("PUBLIC_URL", "https://mon.example:8443"),
+            ("TRUSTED_PROXIES", "127.0.0.1"),
+        ],
+    )
+    .await;
+    let health = |host: &'static str| {
+        let srv = &srv;
+        async move {
+            srv.http
+                .get(srv.url("/api/health"))
+                .header("host", host)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(health("evil.example").await, 421);
+    assert_eq!(health("mon.example:9999").await, 421);
+    assert_eq!(health("mon.example:8443").await, 200);
+    assert_eq!(health("localhost:1234").await, 200);
+    add_user(&srv, "alice", "admin").await;
+    let login = srv
+        .http
+        .post(srv.url("/api/login"))
+        .header("x-forwarded-for", "198.51.100.1, 192.0.2.7")
+        .header("sec-fetch-site", "same-origin")
+        .json(&json!({"username": "alice", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status().as_u16(), 200);
+    let (_, audit) = srv.get("/api/audit").await;
+    assert_eq!(audit[0]["source"], "192.0.2.7", "{audit}");
+    srv.stop().await;
+
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    add_user(&srv, "alice", "admin").await;
+    srv.http
+        .post(srv.url("/api/login"))
+        .header("x-forwarded-for", "192.0.2.7")
+        .header("sec-fetch-site", "same-origin")
+        .json(&json!({"username": "alice", "password": PASSWORD}))
+        .send()
+        .await
+        .unwrap();
+    let (_, audit) = srv.get("/api/audit").await;
+    assert_eq!(
+        audit[0]["source"], "127.0.0.1",
+        "an untrusted peer chose its address: {audit}"
+    );
+    srv.stop().await;
+}
+
+/// Reads that hang on the database hold at most their share of connections: a report
+/// still commits while ten history reads wait on a locked table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_reads_never_starve_the_writer() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+    let mut srv = TestServer::start(Backend::Postgres, &[("DB_POOL_SIZE", "4")]).await;
+    let (_, body) = srv.report(&report_for("web-01")).await;
+    let id = body["vm_id"].as_i64().unwrap();
+    let mut locker = AsyncPgConnection::establish(&srv.db.url).await.unwrap();
+    locker
+        .batch_execute("BEGIN; LOCK TABLE reset_attempts IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let reads: Vec<_> = (0..10)
+        .map(|_| {
+            let (http, url) = (
+                srv.http.clone(),
+                srv.url(&format!("/api/vms/{id}/reset-history")),
+            );
+            tokio::spawn(async move { http.get(url).bearer_auth(ADMIN_TOKEN).send().await })
+        })
+        .collect();
+    // Give the reads time to take every connection they are allowed.
+    let admin_url = admin_pg_url();
+    let name = srv.db.url.rsplit('/').next().unwrap().to_owned();
+    wait_for("reads waiting on the lock", Duration::from_secs(10), || {
+        let (admin_url, name) = (admin_url.clone(), name.clone());
+        async move {
+            let mut admin = AsyncPgConnection::establish(&admin_url).await.ok()?;
+            #[derive(diesel::QueryableByName)]
+            struct Waiting {
+                #[diesel(sql_type = diesel::sql_types::BigInt)]
+                n: i64,
+            }
+            use diesel_async::RunQueryDsl;
+            let w: Waiting = diesel::sql_query(format!(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{name}' \
+                 AND wait_event_type = 'Lock'"
+            ))
+            .get_result(&mut admin)
+            .await
+            .ok()?;
+            (w.n >= 1).then_some(())
+        }
+    })
+    .await;
+    let (status, body) = srv.report(&report_for("web-02")).await;
+    assert_eq!(status, 200, "the writer was starved by reads: {body}");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    for read in reads {
+        assert_eq!(read.await.unwrap().unwrap().status().as_u16(), 200);
+    }
+    srv.stop().await;
+}
