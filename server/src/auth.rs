@@ -162,6 +162,12 @@ pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
         options.mode(0o600);
     }
     let mut file = options.open(path)?;
+    // `mode` applies only to a new file: an existing one is narrowed too.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     file.write_all(contents.as_bytes())?;
     file.write_all(b"\n")?;
     Ok(())

@@ -62,7 +62,7 @@ pub struct Config {
     /// Longest a client may take over its TLS handshake before it is disconnected.
     pub tls_handshake_timeout: Duration,
     /// Session lifetimes and the sign-in throttle.
-    pub accounts: crate::accounts::AccountSettings,
+    pub accounts: AccountSettings,
     /// Abuse limits: report rate per credential, request time, trusted proxies, Host names.
     pub limits: Limits,
     /// The first admin, for unattended installs (`ADMIN_USERNAME`, `ADMIN_PASSWORD`).
@@ -238,6 +238,27 @@ impl Config {
     }
 }
 
+/// Session lifetimes and sign-in limits.
+#[derive(Clone, Copy, Debug)]
+pub struct AccountSettings {
+    /// A session unused this long ends.
+    pub session_idle_ms: i64,
+    /// A session ends this long after sign-in, used or not.
+    pub session_max_ms: i64,
+    /// Window of the sign-in throttle.
+    pub login_window_ms: i64,
+}
+
+impl Default for AccountSettings {
+    fn default() -> Self {
+        Self {
+            session_idle_ms: 30 * 60_000,
+            session_max_ms: 12 * 3_600_000,
+            login_window_ms: 15 * 60_000,
+        }
+    }
+}
+
 /// What one client may ask of the server.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -252,6 +273,8 @@ pub struct Limits {
     /// The host name (and port) the server is reached by (`PUBLIC_URL`): requests naming
     /// another host are refused, against DNS rebinding. `None`: any host.
     pub public_host: Option<String>,
+    /// `PUBLIC_URL` is https (a TLS proxy in front): cookies are Secure.
+    pub public_https: bool,
 }
 
 fn limits(get: &impl Fn(&str) -> Option<String>) -> Result<Limits, ConfigError> {
@@ -293,6 +316,7 @@ fn limits(get: &impl Fn(&str) -> Option<String>) -> Result<Limits, ConfigError> 
         request_timeout: Duration::from_secs(u64::from(positive("REQUEST_TIMEOUT_SECONDS", 60)?)),
         trusted_proxies,
         public_host,
+        public_https: get("PUBLIC_URL").is_some_and(|url| url.starts_with("https://")),
     })
 }
 
@@ -306,10 +330,8 @@ fn public_host(url: &str) -> Option<String> {
     (!authority.is_empty()).then(|| authority.to_ascii_lowercase())
 }
 
-fn account_settings(
-    get: &impl Fn(&str) -> Option<String>,
-) -> Result<crate::accounts::AccountSettings, ConfigError> {
-    let defaults = crate::accounts::AccountSettings::default();
+fn account_settings(get: &impl Fn(&str) -> Option<String>) -> Result<AccountSettings, ConfigError> {
+    let defaults = AccountSettings::default();
     let minutes = |name: &'static str, default_ms: i64| -> Result<i64, ConfigError> {
         let value: i64 = parse(get, name, default_ms / 60_000)?;
         if value < 1 {
@@ -320,7 +342,7 @@ fn account_settings(
         }
         Ok(value.saturating_mul(60_000))
     };
-    Ok(crate::accounts::AccountSettings {
+    Ok(AccountSettings {
         session_idle_ms: minutes("SESSION_IDLE_MINUTES", defaults.session_idle_ms)?,
         session_max_ms: minutes("SESSION_MAX_MINUTES", defaults.session_max_ms)?,
         login_window_ms: parse(get, "LOGIN_THROTTLE_WINDOW_MS", defaults.login_window_ms)?.max(1),

@@ -1,13 +1,13 @@
 //! Whose each report is: a VM credential names its VM; an enrolment token asks to become one.
 //!
-//! Runs inside the writer's transaction, so a revocation, a rotation or a concurrent
-//! enrolment on another replica is seen exactly as committed.
+//! Runs inside the writer's transaction: a revocation or a rotation holds for the next
+//! report. Replicas enrolling one VM at once collide on the one-credential-per-VM index;
+//! the loser's batch is retried and finds the winner's credential.
 
 use crate::auth;
 use crate::db::identity::{CredentialRow, IdentityStore, TokenRow, states};
 use crate::db::reports::{ReportWriter, match_vm};
 use crate::db::store::VmRow;
-use crate::ingest::{IngestError, Submission};
 use diesel::QueryResult;
 use domain::heartbeat::Heartbeat;
 use domain::identity::{self, CredentialState, EnrolledIdentity, Enrolment, TokenCheck};
@@ -43,6 +43,32 @@ impl Presented {
     }
 }
 
+/// A report and what its sender proved about who it is.
+#[derive(Clone, Debug)]
+pub struct Submission {
+    pub report: Heartbeat,
+    pub presented: Presented,
+}
+
+impl Submission {
+    /// A report sent with the fleet's shared agent token.
+    pub fn fleet(report: Heartbeat) -> Self {
+        Self {
+            report,
+            presented: Presented::FleetToken,
+        }
+    }
+}
+
+/// Why a report is not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No credential or enrolment token in force.
+    Unauthorized,
+    /// An enrolment asked for an identity another credential holds.
+    IdentityTaken,
+}
+
 /// A report admitted as one VM's, with the identity fields that VM enrolled with.
 pub struct Admitted {
     pub vm_id: VmId,
@@ -52,7 +78,7 @@ pub struct Admitted {
 
 /// The outcome per submission (in order) and the VM rows as they were before the batch.
 pub struct Admission {
-    pub outcomes: Vec<Result<Admitted, IngestError>>,
+    pub outcomes: Vec<Result<Admitted, Refusal>>,
     pub known: Vec<VmRow>,
 }
 
@@ -116,7 +142,7 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
     let known_ids: Vec<i64> = known.iter().map(|r| r.id).collect();
     let mut credential_state = states(&c.credentials_of(&known_ids).await?);
 
-    let mut outcomes: Vec<Option<Result<Admitted, IngestError>>> =
+    let mut outcomes: Vec<Option<Result<Admitted, Refusal>>> =
         submissions.iter().map(|_| None).collect();
 
     // Credentials first: a VM whose credential is used in this batch is enrolled for any
@@ -127,12 +153,12 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
             continue;
         };
         let outcome = match credentials.get(hash) {
-            None => Err(IngestError::Unauthorized),
+            None => Err(Refusal::Unauthorized),
             Some(credential) => {
                 let vm_id = VmId(credential.vm_id);
                 match known.iter().find(|r| r.id == credential.vm_id) {
                     // Deleted meanwhile: the credential went with it.
-                    None => Err(IngestError::Unauthorized),
+                    None => Err(Refusal::Unauthorized),
                     Some(row) => {
                         if credential.confirmed_ms.is_none() {
                             first_uses.push(credential.id);
@@ -152,7 +178,6 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
     }
     c.confirm_credentials(&first_uses, now_ms).await?;
 
-    let mut issued: HashMap<VmId, Secret> = HashMap::new();
     let mut token_uses: HashMap<i64, i64> = HashMap::new();
     for (slot, submission) in outcomes.iter_mut().zip(submissions) {
         if slot.is_some() {
@@ -164,7 +189,7 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
             Presented::EnrolmentToken { hash } => match tokens.get(hash) {
                 Some(token) => Some(token),
                 None => {
-                    *slot = Some(Err(IngestError::Unauthorized));
+                    *slot = Some(Err(Refusal::Unauthorized));
                     continue;
                 }
             },
@@ -185,14 +210,14 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
                 );
                 if check != TokenCheck::Valid {
                     tracing::info!(token_id = token.id, ?check, "enrolment token refused");
-                    *slot = Some(Err(IngestError::Unauthorized));
+                    *slot = Some(Err(Refusal::Unauthorized));
                     continue;
                 }
                 match token.bound_guest() {
                     Ok(bound) => bound,
                     Err(reason) => {
                         tracing::error!(token_id = token.id, %reason, "stored enrolment token binding is not valid; refusing it");
-                        *slot = Some(Err(IngestError::Unauthorized));
+                        *slot = Some(Err(Refusal::Unauthorized));
                         continue;
                     }
                 }
@@ -205,15 +230,35 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
                 .copied()
                 .unwrap_or(CredentialState::None)
         }));
-        let vm_id = match (decision, matched) {
+        // A token bound to one guest never takes a VM linked to another guest.
+        let bound_elsewhere = matches!((&bound, matched), (Some(guest), Some(row))
+            if row.verified_guest().is_some_and(|linked| linked != *guest));
+        let (vm_id, issues) = match (decision, matched) {
             (Enrolment::Refused, Some(row)) => {
-                let vm_id = row.vm_id();
-                refuse(c, vm_id, report, now_ms).await?;
-                *slot = Some(Err(IngestError::IdentityTaken));
+                refuse(c, row, report, now_ms).await?;
+                *slot = Some(Err(Refusal::IdentityTaken));
                 continue;
             }
-            (Enrolment::Existing, Some(row)) => row.vm_id(),
-            _ => {
+            (_, Some(row)) if bound_elsewhere => {
+                refuse(c, row, report, now_ms).await?;
+                *slot = Some(Err(Refusal::IdentityTaken));
+                continue;
+            }
+            (Enrolment::Existing, Some(row)) => (Some(row.vm_id()), true),
+            (Enrolment::Pending, Some(row)) => (Some(row.vm_id()), false),
+            _ => (None, true),
+        };
+        // A use is counted, atomically against the limit, for each credential handed out.
+        if issues
+            && let Some(token) = token
+            && !c.count_token_use(token.id, now_ms).await?
+        {
+            *slot = Some(Err(Refusal::Unauthorized));
+            continue;
+        }
+        let vm_id = match vm_id {
+            Some(id) => id,
+            None => {
                 let row = c.create_vm(report).await?;
                 let vm_id = row.vm_id();
                 known.push(row);
@@ -223,31 +268,27 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
         if let Some(guest) = &bound {
             c.link_bound_guest(vm_id, guest).await?;
         }
-        if let Some(token) = token {
-            c.count_token_use(token.id, now_ms).await?;
-            *token_uses.entry(token.id).or_insert(0) += 1;
-        }
-        // Two enrolments of one VM in a batch get the same credential: only one can be kept.
-        let credential = match issued.get(&vm_id) {
-            Some(secret) => secret.clone(),
-            None => {
-                let secret = auth::generate_secret(CREDENTIAL_PREFIX);
-                c.issue_credential(vm_id, &auth::hash_token(secret.expose()), false, now_ms)
-                    .await?;
-                issued.insert(vm_id, secret.clone());
-                credential_state.insert(vm_id, CredentialState::Issued);
-                secret
+        let credential = if issues {
+            let secret = auth::generate_secret(CREDENTIAL_PREFIX);
+            c.issue_credential(vm_id, &auth::hash_token(secret.expose()), false, now_ms)
+                .await?;
+            credential_state.insert(vm_id, CredentialState::Issued);
+            if let Some(token) = token {
+                *token_uses.entry(token.id).or_insert(0) += 1;
             }
+            Some(secret)
+        } else {
+            None
         };
         *slot = Some(Ok(Admitted {
             vm_id,
             report: report.clone(),
-            credential: Some(credential),
+            credential,
         }));
     }
     let outcomes = outcomes
         .into_iter()
-        .map(|o| o.unwrap_or(Err(IngestError::Unauthorized)))
+        .map(|o| o.unwrap_or(Err(Refusal::Unauthorized)))
         .collect();
     Ok(Admission { outcomes, known })
 }
@@ -301,20 +342,27 @@ async fn record_claims<C: IdentityStore + Send>(
 
 async fn refuse<C: IdentityStore + Send>(
     c: &mut C,
-    vm_id: VmId,
+    row: &VmRow,
     report: &Heartbeat,
     now_ms: i64,
 ) -> QueryResult<()> {
+    let vm_id = row.vm_id();
+    let holds = identity::refusal_holds(row.machine_id.as_deref(), report.machine_id.as_deref());
     tracing::warn!(%vm_id, hostname = %report.hostname, "enrolment refused: the identity is already enrolled");
     let message = format!(
-        "an agent asked to enrol as {:?}{}, which another credential holds; refused, and \
-         auto-reset is held until an operator looks or the VM reports with its credential",
+        "an agent asked to enrol as {:?}{}, which another credential holds; refused{}",
         report.hostname,
         report
             .machine_id
             .as_deref()
             .map(|m| format!(" (machine_id {m})"))
-            .unwrap_or_default()
+            .unwrap_or_default(),
+        if holds {
+            ", and auto-reset is held until an operator looks or the VM reports with its \
+             credential (it carried this VM's uuid: its own agent may have lost the credential)"
+        } else {
+            ""
+        }
     );
     c.insert_event_once(
         EventKind::EnrolmentRefused,
@@ -324,9 +372,12 @@ async fn refuse<C: IdentityStore + Send>(
         CLAIM_EVENT_WINDOW_MS,
     )
     .await?;
-    c.hold_for_operator(
-        vm_id,
-        "held: an enrolment claimed this VM's identity (see events)",
-    )
-    .await
+    if holds {
+        c.hold_for_operator(
+            vm_id,
+            "held: an enrolment with this VM's uuid was refused (see events)",
+        )
+        .await?;
+    }
+    Ok(())
 }

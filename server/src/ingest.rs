@@ -6,7 +6,8 @@
 use crate::cache::{self, StateCache};
 use crate::db::reports::{NewMetric, PlannedState, ReportWriter};
 use crate::db::{Db, DbError};
-use crate::enrolment::{self, Presented};
+pub use crate::enrolment::Submission;
+use crate::enrolment::{self, Refusal};
 use crate::health::JobHealth;
 use crate::settings::SharedStatusConfig;
 use crate::with_conn;
@@ -34,6 +35,15 @@ pub enum IngestError {
     IdentityTaken,
 }
 
+impl From<Refusal> for IngestError {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::Unauthorized => IngestError::Unauthorized,
+            Refusal::IdentityTaken => IngestError::IdentityTaken,
+        }
+    }
+}
+
 impl IngestError {
     /// Failures of our own (the report was fine): they must never count against a VM.
     pub fn is_ours(self) -> bool {
@@ -48,23 +58,6 @@ pub struct StoredReport {
     pub status: VmStatus,
     /// The VM's new credential, when the report enrolled it: sent to its agent once.
     pub credential: Option<Secret>,
-}
-
-/// A report and what its sender proved about who it is.
-#[derive(Clone, Debug)]
-pub struct Submission {
-    pub report: Heartbeat,
-    pub presented: Presented,
-}
-
-impl Submission {
-    /// A report sent with the fleet's shared agent token.
-    pub fn fleet(report: Heartbeat) -> Self {
-        Self {
-            report,
-            presented: Presented::FleetToken,
-        }
-    }
 }
 
 struct Job {
@@ -234,7 +227,7 @@ pub async fn write_batch(
                 .outcomes
                 .into_iter()
                 .map(|outcome| {
-                    outcome.map(|a| StoredReport {
+                    outcome.map_err(IngestError::from).map(|a| StoredReport {
                         vm_id: a.vm_id,
                         status: statuses.get(&a.vm_id).copied().unwrap_or(VmStatus::Unknown),
                         credential: a.credential,

@@ -16,6 +16,7 @@ pub mod remediation;
 pub mod scheduler;
 pub mod settings;
 pub mod state;
+pub mod throttle;
 pub mod tls;
 pub mod web;
 
@@ -135,7 +136,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             engine,
             health: health.clone(),
             started_ms: now_ms(),
-            login_throttle: accounts::throttle::LoginThrottle::new(config.accounts.login_window_ms),
+            login_throttle: throttle::LoginThrottle::new(config.accounts.login_window_ms),
             report_limiter: report_limiter(&config.limits),
         }),
     };

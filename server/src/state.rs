@@ -30,7 +30,7 @@ pub struct Inner {
     /// When this process started (epoch ms).
     pub started_ms: i64,
     /// Failed sign-ins per account and per address (per replica).
-    pub login_throttle: crate::accounts::throttle::LoginThrottle,
+    pub login_throttle: crate::throttle::LoginThrottle,
     /// Reports per VM credential (per replica): one VM cannot flood the writer.
     pub report_limiter: governor::DefaultKeyedRateLimiter<String>,
 }

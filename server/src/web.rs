@@ -82,7 +82,8 @@ fn session_layer(state: &AppState) -> SessionManagerLayer<DbSessionStore> {
         .with_name("vmhc_session")
         .with_http_only(true)
         .with_same_site(SameSite::Strict)
-        .with_secure(!matches!(state.config.tls, TlsMode::Off))
+        // Behind a TLS proxy (`TLS=off`, an https `PUBLIC_URL`) the cookie is Secure too.
+        .with_secure(!matches!(state.config.tls, TlsMode::Off) || state.config.limits.public_https)
         .with_expiry(Expiry::OnInactivity(time::Duration::milliseconds(idle_ms)))
 }
 
@@ -150,7 +151,12 @@ async fn known_host_and_client(
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| request.uri().authority().map(|a| a.as_str()));
-    if !accounts::host_allowed(host, limits.public_host.as_deref()) {
+    // Agents and load balancers may use an address or another name; their routes take
+    // bearer credentials only, which a rebound page does not have.
+    let path = request.uri().path();
+    let bearer_only =
+        path == "/api/health" || path == "/api/health/report" || path.starts_with("/agents/");
+    if !bearer_only && !accounts::host_allowed(host, limits.public_host.as_deref()) {
         return (
             StatusCode::MISDIRECTED_REQUEST,
             "this server answers only to the host in its PUBLIC_URL",

@@ -100,20 +100,31 @@ pub fn check_token(
 pub enum Enrolment {
     /// A VM nobody knows: create it and hand out its credential.
     New,
-    /// The report is the matched VM's (its agent enrolling or moving over): store it and
-    /// hand out a fresh credential in place of any unused one.
+    /// The matched VM has no credential (from before per-VM credentials, or revoked): store
+    /// the report and hand out its credential.
     Existing,
-    /// The matched VM's identity is taken: store nothing, record the attempt, and keep
-    /// the VM from being reset until an operator looks (its own agent may be the one that
-    /// lost its credential; a refused report must never turn into a reset).
+    /// The matched VM's credential was handed out and never used: its agent has not moved
+    /// over (or the answer was lost). Store the report, hand out nothing: the credential
+    /// already issued stays the only one, so no one else can obtain or replace it.
+    Pending,
+    /// The matched VM's identity is taken: store nothing and record the attempt.
     Refused,
+}
+
+/// Whether a refused enrolment is evidence that the VM's own agent lost its credential, so
+/// the VM must be held from auto-reset: only when it carries the uuid the VM enrolled with
+/// (not readable from another guest). A name alone holds nothing, or anyone with an
+/// enrolment token could keep every VM from ever being reset.
+pub fn refusal_holds(enrolled_uuid: Option<&str>, claimed_uuid: Option<&str>) -> bool {
+    enrolled_uuid.is_some() && enrolled_uuid == claimed_uuid
 }
 
 /// Decides an enrolment from the state of the VM its body matches, if any.
 pub fn enrol(matched: Option<CredentialState>) -> Enrolment {
     match matched {
         None => Enrolment::New,
-        Some(CredentialState::None | CredentialState::Issued) => Enrolment::Existing,
+        Some(CredentialState::None) => Enrolment::Existing,
+        Some(CredentialState::Issued) => Enrolment::Pending,
         Some(CredentialState::Enrolled) => Enrolment::Refused,
     }
 }
@@ -189,8 +200,16 @@ mod tests {
     fn a_taken_identity_is_refused_and_only_a_taken_one() {
         assert_eq!(enrol(None), Enrolment::New);
         assert_eq!(enrol(Some(CredentialState::None)), Enrolment::Existing);
-        assert_eq!(enrol(Some(CredentialState::Issued)), Enrolment::Existing);
+        assert_eq!(enrol(Some(CredentialState::Issued)), Enrolment::Pending);
         assert_eq!(enrol(Some(CredentialState::Enrolled)), Enrolment::Refused);
+    }
+
+    #[test]
+    fn only_the_enrolled_uuid_holds_a_vm() {
+        assert!(refusal_holds(Some("aaaa"), Some("aaaa")));
+        assert!(!refusal_holds(Some("aaaa"), Some("bbbb")));
+        assert!(!refusal_holds(Some("aaaa"), None));
+        assert!(!refusal_holds(None, None));
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! passwords, the first-start setup, sign-in and sign-out, and the audit log.
 
 pub mod sessions;
-pub mod throttle;
 
 use crate::auth::{Role, bearer_token, hash_token};
 use crate::config::Secret;
@@ -45,27 +44,6 @@ pub struct SessionUser {
     pub seen_ms: i64,
 }
 
-/// Session lifetimes and sign-in limits.
-#[derive(Clone, Copy, Debug)]
-pub struct AccountSettings {
-    /// A session unused this long ends.
-    pub session_idle_ms: i64,
-    /// A session ends this long after sign-in, used or not.
-    pub session_max_ms: i64,
-    /// Window of the sign-in throttle.
-    pub login_window_ms: i64,
-}
-
-impl Default for AccountSettings {
-    fn default() -> Self {
-        Self {
-            session_idle_ms: 30 * 60_000,
-            session_max_ms: 12 * 3_600_000,
-            login_window_ms: 15 * 60_000,
-        }
-    }
-}
-
 /// Shortest password accepted.
 pub const MIN_PASSWORD_CHARS: usize = 12;
 const MAX_PASSWORD_CHARS: usize = 1024;
@@ -102,8 +80,13 @@ pub fn check_password(password: &str) -> Result<(), String> {
     }
 }
 
+/// Password hashes computed at once: each takes 19 MiB and a core, so a flood of sign-ins
+/// queues here instead of exhausting memory.
+static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// An argon2id hash (the crate's defaults: 19 MiB, 2 passes), off the async threads.
 pub async fn hash_password(password: &str) -> anyhow::Result<String> {
+    let _turn = HASHING.acquire().await?;
     let password = password.to_owned();
     tokio::task::spawn_blocking(move || {
         let salt = SaltString::generate(&mut argon2::password_hash::rand_core::OsRng);
@@ -117,6 +100,9 @@ pub async fn hash_password(password: &str) -> anyhow::Result<String> {
 
 /// Checks a password against a stored hash; a hash that does not parse never matches.
 pub async fn verify_password(password: &str, hash: &str) -> bool {
+    let Ok(_turn) = HASHING.acquire().await else {
+        return false;
+    };
     let (password, hash) = (password.to_owned(), hash.to_owned());
     tokio::task::spawn_blocking(move || {
         PasswordHash::new(&hash)
@@ -313,6 +299,35 @@ fn setup_unavailable(err: impl std::fmt::Display) -> SetupError {
     SetupError::Unavailable
 }
 
+/// A user name as the audit log keeps it: anyone can send any name, so at most 64
+/// characters, and only if it could be a user name at all.
+fn loggable(username: &str) -> String {
+    if check_username(username).is_ok() {
+        username.to_owned()
+    } else {
+        "(not a user name)".to_owned()
+    }
+}
+
+/// One audit entry per window for a throttled name: a guessing run must not fill the log.
+async fn audit_throttled(state: &AppState, username: &str, from: &str) {
+    if state
+        .login_throttle
+        .first_refusal(&format!("audit:{from}:{username}"), crate::now_ms())
+    {
+        audit_quietly(
+            state,
+            &loggable(username),
+            "login",
+            None,
+            from,
+            "throttled",
+            None,
+        )
+        .await;
+    }
+}
+
 /// Checks a name and password and, when right, signs the session in (with a new id).
 pub async fn login(
     state: &AppState,
@@ -324,11 +339,11 @@ pub async fn login(
     let now = crate::now_ms();
     let account_key = format!("user:{}", username.to_ascii_lowercase());
     let address_key = format!("addr:{from}");
-    if let Some(wait) = state
+    if let Err(wait) = state
         .login_throttle
-        .locked(&[&account_key, &address_key], now)
+        .begin(&[&account_key, &address_key], now)
     {
-        audit_quietly(state, username, "login", None, from, "throttled", None).await;
+        audit_throttled(state, username, from).await;
         return Err(LoginError::Throttled(wait));
     }
     let row = {
@@ -345,13 +360,25 @@ pub async fn login(
         }
     };
     let Some(row) = row.filter(|_| ok) else {
-        state
-            .login_throttle
-            .record_failure(&[&account_key, &address_key], now);
-        audit_quietly(state, username, "login", None, from, "failure", None).await;
+        audit_quietly(
+            state,
+            &loggable(username),
+            "login",
+            None,
+            from,
+            "failure",
+            None,
+        )
+        .await;
         return Err(LoginError::Invalid);
     };
-    state.login_throttle.record_success(&account_key);
+    state.login_throttle.succeeded(&account_key, &address_key);
+    // Sign-ins are rare: a good moment to drop sessions that expired.
+    if let Ok(mut conn) = state.db.conn().await
+        && let Err(err) = people::delete_expired_sessions(&mut conn, now).await
+    {
+        tracing::warn!(error = %err, "could not delete expired sessions");
+    }
     sign_in(session, &row, now).await?;
     audit_quietly(state, &row.username, "login", None, from, "success", None).await;
     Ok(Principal {
@@ -494,7 +521,7 @@ pub async fn setup(
     check_password(password.expose()).map_err(|e| SetupError::Invalid(format!("password: {e}")))?;
     let now = crate::now_ms();
     let address_key = format!("addr:{from}");
-    if state.login_throttle.locked(&[&address_key], now).is_some() {
+    if state.login_throttle.begin(&[&address_key], now).is_err() {
         return Err(SetupError::WrongCode);
     }
     let mut conn = state.db.conn().await.map_err(setup_unavailable)?;
@@ -510,7 +537,6 @@ pub async fn setup(
         .map_err(setup_unavailable)?;
     let given = hash_token(code.expose().trim());
     if !expected.is_some_and(|h| crate::auth::constant_time_eq(h.as_bytes(), given.as_bytes())) {
-        state.login_throttle.record_failure(&[&address_key], now);
         drop(conn);
         audit_quietly(state, username, "setup", None, from, "failure", None).await;
         return Err(SetupError::WrongCode);

@@ -34,6 +34,18 @@ fn id_hash(id: &Id) -> String {
     hash_token(&id.to_string())
 }
 
+/// The signed-in user (so a password change can end their sessions) and the data as JSON.
+fn columns(record: &Record) -> session_store::Result<(Option<i64>, String)> {
+    let data = serde_json::to_string(&record.data)
+        .map_err(|e| session_store::Error::Encode(e.to_string()))?;
+    let user_id = record
+        .data
+        .get(USER_KEY)
+        .and_then(|u| u.get("user_id"))
+        .and_then(serde_json::Value::as_i64);
+    Ok((user_id, data))
+}
+
 fn epoch_ms(at: time::OffsetDateTime) -> i64 {
     i64::try_from(at.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX)
 }
@@ -49,20 +61,22 @@ impl SessionStore for DbSessionStore {
         {
             record.id = Id::default();
         }
-        drop(conn);
-        self.save(record).await
+        let (user_id, data) = columns(record)?;
+        people::insert_session(
+            &mut conn,
+            &id_hash(&record.id),
+            user_id,
+            &data,
+            epoch_ms(record.expiry_date),
+        )
+        .await
+        .map_err(backend)
     }
 
     async fn save(&self, record: &Record) -> session_store::Result<()> {
-        let data = serde_json::to_string(&record.data)
-            .map_err(|e| session_store::Error::Encode(e.to_string()))?;
-        let user_id = record
-            .data
-            .get(USER_KEY)
-            .and_then(|u| u.get("user_id"))
-            .and_then(serde_json::Value::as_i64);
+        let (user_id, data) = columns(record)?;
         let mut conn = self.db.conn().await.map_err(backend)?;
-        people::save_session(
+        people::update_session(
             &mut conn,
             &id_hash(&record.id),
             user_id,

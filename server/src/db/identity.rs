@@ -6,7 +6,10 @@ use super::schema::{agent_credentials, enrolment_tokens, events, vms};
 use super::store::VmRow;
 use super::{Conn, DbError, SqliteConn};
 use crate::with_conn;
-use diesel::{BoolExpressionMethods, ExpressionMethods, OptionalExtension, QueryDsl, QueryResult};
+use diesel::{
+    BoolExpressionMethods, ExpressionMethods, NullableExpressionMethods, OptionalExtension,
+    QueryDsl, QueryResult,
+};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use domain::identity::CredentialState;
 use domain::{EventKind, GuestKind, GuestRef, LinkSource, NodeName, RemediationPhase, VmId, Vmid};
@@ -130,11 +133,13 @@ pub trait IdentityStore {
         now_ms: i64,
     ) -> impl Future<Output = QueryResult<()>> + Send;
 
+    /// Counts one use of a token, only while it is in force and under its limit (checked
+    /// by the update itself, so replicas enrolling at once cannot overrun it).
     fn count_token_use(
         &mut self,
         token_id: i64,
         now_ms: i64,
-    ) -> impl Future<Output = QueryResult<()>> + Send;
+    ) -> impl Future<Output = QueryResult<bool>> + Send;
 
     /// Links a VM to the guest its enrolment token was bound to (an admin's choice).
     fn link_bound_guest(
@@ -263,15 +268,27 @@ macro_rules! identity_store {
                 Ok(())
             }
 
-            async fn count_token_use(&mut self, token_id: i64, now_ms: i64) -> QueryResult<()> {
-                diesel::update(enrolment_tokens::table.find(token_id))
-                    .set((
-                        enrolment_tokens::uses.eq(enrolment_tokens::uses + 1),
-                        enrolment_tokens::last_used_ms.eq(now_ms),
-                    ))
-                    .execute(self)
-                    .await?;
-                Ok(())
+            async fn count_token_use(&mut self, token_id: i64, now_ms: i64) -> QueryResult<bool> {
+                let n = diesel::update(
+                    enrolment_tokens::table
+                        .find(token_id)
+                        .filter(enrolment_tokens::revoked_ms.is_null())
+                        .filter(
+                            enrolment_tokens::expires_ms
+                                .is_null()
+                                .or(enrolment_tokens::expires_ms.gt(now_ms)),
+                        )
+                        .filter(enrolment_tokens::max_uses.is_null().or(
+                            enrolment_tokens::uses.lt(enrolment_tokens::max_uses.assume_not_null()),
+                        )),
+                )
+                .set((
+                    enrolment_tokens::uses.eq(enrolment_tokens::uses + 1),
+                    enrolment_tokens::last_used_ms.eq(now_ms),
+                ))
+                .execute(self)
+                .await?;
+                Ok(n == 1)
             }
 
             async fn link_bound_guest(&mut self, vm_id: VmId, guest: &GuestRef) -> QueryResult<()> {
@@ -359,6 +376,9 @@ pub async fn rotate_credential(
                 return Ok(false);
             }
             c.issue_credential(vm_id, hash, true, now_ms).await?;
+            // Until its agent has the new credential its reports are refused: that silence
+            // must not turn into a reset.
+            c.hold_for_operator(vm_id, HELD_FOR_CREDENTIAL).await?;
             Ok(true)
         })
         .await
@@ -366,24 +386,32 @@ pub async fn rotate_credential(
 }
 
 /// Revokes every credential of a VM; it may enrol again with a valid token. Returns how
-/// many were in force.
+/// many were in force. The VM is held from auto-reset: its reports are refused from now on,
+/// and a refused report must never turn into a reset.
 pub async fn revoke_credentials(
     conn: &mut Conn,
     vm_id: VmId,
     now_ms: i64,
 ) -> Result<usize, DbError> {
-    let n = with_conn!(conn, |c| {
-        diesel::update(
-            agent_credentials::table
-                .filter(agent_credentials::vm_id.eq(vm_id.get()))
-                .filter(agent_credentials::revoked_ms.is_null()),
-        )
-        .set(agent_credentials::revoked_ms.eq(now_ms))
-        .execute(c)
+    with_conn!(conn, |c| {
+        c.transaction::<_, DbError, _>(async |c| {
+            let n = diesel::update(
+                agent_credentials::table
+                    .filter(agent_credentials::vm_id.eq(vm_id.get()))
+                    .filter(agent_credentials::revoked_ms.is_null()),
+            )
+            .set(agent_credentials::revoked_ms.eq(now_ms))
+            .execute(c)
+            .await?;
+            c.hold_for_operator(vm_id, HELD_FOR_CREDENTIAL).await?;
+            Ok(n)
+        })
         .await
-    })?;
-    Ok(n)
+    })
 }
+
+const HELD_FOR_CREDENTIAL: &str = "held: its agent credential was rotated or revoked; auto-reset resumes when its agent \
+     reports with a valid credential or an operator acknowledges";
 
 /// Where each VM stands with its credentials (VMs absent have none).
 pub async fn credential_states(conn: &mut Conn) -> Result<HashMap<VmId, CredentialState>, DbError> {

@@ -147,8 +147,8 @@ pub async fn end_sessions_of(conn: &mut Conn, user_id: i64) -> Result<(), DbErro
     Ok(())
 }
 
-/// Stores a session record (insert or replace).
-pub async fn save_session(
+/// Stores a new session.
+pub async fn insert_session(
     conn: &mut Conn,
     id_hash: &str,
     user_id: Option<i64>,
@@ -163,8 +163,23 @@ pub async fn save_session(
                 sessions::data.eq(data),
                 sessions::expires_ms.eq(expires_ms),
             ))
-            .on_conflict(sessions::id_hash)
-            .do_update()
+            .execute(c)
+            .await
+    })?;
+    Ok(())
+}
+
+/// Updates a session that still exists. A session ended meanwhile (logout, new password)
+/// stays ended: a request that was in flight cannot write it back.
+pub async fn update_session(
+    conn: &mut Conn,
+    id_hash: &str,
+    user_id: Option<i64>,
+    data: &str,
+    expires_ms: i64,
+) -> Result<(), DbError> {
+    with_conn!(conn, |c| {
+        diesel::update(sessions::table.find(id_hash))
             .set((
                 sessions::user_id.eq(user_id),
                 sessions::data.eq(data),

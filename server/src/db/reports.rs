@@ -88,30 +88,19 @@ pub trait ReportWriter {
     ) -> impl Future<Output = QueryResult<()>> + Send;
 }
 
-/// Finds the VM a report belongs to: by uuid, else by a hostname that has no other uuid.
+/// Finds the VM an enrolment belongs to: by uuid, else by a hostname that has no uuid. A
+/// VM that enrolled with a uuid is never matched by its name alone: names are anyone's to
+/// claim, the uuid is not readable from another guest.
 pub fn match_vm(known: &[VmRow], report: &Heartbeat) -> Option<usize> {
     let unclaimed_name = |r: &VmRow| r.machine_id.is_none() && r.hostname == report.hostname;
-    if let Some(mid) = report.machine_id.as_deref() {
-        if let Some(i) = known
+    if let Some(mid) = report.machine_id.as_deref()
+        && let Some(i) = known
             .iter()
             .position(|r| r.machine_id.as_deref() == Some(mid))
-        {
-            return Some(i);
-        }
-        return known.iter().position(unclaimed_name);
-    }
-    if let Some(i) = known.iter().position(unclaimed_name) {
+    {
         return Some(i);
     }
-    // An agent that cannot read its uuid (not root) still matches its VM when unambiguous.
-    let mut same_name = known
-        .iter()
-        .enumerate()
-        .filter(|(_, r)| r.hostname == report.hostname);
-    match (same_name.next(), same_name.next()) {
-        (Some((i, _)), None) => Some(i),
-        _ => None,
-    }
+    known.iter().position(unclaimed_name)
 }
 
 /// Same body for both connection types: diesel-async's query traits differ per backend.

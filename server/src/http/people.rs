@@ -202,8 +202,7 @@ pub struct PasswordChange {
     password: String,
 }
 
-/// Sets a user's password (an admin, or the user for themselves through `/api/me`); every
-/// session of that user ends, on every replica.
+/// Sets a user's password (admin); every session of that user ends, on every replica.
 pub async fn set_password(
     State(state): State<AppState>,
     Admin(actor): Admin,

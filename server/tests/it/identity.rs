@@ -49,6 +49,13 @@ async fn a_credential_is_its_vm_and_its_identity_cannot_be_enrolled_twice(backen
     let mut srv = TestServer::start(backend, &[]).await;
     let (id, credential) = enrol(&srv, &with_uuid("web-01", UUID_A)).await;
 
+    // Until its agent uses the credential, another enrolment as web-01 is stored as
+    // web-01's (an agent from before credentials keeps reporting) but gets no credential,
+    // and the one handed out stays valid: nobody can obtain or replace it.
+    let (status, body) = srv.report(&with_uuid("web-01", UUID_A)).await;
+    assert_eq!((status, body["vm_id"].as_i64()), (200, Some(id)), "{body}");
+    assert!(body.get("credential").is_none(), "{body}");
+
     let (status, body) = report_with(&srv, &with_uuid("web-01", UUID_A), &credential).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["vm_id"], id);
@@ -62,20 +69,23 @@ async fn a_credential_is_its_vm_and_its_identity_cannot_be_enrolled_twice(backen
     let (status, body) = srv.report(&with_uuid("web-01", UUID_A)).await;
     assert_eq!(status, 409, "{body}");
     assert!(body.get("credential").is_none(), "{body}");
-    let (status, body) = srv.report(&report_for("web-01")).await;
-    assert_eq!(status, 409, "same hostname without a uuid: {body}");
     assert_eq!(
         srv.metric_rows().await,
         rows,
         "a refused report stored a sample"
     );
-    assert_eq!(srv.vm_count().await, 1);
+    // Its name alone never reaches a VM that enrolled with a uuid: that is another VM.
+    let (status, body) = srv.report(&report_for("web-01")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_ne!(body["vm_id"], id, "a name alone adopted the VM");
+    let (_, web01) = srv.get(&format!("/api/vms/{id}")).await;
+    assert_eq!(web01["machine_id"], UUID_A);
     let refused: Vec<Value> = events(&srv)
         .await
         .into_iter()
         .filter(|e| e["kind"] == "enrolment_refused")
         .collect();
-    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert_eq!(refused.len(), 1, "{refused:?}");
     assert!(refused.iter().all(|e| e["vm_id"] == id), "{refused:?}");
 
     // The VM's own agent still reports with its credential.
@@ -141,6 +151,9 @@ async fn unknown_revoked_and_rotated_credentials(backend: Backend) {
     let rows = srv.metric_rows().await;
     assert_eq!(report_with(&srv, &body, &new).await.0, 401);
     assert_eq!(srv.metric_rows().await, rows);
+    // Its agent's reports are refused from now on: the VM is held, never reset for it.
+    let (_, held) = srv.get(&format!("/api/vms/{id}")).await;
+    assert_eq!(held["remediation_phase"], "manual", "{held}");
     let (again, fresh) = enrol(&srv, &body).await;
     assert_eq!(again, id, "re-enrolment keeps the VM and its history");
     assert_eq!(report_with(&srv, &body, &fresh).await.0, 200);
@@ -585,3 +598,30 @@ async fn agents_with_the_old_shared_token_move_over(backend: Backend) {
     srv.stop().await;
 }
 both_backends!(agents_with_the_old_shared_token_move_over);
+
+/// A refused enrolment that names a VM without carrying its uuid holds nothing: otherwise
+/// anyone with an enrolment token could keep every VM from ever being reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_name_alone_cannot_hold_a_vm_from_reset() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    // A VM whose agent cannot read its uuid (not root): matched by name.
+    let (id, credential) = enrol(&srv, &report_for("db-b")).await;
+    assert_eq!(
+        report_with(&srv, &report_for("db-b"), &credential).await.0,
+        200
+    );
+    let (status, _) = srv.report(&report_for("db-b")).await;
+    assert_eq!(status, 409);
+    let (_, vm) = srv.get(&format!("/api/vms/{id}")).await;
+    assert_eq!(vm["remediation_phase"], "ok", "{vm}");
+    let (_, overview) = srv.get("/api/remediation").await;
+    assert!(
+        overview["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "enrolment_refused" && e["vm_id"] == id),
+        "{overview}"
+    );
+    srv.stop().await;
+}
