@@ -87,8 +87,10 @@ try {
     Remove-Item -LiteralPath $download -Force -ErrorAction SilentlyContinue
 }
 
-# Only SYSTEM and Administrators may read the folder holding the token and the credential.
+# Only SYSTEM and Administrators may read the folder holding the token and the credential,
+# and Administrators own it: an owner may rewrite the ACL, so no other account may own it.
 $acl = New-Object System.Security.AccessControl.DirectorySecurity
+$acl.SetOwner((New-Object System.Security.Principal.SecurityIdentifier('S-1-5-32-544')))
 $acl.SetAccessRuleProtection($true, $false)
 foreach ($sid in @('S-1-5-18', 'S-1-5-32-544')) {
     $identity = New-Object System.Security.Principal.SecurityIdentifier($sid)
