@@ -6,7 +6,7 @@
 
 use crate::error::AppError;
 use domain::VmId;
-use domain::view::{FleetSnapshot, SignedIn};
+use domain::view::{AgentInstall, FleetSnapshot, SignedIn};
 use http::request::Parts;
 use http::{Extensions, HeaderMap, Method, Uri};
 use leptos::prelude::use_context;
@@ -72,6 +72,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Who `caller` is signed in as.
     fn me<'a>(&'a self, caller: &'a RequestInfo) -> BoxFuture<'a, Result<SignedIn, AppError>>;
+
+    /// The install line's parts (operators: they add VMs).
+    fn agent_install<'a>(
+        &'a self,
+        caller: &'a RequestInfo,
+    ) -> BoxFuture<'a, Result<AgentInstall, AppError>>;
 
     /// An operator's reset of one VM through Proxmox; the implementation checks the role.
     fn reset<'a>(

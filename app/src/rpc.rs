@@ -2,7 +2,7 @@
 //! the provided [`Backend`](crate::backend::Backend).
 
 use crate::error::AppError;
-use domain::view::{FleetSnapshot, SignedIn};
+use domain::view::{AgentInstall, FleetSnapshot, SignedIn};
 use leptos::prelude::*;
 
 /// The whole fleet with per-status counts, as the fleet page shows it.
@@ -17,6 +17,15 @@ pub async fn get_fleet() -> Result<FleetSnapshot, AppError> {
 pub async fn get_me() -> Result<SignedIn, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
     backend.me(&caller).await
+}
+
+/// What the "Add a VM" install line shows (operators).
+#[server(prefix = "/rpc", endpoint = "agent-install")]
+pub async fn get_agent_install() -> Result<AgentInstall, AppError> {
+    let (backend, caller) = crate::backend::from_context()?;
+    let result = backend.agent_install(&caller).await;
+    crate::backend::answer_status(&result);
+    result
 }
 
 /// Resets one VM through Proxmox (operators); recorded in its history and the audit log.
@@ -66,6 +75,13 @@ mod tests {
             _caller: &'a RequestInfo,
             _vm: domain::VmId,
         ) -> BoxFuture<'a, Result<(), AppError>> {
+            Box::pin(async { Err(AppError::Forbidden) })
+        }
+
+        fn agent_install<'a>(
+            &'a self,
+            _caller: &'a RequestInfo,
+        ) -> BoxFuture<'a, Result<AgentInstall, AppError>> {
             Box::pin(async { Err(AppError::Forbidden) })
         }
     }

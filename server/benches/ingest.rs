@@ -88,6 +88,8 @@ async fn run_once(backend: &'static str, batch_max: &str, round: usize, run_for:
     vars.insert("ADMIN_TOKEN".into(), "bench-admin".into());
     vars.insert("INGEST_BATCH_MAX".into(), batch_max.into());
     vars.insert("TLS".into(), "off".into());
+    // Every VM enrols from this one address.
+    vars.insert("ENROLMENT_RATE_PER_MINUTE".into(), "1000000".into());
     let cfg = server::config::Config::from_lookup(|k| vars.get(k).cloned()).unwrap();
     let srv = server::start(cfg).await.unwrap();
     let url = format!("http://{}/api/health/report", srv.addr);

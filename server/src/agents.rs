@@ -35,6 +35,18 @@ const FILES: &[(&str, &str, &str)] = &[
     ),
 ];
 
+/// SHA-256 (hex) of the Linux agent this server hands out: the install line carries it and
+/// `install.sh --sha256` refuses any other script.
+pub fn linux_agent_sha256() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(
+            include_str!("../../agents/linux-agent.sh").as_bytes(),
+        ))
+    })
+}
+
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new().route("/agents/{file}", get(agent_file))
 }

@@ -6,7 +6,7 @@ use crate::state::AppState;
 use app::backend::{Backend, BoxFuture, RequestInfo};
 use app::error::AppError;
 use domain::status::StatusCounts;
-use domain::view::{FleetSnapshot, SignedIn};
+use domain::view::{AgentInstall, FleetSnapshot, SignedIn};
 use domain::{PowerAction, UserRole, VmId};
 use std::fmt::Display;
 
@@ -47,6 +47,39 @@ impl Backend for ServerBackend {
             Ok(SignedIn {
                 username: who.name.clone(),
                 role: who.role,
+            })
+        })
+    }
+
+    fn agent_install<'a>(
+        &'a self,
+        caller: &'a RequestInfo,
+    ) -> BoxFuture<'a, Result<AgentInstall, AppError>> {
+        Box::pin(async move {
+            signed_in(caller, UserRole::Operator)?;
+            let limits = &self.state.config.limits;
+            let server_url = match &limits.public_host {
+                Some(host) => {
+                    let scheme = if limits.public_https { "https" } else { "http" };
+                    format!("{scheme}://{host}")
+                }
+                None => {
+                    let scheme = if matches!(self.state.config.tls, crate::config::TlsMode::Off) {
+                        "http"
+                    } else {
+                        "https"
+                    };
+                    let host = caller
+                        .headers()
+                        .get(axum::http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or("SERVER:3000");
+                    format!("{scheme}://{host}")
+                }
+            };
+            Ok(AgentInstall {
+                server_url,
+                agent_sha256: crate::agents::linux_agent_sha256().to_owned(),
             })
         })
     }

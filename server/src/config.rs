@@ -266,6 +266,10 @@ pub struct Limits {
     pub report_rate_per_minute: u32,
     /// …and at once, e.g. replaying its spool (`REPORT_BURST`).
     pub report_burst: u32,
+    /// Reports with an enrolment token (not a VM credential) one address may send per
+    /// minute, sustained and at once (`ENROLMENT_RATE_PER_MINUTE`): made-up bearers and
+    /// the fleet token cannot flood the writer or create VMs without end.
+    pub enrolment_rate_per_minute: u32,
     /// Longest a request may take before it is answered 408 (`REQUEST_TIMEOUT_SECONDS`).
     pub request_timeout: Duration,
     /// Reverse proxies whose `X-Forwarded-For` names the client (`TRUSTED_PROXIES`).
@@ -313,6 +317,7 @@ fn limits(get: &impl Fn(&str) -> Option<String>) -> Result<Limits, ConfigError> 
     Ok(Limits {
         report_rate_per_minute: positive("REPORT_RATE_PER_MINUTE", 120)?,
         report_burst: positive("REPORT_BURST", 120)?,
+        enrolment_rate_per_minute: positive("ENROLMENT_RATE_PER_MINUTE", 600)?,
         request_timeout: Duration::from_secs(u64::from(positive("REQUEST_TIMEOUT_SECONDS", 60)?)),
         trusted_proxies,
         public_host,

@@ -137,7 +137,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             health: health.clone(),
             started_ms: now_ms(),
             login_throttle: throttle::LoginThrottle::new(config.accounts.login_window_ms),
-            report_limiter: report_limiter(&config.limits),
+            report_limiter: limiter(
+                config.limits.report_rate_per_minute,
+                config.limits.report_burst,
+            ),
+            enrolment_limiter: limiter(
+                config.limits.enrolment_rate_per_minute,
+                config.limits.enrolment_rate_per_minute,
+            ),
         }),
     };
     scheduler::rebuild_cache(&state).await;
@@ -187,10 +194,10 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     })
 }
 
-fn report_limiter(limits: &config::Limits) -> governor::DefaultKeyedRateLimiter<String> {
-    let per_minute = std::num::NonZeroU32::new(limits.report_rate_per_minute)
-        .unwrap_or(std::num::NonZeroU32::MIN);
-    let burst = std::num::NonZeroU32::new(limits.report_burst).unwrap_or(std::num::NonZeroU32::MIN);
+/// A keyed rate limit: `per_minute` sustained, `burst` at once.
+fn limiter(per_minute: u32, burst: u32) -> governor::DefaultKeyedRateLimiter<String> {
+    let per_minute = std::num::NonZeroU32::new(per_minute).unwrap_or(std::num::NonZeroU32::MIN);
+    let burst = std::num::NonZeroU32::new(burst).unwrap_or(std::num::NonZeroU32::MIN);
     governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute).allow_burst(burst))
 }
 

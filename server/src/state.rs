@@ -33,6 +33,8 @@ pub struct Inner {
     pub login_throttle: crate::throttle::LoginThrottle,
     /// Reports per VM credential (per replica): one VM cannot flood the writer.
     pub report_limiter: governor::DefaultKeyedRateLimiter<String>,
+    /// Reports without a VM credential, per client address (per replica).
+    pub enrolment_limiter: governor::DefaultKeyedRateLimiter<String>,
 }
 
 impl std::ops::Deref for AppState {

@@ -1,10 +1,12 @@
 //! Building blocks the pages are made of; each takes signals so it updates in place.
 
+pub mod add_vm;
 pub mod remediation_banner;
 pub mod status_badge;
 pub mod summary;
 pub mod vm_table;
 
+pub use add_vm::AddVm;
 pub use remediation_banner::RemediationBanner;
 pub use status_badge::{PhaseBadge, StatusBadge};
 pub use summary::SummaryCounts;

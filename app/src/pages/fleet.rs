@@ -1,6 +1,6 @@
 //! The fleet page ("/"): summary counts and one row per VM, refreshed in place.
 
-use crate::components::{RemediationBanner, SummaryCounts, VmTable};
+use crate::components::{AddVm, RemediationBanner, SummaryCounts, VmTable};
 use crate::error::AppError;
 use crate::model::FleetModel;
 use crate::rpc::{get_fleet, get_me};
@@ -101,6 +101,9 @@ fn Fleet(
             <RemediationBanner summary=remediation/>
             <SummaryCounts counts/>
             <VmTable fleet=model can_operate/>
+            <Show when=move || can_operate.get()>
+                <AddVm/>
+            </Show>
         </Show>
     }
 }

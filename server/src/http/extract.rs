@@ -88,6 +88,18 @@ role_extractor!(
     UserRole::Admin
 );
 
+/// The client's address (through a trusted proxy if there is one), as text.
+#[derive(Clone, Debug)]
+pub struct ClientAddress(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientAddress {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, ApiError> {
+        Ok(ClientAddress(accounts::source(&parts.extensions)))
+    }
+}
+
 /// What an agent's report carries: the fleet token, a VM credential or an enrolment
 /// token. Which VM it names (if any) is decided by the writer, inside its transaction; no
 /// bearer at all is a 401 here.

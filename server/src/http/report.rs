@@ -1,7 +1,7 @@
 //! `POST /api/health/report`: an agent's heartbeat, validated here and queued for the writer.
 
 use super::error::ApiError;
-use super::extract::{AgentBearer, RawBody};
+use super::extract::{AgentBearer, ClientAddress, RawBody};
 use crate::enrolment::Presented;
 use crate::ingest::Submission;
 use crate::state::AppState;
@@ -30,6 +30,7 @@ pub struct ReportAccepted {
 pub async fn report(
     State(state): State<AppState>,
     AgentBearer(presented): AgentBearer,
+    ClientAddress(client): ClientAddress,
     RawBody(body): RawBody,
 ) -> Result<
     (
@@ -38,8 +39,12 @@ pub async fn report(
     ),
     ApiError,
 > {
-    if let Presented::Credential { hash } = &presented {
-        within_rate(&state, hash)?;
+    match &presented {
+        Presented::Credential { hash } => within_rate(&state.report_limiter, hash)?,
+        // Enrolments and made-up bearers are counted per client address.
+        Presented::FleetToken | Presented::EnrolmentToken { .. } => {
+            within_rate(&state.enrolment_limiter, &client)?;
+        }
     }
     let accepted =
         parse_report(&body, crate::now_ms()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
@@ -71,20 +76,20 @@ pub async fn report(
 /// made-up credentials must not grow it without bound).
 const MAX_LIMITER_KEYS: usize = 200_000;
 
-/// 429 when this credential sends faster than `REPORT_RATE_PER_MINUTE` beyond its burst.
-fn within_rate(state: &AppState, credential_hash: &str) -> Result<(), ApiError> {
-    let limiter = &state.report_limiter;
+/// 429 when `key` (a credential's hash, or a client address) sends faster than its limit.
+fn within_rate(
+    limiter: &governor::DefaultKeyedRateLimiter<String>,
+    key: &str,
+) -> Result<(), ApiError> {
     if limiter.len() > MAX_LIMITER_KEYS {
         limiter.retain_recent();
     }
-    limiter
-        .check_key(&credential_hash.to_owned())
-        .map_err(|not_until| {
-            use governor::clock::Clock;
-            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
-            let seconds = i64::try_from(wait.as_secs())
-                .unwrap_or(i64::MAX)
-                .saturating_add(1);
-            ApiError::TooManyRequests(seconds)
-        })
+    limiter.check_key(&key.to_owned()).map_err(|not_until| {
+        use governor::clock::Clock;
+        let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+        let seconds = i64::try_from(wait.as_secs())
+            .unwrap_or(i64::MAX)
+            .saturating_add(1);
+        ApiError::TooManyRequests(seconds)
+    })
 }

@@ -233,6 +233,8 @@ pub fn test_config(db: &TestDb, extra: &[(&str, &str)]) -> Config {
     vars.insert("ADMIN_TOKEN".into(), ADMIN_TOKEN.into());
     vars.insert("SCHEDULER_INTERVAL_MS".into(), "200".into());
     vars.insert("TLS".into(), "off".into());
+    // Every test reports from 127.0.0.1, most with the fleet token; one test sets it low.
+    vars.insert("ENROLMENT_RATE_PER_MINUTE".into(), "1000000".into());
     vars.insert(
         "SITE_ROOT".into(),
         workspace_root().join("target/site").display().to_string(),

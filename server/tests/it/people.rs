@@ -582,6 +582,20 @@ async fn a_credential_that_floods_is_slowed() {
     assert_eq!(srv.report_raw(calm, Some(&credentials[1])).await.0, 200);
     assert_eq!(srv.report(&report_for("newcomer")).await.0, 200);
     srv.stop().await;
+
+    // Without a credential (the fleet token, made-up bearers) one address is limited too:
+    // it cannot flood the writer or create VMs without end.
+    let mut srv = TestServer::start(Backend::Sqlite, &[("ENROLMENT_RATE_PER_MINUTE", "3")]).await;
+    let mut answers = Vec::new();
+    for i in 0..3 {
+        answers.push(srv.report(&report_for(&format!("new-{i}"))).await.0);
+    }
+    let forged = report_for("x").to_string().into_bytes();
+    answers.push(srv.report_raw(forged, Some("vmhc_enrol_made_up")).await.0);
+    answers.push(srv.report(&report_for("new-4")).await.0);
+    assert_eq!(answers, [200, 200, 200, 429, 429]);
+    assert_eq!(srv.vm_count().await, 3);
+    srv.stop().await;
 }
 
 /// With `PUBLIC_URL`, a request naming another host (DNS rebinding) is refused; the
@@ -714,4 +728,53 @@ async fn slow_reads_never_starve_the_writer() {
         assert_eq!(read.await.unwrap().unwrap().status().as_u16(), 200);
     }
     srv.stop().await;
+}
+
+/// Operators see an install line carrying the SHA-256 of the agent script this server hands
+/// out (the installer refuses any other script); viewers do not see it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn operators_get_an_install_line_with_the_agents_hash() {
+    use sha2::Digest;
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let script = std::fs::read(workspace_root().join("agents/linux-agent.sh")).unwrap();
+    let sha = hex_of(&sha2::Sha256::digest(&script));
+    let page = |token: String| {
+        let srv = &srv;
+        async move {
+            srv.http
+                .get(srv.url("/"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let html = page(ADMIN_TOKEN.to_owned()).await;
+    assert!(
+        html.contains(&format!("--sha256 {sha}")),
+        "no install line with the hash"
+    );
+    assert!(
+        html.contains(&format!("{}/agents/install.sh", srv.base)),
+        "{html}"
+    );
+    add_user(&srv, "vera", "viewer").await;
+    let (_, token) = srv
+        .send(
+            Method::POST,
+            "/api/tokens",
+            Some(ADMIN_TOKEN),
+            Some(json!({"username": "vera", "label": "x", "role": "viewer"})),
+        )
+        .await;
+    let html = page(token["token"].as_str().unwrap().to_owned()).await;
+    assert!(html.contains("vm-healthcheck") && !html.contains("install-line"));
+    srv.stop().await;
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -685,6 +685,7 @@ async fn acknowledged_reports_survive_a_kill_9(backend: Backend) {
         .env("ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "error")
         .env("TLS", "off")
+        .env("ENROLMENT_RATE_PER_MINUTE", "1000000")
         .env("SITE_ROOT", workspace_root().join("target/site"))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
