@@ -2633,3 +2633,43 @@ async fn rotation_and_revocation_by_an_admin() {
     assert_eq!(srv.vm_count().await, 1);
     srv.stop().await;
 }
+
+/// The server's own HTTPS (the certificate it generated): the agent pinned to the key in
+/// `data/tls-fingerprint` reports; pinned to another key it refuses and sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_agent_pins_the_servers_own_certificate() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[("TLS", "auto")]).await;
+    let port = srv.base.rsplit(':').next().unwrap().to_owned();
+    let base = format!("https://localhost:{port}");
+    let fingerprint = std::fs::read_to_string(srv.db.dir.path().join("tls-fingerprint")).unwrap();
+    let pin = fingerprint
+        .lines()
+        .find_map(|line| line.strip_prefix("pinned_pubkey="))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let state = tempfile::tempdir().unwrap();
+    let run = |pin: &str| {
+        prime_cpu(state.path());
+        let mut cmd = agent_cmd(&base, AGENT_TOKEN, state.path(), &["--once"]);
+        cmd.env_remove("INSECURE");
+        cmd.env("PINNED_PUBKEY", pin);
+        cmd.output().unwrap()
+    };
+    let other = format!("sha256//{}", base64(&[7u8; 32]));
+    let out = run(&other);
+    assert!(!out.status.success(), "a wrong pin was accepted");
+    assert!(
+        stderr_of(&out).contains("the server's certificate is not trusted"),
+        "{}",
+        stderr_of(&out)
+    );
+    assert_eq!(srv.metric_rows().await, 0, "sent past a wrong pin");
+    let out = run(&pin);
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    assert!(
+        srv.metric_rows().await >= 1,
+        "the pinned report was not stored"
+    );
+    srv.stop().await;
+}
