@@ -39,12 +39,7 @@ const FILES: &[(&str, &str, &str)] = &[
 /// `install.sh --sha256` refuses any other script.
 pub fn linux_agent_sha256() -> &'static str {
     static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    HASH.get_or_init(|| {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(
-            include_str!("../../agents/linux-agent.sh").as_bytes(),
-        ))
-    })
+    HASH.get_or_init(|| crate::auth::hash_token(include_str!("../../agents/linux-agent.sh")))
 }
 
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {

@@ -4,26 +4,21 @@
 //! as hashes; every such answer says `Cache-Control: no-store`.
 
 use super::error::{ApiError, FieldError};
-use super::extract::{Admin, JsonBody, VmPath};
-use crate::accounts::audit_quietly;
+use super::extract::{Admin, JsonBody, NO_STORE, NoStore, VmPath, label, positive_id};
 use crate::auth;
 use crate::db::identity::{self, NewToken, TokenRow};
 use crate::enrolment::CREDENTIAL_PREFIX;
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use domain::{GuestKind, NodeName, VmId, Vmid};
 use serde::{Deserialize, Serialize};
 
 /// Prefix of admin-created enrolment tokens.
 const TOKEN_PREFIX: &str = "vmhc_enrol_";
-const MAX_LABEL_CHARS: usize = 100;
 const MAX_EXPIRY_HOURS: i64 = 24 * 366;
 const MAX_USES: i64 = 100_000;
-
-type NoStore = [(header::HeaderName, &'static str); 1];
-const NO_STORE: NoStore = [(header::CACHE_CONTROL, "no-store")];
 
 #[derive(Serialize)]
 pub struct IssuedCredential {
@@ -53,16 +48,9 @@ pub async fn rotate(
         return Err(ApiError::NotFound);
     }
     tracing::info!(vm_id = %id, by = %actor.who.name, "agent credential rotated");
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "rotate_credential",
-        Some(&format!("vm {id}")),
-        &actor.from,
-        "success",
-        None,
-    )
-    .await;
+    actor
+        .audit(&state, "rotate_credential", Some(&format!("vm {id}")), None)
+        .await;
     Ok((
         NO_STORE,
         Json(IssuedCredential {
@@ -90,16 +78,14 @@ pub async fn revoke(
         identity::revoke_credentials(&mut conn, id, crate::now_ms()).await?
     };
     tracing::info!(vm_id = %id, revoked, by = %actor.who.name, "agent credentials revoked");
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "revoke_credential",
-        Some(&format!("vm {id}")),
-        &actor.from,
-        "success",
-        Some(&format!("{revoked} revoked")),
-    )
-    .await;
+    actor
+        .audit(
+            &state,
+            "revoke_credential",
+            Some(&format!("vm {id}")),
+            Some(&format!("{revoked} revoked")),
+        )
+        .await;
     Ok(Json(Revoked { vm_id: id, revoked }))
 }
 
@@ -181,16 +167,7 @@ pub async fn create_token(
     Admin(actor): Admin,
     JsonBody(request): JsonBody<TokenRequest>,
 ) -> Result<(StatusCode, NoStore, Json<CreatedToken>), ApiError> {
-    let label = request.label.trim();
-    if label.is_empty()
-        || label.chars().count() > MAX_LABEL_CHARS
-        || label.chars().any(char::is_control)
-    {
-        return Err(ApiError::field(
-            "label",
-            format!("1 to {MAX_LABEL_CHARS} printable characters"),
-        ));
-    }
+    let label = label(&request.label)?;
     let now = crate::now_ms();
     let expires_ms = match request.expires_in_hours {
         None => None,
@@ -257,16 +234,14 @@ pub async fn create_token(
         by = %actor.who.name,
         "enrolment token created"
     );
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "create_enrolment_token",
-        Some(&format!("token {}", row.id)),
-        &actor.from,
-        "success",
-        Some(&row.label),
-    )
-    .await;
+    actor
+        .audit(
+            &state,
+            "create_enrolment_token",
+            Some(&format!("token {}", row.id)),
+            Some(&row.label),
+        )
+        .await;
     Ok((
         StatusCode::CREATED,
         NO_STORE,
@@ -291,11 +266,7 @@ pub async fn revoke_token(
     Admin(actor): Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id: i64 = id
-        .parse()
-        .ok()
-        .filter(|id| *id > 0)
-        .ok_or_else(|| ApiError::field("id", "must be a positive integer"))?;
+    let id = positive_id(&id)?;
     let revoked = {
         let (mut conn, _turn) = state.db.write_conn().await?;
         identity::revoke_token(&mut conn, id, crate::now_ms()).await?
@@ -304,15 +275,13 @@ pub async fn revoke_token(
         return Err(ApiError::NotFound);
     }
     tracing::info!(token_id = id, by = %actor.who.name, "enrolment token revoked");
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "revoke_enrolment_token",
-        Some(&format!("token {id}")),
-        &actor.from,
-        "success",
-        None,
-    )
-    .await;
+    actor
+        .audit(
+            &state,
+            "revoke_enrolment_token",
+            Some(&format!("token {id}")),
+            None,
+        )
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -52,6 +52,28 @@ async fn require(state: &AppState, parts: &Parts, role: UserRole) -> Result<Acto
     })
 }
 
+impl Actor {
+    /// Records in the audit log that this caller did `action` on `target`, successfully.
+    pub async fn audit(
+        &self,
+        state: &AppState,
+        action: &str,
+        target: Option<&str>,
+        detail: Option<&str>,
+    ) {
+        accounts::audit_quietly(
+            state,
+            &self.who.name,
+            action,
+            target,
+            &self.from,
+            "success",
+            detail,
+        )
+        .await;
+    }
+}
+
 /// Defines an extractor for callers holding at least one role.
 macro_rules! role_extractor {
     ($(#[$meta:meta])* $name:ident, $role:expr) => {
@@ -87,6 +109,35 @@ role_extractor!(
     Admin,
     UserRole::Admin
 );
+
+/// The header of answers that carry a secret shown once: no cache may keep them.
+pub type NoStore = [(axum::http::header::HeaderName, &'static str); 1];
+pub const NO_STORE: NoStore = [(axum::http::header::CACHE_CONTROL, "no-store")];
+
+const MAX_LABEL_CHARS: usize = 100;
+
+/// A label for a token: trimmed, 1 to 100 printable characters; else a 400 naming `label`.
+pub fn label(raw: &str) -> Result<&str, ApiError> {
+    let label = raw.trim();
+    if label.is_empty()
+        || label.chars().count() > MAX_LABEL_CHARS
+        || label.chars().any(char::is_control)
+    {
+        return Err(ApiError::field(
+            "label",
+            format!("1 to {MAX_LABEL_CHARS} printable characters"),
+        ));
+    }
+    Ok(label)
+}
+
+/// A positive integer id from a path segment; else a 400 naming `id`.
+pub fn positive_id(raw: &str) -> Result<i64, ApiError> {
+    raw.parse()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::field("id", "must be a positive integer"))
+}
 
 /// The client's address (through a trusted proxy if there is one), as text.
 #[derive(Clone, Debug)]

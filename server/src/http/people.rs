@@ -1,22 +1,20 @@
 //! Sign-in and sign-out, the first admin, users, per-user API tokens and the audit log.
 
 use super::error::ApiError;
-use super::extract::{Admin, JsonBody, QueryParams, Viewer};
-use crate::accounts::{self, LoginError, SetupError, audit_quietly};
+use super::extract::{Admin, JsonBody, NO_STORE, NoStore, QueryParams, Viewer, label, positive_id};
+use crate::accounts::{self, LoginError, SetupError};
 use crate::auth;
 use crate::config::Secret;
 use crate::db::people::{self, ApiTokenView, AuditView, UserView};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::{Path, State};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
 use domain::UserRole;
 use serde::{Deserialize, Serialize};
 use tower_sessions::Session;
 
-type NoStore = [(header::HeaderName, &'static str); 1];
-const NO_STORE: NoStore = [(header::CACHE_CONTROL, "no-store")];
 const API_TOKEN_PREFIX: &str = "vmhc_api_";
 
 #[derive(Deserialize)]
@@ -168,16 +166,14 @@ pub async fn create_user(
     let Some(row) = row else {
         return Err(ApiError::Conflict("that username is taken".into()));
     };
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "create_user",
-        Some(&row.username),
-        &actor.from,
-        "success",
-        Some(request.role.as_str()),
-    )
-    .await;
+    actor
+        .audit(
+            &state,
+            "create_user",
+            Some(&row.username),
+            Some(request.role.as_str()),
+        )
+        .await;
     Ok((StatusCode::CREATED, Json(row.into())))
 }
 
@@ -187,13 +183,6 @@ pub async fn list_users(
 ) -> Result<Json<Vec<UserView>>, ApiError> {
     let mut conn = state.db.conn().await?;
     Ok(Json(people::list_users(&mut conn).await?))
-}
-
-fn positive_id(raw: &str) -> Result<i64, ApiError> {
-    raw.parse()
-        .ok()
-        .filter(|id| *id > 0)
-        .ok_or_else(|| ApiError::field("id", "must be a positive integer"))
 }
 
 #[derive(Deserialize)]
@@ -219,16 +208,9 @@ pub async fn set_password(
         return Err(ApiError::NotFound);
     }
     drop(conn);
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "set_password",
-        Some(&format!("user {id}")),
-        &actor.from,
-        "success",
-        None,
-    )
-    .await;
+    actor
+        .audit(&state, "set_password", Some(&format!("user {id}")), None)
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -243,16 +225,9 @@ pub async fn delete_user(
         return Err(ApiError::NotFound);
     }
     drop(conn);
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "delete_user",
-        Some(&format!("user {id}")),
-        &actor.from,
-        "success",
-        None,
-    )
-    .await;
+    actor
+        .audit(&state, "delete_user", Some(&format!("user {id}")), None)
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -277,10 +252,7 @@ pub async fn create_api_token(
     Admin(actor): Admin,
     JsonBody(request): JsonBody<NewApiToken>,
 ) -> Result<(StatusCode, NoStore, Json<CreatedApiToken>), ApiError> {
-    let label = request.label.trim();
-    if label.is_empty() || label.chars().count() > 100 || label.chars().any(char::is_control) {
-        return Err(ApiError::field("label", "1 to 100 printable characters"));
-    }
+    let label = label(&request.label)?;
     let mut conn = state.db.conn().await?;
     let owner = people::user_by_name(&mut conn, &request.username)
         .await?
@@ -302,16 +274,14 @@ pub async fn create_api_token(
     )
     .await?;
     drop(conn);
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "create_api_token",
-        Some(&owner.username),
-        &actor.from,
-        "success",
-        Some(&format!("{label} ({})", request.role)),
-    )
-    .await;
+    actor
+        .audit(
+            &state,
+            "create_api_token",
+            Some(&owner.username),
+            Some(&format!("{label} ({})", request.role)),
+        )
+        .await;
     Ok((
         StatusCode::CREATED,
         NO_STORE,
@@ -341,16 +311,14 @@ pub async fn revoke_api_token(
         return Err(ApiError::NotFound);
     }
     drop(conn);
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "revoke_api_token",
-        Some(&format!("token {id}")),
-        &actor.from,
-        "success",
-        None,
-    )
-    .await;
+    actor
+        .audit(
+            &state,
+            "revoke_api_token",
+            Some(&format!("token {id}")),
+            None,
+        )
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 

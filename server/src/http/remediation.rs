@@ -91,16 +91,9 @@ pub async fn acknowledge(
         ));
     }
     tracing::info!(vm_id = %id, by = %actor.who.name, "manual state acknowledged");
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "acknowledge",
-        Some(&format!("vm {id}")),
-        &actor.from,
-        "success",
-        None,
-    )
-    .await;
+    actor
+        .audit(&state, "acknowledge", Some(&format!("vm {id}")), None)
+        .await;
     Ok(Json(Acknowledged {
         vm_id: id,
         remediation_phase: RemediationPhase::Ok,

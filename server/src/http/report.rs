@@ -1,13 +1,12 @@
 //! `POST /api/health/report`: an agent's heartbeat, validated here and queued for the writer.
 
 use super::error::ApiError;
-use super::extract::{AgentBearer, ClientAddress, RawBody};
+use super::extract::{AgentBearer, ClientAddress, NO_STORE, NoStore, RawBody};
 use crate::enrolment::Presented;
 use crate::ingest::Submission;
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
-use axum::http::header;
 use domain::heartbeat::parse_report;
 use domain::{VmId, VmStatus};
 use serde::Serialize;
@@ -32,13 +31,7 @@ pub async fn report(
     AgentBearer(presented): AgentBearer,
     ClientAddress(client): ClientAddress,
     RawBody(body): RawBody,
-) -> Result<
-    (
-        [(header::HeaderName, &'static str); 1],
-        Json<ReportAccepted>,
-    ),
-    ApiError,
-> {
+) -> Result<(NoStore, Json<ReportAccepted>), ApiError> {
     match &presented {
         Presented::Credential { hash } => within_rate(&state.report_limiter, hash)?,
         // Enrolments and made-up bearers are counted per client address.
@@ -61,7 +54,7 @@ pub async fn report(
     }
     Ok((
         // The answer may carry a credential: no cache may keep it.
-        [(header::CACHE_CONTROL, "no-store")],
+        NO_STORE,
         Json(ReportAccepted {
             vm_id: stored.vm_id,
             status: stored.status,

@@ -82,16 +82,14 @@ pub async fn put_config(
         by = %actor.who.name,
         "status configuration updated"
     );
-    crate::accounts::audit_quietly(
-        &state,
-        &actor.who.name,
-        "configure",
-        Some("status thresholds"),
-        &actor.from,
-        "success",
-        Some(&format!("{updated:?}")),
-    )
-    .await;
+    actor
+        .audit(
+            &state,
+            "configure",
+            Some("status thresholds"),
+            Some(&format!("{updated:?}")),
+        )
+        .await;
     Ok(Json(ConfigUpdated {
         config: updated,
         changed_vms: changed.len(),

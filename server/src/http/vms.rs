@@ -2,7 +2,6 @@
 
 use super::error::{ApiError, FieldError};
 use super::extract::{Admin, JsonBody, Operator, QueryParams, Viewer, VmPath};
-use crate::accounts::audit_quietly;
 use crate::cache::refresh as refresh_cache;
 use crate::db::{incidents, store};
 use crate::state::AppState;
@@ -56,16 +55,9 @@ pub async fn delete(
     }
     state.cache.remove(id).await;
     tracing::info!(vm_id = %id, by = %actor.who.name, "VM deleted");
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "delete_vm",
-        Some(&format!("vm {id}")),
-        &actor.from,
-        "success",
-        None,
-    )
-    .await;
+    actor
+        .audit(&state, "delete_vm", Some(&format!("vm {id}")), None)
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -219,20 +211,13 @@ pub async fn link(
         Some((guest, _)) => format!("linked to {} {} on {}", guest.kind, guest.vmid, guest.node),
         None => "unlinked".to_owned(),
     };
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "link",
-        Some(&format!("vm {id}")),
-        &actor.from,
-        "success",
-        Some(&detail),
-    )
-    .await;
     let vm = store::get_vm(&mut conn, id)
         .await?
         .ok_or(ApiError::NotFound)?;
     drop(conn);
+    actor
+        .audit(&state, "link", Some(&format!("vm {id}")), Some(&detail))
+        .await;
     refresh_cache(&state.db, &state.cache, &[id]).await;
     Ok(Json(vm))
 }
@@ -261,16 +246,14 @@ pub async fn set_auto_reset(
         return Err(ApiError::NotFound);
     }
     drop(conn);
-    audit_quietly(
-        &state,
-        &actor.who.name,
-        "auto_reset",
-        Some(&format!("vm {id}")),
-        &actor.from,
-        "success",
-        Some(if request.enabled { "on" } else { "off" }),
-    )
-    .await;
+    actor
+        .audit(
+            &state,
+            "auto_reset",
+            Some(&format!("vm {id}")),
+            Some(if request.enabled { "on" } else { "off" }),
+        )
+        .await;
     refresh_cache(&state.db, &state.cache, &[id]).await;
     Ok(Json(AutoResetSet {
         vm_id: id,

@@ -305,6 +305,19 @@ impl TestServer {
         self.get_as(path, Some(ADMIN_TOKEN)).await
     }
 
+    /// The server-rendered dashboard page at `path`, as the bootstrap admin sees it.
+    pub async fn page(&self, path: &str) -> String {
+        self.http
+            .get(self.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// A read with `token`, or anonymously.
     pub async fn get_as(&self, path: &str, token: Option<&str>) -> (u16, Value) {
         let mut req = self.http.get(self.url(path));

@@ -737,7 +737,7 @@ async fn operators_get_an_install_line_with_the_agents_hash() {
     use sha2::Digest;
     let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
     let script = std::fs::read(workspace_root().join("agents/linux-agent.sh")).unwrap();
-    let sha = hex_of(&sha2::Sha256::digest(&script));
+    let sha = hex::encode(sha2::Sha256::digest(&script));
     let page = |token: String| {
         let srv = &srv;
         async move {
@@ -773,8 +773,4 @@ async fn operators_get_an_install_line_with_the_agents_hash() {
     let html = page(token["token"].as_str().unwrap().to_owned()).await;
     assert!(html.contains("vm-healthcheck") && !html.contains("install-line"));
     srv.stop().await;
-}
-
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

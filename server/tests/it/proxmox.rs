@@ -194,16 +194,7 @@ async fn failing_resets_end_manual_and_stay_manual_across_restart() {
     wait_rounds(&srv, 8).await;
     assert_eq!(vm(&srv, id).await["remediation_phase"], "manual");
     assert_eq!(fake.posts().len(), 3, "manual is latched: no more resets");
-    let page = srv
-        .http
-        .get(&srv.base)
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = srv.page("/").await;
     assert!(
         page.contains("phase manual"),
         "the dashboard shows the manual state"

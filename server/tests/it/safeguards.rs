@@ -790,16 +790,7 @@ async fn without_proxmox_the_monitor_runs_and_says_auto_reset_is_off() {
     assert_eq!(health["remediation"]["active"], false, "{health}");
     let reason = health["remediation"]["reason"].as_str().unwrap().to_owned();
     assert!(reason.starts_with("auto-reset off: "), "{reason}");
-    let page = srv
-        .http
-        .get(srv.url("/"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = srv.page("/").await;
     assert!(
         page.contains(&reason),
         "the dashboard does not say: {reason}"
@@ -887,16 +878,7 @@ async fn a_claimed_vmid_never_gets_a_guest_reset() {
             .contains("confirm it with PUT"),
         "{body}"
     );
-    let page = srv
-        .http
-        .get(srv.url("/"))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = srv.page("/").await;
     assert!(
         page.contains("link pending approval"),
         "the dashboard does not say so"
