@@ -9,7 +9,8 @@
 //! `AUTO_RESET_ENABLED`, `AUTO_RESET_MODE`, `MAX_RESET_ATTEMPTS`, `MAX_CONCURRENT_RESETS`,
 //! `RECOVERY_TIMEOUT_MS`, `RESET_BACKOFF_MS`, `STORM_PERCENT`, `REMEDIATE_HA_VMS`,
 //! `RECHECK_INTERVAL_MS`, `LINK_REFRESH_MS`, `LINK_AUTO_APPROVE`, `TASK_TIMEOUT_MS`,
-//! `TASK_POLL_MS`; serving: `TLS`, `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_SUBJECT_NAMES`.
+//! `TASK_POLL_MS`, `HANG_EVIDENCE`, `ESCALATION_LADDER`, `GRACEFUL_REBOOT_TIMEOUT_MS`,
+//! `EVIDENCE_INTERVAL_MS`, `GUEST_AGENT_TIMEOUT_MS`; serving: `TLS`, `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_SUBJECT_NAMES`.
 
 use domain::Mode;
 pub use domain::Secret;
@@ -179,6 +180,26 @@ impl Config {
             storm_percent: parse(&get, "STORM_PERCENT", defaults.storm_percent)?,
             remediate_ha: parse_bool(&get, "REMEDIATE_HA_VMS", defaults.remediate_ha)?,
             recheck_ms: parse(&get, "RECHECK_INTERVAL_MS", defaults.recheck_ms)?.max(1),
+            hang_evidence: parse(&get, "HANG_EVIDENCE", defaults.hang_evidence)?,
+            ladder: parse(&get, "ESCALATION_LADDER", defaults.ladder.clone())?,
+            graceful_reboot_timeout_ms: parse(
+                &get,
+                "GRACEFUL_REBOOT_TIMEOUT_MS",
+                defaults.graceful_reboot_timeout_ms,
+            )?
+            .max(1000),
+            evidence_interval_ms: parse(
+                &get,
+                "EVIDENCE_INTERVAL_MS",
+                defaults.evidence_interval_ms,
+            )?
+            .max(1),
+            guest_agent_timeout_ms: parse(
+                &get,
+                "GUEST_AGENT_TIMEOUT_MS",
+                defaults.guest_agent_timeout_ms,
+            )?
+            .max(1),
         };
         if !(0.0..=100.0).contains(&remediation.storm_percent) {
             return Err(ConfigError {

@@ -51,5 +51,7 @@ pub fn phase_label(phase: RemediationPhase) -> Option<&'static str> {
         RemediationPhase::ResetPending => Some("reset pending"),
         RemediationPhase::Recovering => Some("recovering"),
         RemediationPhase::Manual => Some("manual"),
+        RemediationPhase::AgentSilent => Some("agent silent"),
+        RemediationPhase::GuestFault => Some("guest fault"),
     }
 }

@@ -83,6 +83,12 @@ string_enum!(
         Recovering = "recovering",
         /// Automatic attempts are exhausted: an operator must look (acknowledge to clear).
         Manual = "manual",
+        /// Heartbeats stopped but the guest is alive (its guest agent answers or it does
+        /// I/O): no power action until its agent reports again.
+        AgentSilent = "agent_silent",
+        /// QEMU stopped the guest on a storage or internal fault (`io-error`,
+        /// `internal-error`): a reset does not cure it; an operator must look.
+        GuestFault = "guest_fault",
     }
 );
 
@@ -182,6 +188,12 @@ string_enum!(
         IdentityClaim = "identity_claim",
         /// An enrolment asked for an identity another credential holds.
         EnrolmentRefused = "enrolment_refused",
+        /// A silent VM's guest is alive by Proxmox's evidence: no power action.
+        AgentSilent = "agent_silent",
+        /// A silent VM's guest is stopped on a hypervisor fault: no power action.
+        GuestFault = "guest_fault",
+        /// After a power action the guest OS is back, its agent not yet.
+        GuestBack = "guest_back",
     }
 );
 

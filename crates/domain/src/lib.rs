@@ -3,6 +3,7 @@
 //! Nothing here does I/O. The server, the Proxmox client and the dashboard all build on it.
 
 pub mod enums;
+pub mod evidence;
 pub mod heartbeat;
 pub mod identity;
 pub mod ids;

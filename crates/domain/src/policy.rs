@@ -1,9 +1,12 @@
 //! Remediation policy: pure functions of (VM state, Proxmox facts, config, now) that decide
 //! what to do about a hung VM. The engine carries the decisions out; nothing here does I/O.
 
-use crate::enums::{Mode, RemediationPhase, VmStatus};
+use crate::enums::{GuestKind, Mode, PowerAction, RemediationPhase, UnknownValue, VmStatus};
+use crate::evidence::HangEvidence;
 use crate::ids::{NodeName, VmId};
 use crate::status::percent_of;
+use std::fmt;
+use std::str::FromStr;
 
 /// What Proxmox says about a guest's power state, reduced to what the policy needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,12 +16,15 @@ pub enum GuestPower {
     Stopped,
     /// Running as a process but not executing (QEMU `qmpstatus`: paused, suspended...).
     Suspended(String),
+    /// QEMU stopped the guest on a fault (`qmpstatus` io-error or internal-error): a
+    /// storage or hypervisor failure that a reset does not cure.
+    Fault(String),
     /// Any other status Proxmox reports.
     Other(String),
 }
 
 /// A guest's state in Proxmox at the moment a reset is considered.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct GuestState {
     pub power: GuestPower,
     /// A config lock (backup, migrate, snapshot...).
@@ -26,6 +32,10 @@ pub struct GuestState {
     pub template: bool,
     pub ha_managed: bool,
     pub uptime_seconds: Option<i64>,
+    /// The guest's config enables the QEMU guest agent (`agent: 1`).
+    pub agent_configured: bool,
+    /// What `status/current` said, kept as evidence.
+    pub sample: crate::evidence::StatusSample,
 }
 
 impl GuestState {
@@ -37,7 +47,105 @@ impl GuestState {
             template: false,
             ha_managed: false,
             uptime_seconds: None,
+            agent_configured: false,
+            sample: crate::evidence::StatusSample::default(),
         }
+    }
+}
+
+/// One rung of the escalation ladder; each is one attempt of an incident.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rung {
+    /// ACPI reboot: a partly alive guest shuts down cleanly, losing less than a reset.
+    Reboot,
+    /// Hard reset of the virtual machine (QEMU only).
+    Reset,
+    /// Stop then start: a fresh QEMU process, for a guest a reset does not bring back.
+    StopStart,
+}
+
+impl Rung {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rung::Reboot => "reboot",
+            Rung::Reset => "reset",
+            Rung::StopStart => "stop-start",
+        }
+    }
+
+    /// The power action that starts this rung (a stop-start continues with a start).
+    pub fn first_action(self) -> PowerAction {
+        match self {
+            Rung::Reboot => PowerAction::Reboot,
+            Rung::Reset => PowerAction::Reset,
+            Rung::StopStart => PowerAction::Stop,
+        }
+    }
+}
+
+impl fmt::Display for Rung {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The rungs in order [ESCALATION_LADDER], e.g. `reboot,reset,stop-start`: none twice.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ladder(Vec<Rung>);
+
+impl Default for Ladder {
+    fn default() -> Self {
+        Ladder(vec![Rung::Reboot, Rung::Reset, Rung::StopStart])
+    }
+}
+
+impl FromStr for Ladder {
+    type Err = UnknownValue;
+
+    fn from_str(text: &str) -> Result<Self, UnknownValue> {
+        let bad = || UnknownValue {
+            kind: "escalation ladder",
+            value: text.to_owned(),
+        };
+        let mut rungs = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            let rung = match part {
+                "reboot" => Rung::Reboot,
+                "reset" => Rung::Reset,
+                "stop-start" => Rung::StopStart,
+                _ => return Err(bad()),
+            };
+            if rungs.contains(&rung) {
+                return Err(bad());
+            }
+            rungs.push(rung);
+        }
+        Ok(Ladder(rungs))
+    }
+}
+
+impl Ladder {
+    pub fn rungs(&self) -> &[Rung] {
+        &self.0
+    }
+
+    /// The rung for an incident's next attempt, `attempts_done` attempts in. Containers
+    /// have no reset: their ladder skips it. Past the last rung the last one repeats (when
+    /// MAX_RESET_ATTEMPTS allows more attempts than there are rungs).
+    pub fn rung(&self, kind: GuestKind, attempts_done: i64) -> Rung {
+        let rungs: Vec<Rung> = self
+            .0
+            .iter()
+            .copied()
+            .filter(|r| kind == GuestKind::Qemu || *r != Rung::Reset)
+            .collect();
+        let index = usize::try_from(attempts_done.max(0)).unwrap_or(usize::MAX);
+        rungs
+            .get(index)
+            .or(rungs.last())
+            .copied()
+            // A container under a `reset`-only ladder: its closest action.
+            .unwrap_or(Rung::Reboot)
     }
 }
 
@@ -62,6 +170,16 @@ pub struct RemediationConfig {
     pub remediate_ha: bool,
     /// Wait before looking again at a VM that was locked or left alone [RECHECK_INTERVAL_MS].
     pub recheck_ms: i64,
+    /// How much silence it takes to act [HANG_EVIDENCE].
+    pub hang_evidence: HangEvidence,
+    /// The rungs of each incident [ESCALATION_LADDER].
+    pub ladder: Ladder,
+    /// How long a guest gets to honour an ACPI reboot [GRACEFUL_REBOOT_TIMEOUT_MS].
+    pub graceful_reboot_timeout_ms: i64,
+    /// Time between the two `status/current` reads [EVIDENCE_INTERVAL_MS].
+    pub evidence_interval_ms: i64,
+    /// Longest wait for a guest-agent ping [GUEST_AGENT_TIMEOUT_MS].
+    pub guest_agent_timeout_ms: i64,
 }
 
 impl Default for RemediationConfig {
@@ -76,6 +194,11 @@ impl Default for RemediationConfig {
             storm_percent: 30.0,
             remediate_ha: false,
             recheck_ms: 60_000,
+            hang_evidence: HangEvidence::Strict,
+            ladder: Ladder::default(),
+            graceful_reboot_timeout_ms: 60_000,
+            evidence_interval_ms: 5_000,
+            guest_agent_timeout_ms: 10_000,
         }
     }
 }
@@ -103,8 +226,15 @@ pub enum Screen {
 
 /// First stage: is this VM a candidate for a reset at all (before asking Proxmox)?
 pub fn screen(vm: &VmFacts, now_ms: i64) -> Screen {
-    if vm.phase != RemediationPhase::Ok {
-        return Screen::Skip("an incident is already in progress");
+    match vm.phase {
+        RemediationPhase::Ok => {}
+        RemediationPhase::AgentSilent => {
+            return Screen::Skip("the guest is alive; waiting for its agent to report");
+        }
+        RemediationPhase::GuestFault => {
+            return Screen::Skip("a hypervisor fault a reset does not cure");
+        }
+        _ => return Screen::Skip("an incident is already in progress"),
     }
     if vm.status != VmStatus::Down {
         return Screen::Skip("not stale");
@@ -160,9 +290,12 @@ pub fn storm(vms: &[VmFacts], cfg: &RemediationConfig) -> Option<String> {
 /// Second stage: what to do with a candidate, given what Proxmox says about it now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
+    /// Gather the second opinion; act if it finds no sign of life.
     Reset,
-    /// Shadow mode: record that a reset would have been sent.
+    /// Shadow mode: the same, recording what would have been sent.
     WouldReset,
+    /// QEMU stopped the guest on a fault a reset does not cure.
+    Fault(String),
     /// Not now (locked, or the concurrency limit is reached); look again later.
     Wait(String),
     /// Not ours to reset (off, paused, template, HA-managed).
@@ -178,6 +311,11 @@ pub fn decide(guest: &GuestState, cfg: &RemediationConfig, in_flight: usize) -> 
             return Decision::Leave("stopped in Proxmox (intentionally off)".into());
         }
         GuestPower::Suspended(q) => return Decision::Leave(format!("{q} in Proxmox")),
+        GuestPower::Fault(q) => {
+            return Decision::Fault(format!(
+                "Proxmox reports qmpstatus {q}: the hypervisor stopped the guest on a fault a reset does not cure"
+            ));
+        }
         GuestPower::Other(status) => {
             return Decision::Leave(format!("Proxmox status is {status}"));
         }
@@ -385,6 +523,23 @@ mod tests {
                 "leave",
             ),
             ("paused", paused, &cfg, 0, "leave"),
+            (
+                "io-error",
+                guest(GuestPower::Fault("io-error".into())),
+                &cfg,
+                0,
+                "fault",
+            ),
+            (
+                "internal-error, even locked",
+                GuestState {
+                    lock: Some("backup".into()),
+                    ..guest(GuestPower::Fault("internal-error".into()))
+                },
+                &cfg,
+                0,
+                "fault",
+            ),
             ("template", template, &cfg, 0, "leave"),
             ("locked", locked, &cfg, 0, "wait"),
             ("ha", ha.clone(), &cfg, 0, "leave"),
@@ -395,6 +550,7 @@ mod tests {
             Decision::WouldReset => "would",
             Decision::Wait(_) => "wait",
             Decision::Leave(_) => "leave",
+            Decision::Fault(_) => "fault",
         };
         for (name, status, cfg, in_flight, expected) in cases {
             assert_eq!(kind(decide(&status, cfg, in_flight)), expected, "{name}");
@@ -458,6 +614,49 @@ mod tests {
             v.linked = false;
         }
         assert_eq!(storm(&mixed, &cfg), None);
+    }
+
+    #[test]
+    fn ladder_table() {
+        let default = Ladder::default();
+        let cases: Vec<(&Ladder, GuestKind, i64, Rung)> = vec![
+            (&default, GuestKind::Qemu, 0, Rung::Reboot),
+            (&default, GuestKind::Qemu, 1, Rung::Reset),
+            (&default, GuestKind::Qemu, 2, Rung::StopStart),
+            (&default, GuestKind::Qemu, 5, Rung::StopStart),
+            (&default, GuestKind::Lxc, 0, Rung::Reboot),
+            (&default, GuestKind::Lxc, 1, Rung::StopStart),
+            (&default, GuestKind::Qemu, -1, Rung::Reboot),
+        ];
+        for (ladder, kind, done, expected) in cases {
+            assert_eq!(ladder.rung(kind, done), expected, "{kind} after {done}");
+        }
+        let reset_only: Ladder = "reset".parse().unwrap();
+        assert_eq!(reset_only.rung(GuestKind::Qemu, 0), Rung::Reset);
+        assert_eq!(
+            reset_only.rung(GuestKind::Lxc, 0),
+            Rung::Reboot,
+            "containers have no reset"
+        );
+        assert_eq!(
+            "reset, stop-start".parse::<Ladder>().unwrap().rungs(),
+            &[Rung::Reset, Rung::StopStart]
+        );
+        for bad in ["", "reset,reset", "reboot,destroy", "Reset", "reset,"] {
+            assert!(bad.parse::<Ladder>().is_err(), "{bad:?}");
+        }
+        assert_eq!(Rung::StopStart.first_action(), PowerAction::Stop);
+    }
+
+    #[test]
+    fn held_phases_are_not_candidates() {
+        for phase in [RemediationPhase::AgentSilent, RemediationPhase::GuestFault] {
+            let held = VmFacts {
+                phase,
+                ..vm(VmStatus::Down)
+            };
+            assert!(matches!(screen(&held, NOW), Screen::Skip(_)), "{phase}");
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use crate::tls;
 use crate::types::{self, PveResource, PveTaskEntry, PveTaskStatus, PveVmConfig, PveVmStatus};
+use domain::evidence::AgentPing;
 use domain::{GuestKind, GuestRef, NodeName, PowerAction, Secret, Vmid};
 use std::time::Duration;
 
@@ -151,6 +152,49 @@ impl PveClient {
         guest: &GuestRef,
         action: PowerAction,
     ) -> Result<String, PveError> {
+        self.start_action(guest, action, "").await
+    }
+
+    /// An ACPI reboot that Proxmox gives up on after `timeout_seconds` of waiting for the
+    /// guest to shut down (the task then fails).
+    pub async fn graceful_reboot(
+        &self,
+        guest: &GuestRef,
+        timeout_seconds: u64,
+    ) -> Result<String, PveError> {
+        let form = format!("timeout={timeout_seconds}");
+        self.start_action(guest, PowerAction::Reboot, &form).await
+    }
+
+    /// Asks the QEMU guest agent for a ping. Its failures are answers too (not configured,
+    /// not running, timed out); only the call's own failures are errors.
+    pub async fn agent_ping(&self, guest: &GuestRef) -> Result<AgentPing, PveError> {
+        if guest.kind != GuestKind::Qemu {
+            return Ok(AgentPing::NotConfigured);
+        }
+        let path = format!(
+            "/nodes/{}/qemu/{}/agent/ping",
+            enc(guest.node.as_str()),
+            guest.vmid
+        );
+        match self.post::<serde_json::Value>(&path, "").await {
+            Ok(_) => Ok(AgentPing::Answered),
+            Err(err) => match PveError::from(err) {
+                PveError::Forbidden(_) => Ok(AgentPing::Unavailable("permission".into())),
+                PveError::Server { message, .. } | PveError::NotRunning(message) => {
+                    Ok(ping_failure(&message))
+                }
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn start_action(
+        &self,
+        guest: &GuestRef,
+        action: PowerAction,
+        form: &str,
+    ) -> Result<String, PveError> {
         let path = format!(
             "/nodes/{}/{}/{}/status/{}",
             enc(guest.node.as_str()),
@@ -159,7 +203,7 @@ impl PveClient {
             action.as_str()
         );
         let sent_at = unix_seconds();
-        match self.post(&path).await {
+        match self.post(&path, form).await {
             Err(SendError::MaybeDelivered(why)) => {
                 tracing::warn!(error = %why, vmid = %guest.vmid, "power action unanswered; looking for its task");
                 // Not finding out is as ambiguous as not being answered: never a plain
@@ -238,7 +282,11 @@ impl PveClient {
     /// POSTs are retried only when the request provably never reached the node (connection
     /// refused, 595 from the node proxy), never after a 596 or a timeout: a reset must not
     /// run twice.
-    async fn post<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, SendError> {
+    async fn post<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        form: &str,
+    ) -> Result<T, SendError> {
         let mut delay = Duration::from_millis(200);
         let mut attempt = 1;
         loop {
@@ -247,7 +295,7 @@ impl PveClient {
                 .post(format!("{}{path}", self.base))
                 .header("Authorization", &self.auth_header)
                 .header("Content-Type", "application/x-www-form-urlencoded")
-                .body("");
+                .body(form.to_owned());
             match self.send_inner(request).await {
                 Err(SendError::NotDelivered(msg)) if attempt < GET_ATTEMPTS => {
                     tracing::debug!(error = %msg, path, "Proxmox POST not delivered; retrying");
@@ -396,6 +444,19 @@ fn error_message(body: &[u8], reason: &str) -> String {
         }
     }
     message
+}
+
+/// What a failed `agent/ping` says, by Proxmox's message.
+fn ping_failure(message: &str) -> AgentPing {
+    if message.contains("No QEMU guest agent configured") {
+        AgentPing::NotConfigured
+    } else if message.contains("guest agent is not running") {
+        AgentPing::NotRunning
+    } else if message.contains("got timeout") {
+        AgentPing::TimedOut
+    } else {
+        AgentPing::Unavailable(message.to_owned())
+    }
 }
 
 fn classify(status: u16, message: String) -> PveError {

@@ -9,6 +9,7 @@ pub mod types;
 
 pub use client::{PveClient, PveError, PveSettings, TlsTrust};
 
+use domain::evidence::AgentPing;
 use domain::link::ClusterGuest;
 use domain::policy::GuestState;
 use domain::{GuestRef, NodeName, PowerAction, Vmid};
@@ -44,6 +45,14 @@ pub trait ProxmoxApi: Send + Sync {
     ) -> PveFuture<'a, String>;
     /// Where a task stands.
     fn task_state<'a>(&'a self, upid: &'a str) -> PveFuture<'a, TaskState>;
+    /// An ACPI reboot that Proxmox abandons after `timeout_seconds` without a shutdown.
+    fn graceful_reboot<'a>(
+        &'a self,
+        guest: &'a GuestRef,
+        timeout_seconds: u64,
+    ) -> PveFuture<'a, String>;
+    /// A QEMU guest-agent ping; a failed ping is an answer, not an error.
+    fn agent_ping<'a>(&'a self, guest: &'a GuestRef) -> PveFuture<'a, AgentPing>;
 }
 
 impl ProxmoxApi for PveClient {
@@ -58,7 +67,10 @@ impl ProxmoxApi for PveClient {
     }
 
     fn guest_state<'a>(&'a self, guest: &'a GuestRef) -> PveFuture<'a, GuestState> {
-        Box::pin(async move { Ok(self.vm_status(guest).await?.guest_state()) })
+        Box::pin(async move {
+            let status = self.vm_status(guest).await?;
+            Ok(status.guest_state(unix_ms()))
+        })
     }
 
     fn smbios_uuid<'a>(&'a self, node: &'a NodeName, vmid: Vmid) -> PveFuture<'a, Option<String>> {
@@ -73,6 +85,18 @@ impl ProxmoxApi for PveClient {
         Box::pin(PveClient::power_action(self, guest, action))
     }
 
+    fn graceful_reboot<'a>(
+        &'a self,
+        guest: &'a GuestRef,
+        timeout_seconds: u64,
+    ) -> PveFuture<'a, String> {
+        Box::pin(PveClient::graceful_reboot(self, guest, timeout_seconds))
+    }
+
+    fn agent_ping<'a>(&'a self, guest: &'a GuestRef) -> PveFuture<'a, AgentPing> {
+        Box::pin(PveClient::agent_ping(self, guest))
+    }
+
     fn task_state<'a>(&'a self, upid: &'a str) -> PveFuture<'a, TaskState> {
         Box::pin(async move {
             let task = self.task_status(upid).await?;
@@ -85,4 +109,11 @@ impl ProxmoxApi for PveClient {
             })
         })
     }
+}
+
+/// Wall-clock milliseconds, for the time of a status read.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

@@ -1,5 +1,6 @@
 //! Proxmox API shapes, deserialised leniently: booleans come as 0/1, numbers sometimes as strings.
 
+use domain::evidence::{IoCounters, StatusSample};
 use domain::link::ClusterGuest;
 use domain::policy::{GuestPower, GuestState};
 use domain::{GuestKind, GuestRef, NodeName, Vmid};
@@ -65,6 +66,19 @@ pub struct PveVmStatus {
     pub ha: Option<HaStatus>,
     #[serde(default, deserialize_with = "lenient_opt_i64")]
     pub uptime: Option<i64>,
+    /// QEMU guest agent enabled in the config.
+    #[serde(default, deserialize_with = "lenient_bool")]
+    pub agent: bool,
+    #[serde(default, deserialize_with = "lenient_opt_f64")]
+    pub cpu: Option<f64>,
+    #[serde(default, deserialize_with = "lenient_opt_i64")]
+    pub diskread: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_opt_i64")]
+    pub diskwrite: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_opt_i64")]
+    pub netin: Option<i64>,
+    #[serde(default, deserialize_with = "lenient_opt_i64")]
+    pub netout: Option<i64>,
 }
 
 impl PveVmStatus {
@@ -77,10 +91,27 @@ impl PveVmStatus {
         self.status == "running" && self.qmpstatus.as_deref().is_none_or(|q| q == "running")
     }
 
-    /// The core's view of this status, for the remediation policy.
-    pub fn guest_state(&self) -> GuestState {
+    /// The I/O counters, when Proxmox gave all four.
+    fn io(&self) -> Option<IoCounters> {
+        let count = |v: Option<i64>| v.and_then(|n| u64::try_from(n).ok());
+        Some(IoCounters {
+            diskread: count(self.diskread)?,
+            diskwrite: count(self.diskwrite)?,
+            netin: count(self.netin)?,
+            netout: count(self.netout)?,
+        })
+    }
+
+    /// The core's view of this status, for the remediation policy; `at_ms` is when it was read.
+    pub fn guest_state(&self, at_ms: i64) -> GuestState {
+        let fault = self
+            .qmpstatus
+            .as_deref()
+            .filter(|q| matches!(*q, "io-error" | "internal-error"));
         let power = if self.status == "stopped" {
             GuestPower::Stopped
+        } else if let Some(q) = fault {
+            GuestPower::Fault(q.to_owned())
         } else if let Some(q) = self.qmpstatus.as_deref().filter(|q| *q != "running") {
             GuestPower::Suspended(q.to_owned())
         } else if self.status != "running" {
@@ -94,6 +125,14 @@ impl PveVmStatus {
             template: self.template,
             ha_managed: self.ha_managed(),
             uptime_seconds: self.uptime,
+            agent_configured: self.agent,
+            sample: StatusSample {
+                at_ms,
+                cpu: self.cpu,
+                qmpstatus: self.qmpstatus.clone(),
+                uptime: self.uptime,
+                io: self.io(),
+            },
         }
     }
 }
@@ -183,6 +222,14 @@ fn lenient_opt_i64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Er
     })
 }
 
+fn lenient_opt_f64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => n.as_f64(),
+        serde_json::Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    })
+}
+
 fn lenient_i64<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     lenient_opt_i64(d)?.ok_or_else(|| serde::de::Error::custom("expected a number"))
 }
@@ -208,7 +255,7 @@ mod tests {
         assert!(s.ha_managed());
         assert!(!s.is_running());
         assert_eq!(
-            s.guest_state().power,
+            s.guest_state(0).power,
             GuestPower::Suspended("paused".into())
         );
         assert_eq!(s.uptime, Some(12));

@@ -230,6 +230,67 @@ pub async fn set_phase(
     Ok(updated == 1)
 }
 
+/// Moves a silent VM into a phase that holds off power actions, only while it is still in
+/// `expected` phase, `down`, and last seen at `last_seen_ms` (a heartbeat since wins).
+pub async fn hold_while_down(
+    conn: &mut Conn,
+    vm_id: VmId,
+    expected: RemediationPhase,
+    last_seen_ms: Option<i64>,
+    phase: RemediationPhase,
+    reason: &str,
+) -> Result<bool, DbError> {
+    let updated = with_conn!(conn, |c| {
+        let mut query = diesel::update(vms::table)
+            .filter(vms::id.eq(vm_id.get()))
+            .filter(vms::remediation_phase.eq(expected.as_str()))
+            .filter(vms::status.eq(VmStatus::Down.as_str()))
+            .into_boxed();
+        query = match last_seen_ms {
+            Some(t) => query.filter(vms::last_seen_ms.eq(t)),
+            None => query.filter(vms::last_seen_ms.is_null()),
+        };
+        query
+            .set((
+                vms::remediation_phase.eq(phase.as_str()),
+                vms::next_action_ms.eq(None::<i64>),
+                vms::phase_reason.eq(reason),
+            ))
+            .execute(c)
+            .await
+    })?;
+    Ok(updated == 1)
+}
+
+/// Closes one attempt and opens the next in one transaction (a stop-start rung's start):
+/// after a crash either the stop is still open or the start's intent is recorded.
+pub async fn finish_and_begin(
+    conn: &mut Conn,
+    finished: AttemptId,
+    now_ms: i64,
+    next: &NewAttempt,
+) -> Result<AttemptId, DbError> {
+    with_conn!(conn, |c| {
+        c.transaction::<_, DbError, _>(async |c| {
+            diesel::update(reset_attempts::table.find(finished.get()))
+                .set((
+                    reset_attempts::outcome.eq(AttemptOutcome::Ok.as_str()),
+                    reset_attempts::error.eq(None::<&str>),
+                    reset_attempts::finished_ms.eq(now_ms),
+                ))
+                .execute(c)
+                .await?;
+            let id: i64 = diesel::insert_into(reset_attempts::table)
+                .values(next.row())
+                .returning(reset_attempts::id)
+                .get_result(c)
+                .await?;
+            Ok(AttemptId(id))
+        })
+        .await
+    })
+}
+
 /// Notes why a VM was left alone and when to look again, without touching its phase.
 pub async fn defer(
     conn: &mut Conn,

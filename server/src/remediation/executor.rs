@@ -29,6 +29,8 @@ pub struct Executor {
 struct Followed {
     attempt_id: AttemptId,
     vm_id: VmId,
+    /// Where a stop-start rung's start goes; `None` when the link went away meanwhile.
+    guest: Option<GuestRef>,
     upid: String,
     action: PowerAction,
     /// Attempts of the incident including this one.
@@ -96,14 +98,14 @@ impl Executor {
         };
         let attempts = expected.attempts + i64::from(automatic);
         tracing::warn!(vm_id = %row.id, hostname = %row.hostname, node = %guest.node, vmid = %guest.vmid, %action, trigger = %trigger.source(), "sending power action to Proxmox");
-        let sent = match pve.power_action(guest, action).await {
+        let sent = match self.send(pve.as_ref(), guest, action, automatic).await {
             Err(PveError::VmNotFound(_)) => {
                 match self
                     .linker
                     .relocate(&self.ctx, pve.as_ref(), row, guest)
                     .await
                 {
-                    Ok(moved) => pve.power_action(&moved, action).await,
+                    Ok(moved) => self.send(pve.as_ref(), &moved, action, automatic).await,
                     Err(err) => Err(err),
                 }
             }
@@ -112,12 +114,31 @@ impl Executor {
         let followed = Followed {
             attempt_id,
             vm_id: row.vm_id(),
+            guest: Some(guest.clone()),
             upid: String::new(),
             action,
             attempts,
             automatic,
         };
         self.after_send(followed, sent).await
+    }
+
+    /// The ladder's reboot rung is an ACPI reboot Proxmox abandons after the graceful
+    /// timeout; everything else is the plain action.
+    async fn send(
+        &self,
+        pve: &dyn ProxmoxApi,
+        guest: &GuestRef,
+        action: PowerAction,
+        automatic: bool,
+    ) -> Result<String, PveError> {
+        if automatic && action == PowerAction::Reboot {
+            let seconds = self.ctx.cfg.graceful_reboot_timeout_ms / 1000;
+            pve.graceful_reboot(guest, u64::try_from(seconds).unwrap_or(60))
+                .await
+        } else {
+            pve.power_action(guest, action).await
+        }
     }
 
     async fn after_send(
@@ -171,7 +192,19 @@ impl Executor {
         followed: &Followed,
         what: &str,
     ) -> Result<(), DbError> {
-        let (phase, next_action_ms, reason) = if followed.automatic {
+        let (phase, next_action_ms, reason) = if followed.automatic
+            && followed.action == PowerAction::Start
+        {
+            // The ladder stopped this guest and could not start it again: never leave it
+            // for the next round, which would take "stopped" for intentionally off.
+            (
+                RemediationPhase::Manual,
+                None,
+                format!(
+                    "{what}; the guest was stopped by the stop-start rung and is off: manual intervention needed"
+                ),
+            )
+        } else if followed.automatic {
             let step = policy::after_failed_attempt(
                 followed.attempts,
                 &self.ctx.cfg,
@@ -213,11 +246,16 @@ impl Executor {
     }
 
     /// Polls the task until it stops (or the deadline) and moves the incident on.
-    async fn follow(&self, followed: &Followed) -> Result<(), DbError> {
+    async fn follow(self: &Arc<Self>, followed: &Followed) -> Result<(), DbError> {
         let Some(pve) = &self.ctx.pve else {
             return Ok(());
         };
-        let timeout = &self.ctx.timing.task_timeout;
+        let mut timeout = self.ctx.timing.task_timeout;
+        if followed.automatic && followed.action == PowerAction::Reboot {
+            // Proxmox waits up to the graceful timeout for the shutdown, then starts it.
+            let graceful = u64::try_from(self.ctx.cfg.graceful_reboot_timeout_ms).unwrap_or(0);
+            timeout += std::time::Duration::from_millis(graceful);
+        }
         let deadline = self
             .ctx
             .clock
@@ -240,7 +278,7 @@ impl Executor {
     }
 
     async fn record_outcome(
-        &self,
+        self: &Arc<Self>,
         followed: &Followed,
         outcome: Result<String, String>,
     ) -> Result<(), DbError> {
@@ -248,6 +286,10 @@ impl Executor {
         let mut conn = self.ctx.db.conn().await?;
         let (vm_id, action, upid) = (followed.vm_id, followed.action, &followed.upid);
         match outcome {
+            Ok(_) if followed.automatic && action == PowerAction::Stop => {
+                drop(conn);
+                return self.start_after_stop(followed).await;
+            }
             Ok(exit) => {
                 incidents::finish_attempt(
                     &mut conn,
@@ -298,6 +340,57 @@ impl Executor {
         Ok(())
     }
 
+    /// The stop-start rung's second half: the start's intent is recorded with the stop's
+    /// end in one transaction, then the start is sent and followed. Its attempt does not
+    /// count: the rung is one attempt.
+    async fn start_after_stop(self: &Arc<Self>, stop: &Followed) -> Result<(), DbError> {
+        let now_ms = self.ctx.clock.now_ms();
+        let intent = NewAttempt {
+            vm_id: stop.vm_id,
+            action: PowerAction::Start,
+            trigger_source: TriggerSource::Scheduler,
+            requested_by: None,
+            mode: Mode::Live,
+            guest: stop.guest.clone(),
+            outcome: AttemptOutcome::Pending,
+            error: None,
+            evidence_json: None,
+            created_ms: now_ms,
+        };
+        let attempt_id = {
+            let mut conn = self.ctx.db.conn().await?;
+            incidents::finish_and_begin(&mut conn, stop.attempt_id, now_ms, &intent).await?
+        };
+        self.send_start(Followed {
+            attempt_id,
+            action: PowerAction::Start,
+            upid: String::new(),
+            ..stop.clone()
+        })
+        .await
+    }
+
+    /// Sends a recorded start intent. A start is safe to send again after a crash: a
+    /// guest already running refuses it.
+    async fn send_start(self: &Arc<Self>, start: Followed) -> Result<(), DbError> {
+        let Some(pve) = self.ctx.pve.clone() else {
+            return Ok(());
+        };
+        let sent = match &start.guest {
+            Some(guest) => {
+                tracing::warn!(vm_id = %start.vm_id, vmid = %guest.vmid, "starting the guest the stop-start rung stopped");
+                pve.power_action(guest, PowerAction::Start).await
+            }
+            None => Err(PveError::VmNotFound(
+                "the VM lost its verified link before its guest was started again".into(),
+            )),
+        };
+        match self.after_send(start, sent).await {
+            Err(ActionError::Db(err)) => Err(err),
+            _ => Ok(()),
+        }
+    }
+
     /// After a restart or on becoming leader: follow tasks that were sent, and treat intents
     /// without a UPID as possibly sent, so the recovery window applies instead of a second
     /// reset. A stored value this version does not know fails the whole pass (logged by
@@ -314,22 +407,36 @@ impl Executor {
                 continue;
             }
             let vm_id = VmId(item.vm_id);
+            let automatic = item.trigger_source.0 == TriggerSource::Scheduler;
             match (&item.upid, &self.ctx.pve) {
+                (None, Some(_)) if automatic && item.action.0 == PowerAction::Start => {
+                    let (attempts, guest) = self.incident_of(vm_id).await?;
+                    tracing::info!(
+                        attempt_id = item.id,
+                        "sending the start a restart interrupted"
+                    );
+                    self.send_start(Followed {
+                        attempt_id,
+                        vm_id,
+                        guest,
+                        upid: String::new(),
+                        action: PowerAction::Start,
+                        attempts,
+                        automatic,
+                    })
+                    .await?;
+                }
                 (Some(upid), Some(_)) => {
                     tracing::info!(attempt_id = item.id, upid, "resuming to follow a task");
-                    let attempts = {
-                        let mut conn = self.ctx.db.conn().await?;
-                        store::get_row(&mut conn, vm_id)
-                            .await?
-                            .map_or(1, |v| v.incident_attempts)
-                    };
+                    let (attempts, guest) = self.incident_of(vm_id).await?;
                     self.spawn_follower(Followed {
                         attempt_id,
                         vm_id,
+                        guest,
                         upid: upid.clone(),
                         action: item.action.0,
                         attempts,
-                        automatic: item.trigger_source.0 == TriggerSource::Scheduler,
+                        automatic,
                     });
                 }
                 _ => {
@@ -342,6 +449,14 @@ impl Executor {
             }
         }
         Ok(())
+    }
+
+    /// The incident's attempt count and the VM's verified guest, for resuming its work.
+    async fn incident_of(&self, vm_id: VmId) -> Result<(i64, Option<GuestRef>), DbError> {
+        let mut conn = self.ctx.db.conn().await?;
+        Ok(store::get_row(&mut conn, vm_id)
+            .await?
+            .map_or((1, None), |v| (v.incident_attempts, v.verified_guest())))
     }
 
     pub fn following(&self) -> usize {

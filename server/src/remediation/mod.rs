@@ -3,6 +3,7 @@
 
 mod breaker;
 mod executor;
+mod inspection;
 mod leader;
 mod linker;
 
@@ -15,7 +16,7 @@ use crate::db::{Db, DbError};
 use crate::health::JobHealth;
 use crate::settings::SharedStatusConfig;
 use breaker::Guard;
-use domain::policy::{self, Decision, GuestPower, GuestState, RemediationConfig, Screen, VmFacts};
+use domain::policy::{self, Decision, RemediationConfig, Screen, VmFacts};
 use domain::view::RemediationSummary;
 use domain::{
     AttemptId, AttemptOutcome, GuestRef, Mode, PowerAction, RemediationPhase, TriggerSource, VmId,
@@ -109,6 +110,7 @@ pub struct Engine {
     guard: Guard,
     linker: Arc<Linker>,
     executor: Arc<Executor>,
+    inspections: inspection::Inspections,
     ticks: AtomicU64,
 }
 
@@ -164,6 +166,7 @@ impl Engine {
             linker,
             leader: tokio::sync::Mutex::new(leader),
             leading: AtomicBool::new(false),
+            inspections: inspection::Inspections::default(),
             ticks: AtomicU64::new(0),
             ctx,
         }
@@ -216,9 +219,15 @@ impl Engine {
             .amnesty_until(self.ctx.status_config.get().stale_timeout_ms)
     }
 
-    /// Ends follower tasks (server shutdown).
+    /// Ends follower and inspection tasks (server shutdown).
     pub fn shutdown(&self) {
+        self.inspections.abort_all();
         self.executor.shutdown();
+    }
+
+    /// Waits until every inspection started so far has decided (tests).
+    pub async fn settle_inspections(&self) {
+        self.inspections.settle().await;
     }
 
     /// Proxmox tasks this process is still following.
@@ -270,12 +279,15 @@ impl Engine {
         let storm = policy::storm(&all, &self.ctx.cfg);
         self.guard.update_storm(&self.ctx, storm, now_ms).await?;
         if !self.blocked(now_ms) {
+            // Inspections under way count: each may end in a power action.
             let mut in_flight = all
                 .iter()
                 .filter(|v| v.phase == RemediationPhase::ResetPending)
-                .count();
+                .count()
+                + self.inspections.running();
             for row in &rows {
                 if policy::screen(&facts(row), now_ms) == Screen::Candidate
+                    && !self.inspections.contains(row.vm_id())
                     && self.consider(row, &mut in_flight, now_ms).await?
                 {
                     touched.push(row.vm_id());
@@ -294,26 +306,25 @@ impl Engine {
             || !matches!(self.guard.storm(), Ok(None))
     }
 
-    /// Recoveries whose window passed without a heartbeat count as failed attempts.
-    async fn expire_recoveries(&self, rows: &[VmRow], now_ms: i64) -> Result<Vec<VmId>, DbError> {
+    /// Recoveries whose window passed without a heartbeat: the guest may be back without
+    /// its agent (checked on its own task), or the attempt failed.
+    async fn expire_recoveries(
+        self: &Arc<Self>,
+        rows: &[VmRow],
+        now_ms: i64,
+    ) -> Result<Vec<VmId>, DbError> {
         let mut touched = Vec::new();
         for row in rows {
             let Some(step) = policy::recovery_expired(&facts(row), &self.ctx.cfg, now_ms) else {
                 continue;
             };
-            let mut conn = self.ctx.db.conn().await?;
-            let moved = incidents::set_phase(
-                &mut conn,
-                row.vm_id(),
-                Some(RemediationPhase::Recovering),
-                step.phase,
-                None,
-                step.next_action_ms,
-                &step.reason,
-            )
-            .await?;
-            if moved {
-                tracing::warn!(vm_id = %row.id, hostname = %row.hostname, reason = %step.reason, "reset did not bring the VM back");
+            if self.inspections.contains(row.vm_id()) {
+                continue;
+            }
+            if self.ctx.pve.is_some() && row.verified_guest().is_some() {
+                self.start_recovery_check(row.clone(), step);
+            } else {
+                self.apply_expired(row, &step).await?;
                 touched.push(row.vm_id());
             }
         }
@@ -344,42 +355,31 @@ impl Engine {
                 return Ok(true);
             }
         };
-        let evidence = evidence_json(row, &state, now_ms);
+        let state = inspection::stamped(state, now_ms);
         match policy::decide(&state, &self.ctx.cfg, *in_flight) {
-            Decision::Reset => {
-                let sent = self
-                    .executor
-                    .execute(
-                        row,
-                        &guest,
-                        PowerAction::Reset,
-                        &Trigger::Scheduler,
-                        Some(evidence),
-                    )
-                    .await;
-                match sent {
-                    Ok(_) | Err(ActionError::Proxmox(_)) => *in_flight += 1,
-                    Err(ActionError::Db(e)) => return Err(e),
-                    Err(other) => {
-                        tracing::info!(vm_id = %row.id, reason = %other, "reset not started");
-                    }
+            Decision::Reset | Decision::WouldReset if self.ctx.cfg.mode == Mode::Shadow => {
+                if self.start_inspection(row.clone(), guest, state, Mode::Shadow) {
+                    *in_flight += 1;
                 }
+                return Ok(false);
             }
-            Decision::WouldReset => {
-                self.note(
+            Decision::Reset | Decision::WouldReset => {
+                if self.start_inspection(row.clone(), guest, state, Mode::Live) {
+                    *in_flight += 1;
+                }
+                return Ok(false);
+            }
+            Decision::Fault(reason) => {
+                let json = inspection::record(row, &state, None, &reason, now_ms);
+                self.hold(
                     row,
                     &guest,
-                    Mode::Shadow,
-                    AttemptOutcome::WouldReset,
-                    None,
-                    evidence,
+                    RemediationPhase::GuestFault,
+                    &reason,
+                    json,
                     now_ms,
                 )
                 .await?;
-                let mut conn = self.ctx.db.conn().await?;
-                let next = now_ms.saturating_add(self.ctx.cfg.recovery_timeout_ms);
-                incidents::defer(&mut conn, row.vm_id(), next, "shadow mode: would reset").await?;
-                tracing::info!(vm_id = %row.id, hostname = %row.hostname, "shadow mode: would reset");
             }
             Decision::Wait(reason) => {
                 let mut conn = self.ctx.db.conn().await?;
@@ -390,13 +390,14 @@ impl Engine {
                 // One history entry per reason, not one per look.
                 if row.phase_reason.as_deref() != Some(reason.as_str()) {
                     let mode = self.ctx.cfg.mode;
+                    let json = inspection::record(row, &state, None, &reason, now_ms);
                     self.note(
                         row,
                         &guest,
                         mode,
                         AttemptOutcome::LeftAlone,
                         Some(reason.clone()),
-                        evidence,
+                        json,
                         now_ms,
                     )
                     .await?;
@@ -499,30 +500,6 @@ fn facts(row: &VmRow) -> VmFacts {
         next_action_ms: row.next_action_ms,
         last_reset_ms: row.last_reset_ms,
     }
-}
-
-/// What a decision was based on, kept with the attempt for the operator.
-fn evidence_json(row: &VmRow, state: &GuestState, now_ms: i64) -> String {
-    let (status, qmpstatus) = match &state.power {
-        GuestPower::Running => ("running", Some("running")),
-        GuestPower::Stopped => ("stopped", None),
-        GuestPower::Suspended(q) => ("running", Some(q.as_str())),
-        GuestPower::Other(s) => (s.as_str(), None),
-    };
-    serde_json::json!({
-        "decided_at_ms": now_ms,
-        "last_heartbeat_ms": row.last_seen_ms,
-        "silent_for_ms": row.last_seen_ms.map(|t| now_ms.saturating_sub(t)),
-        "last_uptime_seconds": row.uptime_seconds,
-        "proxmox": {
-            "status": status,
-            "qmpstatus": qmpstatus,
-            "lock": state.lock,
-            "ha_managed": state.ha_managed,
-            "uptime": state.uptime_seconds,
-        }
-    })
-    .to_string()
 }
 
 #[cfg(test)]

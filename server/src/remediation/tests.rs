@@ -6,7 +6,9 @@ use super::*;
 use crate::clock::ManualClock;
 use crate::db::incidents::Expected;
 use crate::ingest::{Submission, write_batch};
+use domain::evidence::{AgentPing, IoCounters};
 use domain::heartbeat::Heartbeat;
+use domain::policy::{GuestPower, GuestState};
 use domain::status::StatusConfig;
 use domain::{GuestKind, LinkSource, NodeName, OsKind, Vmid};
 use proxmox::{PveFuture, TaskState};
@@ -27,11 +29,30 @@ struct ScriptedPve {
     posts: Mutex<Vec<(i64, PowerAction)>>,
     /// A heartbeat stored while `guest_state` is answering, as a slow Proxmox allows.
     report_during_status: Mutex<Option<(Db, Heartbeat)>>,
+    /// Guest-agent answers by VMID; a guest not listed has no agent running.
+    pings: Mutex<HashMap<i64, AgentPing>>,
+    /// Guests whose disk writes grow between status reads.
+    busy: Mutex<std::collections::HashSet<i64>>,
+    /// Counter reads so far, by VMID.
+    reads: Mutex<HashMap<i64, u64>>,
 }
 
 impl ScriptedPve {
     fn set_state(&self, vmid: i64, state: GuestState) {
         self.states.lock().unwrap().insert(vmid, state);
+    }
+
+    fn set_ping(&self, vmid: i64, ping: AgentPing) {
+        self.pings.lock().unwrap().insert(vmid, ping);
+    }
+
+    fn set_busy(&self, vmid: i64, busy: bool) {
+        let mut set = self.busy.lock().unwrap();
+        if busy {
+            set.insert(vmid);
+        } else {
+            set.remove(&vmid);
+        }
     }
 
     fn posts(&self) -> Vec<(i64, PowerAction)> {
@@ -59,11 +80,49 @@ impl ProxmoxApi for ScriptedPve {
                     .await
                     .unwrap();
             }
-            let states = self.states.lock().unwrap();
-            Ok(states
+            let vmid = guest.vmid.get();
+            let mut state = self
+                .states
+                .lock()
+                .unwrap()
+                .get(&vmid)
+                .cloned()
+                .unwrap_or_else(|| GuestState {
+                    agent_configured: true,
+                    ..GuestState::running()
+                });
+            let reads = {
+                let mut reads = self.reads.lock().unwrap();
+                let n = reads.entry(vmid).or_default();
+                *n += 1;
+                *n
+            };
+            let busy = self.busy.lock().unwrap().contains(&vmid);
+            state.sample.io = Some(IoCounters {
+                diskwrite: if busy { reads * 4096 } else { 4096 },
+                ..IoCounters::default()
+            });
+            Ok(state)
+        })
+    }
+
+    fn graceful_reboot<'a>(
+        &'a self,
+        guest: &'a GuestRef,
+        _timeout_seconds: u64,
+    ) -> PveFuture<'a, String> {
+        self.power_action(guest, PowerAction::Reboot)
+    }
+
+    fn agent_ping<'a>(&'a self, guest: &'a GuestRef) -> PveFuture<'a, AgentPing> {
+        Box::pin(async move {
+            Ok(self
+                .pings
+                .lock()
+                .unwrap()
                 .get(&guest.vmid.get())
                 .cloned()
-                .unwrap_or_else(GuestState::running))
+                .unwrap_or(AgentPing::NotRunning))
         })
     }
 
@@ -171,6 +230,7 @@ fn quick() -> RemediationConfig {
     RemediationConfig {
         backoff_base_ms: 1_000,
         recovery_timeout_ms: 30_000,
+        evidence_interval_ms: 10,
         ..RemediationConfig::default()
     }
 }
@@ -269,6 +329,7 @@ impl Rig {
             .unwrap();
         drop(conn);
         engine.tick(now).await.unwrap();
+        engine.settle_inspections().await;
     }
 
     /// An intent written as by a process that died before Proxmox answered.
@@ -337,11 +398,15 @@ impl Rig {
 const LATER: i64 = 2 * STALE + 1_000;
 
 #[tokio::test]
-async fn one_reset_then_recovery() {
+async fn one_attempt_then_recovery() {
     let r = rig(quick()).await;
     let id = r.vm("web", 100, T0).await;
     r.run_to(T0 + STALE).await;
-    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Reset)]);
+    assert_eq!(
+        r.pve.posts(),
+        vec![(100, PowerAction::Reboot)],
+        "the ladder's first rung"
+    );
     let row = r.settle(id).await;
     assert_eq!(row.phase(), RemediationPhase::Recovering);
     let history = r.history(id).await;
@@ -442,7 +507,7 @@ async fn the_breaker_trips_on_mass_staleness_and_clears() {
     r.clock.advance(1_000);
     others().await;
     r.round().await;
-    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Reset)]);
+    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Reboot)]);
 }
 
 #[tokio::test]
@@ -479,7 +544,7 @@ async fn guests_proxmox_reports_as_off_paused_template_locked_or_ha_are_never_re
                 lock: lock.map(str::to_owned),
                 template: *template,
                 ha_managed: *ha,
-                uptime_seconds: None,
+                ..GuestState::running()
             },
         );
     }
@@ -633,4 +698,324 @@ async fn becoming_leader_again_reconciles_what_another_replica_left_open() {
     engine.tick(T0 + 3_000).await.unwrap();
     assert_eq!(r.history(id).await[0].outcome, AttemptOutcome::Interrupted);
     assert_eq!(r.row(id).await.phase(), RemediationPhase::Recovering);
+}
+
+/// The evidence stored with a VM's newest history row.
+async fn newest_evidence(r: &Rig, id: VmId) -> serde_json::Value {
+    let history = r.history(id).await;
+    let json = history[0]
+        .evidence_json
+        .as_deref()
+        .expect("evidence stored");
+    serde_json::from_str(json).unwrap()
+}
+
+#[tokio::test]
+async fn a_guest_whose_agent_answers_is_left_alone_until_it_reports() {
+    let r = rig(quick()).await;
+    let id = r.vm("db", 100, T0).await;
+    r.pve.set_ping(100, AgentPing::Answered);
+    r.run_to(T0 + STALE).await;
+    assert!(r.pve.posts().is_empty(), "{:?}", r.pve.posts());
+    let row = r.row(id).await;
+    assert_eq!(row.phase(), RemediationPhase::AgentSilent);
+    assert!(row.phase_reason.unwrap().contains("guest agent answered"));
+    assert_eq!(r.events().await, vec![domain::EventKind::AgentSilent]);
+    let history = r.history(id).await;
+    assert_eq!(history[0].outcome, AttemptOutcome::LeftAlone);
+    let evidence = newest_evidence(&r, id).await;
+    assert_eq!(evidence["evidence"]["guest_agent"]["result"], "answered");
+    // It stays so, with no more looks or history, however long it stays silent.
+    r.run_to(T0 + 20 * STALE).await;
+    assert!(r.pve.posts().is_empty());
+    assert_eq!(r.history(id).await.len(), 1);
+    assert_eq!(r.row(id).await.phase(), RemediationPhase::AgentSilent);
+    // Its agent reports again: the state ends.
+    r.report("db", 100, 50_000).await;
+    let row = r.row(id).await;
+    assert_eq!(
+        (row.phase(), row.status()),
+        (RemediationPhase::Ok, domain::VmStatus::Healthy)
+    );
+}
+
+#[tokio::test]
+async fn guest_io_is_a_sign_of_life_under_strict_only() {
+    for (mode, acted) in [
+        (domain::evidence::HangEvidence::Strict, false),
+        (domain::evidence::HangEvidence::Lenient, true),
+    ] {
+        let r = rig(RemediationConfig {
+            hang_evidence: mode,
+            ..quick()
+        })
+        .await;
+        let id = r.vm("db", 100, T0).await;
+        r.pve.set_busy(100, true);
+        r.run_to(T0 + STALE).await;
+        assert_eq!(!r.pve.posts().is_empty(), acted, "{mode:?}");
+        if !acted {
+            let row = r.row(id).await;
+            assert_eq!(row.phase(), RemediationPhase::AgentSilent, "{mode:?}");
+            assert!(
+                row.phase_reason.unwrap().contains("still does I/O"),
+                "the deciding evidence is named"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_hung_guest_gets_the_first_rung_with_its_evidence() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    r.pve.set_ping(100, AgentPing::TimedOut);
+    r.run_to(T0 + STALE).await;
+    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Reboot)]);
+    r.settle(id).await;
+    let evidence = newest_evidence(&r, id).await;
+    assert_eq!(evidence["evidence"]["guest_agent"]["result"], "timed_out");
+    assert!(
+        evidence["decision"]
+            .as_str()
+            .unwrap()
+            .contains("no sign of life")
+    );
+    assert!(evidence["evidence"]["second"]["Ok"]["io"].is_object());
+    assert_eq!(evidence["last_uptime_seconds"], 1_000);
+}
+
+#[tokio::test]
+async fn a_guest_stopped_on_an_io_error_is_never_reset() {
+    let r = rig(quick()).await;
+    let id = r.vm("db", 100, T0).await;
+    r.pve.set_state(
+        100,
+        GuestState {
+            power: GuestPower::Fault("io-error".into()),
+            ..GuestState::running()
+        },
+    );
+    r.run_to(T0 + 10 * STALE).await;
+    assert!(r.pve.posts().is_empty());
+    let row = r.row(id).await;
+    assert_eq!(row.phase(), RemediationPhase::GuestFault);
+    assert!(row.phase_reason.unwrap().contains("io-error"));
+    assert_eq!(r.events().await, vec![domain::EventKind::GuestFault]);
+    assert_eq!(r.history(id).await.len(), 1, "one record, not one per look");
+}
+
+#[tokio::test]
+async fn without_the_guest_agent_privilege_io_decides_and_the_record_says_so() {
+    let r = rig(quick()).await;
+    let busy = r.vm("busy", 100, T0).await;
+    let hung = r.vm("hung", 101, T0).await;
+    for n in 0..8 {
+        r.vm(&format!("ok{n}"), 200 + n, T0 + LATER).await;
+    }
+    let denied = AgentPing::Unavailable("permission".into());
+    r.pve.set_ping(100, denied.clone());
+    r.pve.set_ping(101, denied);
+    r.pve.set_busy(100, true);
+    r.run_to(T0 + STALE).await;
+    assert_eq!(r.pve.posts(), vec![(101, PowerAction::Reboot)]);
+    assert_eq!(r.row(busy).await.phase(), RemediationPhase::AgentSilent);
+    for id in [busy, hung] {
+        let evidence = newest_evidence(&r, id).await;
+        assert_eq!(evidence["evidence"]["guest_agent"]["detail"], "permission");
+    }
+}
+
+/// Runs rounds until `n` power actions were sent (bounded), then lets followers finish.
+async fn until_posts(r: &Rig, engine: &Arc<Engine>, n: usize) {
+    for _ in 0..400 {
+        if r.pve.posts().len() >= n {
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            return;
+        }
+        r.clock.advance(1_000);
+        r.round_of(engine).await;
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+    }
+    panic!("only {:?} were sent", r.pve.posts());
+}
+
+#[tokio::test]
+async fn the_ladder_climbs_one_rung_per_attempt_then_latches_manual() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    r.run_to(T0 + STALE).await;
+    let mut sent_at = vec![r.clock.now_ms()];
+    for n in [2, 3] {
+        until_posts(&r, &r.engine, n).await;
+        sent_at.push(r.clock.now_ms());
+    }
+    until_posts(&r, &r.engine, 4).await;
+    let row = r.settle(id).await;
+    assert_eq!(
+        r.pve.posts(),
+        vec![
+            (100, PowerAction::Reboot),
+            (100, PowerAction::Reset),
+            (100, PowerAction::Stop),
+            (100, PowerAction::Start),
+        ],
+        "each rung once, in order; stop-start is one rung"
+    );
+    // Each rung waited out the recovery window and then the doubling backoff.
+    assert!(sent_at[1] - sent_at[0] >= 30_000 + 1_000, "{sent_at:?}");
+    assert!(sent_at[2] - sent_at[1] >= 30_000 + 2_000, "{sent_at:?}");
+    assert_eq!(row.incident_attempts, 3, "the stop-start counts once");
+    // The start ends the last rung; its recovery window passes without a heartbeat.
+    let later = r.clock.now_ms() + 60_000;
+    r.run_to(later).await;
+    let row = r.row(id).await;
+    assert_eq!(row.phase(), RemediationPhase::Manual);
+    assert_eq!(r.pve.posts().len(), 4, "nothing after the last rung");
+    let actions: Vec<PowerAction> = r.history(id).await.iter().map(|a| a.action).collect();
+    assert_eq!(
+        actions,
+        vec![
+            PowerAction::Start,
+            PowerAction::Stop,
+            PowerAction::Reset,
+            PowerAction::Reboot
+        ],
+        "each rung has its own history row"
+    );
+}
+
+#[tokio::test]
+async fn containers_climb_reboot_then_stop_start() {
+    let r = rig(quick()).await;
+    let id = r.vm("ct", 100, T0).await;
+    let mut conn = r.db.conn().await.unwrap();
+    let ct = GuestRef {
+        node: "pve1".parse().unwrap(),
+        vmid: Vmid::try_from(100).unwrap(),
+        kind: GuestKind::Lxc,
+    };
+    incidents::set_link(&mut conn, id, Some(&(ct, LinkSource::Manual)), true)
+        .await
+        .unwrap();
+    drop(conn);
+    r.run_to(T0 + STALE).await;
+    until_posts(&r, &r.engine, 3).await;
+    assert_eq!(
+        r.pve.posts(),
+        vec![
+            (100, PowerAction::Reboot),
+            (100, PowerAction::Stop),
+            (100, PowerAction::Start)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_restart_in_the_middle_of_the_ladder_resumes_on_the_next_rung() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    r.run_to(T0 + STALE).await;
+    r.settle(id).await;
+    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Reboot)]);
+    // The process stops; a new one starts on the same database.
+    r.engine.shutdown();
+    let restarted = engine_on(&r.db, &r.pve, &r.clock, quick(), JobHealth::default());
+    until_posts(&r, &restarted, 2).await;
+    assert_eq!(
+        r.pve.posts(),
+        vec![(100, PowerAction::Reboot), (100, PowerAction::Reset)],
+        "the reboot rung is not repeated after a restart"
+    );
+}
+
+#[tokio::test]
+async fn a_restart_between_stop_and_start_still_starts_the_guest() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    r.clock.set(T0 + LATER);
+    let mut conn = r.db.conn().await.unwrap();
+    let rows = store::overdue_rows(&mut conn, STALE, T0 + LATER)
+        .await
+        .unwrap();
+    let verdicts = crate::scheduler::judge(&rows, &status_config(), T0 + LATER);
+    store::apply_verdicts(&mut conn, &verdicts, T0 + LATER)
+        .await
+        .unwrap();
+    // Two rungs used; the third (stop-start) stopped the guest, recorded its start's
+    // intent, and the process died before the start was sent.
+    let row = store::get_row(&mut conn, id).await.unwrap().unwrap();
+    let expected = Expected {
+        phase: row.phase(),
+        attempts: 2,
+        last_reset_ms: row.last_reset_ms,
+        still_down_since: None,
+        linked_vmid: None,
+    };
+    incidents::set_phase(
+        &mut conn,
+        id,
+        None,
+        RemediationPhase::Ok,
+        Some(2),
+        None,
+        "two rungs used",
+    )
+    .await
+    .unwrap();
+    let stop = NewAttempt {
+        vm_id: id,
+        action: PowerAction::Stop,
+        trigger_source: TriggerSource::Scheduler,
+        requested_by: None,
+        mode: Mode::Live,
+        guest: row.guest(),
+        outcome: AttemptOutcome::Pending,
+        error: None,
+        evidence_json: None,
+        created_ms: T0 + LATER,
+    };
+    let stop_id = incidents::begin_attempt(&mut conn, &expected, true, "stop", &stop)
+        .await
+        .unwrap()
+        .unwrap();
+    let start = NewAttempt {
+        action: PowerAction::Start,
+        ..stop.clone()
+    };
+    incidents::finish_and_begin(&mut conn, stop_id, T0 + LATER, &start)
+        .await
+        .unwrap();
+    drop(conn);
+    let restarted = engine_on(&r.db, &r.pve, &r.clock, quick(), JobHealth::default());
+    restarted.tick(r.clock.now_ms()).await.unwrap();
+    let row = r.settle(id).await;
+    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Start)]);
+    assert_eq!(row.phase(), RemediationPhase::Recovering);
+}
+
+#[tokio::test]
+async fn a_guest_back_without_its_agent_ends_the_ladder() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    r.run_to(T0 + STALE).await;
+    r.settle(id).await;
+    // The reboot brought the OS back, but our agent does not start.
+    r.pve.set_ping(100, AgentPing::Answered);
+    r.pve.set_busy(100, true);
+    let later = r.clock.now_ms() + 120_000;
+    r.run_to(later).await;
+    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Reboot)]);
+    let row = r.row(id).await;
+    assert_eq!(row.phase(), RemediationPhase::AgentSilent);
+    assert!(
+        row.phase_reason
+            .unwrap()
+            .contains("guest back, agent not yet")
+    );
+    assert!(r.events().await.contains(&domain::EventKind::GuestBack));
 }

@@ -38,6 +38,25 @@ pub struct FakeVm {
     pub smbios_uuid: Option<String>,
     /// Exit status the next reset tasks end with.
     pub task_exit: String,
+    /// `agent: 1` in the config.
+    pub agent: bool,
+    /// How the guest agent inside answers a ping (when configured and the VM runs).
+    pub guest_agent: GuestAgent,
+    /// Cumulative I/O counters of `status/current`.
+    pub io: [u64; 4],
+    /// Each status read finds the guest's disk writes and network sends grown.
+    pub io_moving: bool,
+    /// The guest ignores ACPI: a reboot task waits out its timeout and fails.
+    pub ignores_acpi: bool,
+}
+
+/// The QEMU guest agent inside a fake VM.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GuestAgent {
+    Answers,
+    NotRunning,
+    /// The guest does not answer: Proxmox gives up after this long with "got timeout".
+    Silent(Duration),
 }
 
 impl FakeVm {
@@ -54,6 +73,11 @@ impl FakeVm {
             ha_managed: false,
             smbios_uuid: None,
             task_exit: "OK".into(),
+            agent: true,
+            guest_agent: GuestAgent::NotRunning,
+            io: [1_000_000, 2_000_000, 300_000, 400_000],
+            io_moving: false,
+            ignores_acpi: false,
         }
     }
 
@@ -127,6 +151,8 @@ pub struct FakeState {
     pub offline_nodes: HashSet<String>,
     /// Every power-action POST the fake accepted (a task started), as "action vmid".
     pub posts: Vec<String>,
+    /// The form body of each accepted power action, in the same order.
+    pub forms: Vec<String>,
     /// Every request, in arrival order.
     pub calls: Vec<Call>,
     tasks: HashMap<String, Task>,
@@ -157,6 +183,7 @@ impl FakeState {
             vms: vms.into_iter().map(|v| (v.vmid, v)).collect(),
             offline_nodes: HashSet::new(),
             posts: Vec::new(),
+            forms: Vec::new(),
             calls: Vec::new(),
             tasks: HashMap::new(),
             task_duration: Duration::from_millis(150),
@@ -361,11 +388,15 @@ impl FakePve {
             )
             .route(
                 "/api2/json/nodes/{node}/qemu/{vmid}/status/{action}",
-                post(|s: Shared, c: Caller, p: ActionPath| action(s, c, p, "qemu")),
+                post(|s: Shared, c: Caller, p: ActionPath, f: String| action(s, c, p, "qemu", f)),
             )
             .route(
                 "/api2/json/nodes/{node}/lxc/{vmid}/status/{action}",
-                post(|s: Shared, c: Caller, p: ActionPath| action(s, c, p, "lxc")),
+                post(|s: Shared, c: Caller, p: ActionPath, f: String| action(s, c, p, "lxc", f)),
+            )
+            .route(
+                "/api2/json/nodes/{node}/qemu/{vmid}/agent/ping",
+                post(agent_ping),
             )
             .route(
                 "/api2/json/nodes/{node}/tasks/{upid}/status",
@@ -755,15 +786,30 @@ fn current(
         Ok(vm) => vm,
         Err(resp) => return resp,
     };
+    drop(st);
+    let vm = if vm.io_moving && vm.status == "running" {
+        // The guest keeps writing and sending between two reads.
+        let mut st = state.lock().unwrap();
+        let moving = st.vms.get_mut(&vmid).unwrap();
+        moving.io[1] += 65_536;
+        moving.io[3] += 1_500;
+        moving.clone()
+    } else {
+        vm
+    };
+    let [diskread, diskwrite, netin, netout] = vm.io;
     let mut body = json!({
         "vmid": vm.vmid, "name": vm.name, "status": vm.status,
         "uptime": "100", "ha": {"managed": i32::from(vm.ha_managed)}, "template": i32::from(vm.template),
-        "cpus": 2,
+        "cpus": 2, "cpu": 0.0123, "diskread": diskread, "diskwrite": diskwrite,
+        "netin": netin, "netout": netout,
     });
     if kind == "qemu" {
         // Only QEMU has a QMP status and a guest agent.
         body["qmpstatus"] = json!(vm.qmpstatus);
-        body["agent"] = json!(1);
+        if vm.agent {
+            body["agent"] = json!(1);
+        }
     } else {
         body["type"] = json!("lxc");
     }
@@ -792,6 +838,9 @@ fn config(
         }));
     }
     let mut body = json!({"name": vm.name, "cores": 2, "memory": "2048", "cpulimit": "0.5"});
+    if vm.agent {
+        body["agent"] = json!("1");
+    }
     if let Some(uuid) = &vm.smbios_uuid {
         body["smbios1"] = json!(format!("manufacturer=UUVNVQ==,uuid={uuid},base64=1"));
     }
@@ -821,9 +870,15 @@ fn admit_action(
         if matches!(action, "reset" | "reboot" | "shutdown") && !running {
             return Err(pve_error(500, &format!("VM {vmid} not running")));
         }
+        if action == "start" && running {
+            return Ok(format!("VM {vmid} already running"));
+        }
         // The lock is checked inside the worker, so the POST itself succeeds.
         return Ok(match &vm.lock {
             Some(lock) => format!("VM is locked ({lock})"),
+            None if action == "reboot" && vm.ignores_acpi => {
+                "VM quit/powerdown failed - got timeout".into()
+            }
             None => vm.task_exit,
         });
     }
@@ -853,6 +908,7 @@ async fn action(
     Extension(caller): Caller,
     Path((node, vmid, action)): ActionPath,
     kind: &'static str,
+    form: String,
 ) -> Response {
     let known: &[&str] = if kind == "qemu" {
         &["reset", "reboot", "shutdown", "stop", "start"]
@@ -891,6 +947,15 @@ async fn action(
         Err(resp) => return resp,
     };
     st.posts.push(format!("{action} {vmid}"));
+    st.forms.push(form);
+    // A stop or start changes the guest's power state (what `status/current` shows next).
+    if let Some(vm) = st.vms.get_mut(&vmid).filter(|_| exit == "OK") {
+        match action.as_str() {
+            "stop" => (vm.status, vm.qmpstatus) = ("stopped", "stopped"),
+            "start" => (vm.status, vm.qmpstatus) = ("running", "running"),
+            _ => {}
+        }
+    }
     st.next_pid += 1;
     let prefix = if kind == "lxc" { "vz" } else { "qm" };
     let task_type = format!("{prefix}{action}");
@@ -921,6 +986,50 @@ async fn action(
         return pve_error(596, "Connection timed out");
     }
     data(json!(upid))
+}
+
+/// `POST .../qemu/{vmid}/agent/ping`: `VM.GuestAgent.Audit` on PVE 9; failures are 500s
+/// whose message says why, a silent guest only after Proxmox's own timeout.
+async fn agent_ping(
+    State(state): Shared,
+    Extension(caller): Caller,
+    Path((node, vmid)): GuestPath,
+) -> Response {
+    let vm = {
+        let st = state.lock().unwrap();
+        if st.denied(&caller.0, &format!("/vms/{vmid}"), "VM.GuestAgent.Audit") {
+            return forbidden(&format!("/vms/{vmid}"), "VM.GuestAgent.Audit");
+        }
+        match guest_on(&st, &node, "qemu", vmid) {
+            Some(vm) => vm,
+            None => {
+                return pve_error(
+                    500,
+                    &format!(
+                        "Configuration file '{}' does not exist",
+                        config_path(&node, "qemu", vmid)
+                    ),
+                );
+            }
+        }
+    };
+    if vm.status != "running" {
+        return pve_error(500, &format!("VM {vmid} is not running"));
+    }
+    if !vm.agent {
+        return pve_error(500, "No QEMU guest agent configured");
+    }
+    match vm.guest_agent {
+        GuestAgent::Answers => data(json!({"result": {}})),
+        GuestAgent::NotRunning => pve_error(500, "QEMU guest agent is not running"),
+        GuestAgent::Silent(after) => {
+            tokio::time::sleep(after).await;
+            pve_error(
+                500,
+                &format!("VM {vmid} qmp command 'guest-ping' failed - got timeout"),
+            )
+        }
+    }
 }
 
 /// `GET /nodes/{node}/tasks?vmid=&typefilter=&since=`: newest first, like Proxmox; without
