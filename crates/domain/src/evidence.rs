@@ -203,7 +203,7 @@ pub fn judge(evidence: &Evidence, mode: HangEvidence) -> Verdict {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
     use super::*;
 
     fn sample(at_ms: i64, io: Option<(u64, u64, u64, u64)>, qmp: &str) -> StatusSample {
@@ -231,6 +231,14 @@ mod tests {
         }
     }
 
+    type Case = (
+        &'static str,
+        AgentPing,
+        Result<StatusSample, String>,
+        HangEvidence,
+        &'static str,
+    );
+
     fn kind(v: &Verdict) -> &'static str {
         match v {
             Verdict::Hung(_) => "hung",
@@ -253,13 +261,7 @@ mod tests {
         let io_error = || Ok(sample(3000, Some((10, 10, 10, 10)), "io-error"));
         let internal = || Ok(sample(3000, None, "internal-error"));
         let failed = || Err::<StatusSample, _>("Proxmox unreachable".to_owned());
-        let cases: Vec<(
-            &str,
-            AgentPing,
-            Result<StatusSample, String>,
-            HangEvidence,
-            &str,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             ("agent answers", Answered, still(), Strict, "agent silent"),
             (
                 "agent answers, lenient",

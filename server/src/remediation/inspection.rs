@@ -8,7 +8,7 @@ use crate::db::DbError;
 use crate::db::incidents::{self, NewAttempt};
 use crate::db::store::VmRow;
 use domain::evidence::{self, AgentPing, Evidence, StatusSample, Verdict};
-use domain::policy::{GuestState, NextStep};
+use domain::policy::{GuestPower, GuestState, NextStep};
 use domain::{
     AttemptOutcome, EventKind, GuestRef, Mode, PowerAction, RemediationPhase, TriggerSource, VmId,
 };
@@ -135,6 +135,11 @@ pub fn record(
     decision: &str,
     now_ms: i64,
 ) -> String {
+    let status = match &state.power {
+        GuestPower::Running | GuestPower::Suspended(_) | GuestPower::Fault(_) => "running",
+        GuestPower::Stopped => "stopped",
+        GuestPower::Other(status) => status.as_str(),
+    };
     serde_json::json!({
         "decided_at_ms": now_ms,
         "decision": decision,
@@ -142,7 +147,7 @@ pub fn record(
         "silent_for_ms": row.last_seen_ms.map(|t| now_ms.saturating_sub(t)),
         "last_uptime_seconds": row.uptime_seconds,
         "proxmox": {
-            "power": format!("{:?}", state.power),
+            "status": status,
             "qmpstatus": state.sample.qmpstatus,
             "lock": state.lock,
             "ha_managed": state.ha_managed,

@@ -671,3 +671,95 @@ async fn another_tokens_task_is_not_taken_for_ours() {
         "{err:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_agent_pings_are_told_apart_by_their_messages() {
+    use crate::fake_pve::GuestAgent;
+    use domain::evidence::AgentPing;
+    let mut answers = FakeVm::running(100, "pve1");
+    answers.guest_agent = GuestAgent::Answers;
+    let not_running = FakeVm::running(101, "pve1");
+    let mut no_agent = FakeVm::running(102, "pve1");
+    no_agent.agent = false;
+    let mut silent = FakeVm::running(103, "pve1");
+    silent.guest_agent = GuestAgent::Silent(Duration::from_millis(300));
+    let mut off = FakeVm::running(104, "pve1");
+    (off.status, off.qmpstatus) = ("stopped", "stopped");
+    let denied = FakeVm::running(105, "pve1");
+    let fake = FakePve::start(vec![answers, not_running, no_agent, silent, off, denied]).await;
+    fake.deny("/vms/105", "VM.GuestAgent.Audit");
+    let pve = client(&fake, RELAXED);
+    let cases = [
+        (100, AgentPing::Answered),
+        (101, AgentPing::NotRunning),
+        (102, AgentPing::NotConfigured),
+        (103, AgentPing::TimedOut),
+        (104, AgentPing::Unavailable("VM 104 is not running".into())),
+        (105, AgentPing::Unavailable("permission".into())),
+    ];
+    for (vmid, expected) in cases {
+        let answer = within(
+            "a ping",
+            pve.agent_ping(&guest("pve1", vmid, GuestKind::Qemu)),
+        )
+        .await;
+        assert_eq!(answer, Ok(expected), "VM {vmid}");
+    }
+    // A container has no QEMU guest agent: nothing is asked.
+    let before = fake.calls().len();
+    let ct = pve.agent_ping(&guest("pve1", 100, GuestKind::Lxc)).await;
+    assert_eq!(ct, Ok(AgentPing::NotConfigured));
+    assert_eq!(fake.calls().len(), before);
+    // The wire as the reference gives it: a 500 whose message says why.
+    let (status, _, body) = raw(
+        &fake,
+        reqwest::Method::POST,
+        "/nodes/pve1/qemu/101/agent/ping",
+    )
+    .await;
+    assert_eq!(status, 500);
+    assert_eq!(body["message"], "QEMU guest agent is not running\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reads_carry_the_evidence_counters_and_a_graceful_reboot_its_timeout() {
+    let mut busy = FakeVm::running(100, "pve1");
+    busy.io_moving = true;
+    let mut deaf = FakeVm::running(101, "pve1");
+    deaf.ignores_acpi = true;
+    deaf.agent = false;
+    let fake = FakePve::start(vec![busy, deaf]).await;
+    let pve = client(&fake, RELAXED);
+    let g = guest("pve1", 100, GuestKind::Qemu);
+    let first = pve.guest_state(&g).await.unwrap();
+    let second = pve.guest_state(&g).await.unwrap();
+    assert!(first.agent_configured);
+    let (a, b) = (first.sample.io.unwrap(), second.sample.io.unwrap());
+    assert!(
+        b.diskwrite > a.diskwrite && b.netout > a.netout,
+        "{a:?} {b:?}"
+    );
+    assert_eq!(first.sample.cpu, Some(0.0123));
+    let deaf_state = pve
+        .guest_state(&guest("pve1", 101, GuestKind::Qemu))
+        .await
+        .unwrap();
+    assert!(!deaf_state.agent_configured);
+    // The reboot's deadline travels in the form; a guest that ignores ACPI fails the task.
+    let upid = pve
+        .graceful_reboot(&guest("pve1", 101, GuestKind::Qemu), 60)
+        .await
+        .unwrap();
+    assert_eq!(fake.state.lock().unwrap().forms, vec!["timeout=60"]);
+    let end = wait_for("the reboot task to end", RELAXED, || async {
+        match pve.task_state(&upid).await.unwrap() {
+            TaskState::Running => None,
+            other => Some(other),
+        }
+    })
+    .await;
+    assert_eq!(
+        end,
+        TaskState::Failed("VM quit/powerdown failed - got timeout".into())
+    );
+}

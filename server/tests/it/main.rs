@@ -21,5 +21,6 @@ mod people;
 mod proxmox;
 mod redis_cache;
 mod safeguards;
+mod second_opinion;
 mod storage;
 mod tls;

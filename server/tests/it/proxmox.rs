@@ -17,6 +17,8 @@ pub(crate) const FAST: &[(&str, &str)] = &[
     ("RECOVERY_TIMEOUT_MS", "10000"),
     ("RESET_BACKOFF_MS", "300"),
     ("RECHECK_INTERVAL_MS", "300"),
+    ("EVIDENCE_INTERVAL_MS", "200"),
+    ("GUEST_AGENT_TIMEOUT_MS", "2000"),
 ];
 
 pub(crate) fn env_for(fake: &FakePve, extra: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -138,7 +140,7 @@ async fn hung_vm_is_reset_once_and_recovers() {
 
     // No second reset inside the recovery window.
     wait_rounds(&srv, 8).await;
-    assert_eq!(fake.posts(), vec!["reset 100"]);
+    assert_eq!(fake.posts(), vec!["reboot 100"]);
 
     // Back with a smaller uptime: healthy, incident closed.
     report_vm(&srv, 100, "pve1", 4).await;
@@ -152,7 +154,7 @@ async fn hung_vm_is_reset_once_and_recovers() {
             .unwrap()
             .contains("recovered")
     );
-    assert_eq!(fake.posts(), vec!["reset 100"]);
+    assert_eq!(fake.posts(), vec!["reboot 100"]);
     srv.stop().await;
 }
 
@@ -367,7 +369,7 @@ async fn mass_staleness_pauses_auto_reset_until_the_fleet_recovers() {
         (!fake.posts().is_empty()).then_some(())
     })
     .await;
-    assert_eq!(fake.posts(), vec!["reset 104"]);
+    assert_eq!(fake.posts(), vec!["reboot 104"]);
     keeper.abort();
     srv.stop().await;
 }
@@ -733,7 +735,7 @@ async fn a_reset_answered_596_after_forwarding_runs_once() {
     .await;
     assert!(done[0]["upid"].as_str().unwrap().starts_with("UPID:pve1:"));
     wait_rounds(&srv, 5).await;
-    assert_eq!(fake.posts(), vec!["reset 100"], "the reset was sent twice");
+    assert_eq!(fake.posts(), vec!["reboot 100"], "the reset was sent twice");
     assert_eq!(vm(&srv, id).await["remediation_phase"], "recovering");
 }
 
@@ -765,7 +767,7 @@ async fn an_unanswered_reset_whose_task_cannot_be_looked_up_is_treated_as_sent()
     assert_eq!(vm(&srv, id).await["remediation_phase"], "recovering");
     // Past the backoff a plain failure would have retried by now.
     wait_rounds(&srv, 10).await;
-    assert_eq!(fake.posts(), vec!["reset 100"]);
+    assert_eq!(fake.posts(), vec!["reboot 100"]);
 }
 
 /// A server ended by a signal (`wait`) shuts the engine down as `stop` does: no task

@@ -120,7 +120,7 @@ async fn replicas_act_through_one_leader_and_reset_once() {
     .await;
     wait_rounds(&a, 10).await;
     wait_rounds(&b, 10).await;
-    assert_eq!(fake.posts(), vec!["reset 100"]);
+    assert_eq!(fake.posts(), vec!["reboot 100"]);
     assert_eq!(done.len(), 1, "one winner of the compare-and-set: {done:?}");
     let askers: std::collections::BTreeSet<String> = fake
         .calls()
@@ -250,7 +250,11 @@ async fn the_history_row_is_written_before_proxmox_is_called() {
     reporter.abort();
     let mut posts = fake.posts();
     posts.sort();
-    assert_eq!(posts, vec!["reset 100", "reset 101"]);
+    assert_eq!(
+        posts,
+        vec!["reboot 100", "reset 101"],
+        "the ladder's reboot, the operator's reset"
+    );
     assert_eq!(fake.action_attempts().len(), 2, "no refused POST");
     srv.stop().await;
 }
@@ -537,7 +541,7 @@ async fn a_storage_outage_pauses_resets_for_one_stale_timeout() {
         "reset at {} but the last refused report was sent at {last_refused_sent}",
         reset["created_ms"]
     );
-    assert_eq!(fake.posts(), vec!["reset 100"]);
+    assert_eq!(fake.posts(), vec!["reboot 100"]);
     srv.stop().await;
 }
 
@@ -567,7 +571,7 @@ async fn an_opted_out_vm_is_never_reset_automatically() {
     )
     .await;
     wait_rounds(&srv, 15).await;
-    assert_eq!(fake.posts(), vec!["reset 100"]);
+    assert_eq!(fake.posts(), vec!["reboot 100"]);
     let v = vm(&srv, opted_out).await;
     assert_eq!(
         (v["status"].clone(), v["auto_reset"].clone()),
@@ -626,7 +630,7 @@ async fn a_manual_link_is_kept_and_used_and_unlinked_vms_cannot_be_reset() {
 
     // Link refreshes find nothing for this hostname and must not drop the manual link.
     wait_for("the hung VM's reset", Duration::from_secs(15), || async {
-        (fake.posts() == vec!["reset 105"]).then_some(())
+        (fake.posts() == vec!["reboot 105"]).then_some(())
     })
     .await;
     let v = vm(&srv, id).await;
@@ -666,7 +670,7 @@ async fn a_manual_link_is_kept_and_used_and_unlinked_vms_cannot_be_reset() {
     wait_rounds(&srv, 10).await;
     let v = vm(&srv, id).await;
     assert_eq!(v["proxmox_vmid"], Value::Null, "{v}");
-    assert_eq!(fake.posts(), vec!["reset 105"]);
+    assert_eq!(fake.posts(), vec!["reboot 105"]);
     srv.stop().await;
 }
 
@@ -808,7 +812,7 @@ async fn ha_managed_guests_are_reset_only_when_allowed() {
     wait_for(
         "the reset of the HA guest",
         Duration::from_secs(15),
-        || async { (fake.posts() == vec!["reset 100"]).then_some(()) },
+        || async { (fake.posts() == vec!["reboot 100"]).then_some(()) },
     )
     .await;
     srv.stop().await;
@@ -923,7 +927,7 @@ async fn a_uuid_match_links_only_where_auto_approval_is_on() {
     assert_eq!(attempts, Vec::<String>::new());
     let (linked, attempts) = uuid_link(Some("uuid")).await;
     assert_eq!(linked["link_verified"], true, "{linked}");
-    assert_eq!(attempts, vec!["reset 108"]);
+    assert_eq!(attempts, vec!["reboot 108"]);
 }
 
 /// A new VM's link shows within seconds of its first report, not at the next periodic
