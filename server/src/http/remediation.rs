@@ -87,7 +87,8 @@ pub async fn acknowledge(
     }
     if !state.engine.acknowledge(id).await? {
         return Err(ApiError::Conflict(
-            "the VM is not waiting for manual intervention".into(),
+            "the VM is not waiting for manual intervention (manual, agent silent or guest fault)"
+                .into(),
         ));
     }
     tracing::info!(vm_id = %id, by = %actor.who.name, "manual state acknowledged");

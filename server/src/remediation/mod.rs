@@ -468,19 +468,30 @@ impl Engine {
             .await
     }
 
-    /// Clears a latched `manual` state.
+    /// Clears a latched state: `manual`, or a hold (agent silent, guest fault), which
+    /// makes the next round look at the VM afresh.
     pub async fn acknowledge(&self, vm_id: VmId) -> Result<bool, DbError> {
         let mut conn = self.ctx.db.conn().await?;
-        let cleared = incidents::set_phase(
-            &mut conn,
-            vm_id,
-            Some(RemediationPhase::Manual),
-            RemediationPhase::Ok,
-            Some(0),
-            None,
-            "acknowledged by an operator",
-        )
-        .await?;
+        let mut cleared = false;
+        for latched in [
+            RemediationPhase::Manual,
+            RemediationPhase::AgentSilent,
+            RemediationPhase::GuestFault,
+        ] {
+            cleared = incidents::set_phase(
+                &mut conn,
+                vm_id,
+                Some(latched),
+                RemediationPhase::Ok,
+                Some(0),
+                None,
+                "acknowledged by an operator",
+            )
+            .await?;
+            if cleared {
+                break;
+            }
+        }
         drop(conn);
         cache::refresh(&self.ctx.db, &self.ctx.cache, &[vm_id]).await;
         Ok(cleared)

@@ -803,6 +803,12 @@ async fn a_guest_stopped_on_an_io_error_is_never_reset() {
     assert!(row.phase_reason.unwrap().contains("io-error"));
     assert_eq!(r.events().await, vec![domain::EventKind::GuestFault]);
     assert_eq!(r.history(id).await.len(), 1, "one record, not one per look");
+    // Acknowledged (the storage was repaired): the next round looks afresh.
+    r.pve.set_state(100, GuestState::running());
+    assert!(r.engine.acknowledge(id).await.unwrap());
+    r.clock.advance(1_000);
+    r.round().await;
+    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Reboot)]);
 }
 
 #[tokio::test]
