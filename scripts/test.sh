@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: unit tests, API and storage tests on SQLite and PostgreSQL,
-# the Redis fault test, the dashboard in headless Chromium and the agent scripts.
+# the Redis fault test, the dashboard in headless Chromium, the agent scripts, and a real
+# Debian guest under QEMU (scripts/vm-e2e.sh prepares and caches it).
 # Under cargo-nextest: one process per test, each with a time limit (.config/nextest.toml),
 # so a hung test is killed and named instead of stalling the run. Then the number of tests
 # that passed must reach the floor in .ci/test-floor, so tests cannot vanish unnoticed.
@@ -50,6 +51,12 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 "$root/scripts/build-frontend.sh"
+# The real-guest scenarios (server/tests/it/vm_e2e.rs) boot the cached Debian guest;
+# the first run builds it (a few minutes), later runs reuse it.
+guest_env="$("$root/scripts/vm-e2e.sh" --print-env)"
+while IFS= read -r line; do
+  export "${line?}"
+done <<<"$guest_env"
 
 export TEST_PG_URL="${TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/test}"
 

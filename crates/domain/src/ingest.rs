@@ -3,7 +3,7 @@
 use crate::enums::{RemediationPhase, VmStatus};
 use crate::heartbeat::Heartbeat;
 use crate::ids::VmId;
-use crate::policy::report_ends_incident;
+use crate::policy::{FreshReport, report_ends_incident};
 use crate::status::{self, LatestReport, StatusConfig, Verdict};
 use std::collections::BTreeMap;
 
@@ -78,9 +78,17 @@ pub fn plan(
     };
     let verdict = status::evaluate(Some(&latest), cfg, last_seen_ms);
     let changed = vm.status != verdict.status;
-    let ends_incident =
-        report_ends_incident(vm.phase, vm.attempts, vm.last_reset_ms, newest.observed_ms)
-            .then(|| recovery_reason(vm.last_reset_ms, newest.uptime_seconds, last_seen_ms));
+    let ends_incident = report_ends_incident(
+        vm.phase,
+        vm.attempts,
+        vm.last_reset_ms,
+        FreshReport {
+            observed_ms: newest.observed_ms,
+            received_ms: newest.received_ms,
+            uptime_seconds: newest.uptime_seconds,
+        },
+    )
+    .then(|| recovery_reason(vm.last_reset_ms, newest.uptime_seconds, last_seen_ms));
     StateUpdate {
         takes_figures,
         last_seen_ms,
@@ -190,11 +198,17 @@ mod tests {
             after.ends_incident.as_deref(),
             Some("recovered: reporting again after the reset (uptime 15s)")
         );
-        let old = plan(&recovering, &beat(NOW - 30_000, 5.0, 15), NOW, &cfg);
+        // Spooled before the hang, replayed now: its uptime predates the reset too.
+        let old = plan(&recovering, &beat(NOW - 30_000, 5.0, 100_000), NOW, &cfg);
         assert_eq!(
             old.ends_incident, None,
             "a replay from before the reset proves nothing"
         );
+        // A guest whose clock is 100 s behind after the reset: its uptime says it restarted.
+        let mut skewed = beat(NOW - 100_000, 5.0, 15);
+        skewed.received_ms = NOW;
+        let back = plan(&recovering, &skewed, NOW, &cfg);
+        assert!(back.ends_incident.is_some(), "the uptime decides");
         let no_restart = plan(&recovering, &beat(NOW, 5.0, 100_000), NOW, &cfg);
         assert_eq!(
             no_restart.ends_incident.as_deref(),

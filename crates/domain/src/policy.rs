@@ -390,16 +390,36 @@ pub fn recovery_expired(vm: &VmFacts, cfg: &RemediationConfig, now_ms: i64) -> O
         .then(|| after_failed_attempt(vm.attempts, cfg, now_ms, "no heartbeat after the reset"))
 }
 
+/// The report that may end an incident: when it was taken (by the guest's clock), when it
+/// arrived (ours), and the uptime it carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FreshReport {
+    pub observed_ms: i64,
+    pub received_ms: i64,
+    pub uptime_seconds: i64,
+}
+
 /// Whether a freshly stored report ends the VM's incident: it must have been taken after
-/// the last reset (replayed older reports prove nothing).
+/// the last power action (replayed older reports prove nothing), or its uptime must say the
+/// guest booted after it: a guest's clock is often wrong right after a hard reset, its
+/// uptime is not.
 pub fn report_ends_incident(
     phase: RemediationPhase,
     attempts: i64,
     last_reset_ms: Option<i64>,
-    observed_ms: i64,
+    report: FreshReport,
 ) -> bool {
-    (phase != RemediationPhase::Ok || attempts > 0)
-        && observed_ms > last_reset_ms.unwrap_or(i64::MIN)
+    let in_incident = phase != RemediationPhase::Ok || attempts > 0;
+    let Some(reset_ms) = last_reset_ms else {
+        return in_incident;
+    };
+    // Uptime is whole seconds: allow one for the rounding.
+    let booted_after = report.uptime_seconds.saturating_mul(1000)
+        <= report
+            .received_ms
+            .saturating_sub(reset_ms)
+            .saturating_add(1000);
+    in_incident && (report.observed_ms > reset_ms || booted_after)
 }
 
 #[cfg(test)]
@@ -698,22 +718,85 @@ mod tests {
         assert_eq!(recovery_expired(&recovering, &cfg, NOW), None);
         let expired = recovery_expired(&recovering, &cfg, NOW + 1).unwrap();
         assert_eq!(expired.phase, RemediationPhase::Ok);
-        assert!(report_ends_incident(
-            RemediationPhase::Recovering,
-            1,
-            Some(NOW),
-            NOW + 1
-        ));
-        assert!(
-            !report_ends_incident(RemediationPhase::Recovering, 1, Some(NOW), NOW - 5),
-            "a replayed old report"
-        );
-        assert!(report_ends_incident(
-            RemediationPhase::Manual,
-            3,
-            Some(NOW),
-            NOW + 1
-        ));
-        assert!(!report_ends_incident(RemediationPhase::Ok, 0, None, NOW));
+        let report = |observed_ms: i64, received_ms: i64, uptime_seconds: i64| FreshReport {
+            observed_ms,
+            received_ms,
+            uptime_seconds,
+        };
+        let recovering = RemediationPhase::Recovering;
+        // (phase, attempts, last reset, report, ends)
+        let cases = [
+            (
+                "taken after the reset",
+                recovering,
+                1,
+                Some(NOW),
+                report(NOW + 1, NOW + 1, 9_999),
+                true,
+            ),
+            (
+                "a replayed old report",
+                recovering,
+                1,
+                Some(NOW),
+                report(NOW - 5, NOW + 30_000, 9_999),
+                false,
+            ),
+            (
+                "guest clock behind, booted after the reset",
+                recovering,
+                1,
+                Some(NOW),
+                report(NOW - 100_000, NOW + 30_000, 25),
+                true,
+            ),
+            (
+                "guest clock behind, uptime from before the reset",
+                recovering,
+                1,
+                Some(NOW),
+                report(NOW - 100_000, NOW + 30_000, 32),
+                false,
+            ),
+            (
+                "manual, fresh",
+                RemediationPhase::Manual,
+                3,
+                Some(NOW),
+                report(NOW + 1, NOW + 1, 5),
+                true,
+            ),
+            (
+                "agent silent, never reset",
+                RemediationPhase::AgentSilent,
+                0,
+                None,
+                report(NOW, NOW, 9_999),
+                true,
+            ),
+            (
+                "no incident",
+                RemediationPhase::Ok,
+                0,
+                None,
+                report(NOW, NOW, 5),
+                false,
+            ),
+            (
+                "no incident after an old reset",
+                RemediationPhase::Ok,
+                0,
+                Some(NOW - 1),
+                report(NOW, NOW, 0),
+                false,
+            ),
+        ];
+        for (name, phase, attempts, reset, fresh, ends) in cases {
+            assert_eq!(
+                report_ends_incident(phase, attempts, reset, fresh),
+                ends,
+                "{name}"
+            );
+        }
     }
 }

@@ -103,6 +103,32 @@ pub struct Call {
     pub status: u16,
 }
 
+/// What a real guest's hypervisor says, for a VM the fake drives through a backend.
+#[derive(Clone, Debug)]
+pub struct GuestReading {
+    pub running: bool,
+    pub qmpstatus: String,
+    pub uptime: u64,
+    pub diskread: u64,
+    pub diskwrite: u64,
+}
+
+type Boxed<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A real guest behind a VMID (QEMU through QMP and its guest agent): the fake answers
+/// `status/current`, `agent/ping` and power actions from it, and a task ends when the
+/// guest did the work.
+pub trait GuestBackend: Send + Sync {
+    fn reading(&self) -> Boxed<'_, Result<GuestReading, String>>;
+    /// `Err` carries the text Proxmox would put after "VM N ".
+    fn ping(&self) -> Boxed<'_, Result<(), String>>;
+    fn act<'a>(
+        &'a self,
+        action: &'a str,
+        timeout_seconds: Option<u64>,
+    ) -> Boxed<'a, Result<(), String>>;
+}
+
 /// A power-action POST about to be accepted, as the action gate sees it.
 #[derive(Clone, Debug)]
 pub struct ActionCall {
@@ -128,6 +154,8 @@ struct Task {
     token_id: String,
     /// Epoch seconds, as Proxmox lists it.
     starttime: i64,
+    /// For a real guest: the exit status once the guest did the work.
+    finished: Option<Arc<Mutex<Option<String>>>>,
 }
 
 /// A privilege withheld on an ACL path (and everything below it), from one token or all.
@@ -175,6 +203,8 @@ pub struct FakeState {
     barrier: Option<StatusBarrier>,
     next_barrier: u64,
     gate: Option<Gate>,
+    /// VMIDs backed by a real guest.
+    backends: HashMap<i64, Arc<dyn GuestBackend>>,
 }
 
 impl FakeState {
@@ -199,6 +229,7 @@ impl FakeState {
             barrier: None,
             next_barrier: 0,
             gate: None,
+            backends: HashMap::new(),
         }
     }
 
@@ -362,6 +393,11 @@ impl FakePve {
         self.state.lock().unwrap().gate = Some(gate);
     }
 
+    /// Drives `vmid` through a real guest from now on.
+    pub fn attach(&self, vmid: i64, backend: Arc<dyn GuestBackend>) {
+        self.state.lock().unwrap().backends.insert(vmid, backend);
+    }
+
     pub fn ungate_actions(&self) {
         self.state.lock().unwrap().gate = None;
     }
@@ -372,11 +408,11 @@ impl FakePve {
             .route("/api2/json/cluster/resources", get(resources))
             .route(
                 "/api2/json/nodes/{node}/qemu/{vmid}/status/current",
-                get(|s: Shared, c: Caller, p: GuestPath| async move { current(s, c, p, "qemu") }),
+                get(|s: Shared, c: Caller, p: GuestPath| current(s, c, p, "qemu")),
             )
             .route(
                 "/api2/json/nodes/{node}/lxc/{vmid}/status/current",
-                get(|s: Shared, c: Caller, p: GuestPath| async move { current(s, c, p, "lxc") }),
+                get(|s: Shared, c: Caller, p: GuestPath| current(s, c, p, "lxc")),
             )
             .route(
                 "/api2/json/nodes/{node}/qemu/{vmid}/config",
@@ -775,18 +811,35 @@ fn audited_guest(
     })
 }
 
-fn current(
+async fn current(
     State(state): Shared,
     Extension(caller): Caller,
     Path((node, vmid)): GuestPath,
     kind: &'static str,
 ) -> Response {
-    let st = state.lock().unwrap();
-    let vm = match audited_guest(&st, &caller.0, &node, kind, vmid) {
-        Ok(vm) => vm,
+    let found = {
+        let st = state.lock().unwrap();
+        audited_guest(&st, &caller.0, &node, kind, vmid)
+            .map(|vm| (st.backends.get(&vmid).cloned(), vm))
+    };
+    let (backend, vm) = match found {
+        Ok(found) => found,
         Err(resp) => return resp,
     };
-    drop(st);
+    if let Some(backend) = backend {
+        return match backend.reading().await {
+            Ok(r) => data(json!({
+                "vmid": vmid, "name": vm.name,
+                "status": if r.running { "running" } else { "stopped" },
+                "qmpstatus": r.qmpstatus, "uptime": if r.running { r.uptime } else { 0 },
+                "ha": {"managed": 0}, "template": 0, "cpus": 1, "cpu": 0.0,
+                // QMP gives block counters; it has no NIC byte counters.
+                "diskread": r.diskread, "diskwrite": r.diskwrite, "netin": 0, "netout": 0,
+                "agent": i32::from(vm.agent),
+            })),
+            Err(message) => pve_error(500, &message),
+        };
+    }
     let vm = if vm.io_moving && vm.status == "running" {
         // The guest keeps writing and sending between two reads.
         let mut st = state.lock().unwrap();
@@ -941,6 +994,10 @@ async fn action(
             return pve_error(500, GATE_REFUSAL);
         }
     }
+    let backend = state.lock().unwrap().backends.get(&vmid).cloned();
+    if let Some(backend) = backend {
+        return real_action(&state, &caller.0, &node, vmid, &action, &form, backend).await;
+    }
     let mut st = state.lock().unwrap();
     let exit = match admit_action(&st, &node, kind, vmid, &action) {
         Ok(exit) => exit,
@@ -979,12 +1036,77 @@ async fn action(
             vmid,
             token_id: caller.0.clone(),
             starttime,
+            finished: None,
         },
     );
     if st.lost_answers > 0 {
         st.lost_answers -= 1;
         return pve_error(596, "Connection timed out");
     }
+    data(json!(upid))
+}
+
+/// A power action on a real guest: the checks qemu-server makes, then a task that ends
+/// when QEMU did the work.
+async fn real_action(
+    state: &Arc<Mutex<FakeState>>,
+    caller: &str,
+    node: &str,
+    vmid: i64,
+    action: &str,
+    form: &str,
+    backend: Arc<dyn GuestBackend>,
+) -> Response {
+    let running = backend.reading().await.is_ok_and(|r| r.running);
+    if matches!(action, "reset" | "reboot" | "shutdown" | "stop") && !running {
+        return pve_error(500, &format!("VM {vmid} not running"));
+    }
+    let timeout = form
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("timeout="))
+        .and_then(|t| t.parse().ok());
+    let finished = Arc::new(Mutex::new(None));
+    let upid = {
+        let mut st = state.lock().unwrap();
+        st.posts.push(format!("{action} {vmid}"));
+        st.forms.push(form.to_owned());
+        st.next_pid += 1;
+        let upid = format!(
+            "UPID:{node}:{:08X}:0123ABCD:{:08X}:qm{action}:{vmid}:{USER}!{caller}:",
+            st.next_pid,
+            0x66A1_B2C3u32 + st.next_pid,
+        );
+        let starttime = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        st.tasks.insert(
+            upid.clone(),
+            Task {
+                started: Instant::now(),
+                exit: String::new(),
+                node: node.to_owned(),
+                kind: format!("qm{action}"),
+                vmid,
+                token_id: caller.to_owned(),
+                starttime,
+                finished: Some(finished.clone()),
+            },
+        );
+        upid
+    };
+    let action = action.to_owned();
+    tokio::spawn(async move {
+        let exit = if action == "start" && running {
+            format!("VM {vmid} already running")
+        } else {
+            match backend.act(&action, timeout).await {
+                Ok(()) => "OK".to_owned(),
+                Err(why) => why,
+            }
+        };
+        *finished.lock().unwrap() = Some(exit);
+    });
     data(json!(upid))
 }
 
@@ -995,13 +1117,13 @@ async fn agent_ping(
     Extension(caller): Caller,
     Path((node, vmid)): GuestPath,
 ) -> Response {
-    let vm = {
+    let (vm, backend) = {
         let st = state.lock().unwrap();
         if st.denied(&caller.0, &format!("/vms/{vmid}"), "VM.GuestAgent.Audit") {
             return forbidden(&format!("/vms/{vmid}"), "VM.GuestAgent.Audit");
         }
         match guest_on(&st, &node, "qemu", vmid) {
-            Some(vm) => vm,
+            Some(vm) => (vm, st.backends.get(&vmid).cloned()),
             None => {
                 return pve_error(
                     500,
@@ -1013,6 +1135,18 @@ async fn agent_ping(
             }
         }
     };
+    if let Some(backend) = backend {
+        if !vm.agent {
+            return pve_error(500, "No QEMU guest agent configured");
+        }
+        if !backend.reading().await.is_ok_and(|r| r.running) {
+            return pve_error(500, &format!("VM {vmid} is not running"));
+        }
+        return match backend.ping().await {
+            Ok(()) => data(json!({"result": {}})),
+            Err(why) => pve_error(500, &format!("VM {vmid} {why}")),
+        };
+    }
     if vm.status != "running" {
         return pve_error(500, &format!("VM {vmid} is not running"));
     }
@@ -1082,11 +1216,16 @@ async fn task_status(
     }
     let mut body = json!({"upid": upid, "node": node, "type": task.kind, "id": task.vmid.to_string(),
                           "user": USER, "tokenid": task.token_id});
-    if task.started.elapsed() < st.task_duration {
-        body["status"] = json!("running");
-    } else {
-        body["status"] = json!("stopped");
-        body["exitstatus"] = json!(task.exit);
+    let exit = match &task.finished {
+        Some(cell) => cell.lock().unwrap().clone(),
+        None => (task.started.elapsed() >= st.task_duration).then(|| task.exit.clone()),
+    };
+    match exit {
+        None => body["status"] = json!("running"),
+        Some(exit) => {
+            body["status"] = json!("stopped");
+            body["exitstatus"] = json!(exit);
+        }
     }
     data(body)
 }
