@@ -13,7 +13,7 @@ use crate::settings::SharedStatusConfig;
 use crate::with_conn;
 use diesel_async::AsyncConnection;
 use domain::heartbeat::Heartbeat;
-use domain::ingest::{StoredVm, newest_per_vm, plan};
+use domain::ingest::{StoredVm, newest_per_vm, plan_batch as plan_reports};
 use domain::status::StatusConfig;
 use domain::{Secret, VmId, VmStatus};
 use std::collections::BTreeMap;
@@ -269,11 +269,16 @@ fn plan_batch<'a>(
                 .machine_id
                 .as_deref()
                 .or_else(|| batch_uuid(&batch, vm_id));
+            let of_vm: Vec<&Heartbeat> = batch
+                .iter()
+                .filter(|(id, _)| *id == vm_id)
+                .map(|(_, r)| *r)
+                .collect();
             Some(PlannedState {
                 vm_id,
                 report,
                 machine_id,
-                update: plan(&stored, report, last_seen, cfg),
+                update: plan_reports(&stored, report, &of_vm, last_seen, cfg),
             })
         })
         .collect()

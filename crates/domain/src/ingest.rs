@@ -58,6 +58,19 @@ pub fn plan(
     last_seen_ms: i64,
     cfg: &StatusConfig,
 ) -> StateUpdate {
+    plan_batch(vm, newest, &[newest], last_seen_ms, cfg)
+}
+
+/// Like `plan`, for a batch holding several reports of the VM: any of them may end its
+/// incident (after a reset, a report spooled before the hang can carry the newest sample
+/// time while the fresh one carries a guest clock that is behind).
+pub fn plan_batch(
+    vm: &StoredVm,
+    newest: &Heartbeat,
+    reports: &[&Heartbeat],
+    last_seen_ms: i64,
+    cfg: &StatusConfig,
+) -> StateUpdate {
     let takes_figures = vm.observed_at_ms.is_none_or(|t| newest.observed_ms >= t);
     let latest = if takes_figures {
         LatestReport {
@@ -78,17 +91,21 @@ pub fn plan(
     };
     let verdict = status::evaluate(Some(&latest), cfg, last_seen_ms);
     let changed = vm.status != verdict.status;
-    let ends_incident = report_ends_incident(
-        vm.phase,
-        vm.attempts,
-        vm.last_reset_ms,
-        FreshReport {
-            observed_ms: newest.observed_ms,
-            received_ms: newest.received_ms,
-            uptime_seconds: newest.uptime_seconds,
-        },
-    )
-    .then(|| recovery_reason(vm.last_reset_ms, newest.uptime_seconds, last_seen_ms));
+    let ends_incident = reports
+        .iter()
+        .find(|r| {
+            report_ends_incident(
+                vm.phase,
+                vm.attempts,
+                vm.last_reset_ms,
+                FreshReport {
+                    observed_ms: r.observed_ms,
+                    received_ms: r.received_ms,
+                    uptime_seconds: r.uptime_seconds,
+                },
+            )
+        })
+        .map(|r| recovery_reason(vm.last_reset_ms, r.uptime_seconds, last_seen_ms));
     StateUpdate {
         takes_figures,
         last_seen_ms,
@@ -209,6 +226,15 @@ mod tests {
         skewed.received_ms = NOW;
         let back = plan(&recovering, &skewed, NOW, &cfg);
         assert!(back.ends_incident.is_some(), "the uptime decides");
+        // One batch: a report spooled before the hang (newest sample time, old uptime)
+        // and the fresh one from a guest whose clock is behind.
+        let spooled = beat(NOW - 25_000, 5.0, 100_000);
+        let fresh = skewed.clone();
+        let batch = plan_batch(&recovering, &spooled, &[&spooled, &fresh], NOW, &cfg);
+        assert!(
+            batch.ends_incident.is_some(),
+            "any report of the batch may end it"
+        );
         let no_restart = plan(&recovering, &beat(NOW, 5.0, 100_000), NOW, &cfg);
         assert_eq!(
             no_restart.ends_incident.as_deref(),

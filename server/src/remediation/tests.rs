@@ -1025,3 +1025,29 @@ async fn a_guest_back_without_its_agent_ends_the_ladder() {
     );
     assert!(r.events().await.contains(&domain::EventKind::GuestBack));
 }
+
+#[tokio::test]
+async fn a_guest_whose_clock_is_behind_after_the_reset_still_ends_its_incident() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    r.run_to(T0 + STALE).await;
+    let row = r.settle(id).await;
+    assert_eq!(row.phase(), RemediationPhase::Recovering);
+    let reset_ms = row.last_reset_ms.unwrap();
+    // 27 s after the reset the guest reports, its clock 72 s behind, up for 25 s.
+    let received = reset_ms + 27_000;
+    let mut report = beat("web", 100, received - 72_000, 25);
+    report.received_ms = received;
+    write_batch(&r.db, &[Submission::fleet(report)], &status_config())
+        .await
+        .unwrap()[0]
+        .as_ref()
+        .unwrap();
+    let row = r.row(id).await;
+    assert_eq!(
+        (row.phase(), row.incident_attempts),
+        (RemediationPhase::Ok, 0),
+        "{:?}",
+        row.phase_reason
+    );
+}

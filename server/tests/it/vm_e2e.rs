@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const UUID: &str = "3f1c6a52-0c1e-4c57-9d0a-1b2c3d4e5f60";
-const STALE_MS: u64 = 45_000;
+/// Longer than a reboot of the emulated guest takes (about 45 s), so a reboot of its own
+/// never looks like a hang.
+const STALE_MS: u64 = 60_000;
 
 /// Runs the scenarios; on failure the guest's console and the server's log are printed.
 struct Run {
@@ -83,6 +85,14 @@ impl Run {
     async fn healthy_with_uptime_below(&self, id: i64, uptime: i64) -> Option<Value> {
         let v = vm(&self.srv, id).await;
         (v["status"] == "healthy" && v["uptime_seconds"].as_i64()? < uptime).then_some(v)
+    }
+
+    /// How often the VM was judged down so far.
+    async fn downs(&self, id: i64) -> usize {
+        let v = vm(&self.srv, id).await;
+        v["status_changes"]
+            .as_array()
+            .map_or(0, |c| c.iter().filter(|c| c["to_status"] == "down").count())
     }
 }
 
@@ -175,6 +185,37 @@ async fn a_real_guest_installs_hangs_is_reset_and_recovers() {
         &format!("linked by its SMBIOS uuid: {linked}"),
     );
     run.check(first["hostname"] == "e2e-guest", &format!("{first}"));
+
+    // Restricted networking: the forwarded address is the guest's only way out. A listener
+    // on the host (reachable as 10.0.2.2 without the restriction) gets no connection, and
+    // the outside world (DNS, a public address) is unreachable.
+    let bait = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let bait_port = bait.local_addr().unwrap().port();
+    let tries = [
+        (
+            "curl -fsS -m 5 http://10.0.2.100:3000/api/health >/dev/null".to_owned(),
+            true,
+        ),
+        (format!("curl -sS -m 5 http://10.0.2.2:{bait_port}/"), false),
+        (
+            format!("curl -sS -m 5 http://10.0.2.2:{port}/api/health"),
+            false,
+        ),
+        ("curl -sS -m 5 http://deb.debian.org/".to_owned(), false),
+        ("curl -sS -m 5 http://151.101.2.132/".to_owned(), false),
+    ];
+    for (script, reachable) in &tries {
+        let code = run.guest.run(script, Duration::from_secs(30)).await;
+        run.check(
+            (code == Ok(0)) == *reachable,
+            &format!("`{script}` from the guest: {code:?}, expected reachable={reachable}"),
+        );
+    }
+    let touched = tokio::time::timeout(Duration::from_millis(200), bait.accept()).await;
+    run.check(
+        touched.is_err(),
+        "the guest reached a host port it was not given",
+    );
 
     // 6 (early, while all is well). The agent upgraded in place while it reports: no gap,
     //    no second VM.
@@ -289,6 +330,7 @@ async fn a_real_guest_installs_hangs_is_reset_and_recovers() {
     // 5. The guest reboots by itself: it reports again with a smaller uptime, and no
     //    incident is opened.
     let uptime = vm(&run.srv, id).await["uptime_seconds"].as_i64().unwrap();
+    let downs = run.downs(id).await;
     let rebooted_at = Instant::now();
     let _ = run.guest.exec("systemctl reboot").await;
     run.until(
@@ -299,7 +341,10 @@ async fn a_real_guest_installs_hangs_is_reset_and_recovers() {
     .await;
     run.time("own_reboot_to_report", rebooted_at.elapsed());
     let v = vm(&run.srv, id).await;
-    run.check(v["remediation_phase"] == "ok", &format!("no incident: {v}"));
+    run.check(
+        v["remediation_phase"] == "ok" && run.downs(id).await == downs,
+        &format!("not judged down, no incident: {v}"),
+    );
     run.check(
         run.fake.posts().is_empty(),
         "no power action for a reboot of its own",
@@ -308,7 +353,6 @@ async fn a_real_guest_installs_hangs_is_reset_and_recovers() {
 
     // 2. A kernel hang: down within the stale timeout, the evidence says hung, the ladder's
     //    ACPI reboot is ignored by the dead kernel, one reset, and the guest reports again.
-    let uptime = vm(&run.srv, id).await["uptime_seconds"].as_i64().unwrap() + 5;
     let hung_at = Instant::now();
     let _ = run.guest.exec("echo c > /proc/sysrq-trigger").await;
     run.until("down", Duration::from_millis(STALE_MS + 30_000), || async {
