@@ -6,6 +6,7 @@
 #   scripts/vm-e2e.sh               build the guest into the cache (each step only once)
 #   scripts/vm-e2e.sh --print-env   build if needed, then print VMHC_GUEST_KERNEL/INITRD/DISK
 #   scripts/vm-e2e.sh --boot-check  boot a copy once: install, guest agent, hang, reset
+#   scripts/vm-e2e.sh --timings     medians of the scenario timings the test runs kept
 #
 # Tests copy the disk per run (cp --sparse=always) and never write to the cached one. Progress
 # goes to standard error, so `eval "$(scripts/vm-e2e.sh --print-env)"` works.
@@ -22,8 +23,9 @@ case "${1:-}" in
   "") ;;
   --print-env) mode=print-env ;;
   --boot-check) mode=boot-check ;;
-  -h | --help) sed -n '2,11p' "$0"; exit 0 ;;
-  *) echo "usage: $0 [--print-env | --boot-check]" >&2; exit 2 ;;
+  --timings) mode=timings ;;
+  -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+  *) echo "usage: $0 [--print-env | --boot-check | --timings]" >&2; exit 2 ;;
 esac
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -380,6 +382,19 @@ for i in json.load(sys.stdin):
   ((gets == 1)) || die "the installer ran $gets times (a guest holding a credential must not install again)"
   say "boot check passed (installer fetched once, not again after the reset)"
 }
+
+# The medians of the scenario timings kept by the test runs on this machine (BENCHMARKS.md).
+if [[ $mode == timings ]]; then
+  python3 - "$(dirname "$0")/../target/vm-e2e-timings.jsonl" <<'PY'
+import json, statistics, sys
+runs = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+print(f"{len(runs)} runs")
+for key in runs[0]:
+    values = [r[key] for r in runs if key in r]
+    print(f"{key}: median {statistics.median(values):.1f} s (min {min(values):.1f}, max {max(values):.1f})")
+PY
+  exit
+fi
 
 # Standard output is for --print-env alone.
 install_tools >&2

@@ -64,7 +64,9 @@ impl Guest {
         let netdev = format!(
             "user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:3000-cmd:socat - TCP:127.0.0.1:{server_port}"
         );
-        let child = std::process::Command::new("qemu-system-x86_64")
+        // setpriv: QEMU dies with the test process, even one the runner kills on timeout.
+        let child = std::process::Command::new("setpriv")
+            .args(["--pdeathsig", "KILL", "qemu-system-x86_64"])
             .args(["-accel", "tcg", "-m", "1024", "-smp", "1", "-no-shutdown"])
             .args(["-display", "none", "-nodefaults"])
             .arg("-kernel")
@@ -100,7 +102,7 @@ impl Guest {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("qemu.err")).unwrap())
             .spawn()
-            .expect("qemu-system-x86_64 runs (scripts/vm-e2e.sh installs it)");
+            .expect("setpriv and qemu-system-x86_64 run (scripts/vm-e2e.sh installs QEMU)");
         Self {
             dir,
             child: Mutex::new(Some(child)),
