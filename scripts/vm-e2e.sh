@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Prepares the small Debian guest the end-to-end suite boots under QEMU: kernel, initrd and a
 # pristine disk whose first boot installs the vm-healthcheck agent from the server named on the
-# kernel command line (vmhc.server=URL vmhc.token=TOKEN), as the README tells users to.
+# kernel command line (vmhc.server=URL vmhc.token=TOKEN: a test token; /proc/cmdline is
+# readable by every local user, so real guests use --token-file as the README says).
 #
 #   scripts/vm-e2e.sh               build the guest into the cache (each step only once)
 #   scripts/vm-e2e.sh --print-env   build if needed, then print VMHC_GUEST_KERNEL/INITRD/DISK
@@ -24,7 +25,7 @@ case "${1:-}" in
   --print-env) mode=print-env ;;
   --boot-check) mode=boot-check ;;
   --timings) mode=timings ;;
-  -h | --help) sed -n '2,12p' "$0"; exit 0 ;;
+  -h | --help) sed -n '2,13p' "$0"; exit 0 ;;
   *) echo "usage: $0 [--print-env | --boot-check | --timings]" >&2; exit 2 ;;
 esac
 

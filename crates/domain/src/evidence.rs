@@ -107,6 +107,27 @@ impl Evidence {
         })
     }
 
+    /// The guest (or its QEMU process) started afresh between the reads: someone acted.
+    fn restarted_between(&self) -> Option<String> {
+        let second = self.second.as_ref().ok()?;
+        if let (Some(a), Some(b)) = (self.first.uptime, second.uptime)
+            && b < a
+        {
+            return Some(format!(
+                "the guest restarted between the reads (uptime {a}s, then {b}s)"
+            ));
+        }
+        let (a, b) = (self.first.io?, second.io?);
+        (b.diskread < a.diskread
+            || b.diskwrite < a.diskwrite
+            || b.netin < a.netin
+            || b.netout < a.netout)
+            .then(|| {
+                "the guest's I/O counters went back between the reads (a new QEMU process)"
+                    .to_owned()
+            })
+    }
+
     /// A `qmpstatus` that says the hypervisor, not the guest, is stuck.
     fn fault(&self) -> Option<&str> {
         let second = self.second.as_ref().ok();
@@ -178,13 +199,16 @@ pub fn judge(evidence: &Evidence, mode: HangEvidence) -> Verdict {
         );
     }
     let ping = &evidence.guest_agent;
+    if let Err(why) = &evidence.second {
+        return Verdict::Unsure(format!("the second status read failed ({why})"));
+    }
+    if let Some(why) = evidence.restarted_between() {
+        return Verdict::Unsure(why);
+    }
     if mode == HangEvidence::Lenient {
         return Verdict::Hung(format!(
             "heartbeats stopped (HANG_EVIDENCE=lenient); guest agent {ping}"
         ));
-    }
-    if let Err(why) = &evidence.second {
-        return Verdict::Unsure(format!("the second status read failed ({why})"));
     }
     match evidence.io_delta() {
         Some(delta) if delta.guest_initiated() => Verdict::AgentSilent(format!(
@@ -261,6 +285,12 @@ mod tests {
         let io_error = || Ok(sample(3000, Some((10, 10, 10, 10)), "io-error"));
         let internal = || Ok(sample(3000, None, "internal-error"));
         let failed = || Err::<StatusSample, _>("Proxmox unreachable".to_owned());
+        let rebooted = || {
+            Ok(StatusSample {
+                uptime: Some(3),
+                ..sample(3000, Some((10, 10, 10, 10)), "running")
+            })
+        };
         let cases: Vec<Case> = vec![
             ("agent answers", Answered, still(), Strict, "agent silent"),
             (
@@ -321,7 +351,20 @@ mod tests {
                 Strict,
                 "hung",
             ),
-            ("counters went back", TimedOut, restarted(), Strict, "hung"),
+            (
+                "counters went back",
+                TimedOut,
+                restarted(),
+                Strict,
+                "unsure",
+            ),
+            (
+                "counters went back, lenient",
+                TimedOut,
+                restarted(),
+                Lenient,
+                "unsure",
+            ),
             ("no counters", TimedOut, no_counters(), Strict, "hung"),
             ("io-error", TimedOut, io_error(), Strict, "fault"),
             (
@@ -344,7 +387,14 @@ mod tests {
                 TimedOut,
                 failed(),
                 Lenient,
-                "hung",
+                "unsure",
+            ),
+            (
+                "restarted between the reads",
+                TimedOut,
+                rebooted(),
+                Strict,
+                "unsure",
             ),
         ];
         for (name, ping, second, mode, expected) in cases {

@@ -105,7 +105,11 @@ pub async fn begin_attempt(
                     .filter(vms::link_verified.eq(true));
             }
             if let Some(last_seen) = expected.still_down_since {
-                guard = guard.filter(vms::status.eq(VmStatus::Down.as_str()));
+                // Automatic: the VM must also still be opted in (an operator may have
+                // turned auto-reset off while the evidence was gathered).
+                guard = guard
+                    .filter(vms::status.eq(VmStatus::Down.as_str()))
+                    .filter(vms::auto_reset.eq(true));
                 guard = match last_seen {
                     Some(t) => guard.filter(vms::last_seen_ms.eq(t)),
                     None => guard.filter(vms::last_seen_ms.is_null()),
@@ -263,16 +267,22 @@ pub async fn hold_while_down(
 }
 
 /// Closes one attempt and opens the next in one transaction (a stop-start rung's start):
-/// after a crash either the stop is still open or the start's intent is recorded.
+/// after a crash either the stop is still open or the start's intent is recorded. `None`
+/// when the stop was already closed (another follower, another replica, got there first).
 pub async fn finish_and_begin(
     conn: &mut Conn,
     finished: AttemptId,
     now_ms: i64,
     next: &NewAttempt,
-) -> Result<AttemptId, DbError> {
+) -> Result<Option<AttemptId>, DbError> {
+    let open = [
+        AttemptOutcome::Pending.as_str(),
+        AttemptOutcome::Sent.as_str(),
+    ];
     with_conn!(conn, |c| {
         c.transaction::<_, DbError, _>(async |c| {
-            diesel::update(reset_attempts::table.find(finished.get()))
+            let closed = diesel::update(reset_attempts::table.find(finished.get()))
+                .filter(reset_attempts::outcome.eq_any(open))
                 .set((
                     reset_attempts::outcome.eq(AttemptOutcome::Ok.as_str()),
                     reset_attempts::error.eq(None::<&str>),
@@ -280,15 +290,47 @@ pub async fn finish_and_begin(
                 ))
                 .execute(c)
                 .await?;
+            if closed != 1 {
+                return Ok(None);
+            }
             let id: i64 = diesel::insert_into(reset_attempts::table)
                 .values(next.row())
                 .returning(reset_attempts::id)
                 .get_result(c)
                 .await?;
-            Ok(AttemptId(id))
+            Ok(Some(AttemptId(id)))
         })
         .await
     })
+}
+
+/// `defer` for a decision taken on a silent VM: only while it is still `down` with the
+/// last-seen time it was judged on (a heartbeat since wins and keeps its clean state).
+pub async fn defer_while_down(
+    conn: &mut Conn,
+    vm_id: VmId,
+    last_seen_ms: Option<i64>,
+    next_action_ms: i64,
+    reason: &str,
+) -> Result<(), DbError> {
+    with_conn!(conn, |c| {
+        let mut query = diesel::update(vms::table)
+            .filter(vms::id.eq(vm_id.get()))
+            .filter(vms::status.eq(VmStatus::Down.as_str()))
+            .into_boxed();
+        query = match last_seen_ms {
+            Some(t) => query.filter(vms::last_seen_ms.eq(t)),
+            None => query.filter(vms::last_seen_ms.is_null()),
+        };
+        query
+            .set((
+                vms::next_action_ms.eq(next_action_ms),
+                vms::phase_reason.eq(reason),
+            ))
+            .execute(c)
+            .await
+    })?;
+    Ok(())
 }
 
 /// Notes why a VM was left alone and when to look again, without touching its phase.

@@ -98,6 +98,8 @@ impl Executor {
         };
         let attempts = expected.attempts + i64::from(automatic);
         tracing::warn!(vm_id = %row.id, hostname = %row.hostname, node = %guest.node, vmid = %guest.vmid, %action, trigger = %trigger.source(), "sending power action to Proxmox");
+        // The guest acted on, wherever it turned out to be (a stop-start's start follows it).
+        let mut acted_on = guest.clone();
         let sent = match self.send(pve.as_ref(), guest, action, automatic).await {
             Err(PveError::VmNotFound(_)) => {
                 match self
@@ -105,7 +107,10 @@ impl Executor {
                     .relocate(&self.ctx, pve.as_ref(), row, guest)
                     .await
                 {
-                    Ok(moved) => self.send(pve.as_ref(), &moved, action, automatic).await,
+                    Ok(moved) => {
+                        acted_on = moved.clone();
+                        self.send(pve.as_ref(), &moved, action, automatic).await
+                    }
                     Err(err) => Err(err),
                 }
             }
@@ -114,7 +119,7 @@ impl Executor {
         let followed = Followed {
             attempt_id,
             vm_id: row.vm_id(),
-            guest: Some(guest.clone()),
+            guest: Some(acted_on),
             upid: String::new(),
             action,
             attempts,
@@ -192,9 +197,8 @@ impl Executor {
         followed: &Followed,
         what: &str,
     ) -> Result<(), DbError> {
-        let (phase, next_action_ms, reason) = if followed.automatic
-            && followed.action == PowerAction::Start
-        {
+        let start_failed = followed.automatic && followed.action == PowerAction::Start;
+        let (phase, next_action_ms, reason) = if start_failed {
             // The ladder stopped this guest and could not start it again: never leave it
             // for the next round, which would take "stopped" for intentionally off.
             (
@@ -218,7 +222,13 @@ impl Executor {
         incidents::set_phase(
             conn,
             followed.vm_id,
-            Some(RemediationPhase::ResetPending),
+            // A stopped guest that could not be started latches whatever happened
+            // meanwhile (even a report that ended the incident during the stop).
+            if start_failed {
+                None
+            } else {
+                Some(RemediationPhase::ResetPending)
+            },
             phase,
             None,
             next_action_ms,
@@ -359,7 +369,11 @@ impl Executor {
         };
         let attempt_id = {
             let mut conn = self.ctx.db.conn().await?;
-            incidents::finish_and_begin(&mut conn, stop.attempt_id, now_ms, &intent).await?
+            match incidents::finish_and_begin(&mut conn, stop.attempt_id, now_ms, &intent).await? {
+                Some(id) => id,
+                // Someone else closed the stop and owns the start.
+                None => return Ok(()),
+            }
         };
         self.send_start(Followed {
             attempt_id,
@@ -411,6 +425,34 @@ impl Executor {
             match (&item.upid, &self.ctx.pve) {
                 (None, Some(_)) if automatic && item.action.0 == PowerAction::Start => {
                     let (attempts, guest) = self.incident_of(vm_id).await?;
+                    let age = now_ms.saturating_sub(item.created_ms);
+                    let limit =
+                        i64::try_from(self.ctx.timing.task_timeout.as_millis()).unwrap_or(i64::MAX);
+                    if age > limit {
+                        // Long ago: what the guest's state is now is anyone's guess (an
+                        // operator may have acted). A person decides, not a blind start.
+                        let mut conn = self.ctx.db.conn().await?;
+                        let note = "the stop-start rung's start was interrupted long ago; not sent";
+                        incidents::finish_attempt(
+                            &mut conn,
+                            attempt_id,
+                            AttemptOutcome::Interrupted,
+                            Some(note),
+                            now_ms,
+                        )
+                        .await?;
+                        incidents::set_phase(
+                            &mut conn,
+                            vm_id,
+                            None,
+                            RemediationPhase::Manual,
+                            None,
+                            None,
+                            "the stop-start rung stopped the guest and its start was interrupted: check the guest, then acknowledge",
+                        )
+                        .await?;
+                        continue;
+                    }
                     tracing::info!(
                         attempt_id = item.id,
                         "sending the start a restart interrupted"

@@ -7,8 +7,8 @@ use crate::cache;
 use crate::db::DbError;
 use crate::db::incidents::{self, NewAttempt};
 use crate::db::store::VmRow;
-use domain::evidence::{self, AgentPing, Evidence, StatusSample, Verdict};
-use domain::policy::{GuestPower, GuestState, NextStep};
+use domain::evidence::{self, AgentPing, Evidence, Verdict};
+use domain::policy::{self, GuestPower, GuestState, NextStep};
 use domain::{
     AttemptOutcome, EventKind, GuestRef, Mode, PowerAction, RemediationPhase, TriggerSource, VmId,
 };
@@ -80,14 +80,15 @@ impl Inspections {
     }
 }
 
-/// Gathers the evidence: a guest-agent ping (bounded) alongside a second status read.
+/// Gathers the evidence: a guest-agent ping (bounded) alongside a second status read,
+/// whose whole state is returned too (it may show the guest stopped, paused or locked).
 pub async fn gather(
     ctx: &Ctx,
     pve: &dyn ProxmoxApi,
     row: &VmRow,
     guest: &GuestRef,
     first: &GuestState,
-) -> Evidence {
+) -> (Evidence, Option<GuestState>) {
     let cfg = &ctx.cfg;
     let ping = async {
         if !first.agent_configured {
@@ -103,22 +104,23 @@ pub async fn gather(
     let second = async {
         let gap = Duration::from_millis(u64::try_from(cfg.evidence_interval_ms).unwrap_or(0));
         ctx.clock.sleep(gap).await;
-        match pve.guest_state(guest).await {
-            Ok(state) => Ok(StatusSample {
-                at_ms: ctx.clock.now_ms(),
-                ..state.sample
-            }),
-            Err(err) => Err(err.to_string()),
-        }
+        pve.guest_state(guest)
+            .await
+            .map(|state| stamped(state, ctx.clock.now_ms()))
+            .map_err(|err| err.to_string())
     };
     let (guest_agent, second) = tokio::join!(ping, second);
-    Evidence {
+    let evidence = Evidence {
         guest_agent,
         first: first.sample.clone(),
-        second,
+        second: second
+            .as_ref()
+            .map(|s| s.sample.clone())
+            .map_err(Clone::clone),
         last_heartbeat_ms: row.last_seen_ms,
         last_uptime_seconds: row.uptime_seconds,
-    }
+    };
+    (evidence, second.ok())
 }
 
 /// The first status read, stamped with the engine's clock.
@@ -187,9 +189,18 @@ impl super::Engine {
         let Some(pve) = self.ctx.pve.clone() else {
             return Ok(());
         };
-        let evidence = gather(&self.ctx, pve.as_ref(), row, guest, state).await;
+        let (evidence, second) = gather(&self.ctx, pve.as_ref(), row, guest, state).await;
         let now_ms = self.ctx.clock.now_ms();
-        let verdict = evidence::judge(&evidence, self.ctx.cfg.hang_evidence);
+        let mut verdict = evidence::judge(&evidence, self.ctx.cfg.hang_evidence);
+        // The second read must still show a guest the policy would act on: stopped, paused
+        // or locked meanwhile (someone is at work on it) makes the first read stale.
+        if let (Verdict::Hung(_), Some(second)) = (&verdict, &second)
+            && let policy::Decision::Wait(why)
+            | policy::Decision::Leave(why)
+            | policy::Decision::Fault(why) = policy::decide(second, &self.ctx.cfg, 0)
+        {
+            verdict = Verdict::Unsure(format!("changed in Proxmox between the reads: {why}"));
+        }
         tracing::info!(vm_id = %row.id, hostname = %row.hostname, verdict = ?verdict, "second opinion");
         match verdict {
             Verdict::Hung(why) => {
@@ -209,8 +220,21 @@ impl super::Engine {
                     let mut conn = self.ctx.db.conn().await?;
                     let next = now_ms.saturating_add(self.ctx.cfg.recovery_timeout_ms);
                     let reason = format!("shadow mode: would {rung}");
-                    incidents::defer(&mut conn, row.vm_id(), next, &reason).await?;
+                    incidents::defer_while_down(
+                        &mut conn,
+                        row.vm_id(),
+                        row.last_seen_ms,
+                        next,
+                        &reason,
+                    )
+                    .await?;
                     tracing::info!(vm_id = %row.id, hostname = %row.hostname, %rung, "shadow mode: would act");
+                    return Ok(());
+                }
+                // The rails may have closed while the evidence was gathered.
+                if self.blocked(now_ms) || !self.leading.load(std::sync::atomic::Ordering::Acquire)
+                {
+                    tracing::info!(vm_id = %row.id, "auto-reset paused while the evidence was gathered; nothing sent");
                     return Ok(());
                 }
                 let sent = self
@@ -254,7 +278,14 @@ impl super::Engine {
                 let mut conn = self.ctx.db.conn().await?;
                 let next = now_ms.saturating_add(self.ctx.cfg.recheck_ms);
                 let reason = format!("cannot tell hung from alive: {why}");
-                incidents::defer(&mut conn, row.vm_id(), next, &reason).await?;
+                incidents::defer_while_down(
+                    &mut conn,
+                    row.vm_id(),
+                    row.last_seen_ms,
+                    next,
+                    &reason,
+                )
+                .await?;
                 drop(conn);
                 cache::refresh(&self.ctx.db, &self.ctx.cache, &[row.vm_id()]).await;
                 Ok(())
@@ -330,7 +361,7 @@ impl super::Engine {
             && let Ok(state) = pve.guest_state(&guest).await
         {
             let state = stamped(state, self.ctx.clock.now_ms());
-            let evidence = gather(&self.ctx, pve.as_ref(), row, &guest, &state).await;
+            let (evidence, _) = gather(&self.ctx, pve.as_ref(), row, &guest, &state).await;
             if evidence.guest_back() {
                 let now_ms = self.ctx.clock.now_ms();
                 let why = "guest back, agent not yet: the guest agent answers and the guest does I/O, but no heartbeat came";

@@ -35,7 +35,13 @@ struct ScriptedPve {
     busy: Mutex<std::collections::HashSet<i64>>,
     /// Counter reads so far, by VMID.
     reads: Mutex<HashMap<i64, u64>>,
+    /// On the Nth status read of a VMID: what Proxmox shows from then on, and whether an
+    /// operator turns the VM's auto-reset off at that moment.
+    on_read: Mutex<Option<OnRead>>,
 }
+
+/// (VMID, read number, the state shown from then on, an operator's opt-out of this VM).
+type OnRead = (i64, u64, Option<GuestState>, Option<(Db, VmId)>);
 
 impl ScriptedPve {
     fn set_state(&self, vmid: i64, state: GuestState) {
@@ -97,6 +103,23 @@ impl ProxmoxApi for ScriptedPve {
                 *n += 1;
                 *n
             };
+            let trigger = self
+                .on_read
+                .lock()
+                .unwrap()
+                .take_if(|(v, n, _, _)| *v == vmid && *n == reads);
+            if let Some((_, _, new_state, opt_out)) = trigger {
+                if let Some(new_state) = new_state {
+                    self.states.lock().unwrap().insert(vmid, new_state.clone());
+                    state = new_state;
+                }
+                if let Some((db, id)) = opt_out {
+                    let mut conn = db.conn().await.unwrap();
+                    incidents::set_auto_reset(&mut conn, id, false)
+                        .await
+                        .unwrap();
+                }
+            }
             let busy = self.busy.lock().unwrap().contains(&vmid);
             state.sample.io = Some(IoCounters {
                 diskwrite: if busy { reads * 4096 } else { 4096 },
@@ -1049,5 +1072,38 @@ async fn a_guest_whose_clock_is_behind_after_the_reset_still_ends_its_incident()
         (RemediationPhase::Ok, 0),
         "{:?}",
         row.phase_reason
+    );
+}
+
+#[tokio::test]
+async fn auto_reset_turned_off_while_the_evidence_is_gathered_sends_nothing() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    // The round's read is the first; the inspection's second read is when the operator acts.
+    *r.pve.on_read.lock().unwrap() = Some((100, 2, None, Some((r.db.clone(), id))));
+    r.run_to(T0 + STALE).await;
+    assert!(
+        r.pve.on_read.lock().unwrap().is_none(),
+        "the inspection read twice"
+    );
+    assert!(r.pve.posts().is_empty(), "{:?}", r.pve.posts());
+    assert!(r.history(id).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_guest_stopped_between_the_two_reads_is_not_acted_on() {
+    let r = rig(quick()).await;
+    let id = r.vm("web", 100, T0).await;
+    let stopped = GuestState {
+        power: GuestPower::Stopped,
+        ..GuestState::running()
+    };
+    *r.pve.on_read.lock().unwrap() = Some((100, 2, Some(stopped), None));
+    r.run_to(T0 + STALE).await;
+    assert!(r.pve.posts().is_empty(), "{:?}", r.pve.posts());
+    let reason = r.row(id).await.phase_reason.unwrap_or_default();
+    assert!(
+        reason.contains("changed in Proxmox between the reads"),
+        "{reason}"
     );
 }

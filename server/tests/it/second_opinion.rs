@@ -115,7 +115,8 @@ async fn a_hung_guest_is_rebooted_with_its_evidence_and_a_slow_agent_delays_no_o
     // The guest agent of 100 never answers: Proxmox gives up after 10 s.
     let mut hung = FakeVm::running(100, "pve1");
     hung.guest_agent = GuestAgent::Silent(Duration::from_secs(10));
-    let other = FakeVm::running(101, "pve1");
+    // On another node: two stale VMs of one node would trip the breaker (rightly).
+    let other = FakeVm::running(101, "pve2");
     let fake = FakePve::start(vec![hung, other]).await;
     let mut srv = start(
         Backend::Sqlite,
@@ -127,11 +128,11 @@ async fn a_hung_guest_is_rebooted_with_its_evidence_and_a_slow_agent_delays_no_o
     )
     .await;
     let a = report_vm(&srv, 100, "pve1", 5000).await;
-    let b = report_vm(&srv, 101, "pve1", 5000).await;
+    let b = report_vm(&srv, 101, "pve2", 5000).await;
     wait_active(&srv).await;
     // Keep 101 alive until 100's ping is under way, then let it go silent.
     let ping_started = wait_for("the guest-agent ping", Duration::from_secs(20), || async {
-        report_vm(&srv, 101, "pve1", 5000).await;
+        report_vm(&srv, 101, "pve2", 5000).await;
         fake.calls()
             .iter()
             .any(|c| c.path == "/nodes/pve1/qemu/100/agent/ping")
