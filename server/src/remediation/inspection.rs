@@ -263,6 +263,7 @@ impl super::Engine {
                     row,
                     guest,
                     RemediationPhase::AgentSilent,
+                    EventKind::AgentSilent,
                     &reason,
                     json,
                     now_ms,
@@ -271,8 +272,16 @@ impl super::Engine {
             }
             Verdict::GuestFault(why) => {
                 let json = record(row, state, Some(&evidence), &why, now_ms);
-                self.hold(row, guest, RemediationPhase::GuestFault, &why, json, now_ms)
-                    .await
+                self.hold(
+                    row,
+                    guest,
+                    RemediationPhase::GuestFault,
+                    EventKind::GuestFault,
+                    &why,
+                    json,
+                    now_ms,
+                )
+                .await
             }
             Verdict::Unsure(why) => {
                 let mut conn = self.ctx.db.conn().await?;
@@ -293,14 +302,19 @@ impl super::Engine {
         }
     }
 
-    /// No power action: the VM takes `phase` (until a heartbeat or an operator clears it),
+    /// No power action: the VM takes `phase` and `kind` is recorded (until a heartbeat or an operator clears it),
     /// with a history row holding the evidence and an event. Nothing changes when a
     /// heartbeat arrived or another replica acted meanwhile.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one hold's state, record and event"
+    )]
     pub(super) async fn hold(
         &self,
         row: &VmRow,
         guest: &GuestRef,
         phase: RemediationPhase,
+        kind: EventKind,
         reason: &str,
         evidence_json: String,
         now_ms: i64,
@@ -318,10 +332,6 @@ impl super::Engine {
         if !held {
             return Ok(());
         }
-        let kind = match phase {
-            RemediationPhase::GuestFault => EventKind::GuestFault,
-            _ => EventKind::AgentSilent,
-        };
         let note = NewAttempt {
             vm_id: row.vm_id(),
             action: PowerAction::Reset,
@@ -366,44 +376,10 @@ impl super::Engine {
                 let now_ms = self.ctx.clock.now_ms();
                 let why = "guest back, agent not yet: the guest agent answers and the guest does I/O, but no heartbeat came";
                 let json = record(row, &state, Some(&evidence), why, now_ms);
-                let mut conn = self.ctx.db.conn().await?;
-                let held = incidents::hold_while_down(
-                    &mut conn,
-                    row.vm_id(),
-                    RemediationPhase::Recovering,
-                    row.last_seen_ms,
-                    RemediationPhase::AgentSilent,
-                    why,
-                )
-                .await?;
-                if held {
-                    let message = format!("{}: {why}", row.hostname);
-                    incidents::insert_event(
-                        &mut conn,
-                        EventKind::GuestBack,
-                        Some(row.vm_id()),
-                        &message,
-                        now_ms,
-                    )
-                    .await?;
-                    let note = NewAttempt {
-                        vm_id: row.vm_id(),
-                        action: PowerAction::Reset,
-                        trigger_source: TriggerSource::Scheduler,
-                        requested_by: None,
-                        mode: self.ctx.cfg.mode,
-                        guest: Some(guest.clone()),
-                        outcome: AttemptOutcome::LeftAlone,
-                        error: Some(why.to_owned()),
-                        evidence_json: Some(json),
-                        created_ms: now_ms,
-                    };
-                    incidents::record_attempt(&mut conn, &note).await?;
-                    tracing::info!(vm_id = %row.id, hostname = %row.hostname, "guest back, agent not yet");
-                }
-                drop(conn);
-                cache::refresh(&self.ctx.db, &self.ctx.cache, &[row.vm_id()]).await;
-                return Ok(());
+                let phase = RemediationPhase::AgentSilent;
+                return self
+                    .hold(row, &guest, phase, EventKind::GuestBack, why, json, now_ms)
+                    .await;
             }
         }
         self.apply_expired(row, &step).await

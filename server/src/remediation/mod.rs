@@ -375,6 +375,7 @@ impl Engine {
                     row,
                     &guest,
                     RemediationPhase::GuestFault,
+                    domain::EventKind::GuestFault,
                     &reason,
                     json,
                     now_ms,
