@@ -234,36 +234,64 @@ pub async fn set_phase(
     Ok(updated == 1)
 }
 
-/// Moves a silent VM into a phase that holds off power actions, only while it is still in
-/// `expected` phase, `down`, and last seen at `last_seen_ms` (a heartbeat since wins).
+/// A no-action state (agent silent, guest fault) taken by a VM that is still `down` in
+/// phase `expected` with the last-seen time it was judged on, with its history row and event
+/// in the same transaction: a heartbeat or another replica's move since wins and nothing is
+/// written, and no reader ever sees the state without the record that explains it.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one hold's state, record and event"
+)]
 pub async fn hold_while_down(
     conn: &mut Conn,
-    vm_id: VmId,
     expected: RemediationPhase,
     last_seen_ms: Option<i64>,
     phase: RemediationPhase,
     reason: &str,
+    note: &NewAttempt,
+    kind: EventKind,
+    message: &str,
 ) -> Result<bool, DbError> {
-    let updated = with_conn!(conn, |c| {
-        let mut query = diesel::update(vms::table)
-            .filter(vms::id.eq(vm_id.get()))
-            .filter(vms::remediation_phase.eq(expected.as_str()))
-            .filter(vms::status.eq(VmStatus::Down.as_str()))
-            .into_boxed();
-        query = match last_seen_ms {
-            Some(t) => query.filter(vms::last_seen_ms.eq(t)),
-            None => query.filter(vms::last_seen_ms.is_null()),
-        };
-        query
-            .set((
-                vms::remediation_phase.eq(phase.as_str()),
-                vms::next_action_ms.eq(None::<i64>),
-                vms::phase_reason.eq(reason),
-            ))
-            .execute(c)
-            .await
-    })?;
-    Ok(updated == 1)
+    let vm_id = note.vm_id;
+    with_conn!(conn, |c| {
+        c.transaction::<_, DbError, _>(async |c| {
+            let mut query = diesel::update(vms::table)
+                .filter(vms::id.eq(vm_id.get()))
+                .filter(vms::remediation_phase.eq(expected.as_str()))
+                .filter(vms::status.eq(VmStatus::Down.as_str()))
+                .into_boxed();
+            query = match last_seen_ms {
+                Some(t) => query.filter(vms::last_seen_ms.eq(t)),
+                None => query.filter(vms::last_seen_ms.is_null()),
+            };
+            let updated = query
+                .set((
+                    vms::remediation_phase.eq(phase.as_str()),
+                    vms::next_action_ms.eq(None::<i64>),
+                    vms::phase_reason.eq(reason),
+                ))
+                .execute(c)
+                .await?;
+            if updated != 1 {
+                return Ok(false);
+            }
+            diesel::insert_into(reset_attempts::table)
+                .values(note.row())
+                .execute(c)
+                .await?;
+            diesel::insert_into(events::table)
+                .values((
+                    events::at_ms.eq(note.created_ms),
+                    events::kind.eq(kind.as_str()),
+                    events::vm_id.eq(vm_id.get()),
+                    events::message.eq(message),
+                ))
+                .execute(c)
+                .await?;
+            Ok(true)
+        })
+        .await
+    })
 }
 
 /// Closes one attempt and opens the next in one transaction (a stop-start rung's start):

@@ -319,19 +319,6 @@ impl super::Engine {
         evidence_json: String,
         now_ms: i64,
     ) -> Result<(), DbError> {
-        let mut conn = self.ctx.db.conn().await?;
-        let held = incidents::hold_while_down(
-            &mut conn,
-            row.vm_id(),
-            row.phase(),
-            row.last_seen_ms,
-            phase,
-            reason,
-        )
-        .await?;
-        if !held {
-            return Ok(());
-        }
         let note = NewAttempt {
             vm_id: row.vm_id(),
             action: PowerAction::Reset,
@@ -344,9 +331,22 @@ impl super::Engine {
             evidence_json: Some(evidence_json),
             created_ms: now_ms,
         };
-        incidents::record_attempt(&mut conn, &note).await?;
         let message = format!("{}: {reason}", row.hostname);
-        incidents::insert_event(&mut conn, kind, Some(row.vm_id()), &message, now_ms).await?;
+        let mut conn = self.ctx.db.conn().await?;
+        let held = incidents::hold_while_down(
+            &mut conn,
+            row.phase(),
+            row.last_seen_ms,
+            phase,
+            reason,
+            &note,
+            kind,
+            &message,
+        )
+        .await?;
+        if !held {
+            return Ok(());
+        }
         drop(conn);
         tracing::warn!(vm_id = %row.id, hostname = %row.hostname, %phase, %reason, "no power action");
         cache::refresh(&self.ctx.db, &self.ctx.cache, &[row.vm_id()]).await;

@@ -286,6 +286,17 @@ impl TestServer {
     }
 
     pub async fn report_raw(&self, body: Vec<u8>, token: Option<&str>) -> (u16, Value) {
+        self.try_report_raw(body, token).await.unwrap()
+    }
+
+    /// `report_raw` that returns a transport failure instead of panicking: a server that
+    /// answers 413 before reading an oversized body may reset the connection while the
+    /// client is still sending it.
+    pub async fn try_report_raw(
+        &self,
+        body: Vec<u8>,
+        token: Option<&str>,
+    ) -> Result<(u16, Value), reqwest::Error> {
         let mut req = self
             .http
             .post(self.url("/api/health/report"))
@@ -294,10 +305,10 @@ impl TestServer {
         if let Some(token) = token {
             req = req.bearer_auth(token);
         }
-        let resp = req.send().await.unwrap();
+        let resp = req.send().await?;
         let status = resp.status().as_u16();
         let body = resp.json::<Value>().await.unwrap_or(Value::Null);
-        (status, body)
+        Ok((status, body))
     }
 
     /// A read as the bootstrap admin token (every read needs a credential).
