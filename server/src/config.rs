@@ -3,7 +3,8 @@
 //! Variables read here (defaults in `.env.example`): `LISTEN_ADDR`, `DATABASE_URL`, `DATA_DIR`,
 //! `DB_POOL_SIZE`, `REDIS_URL`, `AGENT_TOKEN`, `ADMIN_TOKEN`, `STALE_TIMEOUT_MS`, `CPU_THRESHOLD`,
 //! `RAM_THRESHOLD`, `DISK_THRESHOLD`, `REPORT_INTERVAL_SECONDS`, `SCHEDULER_INTERVAL_MS`,
-//! `INGEST_BATCH_MAX`, `INGEST_QUEUE_CAPACITY`, `SITE_ROOT`, `LOG_FORMAT`; Proxmox:
+//! `INGEST_BATCH_MAX`, `INGEST_QUEUE_CAPACITY`, `RETENTION_RAW_DAYS`, `RETENTION_MINUTE_DAYS`,
+//! `RETENTION_HOUR_DAYS`, `RETENTION_EVENTS_DAYS`, `SITE_ROOT`, `LOG_FORMAT`; Proxmox:
 //! `PROXMOX_HOST`, `PROXMOX_USER`, `PROXMOX_TOKEN`, `PROXMOX_SECRET`, `PROXMOX_CA_FILE`,
 //! `PROXMOX_FINGERPRINT`, `PROXMOX_TLS_INSECURE`, `PROXMOX_TIMEOUT_MS`; remediation:
 //! `AUTO_RESET_ENABLED`, `AUTO_RESET_MODE`, `MAX_RESET_ATTEMPTS`, `MAX_CONCURRENT_RESETS`,
@@ -14,6 +15,7 @@
 
 use domain::Mode;
 pub use domain::Secret;
+use domain::history::Retention;
 use domain::policy::RemediationConfig;
 use domain::status::StatusConfig;
 use proxmox::{PveSettings, TlsTrust};
@@ -43,6 +45,8 @@ pub struct Config {
     /// Defaults for the runtime-editable status configuration.
     pub status_defaults: StatusConfig,
     pub scheduler_interval: Duration,
+    /// How long metric history, its rollups and the event history are kept.
+    pub retention: Retention,
     pub ingest_batch_max: usize,
     pub ingest_queue_capacity: usize,
     pub site_root: PathBuf,
@@ -154,6 +158,22 @@ impl Config {
                 reason: "must be at least 1".into(),
             });
         }
+        let keep = Retention::default();
+        let retention = Retention {
+            raw_days: parse(&get, "RETENTION_RAW_DAYS", keep.raw_days)?,
+            minute_days: parse(&get, "RETENTION_MINUTE_DAYS", keep.minute_days)?,
+            hour_days: parse(&get, "RETENTION_HOUR_DAYS", keep.hour_days)?,
+            events_days: parse(&get, "RETENTION_EVENTS_DAYS", keep.events_days)?,
+        };
+        retention.validate().map_err(|e| ConfigError {
+            name: match e.field {
+                "retention_raw_days" => "RETENTION_RAW_DAYS",
+                "retention_minute_days" => "RETENTION_MINUTE_DAYS",
+                "retention_hour_days" => "RETENTION_HOUR_DAYS",
+                _ => "RETENTION_EVENTS_DAYS",
+            },
+            reason: e.message,
+        })?;
         let defaults = RemediationConfig::default();
         let mode = match get("AUTO_RESET_MODE")
             .as_deref()
@@ -246,6 +266,7 @@ impl Config {
             admin_token: get("ADMIN_TOKEN").map(Secret::new),
             status_defaults,
             scheduler_interval: Duration::from_millis(scheduler_interval_ms),
+            retention,
             ingest_batch_max: parse(&get, "INGEST_BATCH_MAX", 500usize)?.max(1),
             ingest_queue_capacity: parse(&get, "INGEST_QUEUE_CAPACITY", 20_000usize)?.max(1),
             site_root: PathBuf::from(get("SITE_ROOT").unwrap_or_else(|| "target/site".into())),
@@ -559,6 +580,10 @@ mod tests {
         assert_eq!(err.name, "ram_threshold");
         let err = config(&[("SCHEDULER_INTERVAL_MS", "0")]).err().unwrap();
         assert_eq!(err.name, "SCHEDULER_INTERVAL_MS");
+        let err = config(&[("RETENTION_RAW_DAYS", "60")]).err().unwrap();
+        assert_eq!(err.name, "RETENTION_MINUTE_DAYS", "{err}");
+        let err = config(&[("RETENTION_EVENTS_DAYS", "0")]).err().unwrap();
+        assert_eq!(err.name, "RETENTION_EVENTS_DAYS", "{err}");
     }
 
     /// Every variable this module reads is documented in `.env.example`.

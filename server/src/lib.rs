@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod enrolment;
 pub mod health;
+pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod remediation;
@@ -181,8 +182,13 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         writer.clone().run()
     });
     let scheduler_state = state.clone();
+    let health_for_upkeep = health.clone();
     let scheduler = supervise("scheduler", health, move || {
         scheduler::run(scheduler_state.clone())
+    });
+    let history_state = state.clone();
+    let upkeep = supervise("history upkeep", health_for_upkeep, move || {
+        history::run(history_state.clone())
     });
     tracing::info!(%addr, https, database = state.db.backend_name(), "vm-healthcheck listening");
     Ok(RunningServer {
@@ -190,7 +196,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         state,
         shutdown: Some(shutdown_tx),
         serve,
-        jobs: vec![writer, scheduler],
+        jobs: vec![writer, scheduler, upkeep],
     })
 }
 

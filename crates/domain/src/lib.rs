@@ -5,6 +5,7 @@
 pub mod enums;
 pub mod evidence;
 pub mod heartbeat;
+pub mod history;
 pub mod identity;
 pub mod ids;
 pub mod ingest;

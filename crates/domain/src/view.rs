@@ -90,13 +90,40 @@ pub struct FleetSnapshot {
 /// One downsampled point of a VM's metric history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MetricPoint {
+    /// Earliest time in the point that held a sample.
     pub t_ms: i64,
     pub samples: i64,
+    pub cpu_min: f64,
     pub cpu_avg: f64,
     pub cpu_max: f64,
+    pub ram_percent_min: f64,
     pub ram_percent_avg: f64,
+    pub ram_percent_max: f64,
+    /// The fullest disk; absent when no sample in the point reported disks.
+    pub disk_percent_min: Option<f64>,
     pub disk_percent_avg: Option<f64>,
+    pub disk_percent_max: Option<f64>,
     pub uptime_max: i64,
+}
+
+impl From<crate::history::PointAggregate> for MetricPoint {
+    fn from(p: crate::history::PointAggregate) -> Self {
+        let disk = (p.disk.count > 0).then_some(p.disk);
+        MetricPoint {
+            t_ms: p.t_ms,
+            samples: p.cpu.count,
+            cpu_min: p.cpu.min,
+            cpu_avg: p.cpu.avg().unwrap_or_default(),
+            cpu_max: p.cpu.max,
+            ram_percent_min: p.ram.min,
+            ram_percent_avg: p.ram.avg().unwrap_or_default(),
+            ram_percent_max: p.ram.max,
+            disk_percent_min: disk.map(|d| d.min),
+            disk_percent_avg: disk.and_then(|d| d.avg()),
+            disk_percent_max: disk.map(|d| d.max),
+            uptime_max: p.uptime_max,
+        }
+    }
 }
 
 /// One recorded status change.

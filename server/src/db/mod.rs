@@ -1,5 +1,6 @@
 //! Storage: one code path over SQLite and PostgreSQL through diesel-async.
 
+pub mod history;
 pub mod identity;
 pub mod incidents;
 pub mod people;

@@ -9,7 +9,7 @@ use crate::with_conn;
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper};
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use domain::status::{LatestReport, StatusConfig, Verdict};
-use domain::view::{DiskUsage, MetricPoint, ResetAttempt, StatusChange, VmView};
+use domain::view::{DiskUsage, ResetAttempt, StatusChange, VmView};
 use domain::{
     AttemptId, AttemptOutcome, GuestKind, GuestRef, LinkSource, Mode, NodeName, PowerAction,
     RemediationPhase, TriggerSource, VmId, VmStatus, Vmid,
@@ -280,76 +280,6 @@ pub async fn delete_vm(conn: &mut Conn, id: VmId) -> Result<bool, DbError> {
         .await
     })?;
     Ok(deleted == 1)
-}
-
-/// One downsampled point as the aggregate query returns it.
-#[derive(diesel::QueryableByName)]
-struct MetricPointRow {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    t_ms: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    samples: i64,
-    #[diesel(sql_type = diesel::sql_types::Double)]
-    cpu_avg: f64,
-    #[diesel(sql_type = diesel::sql_types::Double)]
-    cpu_max: f64,
-    #[diesel(sql_type = diesel::sql_types::Double)]
-    ram_percent_avg: f64,
-    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Double>)]
-    disk_percent_avg: Option<f64>,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    uptime_max: i64,
-}
-
-impl From<MetricPointRow> for MetricPoint {
-    fn from(row: MetricPointRow) -> Self {
-        MetricPoint {
-            t_ms: row.t_ms,
-            samples: row.samples,
-            cpu_avg: row.cpu_avg,
-            cpu_max: row.cpu_max,
-            ram_percent_avg: row.ram_percent_avg,
-            disk_percent_avg: row.disk_percent_avg,
-            uptime_max: row.uptime_max,
-        }
-    }
-}
-
-/// Averages a VM's samples in `[from_ms, to_ms]` into at most `points` buckets.
-pub async fn metric_history(
-    conn: &mut Conn,
-    vm_id: VmId,
-    from_ms: i64,
-    to_ms: i64,
-    points: i64,
-) -> Result<Vec<MetricPoint>, DbError> {
-    use diesel::sql_types::BigInt;
-    let vm_id = vm_id.get();
-    // Saturating: the caller clamps the range, but no input may overflow here.
-    let span = to_ms.saturating_sub(from_ms).saturating_add(1);
-    let points = points.max(1);
-    let bucket_ms = span.saturating_add(points - 1) / points;
-    // Placeholders appear in ascending order of first use, which both backends accept.
-    let sql = "SELECT MIN(observed_ms) AS t_ms, COUNT(*) AS samples, \
-        AVG(cpu_percent) AS cpu_avg, MAX(cpu_percent) AS cpu_max, \
-        AVG(CAST(ram_used_bytes AS DOUBLE PRECISION) * 100 / ram_total_bytes) AS ram_percent_avg, \
-        AVG(CASE WHEN disk_total_bytes > 0 \
-            THEN CAST(disk_used_bytes AS DOUBLE PRECISION) * 100 / disk_total_bytes END) \
-            AS disk_percent_avg, \
-        MAX(uptime_seconds) AS uptime_max \
-        FROM metric_samples \
-        WHERE (observed_ms - $1) / $2 >= 0 AND vm_id = $3 AND observed_ms >= $1 AND observed_ms <= $4 \
-        GROUP BY (observed_ms - $1) / $2 ORDER BY t_ms";
-    let rows = with_conn!(conn, |c| {
-        diesel::sql_query(sql)
-            .bind::<BigInt, _>(from_ms)
-            .bind::<BigInt, _>(bucket_ms.max(1))
-            .bind::<BigInt, _>(vm_id)
-            .bind::<BigInt, _>(to_ms)
-            .load::<MetricPointRow>(c)
-            .await
-    })?;
-    Ok(rows.into_iter().map(MetricPoint::from).collect())
 }
 
 /// Number of stored metric samples, for one VM or all.

@@ -3,11 +3,12 @@
 use super::error::{ApiError, FieldError};
 use super::extract::{Admin, JsonBody, Operator, QueryParams, Viewer, VmPath};
 use crate::cache::refresh as refresh_cache;
-use crate::db::{incidents, store};
+use crate::db::{self, incidents, store};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use domain::history::{self, Tier};
 use domain::view::{MetricPoint, ResetAttempt, StatusChange, VmView};
 use domain::{GuestKind, GuestRef, LinkSource, NodeName, VmId, Vmid};
 use serde::{Deserialize, Serialize};
@@ -81,6 +82,11 @@ pub struct MetricHistory {
     vm_id: VmId,
     from_ms: i64,
     to_ms: i64,
+    /// Where the points come from: raw samples, minute or hour rollups.
+    tier: Tier,
+    /// The time one point covers (the first starts at `from_ms`, aligned to the tier's
+    /// rows); a missing point means the VM was silent.
+    point_ms: i64,
     points: Vec<MetricPoint>,
 }
 
@@ -119,11 +125,15 @@ pub async fn metrics(
     store::get_vm(&mut conn, id)
         .await?
         .ok_or(ApiError::NotFound)?;
-    let points = store::metric_history(&mut conn, id, from_ms, to_ms, points).await?;
+    let tier = history::pick_tier(from_ms, to_ms, points, now, &state.config.retention);
+    let grid = history::grid(from_ms, to_ms, points, tier);
+    let points = db::history::metric_history(&mut conn, id, grid, to_ms, tier).await?;
     Ok(Json(MetricHistory {
         vm_id: id,
-        from_ms,
+        from_ms: grid.start_ms,
         to_ms,
+        tier,
+        point_ms: grid.point_ms,
         points,
     }))
 }

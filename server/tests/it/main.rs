@@ -15,6 +15,7 @@ mod common;
 mod concurrency;
 mod fake_pve;
 mod fake_pve_contract;
+mod history;
 mod http;
 mod identity;
 mod people;
