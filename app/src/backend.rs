@@ -5,8 +5,8 @@
 //! who is calling.
 
 use crate::error::AppError;
-use domain::VmId;
 use domain::view::{AgentInstall, FleetSnapshot, SignedIn};
+use domain::{OperatorAction, VmId};
 use http::request::Parts;
 use http::{Extensions, HeaderMap, Method, Uri};
 use leptos::prelude::use_context;
@@ -79,11 +79,13 @@ pub trait Backend: Send + Sync + 'static {
         caller: &'a RequestInfo,
     ) -> BoxFuture<'a, Result<AgentInstall, AppError>>;
 
-    /// An operator's reset of one VM through Proxmox; the implementation checks the role.
-    fn reset<'a>(
+    /// An operator's action on one VM (reset, shutdown, hold, acknowledge), through the same
+    /// service code as its REST route; the implementation checks the role and audits it.
+    fn act<'a>(
         &'a self,
         caller: &'a RequestInfo,
         vm: VmId,
+        action: OperatorAction,
     ) -> BoxFuture<'a, Result<(), AppError>>;
 }
 

@@ -40,6 +40,16 @@ pub fn age(then_ms: i64, now_ms: i64) -> String {
     format!("{} ago", duration(seconds))
 }
 
+/// The time left until an announced action: "in 23s", or "now" once it is due.
+pub fn countdown(at_ms: i64, now_ms: i64) -> String {
+    let seconds = (at_ms - now_ms).max(0).saturating_add(999) / 1000;
+    if seconds == 0 {
+        "action due now".into()
+    } else {
+        format!("action in {}", duration(seconds))
+    }
+}
+
 /// Formats `part` of `whole` as a percentage, or a dash when unknown.
 pub fn percent_of(part: Option<i64>, whole: Option<i64>) -> Option<f64> {
     match (part, whole) {
@@ -67,6 +77,9 @@ mod tests {
         assert_eq!(duration(3 * 3600 + 60), "3h 1m");
         assert_eq!(duration(2 * 86_400 + 5 * 3600), "2d 5h");
         assert_eq!(age(1_000, 61_000), "1m 0s ago");
+        assert_eq!(countdown(31_000, 1_000), "action in 30s");
+        assert_eq!(countdown(1_500, 1_000), "action in 1s");
+        assert_eq!(countdown(1_000, 5_000), "action due now");
     }
 
     #[test]

@@ -80,6 +80,7 @@ mod tests {
             phase_reason: None,
             incident_attempts: 0,
             last_reset_ms: None,
+            next_action_ms: None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! the provided [`Backend`](crate::backend::Backend).
 
 use crate::error::AppError;
+use domain::OperatorAction;
 use domain::view::{AgentInstall, FleetSnapshot, SignedIn};
 use leptos::prelude::*;
 
@@ -28,11 +29,12 @@ pub async fn get_agent_install() -> Result<AgentInstall, AppError> {
     result
 }
 
-/// Resets one VM through Proxmox (operators); recorded in its history and the audit log.
-#[server(prefix = "/rpc", endpoint = "reset")]
-pub async fn reset_vm(vm_id: i64) -> Result<(), AppError> {
+/// An operator's action on one VM: reset, shutdown, hold an announced automatic action, or
+/// acknowledge a latched state. Recorded in its history and the audit log.
+#[server(prefix = "/rpc", endpoint = "act")]
+pub async fn act_on_vm(vm_id: i64, action: OperatorAction) -> Result<(), AppError> {
     let (backend, caller) = crate::backend::from_context()?;
-    let result = backend.reset(&caller, domain::VmId(vm_id)).await;
+    let result = backend.act(&caller, domain::VmId(vm_id), action).await;
     crate::backend::answer_status(&result);
     result
 }
@@ -70,10 +72,11 @@ mod tests {
             Box::pin(async { Err(AppError::Unauthorized) })
         }
 
-        fn reset<'a>(
+        fn act<'a>(
             &'a self,
             _caller: &'a RequestInfo,
             _vm: domain::VmId,
+            _action: OperatorAction,
         ) -> BoxFuture<'a, Result<(), AppError>> {
             Box::pin(async { Err(AppError::Forbidden) })
         }

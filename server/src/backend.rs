@@ -1,13 +1,14 @@
 //! The dashboard's back end: app's server-only `Backend` trait, served from the shared state.
 
 use crate::accounts::{self, Principal, audit_quietly};
+use crate::actions;
 use crate::remediation::ActionError;
 use crate::state::AppState;
 use app::backend::{Backend, BoxFuture, RequestInfo};
 use app::error::AppError;
 use domain::status::StatusCounts;
 use domain::view::{AgentInstall, FleetSnapshot, SignedIn};
-use domain::{PowerAction, UserRole, VmId};
+use domain::{OperatorAction, PowerAction, UserRole, VmId};
 use std::fmt::Display;
 
 /// Answers the dashboard's server functions from [`AppState`]; web.rs provides it as context.
@@ -84,10 +85,11 @@ impl Backend for ServerBackend {
         })
     }
 
-    fn reset<'a>(
+    fn act<'a>(
         &'a self,
         caller: &'a RequestInfo,
         vm: VmId,
+        action: OperatorAction,
     ) -> BoxFuture<'a, Result<(), AppError>> {
         Box::pin(async move {
             let from = accounts::source(caller.extensions());
@@ -98,7 +100,7 @@ impl Backend for ServerBackend {
                         audit_quietly(
                             &self.state,
                             &who.name,
-                            "reset",
+                            action.as_str(),
                             Some(&format!("vm {vm}")),
                             &from,
                             "forbidden",
@@ -109,29 +111,27 @@ impl Backend for ServerBackend {
                     return Err(err);
                 }
             };
-            let result = self
-                .state
-                .engine
-                .manual_action(vm, PowerAction::Reset, &who.name)
-                .await;
-            let outcome = match &result {
-                Ok(_) => "accepted".to_owned(),
-                Err(err) => format!("refused: {err}"),
+            let state = &self.state;
+            let result = match action {
+                OperatorAction::Reset => {
+                    actions::power(state, &who.name, &from, vm, PowerAction::Reset)
+                        .await
+                        .map(|_| ())
+                }
+                OperatorAction::Shutdown => {
+                    actions::power(state, &who.name, &from, vm, PowerAction::Shutdown)
+                        .await
+                        .map(|_| ())
+                }
+                OperatorAction::Hold => actions::hold(state, &who.name, &from, vm).await,
+                OperatorAction::Acknowledge => {
+                    actions::acknowledge(state, &who.name, &from, vm).await
+                }
             };
-            audit_quietly(
-                &self.state,
-                &who.name,
-                "reset",
-                Some(&format!("vm {vm}")),
-                &from,
-                &outcome,
-                None,
-            )
-            .await;
             match result {
-                Ok(_) => Ok(()),
+                Ok(()) => Ok(()),
                 Err(ActionError::NotFound) => Err(AppError::NotFound),
-                Err(ActionError::Db(err)) => Err(unavailable("reset", caller, err)),
+                Err(ActionError::Db(err)) => Err(unavailable(action.as_str(), caller, err)),
                 // What stopped it (not linked, in flight, Proxmox refused) is the operator's to read.
                 Err(other) => Err(AppError::Refused(other.to_string())),
             }

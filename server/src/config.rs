@@ -11,7 +11,7 @@
 //! `RECOVERY_TIMEOUT_MS`, `RESET_BACKOFF_MS`, `STORM_PERCENT`, `REMEDIATE_HA_VMS`,
 //! `RECHECK_INTERVAL_MS`, `LINK_REFRESH_MS`, `LINK_AUTO_APPROVE`, `TASK_TIMEOUT_MS`,
 //! `TASK_POLL_MS`, `HANG_EVIDENCE`, `ESCALATION_LADDER`, `GRACEFUL_REBOOT_TIMEOUT_MS`,
-//! `EVIDENCE_INTERVAL_MS`, `GUEST_AGENT_TIMEOUT_MS`; serving: `TLS`, `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_SUBJECT_NAMES`.
+//! `EVIDENCE_INTERVAL_MS`, `GUEST_AGENT_TIMEOUT_MS`, `RESET_VETO_SECONDS`; serving: `TLS`, `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_SUBJECT_NAMES`.
 
 use domain::Mode;
 pub use domain::Secret;
@@ -220,6 +220,9 @@ impl Config {
                 defaults.guest_agent_timeout_ms,
             )?
             .max(1),
+            veto_ms: parse::<i64>(&get, "RESET_VETO_SECONDS", defaults.veto_ms / 1000)?
+                .clamp(0, 3600)
+                .saturating_mul(1000),
         };
         if !(0.0..=100.0).contains(&remediation.storm_percent) {
             return Err(ConfigError {

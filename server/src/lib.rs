@@ -1,6 +1,7 @@
 //! vm-healthcheck server: heartbeat ingest, status, REST API and the dashboard's back end.
 
 pub mod accounts;
+pub mod actions;
 pub mod agents;
 pub mod auth;
 pub mod backend;

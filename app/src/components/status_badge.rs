@@ -53,5 +53,6 @@ pub fn phase_label(phase: RemediationPhase) -> Option<&'static str> {
         RemediationPhase::Manual => Some("manual"),
         RemediationPhase::AgentSilent => Some("agent silent"),
         RemediationPhase::GuestFault => Some("guest fault"),
+        RemediationPhase::ResetScheduled => Some("reset scheduled"),
     }
 }

@@ -3,9 +3,9 @@
 use crate::components::{PhaseBadge, StatusBadge};
 use crate::format;
 use crate::model::FleetModel;
-use crate::rpc::ResetVm;
-use domain::VmId;
+use crate::rpc::ActOnVm;
 use domain::view::VmView;
+use domain::{OperatorAction, RemediationPhase, VmId};
 use leptos::prelude::*;
 
 /// Rows keep their DOM nodes across refreshes: a refresh moves, adds or removes rows by id and
@@ -112,11 +112,37 @@ fn VmRow(vm: Memo<VmView>, now_ms: Memo<i64>, can_operate: Signal<bool>) -> impl
                 }}
             </td>
             <td class="actions">
-                <Show when=move || can_operate.get()>
-                    <ResetButton id/>
-                </Show>
+                {view! { <RowActions vm id now_ms can_operate phase/> }.into_any()}
             </td>
         </tr>
+    }
+}
+
+/// The countdown of an announced automatic action with its Hold button, and Reset.
+#[component]
+fn RowActions(
+    vm: Memo<VmView>,
+    id: i64,
+    now_ms: Memo<i64>,
+    can_operate: Signal<bool>,
+    phase: Memo<RemediationPhase>,
+) -> impl IntoView {
+    view! {
+        <Show when=move || phase.get() == RemediationPhase::ResetScheduled>
+            <span class="countdown" role="timer">
+                {move || {
+                    vm.with(|v| v.next_action_ms)
+                        .map(|at| format::countdown(at, now_ms.get()))
+                        .unwrap_or_default()
+                }}
+            </span>
+            <Show when=move || can_operate.get()>
+                <HoldButton id/>
+            </Show>
+        </Show>
+        <Show when=move || can_operate.get()>
+            <ResetButton id/>
+        </Show>
     }
 }
 
@@ -124,7 +150,7 @@ fn VmRow(vm: Memo<VmView>, now_ms: Memo<i64>, can_operate: Signal<bool>) -> impl
 #[component]
 fn ResetButton(id: i64) -> impl IntoView {
     let armed = RwSignal::new(false);
-    let reset = ServerAction::<ResetVm>::new();
+    let reset = ServerAction::<ActOnVm>::new();
     let result = move || {
         reset.value().get().map(|r| match r {
             Ok(()) => "reset sent".to_owned(),
@@ -139,13 +165,45 @@ fn ResetButton(id: i64) -> impl IntoView {
             on:click=move |_| {
                 if armed.get() {
                     armed.set(false);
-                    reset.dispatch(ResetVm { vm_id: id });
+                    reset.dispatch(ActOnVm {
+                        vm_id: id,
+                        action: OperatorAction::Reset,
+                    });
                 } else {
                     armed.set(true);
                 }
             }
         >
             {move || if armed.get() { "Confirm reset" } else { "Reset" }}
+        </button>
+        <span class="action-result" role="status">{result}</span>
+    }
+}
+
+/// Holds the automatic power action announced for this VM: one click, since holding is
+/// the safe side (the VM then waits for an operator).
+#[component]
+fn HoldButton(id: i64) -> impl IntoView {
+    let hold = ServerAction::<ActOnVm>::new();
+    let result = move || {
+        hold.value().get().map(|r| match r {
+            Ok(()) => "held".to_owned(),
+            Err(err) => err.to_string(),
+        })
+    };
+    view! {
+        <button
+            class="hold"
+            title="Do not send this automatic action; the VM waits for an operator"
+            disabled=move || hold.pending().get()
+            on:click=move |_| {
+                hold.dispatch(ActOnVm {
+                    vm_id: id,
+                    action: OperatorAction::Hold,
+                });
+            }
+        >
+            "Hold"
         </button>
         <span class="action-result" role="status">{result}</span>
     }

@@ -89,6 +89,9 @@ string_enum!(
         /// QEMU stopped the guest on a storage or internal fault (`io-error`,
         /// `internal-error`): a reset does not cure it; an operator must look.
         GuestFault = "guest_fault",
+        /// The evidence says hung: the next rung is announced and waits out the veto
+        /// window (`next_action_ms`), during which an operator may hold it.
+        ResetScheduled = "reset_scheduled",
     }
 );
 
@@ -135,6 +138,20 @@ impl AttemptOutcome {
         matches!(self, AttemptOutcome::Pending | AttemptOutcome::Sent)
     }
 }
+
+string_enum!(
+    /// What an operator may do to one VM from the dashboard or the API.
+    OperatorAction, "operator action" {
+        /// A hard reset through Proxmox.
+        Reset = "reset",
+        /// An ACPI shutdown through Proxmox.
+        Shutdown = "shutdown",
+        /// Hold the automatic power action announced during its veto window.
+        Hold = "hold",
+        /// Clear a latched state (manual, agent silent, guest fault).
+        Acknowledge = "acknowledge",
+    }
+);
 
 string_enum!(
     /// Who started an attempt, as stored in the history.
@@ -194,6 +211,8 @@ string_enum!(
         GuestFault = "guest_fault",
         /// After a power action the guest OS is back, its agent not yet.
         GuestBack = "guest_back",
+        /// An operator held an announced automatic power action during its veto window.
+        ResetHeld = "reset_held",
     }
 );
 
@@ -236,6 +255,7 @@ mod tests {
         round_trips(PowerAction::ALL);
         round_trips(AttemptOutcome::ALL);
         round_trips(TriggerSource::ALL);
+        round_trips(OperatorAction::ALL);
         round_trips(Mode::ALL);
         round_trips(LinkSource::ALL);
         round_trips(OsKind::ALL);

@@ -180,6 +180,9 @@ pub struct RemediationConfig {
     pub evidence_interval_ms: i64,
     /// Longest wait for a guest-agent ping [GUEST_AGENT_TIMEOUT_MS].
     pub guest_agent_timeout_ms: i64,
+    /// How long an automatic power action is announced before it is sent, so an operator
+    /// can hold it; 0 sends at once [RESET_VETO_SECONDS].
+    pub veto_ms: i64,
 }
 
 impl Default for RemediationConfig {
@@ -199,6 +202,7 @@ impl Default for RemediationConfig {
             graceful_reboot_timeout_ms: 60_000,
             evidence_interval_ms: 5_000,
             guest_agent_timeout_ms: 10_000,
+            veto_ms: 30_000,
         }
     }
 }
@@ -234,6 +238,8 @@ pub fn screen(vm: &VmFacts, now_ms: i64) -> Screen {
         RemediationPhase::GuestFault => {
             return Screen::Skip("a hypervisor fault a reset does not cure");
         }
+        // Looked at again once its window ends, through every check below.
+        RemediationPhase::ResetScheduled => {}
         _ => return Screen::Skip("an incident is already in progress"),
     }
     if vm.status != VmStatus::Down {
@@ -285,6 +291,41 @@ pub fn storm(vms: &[VmFacts], cfg: &RemediationConfig) -> Option<String> {
         .into_iter()
         .find(|(_, (total, down))| *total >= 2 && total == down)
         .map(|(node, (total, _))| format!("all {total} VMs on node {node} are stale"))
+}
+
+/// What a "hung" verdict leads to, given the veto window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VetoStep {
+    /// Send the power action now.
+    Act,
+    /// Announce it and wait until this time; an operator may hold it meanwhile.
+    Announce { until_ms: i64 },
+}
+
+/// A power action is sent only right after its announced window ran out: with no window
+/// configured, or when this VM's window ended at most one window ago. A window that ended
+/// long ago (the rails were closed meanwhile, or the monitor was down) is announced again,
+/// so an operator always gets the window right before the action.
+pub fn veto_step(
+    phase: RemediationPhase,
+    next_action_ms: Option<i64>,
+    veto_ms: i64,
+    now_ms: i64,
+) -> VetoStep {
+    if veto_ms <= 0 {
+        return VetoStep::Act;
+    }
+    let announce = VetoStep::Announce {
+        until_ms: now_ms.saturating_add(veto_ms),
+    };
+    match (phase, next_action_ms) {
+        (RemediationPhase::ResetScheduled, Some(until))
+            if now_ms >= until && now_ms <= until.saturating_add(veto_ms) =>
+        {
+            VetoStep::Act
+        }
+        _ => announce,
+    }
 }
 
 /// Second stage: what to do with a candidate, given what Proxmox says about it now.
@@ -634,6 +675,70 @@ mod tests {
             v.linked = false;
         }
         assert_eq!(storm(&mixed, &cfg), None);
+    }
+
+    #[test]
+    fn veto_table() {
+        use RemediationPhase::{Ok, ResetScheduled};
+        let announce = VetoStep::Announce {
+            until_ms: NOW + 30_000,
+        };
+        let cases = [
+            ("no window", Ok, None, 0, VetoStep::Act),
+            ("first hung verdict", Ok, None, 30_000, announce),
+            (
+                "a backoff time is no window",
+                Ok,
+                Some(NOW - 1),
+                30_000,
+                announce,
+            ),
+            (
+                "window running",
+                ResetScheduled,
+                Some(NOW + 1),
+                30_000,
+                announce,
+            ),
+            (
+                "window just ended",
+                ResetScheduled,
+                Some(NOW),
+                30_000,
+                VetoStep::Act,
+            ),
+            (
+                "window ended a little ago",
+                ResetScheduled,
+                Some(NOW - 29_000),
+                30_000,
+                VetoStep::Act,
+            ),
+            (
+                "window ended long ago",
+                ResetScheduled,
+                Some(NOW - 31_000),
+                30_000,
+                announce,
+            ),
+            (
+                "scheduled without a time",
+                ResetScheduled,
+                None,
+                30_000,
+                announce,
+            ),
+        ];
+        for (name, phase, next, veto, expected) in cases {
+            assert_eq!(veto_step(phase, next, veto, NOW), expected, "{name}");
+        }
+        // The screen lets a scheduled VM through only once its window is over.
+        let mut scheduled = vm(VmStatus::Down);
+        scheduled.phase = ResetScheduled;
+        scheduled.next_action_ms = Some(NOW + 1);
+        assert!(matches!(screen(&scheduled, NOW), Screen::Skip(_)));
+        scheduled.next_action_ms = Some(NOW);
+        assert_eq!(screen(&scheduled, NOW), Screen::Candidate);
     }
 
     #[test]

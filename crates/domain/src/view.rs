@@ -52,6 +52,10 @@ pub struct VmView {
     pub phase_reason: Option<String>,
     pub incident_attempts: i64,
     pub last_reset_ms: Option<i64>,
+    /// When the round looks at this VM again; in `reset_scheduled`, when the announced
+    /// power action is sent unless an operator holds it.
+    #[serde(default)]
+    pub next_action_ms: Option<i64>,
 }
 
 /// Whether automatic remediation is acting, and why not when it is not.

@@ -234,18 +234,18 @@ pub async fn set_phase(
     Ok(updated == 1)
 }
 
-/// A no-action state (agent silent, guest fault) taken by a VM that is still `down` in
-/// phase `expected` with the last-seen time it was judged on, with its history row and event
-/// in the same transaction: a heartbeat or another replica's move since wins and nothing is
-/// written, and no reader ever sees the state without the record that explains it.
+/// A no-action state taken by a VM in phase `expected`, with its history row and event in
+/// the same transaction: no reader ever sees the state without the record that explains it.
+/// With `still_down_since`, only while the VM is still `down` with that last-seen time (a
+/// heartbeat since wins). `false` when the VM moved on meanwhile: nothing is written.
 #[expect(
     clippy::too_many_arguments,
-    reason = "one hold's state, record and event"
+    reason = "one latch's guard, state, record and event"
 )]
-pub async fn hold_while_down(
+pub async fn latch(
     conn: &mut Conn,
     expected: RemediationPhase,
-    last_seen_ms: Option<i64>,
+    still_down_since: Option<Option<i64>>,
     phase: RemediationPhase,
     reason: &str,
     note: &NewAttempt,
@@ -258,12 +258,14 @@ pub async fn hold_while_down(
             let mut query = diesel::update(vms::table)
                 .filter(vms::id.eq(vm_id.get()))
                 .filter(vms::remediation_phase.eq(expected.as_str()))
-                .filter(vms::status.eq(VmStatus::Down.as_str()))
                 .into_boxed();
-            query = match last_seen_ms {
-                Some(t) => query.filter(vms::last_seen_ms.eq(t)),
-                None => query.filter(vms::last_seen_ms.is_null()),
-            };
+            if let Some(last_seen) = still_down_since {
+                query = query.filter(vms::status.eq(VmStatus::Down.as_str()));
+                query = match last_seen {
+                    Some(t) => query.filter(vms::last_seen_ms.eq(t)),
+                    None => query.filter(vms::last_seen_ms.is_null()),
+                };
+            }
             let updated = query
                 .set((
                     vms::remediation_phase.eq(phase.as_str()),
@@ -292,6 +294,38 @@ pub async fn hold_while_down(
         })
         .await
     })
+}
+
+/// Announces a hung VM's next power action: phase `reset_scheduled` until `until_ms`, only
+/// while it is still `down` in phase `expected` with the last-seen time it was judged on.
+pub async fn announce_while_down(
+    conn: &mut Conn,
+    vm_id: VmId,
+    expected: RemediationPhase,
+    last_seen_ms: Option<i64>,
+    until_ms: i64,
+    reason: &str,
+) -> Result<bool, DbError> {
+    let updated = with_conn!(conn, |c| {
+        let mut query = diesel::update(vms::table)
+            .filter(vms::id.eq(vm_id.get()))
+            .filter(vms::remediation_phase.eq(expected.as_str()))
+            .filter(vms::status.eq(VmStatus::Down.as_str()))
+            .into_boxed();
+        query = match last_seen_ms {
+            Some(t) => query.filter(vms::last_seen_ms.eq(t)),
+            None => query.filter(vms::last_seen_ms.is_null()),
+        };
+        query
+            .set((
+                vms::remediation_phase.eq(RemediationPhase::ResetScheduled.as_str()),
+                vms::next_action_ms.eq(until_ms),
+                vms::phase_reason.eq(reason),
+            ))
+            .execute(c)
+            .await
+    })?;
+    Ok(updated == 1)
 }
 
 /// Closes one attempt and opens the next in one transaction (a stop-start rung's start):

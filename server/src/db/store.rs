@@ -135,6 +135,7 @@ impl VmRow {
             phase_reason: self.phase_reason,
             incident_attempts: self.incident_attempts,
             last_reset_ms: self.last_reset_ms,
+            next_action_ms: self.next_action_ms,
         }
     }
 }

@@ -143,6 +143,14 @@ impl From<ActionError> for ApiError {
                 "the VM is not linked to a Proxmox guest; link it with PUT /api/vms/:id/proxmox"
                     .into(),
             ),
+            ActionError::NothingLatched => ApiError::Conflict(
+                "the VM is not waiting for manual intervention (manual, agent silent or guest fault)"
+                    .into(),
+            ),
+            ActionError::NothingAnnounced => ApiError::Conflict(
+                "no automatic action is announced for this VM (none was, or it was already sent)"
+                    .into(),
+            ),
             ActionError::LinkPending => ApiError::Conflict(
                 "the VM's Proxmox link is only proposed (a VMID or name the agent reported); \
                  confirm it with PUT /api/vms/:id/proxmox"

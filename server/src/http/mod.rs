@@ -80,6 +80,7 @@ pub fn router(read_slots: usize) -> Router<AppState> {
         .route("/api/vms/{id}/reset", post(remediation::reset))
         .route("/api/vms/{id}/shutdown", post(remediation::shutdown))
         .route("/api/vms/{id}/acknowledge", post(remediation::acknowledge))
+        .route("/api/vms/{id}/hold", post(remediation::hold))
         .route(
             "/api/remediation",
             get(remediation::overview).layer(reads.clone()),

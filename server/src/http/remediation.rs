@@ -2,8 +2,8 @@
 
 use super::error::ApiError;
 use super::extract::{Actor, Operator, Viewer, VmPath};
-use crate::accounts::audit_quietly;
-use crate::db::{incidents, store};
+use crate::actions;
+use crate::db::incidents;
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
@@ -26,25 +26,7 @@ async fn power(
     action: PowerAction,
 ) -> Result<(StatusCode, Json<PowerAccepted>), ApiError> {
     // History records who asked: the signed-in user or the token's owner.
-    let result = state
-        .engine
-        .manual_action(id, action, &actor.who.name)
-        .await;
-    let outcome = match &result {
-        Ok(_) => "accepted".to_owned(),
-        Err(err) => format!("refused: {err}"),
-    };
-    audit_quietly(
-        state,
-        &actor.who.name,
-        action.as_str(),
-        Some(&format!("vm {id}")),
-        &actor.from,
-        &outcome,
-        None,
-    )
-    .await;
-    let attempt_id = result?;
+    let attempt_id = actions::power(state, &actor.who.name, &actor.from, id, action).await?;
     Ok((
         StatusCode::ACCEPTED,
         Json(PowerAccepted { attempt_id, action }),
@@ -67,6 +49,17 @@ pub async fn shutdown(
     power(&state, actor, id, PowerAction::Shutdown).await
 }
 
+/// Holds the automatic power action announced for a VM (its veto window): nothing is sent
+/// and the VM waits for an operator. 409 when none is announced.
+pub async fn hold(
+    State(state): State<AppState>,
+    Operator(actor): Operator,
+    VmPath(id): VmPath,
+) -> Result<StatusCode, ApiError> {
+    actions::hold(&state, &actor.who.name, &actor.from, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 #[derive(Serialize)]
 pub struct Acknowledged {
     vm_id: VmId,
@@ -79,22 +72,7 @@ pub async fn acknowledge(
     Operator(actor): Operator,
     VmPath(id): VmPath,
 ) -> Result<Json<Acknowledged>, ApiError> {
-    {
-        let mut conn = state.db.conn().await?;
-        store::get_vm(&mut conn, id)
-            .await?
-            .ok_or(ApiError::NotFound)?;
-    }
-    if !state.engine.acknowledge(id).await? {
-        return Err(ApiError::Conflict(
-            "the VM is not waiting for manual intervention (manual, agent silent or guest fault)"
-                .into(),
-        ));
-    }
-    tracing::info!(vm_id = %id, by = %actor.who.name, "manual state acknowledged");
-    actor
-        .audit(&state, "acknowledge", Some(&format!("vm {id}")), None)
-        .await;
+    actions::acknowledge(&state, &actor.who.name, &actor.from, id).await?;
     Ok(Json(Acknowledged {
         vm_id: id,
         remediation_phase: RemediationPhase::Ok,

@@ -8,7 +8,7 @@ use crate::db::DbError;
 use crate::db::incidents::{self, NewAttempt};
 use crate::db::store::VmRow;
 use domain::evidence::{self, AgentPing, Evidence, Verdict};
-use domain::policy::{self, GuestPower, GuestState, NextStep};
+use domain::policy::{self, GuestPower, GuestState, NextStep, Rung, VetoStep};
 use domain::{
     AttemptOutcome, EventKind, GuestRef, Mode, PowerAction, RemediationPhase, TriggerSource, VmId,
 };
@@ -237,6 +237,14 @@ impl super::Engine {
                     tracing::info!(vm_id = %row.id, "auto-reset paused while the evidence was gathered; nothing sent");
                     return Ok(());
                 }
+                if let VetoStep::Announce { until_ms } = policy::veto_step(
+                    row.phase(),
+                    row.next_action_ms,
+                    self.ctx.cfg.veto_ms,
+                    now_ms,
+                ) {
+                    return self.announce(row, rung, &why, until_ms, now_ms).await;
+                }
                 let sent = self
                     .executor
                     .execute(
@@ -333,10 +341,10 @@ impl super::Engine {
         };
         let message = format!("{}: {reason}", row.hostname);
         let mut conn = self.ctx.db.conn().await?;
-        let held = incidents::hold_while_down(
+        let held = incidents::latch(
             &mut conn,
             row.phase(),
-            row.last_seen_ms,
+            Some(row.last_seen_ms),
             phase,
             reason,
             &note,
@@ -350,6 +358,36 @@ impl super::Engine {
         drop(conn);
         tracing::warn!(vm_id = %row.id, hostname = %row.hostname, %phase, %reason, "no power action");
         cache::refresh(&self.ctx.db, &self.ctx.cache, &[row.vm_id()]).await;
+        Ok(())
+    }
+
+    /// Shows the next power action with its countdown; the round looks again (a fresh
+    /// second opinion) when the window ends, unless an operator held it or a heartbeat came.
+    async fn announce(
+        &self,
+        row: &VmRow,
+        rung: Rung,
+        why: &str,
+        until_ms: i64,
+        now_ms: i64,
+    ) -> Result<(), DbError> {
+        let seconds = until_ms.saturating_sub(now_ms).saturating_add(999) / 1000;
+        let reason = format!("{rung} in {seconds} s unless held: {why}");
+        let mut conn = self.ctx.db.conn().await?;
+        let announced = incidents::announce_while_down(
+            &mut conn,
+            row.vm_id(),
+            row.phase(),
+            row.last_seen_ms,
+            until_ms,
+            &reason,
+        )
+        .await?;
+        drop(conn);
+        if announced {
+            tracing::warn!(vm_id = %row.id, hostname = %row.hostname, %rung, until_ms, "power action announced; operators may hold it");
+            cache::refresh(&self.ctx.db, &self.ctx.cache, &[row.vm_id()]).await;
+        }
         Ok(())
     }
 

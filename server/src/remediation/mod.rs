@@ -19,7 +19,8 @@ use breaker::Guard;
 use domain::policy::{self, Decision, RemediationConfig, Screen, VmFacts};
 use domain::view::RemediationSummary;
 use domain::{
-    AttemptId, AttemptOutcome, GuestRef, Mode, PowerAction, RemediationPhase, TriggerSource, VmId,
+    AttemptId, AttemptOutcome, EventKind, GuestRef, Mode, PowerAction, RemediationPhase,
+    TriggerSource, VmId,
 };
 use executor::Executor;
 pub use leader::Leader;
@@ -40,6 +41,10 @@ pub enum ActionError {
     LinkPending,
     #[error("an action is already in flight for this VM")]
     InFlight,
+    #[error("no automatic action is announced for this VM (none was, or it was already sent)")]
+    NothingAnnounced,
+    #[error("the VM is not waiting for an operator (manual, agent silent or guest fault)")]
+    NothingLatched,
     #[error("not found")]
     NotFound,
     #[error("Proxmox refused: {0}")]
@@ -467,6 +472,49 @@ impl Engine {
         self.executor
             .execute(&row, &guest, action, &trigger, None)
             .await
+    }
+
+    /// An operator holds the power action announced for `vm_id`: nothing is sent, and the
+    /// VM is latched `manual` (down until someone acts or it recovers), with a history row
+    /// naming them and a `reset_held` event. `false` when no action is announced (none was,
+    /// or it was already sent).
+    pub async fn hold_announced(&self, vm_id: VmId, by: &str) -> Result<bool, DbError> {
+        let now_ms = self.ctx.clock.now_ms();
+        let mut conn = self.ctx.db.conn().await?;
+        let Some(row) = store::get_row(&mut conn, vm_id).await? else {
+            return Ok(false);
+        };
+        let reason = format!("held by {by} during the veto window; an operator decides");
+        let note = NewAttempt {
+            vm_id,
+            action: PowerAction::Reset,
+            trigger_source: Trigger::Operator(by.to_owned()).source(),
+            requested_by: Some(by.to_owned()),
+            mode: self.ctx.cfg.mode,
+            guest: row.guest(),
+            outcome: AttemptOutcome::LeftAlone,
+            error: Some(reason.clone()),
+            evidence_json: None,
+            created_ms: now_ms,
+        };
+        let message = format!("{}: {reason}", row.hostname);
+        let held = incidents::latch(
+            &mut conn,
+            RemediationPhase::ResetScheduled,
+            None,
+            RemediationPhase::Manual,
+            &reason,
+            &note,
+            EventKind::ResetHeld,
+            &message,
+        )
+        .await?;
+        drop(conn);
+        if held {
+            tracing::warn!(vm_id = %vm_id, by, "announced power action held");
+            cache::refresh(&self.ctx.db, &self.ctx.cache, &[vm_id]).await;
+        }
+        Ok(held)
     }
 
     /// Clears a latched state: `manual`, or a hold (agent silent, guest fault), which

@@ -254,6 +254,7 @@ fn quick() -> RemediationConfig {
         backoff_base_ms: 1_000,
         recovery_timeout_ms: 30_000,
         evidence_interval_ms: 10,
+        veto_ms: 0,
         ..RemediationConfig::default()
     }
 }

@@ -342,3 +342,64 @@ async fn setup_sign_in_and_an_operators_reset() {
     browser.close().await;
     srv.stop().await;
 }
+
+/// The veto window on the fleet page: a hung VM's announced reboot shows a countdown, and
+/// an operator's Hold keeps it from Proxmox and lands in the audit log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_announced_action_is_held_from_the_fleet_page() {
+    use crate::fake_pve::{FakePve, FakeVm};
+    require_front_end();
+    let fake = FakePve::start(vec![FakeVm::running(101, "pve1")]).await;
+    let mut srv = crate::proxmox::start(
+        Backend::Sqlite,
+        &fake,
+        &[
+            ("RESET_VETO_SECONDS", "120"),
+            ("ADMIN_USERNAME", "admin"),
+            ("ADMIN_PASSWORD", "correct horse battery"),
+        ],
+    )
+    .await;
+    let browser = Browser::start().await;
+    browser
+        .sign_in(&srv.base, "admin", "correct horse battery")
+        .await;
+    let vm = crate::proxmox::report_vm(&srv, 101, "pve1", 100).await;
+    let row = format!("tr[data-vm-id='{vm}']");
+    let countdown = wait_for("the countdown", Duration::from_secs(20), || async {
+        browser
+            .text_of(&format!("{row} .countdown"))
+            .await
+            .filter(|t| t.starts_with("action in"))
+    })
+    .await;
+    assert!(
+        countdown.contains('m') || countdown.contains('s'),
+        "{countdown}"
+    );
+    assert!(fake.posts().is_empty());
+    browser.click(&format!("{row} button.hold")).await;
+    let said = wait_for("the hold", Duration::from_secs(10), || async {
+        browser
+            .text_of(&format!("{row} .action-result"))
+            .await
+            .filter(|t| !t.is_empty())
+    })
+    .await;
+    assert_eq!(said, "held");
+    let (_, v) = srv.get(&format!("/api/vms/{vm}")).await;
+    assert_eq!(v["remediation_phase"], "manual", "{v}");
+    crate::proxmox::wait_rounds(&srv, 10).await;
+    assert!(fake.posts().is_empty(), "{:?}", fake.posts());
+    let (_, audit) = srv.get("/api/audit").await;
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "hold" && e["actor"] == "admin" && e["outcome"] == "held"),
+        "{audit}"
+    );
+    browser.close().await;
+    srv.stop().await;
+}

@@ -26,4 +26,5 @@ mod safeguards;
 mod second_opinion;
 mod storage;
 mod tls;
+mod veto;
 mod vm_e2e;

@@ -197,7 +197,12 @@ async fn nothing_is_readable_anonymously() {
     );
     assert_eq!(anonymous.rpc("fleet", "").await, 401);
     assert_eq!(anonymous.rpc("me", "").await, 401);
-    assert_eq!(anonymous.rpc("reset", &format!("vm_id={id}")).await, 401);
+    assert_eq!(
+        anonymous
+            .rpc("act", &format!("vm_id={id}&action=reset"))
+            .await,
+        401
+    );
     // Health: anonymous callers learn only whether it is up.
     let (status, health) = srv.get_as("/api/health", None).await;
     assert_eq!((status, health.clone()), (200, json!({"status": "ok"})));
@@ -225,7 +230,10 @@ async fn roles_are_enforced_on_the_server() {
     let reset = format!("/api/vms/{vm}/reset");
     let (status, body) = viewer.call(Method::POST, &reset, None).await;
     assert_eq!(status, 403, "{body}");
-    assert_eq!(viewer.rpc("reset", &format!("vm_id={vm}")).await, 403);
+    for action in ["reset", "shutdown", "hold", "acknowledge"] {
+        let form = format!("vm_id={vm}&action={action}");
+        assert_eq!(viewer.rpc("act", &form).await, 403, "{action}");
+    }
     for (method, path, body) in [
         (
             Method::PUT,
@@ -254,7 +262,7 @@ async fn roles_are_enforced_on_the_server() {
     assert_eq!(status, 403);
     assert_eq!(
         operator
-            .rpc_cross_site("reset", &format!("vm_id={vm}"))
+            .rpc_cross_site("act", &format!("vm_id={vm}&action=reset"))
             .await,
         403
     );

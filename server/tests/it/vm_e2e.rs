@@ -135,6 +135,7 @@ async fn a_real_guest_installs_hangs_is_reset_and_recovers() {
             ("GRACEFUL_REBOOT_TIMEOUT_MS", "5000"),
             ("EVIDENCE_INTERVAL_MS", "3000"),
             ("GUEST_AGENT_TIMEOUT_MS", "10000"),
+            ("RESET_VETO_SECONDS", "0"),
             ("TASK_TIMEOUT_MS", "60000"),
             ("LISTEN_ADDR", "127.0.0.1:0"),
         ],

@@ -1,0 +1,91 @@
+//! Operator actions on one VM, shared by the REST routes and the dashboard's server
+//! functions: one implementation each, audited the same way whichever door it came through.
+
+use crate::accounts::audit_quietly;
+use crate::db::store;
+use crate::remediation::ActionError;
+use crate::state::AppState;
+use domain::{AttemptId, PowerAction, VmId};
+
+/// A reset or shutdown through Proxmox, recorded in the VM's history under `who`.
+pub async fn power(
+    state: &AppState,
+    who: &str,
+    from: &str,
+    vm: VmId,
+    action: PowerAction,
+) -> Result<AttemptId, ActionError> {
+    let result = state.engine.manual_action(vm, action, who).await;
+    let outcome = match &result {
+        Ok(_) => "accepted".to_owned(),
+        Err(err) => format!("refused: {err}"),
+    };
+    let target = format!("vm {vm}");
+    audit_quietly(
+        state,
+        who,
+        action.as_str(),
+        Some(&target),
+        from,
+        &outcome,
+        None,
+    )
+    .await;
+    result
+}
+
+/// Holds the automatic power action announced for `vm` during its veto window.
+pub async fn hold(state: &AppState, who: &str, from: &str, vm: VmId) -> Result<(), ActionError> {
+    let result = match state.engine.hold_announced(vm, who).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ActionError::NothingAnnounced),
+        Err(err) => Err(ActionError::Db(err)),
+    };
+    let outcome = match &result {
+        Ok(()) => "held".to_owned(),
+        Err(err) => format!("refused: {err}"),
+    };
+    let target = format!("vm {vm}");
+    audit_quietly(state, who, "hold", Some(&target), from, &outcome, None).await;
+    result
+}
+
+/// Clears a VM's latched state (manual, agent silent, guest fault) so automatic remediation
+/// looks at it afresh.
+pub async fn acknowledge(
+    state: &AppState,
+    who: &str,
+    from: &str,
+    vm: VmId,
+) -> Result<(), ActionError> {
+    {
+        let mut conn = state.db.conn().await?;
+        store::get_vm(&mut conn, vm)
+            .await?
+            .ok_or(ActionError::NotFound)?;
+    }
+    let result = match state.engine.acknowledge(vm).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(ActionError::NothingLatched),
+        Err(err) => Err(ActionError::Db(err)),
+    };
+    if result.is_ok() {
+        tracing::info!(vm_id = %vm, by = who, "latched state acknowledged");
+    }
+    let outcome = match &result {
+        Ok(()) => "acknowledged".to_owned(),
+        Err(err) => format!("refused: {err}"),
+    };
+    let target = format!("vm {vm}");
+    audit_quietly(
+        state,
+        who,
+        "acknowledge",
+        Some(&target),
+        from,
+        &outcome,
+        None,
+    )
+    .await;
+    result
+}
