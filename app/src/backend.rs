@@ -5,8 +5,8 @@
 //! who is calling.
 
 use crate::error::AppError;
-use domain::view::{AgentInstall, FleetSnapshot, SignedIn};
-use domain::{OperatorAction, VmId};
+use domain::view::{AgentInstall, FleetSnapshot, MetricHistory, SignedIn, VmPage};
+use domain::{ChartRange, OperatorAction, VmId};
 use http::request::Parts;
 use http::{Extensions, HeaderMap, Method, Uri};
 use leptos::prelude::use_context;
@@ -78,6 +78,21 @@ pub trait Backend: Send + Sync + 'static {
         &'a self,
         caller: &'a RequestInfo,
     ) -> BoxFuture<'a, Result<AgentInstall, AppError>>;
+
+    /// One VM's page: its state, status changes and reset history (viewers).
+    fn vm_page<'a>(
+        &'a self,
+        caller: &'a RequestInfo,
+        vm: VmId,
+    ) -> BoxFuture<'a, Result<VmPage, AppError>>;
+
+    /// One VM's chart over `range`, ending now (viewers).
+    fn metrics<'a>(
+        &'a self,
+        caller: &'a RequestInfo,
+        vm: VmId,
+        range: ChartRange,
+    ) -> BoxFuture<'a, Result<MetricHistory, AppError>>;
 
     /// An operator's action on one VM (reset, shutdown, hold, acknowledge), through the same
     /// service code as its REST route; the implementation checks the role and audits it.

@@ -68,6 +68,7 @@ pub fn App() -> impl IntoView {
             <main>
                 <Routes fallback=|| view! { <p class="empty">"Page not found."</p> }>
                     <Route path=path!("/") view=pages::FleetPage/>
+                    <Route path=path!("/vms/:id") view=pages::VmDetailPage/>
                     <Route path=path!("/login") view=pages::LoginPage/>
                     <Route path=path!("/setup") view=pages::SetupPage/>
                 </Routes>

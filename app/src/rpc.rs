@@ -2,8 +2,8 @@
 //! the provided [`Backend`](crate::backend::Backend).
 
 use crate::error::AppError;
-use domain::OperatorAction;
-use domain::view::{AgentInstall, FleetSnapshot, SignedIn};
+use domain::view::{AgentInstall, FleetSnapshot, MetricHistory, SignedIn, VmPage};
+use domain::{ChartRange, OperatorAction};
 use leptos::prelude::*;
 
 /// The whole fleet with per-status counts, as the fleet page shows it.
@@ -25,6 +25,24 @@ pub async fn get_me() -> Result<SignedIn, AppError> {
 pub async fn get_agent_install() -> Result<AgentInstall, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
     let result = backend.agent_install(&caller).await;
+    crate::backend::answer_status(&result);
+    result
+}
+
+/// One VM's page: state, status changes, reset history.
+#[server(prefix = "/rpc", endpoint = "vm")]
+pub async fn get_vm_page(vm_id: i64) -> Result<VmPage, AppError> {
+    let (backend, caller) = crate::backend::from_context()?;
+    let result = backend.vm_page(&caller, domain::VmId(vm_id)).await;
+    crate::backend::answer_status(&result);
+    result
+}
+
+/// One VM's chart over a range ending now.
+#[server(prefix = "/rpc", endpoint = "metrics")]
+pub async fn get_metrics(vm_id: i64, range: ChartRange) -> Result<MetricHistory, AppError> {
+    let (backend, caller) = crate::backend::from_context()?;
+    let result = backend.metrics(&caller, domain::VmId(vm_id), range).await;
     crate::backend::answer_status(&result);
     result
 }
@@ -70,6 +88,23 @@ mod tests {
 
         fn me<'a>(&'a self, _caller: &'a RequestInfo) -> BoxFuture<'a, Result<SignedIn, AppError>> {
             Box::pin(async { Err(AppError::Unauthorized) })
+        }
+
+        fn vm_page<'a>(
+            &'a self,
+            _caller: &'a RequestInfo,
+            _vm: domain::VmId,
+        ) -> BoxFuture<'a, Result<VmPage, AppError>> {
+            Box::pin(async { Err(AppError::NotFound) })
+        }
+
+        fn metrics<'a>(
+            &'a self,
+            _caller: &'a RequestInfo,
+            _vm: domain::VmId,
+            _range: ChartRange,
+        ) -> BoxFuture<'a, Result<MetricHistory, AppError>> {
+            Box::pin(async { Err(AppError::NotFound) })
         }
 
         fn act<'a>(

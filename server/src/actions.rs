@@ -2,7 +2,7 @@
 //! functions: one implementation each, audited the same way whichever door it came through.
 
 use crate::accounts::audit_quietly;
-use crate::db::store;
+use crate::db::{incidents, store};
 use crate::remediation::ActionError;
 use crate::state::AppState;
 use domain::{AttemptId, PowerAction, VmId};
@@ -88,4 +88,35 @@ pub async fn acknowledge(
     )
     .await;
     result
+}
+
+/// Opts one VM in or out of automatic power actions.
+pub async fn set_auto_reset(
+    state: &AppState,
+    who: &str,
+    from: &str,
+    vm: VmId,
+    enabled: bool,
+) -> Result<(), ActionError> {
+    let found = {
+        let mut conn = state.db.conn().await?;
+        incidents::set_auto_reset(&mut conn, vm, enabled).await?
+    };
+    if !found {
+        return Err(ActionError::NotFound);
+    }
+    let target = format!("vm {vm}");
+    let detail = if enabled { "on" } else { "off" };
+    audit_quietly(
+        state,
+        who,
+        "auto_reset",
+        Some(&target),
+        from,
+        "success",
+        Some(detail),
+    )
+    .await;
+    crate::cache::refresh(&state.db, &state.cache, &[vm]).await;
+    Ok(())
 }

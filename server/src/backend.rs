@@ -2,19 +2,25 @@
 
 use crate::accounts::{self, Principal, audit_quietly};
 use crate::actions;
+use crate::db::store;
 use crate::remediation::ActionError;
 use crate::state::AppState;
 use app::backend::{Backend, BoxFuture, RequestInfo};
 use app::error::AppError;
 use domain::status::StatusCounts;
-use domain::view::{AgentInstall, FleetSnapshot, SignedIn};
-use domain::{OperatorAction, PowerAction, UserRole, VmId};
+use domain::view::{AgentInstall, FleetSnapshot, MetricHistory, SignedIn, VmPage};
+use domain::{ChartRange, OperatorAction, PowerAction, UserRole, VmId};
 use std::fmt::Display;
 
 /// Answers the dashboard's server functions from [`AppState`]; web.rs provides it as context.
 pub struct ServerBackend {
     state: AppState,
 }
+
+/// Newest status changes and reset-history rows a VM page shows.
+const PAGE_ROWS: usize = 200;
+/// Points per chart: about one per two pixels of a wide chart.
+const CHART_POINTS: i64 = 360;
 
 impl ServerBackend {
     pub fn new(state: AppState) -> Self {
@@ -85,6 +91,53 @@ impl Backend for ServerBackend {
         })
     }
 
+    fn vm_page<'a>(
+        &'a self,
+        caller: &'a RequestInfo,
+        vm: VmId,
+    ) -> BoxFuture<'a, Result<VmPage, AppError>> {
+        Box::pin(async move {
+            signed_in(caller, UserRole::Viewer)?;
+            let page = async {
+                let mut conn = self.state.db.conn().await?;
+                let Some(view) = store::get_vm(&mut conn, vm).await? else {
+                    return Ok(None);
+                };
+                let mut status_changes = store::status_changes_for(&mut conn, vm).await?;
+                status_changes.reverse();
+                status_changes.truncate(PAGE_ROWS);
+                let mut history = store::reset_history(&mut conn, vm).await?;
+                history.truncate(PAGE_ROWS);
+                Ok::<_, crate::db::DbError>(Some(VmPage {
+                    now_ms: crate::now_ms(),
+                    vm: view,
+                    status_changes,
+                    history,
+                }))
+            };
+            page.await
+                .map_err(|err| unavailable("vm page", caller, err))?
+                .ok_or(AppError::NotFound)
+        })
+    }
+
+    fn metrics<'a>(
+        &'a self,
+        caller: &'a RequestInfo,
+        vm: VmId,
+        range: ChartRange,
+    ) -> BoxFuture<'a, Result<MetricHistory, AppError>> {
+        Box::pin(async move {
+            signed_in(caller, UserRole::Viewer)?;
+            let to_ms = crate::now_ms();
+            let from_ms = to_ms - domain::history::span_ms(range);
+            crate::history::chart(&self.state, vm, from_ms, to_ms, CHART_POINTS)
+                .await
+                .map_err(|err| unavailable("metrics", caller, err))?
+                .ok_or(AppError::NotFound)
+        })
+    }
+
     fn act<'a>(
         &'a self,
         caller: &'a RequestInfo,
@@ -126,6 +179,12 @@ impl Backend for ServerBackend {
                 OperatorAction::Hold => actions::hold(state, &who.name, &from, vm).await,
                 OperatorAction::Acknowledge => {
                     actions::acknowledge(state, &who.name, &from, vm).await
+                }
+                OperatorAction::AutoResetOn => {
+                    actions::set_auto_reset(state, &who.name, &from, vm, true).await
+                }
+                OperatorAction::AutoResetOff => {
+                    actions::set_auto_reset(state, &who.name, &from, vm, false).await
                 }
             };
             match result {

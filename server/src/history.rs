@@ -1,8 +1,11 @@
 //! History upkeep: folds new samples into the minute and hour rollups and deletes what
 //! retention no longer keeps, in bounded batches that never hold the writer for long.
 
-use crate::db::{DbError, history};
+use crate::db::{DbError, history, store};
 use crate::state::AppState;
+use domain::VmId;
+use domain::history::{grid, pick_tier};
+use domain::view::MetricHistory;
 use std::time::{Duration, Instant};
 
 /// How often the job looks for work.
@@ -73,4 +76,36 @@ pub async fn pass(state: &AppState, now_ms: i64, budget: Duration) -> Result<Pas
             return Ok(done);
         }
     }
+}
+
+/// A VM's chart between `from_ms` and `to_ms` (checked by the caller) in at most `points`
+/// points, from the tier the range needs; `None` for an unknown VM.
+pub async fn chart(
+    state: &AppState,
+    vm: VmId,
+    from_ms: i64,
+    to_ms: i64,
+    points: i64,
+) -> Result<Option<MetricHistory>, DbError> {
+    let mut conn = state.db.conn().await?;
+    if store::get_vm(&mut conn, vm).await?.is_none() {
+        return Ok(None);
+    }
+    let tier = pick_tier(
+        from_ms,
+        to_ms,
+        points,
+        crate::now_ms(),
+        &state.config.retention,
+    );
+    let grid = grid(from_ms, to_ms, points, tier);
+    let points = history::metric_history(&mut conn, vm, grid, to_ms, tier).await?;
+    Ok(Some(MetricHistory {
+        vm_id: vm,
+        from_ms: grid.start_ms,
+        to_ms,
+        tier,
+        point_ms: grid.point_ms,
+        points,
+    }))
 }

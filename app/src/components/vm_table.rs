@@ -93,7 +93,9 @@ fn VmRow(vm: Memo<VmView>, now_ms: Memo<i64>, can_operate: Signal<bool>) -> impl
                 </Show>
             </td>
             <td class="host">
-                <span class="hostname">{text(|v| v.hostname.clone())}</span>
+                <a class="hostname" href=format!("/vms/{id}")>
+                    {text(|v| v.hostname.clone())}
+                </a>
                 <span class="os">{text(|v| v.os.clone())}</span>
             </td>
             <td>{text(|v| percent(v.cpu_percent))}</td>

@@ -2,6 +2,8 @@
 
 pub mod fleet;
 pub mod login;
+pub mod vm;
 
 pub use fleet::FleetPage;
 pub use login::{LoginPage, SetupPage};
+pub use vm::VmDetailPage;

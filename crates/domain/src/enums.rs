@@ -150,6 +150,21 @@ string_enum!(
         Hold = "hold",
         /// Clear a latched state (manual, agent silent, guest fault).
         Acknowledge = "acknowledge",
+        /// Let the scheduler act on this VM again.
+        AutoResetOn = "auto_reset_on",
+        /// Opt this VM out of automatic power actions.
+        AutoResetOff = "auto_reset_off",
+    }
+);
+
+string_enum!(
+    /// The spans a VM page charts.
+    ChartRange, "chart range" {
+        Hour = "1h",
+        Day = "24h",
+        Week = "7d",
+        Month = "30d",
+        Year = "1y",
     }
 );
 
@@ -256,6 +271,7 @@ mod tests {
         round_trips(AttemptOutcome::ALL);
         round_trips(TriggerSource::ALL);
         round_trips(OperatorAction::ALL);
+        round_trips(ChartRange::ALL);
         round_trips(Mode::ALL);
         round_trips(LinkSource::ALL);
         round_trips(OsKind::ALL);

@@ -1,12 +1,24 @@
 //! Metric history: how long each tier is kept, which tier answers a chart, and how partial
 //! aggregates of the same points combine.
 
+use crate::enums::ChartRange;
 use crate::status::InvalidConfig;
 use serde::{Deserialize, Serialize};
 
 pub const MINUTE_MS: i64 = 60_000;
 pub const HOUR_MS: i64 = 3_600_000;
 pub const DAY_MS: i64 = 86_400_000;
+
+/// How far back a chart of `range` reaches.
+pub fn span_ms(range: ChartRange) -> i64 {
+    match range {
+        ChartRange::Hour => HOUR_MS,
+        ChartRange::Day => DAY_MS,
+        ChartRange::Week => 7 * DAY_MS,
+        ChartRange::Month => 30 * DAY_MS,
+        ChartRange::Year => 365 * DAY_MS,
+    }
+}
 
 /// Where a chart's points come from: the samples as stored, or a rollup of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

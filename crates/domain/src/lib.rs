@@ -16,8 +16,8 @@ pub mod status;
 pub mod view;
 
 pub use enums::{
-    AttemptOutcome, EventKind, GuestKind, LinkSource, Mode, OperatorAction, OsKind, PowerAction,
-    RemediationPhase, TriggerSource, UnknownValue, UserRole, VmStatus,
+    AttemptOutcome, ChartRange, EventKind, GuestKind, LinkSource, Mode, OperatorAction, OsKind,
+    PowerAction, RemediationPhase, TriggerSource, UnknownValue, UserRole, VmStatus,
 };
 pub use ids::{AttemptId, GuestRef, InvalidId, NodeName, VmId, Vmid};
 pub use secret::Secret;

@@ -130,6 +130,31 @@ impl From<crate::history::PointAggregate> for MetricPoint {
     }
 }
 
+/// A VM's metric history as a chart draws it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MetricHistory {
+    pub vm_id: VmId,
+    /// Start of the first point (aligned to the tier's rows).
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Where the points come from: raw samples, minute or hour rollups.
+    pub tier: crate::history::Tier,
+    /// The time one point covers; a missing point means the VM was silent.
+    pub point_ms: i64,
+    pub points: Vec<MetricPoint>,
+}
+
+/// Everything a VM's page shows besides its charts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VmPage {
+    pub now_ms: i64,
+    pub vm: VmView,
+    /// Newest first.
+    pub status_changes: Vec<StatusChange>,
+    /// Newest first.
+    pub history: Vec<ResetAttempt>,
+}
+
 /// One recorded status change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusChange {

@@ -3,13 +3,12 @@
 use super::error::{ApiError, FieldError};
 use super::extract::{Admin, JsonBody, Operator, QueryParams, Viewer, VmPath};
 use crate::cache::refresh as refresh_cache;
-use crate::db::{self, incidents, store};
+use crate::db::{incidents, store};
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use domain::history::{self, Tier};
-use domain::view::{MetricPoint, ResetAttempt, StatusChange, VmView};
+use domain::view::{MetricHistory, ResetAttempt, StatusChange, VmView};
 use domain::{GuestKind, GuestRef, LinkSource, NodeName, VmId, Vmid};
 use serde::{Deserialize, Serialize};
 
@@ -77,19 +76,6 @@ pub struct MetricsQuery {
     points: Option<String>,
 }
 
-#[derive(Serialize)]
-pub struct MetricHistory {
-    vm_id: VmId,
-    from_ms: i64,
-    to_ms: i64,
-    /// Where the points come from: raw samples, minute or hour rollups.
-    tier: Tier,
-    /// The time one point covers (the first starts at `from_ms`, aligned to the tier's
-    /// rows); a missing point means the VM was silent.
-    point_ms: i64,
-    points: Vec<MetricPoint>,
-}
-
 /// Downsampled metrics between `from` and `to` (default: the last day), `points` buckets.
 pub async fn metrics(
     State(state): State<AppState>,
@@ -121,21 +107,8 @@ pub async fn metrics(
             .filter(|p| (1..=MAX_POINTS).contains(p))
             .ok_or_else(|| ApiError::BadRequest("points: must be between 1 and 2000".into()))?,
     };
-    let mut conn = state.db.conn().await?;
-    store::get_vm(&mut conn, id)
-        .await?
-        .ok_or(ApiError::NotFound)?;
-    let tier = history::pick_tier(from_ms, to_ms, points, now, &state.config.retention);
-    let grid = history::grid(from_ms, to_ms, points, tier);
-    let points = db::history::metric_history(&mut conn, id, grid, to_ms, tier).await?;
-    Ok(Json(MetricHistory {
-        vm_id: id,
-        from_ms: grid.start_ms,
-        to_ms,
-        tier,
-        point_ms: grid.point_ms,
-        points,
-    }))
+    let chart = crate::history::chart(&state, id, from_ms, to_ms, points).await?;
+    Ok(Json(chart.ok_or(ApiError::NotFound)?))
 }
 
 /// Accepts epoch milliseconds or an RFC 3339 time, within years 0000 to 9999.
@@ -251,20 +224,8 @@ pub async fn set_auto_reset(
     VmPath(id): VmPath,
     JsonBody(request): JsonBody<AutoResetRequest>,
 ) -> Result<Json<AutoResetSet>, ApiError> {
-    let mut conn = state.db.conn().await?;
-    if !incidents::set_auto_reset(&mut conn, id, request.enabled).await? {
-        return Err(ApiError::NotFound);
-    }
-    drop(conn);
-    actor
-        .audit(
-            &state,
-            "auto_reset",
-            Some(&format!("vm {id}")),
-            Some(if request.enabled { "on" } else { "off" }),
-        )
-        .await;
-    refresh_cache(&state.db, &state.cache, &[id]).await;
+    crate::actions::set_auto_reset(&state, &actor.who.name, &actor.from, id, request.enabled)
+        .await?;
     Ok(Json(AutoResetSet {
         vm_id: id,
         auto_reset: request.enabled,

@@ -403,3 +403,239 @@ async fn an_announced_action_is_held_from_the_fleet_page() {
     browser.close().await;
     srv.stop().await;
 }
+
+impl Browser {
+    async fn attr(&self, css: &str, name: &str) -> Option<String> {
+        let el = self.client.find(Locator::Css(css)).await.ok()?;
+        el.attr(name).await.ok().flatten()
+    }
+
+    /// Saves a screenshot under target/screenshots (kept out of git) at `width` px.
+    async fn screenshot(&self, name: &str, width: u32) {
+        self.client.set_window_size(width, 900).await.unwrap();
+        let png = self.client.screenshot().await.unwrap();
+        let dir = workspace_root().join("target/screenshots");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}-{width}.png")), png).unwrap();
+    }
+
+    /// Whether the page scrolls sideways at the current width.
+    async fn scrolls_sideways(&self) -> bool {
+        let wider = self
+            .client
+            .execute(
+                "return document.documentElement.scrollWidth > document.documentElement.clientWidth",
+                vec![],
+            )
+            .await
+            .unwrap();
+        wider == json!(true)
+    }
+}
+
+/// A VM's page: a day with a known shape (a ramp, two silent hours, one spike) charted with
+/// the spike where it was and the silence as a gap; longer ranges read the hour rollups; an
+/// operator's reset asks first, naming the VM and its node, reaches Proxmox once and shows
+/// in the history with who asked; a viewer gets no actions; no sideways scroll at 375 px.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vm_page_charts_its_day_and_resets_after_a_confirm() {
+    use crate::fake_pve::{FakePve, FakeVm};
+    const MINUTE: i64 = 60_000;
+    const HOUR: i64 = 60 * MINUTE;
+    require_front_end();
+    let fake = FakePve::start(vec![FakeVm::running(101, "pve1")]).await;
+    let mut srv = crate::proxmox::start(
+        Backend::Sqlite,
+        &fake,
+        &[
+            ("ADMIN_USERNAME", "admin"),
+            ("ADMIN_PASSWORD", "correct horse battery"),
+        ],
+    )
+    .await;
+    for (name, role) in [("olga", "operator"), ("victor", "viewer")] {
+        let user = json!({"username": name, "password": "operator password", "role": role});
+        let (status, body) = srv
+            .send(
+                reqwest::Method::POST,
+                "/api/users",
+                Some(ADMIN_TOKEN),
+                Some(user),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let vm = crate::proxmox::report_vm(&srv, 101, "pve1", 100).await;
+    crate::people::opt_out(&srv, vm).await;
+    let now = server::now_ms();
+    let day_start = now - 24 * HOUR;
+    let spike_at = day_start + 18 * HOUR + 2 * MINUTE;
+    let gap = (day_start + 10 * HOUR)..(day_start + 12 * HOUR);
+    let mut t = day_start + 10 * MINUTE;
+    while t < now - 10 * MINUTE {
+        if !gap.contains(&t) {
+            let mut r = report_for("guest-101");
+            r["vmid"] = json!(101);
+            r["node"] = json!("pve1");
+            r["cpu_percent"] = json!(if t == spike_at { 100.0 } else { 20.0 });
+            r["observed_at"] = json!(
+                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(t) * 1_000_000)
+                    .unwrap()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap()
+            );
+            let (status, body) = srv.report(&r).await;
+            assert_eq!(status, 200, "{body}");
+            assert_eq!(body["vm_id"], vm);
+        }
+        t += if t < spike_at && t + 5 * MINUTE > spike_at {
+            spike_at - t
+        } else {
+            5 * MINUTE
+        };
+    }
+
+    let browser = Browser::start().await;
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser
+        .sign_in(&srv.base, "olga", "operator password")
+        .await;
+    browser
+        .client
+        .goto(&format!("{}/vms/{vm}", srv.base))
+        .await
+        .unwrap();
+    browser.hydrated().await;
+    let peak = "figure[data-metric='cpu'] circle.peak";
+    let cx: f64 = wait_for("the CPU chart", Duration::from_secs(10), || async {
+        browser.attr(peak, "cx").await
+    })
+    .await
+    .parse()
+    .unwrap();
+    // Where the spike was: its share of the day, across the chart's 720 units.
+    let expected = (spike_at - day_start) as f64 / (24 * HOUR) as f64 * 720.0;
+    assert!(
+        (cx - expected).abs() < 8.0,
+        "peak at {cx}, spike at {expected}"
+    );
+    let peak_t: i64 = browser
+        .attr(peak, "data-t-ms")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (spike_at - 10 * MINUTE..=spike_at).contains(&peak_t),
+        "peak point at {peak_t}, spike at {spike_at}"
+    );
+    // The silence is a break in the line (the day's first report, minutes before its
+    // series started, is a run of its own): no vertex inside it.
+    let line = "figure[data-metric='cpu'] path.line";
+    let runs: usize = browser.attr(line, "data-runs").await.unwrap().parse().unwrap();
+    assert!(runs >= 2, "{runs} runs");
+    let d = browser.attr(line, "d").await.unwrap();
+    let x_of = |ms: i64| (ms - day_start) as f64 / (24 * HOUR) as f64 * 720.0;
+    let silent = (x_of(gap.start) + 8.0)..(x_of(gap.end) - 8.0);
+    for vertex in d.split_whitespace() {
+        let x: f64 = vertex
+            .trim_start_matches(['M', 'L'])
+            .split(',')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(!silent.contains(&x), "{vertex} drawn inside the silence");
+    }
+    let tier = |want: &'static str| {
+        let browser = &browser;
+        async move {
+            wait_for(want, Duration::from_secs(10), || async {
+                let tier = browser.attr(".chart-source", "data-tier").await?;
+                (tier == want).then_some(())
+            })
+            .await
+        }
+    };
+    tier("minute").await;
+    browser.screenshot("vm", 1280).await;
+    for (range, want) in [("30d", "hour"), ("1y", "hour"), ("1h", "raw")] {
+        browser
+            .click(&format!(".ranges a[data-range='{range}']"))
+            .await;
+        tier(want).await;
+        assert!(
+            browser.client.current_url().await.unwrap().query() == Some(&format!("range={range}")),
+            "the range is kept in the URL"
+        );
+    }
+
+    // Reset asks first, naming the VM and its node.
+    browser.click("section.actions button.reset").await;
+    let question = browser.text_of(".confirm p").await.unwrap();
+    assert!(
+        question.contains("guest-101") && question.contains("pve1"),
+        "{question}"
+    );
+    assert!(fake.posts().is_empty(), "asking sent a reset");
+    browser.click(".confirm .confirm-yes").await;
+    wait_for("the reset at Proxmox", Duration::from_secs(10), || async {
+        (!fake.posts().is_empty()).then_some(())
+    })
+    .await;
+    let row = wait_for(
+        "the finished reset in the history",
+        Duration::from_secs(20),
+        || async { browser.text_of("table.history tr.outcome-ok").await },
+    )
+    .await;
+    assert!(row.contains("olga"), "{row}");
+    assert_eq!(fake.posts(), vec!["reset 101"], "exactly one reset");
+
+    // No sideways scroll on a phone, on the VM page and the fleet.
+    browser.screenshot("vm", 375).await;
+    assert!(
+        !browser.scrolls_sideways().await,
+        "the VM page scrolls sideways at 375 px"
+    );
+    browser
+        .client
+        .goto(&format!("{}/", srv.base))
+        .await
+        .unwrap();
+    browser.hydrated().await;
+    browser.screenshot("fleet", 375).await;
+    assert!(
+        !browser.scrolls_sideways().await,
+        "the fleet scrolls sideways at 375 px"
+    );
+    browser.screenshot("fleet", 1280).await;
+    browser.close().await;
+
+    // A viewer sees the page without any action.
+    let viewer = Browser::start().await;
+    viewer
+        .sign_in(&srv.base, "victor", "operator password")
+        .await;
+    viewer
+        .client
+        .goto(&format!("{}/vms/{vm}", srv.base))
+        .await
+        .unwrap();
+    viewer.hydrated().await;
+    wait_for("the viewer's chart", Duration::from_secs(10), || async {
+        viewer.attr(peak, "cx").await
+    })
+    .await;
+    assert!(
+        viewer
+            .client
+            .find(Locator::Css("section.actions"))
+            .await
+            .is_err(),
+        "a viewer is offered actions"
+    );
+    viewer.close().await;
+    assert_eq!(fake.posts().len(), 1);
+    srv.stop().await;
+}
