@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Benchmarks: heartbeat ingest throughput (both backends) and the Linux agent's cost per report.
+# Benchmarks: heartbeat ingest throughput (both backends), chart reads over a large history,
+# and the Linux agent's cost per report.
 # Figures and how to read them: BENCHMARKS.md.
 #
 #   scripts/bench.sh           the full measurement (release builds, several minutes)
@@ -14,11 +15,16 @@ if [[ ${1:-} == --smoke ]]; then
   echo "==> ingest smoke: stored rows == 200s answered, SQLite and PostgreSQL"
   # The test profile: reuses what the test suite built instead of a release build.
   cargo test -q -p server --bench ingest -- --smoke
+  echo "==> chart smoke: 30-day and 24-hour charts read the hour and minute rollups"
+  cargo test -q -p server --bench history -- --smoke
   exit
 fi
 
 echo "==> ingest"
 cargo bench -p server --bench ingest
+
+echo "==> chart reads over 10,000 VMs of history"
+cargo bench -p server --bench history
 
 echo "==> Linux agent: CPU time per report (--tick, 20 runs against a local server)"
 data="$(mktemp -d)"

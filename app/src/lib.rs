@@ -1,5 +1,8 @@
 //! The vm-healthcheck dashboard: routes, pages, components and the server functions behind them.
 
+// Leptos view types nest deeply; the compiler needs room to lay them out.
+#![recursion_limit = "256"]
+
 #[cfg(feature = "ssr")]
 pub mod backend;
 pub mod components;

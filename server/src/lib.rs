@@ -1,5 +1,8 @@
 //! vm-healthcheck server: heartbeat ingest, status, REST API and the dashboard's back end.
 
+// Leptos view types nest deeply; the compiler needs room to lay them out.
+#![recursion_limit = "256"]
+
 pub mod accounts;
 pub mod actions;
 pub mod agents;

@@ -2,7 +2,7 @@
 
 use crate::components::{PhaseBadge, StatusBadge};
 use crate::format;
-use crate::model::FleetModel;
+use crate::model::{FleetModel, FleetQuery, SortKey};
 use crate::rpc::ActOnVm;
 use domain::view::VmView;
 use domain::{OperatorAction, RemediationPhase, VmId};
@@ -13,14 +13,38 @@ use leptos::prelude::*;
 #[component]
 pub fn VmTable(
     #[prop(into)] fleet: Signal<FleetModel>,
+    /// The filter and sort in force (from the page's URL).
+    #[prop(into)]
+    query: Signal<FleetQuery>,
     /// Whether the signed-in user may reset (operators and admins).
     can_operate: Signal<bool>,
 ) -> impl IntoView {
-    let ids = Memo::new(move |_| fleet.with(|f| f.order.clone()));
+    let ids = Memo::new(move |_| query.with(|q| fleet.with(|f| f.select(q))));
+    let any = Memo::new(move |_| fleet.with(|f| !f.order.is_empty()));
     let now_ms = Memo::new(move |_| fleet.with(|f| f.now_ms));
+    let header = move |label: &'static str, key: SortKey| {
+        let sorted = move || query.with(|q| q.sort == key);
+        view! {
+            <th aria-sort=move || {
+                match (sorted(), query.with(|q| q.descending)) {
+                    (false, _) => "none",
+                    (true, false) => "ascending",
+                    (true, true) => "descending",
+                }
+            }>
+                <a
+                    class="sort"
+                    data-sort=key.as_str()
+                    href=move || format!("/?{}", query.with(|q| q.sorted_by(key).to_url()))
+                >
+                    {label}
+                </a>
+            </th>
+        }
+    };
     view! {
         <Show
-            when=move || ids.with(|ids| !ids.is_empty())
+            when=move || any.get()
             fallback=|| {
                 view! {
                     <p class="empty">
@@ -29,29 +53,35 @@ pub fn VmTable(
                 }
             }
         >
-            <table class="vms">
-                <thead>
-                    <tr>
-                        <th>"Status"</th>
-                        <th>"Host"</th>
-                        <th>"CPU"</th>
-                        <th>"RAM"</th>
-                        <th>"Disk"</th>
-                        <th>"Uptime"</th>
-                        <th>"Last seen"</th>
-                        <th></th>
-                    </tr>
-                </thead>
-                <tbody>
-                    <For
-                        each=move || ids.get()
-                        key=|id| *id
-                        children=move |id| {
-                            row_for(fleet, id).map(|vm| view! { <VmRow vm now_ms can_operate/> })
-                        }
-                    />
-                </tbody>
-            </table>
+            <Show
+                when=move || ids.with(|ids| !ids.is_empty())
+                fallback=|| view! { <p class="empty">"No VM matches these filters."</p> }
+            >
+                <table class="vms">
+                    <thead>
+                        <tr>
+                            {header("Status", SortKey::Status)}
+                            {header("Host", SortKey::Name)}
+                            {header("CPU", SortKey::Cpu)}
+                            {header("RAM", SortKey::Ram)}
+                            {header("Fullest disk", SortKey::Disk)}
+                            <th>"Uptime"</th>
+                            {header("Last seen", SortKey::LastSeen)}
+                            <th></th>
+                        </tr>
+                    </thead>
+                    <tbody>
+                        <For
+                            each=move || ids.get()
+                            key=|id| *id
+                            children=move |id| {
+                                row_for(fleet, id)
+                                    .map(|vm| view! { <VmRow vm now_ms can_operate/> })
+                            }
+                        />
+                    </tbody>
+                </table>
+            </Show>
         </Show>
     }
 }
@@ -98,12 +128,24 @@ fn VmRow(vm: Memo<VmView>, now_ms: Memo<i64>, can_operate: Signal<bool>) -> impl
                 </a>
                 <span class="os">{text(|v| v.os.clone())}</span>
             </td>
-            <td>{text(|v| percent(v.cpu_percent))}</td>
-            <td title=text(|v| usage_detail(v.ram_used_bytes, v.ram_total_bytes))>
-                {text(|v| percent(format::percent_of(v.ram_used_bytes, v.ram_total_bytes)))}
+            <td class="figure" data-label="CPU">
+                <Usage value=Signal::derive(move || vm.with(|v| v.cpu_percent))/>
             </td>
-            <td title=text(|v| usage_detail(v.disk_used_bytes, v.disk_total_bytes))>
-                {text(|v| percent(format::percent_of(v.disk_used_bytes, v.disk_total_bytes)))}
+            <td
+                class="figure"
+                data-label="RAM"
+                title=text(|v| usage_detail(v.ram_used_bytes, v.ram_total_bytes))
+            >
+                <Usage value=Signal::derive(move || {
+                    vm.with(|v| format::percent_of(v.ram_used_bytes, v.ram_total_bytes))
+                })/>
+            </td>
+            <td
+                class="figure"
+                data-label="Disk"
+                title=text(|v| usage_detail(v.disk_used_bytes, v.disk_total_bytes))
+            >
+                <Usage value=Signal::derive(move || vm.with(|v| v.disk_max_percent))/>
             </td>
             <td>{text(|v| v.uptime_seconds.map(format::duration).unwrap_or_else(|| "-".into()))}</td>
             <td>
@@ -114,7 +156,7 @@ fn VmRow(vm: Memo<VmView>, now_ms: Memo<i64>, can_operate: Signal<bool>) -> impl
                 }}
             </td>
             <td class="actions">
-                {view! { <RowActions vm id now_ms can_operate phase/> }.into_any()}
+                <RowActions vm id now_ms can_operate phase/>
             </td>
         </tr>
     }
@@ -179,6 +221,15 @@ fn ResetButton(id: i64) -> impl IntoView {
             {move || if armed.get() { "Confirm reset" } else { "Reset" }}
         </button>
         <span class="action-result" role="status">{result}</span>
+    }
+}
+
+/// A percentage as a bar and its number (the number says it; the bar shows it at a glance).
+#[component]
+fn Usage(value: Signal<Option<f64>>) -> impl IntoView {
+    view! {
+        <meter min="0" max="100" value=move || value.get().unwrap_or(0.0)></meter>
+        <span class="number">{move || percent(value.get())}</span>
     }
 }
 

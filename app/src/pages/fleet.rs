@@ -2,11 +2,13 @@
 
 use crate::components::{AddVm, RemediationBanner, SummaryCounts, VmTable};
 use crate::error::AppError;
-use crate::model::FleetModel;
+use crate::model::{FleetModel, FleetQuery};
 use crate::rpc::{get_fleet, get_me};
 use domain::UserRole;
 use domain::view::FleetSnapshot;
 use leptos::prelude::*;
+use leptos_router::NavigateOptions;
+use leptos_router::hooks::{use_navigate, use_query_map};
 use std::time::Duration;
 
 /// How often the page asks for a fresh snapshot.
@@ -94,16 +96,129 @@ fn Fleet(
     });
     let remediation = Memo::new(move |_| model.with(|m| m.remediation.clone()));
     let counts = Memo::new(move |_| model.with(|m| m.counts.clone()));
+    let phases = Memo::new(move |_| model.with(FleetModel::phases));
+    let nodes = Memo::new(move |_| model.with(FleetModel::nodes));
+    let url = use_query_map();
+    let query = Memo::new(move |_| url.with(|q| FleetQuery::from_url(|k| q.get(k))));
 
     view! {
         {move || error.get().map(|err| view! { <p class="error" role="alert">{err.to_string()}</p> })}
         <Show when=move || loaded.get()>
             <RemediationBanner summary=remediation/>
-            <SummaryCounts counts/>
-            <VmTable fleet=model can_operate/>
+            <SummaryCounts counts phases/>
+            <Filters query nodes/>
+            <VmTable fleet=model query can_operate/>
             <Show when=move || can_operate.get()>
                 <AddVm/>
             </Show>
         </Show>
+    }
+}
+
+/// Status, node, OS and a name search; each change replaces the URL, so the view can be
+/// shared and the back button does not step through keystrokes.
+#[component]
+fn Filters(query: Memo<FleetQuery>, nodes: Memo<Vec<String>>) -> impl IntoView {
+    let navigate = use_navigate();
+    let go = move |next: FleetQuery| {
+        let url = next.to_url();
+        let path = if url.is_empty() {
+            "/".to_owned()
+        } else {
+            format!("/?{url}")
+        };
+        navigate(
+            &path,
+            NavigateOptions {
+                replace: true,
+                scroll: false,
+                ..NavigateOptions::default()
+            },
+        );
+    };
+    let go_status = go.clone();
+    let go_node = go.clone();
+    let go_os = go.clone();
+    let current = move || query.get_untracked();
+    view! {
+        <form class="filters" role="search" on:submit=|ev| ev.prevent_default()>
+            <label>
+                "Status "
+                <select
+                    name="status"
+                    prop:value=move || query.with(|q| q.status.map(|s| s.to_string()).unwrap_or_default())
+                    on:change=move |ev| {
+                        go_status(FleetQuery {
+                            status: event_target_value(&ev).parse().ok(),
+                            ..current()
+                        })
+                    }
+                >
+                    <option value="">"all"</option>
+                    <option value="down">"down"</option>
+                    <option value="warning">"warning"</option>
+                    <option value="unknown">"unknown"</option>
+                    <option value="healthy">"healthy"</option>
+                </select>
+            </label>
+            <label>
+                "Node "
+                <select
+                    name="node"
+                    prop:value=move || query.with(|q| q.node.clone().unwrap_or_default())
+                    on:change=move |ev| {
+                        let node = event_target_value(&ev);
+                        go_node(FleetQuery {
+                            node: (!node.is_empty()).then_some(node),
+                            ..current()
+                        })
+                    }
+                >
+                    <option value="">"all"</option>
+                    {move || {
+                        nodes
+                            .get()
+                            .into_iter()
+                            .map(|n| {
+                                let label = n.clone();
+                                view! { <option value=n>{label}</option> }
+                            })
+                            .collect_view()
+                    }}
+                </select>
+            </label>
+            <label>
+                "OS "
+                <select
+                    name="os"
+                    prop:value=move || query.with(|q| q.os.clone().unwrap_or_default())
+                    on:change=move |ev| {
+                        let os = event_target_value(&ev);
+                        go_os(FleetQuery {
+                            os: (!os.is_empty()).then_some(os),
+                            ..current()
+                        })
+                    }
+                >
+                    <option value="">"all"</option>
+                    <option value="linux">"linux"</option>
+                    <option value="windows">"windows"</option>
+                    <option value="other">"other"</option>
+                </select>
+            </label>
+            <input
+                type="search"
+                name="q"
+                placeholder="Find a host"
+                aria-label="Find a host"
+                prop:value=move || query.with(|q| q.text.clone())
+                on:input=move |ev| {
+                    go(FleetQuery {
+                        text: event_target_value(&ev),
+                        ..current()
+                    })
+                }
+            />
+        </form>
     }
 }

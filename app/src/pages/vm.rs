@@ -77,7 +77,7 @@ pub fn VmDetailPage() -> impl IntoView {
                 <a href="/">"Fleet"</a>
             </nav>
             <Transition fallback=|| view! { <p class="empty">"Loading..."</p> }>
-                {view! { <VmBody page metrics range id can_operate refresh/> }.into_any()}
+                <VmBody page metrics range id can_operate refresh/>
             </Transition>
         </div>
     }
@@ -116,10 +116,10 @@ fn VmBody(
     view! {
         {move || error.get().map(|err| view! { <p class="error" role="alert">{err}</p> })}
         <Show when=move || model.with(Option::is_some)>
-            {view! { <Overview model can_operate refresh/> }.into_any()}
-            {view! { <Charts history range id/> }.into_any()}
-            {view! { <Timeline model/> }.into_any()}
-            {view! { <History model/> }.into_any()}
+            <Overview model can_operate refresh/>
+            <Charts history range id/>
+            <Timeline model/>
+            <History model/>
         </Show>
     }
 }
@@ -205,7 +205,7 @@ fn Overview(
             </p>
         </Show>
         <Show when=move || can_operate.get()>
-            {view! { <Actions model phase refresh/> }.into_any()}
+            <Actions model phase refresh/>
         </Show>
     }
 }

@@ -419,17 +419,22 @@ impl Browser {
         std::fs::write(dir.join(format!("{name}-{width}.png")), png).unwrap();
     }
 
-    /// Whether the page scrolls sideways at the current width.
-    async fn scrolls_sideways(&self) -> bool {
-        let wider = self
+    /// The elements that stick out to the right at the current width (empty: the page
+    /// does not scroll sideways).
+    async fn sticking_out(&self) -> Vec<String> {
+        let found = self
             .client
             .execute(
-                "return document.documentElement.scrollWidth > document.documentElement.clientWidth",
+                "const w = document.documentElement.clientWidth; \
+                 if (document.documentElement.scrollWidth <= w) return []; \
+                 return [...document.querySelectorAll('body *')] \
+                   .filter(e => e.getBoundingClientRect().right > w + 0.5) \
+                   .map(e => e.tagName + '.' + e.className + ' ' + Math.round(e.getBoundingClientRect().right));",
                 vec![],
             )
             .await
             .unwrap();
-        wider == json!(true)
+        serde_json::from_value(found).unwrap()
     }
 }
 
@@ -532,7 +537,12 @@ async fn a_vm_page_charts_its_day_and_resets_after_a_confirm() {
     // The silence is a break in the line (the day's first report, minutes before its
     // series started, is a run of its own): no vertex inside it.
     let line = "figure[data-metric='cpu'] path.line";
-    let runs: usize = browser.attr(line, "data-runs").await.unwrap().parse().unwrap();
+    let runs: usize = browser
+        .attr(line, "data-runs")
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(runs >= 2, "{runs} runs");
     let d = browser.attr(line, "d").await.unwrap();
     let x_of = |ms: i64| (ms - day_start) as f64 / (24 * HOUR) as f64 * 720.0;
@@ -594,9 +604,10 @@ async fn a_vm_page_charts_its_day_and_resets_after_a_confirm() {
 
     // No sideways scroll on a phone, on the VM page and the fleet.
     browser.screenshot("vm", 375).await;
+    let wide = browser.sticking_out().await;
     assert!(
-        !browser.scrolls_sideways().await,
-        "the VM page scrolls sideways at 375 px"
+        wide.is_empty(),
+        "the VM page scrolls sideways at 375 px: {wide:?}"
     );
     browser
         .client
@@ -605,9 +616,10 @@ async fn a_vm_page_charts_its_day_and_resets_after_a_confirm() {
         .unwrap();
     browser.hydrated().await;
     browser.screenshot("fleet", 375).await;
+    let wide = browser.sticking_out().await;
     assert!(
-        !browser.scrolls_sideways().await,
-        "the fleet scrolls sideways at 375 px"
+        wide.is_empty(),
+        "the fleet scrolls sideways at 375 px: {wide:?}"
     );
     browser.screenshot("fleet", 1280).await;
     browser.close().await;
@@ -637,5 +649,88 @@ async fn a_vm_page_charts_its_day_and_resets_after_a_confirm() {
     );
     viewer.close().await;
     assert_eq!(fake.posts().len(), 1);
+    srv.stop().await;
+}
+
+/// The fleet's filters and sort live in the URL: a shared link shows the same view, typing
+/// in the search box narrows the table without a reload, and a column header sorts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_fleet_filters_and_sorts_from_the_url() {
+    require_front_end();
+    let mut srv = TestServer::start(
+        Backend::Sqlite,
+        &[
+            ("ADMIN_USERNAME", "admin"),
+            ("ADMIN_PASSWORD", "correct horse battery"),
+        ],
+    )
+    .await;
+    let mut ids = Vec::new();
+    for (host, cpu) in [("alpha-01", 90.0), ("beta-02", 10.0), ("gamma-03", 50.0)] {
+        let mut r = report_for(host);
+        r["cpu_percent"] = json!(cpu);
+        let (status, body) = srv.report(&r).await;
+        assert_eq!(status, 200, "{body}");
+        ids.push(body["vm_id"].as_i64().unwrap());
+    }
+    let browser = Browser::start().await;
+    browser
+        .sign_in(&srv.base, "admin", "correct horse battery")
+        .await;
+    let rows = || async {
+        let mut names = Vec::new();
+        for el in browser
+            .client
+            .find_all(Locator::Css("table.vms tbody a.hostname"))
+            .await
+            .unwrap()
+        {
+            names.push(el.text().await.unwrap());
+        }
+        names
+    };
+    browser
+        .client
+        .goto(&format!("{}/?q=alpha", srv.base))
+        .await
+        .unwrap();
+    browser.hydrated().await;
+    assert_eq!(rows().await, vec!["alpha-01"]);
+    // Typing replaces the query; the table follows without a reload.
+    browser
+        .client
+        .execute("window.not_reloaded = true", vec![])
+        .await
+        .unwrap();
+    let search = browser
+        .client
+        .find(Locator::Css("input[name='q']"))
+        .await
+        .unwrap();
+    search.clear().await.unwrap();
+    search.send_keys("a").await.unwrap();
+    wait_for("all three hosts", Duration::from_secs(10), || async {
+        (rows().await.len() == 3).then_some(())
+    })
+    .await;
+    browser.click("th a.sort[data-sort='cpu']").await;
+    wait_for("sorted by CPU", Duration::from_secs(10), || async {
+        (rows().await == vec!["beta-02", "gamma-03", "alpha-01"]).then_some(())
+    })
+    .await;
+    let url = browser.client.current_url().await.unwrap();
+    assert_eq!(url.query(), Some("q=a&sort=cpu"), "{url}");
+    browser.click("th a.sort[data-sort='cpu']").await;
+    wait_for("CPU, highest first", Duration::from_secs(10), || async {
+        (rows().await == vec!["alpha-01", "gamma-03", "beta-02"]).then_some(())
+    })
+    .await;
+    let kept = browser
+        .client
+        .execute("return window.not_reloaded === true", vec![])
+        .await
+        .unwrap();
+    assert_eq!(kept, json!(true), "the page reloaded");
+    browser.close().await;
     srv.stop().await;
 }
