@@ -36,6 +36,12 @@ pub async fn power(
 
 /// Holds the automatic power action announced for `vm` during its veto window.
 pub async fn hold(state: &AppState, who: &str, from: &str, vm: VmId) -> Result<(), ActionError> {
+    {
+        let mut conn = state.db.conn().await?;
+        store::get_vm(&mut conn, vm)
+            .await?
+            .ok_or(ActionError::NotFound)?;
+    }
     let result = match state.engine.hold_announced(vm, who).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(ActionError::NothingAnnounced),

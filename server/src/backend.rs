@@ -18,7 +18,7 @@ pub struct ServerBackend {
 }
 
 /// Newest status changes and reset-history rows a VM page shows.
-const PAGE_ROWS: usize = 200;
+const PAGE_ROWS: i64 = 200;
 /// Points per chart: about one per two pixels of a wide chart.
 const CHART_POINTS: i64 = 360;
 
@@ -103,11 +103,8 @@ impl Backend for ServerBackend {
                 let Some(view) = store::get_vm(&mut conn, vm).await? else {
                     return Ok(None);
                 };
-                let mut status_changes = store::status_changes_for(&mut conn, vm).await?;
-                status_changes.reverse();
-                status_changes.truncate(PAGE_ROWS);
-                let mut history = store::reset_history(&mut conn, vm).await?;
-                history.truncate(PAGE_ROWS);
+                let status_changes = store::recent_status_changes(&mut conn, vm, PAGE_ROWS).await?;
+                let history = store::recent_resets(&mut conn, vm, PAGE_ROWS).await?;
                 Ok::<_, crate::db::DbError>(Some(VmPage {
                     now_ms: crate::now_ms(),
                     vm: view,

@@ -3,9 +3,10 @@
 use server::config::Config;
 use tracing_subscriber::EnvFilter;
 
-/// Rendering a dashboard page polls one deeply nested future; 8 MiB per worker leaves room
-/// for it in any build.
-const WORKER_STACK_BYTES: usize = 8 * 1024 * 1024;
+/// Rendering a dashboard page polls one deeply nested future; 16 MiB per worker (address
+/// space, not memory, until used) leaves room for it in any build, as the tests run it
+/// (`.cargo/config.toml`).
+const WORKER_STACK_BYTES: usize = 16 * 1024 * 1024;
 
 fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()

@@ -228,6 +228,9 @@ pub enum Screen {
     Skip(&'static str),
 }
 
+/// Why a VM with a look planned for later is skipped (an announced action counting down).
+pub const WAITING: &str = "waiting before the next look";
+
 /// First stage: is this VM a candidate for a reset at all (before asking Proxmox)?
 pub fn screen(vm: &VmFacts, now_ms: i64) -> Screen {
     match vm.phase {
@@ -252,7 +255,7 @@ pub fn screen(vm: &VmFacts, now_ms: i64) -> Screen {
         return Screen::Skip("auto-reset is off for this VM");
     }
     if vm.next_action_ms.is_some_and(|t| t > now_ms) {
-        return Screen::Skip("waiting before the next look");
+        return Screen::Skip(WAITING);
     }
     Screen::Candidate
 }
@@ -298,33 +301,39 @@ pub fn storm(vms: &[VmFacts], cfg: &RemediationConfig) -> Option<String> {
 pub enum VetoStep {
     /// Send the power action now.
     Act,
-    /// Announce it and wait until this time; an operator may hold it meanwhile.
-    Announce { until_ms: i64 },
+    /// Announce it (a countdown of one window from now); an operator may hold it meanwhile.
+    Announce,
 }
 
-/// A power action is sent only right after its announced window ran out: with no window
-/// configured, or when this VM's window ended at most one window ago. A window that ended
-/// long ago (the rails were closed meanwhile, or the monitor was down) is announced again,
-/// so an operator always gets the window right before the action.
+/// Slack after a window ends within which the round that picked the VM may still act: a
+/// round normally comes within one scheduler interval; later than this, the monitor was not
+/// watching (breaker, outage) and the window is given again.
+pub const VETO_GRACE_MS: i64 = 60_000;
+
+/// A power action is sent only when its announced window was watched to its end by this
+/// monitor: no window configured; or the VM is `reset_scheduled`, the round that picked it
+/// (`screened_ms`, before any evidence was gathered) came after the window ended and not
+/// long after, and the announcement was made since this process started leading
+/// (`watching_since_ms`: a restart or a change of leader announces again).
 pub fn veto_step(
     phase: RemediationPhase,
     next_action_ms: Option<i64>,
     veto_ms: i64,
-    now_ms: i64,
+    screened_ms: i64,
+    watching_since_ms: i64,
 ) -> VetoStep {
     if veto_ms <= 0 {
         return VetoStep::Act;
     }
-    let announce = VetoStep::Announce {
-        until_ms: now_ms.saturating_add(veto_ms),
-    };
     match (phase, next_action_ms) {
         (RemediationPhase::ResetScheduled, Some(until))
-            if now_ms >= until && now_ms <= until.saturating_add(veto_ms) =>
+            if screened_ms >= until
+                && screened_ms <= until.saturating_add(veto_ms.max(VETO_GRACE_MS))
+                && until.saturating_sub(veto_ms) >= watching_since_ms =>
         {
             VetoStep::Act
         }
-        _ => announce,
+        _ => VetoStep::Announce,
     }
 }
 
@@ -680,63 +689,99 @@ mod tests {
     #[test]
     fn veto_table() {
         use RemediationPhase::{Ok, ResetScheduled};
-        let announce = VetoStep::Announce {
-            until_ms: NOW + 30_000,
-        };
+        use VetoStep::{Act, Announce};
+        const WINDOW: i64 = 30_000;
+        // (name, phase, next_action_ms, veto, screened at, watching since, expected)
         let cases = [
-            ("no window", Ok, None, 0, VetoStep::Act),
-            ("first hung verdict", Ok, None, 30_000, announce),
+            ("no window", Ok, None, 0, NOW, NOW, Act),
+            ("first hung verdict", Ok, None, WINDOW, NOW, 0, Announce),
             (
                 "a backoff time is no window",
                 Ok,
                 Some(NOW - 1),
-                30_000,
-                announce,
+                WINDOW,
+                NOW,
+                0,
+                Announce,
             ),
             (
                 "window running",
                 ResetScheduled,
                 Some(NOW + 1),
-                30_000,
-                announce,
+                WINDOW,
+                NOW,
+                0,
+                Announce,
             ),
             (
                 "window just ended",
                 ResetScheduled,
                 Some(NOW),
-                30_000,
-                VetoStep::Act,
+                WINDOW,
+                NOW,
+                0,
+                Act,
+            ),
+            // A one-second window with slow evidence still acts: the round's time counts.
+            (
+                "short window",
+                ResetScheduled,
+                Some(NOW - 900),
+                1_000,
+                NOW,
+                0,
+                Act,
             ),
             (
-                "window ended a little ago",
+                "ended within the grace",
                 ResetScheduled,
-                Some(NOW - 29_000),
-                30_000,
-                VetoStep::Act,
+                Some(NOW - 59_000),
+                WINDOW,
+                NOW,
+                0,
+                Act,
             ),
             (
-                "window ended long ago",
+                "ended long ago",
                 ResetScheduled,
-                Some(NOW - 31_000),
-                30_000,
-                announce,
+                Some(NOW - 61_000),
+                WINDOW,
+                NOW,
+                0,
+                Announce,
+            ),
+            // Announced before this process was leading (a restart inside the window).
+            (
+                "announced before a restart",
+                ResetScheduled,
+                Some(NOW),
+                WINDOW,
+                NOW,
+                NOW - WINDOW + 1,
+                Announce,
             ),
             (
                 "scheduled without a time",
                 ResetScheduled,
                 None,
-                30_000,
-                announce,
+                WINDOW,
+                NOW,
+                0,
+                Announce,
             ),
         ];
-        for (name, phase, next, veto, expected) in cases {
-            assert_eq!(veto_step(phase, next, veto, NOW), expected, "{name}");
+        for (name, phase, next, veto, screened, since, expected) in cases {
+            assert_eq!(
+                veto_step(phase, next, veto, screened, since),
+                expected,
+                "{name}"
+            );
         }
         // The screen lets a scheduled VM through only once its window is over.
         let mut scheduled = vm(VmStatus::Down);
         scheduled.phase = ResetScheduled;
         scheduled.next_action_ms = Some(NOW + 1);
-        assert!(matches!(screen(&scheduled, NOW), Screen::Skip(_)));
+        assert_eq!(screen(&scheduled, NOW), Screen::Skip(WAITING));
         scheduled.next_action_ms = Some(NOW);
         assert_eq!(screen(&scheduled, NOW), Screen::Candidate);
     }

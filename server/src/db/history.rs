@@ -229,6 +229,14 @@ pub async fn fold(
     let upserts = [Tier::Minute, Tier::Hour].map(|tier| fold_sql(tier, postgres));
     with_conn!(conn, |c| {
         c.transaction::<_, DbError, _>(async |c| {
+            if postgres {
+                // Waits for inserts in flight and holds new ones for this short transaction:
+                // with several replicas writing, ids are not committed in order, and a fold
+                // must never move past a sample another transaction has yet to commit.
+                diesel::sql_query("LOCK TABLE metric_samples IN SHARE MODE")
+                    .execute(c)
+                    .await?;
+            }
             let from: Position =
                 diesel::sql_query("SELECT position FROM history_jobs WHERE name = 'rollup'")
                     .get_result(c)
@@ -349,38 +357,19 @@ pub async fn prune(
     now_ms: i64,
     limit: i64,
 ) -> Result<usize, DbError> {
-    let folded_to = position(conn).await?;
+    let postgres = matches!(conn, Conn::Postgres(_));
     let raw_before = keep.oldest_kept(Tier::Raw, now_ms);
     let event_before = keep.oldest_event_kept(now_ms);
-    // Raw samples: only folded ones, and from the front of the table (the oldest ids), so a
-    // batch never scans the whole table looking for old rows.
-    let mut deleted = with_conn!(conn, |c| {
-        diesel::sql_query(
-            "DELETE FROM metric_samples WHERE id IN \
-             (SELECT id FROM metric_samples WHERE id <= $1 ORDER BY id LIMIT $2) \
-             AND observed_ms < $3",
-        )
-        .bind::<BigInt, _>(folded_to)
-        .bind::<BigInt, _>(limit)
-        .bind::<BigInt, _>(raw_before)
-        .execute(c)
-        .await
-    })?;
-    for tier in [Tier::Minute, Tier::Hour] {
+    let rollups = [Tier::Minute, Tier::Hour].map(|tier| {
         let table = rollup_table(tier);
-        let sql = format!(
-            "DELETE FROM {table} WHERE (vm_id, bucket_ms) IN \
-             (SELECT vm_id, bucket_ms FROM {table} WHERE bucket_ms < $1 ORDER BY bucket_ms LIMIT $2)"
-        );
-        let before = keep.oldest_kept(tier, now_ms);
-        deleted += with_conn!(conn, |c| {
-            diesel::sql_query(&sql)
-                .bind::<BigInt, _>(before)
-                .bind::<BigInt, _>(limit)
-                .execute(c)
-                .await
-        })?;
-    }
+        (
+            format!(
+                "DELETE FROM {table} WHERE (vm_id, bucket_ms) IN \
+                 (SELECT vm_id, bucket_ms FROM {table} WHERE bucket_ms < $1 ORDER BY bucket_ms LIMIT $2)"
+            ),
+            keep.oldest_kept(tier, now_ms),
+        )
+    });
     // (SQLite numbers placeholders in order of first use: each statement uses $1 first.)
     // Events have an index on their time; status changes and history rows are taken from
     // the front by id, and a reset that is still open is never deleted.
@@ -393,14 +382,45 @@ pub async fn prune(
          AND outcome NOT IN ('pending', 'sent') AND id IN \
          (SELECT id FROM reset_attempts ORDER BY id LIMIT $2)",
     ];
-    for sql in event_sql {
-        deleted += with_conn!(conn, |c| {
-            diesel::sql_query(sql)
-                .bind::<BigInt, _>(event_before)
-                .bind::<BigInt, _>(limit)
-                .execute(c)
-                .await
-        })?;
-    }
-    Ok(deleted)
+    with_conn!(conn, |c| {
+        c.transaction::<_, DbError, _>(async |c| {
+            // One batch at a time across replicas (the job's row is the turn): two replicas
+            // deleting the same front would each see the other's rows gone and take "none
+            // deleted" for "nothing left".
+            let lock = if postgres {
+                "SELECT position FROM history_jobs WHERE name = 'rollup' FOR UPDATE"
+            } else {
+                "SELECT position FROM history_jobs WHERE name = 'rollup'"
+            };
+            let folded_to: Position = diesel::sql_query(lock).get_result(c).await?;
+            // Raw samples: only folded ones, and from the front of the table (the oldest
+            // ids), so a batch never scans the whole table looking for old rows.
+            let mut deleted = diesel::sql_query(
+                "DELETE FROM metric_samples WHERE id IN \
+                 (SELECT id FROM metric_samples WHERE id <= $1 ORDER BY id LIMIT $2) \
+                 AND observed_ms < $3",
+            )
+            .bind::<BigInt, _>(folded_to.position)
+            .bind::<BigInt, _>(limit)
+            .bind::<BigInt, _>(raw_before)
+            .execute(c)
+            .await?;
+            for (sql, before) in &rollups {
+                deleted += diesel::sql_query(sql)
+                    .bind::<BigInt, _>(*before)
+                    .bind::<BigInt, _>(limit)
+                    .execute(c)
+                    .await?;
+            }
+            for sql in event_sql {
+                deleted += diesel::sql_query(sql)
+                    .bind::<BigInt, _>(event_before)
+                    .bind::<BigInt, _>(limit)
+                    .execute(c)
+                    .await?;
+            }
+            Ok(deleted)
+        })
+        .await
+    })
 }

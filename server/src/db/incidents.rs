@@ -311,6 +311,7 @@ pub async fn announce_while_down(
             .filter(vms::id.eq(vm_id.get()))
             .filter(vms::remediation_phase.eq(expected.as_str()))
             .filter(vms::status.eq(VmStatus::Down.as_str()))
+            .filter(vms::auto_reset.eq(true))
             .into_boxed();
         query = match last_seen_ms {
             Some(t) => query.filter(vms::last_seen_ms.eq(t)),
@@ -375,6 +376,7 @@ pub async fn defer_while_down(
     next_action_ms: i64,
     reason: &str,
 ) -> Result<(), DbError> {
+    call_off(conn, vm_id, reason).await?;
     with_conn!(conn, |c| {
         let mut query = diesel::update(vms::table)
             .filter(vms::id.eq(vm_id.get()))
@@ -396,12 +398,32 @@ pub async fn defer_while_down(
 }
 
 /// Notes why a VM was left alone and when to look again, without touching its phase.
+/// Ends an announced action's countdown (the VM returns to `ok`; a later hung verdict is
+/// announced afresh). `false` when the VM was not counting down.
+pub async fn call_off(conn: &mut Conn, vm_id: VmId, reason: &str) -> Result<bool, DbError> {
+    let n = with_conn!(conn, |c| {
+        diesel::update(vms::table.find(vm_id.get()))
+            .filter(vms::remediation_phase.eq(RemediationPhase::ResetScheduled.as_str()))
+            .set((
+                vms::remediation_phase.eq(RemediationPhase::Ok.as_str()),
+                vms::next_action_ms.eq(None::<i64>),
+                vms::phase_reason.eq(reason),
+            ))
+            .execute(c)
+            .await
+    })?;
+    Ok(n == 1)
+}
+
+/// Looks again at `next_action_ms`. A deferral also calls off an announced action: the
+/// next hung verdict gets a window of its own.
 pub async fn defer(
     conn: &mut Conn,
     vm_id: VmId,
     next_action_ms: i64,
     reason: &str,
 ) -> Result<(), DbError> {
+    call_off(conn, vm_id, reason).await?;
     with_conn!(conn, |c| {
         diesel::update(vms::table.find(vm_id.get()))
             .set((
@@ -415,6 +437,9 @@ pub async fn defer(
 }
 
 pub async fn set_auto_reset(conn: &mut Conn, vm_id: VmId, enabled: bool) -> Result<bool, DbError> {
+    if !enabled {
+        call_off(conn, vm_id, "auto-reset turned off for this VM").await?;
+    }
     let n = with_conn!(conn, |c| {
         diesel::update(vms::table.find(vm_id.get()))
             .set(vms::auto_reset.eq(enabled))

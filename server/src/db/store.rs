@@ -308,10 +308,22 @@ pub async fn status_changes_for(
     conn: &mut Conn,
     vm_id: VmId,
 ) -> Result<Vec<StatusChange>, DbError> {
+    let mut changes = recent_status_changes(conn, vm_id, i64::MAX).await?;
+    changes.reverse();
+    Ok(changes)
+}
+
+/// The newest `limit` status changes of a VM, newest first.
+pub async fn recent_status_changes(
+    conn: &mut Conn,
+    vm_id: VmId,
+    limit: i64,
+) -> Result<Vec<StatusChange>, DbError> {
     let rows: Vec<StatusChangeRow> = with_conn!(conn, |c| {
         status_changes::table
             .filter(status_changes::vm_id.eq(vm_id.get()))
-            .order(status_changes::id.asc())
+            .order(status_changes::id.desc())
+            .limit(limit)
             .select((
                 status_changes::id,
                 status_changes::vm_id,
@@ -379,10 +391,20 @@ impl From<AttemptRow> for ResetAttempt {
 }
 
 pub async fn reset_history(conn: &mut Conn, vm_id: VmId) -> Result<Vec<ResetAttempt>, DbError> {
+    recent_resets(conn, vm_id, i64::MAX).await
+}
+
+/// The newest `limit` rows of a VM's reset history, newest first.
+pub async fn recent_resets(
+    conn: &mut Conn,
+    vm_id: VmId,
+    limit: i64,
+) -> Result<Vec<ResetAttempt>, DbError> {
     let rows: Vec<AttemptRow> = with_conn!(conn, |c| {
         reset_attempts::table
             .filter(reset_attempts::vm_id.eq(vm_id.get()))
             .order(reset_attempts::id.desc())
+            .limit(limit)
             .load(c)
             .await
     })?;

@@ -14,6 +14,7 @@ use domain::{
 };
 use proxmox::ProxmoxApi;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -169,11 +170,15 @@ impl super::Engine {
         guest: GuestRef,
         state: GuestState,
         mode: Mode,
+        screened_ms: i64,
     ) -> bool {
         let engine = self.clone();
         let vm_id = row.vm_id();
         self.inspections.start(vm_id, async move {
-            if let Err(err) = engine.inspect(&row, &guest, &state, mode).await {
+            if let Err(err) = engine
+                .inspect(&row, &guest, &state, mode, screened_ms)
+                .await
+            {
                 tracing::error!(vm_id = %vm_id, error = %err, "could not record an inspection");
             }
         })
@@ -185,6 +190,7 @@ impl super::Engine {
         guest: &GuestRef,
         state: &GuestState,
         mode: Mode,
+        screened_ms: i64,
     ) -> Result<(), DbError> {
         let Some(pve) = self.ctx.pve.clone() else {
             return Ok(());
@@ -237,12 +243,16 @@ impl super::Engine {
                     tracing::info!(vm_id = %row.id, "auto-reset paused while the evidence was gathered; nothing sent");
                     return Ok(());
                 }
-                if let VetoStep::Announce { until_ms } = policy::veto_step(
+                let watching_since = self.watching_since_ms.load(Ordering::Acquire);
+                let step = policy::veto_step(
                     row.phase(),
                     row.next_action_ms,
                     self.ctx.cfg.veto_ms,
-                    now_ms,
-                ) {
+                    screened_ms,
+                    watching_since,
+                );
+                if step == VetoStep::Announce {
+                    let until_ms = now_ms.saturating_add(self.ctx.cfg.veto_ms);
                     return self.announce(row, rung, &why, until_ms, now_ms).await;
                 }
                 let sent = self

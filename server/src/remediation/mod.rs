@@ -27,7 +27,7 @@ pub use leader::Leader;
 use linker::Linker;
 use proxmox::{ProxmoxApi, PveClient, PveError, TlsTrust};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Why a requested action could not start.
@@ -112,6 +112,9 @@ pub struct Engine {
     ctx: Ctx,
     leader: tokio::sync::Mutex<Leader>,
     leading: AtomicBool,
+    /// When this process last became leader: an action announced before it was not
+    /// watched through its window by this process, and is announced again.
+    watching_since_ms: AtomicI64,
     guard: Guard,
     linker: Arc<Linker>,
     executor: Arc<Executor>,
@@ -171,6 +174,7 @@ impl Engine {
             linker,
             leader: tokio::sync::Mutex::new(leader),
             leading: AtomicBool::new(false),
+            watching_since_ms: AtomicI64::new(i64::MAX),
             inspections: inspection::Inspections::default(),
             ticks: AtomicU64::new(0),
             ctx,
@@ -261,6 +265,7 @@ impl Engine {
             return Ok(());
         }
         if !was_leading {
+            self.watching_since_ms.store(now_ms, Ordering::Release);
             // Every time this process becomes leader, not only at start: another replica
             // may have left attempts open when it stopped leading.
             if let Err(err) = self.executor.reconcile().await {
@@ -291,11 +296,27 @@ impl Engine {
                 .count()
                 + self.inspections.running();
             for row in &rows {
-                if policy::screen(&facts(row), now_ms) == Screen::Candidate
-                    && !self.inspections.contains(row.vm_id())
-                    && self.consider(row, &mut in_flight, now_ms).await?
-                {
-                    touched.push(row.vm_id());
+                match policy::screen(&facts(row), now_ms) {
+                    Screen::Candidate => {
+                        if !self.inspections.contains(row.vm_id())
+                            && self.consider(row, &mut in_flight, now_ms).await?
+                        {
+                            touched.push(row.vm_id());
+                        }
+                    }
+                    // An announced action whose VM left the candidates (opted out, unlinked,
+                    // link pending) is called off, not left counting down.
+                    Screen::Skip(why)
+                        if row.phase() == RemediationPhase::ResetScheduled
+                            && why != policy::WAITING =>
+                    {
+                        let mut conn = self.ctx.db.conn().await?;
+                        let reason = format!("announced action called off: {why}");
+                        if incidents::call_off(&mut conn, row.vm_id(), &reason).await? {
+                            touched.push(row.vm_id());
+                        }
+                    }
+                    Screen::Skip(_) => {}
                 }
             }
         }
@@ -363,13 +384,13 @@ impl Engine {
         let state = inspection::stamped(state, now_ms);
         match policy::decide(&state, &self.ctx.cfg, *in_flight) {
             Decision::Reset | Decision::WouldReset if self.ctx.cfg.mode == Mode::Shadow => {
-                if self.start_inspection(row.clone(), guest, state, Mode::Shadow) {
+                if self.start_inspection(row.clone(), guest, state, Mode::Shadow, now_ms) {
                     *in_flight += 1;
                 }
                 return Ok(false);
             }
             Decision::Reset | Decision::WouldReset => {
-                if self.start_inspection(row.clone(), guest, state, Mode::Live) {
+                if self.start_inspection(row.clone(), guest, state, Mode::Live, now_ms) {
                     *in_flight += 1;
                 }
                 return Ok(false);

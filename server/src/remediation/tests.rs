@@ -1108,3 +1108,86 @@ async fn a_guest_stopped_between_the_two_reads_is_not_acted_on() {
         "{reason}"
     );
 }
+
+/// The veto window by the engine's own clock: announced, sent only after the window; a
+/// deferral (a lock at the window's end) or an opt-out calls the announcement off, and the
+/// next hung verdict gets a window of its own; an engine that was not leading through the
+/// window announces again instead of acting.
+#[tokio::test]
+async fn an_announced_action_needs_a_whole_watched_window() {
+    const WINDOW: i64 = 30_000;
+    let cfg = RemediationConfig {
+        veto_ms: WINDOW,
+        ..quick()
+    };
+    let r = rig(cfg.clone()).await;
+    let id = r.vm("web", 100, T0).await;
+    r.run_to(T0 + STALE).await;
+    let row = r.row(id).await;
+    assert_eq!(row.phase(), RemediationPhase::ResetScheduled);
+    let until = row.next_action_ms.unwrap();
+    assert!(r.pve.posts().is_empty(), "sent before its window");
+
+    // At the window's end a backup holds a lock: the action is called off, not kept.
+    let locked = GuestState {
+        lock: Some("backup".into()),
+        agent_configured: true,
+        ..GuestState::running()
+    };
+    r.pve.set_state(100, locked);
+    r.run_to(until).await;
+    let row = r.row(id).await;
+    assert_eq!(row.phase(), RemediationPhase::Ok, "{:?}", row.phase_reason);
+    assert!(r.pve.posts().is_empty());
+
+    // The lock ends; the next look announces afresh instead of acting at once.
+    r.pve.set_state(
+        100,
+        GuestState {
+            agent_configured: true,
+            ..GuestState::running()
+        },
+    );
+    let next = row.next_action_ms.unwrap();
+    r.run_to(next).await;
+    let row = r.row(id).await;
+    assert_eq!(row.phase(), RemediationPhase::ResetScheduled);
+    assert!(r.pve.posts().is_empty(), "acted without a new window");
+
+    // Opting the VM out calls the countdown off.
+    let mut conn = r.db.conn().await.unwrap();
+    incidents::set_auto_reset(&mut conn, id, false)
+        .await
+        .unwrap();
+    let row = r.row(id).await;
+    assert_eq!(row.phase(), RemediationPhase::Ok);
+    incidents::set_auto_reset(&mut conn, id, true)
+        .await
+        .unwrap();
+    drop(conn);
+    r.run_to(r.clock.now_ms() + 5_000).await;
+    let until = r.row(id).await.next_action_ms.unwrap();
+
+    // Another engine (a restart, a new leader) takes over inside the window: it did not
+    // watch the window, so when it ends it announces again instead of acting.
+    let successor = engine_on(&r.db, &r.pve, &r.clock, cfg, JobHealth::default());
+    let mut row = r.row(id).await;
+    for _ in 0..40 {
+        r.clock.advance(5_000);
+        r.round_of(&successor).await;
+        row = r.row(id).await;
+        if row.next_action_ms != Some(until) {
+            break;
+        }
+    }
+    assert!(
+        r.pve.posts().is_empty(),
+        "a window nobody here watched was acted on"
+    );
+    assert_eq!(row.phase(), RemediationPhase::ResetScheduled);
+    assert!(row.next_action_ms.unwrap() > until, "not announced again");
+    // Its own window, watched to the end: now it acts.
+    r.run_engine_to(&successor, row.next_action_ms.unwrap() + 5_000)
+        .await;
+    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Reboot)]);
+}

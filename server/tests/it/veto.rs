@@ -146,3 +146,27 @@ async fn a_heartbeat_during_the_window_cancels_the_action() {
     assert!(fake.posts().is_empty(), "{:?}", fake.posts());
     srv.stop().await;
 }
+
+/// A window shorter than the time the evidence takes still ends in the action: the round
+/// that picked the VM counts, not the time the evidence came back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_short_window_with_slow_evidence_still_acts() {
+    let fake = FakePve::start(vec![FakeVm::running(100, "pve1")]).await;
+    let mut srv = start(
+        Backend::Sqlite,
+        &fake,
+        &[
+            ("RESET_VETO_SECONDS", "1"),
+            ("EVIDENCE_INTERVAL_MS", "2500"),
+        ],
+    )
+    .await;
+    let id = report_vm(&srv, 100, "pve1", 5000).await;
+    announced(&srv, id).await;
+    wait_for("the reboot", Duration::from_secs(30), || async {
+        (!fake.posts().is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(fake.posts(), vec!["reboot 100"]);
+    srv.stop().await;
+}
