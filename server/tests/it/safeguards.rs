@@ -517,7 +517,8 @@ async fn a_storage_outage_pauses_resets_for_one_stale_timeout() {
         ))
         .await
         .unwrap();
-    wait_for("refused reports", Duration::from_secs(10), || async {
+    // A deadline, not a timing: on a loaded machine the pool may take seconds to give up.
+    wait_for("refused reports", Duration::from_secs(30), || async {
         (refused.lock().unwrap().len() >= 3).then_some(())
     })
     .await;
