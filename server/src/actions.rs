@@ -36,12 +36,7 @@ pub async fn power(
 
 /// Holds the automatic power action announced for `vm` during its veto window.
 pub async fn hold(state: &AppState, who: &str, from: &str, vm: VmId) -> Result<(), ActionError> {
-    {
-        let mut conn = state.db.conn().await?;
-        store::get_vm(&mut conn, vm)
-            .await?
-            .ok_or(ActionError::NotFound)?;
-    }
+    known(state, vm).await?;
     let result = match state.engine.hold_announced(vm, who).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(ActionError::NothingAnnounced),
@@ -64,12 +59,7 @@ pub async fn acknowledge(
     from: &str,
     vm: VmId,
 ) -> Result<(), ActionError> {
-    {
-        let mut conn = state.db.conn().await?;
-        store::get_vm(&mut conn, vm)
-            .await?
-            .ok_or(ActionError::NotFound)?;
-    }
+    known(state, vm).await?;
     let result = match state.engine.acknowledge(vm).await {
         Ok(true) => Ok(()),
         Ok(false) => Err(ActionError::NothingLatched),
@@ -125,4 +115,13 @@ pub async fn set_auto_reset(
     .await;
     crate::cache::refresh(&state.db, &state.cache, &[vm]).await;
     Ok(())
+}
+
+/// `NotFound` for a VM the store does not hold, before anything is changed or audited.
+async fn known(state: &AppState, vm: VmId) -> Result<(), ActionError> {
+    let mut conn = state.db.conn().await?;
+    store::get_vm(&mut conn, vm)
+        .await?
+        .map(|_| ())
+        .ok_or(ActionError::NotFound)
 }
