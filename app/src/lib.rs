@@ -5,9 +5,11 @@
 
 #[cfg(feature = "ssr")]
 pub mod backend;
+pub mod codec;
 pub mod components;
 pub mod error;
 pub mod format;
+pub mod live;
 pub mod model;
 pub mod pages;
 pub mod rpc;

@@ -1,27 +1,28 @@
 //! Server functions (under `/rpc`): the pages' only calls to the server, each served through
 //! the provided [`Backend`](crate::backend::Backend).
 
+use crate::codec::JsonText;
 use crate::error::AppError;
 use domain::view::{AgentInstall, FleetSnapshot, MetricHistory, SignedIn, VmPage};
 use domain::{ChartRange, OperatorAction};
 use leptos::prelude::*;
 
 /// The whole fleet with per-status counts, as the fleet page shows it.
-#[server(prefix = "/rpc", endpoint = "fleet")]
+#[server(prefix = "/rpc", endpoint = "fleet", output = JsonText)]
 pub async fn get_fleet() -> Result<FleetSnapshot, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
     backend.fleet(&caller).await
 }
 
 /// Who is signed in (the pages show the name and offer what the role allows).
-#[server(prefix = "/rpc", endpoint = "me")]
+#[server(prefix = "/rpc", endpoint = "me", output = JsonText)]
 pub async fn get_me() -> Result<SignedIn, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
     backend.me(&caller).await
 }
 
 /// What the "Add a VM" install line shows (operators).
-#[server(prefix = "/rpc", endpoint = "agent-install")]
+#[server(prefix = "/rpc", endpoint = "agent-install", output = JsonText)]
 pub async fn get_agent_install() -> Result<AgentInstall, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
     let result = backend.agent_install(&caller).await;
@@ -30,7 +31,7 @@ pub async fn get_agent_install() -> Result<AgentInstall, AppError> {
 }
 
 /// One VM's page: state, status changes, reset history.
-#[server(prefix = "/rpc", endpoint = "vm")]
+#[server(prefix = "/rpc", endpoint = "vm", output = JsonText)]
 pub async fn get_vm_page(vm_id: i64) -> Result<VmPage, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
     let result = backend.vm_page(&caller, domain::VmId(vm_id)).await;
@@ -39,7 +40,7 @@ pub async fn get_vm_page(vm_id: i64) -> Result<VmPage, AppError> {
 }
 
 /// One VM's chart over a range ending now.
-#[server(prefix = "/rpc", endpoint = "metrics")]
+#[server(prefix = "/rpc", endpoint = "metrics", output = JsonText)]
 pub async fn get_metrics(vm_id: i64, range: ChartRange) -> Result<MetricHistory, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
     let result = backend.metrics(&caller, domain::VmId(vm_id), range).await;
@@ -49,7 +50,7 @@ pub async fn get_metrics(vm_id: i64, range: ChartRange) -> Result<MetricHistory,
 
 /// An operator's action on one VM: reset, shutdown, hold an announced automatic action, or
 /// acknowledge a latched state. Recorded in its history and the audit log.
-#[server(prefix = "/rpc", endpoint = "act")]
+#[server(prefix = "/rpc", endpoint = "act", output = JsonText)]
 pub async fn act_on_vm(vm_id: i64, action: OperatorAction) -> Result<(), AppError> {
     let (backend, caller) = crate::backend::from_context()?;
     let result = backend.act(&caller, domain::VmId(vm_id), action).await;

@@ -5,12 +5,13 @@
 //! again it is rebuilt from the database before it is read from.
 
 use crate::db::Db;
+use crate::live::{Change, LiveBus};
 use deadpool_redis::redis::AsyncCommands;
 use domain::VmId;
 use domain::view::VmView;
 use std::collections::HashMap;
-use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 const REDIS_KEY: &str = "vmhc:vms";
@@ -20,6 +21,8 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct StateCache {
     local: RwLock<HashMap<VmId, VmView>>,
     redis: Option<RedisCache>,
+    /// Told of every write, so open pages follow.
+    live: Arc<LiveBus>,
 }
 
 struct RedisCache {
@@ -37,7 +40,7 @@ pub enum CacheHealth {
 }
 
 impl StateCache {
-    pub fn new(redis_url: Option<&str>) -> anyhow::Result<Self> {
+    pub fn new(redis_url: Option<&str>, live: Arc<LiveBus>) -> anyhow::Result<Self> {
         let redis = match redis_url {
             None => None,
             Some(url) => {
@@ -61,7 +64,12 @@ impl StateCache {
         Ok(Self {
             local: RwLock::new(HashMap::new()),
             redis,
+            live,
         })
+    }
+
+    pub fn live(&self) -> &Arc<LiveBus> {
+        &self.live
     }
 
     pub fn health(&self) -> CacheHealth {
@@ -110,6 +118,7 @@ impl StateCache {
                 map.insert(view.id, view.clone());
             }
         }
+        self.live.vms_changed(views.iter().map(|v| v.id));
         if let Some(redis) = self
             .redis
             .as_ref()
@@ -132,6 +141,7 @@ impl StateCache {
         if let Ok(mut map) = self.local.write() {
             map.remove(&id);
         }
+        self.live.vms_changed([id]);
         if let Some(redis) = &self.redis {
             let result: Result<(), _> = redis
                 .run(|mut conn| async move { conn.hdel(REDIS_KEY, id.to_string()).await })
@@ -147,6 +157,7 @@ impl StateCache {
         if let Ok(mut map) = self.local.write() {
             *map = views.iter().map(|v| (v.id, v.clone())).collect();
         }
+        self.live.publish(Change::All);
         let Some(redis) = &self.redis else {
             return Ok(());
         };

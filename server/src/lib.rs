@@ -17,6 +17,7 @@ pub mod health;
 pub mod history;
 pub mod http;
 pub mod ingest;
+pub mod live;
 pub mod remediation;
 pub mod scheduler;
 pub mod settings;
@@ -32,7 +33,7 @@ use crate::config::Config;
 use crate::db::{Db, store};
 use crate::health::JobHealth;
 use crate::ingest::Ingest;
-use crate::settings::SharedStatusConfig;
+use crate::settings::{SharedRemediation, SharedStatusConfig};
 use crate::state::{AppState, Inner};
 use leptos::config::{Env, LeptosOptions};
 use std::future::Future;
@@ -91,13 +92,25 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let db = Db::connect(&config.database_url, config.db_pool_size).await?;
     let credentials = Credentials::load(&db, &config).await?;
     accounts::bootstrap(&db, &config).await?;
-    let cache = Arc::new(StateCache::new(config.redis_url.as_deref())?);
+    let (live, fanout) = live::LiveBus::new(config.redis_url.as_deref());
+    let cache = Arc::new(StateCache::new(config.redis_url.as_deref(), live.clone())?);
     let saved = {
         let mut conn = db.conn().await?;
         store::load_status_config(&mut conn).await?
     };
     let status_config =
         SharedStatusConfig::new(saved.unwrap_or_else(|| config.status_defaults.clone()));
+    let remediation = SharedRemediation::new(config.remediation.clone());
+    {
+        let mut conn = db.conn().await?;
+        if let Some(tuning) = store::load_remediation_tuning(&mut conn).await? {
+            tracing::info!(
+                ?tuning,
+                "remediation settings saved in the dashboard apply over the environment"
+            );
+            remediation.tune(&tuning);
+        }
+    }
     let health = JobHealth::default();
     let (ingest, writer) = Ingest::new(
         db.clone(),
@@ -112,6 +125,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         db.clone(),
         cache.clone(),
         status_config.clone(),
+        remediation.clone(),
         health.clone(),
         Arc::new(SystemClock),
     )?);
@@ -137,6 +151,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             cache,
             credentials,
             status_config,
+            remediation,
             ingest,
             engine,
             health: health.clone(),
@@ -160,12 +175,15 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let app = web::router(state.clone());
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let handshake_timeout = config.tls_handshake_timeout;
+    let live_to_close = live.clone();
     let serve = tokio::spawn(async move {
         let stop = async move {
             tokio::select! {
                 _ = shutdown_rx => {}
                 _ = shutdown_signal() => {}
             }
+            // Open live streams would otherwise hold the graceful shutdown open.
+            live_to_close.close();
         };
         let result = match tls {
             Some(acceptor) => tls::serve(listener, app, acceptor, handshake_timeout, stop).await,
@@ -194,13 +212,17 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let upkeep = supervise("history upkeep", health_for_upkeep, move || {
         history::run(history_state.clone())
     });
+    let mut jobs = vec![writer, scheduler, upkeep];
+    if let Some(link) = fanout {
+        jobs.push(tokio::spawn(live::run_fanout(live, link)));
+    }
     tracing::info!(%addr, https, database = state.db.backend_name(), "vm-healthcheck listening");
     Ok(RunningServer {
         addr,
         state,
         shutdown: Some(shutdown_tx),
         serve,
-        jobs: vec![writer, scheduler, upkeep],
+        jobs,
     })
 }
 

@@ -13,8 +13,8 @@ pub async fn run(state: AppState) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if let Err(err) = sync_status_config(&state).await {
-            tracing::warn!(error = %err, "could not reload the status configuration");
+        if let Err(err) = crate::settings::sync(&state).await {
+            tracing::warn!(error = %err, "could not reload the settings");
         }
         if let Err(err) = mark_stale(&state, crate::now_ms()).await {
             tracing::warn!(error = %err, "stale check failed");
@@ -28,17 +28,6 @@ pub async fn run(state: AppState) {
         }
         state.health.record_round(crate::now_ms());
     }
-}
-
-/// Picks up configuration saved by another replica.
-pub async fn sync_status_config(state: &AppState) -> Result<(), DbError> {
-    let mut conn = state.db.conn().await?;
-    if let Some(saved) = store::load_status_config(&mut conn).await?
-        && saved != state.status_config.get()
-    {
-        state.status_config.set(saved);
-    }
-    Ok(())
 }
 
 /// Turns VMs whose heartbeats went stale `down`, recording each change.

@@ -7,7 +7,7 @@ use crate::db::Db;
 use crate::health::JobHealth;
 use crate::ingest::Ingest;
 use crate::remediation::Engine;
-use crate::settings::SharedStatusConfig;
+use crate::settings::{SharedRemediation, SharedStatusConfig};
 use axum::extract::FromRef;
 use leptos::prelude::LeptosOptions;
 use std::sync::Arc;
@@ -24,6 +24,7 @@ pub struct Inner {
     pub cache: Arc<StateCache>,
     pub credentials: Credentials,
     pub status_config: SharedStatusConfig,
+    pub remediation: SharedRemediation,
     pub ingest: Ingest,
     pub engine: Arc<Engine>,
     pub health: JobHealth,

@@ -5,6 +5,7 @@ pub mod chart;
 pub mod remediation_banner;
 pub mod status_badge;
 pub mod summary;
+pub mod topbar;
 pub mod vm_table;
 
 pub use add_vm::AddVm;
@@ -12,4 +13,5 @@ pub use chart::Chart;
 pub use remediation_banner::RemediationBanner;
 pub use status_badge::{PhaseBadge, StatusBadge};
 pub use summary::SummaryCounts;
+pub use topbar::{SignedInAs, TopBar, use_signed_in};
 pub use vm_table::VmTable;

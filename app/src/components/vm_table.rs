@@ -171,6 +171,15 @@ fn RowActions(
     can_operate: Signal<bool>,
     phase: Memo<RemediationPhase>,
 ) -> impl IntoView {
+    // Owned here, not by the button: a hold changes the phase, which removes the button, and
+    // its answer must stay on screen.
+    let hold = ServerAction::<ActOnVm>::new();
+    let held = move || {
+        hold.value().get().map(|r| match r {
+            Ok(()) => "held".to_owned(),
+            Err(err) => err.to_string(),
+        })
+    };
     view! {
         <Show when=move || phase.get() == RemediationPhase::ResetScheduled>
             <span class="countdown" role="timer">
@@ -181,9 +190,10 @@ fn RowActions(
                 }}
             </span>
             <Show when=move || can_operate.get()>
-                <HoldButton id/>
+                <HoldButton id hold/>
             </Show>
         </Show>
+        <span class="action-result" role="status">{held}</span>
         <Show when=move || can_operate.get()>
             <ResetButton id/>
         </Show>
@@ -236,14 +246,7 @@ fn Usage(value: Signal<Option<f64>>) -> impl IntoView {
 /// Holds the automatic power action announced for this VM: one click, since holding is
 /// the safe side (the VM then waits for an operator).
 #[component]
-fn HoldButton(id: i64) -> impl IntoView {
-    let hold = ServerAction::<ActOnVm>::new();
-    let result = move || {
-        hold.value().get().map(|r| match r {
-            Ok(()) => "held".to_owned(),
-            Err(err) => err.to_string(),
-        })
-    };
+fn HoldButton(id: i64, hold: ServerAction<ActOnVm>) -> impl IntoView {
     view! {
         <button
             class="hold"
@@ -258,7 +261,6 @@ fn HoldButton(id: i64) -> impl IntoView {
         >
             "Hold"
         </button>
-        <span class="action-result" role="status">{result}</span>
     }
 }
 

@@ -1,68 +1,29 @@
 //! The fleet page ("/"): summary counts and one row per VM, refreshed in place.
 
-use crate::components::{AddVm, RemediationBanner, SummaryCounts, VmTable};
+use crate::components::{AddVm, RemediationBanner, SummaryCounts, TopBar, VmTable, use_signed_in};
 use crate::error::AppError;
+use crate::live::use_live;
 use crate::model::{FleetModel, FleetQuery};
-use crate::rpc::{get_fleet, get_me};
-use domain::UserRole;
+use crate::rpc::get_fleet;
 use domain::view::FleetSnapshot;
 use leptos::prelude::*;
 use leptos_router::NavigateOptions;
 use leptos_router::hooks::{use_navigate, use_query_map};
-use std::time::Duration;
-
-/// How often the page asks for a fresh snapshot.
-const REFRESH: Duration = Duration::from_millis(2_000);
 
 #[component]
 pub fn FleetPage() -> impl IntoView {
-    let (tick, set_tick) = signal(0u64);
+    // Every change concerns the fleet page: a new VM, a status, a figure.
+    let live = use_live(|_| true);
     let (hydrated, set_hydrated) = signal(false);
-    let fleet = Resource::new(move || tick.get(), |_| get_fleet());
-    let me = OnceResource::new(get_me());
-    let can_operate = Signal::derive(move || {
-        me.get()
-            .and_then(Result::ok)
-            .is_some_and(|m| m.role >= UserRole::Operator)
-    });
-
-    // Effects run only in the browser: this marks the page live once hydrated and starts the
-    // refresh timer, which is cleared when the page unmounts.
-    Effect::new(move |_| {
-        set_hydrated.set(true);
-        match set_interval_with_handle(move || set_tick.update(|t| *t += 1), REFRESH) {
-            Ok(handle) => on_cleanup(move || handle.clear()),
-            Err(err) => leptos::logging::error!("could not start the refresh timer: {err:?}"),
-        }
-    });
+    let fleet = Resource::new(move || live.tick.get(), |_| get_fleet());
+    let who = use_signed_in();
+    let can_operate = who.can_operate();
+    // Effects run only in the browser: marks the page interactive once hydrated.
+    Effect::new(move |_| set_hydrated.set(true));
 
     view! {
         <div class="page" data-hydrated=move || hydrated.get().to_string()>
-            <header class="topbar">
-                <h1>"vm-healthcheck"</h1>
-                <span class="live" title="Refreshes every few seconds">
-                    {move || if hydrated.get() { "live" } else { "loading" }}
-                </span>
-                <Transition fallback=|| ()>
-                    {move || {
-                        me.get()
-                            .and_then(Result::ok)
-                            .map(|m| {
-                                view! {
-                                    <span class="user">
-                                        <span class="username">{m.username}</span>
-                                        " ("
-                                        {m.role.to_string()}
-                                        ")"
-                                    </span>
-                                }
-                            })
-                    }}
-                </Transition>
-                <form class="signout" method="post" action="/auth/logout">
-                    <button type="submit">"Sign out"</button>
-                </form>
-            </header>
+            <TopBar who mode=live.mode/>
             <Transition fallback=|| view! { <p class="empty">"Loading fleet..."</p> }>
                 <Fleet fleet can_operate/>
             </Transition>

@@ -2,19 +2,16 @@
 //! range, its status changes and reset history with the evidence, and operators' actions.
 
 use crate::components::chart::{self, Chart};
-use crate::components::{PhaseBadge, StatusBadge};
+use crate::components::{PhaseBadge, StatusBadge, TopBar, use_signed_in};
 use crate::error::AppError;
 use crate::format;
-use crate::rpc::{ActOnVm, get_me, get_metrics, get_vm_page};
+use crate::live::use_live;
+use crate::rpc::{ActOnVm, get_metrics, get_vm_page};
 use domain::history::Tier;
 use domain::view::{MetricHistory, ResetAttempt, StatusChange, VmPage, VmView};
-use domain::{ChartRange, OperatorAction, RemediationPhase, TriggerSource, UserRole, VmStatus};
+use domain::{ChartRange, OperatorAction, RemediationPhase, TriggerSource, VmStatus};
 use leptos::prelude::*;
 use leptos_router::hooks::{use_params_map, use_query_map};
-use std::time::Duration;
-
-/// How often the page asks for fresh state; charts of a day or more follow every sixth time.
-const REFRESH: Duration = Duration::from_millis(5_000);
 
 #[component]
 pub fn VmDetailPage() -> impl IntoView {
@@ -29,7 +26,9 @@ pub fn VmDetailPage() -> impl IntoView {
                 .unwrap_or(ChartRange::Day)
         })
     });
-    let (tick, set_tick) = signal(0u64);
+    // Only changes naming this VM concern its page.
+    let live = use_live(move |ids| id.get_untracked().is_some_and(|me| ids.contains(&me)));
+    let tick = live.tick;
     let (hydrated, set_hydrated) = signal(false);
     let page = Resource::new(
         move || (id.get(), tick.get()),
@@ -56,26 +55,14 @@ pub fn VmDetailPage() -> impl IntoView {
             }
         },
     );
-    let me = OnceResource::new(get_me());
-    let can_operate = Signal::derive(move || {
-        me.get()
-            .and_then(Result::ok)
-            .is_some_and(|m| m.role >= UserRole::Operator)
-    });
-    Effect::new(move |_| {
-        set_hydrated.set(true);
-        match set_interval_with_handle(move || set_tick.update(|t| *t += 1), REFRESH) {
-            Ok(handle) => on_cleanup(move || handle.clear()),
-            Err(err) => leptos::logging::error!("could not start the refresh timer: {err:?}"),
-        }
-    });
-    let refresh = Callback::new(move |()| set_tick.update(|t| *t += 1));
+    let who = use_signed_in();
+    let can_operate = who.can_operate();
+    Effect::new(move |_| set_hydrated.set(true));
+    let refresh = live.refresh;
 
     view! {
         <div class="page vm-page" data-hydrated=move || hydrated.get().to_string()>
-            <nav class="crumbs">
-                <a href="/">"Fleet"</a>
-            </nav>
+            <TopBar who mode=live.mode/>
             <Transition fallback=|| view! { <p class="empty">"Loading..."</p> }>
                 <VmBody page metrics range id can_operate refresh/>
             </Transition>

@@ -187,6 +187,19 @@ string_enum!(
 );
 
 string_enum!(
+    /// Automatic remediation as the settings page offers it: one switch over
+    /// `AUTO_RESET_ENABLED` and `AUTO_RESET_MODE`.
+    AutoReset, "auto-reset setting" {
+        /// Never acts.
+        Off = "off",
+        /// Records what it would do, calls nothing.
+        Shadow = "shadow",
+        /// Acts.
+        On = "on",
+    }
+);
+
+string_enum!(
     /// How a VM's Proxmox link was found.
     LinkSource, "link source" {
         /// The VMID the agent reported.
@@ -273,6 +286,7 @@ mod tests {
         round_trips(OperatorAction::ALL);
         round_trips(ChartRange::ALL);
         round_trips(Mode::ALL);
+        round_trips(AutoReset::ALL);
         round_trips(LinkSource::ALL);
         round_trips(OsKind::ALL);
         round_trips(EventKind::ALL);

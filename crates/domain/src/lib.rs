@@ -12,12 +12,13 @@ pub mod ingest;
 pub mod link;
 pub mod policy;
 pub mod secret;
+pub mod settings;
 pub mod status;
 pub mod view;
 
 pub use enums::{
-    AttemptOutcome, ChartRange, EventKind, GuestKind, LinkSource, Mode, OperatorAction, OsKind,
-    PowerAction, RemediationPhase, TriggerSource, UnknownValue, UserRole, VmStatus,
+    AttemptOutcome, AutoReset, ChartRange, EventKind, GuestKind, LinkSource, Mode, OperatorAction,
+    OsKind, PowerAction, RemediationPhase, TriggerSource, UnknownValue, UserRole, VmStatus,
 };
 pub use ids::{AttemptId, GuestRef, InvalidId, NodeName, VmId, Vmid};
 pub use secret::Secret;

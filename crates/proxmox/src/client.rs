@@ -252,6 +252,33 @@ impl PveClient {
             .map(|t| t.upid))
     }
 
+    /// The release, e.g. `9.1.3` (`GET /version`).
+    pub async fn version(&self) -> Result<String, PveError> {
+        #[derive(serde::Deserialize)]
+        struct Version {
+            version: String,
+        }
+        let v: Version = self.get("/version").await?;
+        Ok(v.version)
+    }
+
+    /// The privileges this token holds on `acl_path` (`GET /access/permissions?path=`).
+    pub async fn privileges(
+        &self,
+        acl_path: &str,
+    ) -> Result<std::collections::BTreeSet<String>, PveError> {
+        let answer: std::collections::HashMap<
+            String,
+            std::collections::HashMap<String, serde_json::Value>,
+        > = self
+            .get(&format!("/access/permissions?path={}", enc(acl_path)))
+            .await?;
+        Ok(answer
+            .get(acl_path)
+            .map(|privileges| privileges.keys().cloned().collect())
+            .unwrap_or_default())
+    }
+
     pub async fn task_status(&self, upid: &str) -> Result<PveTaskStatus, PveError> {
         // The task lives on the node named inside the UPID, whichever node we asked.
         let node = types::upid_node(upid)

@@ -53,6 +53,18 @@ pub trait ProxmoxApi: Send + Sync {
     ) -> PveFuture<'a, String>;
     /// A QEMU guest-agent ping; a failed ping is an answer, not an error.
     fn agent_ping<'a>(&'a self, guest: &'a GuestRef) -> PveFuture<'a, AgentPing>;
+    /// Who we are to Proxmox: its release and our privileges on `/vms`, for the settings
+    /// page's connection test. Doubles that do not script it answer "not supported".
+    fn access(&self) -> PveFuture<'_, Access> {
+        Box::pin(async { Err(PveError::BadRequest("not supported by this client".into())) })
+    }
+}
+
+/// What the connection test learns.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Access {
+    pub version: String,
+    pub privileges: std::collections::BTreeSet<String>,
 }
 
 impl ProxmoxApi for PveClient {
@@ -95,6 +107,15 @@ impl ProxmoxApi for PveClient {
 
     fn agent_ping<'a>(&'a self, guest: &'a GuestRef) -> PveFuture<'a, AgentPing> {
         Box::pin(PveClient::agent_ping(self, guest))
+    }
+
+    fn access(&self) -> PveFuture<'_, Access> {
+        Box::pin(async move {
+            Ok(Access {
+                version: self.version().await?,
+                privileges: self.privileges("/vms").await?,
+            })
+        })
     }
 
     fn task_state<'a>(&'a self, upid: &'a str) -> PveFuture<'a, TaskState> {

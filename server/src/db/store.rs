@@ -8,6 +8,7 @@ use super::{Conn, DbError};
 use crate::with_conn;
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper};
 use diesel_async::{AsyncConnection, RunQueryDsl};
+use domain::settings::RemediationTuning;
 use domain::status::{LatestReport, StatusConfig, Verdict};
 use domain::view::{DiskUsage, ResetAttempt, StatusChange, VmView};
 use domain::{
@@ -16,6 +17,7 @@ use domain::{
 };
 
 const STATUS_CONFIG_KEY: &str = "status_config";
+const REMEDIATION_TUNING_KEY: &str = "remediation_tuning";
 
 /// A full `vms` row; stored enums are parsed on read and fail on unknown values.
 #[derive(Clone, Debug, diesel::Queryable, diesel::Selectable)]
@@ -413,15 +415,29 @@ pub async fn recent_resets(
 
 /// The persisted runtime status configuration, if an operator ever saved one.
 pub async fn load_status_config(conn: &mut Conn) -> Result<Option<StatusConfig>, DbError> {
+    load_runtime(conn, STATUS_CONFIG_KEY).await
+}
+
+pub async fn load_remediation_tuning(
+    conn: &mut Conn,
+) -> Result<Option<RemediationTuning>, DbError> {
+    load_runtime(conn, REMEDIATION_TUNING_KEY).await
+}
+
+/// One runtime setting; a row this version cannot read is treated as absent, so the
+/// configuration from the environment applies.
+async fn load_runtime<T: serde::de::DeserializeOwned>(
+    conn: &mut Conn,
+    key: &str,
+) -> Result<Option<T>, DbError> {
     let value: Option<String> = with_conn!(conn, |c| {
         runtime_config::table
-            .find(STATUS_CONFIG_KEY)
+            .find(key)
             .select(runtime_config::value)
             .first(c)
             .await
             .optional()
     })?;
-    // A row this version cannot read is treated as absent; the defaults then apply.
     Ok(value.and_then(|json| serde_json::from_str(&json).ok()))
 }
 
@@ -430,25 +446,55 @@ pub async fn save_status_config(
     cfg: &StatusConfig,
     now_ms: i64,
 ) -> Result<(), DbError> {
-    let json = serde_json::to_string(cfg)
-        .map_err(|e| DbError::Query(diesel::result::Error::SerializationError(Box::new(e))))?;
+    save_runtime(conn, &[(STATUS_CONFIG_KEY, to_json(cfg)?)], now_ms).await
+}
+
+/// Thresholds and, when given, remediation rails, in one transaction.
+pub async fn save_settings(
+    conn: &mut Conn,
+    status: &StatusConfig,
+    tuning: Option<&RemediationTuning>,
+    now_ms: i64,
+) -> Result<(), DbError> {
+    let mut values = vec![(STATUS_CONFIG_KEY, to_json(status)?)];
+    if let Some(tuning) = tuning {
+        values.push((REMEDIATION_TUNING_KEY, to_json(tuning)?));
+    }
+    save_runtime(conn, &values, now_ms).await
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String, DbError> {
+    serde_json::to_string(value)
+        .map_err(|e| DbError::Query(diesel::result::Error::SerializationError(Box::new(e))))
+}
+
+async fn save_runtime(
+    conn: &mut Conn,
+    values: &[(&str, String)],
+    now_ms: i64,
+) -> Result<(), DbError> {
     with_conn!(conn, |c| {
-        diesel::insert_into(runtime_config::table)
-            .values((
-                runtime_config::key.eq(STATUS_CONFIG_KEY),
-                runtime_config::value.eq(&json),
-                runtime_config::updated_ms.eq(now_ms),
-            ))
-            .on_conflict(runtime_config::key)
-            .do_update()
-            .set((
-                runtime_config::value.eq(&json),
-                runtime_config::updated_ms.eq(now_ms),
-            ))
-            .execute(c)
-            .await
-    })?;
-    Ok(())
+        c.transaction::<_, DbError, _>(async |c| {
+            for (key, json) in values {
+                diesel::insert_into(runtime_config::table)
+                    .values((
+                        runtime_config::key.eq(*key),
+                        runtime_config::value.eq(json),
+                        runtime_config::updated_ms.eq(now_ms),
+                    ))
+                    .on_conflict(runtime_config::key)
+                    .do_update()
+                    .set((
+                        runtime_config::value.eq(json),
+                        runtime_config::updated_ms.eq(now_ms),
+                    ))
+                    .execute(c)
+                    .await?;
+            }
+            Ok(())
+        })
+        .await
+    })
 }
 
 /// The stored hash of a named credential.

@@ -195,6 +195,17 @@ impl IntoResponse for ApiError {
     }
 }
 
+impl From<crate::settings::SettingsError> for ApiError {
+    fn from(err: crate::settings::SettingsError) -> Self {
+        match err {
+            crate::settings::SettingsError::Invalid(field) => {
+                ApiError::BadRequest(field.to_string())
+            }
+            crate::settings::SettingsError::Db(db) => db.into(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ mod enrolment;
 pub mod error;
 pub mod extract;
 mod health;
+mod live;
 mod people;
 mod remediation;
 mod report;
@@ -85,10 +86,16 @@ pub fn router(read_slots: usize) -> Router<AppState> {
             "/api/remediation",
             get(remediation::overview).layer(reads.clone()),
         )
+        .route("/api/live", get(live::stream))
+        .route("/api/proxmox/check", get(status::proxmox_check))
         .route("/api/status", get(status::summary))
         .route(
             "/api/status/config",
             get(status::get_config).put(status::put_config),
+        )
+        .route(
+            "/api/settings",
+            get(status::get_settings).put(status::put_settings),
         )
         .route("/api/{*rest}", any(|| async { ApiError::NotFound }))
         // Reports are the largest bodies; the rest are small JSON documents. `RawBody`

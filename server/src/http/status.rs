@@ -2,12 +2,11 @@
 
 use super::error::ApiError;
 use super::extract::{Admin, JsonBody, Viewer};
-use crate::cache::refresh as refresh_cache;
-use crate::db::store;
 use crate::state::AppState;
 use axum::Json;
 use axum::extract::State;
-use domain::status::{StatusConfig, StatusCounts, validate_config};
+use domain::settings::{ProxmoxCheck, Settings};
+use domain::status::{StatusConfig, StatusCounts};
 use serde::{Deserialize, Serialize};
 
 #[derive(Serialize)]
@@ -49,49 +48,65 @@ pub struct ConfigUpdated {
     changed_vms: usize,
 }
 
-/// Saves the new thresholds and re-judges every VM under them at once.
+/// Saves new thresholds (the rails unchanged) and re-judges every VM under them at once.
 pub async fn put_config(
     State(state): State<AppState>,
     Admin(actor): Admin,
     JsonBody(patch): JsonBody<ConfigPatch>,
 ) -> Result<Json<ConfigUpdated>, ApiError> {
-    let current = state.status_config.get();
-    let updated = StatusConfig {
-        cpu_threshold: patch.cpu_threshold.unwrap_or(current.cpu_threshold),
-        ram_threshold: patch.ram_threshold.unwrap_or(current.ram_threshold),
-        disk_threshold: patch.disk_threshold.unwrap_or(current.disk_threshold),
-        stale_timeout_ms: patch.stale_timeout_ms.unwrap_or(current.stale_timeout_ms),
+    let current = crate::settings::current(&state);
+    let status = StatusConfig {
+        cpu_threshold: patch.cpu_threshold.unwrap_or(current.status.cpu_threshold),
+        ram_threshold: patch.ram_threshold.unwrap_or(current.status.ram_threshold),
+        disk_threshold: patch
+            .disk_threshold
+            .unwrap_or(current.status.disk_threshold),
+        stale_timeout_ms: patch
+            .stale_timeout_ms
+            .unwrap_or(current.status.stale_timeout_ms),
         report_interval_seconds: patch
             .report_interval_seconds
-            .unwrap_or(current.report_interval_seconds),
+            .unwrap_or(current.status.report_interval_seconds),
     };
-    validate_config(&updated).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let now = crate::now_ms();
-    let changed = {
-        let (mut conn, _turn) = state.db.write_conn().await?;
-        store::save_status_config(&mut conn, &updated, now).await?;
-        state.status_config.set(updated.clone());
-        let rows = store::list_rows(&mut conn).await?;
-        let verdicts = crate::scheduler::judge(&rows, &updated, now);
-        store::apply_verdicts(&mut conn, &verdicts, now).await?
+    let settings = Settings {
+        status: status.clone(),
+        remediation: current.remediation,
     };
-    refresh_cache(&state.db, &state.cache, &changed).await;
-    tracing::info!(
-        config = ?updated,
-        changed_vms = changed.len(),
-        by = %actor.who.name,
-        "status configuration updated"
-    );
-    actor
-        .audit(
-            &state,
-            "configure",
-            Some("status thresholds"),
-            Some(&format!("{updated:?}")),
-        )
-        .await;
+    let changed = crate::settings::save(&state, &actor.who.name, &actor.from, settings).await?;
     Ok(Json(ConfigUpdated {
-        config: updated,
+        config: status,
+        changed_vms: changed.len(),
+    }))
+}
+
+/// Every runtime setting: thresholds and the remediation rails.
+pub async fn get_settings(State(state): State<AppState>, _admin: Admin) -> Json<Settings> {
+    Json(crate::settings::current(&state))
+}
+
+/// Asks Proxmox for its release and this monitor's privileges, and says in plain words what
+/// it found (admins): the token's name appears, never its secret.
+pub async fn proxmox_check(State(state): State<AppState>, _admin: Admin) -> Json<ProxmoxCheck> {
+    Json(crate::settings::test_proxmox(&state).await)
+}
+
+/// The settings after a change, and how many VMs changed status under them.
+#[derive(Serialize)]
+pub struct SettingsUpdated {
+    settings: Settings,
+    changed_vms: usize,
+}
+
+/// Replaces every runtime setting at once; a bad field is a 400 naming it and saves nothing.
+pub async fn put_settings(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    JsonBody(settings): JsonBody<Settings>,
+) -> Result<Json<SettingsUpdated>, ApiError> {
+    let changed =
+        crate::settings::save(&state, &actor.who.name, &actor.from, settings.clone()).await?;
+    Ok(Json(SettingsUpdated {
+        settings,
         changed_vms: changed.len(),
     }))
 }

@@ -138,7 +138,7 @@ impl Executor {
         automatic: bool,
     ) -> Result<String, PveError> {
         if automatic && action == PowerAction::Reboot {
-            let seconds = self.ctx.cfg.graceful_reboot_timeout_ms / 1000;
+            let seconds = self.ctx.cfg().graceful_reboot_timeout_ms / 1000;
             pve.graceful_reboot(guest, u64::try_from(seconds).unwrap_or(60))
                 .await
         } else {
@@ -211,7 +211,7 @@ impl Executor {
         } else if followed.automatic {
             let step = policy::after_failed_attempt(
                 followed.attempts,
-                &self.ctx.cfg,
+                &self.ctx.cfg(),
                 self.ctx.clock.now_ms(),
                 what,
             );
@@ -263,7 +263,7 @@ impl Executor {
         let mut timeout = self.ctx.timing.task_timeout;
         if followed.automatic && followed.action == PowerAction::Reboot {
             // Proxmox waits up to the graceful timeout for the shutdown, then starts it.
-            let graceful = u64::try_from(self.ctx.cfg.graceful_reboot_timeout_ms).unwrap_or(0);
+            let graceful = u64::try_from(self.ctx.cfg().graceful_reboot_timeout_ms).unwrap_or(0);
             timeout += std::time::Duration::from_millis(graceful);
         }
         let deadline = self

@@ -90,7 +90,7 @@ pub async fn gather(
     guest: &GuestRef,
     first: &GuestState,
 ) -> (Evidence, Option<GuestState>) {
-    let cfg = &ctx.cfg;
+    let cfg = &ctx.cfg();
     let ping = async {
         if !first.agent_configured {
             return AgentPing::NotConfigured;
@@ -197,20 +197,24 @@ impl super::Engine {
         };
         let (evidence, second) = gather(&self.ctx, pve.as_ref(), row, guest, state).await;
         let now_ms = self.ctx.clock.now_ms();
-        let mut verdict = evidence::judge(&evidence, self.ctx.cfg.hang_evidence);
+        let mut verdict = evidence::judge(&evidence, self.ctx.cfg().hang_evidence);
         // The second read must still show a guest the policy would act on: stopped, paused
         // or locked meanwhile (someone is at work on it) makes the first read stale.
         if let (Verdict::Hung(_), Some(second)) = (&verdict, &second)
             && let policy::Decision::Wait(why)
             | policy::Decision::Leave(why)
-            | policy::Decision::Fault(why) = policy::decide(second, &self.ctx.cfg, 0)
+            | policy::Decision::Fault(why) = policy::decide(second, &self.ctx.cfg(), 0)
         {
             verdict = Verdict::Unsure(format!("changed in Proxmox between the reads: {why}"));
         }
         tracing::info!(vm_id = %row.id, hostname = %row.hostname, verdict = ?verdict, "second opinion");
         match verdict {
             Verdict::Hung(why) => {
-                let rung = self.ctx.cfg.ladder.rung(guest.kind, row.incident_attempts);
+                let rung = self
+                    .ctx
+                    .cfg()
+                    .ladder
+                    .rung(guest.kind, row.incident_attempts);
                 let json = record(row, state, Some(&evidence), &why, now_ms);
                 if mode == Mode::Shadow {
                     self.note(
@@ -224,7 +228,7 @@ impl super::Engine {
                     )
                     .await?;
                     let mut conn = self.ctx.db.conn().await?;
-                    let next = now_ms.saturating_add(self.ctx.cfg.recovery_timeout_ms);
+                    let next = now_ms.saturating_add(self.ctx.cfg().recovery_timeout_ms);
                     let reason = format!("shadow mode: would {rung}");
                     incidents::defer_while_down(
                         &mut conn,
@@ -247,12 +251,12 @@ impl super::Engine {
                 let step = policy::veto_step(
                     row.phase(),
                     row.next_action_ms,
-                    self.ctx.cfg.veto_ms,
+                    self.ctx.cfg().veto_ms,
                     screened_ms,
                     watching_since,
                 );
                 if step == VetoStep::Announce {
-                    let until_ms = now_ms.saturating_add(self.ctx.cfg.veto_ms);
+                    let until_ms = now_ms.saturating_add(self.ctx.cfg().veto_ms);
                     return self.announce(row, rung, &why, until_ms, now_ms).await;
                 }
                 let sent = self
@@ -303,7 +307,7 @@ impl super::Engine {
             }
             Verdict::Unsure(why) => {
                 let mut conn = self.ctx.db.conn().await?;
-                let next = now_ms.saturating_add(self.ctx.cfg.recheck_ms);
+                let next = now_ms.saturating_add(self.ctx.cfg().recheck_ms);
                 let reason = format!("cannot tell hung from alive: {why}");
                 incidents::defer_while_down(
                     &mut conn,
@@ -342,7 +346,7 @@ impl super::Engine {
             action: PowerAction::Reset,
             trigger_source: TriggerSource::Scheduler,
             requested_by: None,
-            mode: self.ctx.cfg.mode,
+            mode: self.ctx.cfg().mode,
             guest: Some(guest.clone()),
             outcome: AttemptOutcome::LeftAlone,
             error: Some(reason.to_owned()),

@@ -14,7 +14,7 @@ use crate::db::incidents::{self, NewAttempt};
 use crate::db::store::{self, VmRow};
 use crate::db::{Db, DbError};
 use crate::health::JobHealth;
-use crate::settings::SharedStatusConfig;
+use crate::settings::{SharedRemediation, SharedStatusConfig};
 use breaker::Guard;
 use domain::policy::{self, Decision, RemediationConfig, Screen, VmFacts};
 use domain::view::RemediationSummary;
@@ -97,7 +97,8 @@ pub struct Ctx {
     pub db: Db,
     pub cache: Arc<StateCache>,
     pub status_config: SharedStatusConfig,
-    pub cfg: RemediationConfig,
+    /// The rails in force; an admin may change them while the server runs.
+    pub cfg: SharedRemediation,
     pub pve: Option<Arc<dyn ProxmoxApi>>,
     /// Why there is no Proxmox connection, when there is none.
     pub unavailable: Option<String>,
@@ -106,6 +107,13 @@ pub struct Ctx {
     pub health: JobHealth,
     /// Which automatic link matches may be acted on without an operator's approval.
     pub links: domain::link::LinkPolicy,
+}
+
+impl Ctx {
+    /// The remediation configuration in force now.
+    pub fn cfg(&self) -> RemediationConfig {
+        self.cfg.get()
+    }
 }
 
 pub struct Engine {
@@ -129,6 +137,7 @@ impl Engine {
         db: Db,
         cache: Arc<StateCache>,
         status_config: SharedStatusConfig,
+        remediation: SharedRemediation,
         health: JobHealth,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
@@ -147,7 +156,7 @@ impl Engine {
             db,
             cache,
             status_config,
-            cfg: config.remediation.clone(),
+            cfg: remediation,
             pve,
             unavailable,
             clock,
@@ -181,9 +190,17 @@ impl Engine {
         }
     }
 
+    /// The Proxmox connection, or why there is none.
+    pub fn proxmox(&self) -> Result<Arc<dyn ProxmoxApi>, String> {
+        match (&self.ctx.pve, &self.ctx.unavailable) {
+            (Some(pve), _) => Ok(pve.clone()),
+            (None, reason) => Err(reason.clone().unwrap_or_else(|| "not configured".into())),
+        }
+    }
+
     /// What the dashboard and `/api/health` say about automatic remediation.
     pub fn summary(&self, now_ms: i64) -> RemediationSummary {
-        let cfg = &self.ctx.cfg;
+        let cfg = &self.ctx.cfg();
         let mode = match (cfg.enabled, cfg.mode) {
             (false, _) => "off",
             (true, Mode::Live) => "live",
@@ -198,7 +215,7 @@ impl Engine {
             return inactive(format!("auto-reset off: {reason}"));
         }
         if !cfg.enabled {
-            return inactive("auto-reset off: AUTO_RESET_ENABLED=false".into());
+            return inactive("auto-reset off (settings page or AUTO_RESET_ENABLED)".into());
         }
         match self.guard.storm() {
             Ok(Some(storm)) => return inactive(format!("auto-reset paused: {storm}")),
@@ -286,7 +303,7 @@ impl Engine {
         }
         let mut touched = self.expire_recoveries(&rows, now_ms).await?;
         let all: Vec<VmFacts> = rows.iter().map(facts).collect();
-        let storm = policy::storm(&all, &self.ctx.cfg);
+        let storm = policy::storm(&all, &self.ctx.cfg());
         self.guard.update_storm(&self.ctx, storm, now_ms).await?;
         if !self.blocked(now_ms) {
             // Inspections under way count: each may end in a power action.
@@ -327,7 +344,7 @@ impl Engine {
     /// Any rail that stops automatic resets this round.
     fn blocked(&self, now_ms: i64) -> bool {
         self.ctx.unavailable.is_some()
-            || !self.ctx.cfg.enabled
+            || !self.ctx.cfg().enabled
             || now_ms < self.amnesty_until()
             || !matches!(self.guard.storm(), Ok(None))
     }
@@ -341,7 +358,7 @@ impl Engine {
     ) -> Result<Vec<VmId>, DbError> {
         let mut touched = Vec::new();
         for row in rows {
-            let Some(step) = policy::recovery_expired(&facts(row), &self.ctx.cfg, now_ms) else {
+            let Some(step) = policy::recovery_expired(&facts(row), &self.ctx.cfg(), now_ms) else {
                 continue;
             };
             if self.inspections.contains(row.vm_id()) {
@@ -376,14 +393,14 @@ impl Engine {
             Err(err) => {
                 let mut conn = self.ctx.db.conn().await?;
                 let reason = format!("cannot check in Proxmox: {err}");
-                let next = now_ms.saturating_add(self.ctx.cfg.recheck_ms);
+                let next = now_ms.saturating_add(self.ctx.cfg().recheck_ms);
                 incidents::defer(&mut conn, row.vm_id(), next, &reason).await?;
                 return Ok(true);
             }
         };
         let state = inspection::stamped(state, now_ms);
-        match policy::decide(&state, &self.ctx.cfg, *in_flight) {
-            Decision::Reset | Decision::WouldReset if self.ctx.cfg.mode == Mode::Shadow => {
+        match policy::decide(&state, &self.ctx.cfg(), *in_flight) {
+            Decision::Reset | Decision::WouldReset if self.ctx.cfg().mode == Mode::Shadow => {
                 if self.start_inspection(row.clone(), guest, state, Mode::Shadow, now_ms) {
                     *in_flight += 1;
                 }
@@ -410,13 +427,13 @@ impl Engine {
             }
             Decision::Wait(reason) => {
                 let mut conn = self.ctx.db.conn().await?;
-                let next = now_ms.saturating_add(self.ctx.cfg.recheck_ms);
+                let next = now_ms.saturating_add(self.ctx.cfg().recheck_ms);
                 incidents::defer(&mut conn, row.vm_id(), next, &reason).await?;
             }
             Decision::Leave(reason) => {
                 // One history entry per reason, not one per look.
                 if row.phase_reason.as_deref() != Some(reason.as_str()) {
-                    let mode = self.ctx.cfg.mode;
+                    let mode = self.ctx.cfg().mode;
                     let json = inspection::record(row, &state, None, &reason, now_ms);
                     self.note(
                         row,
@@ -431,7 +448,7 @@ impl Engine {
                     tracing::info!(vm_id = %row.id, hostname = %row.hostname, %reason, "stale VM left alone");
                 }
                 let mut conn = self.ctx.db.conn().await?;
-                let next = now_ms.saturating_add(self.ctx.cfg.recheck_ms);
+                let next = now_ms.saturating_add(self.ctx.cfg().recheck_ms);
                 incidents::defer(&mut conn, row.vm_id(), next, &reason).await?;
             }
         }
@@ -511,7 +528,7 @@ impl Engine {
             action: PowerAction::Reset,
             trigger_source: Trigger::Operator(by.to_owned()).source(),
             requested_by: Some(by.to_owned()),
-            mode: self.ctx.cfg.mode,
+            mode: self.ctx.cfg().mode,
             guest: row.guest(),
             outcome: AttemptOutcome::LeftAlone,
             error: Some(reason.clone()),

@@ -232,9 +232,9 @@ fn engine_on(
 ) -> Arc<Engine> {
     let ctx = Ctx {
         db: db.clone(),
-        cache: Arc::new(StateCache::new(None).unwrap()),
+        cache: Arc::new(StateCache::new(None, crate::live::LiveBus::new(None).0).unwrap()),
         status_config: SharedStatusConfig::new(status_config()),
-        cfg,
+        cfg: crate::settings::SharedRemediation::new(cfg),
         pve: Some(Arc::<ScriptedPve>::clone(pve)),
         unavailable: None,
         clock: Arc::new(clock.clone()),

@@ -405,6 +405,7 @@ impl FakePve {
     fn router(state: Arc<Mutex<FakeState>>) -> Router {
         Router::new()
             .route("/api2/json/version", get(version))
+            .route("/api2/json/access/permissions", get(permissions))
             .route("/api2/json/cluster/resources", get(resources))
             .route(
                 "/api2/json/nodes/{node}/qemu/{vmid}/status/current",
@@ -741,6 +742,28 @@ async fn authenticate(State(state): Shared, mut req: Request<Body>, next: Next) 
 
 async fn version() -> Response {
     data(json!({"version": "9.1.3", "release": "9.1", "repoid": "1a2b3c4d"}))
+}
+
+/// The caller's privileges on `path` (`GET /access/permissions?path=/vms`), as a map of
+/// path to privilege names with `1` (propagated), as Proxmox answers it.
+async fn permissions(
+    State(state): Shared,
+    Extension(caller): Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let st = state.lock().unwrap();
+    let path = q.get("path").cloned().unwrap_or_else(|| "/".into());
+    let privileges: serde_json::Map<String, Value> = [
+        "VM.Audit",
+        "VM.PowerMgmt",
+        "VM.GuestAgent.Audit",
+        "VM.Console",
+    ]
+    .into_iter()
+    .filter(|p| !st.denied(&caller.0, &path, p))
+    .map(|p| (p.to_owned(), json!(1)))
+    .collect();
+    data(json!({ path: privileges }))
 }
 
 /// Only guests the token may audit are listed, as Proxmox filters by `VM.Audit`.

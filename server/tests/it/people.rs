@@ -118,7 +118,7 @@ pub(crate) async fn opt_out(srv: &TestServer, vm: i64) {
     assert_eq!(status, 200, "{body}");
 }
 
-async fn add_user(srv: &TestServer, username: &str, role: &str) {
+pub async fn add_user(srv: &TestServer, username: &str, role: &str) {
     let (status, body) = srv
         .send(
             Method::POST,
@@ -145,6 +145,8 @@ async fn nothing_is_readable_anonymously() {
         "/api/remediation".to_owned(),
         "/api/status".to_owned(),
         "/api/status/config".to_owned(),
+        "/api/settings".to_owned(),
+        "/api/proxmox/check".to_owned(),
         "/api/me".to_owned(),
         "/api/users".to_owned(),
         "/api/tokens".to_owned(),

@@ -6,13 +6,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// A private redis-server on its own port; the shared one is never touched.
-struct PrivateRedis {
+pub struct PrivateRedis {
     port: u16,
     child: Child,
 }
 
 impl PrivateRedis {
-    fn start(port: u16) -> Self {
+    pub fn start(port: u16) -> Self {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -31,11 +31,11 @@ impl PrivateRedis {
         Self { port, child }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
-    async fn wait_ready(&self) {
+    pub async fn wait_ready(&self) {
         let url = self.url();
         wait_for(
             "redis-server to accept connections",

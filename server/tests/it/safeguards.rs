@@ -780,7 +780,7 @@ async fn auto_reset_switched_off_resets_nothing_and_says_why() {
     assert_eq!(fake.action_attempts(), Vec::<String>::new());
     let (_, health) = srv.get("/api/health").await;
     assert_eq!(
-        health["remediation"]["reason"], "auto-reset off: AUTO_RESET_ENABLED=false",
+        health["remediation"]["reason"], "auto-reset off (settings page or AUTO_RESET_ENABLED)",
         "{health}"
     );
     srv.stop().await;
