@@ -118,7 +118,6 @@ impl StateCache {
                 map.insert(view.id, view.clone());
             }
         }
-        self.live.vms_changed(views.iter().map(|v| v.id));
         if let Some(redis) = self
             .redis
             .as_ref()
@@ -135,6 +134,8 @@ impl StateCache {
                 redis.mark_down(&err);
             }
         }
+        // After the Redis write, so a page on another replica reads the new state.
+        self.live.vms_changed(views.iter().map(|v| v.id));
     }
 
     pub async fn remove(&self, id: VmId) {

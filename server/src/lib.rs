@@ -11,6 +11,7 @@ pub mod backend;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod configure;
 pub mod db;
 pub mod enrolment;
 pub mod health;
@@ -103,13 +104,14 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let remediation = SharedRemediation::new(config.remediation.clone());
     {
         let mut conn = db.conn().await?;
-        if let Some(tuning) = store::load_remediation_tuning(&mut conn).await? {
+        let stored = store::load_remediation_tuning(&mut conn).await?;
+        if let store::StoredSetting::Readable(tuning) = &stored {
             tracing::info!(
                 ?tuning,
-                "remediation settings saved in the dashboard apply over the environment"
+                "remediation settings saved by an admin apply over the environment"
             );
-            remediation.tune(&tuning);
         }
+        remediation.apply_stored(stored);
     }
     let health = JobHealth::default();
     let (ingest, writer) = Ingest::new(

@@ -8,7 +8,7 @@
 use domain::VmId;
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -57,9 +57,11 @@ impl Change {
         }
     }
 
-    /// The wire form back; anything malformed reads as "everything", which only costs a reload.
+    /// The wire form back; anything malformed or oversized reads as "everything", which
+    /// only costs a reload.
     pub fn decode(text: &str) -> Change {
-        if text == "*" {
+        // 200 ids of up to 19 digits and their commas; more is not ours.
+        if text == "*" || text.len() > MAX_IDS * 20 {
             return Change::All;
         }
         let ids: Option<BTreeSet<VmId>> = text
@@ -91,6 +93,8 @@ pub struct LiveBus {
     fanout: watch::Sender<Fanout>,
     closed: watch::Sender<bool>,
     streams: Arc<AtomicUsize>,
+    /// Set when the outbox was full: the publisher then sends "everything".
+    overflowed: Arc<AtomicBool>,
 }
 
 /// One open stream; counted until dropped.
@@ -106,6 +110,7 @@ impl Drop for StreamSlot {
 pub struct RedisLink {
     url: String,
     outbox: mpsc::Receiver<Change>,
+    overflowed: Arc<AtomicBool>,
     /// Random per process, so a replica skips its own messages (it told its pages already).
     origin: String,
 }
@@ -124,22 +129,26 @@ impl LiveBus {
                     fanout,
                     closed,
                     streams: Arc::default(),
+                    overflowed: Arc::default(),
                 };
                 (Arc::new(bus), None)
             }
             Some(url) => {
                 let (fanout, _) = watch::channel(Fanout::RedisDown);
                 let (tx, rx) = mpsc::channel(OUTBOX);
+                let overflowed = Arc::new(AtomicBool::new(false));
                 let bus = Self {
                     local,
                     outbox: Some(tx),
                     fanout,
                     closed,
                     streams: Arc::default(),
+                    overflowed: overflowed.clone(),
                 };
                 let link = RedisLink {
                     url: url.to_owned(),
                     outbox: rx,
+                    overflowed,
                     origin: format!("{:016x}", rand::random::<u64>()),
                 };
                 (Arc::new(bus), Some(link))
@@ -154,9 +163,8 @@ impl LiveBus {
         if let Some(outbox) = &self.outbox
             && let Err(mpsc::error::TrySendError::Full(_)) = outbox.try_send(change)
         {
-            // The publisher is behind; it merges what is queued, so this one is not lost
-            // as long as one "everything" follows.
-            let _ = outbox.try_send(Change::All);
+            // The publisher is behind: it sends "everything" next, so this one is not lost.
+            self.overflowed.store(true, Ordering::Release);
         }
     }
 
@@ -205,20 +213,26 @@ pub async fn run_fanout(bus: Arc<LiveBus>, link: RedisLink) {
     let RedisLink {
         url,
         mut outbox,
+        overflowed,
         origin,
     } = link;
     let publisher = {
         let url = url.clone();
         let origin = origin.clone();
-        tokio::spawn(async move { publish_loop(&url, &origin, &mut outbox).await })
+        tokio::spawn(async move { publish_loop(&url, &origin, &mut outbox, &overflowed).await })
     };
     let _stop_publisher = AbortOnDrop(publisher);
     let mut pause = Duration::from_millis(250);
+    let mut ever_up = false;
     loop {
         match subscribe_loop(&bus, &url, &origin).await {
             Ok(()) => pause = Duration::from_millis(250),
             Err(err) => {
-                if bus.fanout.send_replace(Fanout::RedisDown) == Fanout::Redis {
+                let was_up = bus.fanout.send_replace(Fanout::RedisDown) == Fanout::Redis;
+                ever_up |= was_up;
+                // Said once when it goes down, and once at start when it never came up (a
+                // wrong REDIS_URL, or no SUBSCRIBE permission).
+                if was_up || (!ever_up && pause == Duration::from_millis(250)) {
                     tracing::warn!(error = %err, "live push from other replicas is down; pages fall back to polling");
                 }
             }
@@ -260,7 +274,12 @@ async fn subscribe_loop(bus: &LiveBus, url: &str, origin: &str) -> Result<(), St
 
 /// Sends queued changes, merged, one PUBLISH at a time; a failed one is retried once the
 /// connection is back (as "everything", which is what a replica assumes after a gap anyway).
-async fn publish_loop(url: &str, origin: &str, outbox: &mut mpsc::Receiver<Change>) {
+async fn publish_loop(
+    url: &str,
+    origin: &str,
+    outbox: &mut mpsc::Receiver<Change>,
+    overflowed: &AtomicBool,
+) {
     let mut conn: Option<redis::aio::MultiplexedConnection> = None;
     let mut pending: Option<Change> = None;
     loop {
@@ -272,6 +291,9 @@ async fn publish_loop(url: &str, origin: &str, outbox: &mut mpsc::Receiver<Chang
         }
         while let Ok(more) = outbox.try_recv() {
             pending = pending.map(|p| p.merge(more));
+        }
+        if overflowed.swap(false, Ordering::AcqRel) {
+            pending = Some(Change::All);
         }
         let Some(change) = pending.clone() else {
             continue;
@@ -338,6 +360,11 @@ mod tests {
         assert_eq!(Change::decode("1,2,3"), ids(&[1, 2, 3]));
         assert_eq!(Change::decode("*"), Change::All);
         // Malformed or empty messages cost a reload, never a missed change.
+        assert_eq!(
+            Change::decode(&"12345,".repeat(1_000)),
+            Change::All,
+            "oversized"
+        );
         for bad in ["", "1,,2", "x", "1;2", "1,2,", "0", "-4"] {
             assert_eq!(Change::decode(bad), Change::All, "{bad:?}");
         }

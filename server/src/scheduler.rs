@@ -13,7 +13,7 @@ pub async fn run(state: AppState) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if let Err(err) = crate::settings::sync(&state).await {
+        if let Err(err) = sync_settings(&state).await {
             tracing::warn!(error = %err, "could not reload the settings");
         }
         if let Err(err) = mark_stale(&state, crate::now_ms()).await {
@@ -28,6 +28,21 @@ pub async fn run(state: AppState) {
         }
         state.health.record_round(crate::now_ms());
     }
+}
+
+/// Picks up settings another replica saved. Under the settings turn, so a save on this
+/// replica that commits meanwhile is not overwritten by what was read before it.
+pub async fn sync_settings(state: &AppState) -> Result<(), DbError> {
+    let mut conn = state.db.conn().await?;
+    let _turn = state.remediation.turn().await;
+    if let Some(saved) = store::load_status_config(&mut conn).await?
+        && saved != state.status_config.get()
+    {
+        state.status_config.set(saved);
+    }
+    let stored = store::load_remediation_tuning(&mut conn).await?;
+    state.remediation.apply_stored(stored);
+    Ok(())
 }
 
 /// Turns VMs whose heartbeats went stale `down`, recording each change.

@@ -106,10 +106,11 @@ impl Settings {
                 "must be between 1 and 100",
             ));
         }
-        if !(r.storm_percent.is_finite() && (1.0..=100.0).contains(&r.storm_percent)) {
+        // The breaker trips above this share: at 100 it could never trip.
+        if !(r.storm_percent.is_finite() && (1.0..=99.0).contains(&r.storm_percent)) {
             return Err(field_error(
                 "remediation.storm_percent",
-                "must be a percentage between 1 and 100",
+                "must be a percentage between 1 and 99",
             ));
         }
         if !(0..=3_600).contains(&r.veto_seconds) {
@@ -178,6 +179,10 @@ mod tests {
             ),
             (
                 |s| s.remediation.storm_percent = 0.0,
+                "remediation.storm_percent",
+            ),
+            (
+                |s| s.remediation.storm_percent = 100.0,
                 "remediation.storm_percent",
             ),
             (

@@ -418,10 +418,28 @@ pub async fn load_status_config(conn: &mut Conn) -> Result<Option<StatusConfig>,
     load_runtime(conn, STATUS_CONFIG_KEY).await
 }
 
+/// A runtime setting as stored: absent, readable, or present but unreadable by this version.
+#[derive(Debug, PartialEq)]
+pub enum StoredSetting<T> {
+    Absent,
+    Readable(T),
+    Unreadable,
+}
+
+/// The rails saved by an admin. Unlike thresholds, a row that cannot be read is reported as
+/// such: the caller turns auto-reset off rather than fall back to the environment's rails.
 pub async fn load_remediation_tuning(
     conn: &mut Conn,
-) -> Result<Option<RemediationTuning>, DbError> {
-    load_runtime(conn, REMEDIATION_TUNING_KEY).await
+) -> Result<StoredSetting<RemediationTuning>, DbError> {
+    Ok(
+        match load_runtime_text(conn, REMEDIATION_TUNING_KEY).await? {
+            None => StoredSetting::Absent,
+            Some(json) => match serde_json::from_str(&json) {
+                Ok(tuning) => StoredSetting::Readable(tuning),
+                Err(_) => StoredSetting::Unreadable,
+            },
+        },
+    )
 }
 
 /// One runtime setting; a row this version cannot read is treated as absent, so the
@@ -430,6 +448,11 @@ async fn load_runtime<T: serde::de::DeserializeOwned>(
     conn: &mut Conn,
     key: &str,
 ) -> Result<Option<T>, DbError> {
+    let value = load_runtime_text(conn, key).await?;
+    Ok(value.and_then(|json| serde_json::from_str(&json).ok()))
+}
+
+async fn load_runtime_text(conn: &mut Conn, key: &str) -> Result<Option<String>, DbError> {
     let value: Option<String> = with_conn!(conn, |c| {
         runtime_config::table
             .find(key)
@@ -438,7 +461,7 @@ async fn load_runtime<T: serde::de::DeserializeOwned>(
             .await
             .optional()
     })?;
-    Ok(value.and_then(|json| serde_json::from_str(&json).ok()))
+    Ok(value)
 }
 
 pub async fn save_status_config(

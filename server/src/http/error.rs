@@ -195,13 +195,13 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<crate::settings::SettingsError> for ApiError {
-    fn from(err: crate::settings::SettingsError) -> Self {
+impl From<crate::configure::SettingsError> for ApiError {
+    fn from(err: crate::configure::SettingsError) -> Self {
         match err {
-            crate::settings::SettingsError::Invalid(field) => {
+            crate::configure::SettingsError::Invalid(field) => {
                 ApiError::BadRequest(field.to_string())
             }
-            crate::settings::SettingsError::Db(db) => db.into(),
+            crate::configure::SettingsError::Db(db) => db.into(),
         }
     }
 }

@@ -18,8 +18,9 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
-/// Changes closer together than this are sent as one event.
-const MIN_GAP: Duration = Duration::from_millis(200);
+/// Changes closer together than this are sent as one event: under a steady stream of
+/// reports a page reads the fleet at most twice a second.
+const MIN_GAP: Duration = Duration::from_millis(500);
 /// How long one stream lasts before the browser must reconnect (and show its session again).
 pub const STREAM_LIFETIME: Duration = Duration::from_secs(300);
 /// How soon the browser reconnects after a stream ends.

@@ -54,7 +54,7 @@ pub async fn put_config(
     Admin(actor): Admin,
     JsonBody(patch): JsonBody<ConfigPatch>,
 ) -> Result<Json<ConfigUpdated>, ApiError> {
-    let current = crate::settings::current(&state);
+    let current = crate::configure::current(&state);
     let status = StatusConfig {
         cpu_threshold: patch.cpu_threshold.unwrap_or(current.status.cpu_threshold),
         ram_threshold: patch.ram_threshold.unwrap_or(current.status.ram_threshold),
@@ -68,11 +68,8 @@ pub async fn put_config(
             .report_interval_seconds
             .unwrap_or(current.status.report_interval_seconds),
     };
-    let settings = Settings {
-        status: status.clone(),
-        remediation: current.remediation,
-    };
-    let changed = crate::settings::save(&state, &actor.who.name, &actor.from, settings).await?;
+    let changed =
+        crate::configure::save(&state, &actor.who.name, &actor.from, status.clone(), None).await?;
     Ok(Json(ConfigUpdated {
         config: status,
         changed_vms: changed.len(),
@@ -81,13 +78,13 @@ pub async fn put_config(
 
 /// Every runtime setting: thresholds and the remediation rails.
 pub async fn get_settings(State(state): State<AppState>, _admin: Admin) -> Json<Settings> {
-    Json(crate::settings::current(&state))
+    Json(crate::configure::current(&state))
 }
 
 /// Asks Proxmox for its release and this monitor's privileges, and says in plain words what
 /// it found (admins): the token's name appears, never its secret.
 pub async fn proxmox_check(State(state): State<AppState>, _admin: Admin) -> Json<ProxmoxCheck> {
-    Json(crate::settings::test_proxmox(&state).await)
+    Json(crate::configure::test_proxmox(&state).await)
 }
 
 /// The settings after a change, and how many VMs changed status under them.
@@ -103,8 +100,14 @@ pub async fn put_settings(
     Admin(actor): Admin,
     JsonBody(settings): JsonBody<Settings>,
 ) -> Result<Json<SettingsUpdated>, ApiError> {
-    let changed =
-        crate::settings::save(&state, &actor.who.name, &actor.from, settings.clone()).await?;
+    let changed = crate::configure::save(
+        &state,
+        &actor.who.name,
+        &actor.from,
+        settings.status.clone(),
+        Some(settings.remediation.clone()),
+    )
+    .await?;
     Ok(Json(SettingsUpdated {
         settings,
         changed_vms: changed.len(),

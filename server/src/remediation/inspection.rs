@@ -241,8 +241,11 @@ impl super::Engine {
                     tracing::info!(vm_id = %row.id, hostname = %row.hostname, %rung, "shadow mode: would act");
                     return Ok(());
                 }
-                // The rails may have closed while the evidence was gathered.
-                if self.blocked(now_ms) || !self.leading.load(std::sync::atomic::Ordering::Acquire)
+                // The rails may have closed, or the mode turned to shadow, while the evidence
+                // was gathered.
+                if self.blocked(now_ms)
+                    || self.ctx.cfg().mode != domain::Mode::Live
+                    || !self.leading.load(std::sync::atomic::Ordering::Acquire)
                 {
                     tracing::info!(vm_id = %row.id, "auto-reset paused while the evidence was gathered; nothing sent");
                     return Ok(());
