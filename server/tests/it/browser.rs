@@ -144,13 +144,7 @@ async fn dashboard_shows_new_reports_live_and_markup_as_text() {
     // Pushed, not polled: once the page follows the event stream it polls only every 30 s,
     // so each new VM showing within the deadline came through the push. The times are the
     // figure BENCHMARKS.md quotes (a heartbeat visible within 1 s).
-    wait_for("the page on live push", Duration::from_secs(20), || async {
-        browser
-            .attr(".live", "data-live")
-            .await
-            .filter(|m| m == "push")
-    })
-    .await;
+    browser.live_mode("push").await;
     let mut shown_after = Vec::new();
     for n in 1..=5 {
         let host = format!("live-vm-{n:02}");
@@ -422,6 +416,16 @@ async fn an_announced_action_is_held_from_the_fleet_page() {
 }
 
 impl Browser {
+    /// Waits until the page says where its updates come from (`push` or `poll`).
+    async fn live_mode(&self, mode: &str) {
+        wait_for(
+            &format!("the page on {mode}"),
+            Duration::from_secs(20),
+            || async { self.attr(".live", "data-live").await.filter(|m| m == mode) },
+        )
+        .await;
+    }
+
     async fn attr(&self, css: &str, name: &str) -> Option<String> {
         let el = self.client.find(Locator::Css(css)).await.ok()?;
         el.attr(name).await.ok().flatten()
@@ -771,17 +775,7 @@ async fn without_its_push_channel_the_page_says_so_and_polls() {
     browser
         .sign_in(&srv.base, "admin", "correct horse battery")
         .await;
-    wait_for(
-        "the page to say it polls",
-        Duration::from_secs(20),
-        || async {
-            browser
-                .attr(".live", "data-live")
-                .await
-                .filter(|m| m == "poll")
-        },
-    )
-    .await;
+    browser.live_mode("poll").await;
     let said = browser.text_of(".live").await.unwrap_or_default();
     assert!(said.contains("refreshing every 5 s"), "{said}");
     let (status, body) = srv.report(&report_for("polled-vm")).await;
@@ -817,13 +811,7 @@ async fn a_threshold_change_turns_a_vm_warning_on_the_open_page() {
     browser
         .sign_in(&srv.base, "admin", "correct horse battery")
         .await;
-    wait_for("the page on live push", Duration::from_secs(20), || async {
-        browser
-            .attr(".live", "data-live")
-            .await
-            .filter(|m| m == "push")
-    })
-    .await;
+    browser.live_mode("push").await;
     assert_eq!(
         browser.attr(&badge, "class").await.as_deref(),
         Some("badge healthy")
