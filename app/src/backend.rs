@@ -5,8 +5,9 @@
 //! who is calling.
 
 use crate::error::AppError;
-use domain::view::{AgentInstall, FleetSnapshot, MetricHistory, SignedIn, VmPage};
-use domain::{ChartRange, OperatorAction, VmId};
+use domain::panel::{Outcome, Panel};
+use domain::view::{FleetSnapshot, MetricHistory, SignedIn, VmPage};
+use domain::{ChartRange, OperatorAction, PanelName, VmId};
 use http::request::Parts;
 use http::{Extensions, HeaderMap, Method, Uri};
 use leptos::prelude::use_context;
@@ -73,11 +74,23 @@ pub trait Backend: Send + Sync + 'static {
     /// Who `caller` is signed in as.
     fn me<'a>(&'a self, caller: &'a RequestInfo) -> BoxFuture<'a, Result<SignedIn, AppError>>;
 
-    /// The install line's parts (operators: they add VMs).
-    fn agent_install<'a>(
+    /// One admin page (`domain::panel`), as `caller` may see it; `query` holds its filters.
+    fn panel<'a>(
         &'a self,
         caller: &'a RequestInfo,
-    ) -> BoxFuture<'a, Result<AgentInstall, AppError>>;
+        name: PanelName,
+        query: &'a str,
+    ) -> BoxFuture<'a, Result<Panel, AppError>>;
+
+    /// A form or row action on an admin page (`form`: its fields, URL-encoded). The
+    /// implementation checks the role, runs the same service as the REST route, audits it.
+    fn submit<'a>(
+        &'a self,
+        caller: &'a RequestInfo,
+        name: PanelName,
+        action: &'a str,
+        form: &'a str,
+    ) -> BoxFuture<'a, Result<Outcome, AppError>>;
 
     /// One VM's page: its state, status changes and reset history (viewers).
     fn vm_page<'a>(
@@ -148,5 +161,15 @@ pub fn answer_status<T>(result: &Result<T, AppError>) {
     };
     if let Some(response) = use_context::<leptos_axum::ResponseOptions>() {
         response.set_status(status);
+    }
+}
+
+/// Marks the answer as not to be stored by any cache: it may carry a secret shown once.
+pub fn no_store() {
+    if let Some(response) = use_context::<leptos_axum::ResponseOptions>() {
+        response.insert_header(
+            http::header::CACHE_CONTROL,
+            http::HeaderValue::from_static("no-store"),
+        );
     }
 }

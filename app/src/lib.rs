@@ -14,6 +14,7 @@ pub mod model;
 pub mod pages;
 pub mod rpc;
 
+use domain::PanelName;
 use leptos::prelude::*;
 use leptos_meta::{Link, Meta, Stylesheet, Title, provide_meta_context};
 use leptos_router::components::{Route, Router, Routes};
@@ -74,6 +75,12 @@ pub fn App() -> impl IntoView {
                 <Routes fallback=|| view! { <p class="empty">"Page not found."</p> }>
                     <Route path=path!("/") view=pages::FleetPage/>
                     <Route path=path!("/vms/:id") view=pages::VmDetailPage/>
+                    <Route path=path!("/settings") view=|| view! { <pages::PanelPage name=PanelName::Settings/> }/>
+                    <Route path=path!("/add-vm") view=|| view! { <pages::PanelPage name=PanelName::AddVm/> }/>
+                    <Route path=path!("/users") view=|| view! { <pages::PanelPage name=PanelName::Users/> }/>
+                    <Route path=path!("/tokens") view=|| view! { <pages::PanelPage name=PanelName::Tokens/> }/>
+                    <Route path=path!("/audit") view=|| view! { <pages::PanelPage name=PanelName::Audit/> }/>
+                    <Route path=path!("/links") view=|| view! { <pages::PanelPage name=PanelName::Links/> }/>
                     <Route path=path!("/login") view=pages::LoginPage/>
                     <Route path=path!("/setup") view=pages::SetupPage/>
                 </Routes>

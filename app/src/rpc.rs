@@ -3,8 +3,9 @@
 
 use crate::codec::JsonText;
 use crate::error::AppError;
-use domain::view::{AgentInstall, FleetSnapshot, MetricHistory, SignedIn, VmPage};
-use domain::{ChartRange, OperatorAction};
+use domain::panel::{Outcome, Panel};
+use domain::view::{FleetSnapshot, MetricHistory, SignedIn, VmPage};
+use domain::{ChartRange, OperatorAction, PanelName};
 use leptos::prelude::*;
 
 /// The whole fleet with per-status counts, as the fleet page shows it.
@@ -21,12 +22,27 @@ pub async fn get_me() -> Result<SignedIn, AppError> {
     backend.me(&caller).await
 }
 
-/// What the "Add a VM" install line shows (operators).
-#[server(prefix = "/rpc", endpoint = "agent-install", output = JsonText)]
-pub async fn get_agent_install() -> Result<AgentInstall, AppError> {
+/// One admin page, described as data; `query` is the page's address query (its filters).
+#[server(prefix = "/rpc", endpoint = "panel", output = JsonText)]
+pub async fn get_panel(name: PanelName, query: String) -> Result<Panel, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
-    let result = backend.agent_install(&caller).await;
+    let result = backend.panel(&caller, name, &query).await;
     crate::backend::answer_status(&result);
+    result
+}
+
+/// A form or row action on an admin page: `form` is the form's fields, URL-encoded. Goes
+/// through the same service code as the REST route for it; checked, audited.
+#[server(prefix = "/rpc", endpoint = "panel-submit", output = JsonText)]
+pub async fn submit_panel(
+    name: PanelName,
+    action: String,
+    form: String,
+) -> Result<Outcome, AppError> {
+    let (backend, caller) = crate::backend::from_context()?;
+    let result = backend.submit(&caller, name, &action, &form).await;
+    crate::backend::answer_status(&result);
+    crate::backend::no_store();
     result
 }
 
@@ -117,10 +133,22 @@ mod tests {
             Box::pin(async { Err(AppError::Forbidden) })
         }
 
-        fn agent_install<'a>(
+        fn panel<'a>(
             &'a self,
             _caller: &'a RequestInfo,
-        ) -> BoxFuture<'a, Result<AgentInstall, AppError>> {
+            _name: PanelName,
+            _query: &'a str,
+        ) -> BoxFuture<'a, Result<Panel, AppError>> {
+            Box::pin(async { Err(AppError::Forbidden) })
+        }
+
+        fn submit<'a>(
+            &'a self,
+            _caller: &'a RequestInfo,
+            _name: PanelName,
+            _action: &'a str,
+            _form: &'a str,
+        ) -> BoxFuture<'a, Result<Outcome, AppError>> {
             Box::pin(async { Err(AppError::Forbidden) })
         }
     }

@@ -5,7 +5,7 @@ use crate::accounts::audit_quietly;
 use crate::db::{incidents, store};
 use crate::remediation::ActionError;
 use crate::state::AppState;
-use domain::{AttemptId, PowerAction, VmId};
+use domain::{AttemptId, GuestRef, LinkSource, PowerAction, VmId};
 
 /// A reset or shutdown through Proxmox, recorded in the VM's history under `who`.
 pub async fn power(
@@ -115,6 +115,74 @@ pub async fn set_auto_reset(
     .await;
     crate::cache::refresh(&state.db, &state.cache, &[vm]).await;
     Ok(())
+}
+
+/// Confirms the Proxmox link an agent's report (or a name or uuid match) proposed for `vm`,
+/// only if it is still exactly the guest the operator was shown and no other VM claims it.
+pub async fn approve_link(
+    state: &AppState,
+    who: &str,
+    from: &str,
+    vm: VmId,
+    seen: &GuestRef,
+) -> Result<(), ActionError> {
+    let result = approve(state, vm, seen).await;
+    if matches!(result, Err(ActionError::NotFound)) {
+        return result;
+    }
+    let outcome = match &result {
+        Ok(()) => "approved".to_owned(),
+        Err(err) => format!("refused: {err}"),
+    };
+    let target = format!("vm {vm}");
+    let detail = format!("{} {} on {}", seen.kind, seen.vmid, seen.node);
+    audit_quietly(
+        state,
+        who,
+        "approve_link",
+        Some(&target),
+        from,
+        &outcome,
+        Some(&detail),
+    )
+    .await;
+    if result.is_ok() {
+        tracing::info!(vm_id = %vm, by = who, link = %detail, "proposed link approved");
+        crate::cache::refresh(&state.db, &state.cache, &[vm]).await;
+    }
+    result
+}
+
+async fn approve(state: &AppState, vm: VmId, seen: &GuestRef) -> Result<(), ActionError> {
+    let mut conn = state.db.conn().await?;
+    let view = store::get_vm(&mut conn, vm)
+        .await?
+        .ok_or(ActionError::NotFound)?;
+    let current = match (view.proxmox_node, view.proxmox_vmid, view.proxmox_type) {
+        (Some(node), Some(vmid), Some(kind)) => GuestRef { node, vmid, kind },
+        _ => return Err(ActionError::LinkChanged),
+    };
+    if view.link_verified || current != *seen {
+        return Err(ActionError::LinkChanged);
+    }
+    let others = incidents::other_claimants(&mut conn, &current, vm).await?;
+    if !others.is_empty() {
+        let names: Vec<String> = others.iter().map(|id| format!("vm {id}")).collect();
+        return Err(ActionError::LinkContested(names.join(", ")));
+    }
+    let source = view.proxmox_link_source.unwrap_or(LinkSource::Manual);
+    let read = incidents::LinkAsRead {
+        guest: Some(current.clone()),
+        source: view.proxmox_link_source,
+        verified: false,
+    };
+    // Written only if the link is still the one just read: a report that changed the
+    // proposal in between makes this a refusal, not an approval of something unseen.
+    if incidents::replace_link(&mut conn, vm, &read, Some(&(current, source)), true).await? {
+        Ok(())
+    } else {
+        Err(ActionError::LinkChanged)
+    }
 }
 
 /// `NotFound` for a VM the store does not hold, before anything is changed or audited.

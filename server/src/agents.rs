@@ -42,6 +42,12 @@ pub fn linux_agent_sha256() -> &'static str {
     HASH.get_or_init(|| crate::auth::hash_token(include_str!("../../agents/linux-agent.sh")))
 }
 
+/// SHA-256 (hex) of the Windows agent this server hands out, for `install-windows.ps1 -Sha256`.
+pub fn windows_agent_sha256() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| crate::auth::hash_token(include_str!("../../agents/windows-agent.ps1")))
+}
+
 pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
     Router::new().route("/agents/{file}", get(agent_file))
 }

@@ -7,9 +7,10 @@ use crate::remediation::ActionError;
 use crate::state::AppState;
 use app::backend::{Backend, BoxFuture, RequestInfo};
 use app::error::AppError;
+use domain::panel::{Outcome, Panel};
 use domain::status::StatusCounts;
-use domain::view::{AgentInstall, FleetSnapshot, MetricHistory, SignedIn, VmPage};
-use domain::{ChartRange, OperatorAction, PowerAction, UserRole, VmId};
+use domain::view::{FleetSnapshot, MetricHistory, SignedIn, VmPage};
+use domain::{ChartRange, OperatorAction, PanelName, PowerAction, UserRole, VmId};
 use std::fmt::Display;
 
 /// Answers the dashboard's server functions from [`AppState`]; web.rs provides it as context.
@@ -58,37 +59,29 @@ impl Backend for ServerBackend {
         })
     }
 
-    fn agent_install<'a>(
+    fn panel<'a>(
         &'a self,
         caller: &'a RequestInfo,
-    ) -> BoxFuture<'a, Result<AgentInstall, AppError>> {
-        Box::pin(async move {
-            signed_in(caller, UserRole::Operator)?;
-            let limits = &self.state.config.limits;
-            let server_url = match &limits.public_host {
-                Some(host) => {
-                    let scheme = if limits.public_https { "https" } else { "http" };
-                    format!("{scheme}://{host}")
-                }
-                None => {
-                    let scheme = if matches!(self.state.config.tls, crate::config::TlsMode::Off) {
-                        "http"
-                    } else {
-                        "https"
-                    };
-                    let host = caller
-                        .headers()
-                        .get(axum::http::header::HOST)
-                        .and_then(|h| h.to_str().ok())
-                        .unwrap_or("SERVER:3000");
-                    format!("{scheme}://{host}")
-                }
-            };
-            Ok(AgentInstall {
-                server_url,
-                agent_sha256: crate::agents::linux_agent_sha256().to_owned(),
-            })
-        })
+        name: PanelName,
+        query: &'a str,
+    ) -> BoxFuture<'a, Result<Panel, AppError>> {
+        Box::pin(crate::panels::show(&self.state, caller, name, query))
+    }
+
+    fn submit<'a>(
+        &'a self,
+        caller: &'a RequestInfo,
+        name: PanelName,
+        action: &'a str,
+        form: &'a str,
+    ) -> BoxFuture<'a, Result<Outcome, AppError>> {
+        Box::pin(crate::panels::submit(
+            &self.state,
+            caller,
+            name,
+            action,
+            form,
+        ))
     }
 
     fn vm_page<'a>(

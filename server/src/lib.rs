@@ -19,6 +19,7 @@ pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod live;
+pub mod panels;
 pub mod remediation;
 pub mod scheduler;
 pub mod settings;

@@ -1,6 +1,5 @@
 //! Building blocks the pages are made of; each takes signals so it updates in place.
 
-pub mod add_vm;
 pub mod chart;
 pub mod remediation_banner;
 pub mod status_badge;
@@ -8,7 +7,6 @@ pub mod summary;
 pub mod topbar;
 pub mod vm_table;
 
-pub use add_vm::AddVm;
 pub use chart::Chart;
 pub use remediation_banner::RemediationBanner;
 pub use status_badge::{PhaseBadge, StatusBadge};

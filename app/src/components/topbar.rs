@@ -45,7 +45,25 @@ pub fn TopBar(who: SignedInAs, mode: ReadSignal<LiveMode>) -> impl IntoView {
                         who.name
                             .get()
                             .map(|(name, role)| {
+                                let operator = role >= UserRole::Operator;
+                                let admin = role >= UserRole::Admin;
                                 view! {
+                                    {operator
+                                        .then(|| {
+                                            view! {
+                                                <a href="/add-vm">"Add a VM"</a>
+                                                <a href="/links">"Approvals"</a>
+                                            }
+                                        })}
+                                    {admin
+                                        .then(|| {
+                                            view! {
+                                                <a href="/settings">"Settings"</a>
+                                                <a href="/users">"Users"</a>
+                                                <a href="/tokens">"Tokens"</a>
+                                                <a href="/audit">"Audit"</a>
+                                            }
+                                        })}
                                     <span class="user">
                                         <span class="username">{name}</span>
                                         " ("

@@ -1,6 +1,6 @@
 //! The fleet page ("/"): summary counts and one row per VM, refreshed in place.
 
-use crate::components::{AddVm, RemediationBanner, SummaryCounts, TopBar, VmTable, use_signed_in};
+use crate::components::{RemediationBanner, SummaryCounts, TopBar, VmTable, use_signed_in};
 use crate::error::AppError;
 use crate::live::use_live;
 use crate::model::{FleetModel, FleetQuery};
@@ -69,9 +69,6 @@ fn Fleet(
             <SummaryCounts counts phases/>
             <Filters query nodes/>
             <VmTable fleet=model query can_operate/>
-            <Show when=move || can_operate.get()>
-                <AddVm/>
-            </Show>
         </Show>
     }
 }

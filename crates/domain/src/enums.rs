@@ -158,6 +158,27 @@ string_enum!(
 );
 
 string_enum!(
+    /// The admin pages the server describes as data (`domain::panel`).
+    PanelName, "page" {
+        Settings = "settings",
+        AddVm = "add-vm",
+        Users = "users",
+        Tokens = "tokens",
+        Audit = "audit",
+        Links = "links",
+    }
+);
+
+impl PanelName {
+    /// Whether the page reads itself again when the fleet changes: the add-VM page shows
+    /// new VMs arriving, the approval queue new proposals. Forms elsewhere keep what the
+    /// user is typing.
+    pub fn follows_fleet(self) -> bool {
+        matches!(self, PanelName::AddVm | PanelName::Links)
+    }
+}
+
+string_enum!(
     /// The spans a VM page charts.
     ChartRange, "chart range" {
         Hour = "1h",
@@ -285,6 +306,7 @@ mod tests {
         round_trips(TriggerSource::ALL);
         round_trips(OperatorAction::ALL);
         round_trips(ChartRange::ALL);
+        round_trips(PanelName::ALL);
         round_trips(Mode::ALL);
         round_trips(AutoReset::ALL);
         round_trips(LinkSource::ALL);

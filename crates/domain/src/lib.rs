@@ -10,6 +10,7 @@ pub mod identity;
 pub mod ids;
 pub mod ingest;
 pub mod link;
+pub mod panel;
 pub mod policy;
 pub mod secret;
 pub mod settings;
@@ -18,7 +19,8 @@ pub mod view;
 
 pub use enums::{
     AttemptOutcome, AutoReset, ChartRange, EventKind, GuestKind, LinkSource, Mode, OperatorAction,
-    OsKind, PowerAction, RemediationPhase, TriggerSource, UnknownValue, UserRole, VmStatus,
+    OsKind, PanelName, PowerAction, RemediationPhase, TriggerSource, UnknownValue, UserRole,
+    VmStatus,
 };
 pub use ids::{AttemptId, GuestRef, InvalidId, NodeName, VmId, Vmid};
 pub use secret::Secret;

@@ -74,14 +74,6 @@ pub struct SignedIn {
     pub role: UserRole,
 }
 
-/// What the dashboard's install line needs: where agents reach the server and the hash of
-/// the agent script the installer must check.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct AgentInstall {
-    pub server_url: String,
-    pub agent_sha256: String,
-}
-
 /// Everything the fleet page shows, taken at one instant.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FleetSnapshot {

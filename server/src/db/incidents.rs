@@ -506,6 +506,26 @@ pub async fn set_link(
     Ok(n == 1)
 }
 
+/// The VMs other than `except` whose link (confirmed or proposed) names `guest`'s node and
+/// VMID: more than one claimant makes the link ambiguous.
+pub async fn other_claimants(
+    conn: &mut Conn,
+    guest: &GuestRef,
+    except: VmId,
+) -> Result<Vec<VmId>, DbError> {
+    let ids: Vec<i64> = with_conn!(conn, |c| {
+        vms::table
+            .filter(vms::proxmox_node.eq(guest.node.as_str()))
+            .filter(vms::proxmox_vmid.eq(guest.vmid.get()))
+            .filter(vms::id.ne(except.get()))
+            .select(vms::id)
+            .order(vms::id.asc())
+            .load(c)
+            .await
+    })?;
+    Ok(ids.into_iter().map(VmId).collect())
+}
+
 /// The link a VM had when it was read: a refresh writes only if it is still the same, so
 /// an operator's confirmation or unlink made meanwhile is never overwritten.
 #[derive(Clone, Debug)]

@@ -4,7 +4,10 @@ use super::schema::{api_tokens, audit_log, sessions, users};
 use super::stored::Stored;
 use super::{Conn, DbError};
 use crate::with_conn;
-use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper};
+use diesel::{
+    EscapeExpressionMethods, ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper,
+    TextExpressionMethods,
+};
 use diesel_async::RunQueryDsl;
 use domain::UserRole;
 use serde::Serialize;
@@ -408,20 +411,48 @@ pub struct AuditView {
     pub detail: Option<String>,
 }
 
-/// The newest entries first, `before` an id for paging.
+/// Which audit entries to list.
+#[derive(Clone, Debug, Default)]
+pub struct AuditFilter {
+    /// Only entries older than this id (paging back).
+    pub before: Option<i64>,
+    pub limit: i64,
+    pub actor: Option<String>,
+    pub action: Option<String>,
+    /// Only entries whose target contains this text.
+    pub target: Option<String>,
+}
+
+/// The newest entries first that pass `filter`.
 pub async fn audit_entries(
     conn: &mut Conn,
-    before: Option<i64>,
-    limit: i64,
+    filter: &AuditFilter,
 ) -> Result<Vec<AuditView>, DbError> {
+    // The target is matched literally: LIKE's wildcards in it are escaped.
+    let target = filter.target.as_ref().map(|t| {
+        let escaped = t
+            .replace('\\', "\\\\")
+            .replace('%', "\\%")
+            .replace('_', "\\_");
+        format!("%{escaped}%")
+    });
     let rows = with_conn!(conn, |c| {
         let mut query = audit_log::table.into_boxed();
-        if let Some(before) = before {
+        if let Some(before) = filter.before {
             query = query.filter(audit_log::id.lt(before));
+        }
+        if let Some(actor) = &filter.actor {
+            query = query.filter(audit_log::actor.eq(actor.as_str()));
+        }
+        if let Some(action) = &filter.action {
+            query = query.filter(audit_log::action.eq(action.as_str()));
+        }
+        if let Some(target) = &target {
+            query = query.filter(audit_log::target.like(target.as_str()).escape('\\'));
         }
         query
             .order(audit_log::id.desc())
-            .limit(limit)
+            .limit(filter.limit)
             .select((
                 audit_log::id,
                 audit_log::at_ms,

@@ -4,7 +4,7 @@
 //! as hashes; every such answer says `Cache-Control: no-store`.
 
 use super::error::{ApiError, FieldError};
-use super::extract::{Admin, JsonBody, NO_STORE, NoStore, VmPath, label, positive_id};
+use super::extract::{Actor, Admin, JsonBody, NO_STORE, NoStore, VmPath, label, positive_id};
 use crate::auth;
 use crate::db::identity::{self, NewToken, TokenRow};
 use crate::enrolment::CREDENTIAL_PREFIX;
@@ -92,46 +92,46 @@ pub async fn revoke(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GuestBinding {
-    node: String,
-    vmid: i64,
+    pub node: String,
+    pub vmid: i64,
     #[serde(rename = "type", default)]
-    kind: Option<String>,
+    pub kind: Option<String>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
-    label: String,
+    pub label: String,
     #[serde(default)]
-    expires_in_hours: Option<i64>,
+    pub expires_in_hours: Option<i64>,
     #[serde(default)]
-    max_uses: Option<i64>,
+    pub max_uses: Option<i64>,
     /// Bind the token to one guest: the VM that enrols with it is linked to that guest.
     #[serde(default)]
-    guest: Option<GuestBinding>,
+    pub guest: Option<GuestBinding>,
 }
 
 /// An enrolment token as listed (never its value).
 #[derive(Serialize)]
 pub struct TokenView {
-    id: i64,
-    label: String,
-    created_by: String,
-    created_ms: i64,
-    expires_ms: Option<i64>,
-    max_uses: Option<i64>,
-    uses: i64,
-    last_used_ms: Option<i64>,
-    revoked_ms: Option<i64>,
-    guest: Option<GuestView>,
+    pub id: i64,
+    pub label: String,
+    pub created_by: String,
+    pub created_ms: i64,
+    pub expires_ms: Option<i64>,
+    pub max_uses: Option<i64>,
+    pub uses: i64,
+    pub last_used_ms: Option<i64>,
+    pub revoked_ms: Option<i64>,
+    pub guest: Option<GuestView>,
 }
 
 #[derive(Serialize)]
 pub struct GuestView {
-    node: String,
-    vmid: i64,
+    pub node: String,
+    pub vmid: i64,
     #[serde(rename = "type")]
-    kind: String,
+    pub kind: String,
 }
 
 impl From<TokenRow> for TokenView {
@@ -158,8 +158,8 @@ impl From<TokenRow> for TokenView {
 #[derive(Serialize)]
 pub struct CreatedToken {
     #[serde(flatten)]
-    view: TokenView,
-    token: String,
+    pub view: TokenView,
+    pub token: String,
 }
 
 pub async fn create_token(
@@ -167,6 +167,16 @@ pub async fn create_token(
     Admin(actor): Admin,
     JsonBody(request): JsonBody<TokenRequest>,
 ) -> Result<(StatusCode, NoStore, Json<CreatedToken>), ApiError> {
+    let created = issue_enrolment_token(&state, &actor, request).await?;
+    Ok((StatusCode::CREATED, NO_STORE, Json(created)))
+}
+
+/// Both doors of `POST /api/enrolment-tokens`: the API and the add-VM page.
+pub async fn issue_enrolment_token(
+    state: &AppState,
+    actor: &Actor,
+    request: TokenRequest,
+) -> Result<CreatedToken, ApiError> {
     let label = label(&request.label)?;
     let now = crate::now_ms();
     let expires_ms = match request.expires_in_hours {
@@ -236,29 +246,29 @@ pub async fn create_token(
     );
     actor
         .audit(
-            &state,
+            state,
             "create_enrolment_token",
             Some(&format!("token {}", row.id)),
             Some(&row.label),
         )
         .await;
-    Ok((
-        StatusCode::CREATED,
-        NO_STORE,
-        Json(CreatedToken {
-            view: row.into(),
-            token: secret.expose().to_owned(),
-        }),
-    ))
+    Ok(CreatedToken {
+        view: row.into(),
+        token: secret.expose().to_owned(),
+    })
 }
 
 pub async fn list_tokens(
     State(state): State<AppState>,
     _admin: Admin,
 ) -> Result<Json<Vec<TokenView>>, ApiError> {
+    Ok(Json(enrolment_tokens(&state).await?))
+}
+
+pub async fn enrolment_tokens(state: &AppState) -> Result<Vec<TokenView>, ApiError> {
     let mut conn = state.db.conn().await?;
     let rows = identity::list_tokens(&mut conn).await?;
-    Ok(Json(rows.into_iter().map(TokenView::from).collect()))
+    Ok(rows.into_iter().map(TokenView::from).collect())
 }
 
 pub async fn revoke_token(
@@ -267,6 +277,16 @@ pub async fn revoke_token(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = positive_id(&id)?;
+    withdraw_enrolment_token(&state, &actor, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Both doors of `DELETE /api/enrolment-tokens/:id`.
+pub async fn withdraw_enrolment_token(
+    state: &AppState,
+    actor: &Actor,
+    id: i64,
+) -> Result<(), ApiError> {
     let revoked = {
         let (mut conn, _turn) = state.db.write_conn().await?;
         identity::revoke_token(&mut conn, id, crate::now_ms()).await?
@@ -277,11 +297,11 @@ pub async fn revoke_token(
     tracing::info!(token_id = id, by = %actor.who.name, "enrolment token revoked");
     actor
         .audit(
-            &state,
+            state,
             "revoke_enrolment_token",
             Some(&format!("token {id}")),
             None,
         )
         .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }

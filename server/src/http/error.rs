@@ -156,6 +156,9 @@ impl From<ActionError> for ApiError {
                  confirm it with PUT /api/vms/:id/proxmox"
                     .into(),
             ),
+            ActionError::LinkChanged | ActionError::LinkContested(_) => {
+                ApiError::Conflict(err.to_string())
+            }
             ActionError::Unavailable(reason) => {
                 ApiError::Conflict(format!("remediation is unavailable: {reason}"))
             }

@@ -3,16 +3,16 @@
 //! Handlers are grouped by resource; [`extract`] holds what they take (caller, VM id, body)
 //! and [`error`] the one mapping from failures to status codes.
 
-mod enrolment;
+pub mod enrolment;
 pub mod error;
 pub mod extract;
 mod health;
 mod live;
-mod people;
+pub mod people;
 mod remediation;
 mod report;
 mod status;
-mod vms;
+pub mod vms;
 
 pub use error::ApiError;
 
@@ -65,6 +65,7 @@ pub fn router(read_slots: usize) -> Router<AppState> {
             get(vms::reset_history).layer(reads.clone()),
         )
         .route("/api/vms/{id}/proxmox", put(vms::link))
+        .route("/api/vms/{id}/proxmox/approve", post(vms::approve_link))
         .route("/api/vms/{id}/auto-reset", put(vms::set_auto_reset))
         .route(
             "/api/vms/{id}/credential",

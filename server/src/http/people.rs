@@ -1,7 +1,9 @@
 //! Sign-in and sign-out, the first admin, users, per-user API tokens and the audit log.
 
 use super::error::ApiError;
-use super::extract::{Admin, JsonBody, NO_STORE, NoStore, QueryParams, Viewer, label, positive_id};
+use super::extract::{
+    Actor, Admin, JsonBody, NO_STORE, NoStore, QueryParams, Viewer, label, positive_id,
+};
 use crate::accounts::{self, LoginError, SetupError};
 use crate::auth;
 use crate::config::Secret;
@@ -137,9 +139,9 @@ pub async fn setup(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
-    username: String,
-    password: String,
-    role: UserRole,
+    pub username: String,
+    pub password: String,
+    pub role: UserRole,
 }
 
 pub async fn create_user(
@@ -147,6 +149,16 @@ pub async fn create_user(
     Admin(actor): Admin,
     JsonBody(request): JsonBody<NewUser>,
 ) -> Result<(StatusCode, Json<UserView>), ApiError> {
+    let user = add_user(&state, &actor, request).await?;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+/// Creates a user (both doors: `POST /api/users` and the users page).
+pub async fn add_user(
+    state: &AppState,
+    actor: &Actor,
+    request: NewUser,
+) -> Result<UserView, ApiError> {
     accounts::check_username(&request.username).map_err(|e| ApiError::field("username", e))?;
     accounts::check_password(&request.password).map_err(|e| ApiError::field("password", e))?;
     let hash = accounts::hash_password(&request.password)
@@ -168,21 +180,25 @@ pub async fn create_user(
     };
     actor
         .audit(
-            &state,
+            state,
             "create_user",
             Some(&row.username),
             Some(request.role.as_str()),
         )
         .await;
-    Ok((StatusCode::CREATED, Json(row.into())))
+    Ok(row.into())
 }
 
 pub async fn list_users(
     State(state): State<AppState>,
     _admin: Admin,
 ) -> Result<Json<Vec<UserView>>, ApiError> {
+    Ok(Json(users(&state).await?))
+}
+
+pub async fn users(state: &AppState) -> Result<Vec<UserView>, ApiError> {
     let mut conn = state.db.conn().await?;
-    Ok(Json(people::list_users(&mut conn).await?))
+    Ok(people::list_users(&mut conn).await?)
 }
 
 #[derive(Deserialize)]
@@ -199,6 +215,18 @@ pub async fn set_password(
     JsonBody(request): JsonBody<PasswordChange>,
 ) -> Result<StatusCode, ApiError> {
     let id = positive_id(&id)?;
+    change_password(&state, &actor, id, request.password).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Both doors of a password change: `PUT /api/users/:id/password` and the users page.
+pub async fn change_password(
+    state: &AppState,
+    actor: &Actor,
+    id: i64,
+    password: String,
+) -> Result<(), ApiError> {
+    let request = PasswordChange { password };
     accounts::check_password(&request.password).map_err(|e| ApiError::field("password", e))?;
     let hash = accounts::hash_password(&request.password)
         .await
@@ -209,9 +237,9 @@ pub async fn set_password(
     }
     drop(conn);
     actor
-        .audit(&state, "set_password", Some(&format!("user {id}")), None)
+        .audit(state, "set_password", Some(&format!("user {id}")), None)
         .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 pub async fn delete_user(
@@ -220,30 +248,36 @@ pub async fn delete_user(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = positive_id(&id)?;
+    remove_user(&state, &actor, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Both doors of `DELETE /api/users/:id`.
+pub async fn remove_user(state: &AppState, actor: &Actor, id: i64) -> Result<(), ApiError> {
     let mut conn = state.db.conn().await?;
     if !people::delete_user(&mut conn, id).await? {
         return Err(ApiError::NotFound);
     }
     drop(conn);
     actor
-        .audit(&state, "delete_user", Some(&format!("user {id}")), None)
+        .audit(state, "delete_user", Some(&format!("user {id}")), None)
         .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewApiToken {
     /// The user the token acts as.
-    username: String,
-    label: String,
-    role: UserRole,
+    pub username: String,
+    pub label: String,
+    pub role: UserRole,
 }
 
 #[derive(Serialize)]
 pub struct CreatedApiToken {
-    id: i64,
-    token: String,
+    pub id: i64,
+    pub token: String,
 }
 
 /// A token for scripts, acting as a user with at most that user's role; shown once.
@@ -252,6 +286,16 @@ pub async fn create_api_token(
     Admin(actor): Admin,
     JsonBody(request): JsonBody<NewApiToken>,
 ) -> Result<(StatusCode, NoStore, Json<CreatedApiToken>), ApiError> {
+    let created = issue_api_token(&state, &actor, request).await?;
+    Ok((StatusCode::CREATED, NO_STORE, Json(created)))
+}
+
+/// Both doors of `POST /api/tokens`.
+pub async fn issue_api_token(
+    state: &AppState,
+    actor: &Actor,
+    request: NewApiToken,
+) -> Result<CreatedApiToken, ApiError> {
     let label = label(&request.label)?;
     let mut conn = state.db.conn().await?;
     let owner = people::user_by_name(&mut conn, &request.username)
@@ -276,28 +320,28 @@ pub async fn create_api_token(
     drop(conn);
     actor
         .audit(
-            &state,
+            state,
             "create_api_token",
             Some(&owner.username),
             Some(&format!("{label} ({})", request.role)),
         )
         .await;
-    Ok((
-        StatusCode::CREATED,
-        NO_STORE,
-        Json(CreatedApiToken {
-            id,
-            token: secret.expose().to_owned(),
-        }),
-    ))
+    Ok(CreatedApiToken {
+        id,
+        token: secret.expose().to_owned(),
+    })
 }
 
 pub async fn list_api_tokens(
     State(state): State<AppState>,
     _admin: Admin,
 ) -> Result<Json<Vec<ApiTokenView>>, ApiError> {
+    Ok(Json(api_tokens(&state).await?))
+}
+
+pub async fn api_tokens(state: &AppState) -> Result<Vec<ApiTokenView>, ApiError> {
     let mut conn = state.db.conn().await?;
-    Ok(Json(people::list_api_tokens(&mut conn).await?))
+    Ok(people::list_api_tokens(&mut conn).await?)
 }
 
 pub async fn revoke_api_token(
@@ -306,6 +350,12 @@ pub async fn revoke_api_token(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let id = positive_id(&id)?;
+    withdraw_api_token(&state, &actor, id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Both doors of `DELETE /api/tokens/:id`.
+pub async fn withdraw_api_token(state: &AppState, actor: &Actor, id: i64) -> Result<(), ApiError> {
     let mut conn = state.db.conn().await?;
     if !people::revoke_api_token(&mut conn, id, crate::now_ms()).await? {
         return Err(ApiError::NotFound);
@@ -313,36 +363,65 @@ pub async fn revoke_api_token(
     drop(conn);
     actor
         .audit(
-            &state,
+            state,
             "revoke_api_token",
             Some(&format!("token {id}")),
             None,
         )
         .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+#[derive(Default)]
 pub struct AuditQuery {
-    before: Option<i64>,
-    limit: Option<i64>,
+    pub before: Option<i64>,
+    pub limit: Option<i64>,
+    /// Only this user's entries (exact name).
+    #[serde(default)]
+    pub actor: Option<String>,
+    /// Only this action (exact, e.g. `reset`, `create_user`).
+    #[serde(default)]
+    pub action: Option<String>,
+    /// Only entries whose target contains this text (`vm 12`, a username).
+    #[serde(default)]
+    pub target: Option<String>,
 }
 
-/// The audit log, newest first; `?before=ID` pages back.
+/// The audit log, newest first; `?before=ID` pages back, `actor`, `action` and `target`
+/// narrow it.
 pub async fn audit(
     State(state): State<AppState>,
     _admin: Admin,
     QueryParams(query): QueryParams<AuditQuery>,
 ) -> Result<Json<Vec<AuditView>>, ApiError> {
+    Ok(Json(audit_entries(&state, query).await?))
+}
+
+/// Both doors of `GET /api/audit`.
+pub async fn audit_entries(
+    state: &AppState,
+    query: AuditQuery,
+) -> Result<Vec<AuditView>, ApiError> {
     let limit = query.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::field("limit", "from 1 to 1000"));
     }
+    let blank_is_none =
+        |v: Option<String>| v.map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
+    let filter = people::AuditFilter {
+        before: query.before,
+        limit,
+        actor: blank_is_none(query.actor),
+        action: blank_is_none(query.action),
+        target: blank_is_none(query.target),
+    };
+    if filter.target.as_ref().is_some_and(|t| t.len() > 200) {
+        return Err(ApiError::field("target", "at most 200 characters"));
+    }
     let mut conn = state.db.conn().await?;
-    Ok(Json(
-        people::audit_entries(&mut conn, query.before, limit).await?,
-    ))
+    Ok(people::audit_entries(&mut conn, &filter).await?)
 }
 
 /// The sign-in page's form (works without JavaScript).

@@ -205,6 +205,48 @@ pub async fn link(
     Ok(Json(vm))
 }
 
+/// The guest an operator was shown as a VM's proposed link, and approves.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproveRequest {
+    node: String,
+    vmid: i64,
+    #[serde(rename = "type", default)]
+    kind: Option<String>,
+}
+
+impl ApproveRequest {
+    /// The guest named, each part checked.
+    pub fn guest(node: String, vmid: i64, kind: Option<&str>) -> Result<GuestRef, ApiError> {
+        Ok(GuestRef {
+            node: NodeName::try_from(node).field("node")?,
+            vmid: Vmid::try_from(vmid).field("vmid")?,
+            kind: kind
+                .unwrap_or("qemu")
+                .parse::<GuestKind>()
+                .ok()
+                .ok_or_else(|| ApiError::field("type", "must be qemu or lxc"))?,
+        })
+    }
+}
+
+/// Approves the link a VM's agent proposed, naming the guest the operator saw: refused
+/// (409) when the proposal has changed since or another VM claims the same guest.
+pub async fn approve_link(
+    State(state): State<AppState>,
+    Operator(actor): Operator,
+    VmPath(id): VmPath,
+    JsonBody(request): JsonBody<ApproveRequest>,
+) -> Result<Json<VmView>, ApiError> {
+    let guest = ApproveRequest::guest(request.node, request.vmid, request.kind.as_deref())?;
+    crate::actions::approve_link(&state, &actor.who.name, &actor.from, id, &guest).await?;
+    let mut conn = state.db.conn().await?;
+    let vm = store::get_vm(&mut conn, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    Ok(Json(vm))
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AutoResetRequest {

@@ -47,6 +47,13 @@ pub enum ActionError {
     NothingLatched,
     #[error("not found")]
     NotFound,
+    /// The proposal differs from what the operator approved (the agent reported another
+    /// guest meanwhile), or was already decided.
+    #[error("the VM's proposed link is no longer the one shown; look again")]
+    LinkChanged,
+    /// Another VM claims the same guest: approving either could reset the wrong machine.
+    #[error("the guest is also claimed by {0}; link the right VM by hand")]
+    LinkContested(String),
     #[error("Proxmox refused: {0}")]
     Proxmox(PveError),
     #[error(transparent)]

@@ -1,0 +1,238 @@
+//! The admin pages (`domain::panel`): what each shows, and each form through the same
+//! service function as its REST route, so both doors check, change and audit alike.
+
+mod fleet;
+mod people;
+mod settings;
+
+use crate::accounts::{self, Principal, audit_quietly};
+use crate::http::ApiError;
+use crate::http::extract::Actor;
+use crate::state::AppState;
+use app::backend::RequestInfo;
+use app::error::AppError;
+use domain::panel::{Outcome, Panel};
+use domain::settings::FieldError;
+use domain::{PanelName, UserRole};
+
+/// The submitted fields of a form, decoded.
+pub struct Fields(Vec<(String, String)>);
+
+impl Fields {
+    pub fn parse(encoded: &str) -> Self {
+        Self(
+            form_urlencoded::parse(encoded.as_bytes())
+                .into_owned()
+                .collect(),
+        )
+    }
+
+    /// The first value under `name`, trimmed; "" when absent.
+    pub fn get(&self, name: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.trim())
+    }
+
+    /// Every value under `name` (the ticked rows of a table).
+    pub fn all(&self, name: &str) -> Vec<&str> {
+        self.0
+            .iter()
+            .filter(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// `name` as a number, or an error naming the field.
+    pub fn number<T: std::str::FromStr>(&self, name: &str) -> Result<T, FieldError> {
+        self.get(name).parse().map_err(|_| FieldError {
+            field: name.to_owned(),
+            message: "must be a number".to_owned(),
+        })
+    }
+
+    /// `name` as a number, `None` when left empty.
+    pub fn optional_number(&self, name: &str) -> Result<Option<i64>, FieldError> {
+        if self.get(name).is_empty() {
+            Ok(None)
+        } else {
+            self.number(name).map(Some)
+        }
+    }
+}
+
+/// The role a page needs to be seen.
+fn page_role(name: PanelName) -> UserRole {
+    match name {
+        PanelName::AddVm | PanelName::Links => UserRole::Operator,
+        PanelName::Settings | PanelName::Users | PanelName::Tokens | PanelName::Audit => {
+            UserRole::Admin
+        }
+    }
+}
+
+/// The role an action needs: the same as its REST route's.
+fn action_role(name: PanelName, action: &str) -> UserRole {
+    match (name, action) {
+        (PanelName::Links, "approve") => UserRole::Operator,
+        // Enrolment tokens, users, API tokens and settings are admin business.
+        _ => UserRole::Admin,
+    }
+}
+
+/// One page as `caller` may see it.
+pub async fn show(
+    state: &AppState,
+    caller: &RequestInfo,
+    name: PanelName,
+    query: &str,
+) -> Result<Panel, AppError> {
+    let actor = signed_in(caller, page_role(name))?;
+    let query = Fields::parse(query.trim_start_matches('?'));
+    let panel = match name {
+        PanelName::Settings => Ok(settings::page(state)),
+        PanelName::AddVm => fleet::add_vm(state, caller, &actor).await,
+        PanelName::Links => fleet::links(state).await,
+        PanelName::Users => people::users(state).await,
+        PanelName::Tokens => people::tokens(state).await,
+        PanelName::Audit => people::audit(state, &query).await,
+    };
+    panel.map_err(|err| internal(name, "show", err))
+}
+
+/// A form or row action on one page, by `caller`.
+pub async fn submit(
+    state: &AppState,
+    caller: &RequestInfo,
+    name: PanelName,
+    action: &str,
+    form: &str,
+) -> Result<Outcome, AppError> {
+    let role = action_role(name, action);
+    let actor = match signed_in(caller, role) {
+        Ok(actor) => actor,
+        Err(err) => {
+            // A signed-in caller trying what the role does not allow is worth a record.
+            if let Some(who) = caller.extensions().get::<Principal>() {
+                audit_quietly(
+                    state,
+                    &who.name,
+                    &format!("{name}:{action}"),
+                    None,
+                    &accounts::source(caller.extensions()),
+                    "forbidden",
+                    None,
+                )
+                .await;
+            }
+            return Err(err);
+        }
+    };
+    let fields = Fields::parse(form);
+    let result = match name {
+        PanelName::Settings => settings::submit(state, &actor, action, &fields).await,
+        PanelName::AddVm => fleet::submit_add_vm(state, caller, &actor, action, &fields).await,
+        PanelName::Links => fleet::submit_links(state, &actor, action, &fields).await,
+        PanelName::Users => people::submit_users(state, &actor, action, &fields).await,
+        PanelName::Tokens => people::submit_tokens(state, &actor, action, &fields).await,
+        PanelName::Audit => Err(ApiError::BadRequest(
+            "action: the audit page only reads".into(),
+        )),
+    };
+    match result {
+        Ok(outcome) => Ok(outcome),
+        // A field the service refused: shown next to it; nothing was changed.
+        Err(ApiError::BadRequest(message)) => Ok(Outcome::invalid(field_error(&message))),
+        Err(ApiError::Unauthorized) => Err(AppError::Unauthorized),
+        Err(ApiError::Forbidden(_)) => Err(AppError::Forbidden),
+        Err(err @ (ApiError::Unavailable | ApiError::Internal(_))) => {
+            Err(internal(name, action, err))
+        }
+        // Not found, a conflict, Proxmox's refusal: the operator's to read.
+        Err(other) => Ok(Outcome::refused(other.public_message())),
+    }
+}
+
+/// `"field: message"` (how [`ApiError::field`] words it) as a field error.
+fn field_error(message: &str) -> FieldError {
+    let (field, message) = message.split_once(": ").unwrap_or(("", message));
+    FieldError {
+        field: field.to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+impl From<FieldError> for ApiError {
+    fn from(err: FieldError) -> Self {
+        ApiError::field(&err.field, err.message)
+    }
+}
+
+/// The caller as an [`Actor`] holding `role`.
+fn signed_in(caller: &RequestInfo, role: UserRole) -> Result<Actor, AppError> {
+    let who = caller
+        .extensions()
+        .get::<Principal>()
+        .ok_or(AppError::Unauthorized)?;
+    if who.role < role {
+        return Err(AppError::Forbidden);
+    }
+    Ok(Actor {
+        who: who.clone(),
+        from: accounts::source(caller.extensions()),
+    })
+}
+
+/// Logs what failed inside; the browser learns only that the service is unavailable.
+fn internal(name: PanelName, action: &str, err: ApiError) -> AppError {
+    if !matches!(err, ApiError::Unavailable) {
+        tracing::warn!(error = %err, page = %name, action, "admin page failed");
+    }
+    AppError::Unavailable
+}
+
+/// A time as the pages print it: UTC, to the second.
+pub fn when(ms: i64) -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute]:[second]");
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .map_or_else(|| ms.to_string(), |t| format!("{t} UTC"))
+}
+
+/// An optional time, or `none`.
+pub fn maybe_when(ms: Option<i64>, none: &str) -> String {
+    ms.map_or_else(|| none.to_owned(), when)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_decode_and_trim() {
+        let f = Fields::parse("a=+1+&b=x%26y&key=1&key=2");
+        assert_eq!(f.get("a"), "1");
+        assert_eq!(f.get("b"), "x&y");
+        assert_eq!(f.get("missing"), "");
+        assert_eq!(f.all("key"), vec!["1", "2"]);
+        assert_eq!(f.number::<i64>("a"), Ok(1));
+        assert_eq!(f.number::<i64>("b").unwrap_err().field, "b");
+        assert_eq!(f.optional_number("missing"), Ok(None));
+    }
+
+    #[test]
+    fn field_errors_keep_the_field_name() {
+        let e = field_error("status.cpu_threshold: must be between 1 and 100");
+        assert_eq!(e.field, "status.cpu_threshold");
+        assert_eq!(e.message, "must be between 1 and 100");
+        assert_eq!(field_error("no field here").field, "");
+    }
+
+    #[test]
+    fn times_print_in_utc() {
+        assert_eq!(when(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(maybe_when(None, "never"), "never");
+    }
+}
