@@ -151,12 +151,15 @@ pub fn from_context() -> Result<(BackendHandle, RequestInfo), AppError> {
     Ok((backend, caller))
 }
 
-/// Gives a refused server function call its HTTP status (401, 403) instead of a generic 500,
-/// so scripts and proxies see what happened.
+/// Gives a failed server function call its HTTP status (401, 403, 404, 400 for a refusal,
+/// 503) instead of a generic 500, so scripts and proxies see what happened.
 pub fn answer_status<T>(result: &Result<T, AppError>) {
     let status = match result {
         Err(AppError::Unauthorized) => http::StatusCode::UNAUTHORIZED,
         Err(AppError::Forbidden) => http::StatusCode::FORBIDDEN,
+        Err(AppError::NotFound) => http::StatusCode::NOT_FOUND,
+        Err(AppError::Refused(_)) => http::StatusCode::BAD_REQUEST,
+        Err(AppError::Unavailable) => http::StatusCode::SERVICE_UNAVAILABLE,
         _ => return,
     };
     if let Some(response) = use_context::<leptos_axum::ResponseOptions>() {

@@ -98,7 +98,7 @@ pub async fn show(
         PanelName::Tokens => people::tokens(state).await,
         PanelName::Audit => people::audit(state, &query).await,
     };
-    panel.map_err(|err| internal(name, "show", err))
+    panel.map_err(|err| app_error(name, "show", err))
 }
 
 /// A form or row action on one page, by `caller`.
@@ -144,10 +144,11 @@ pub async fn submit(
         Ok(outcome) => Ok(outcome),
         // A field the service refused: shown next to it; nothing was changed.
         Err(ApiError::BadRequest(message)) => Ok(Outcome::invalid(field_error(&message))),
-        Err(ApiError::Unauthorized) => Err(AppError::Unauthorized),
-        Err(ApiError::Forbidden(_)) => Err(AppError::Forbidden),
+        Err(err @ (ApiError::Unauthorized | ApiError::Forbidden(_))) => {
+            Err(app_error(name, action, err))
+        }
         Err(err @ (ApiError::Unavailable | ApiError::Internal(_))) => {
-            Err(internal(name, action, err))
+            Err(app_error(name, action, err))
         }
         // Not found, a conflict, Proxmox's refusal: the operator's to read.
         Err(other) => Ok(Outcome::refused(other.public_message())),
@@ -184,12 +185,20 @@ fn signed_in(caller: &RequestInfo, role: UserRole) -> Result<Actor, AppError> {
     })
 }
 
-/// Logs what failed inside; the browser learns only that the service is unavailable.
-fn internal(name: PanelName, action: &str, err: ApiError) -> AppError {
-    if !matches!(err, ApiError::Unavailable) {
-        tracing::warn!(error = %err, page = %name, action, "admin page failed");
+/// What the browser is told. Failures inside are logged; it learns only that the service
+/// is unavailable.
+fn app_error(name: PanelName, action: &str, err: ApiError) -> AppError {
+    match err {
+        ApiError::Unauthorized => AppError::Unauthorized,
+        ApiError::Forbidden(_) => AppError::Forbidden,
+        ApiError::NotFound => AppError::NotFound,
+        ApiError::Unavailable => AppError::Unavailable,
+        ApiError::Internal(_) => {
+            tracing::warn!(error = %err, page = %name, action, "admin page failed");
+            AppError::Unavailable
+        }
+        other => AppError::Refused(other.public_message()),
     }
-    AppError::Unavailable
 }
 
 /// A time as the pages print it: UTC, to the second.

@@ -19,6 +19,7 @@ mod history;
 mod http;
 mod identity;
 mod live;
+mod panels;
 mod people;
 mod proxmox;
 mod qemu;

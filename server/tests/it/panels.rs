@@ -1,0 +1,711 @@
+//! The admin pages' server functions (`/rpc/panel`, `/rpc/panel-submit`): each role sees and
+//! does only what its REST twin allows, every form goes through the same service (same
+//! checks, same audit), and the link queue approves only exactly what was shown.
+
+use crate::common::{ADMIN_TOKEN, AGENT_TOKEN, Backend, TestServer, report_for, wait_for};
+use crate::fake_pve::{FakePve, FakeVm};
+use crate::people::add_user;
+use reqwest::Method;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+/// A user of `role` and an API token acting as them.
+async fn token_for(srv: &TestServer, username: &str, role: &str) -> String {
+    add_user(srv, username, role).await;
+    let (status, body) = srv
+        .send(
+            Method::POST,
+            "/api/tokens",
+            Some(ADMIN_TOKEN),
+            Some(json!({"username": username, "label": "pages", "role": role})),
+        )
+        .await;
+    assert_eq!(status, 201, "{body}");
+    body["token"].as_str().unwrap().to_owned()
+}
+
+fn encode(pairs: &[(&str, &str)]) -> String {
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (k, v) in pairs {
+        out.append_pair(k, v);
+    }
+    out.finish()
+}
+
+/// A server function call as the dashboard makes it; the answer's status, body and headers.
+async fn rpc(
+    srv: &TestServer,
+    token: &str,
+    endpoint: &str,
+    args: &[(&str, &str)],
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let resp = srv
+        .http
+        .post(srv.url(&format!("/rpc/{endpoint}")))
+        .bearer_auth(token)
+        .header("sec-fetch-site", "same-origin")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(encode(args))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        headers,
+    )
+}
+
+async fn page(srv: &TestServer, token: &str, name: &str, query: &str) -> (u16, Value) {
+    let (status, body, _) = rpc(srv, token, "panel", &[("name", name), ("query", query)]).await;
+    (status, body)
+}
+
+async fn submit(
+    srv: &TestServer,
+    token: &str,
+    name: &str,
+    action: &str,
+    form: &[(&str, &str)],
+) -> (u16, Value) {
+    let form = encode(form);
+    let (status, body, headers) = rpc(
+        srv,
+        token,
+        "panel-submit",
+        &[("name", name), ("action", action), ("form", &form)],
+    )
+    .await;
+    if status == 200 {
+        assert_eq!(
+            headers.get("cache-control").map(|v| v.to_str().unwrap()),
+            Some("no-store"),
+            "answers that may carry a secret shown once are never cached"
+        );
+    }
+    (status, body)
+}
+
+/// Every cell of every table on a page, flattened, for "is it shown" checks.
+fn cells(panel: &Value) -> Vec<String> {
+    panel["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["table"]["rows"].as_array())
+        .flatten()
+        .flat_map(|r| r["cells"].as_array().unwrap().clone())
+        .map(|c| c.as_str().unwrap().to_owned())
+        .collect()
+}
+
+fn keys(panel: &Value) -> Vec<String> {
+    panel["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["table"]["rows"].as_array())
+        .flatten()
+        .map(|r| r["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+async fn audit_actions(srv: &TestServer) -> Vec<(String, String, String)> {
+    let (_, audit) = srv.get("/api/audit?limit=1000").await;
+    audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap().to_owned(),
+                e["action"].as_str().unwrap().to_owned(),
+                e["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Viewers see none of the admin pages; operators see adding VMs and approvals; admins
+/// everything. A forged submission is refused with 403, changes nothing and is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_page_and_action_needs_its_role() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let viewer = token_for(&srv, "vera", "viewer").await;
+    let operator = token_for(&srv, "olga", "operator").await;
+    let admin = token_for(&srv, "adam", "admin").await;
+    let all = ["settings", "add-vm", "users", "tokens", "audit", "links"];
+    for name in all {
+        assert_eq!(page(&srv, &viewer, name, "").await.0, 403, "viewer, {name}");
+        let expected = if matches!(name, "add-vm" | "links") {
+            200
+        } else {
+            403
+        };
+        assert_eq!(
+            page(&srv, &operator, name, "").await.0,
+            expected,
+            "operator, {name}"
+        );
+        let (status, body) = page(&srv, &admin, name, "").await;
+        assert_eq!(status, 200, "admin, {name}: {body}");
+        assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()));
+    }
+    let (status, body) = page(&srv, &admin, "nonsense", "").await;
+    assert_ne!(status, 200, "an unknown page is an error: {body}");
+    let anonymous = srv
+        .http
+        .post(srv.url("/rpc/panel"))
+        .header("sec-fetch-site", "same-origin")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("name=settings&query=")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+
+    // The operator forges the settings form and the enrolment-token form.
+    let (_, before) = srv.get("/api/settings").await;
+    let (status, _) = submit(
+        &srv,
+        &operator,
+        "settings",
+        "save",
+        &[("status.cpu_threshold", "1")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = submit(&srv, &operator, "add-vm", "enrol", &[("label", "x")]).await;
+    assert_eq!(status, 403);
+    let (status, _) = submit(
+        &srv,
+        &viewer,
+        "links",
+        "approve",
+        &[("key", "1:pve1:100:qemu")],
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (_, after) = srv.get("/api/settings").await;
+    assert_eq!(before, after, "a refused submission changes nothing");
+    let (_, tokens) = srv.get("/api/enrolment-tokens").await;
+    assert_eq!(tokens, json!([]));
+    let actions = audit_actions(&srv).await;
+    for (who, what) in [
+        ("olga", "settings:save"),
+        ("olga", "add-vm:enrol"),
+        ("vera", "links:approve"),
+    ] {
+        assert!(
+            actions.contains(&(who.into(), what.into(), "forbidden".into())),
+            "{who} {what} audited as forbidden: {actions:?}"
+        );
+    }
+    srv.stop().await;
+}
+
+/// The settings form saves through the same service as PUT /api/settings: a good value is
+/// in force at once and audited; a bad one comes back naming its field and saves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn settings_form_checks_each_field_and_saves_whole() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let admin = token_for(&srv, "adam", "admin").await;
+    let (_, panel) = page(&srv, &admin, "settings", "").await;
+    let fields: Vec<(String, String)> = panel["sections"][0]["form"]["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap().to_owned(),
+                f["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let with = |name: &str, value: &str| -> Vec<(String, String)> {
+        fields
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    if k == name {
+                        value.to_owned()
+                    } else {
+                        v.clone()
+                    },
+                )
+            })
+            .collect()
+    };
+    let send = |pairs: Vec<(String, String)>| {
+        let srv = &srv;
+        let admin = admin.clone();
+        async move {
+            let refs: Vec<(&str, &str)> = pairs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            submit(srv, &admin, "settings", "save", &refs).await
+        }
+    };
+    let (_, before) = srv.get("/api/settings").await;
+    for (field, bad) in [
+        ("status.cpu_threshold", "abc"),
+        ("status.cpu_threshold", "150"),
+        ("remediation.auto_reset", "sometimes"),
+        ("remediation.storm_percent", "100"),
+        ("remediation.veto_seconds", "-1"),
+    ] {
+        let (status, outcome) = send(with(field, bad)).await;
+        assert_eq!(status, 200, "{outcome}");
+        assert_eq!(outcome["ok"], false, "{field}={bad}: {outcome}");
+        assert_eq!(
+            outcome["errors"][0]["field"], field,
+            "{field}={bad}: {outcome}"
+        );
+        let (_, now) = srv.get("/api/settings").await;
+        assert_eq!(now, before, "{field}={bad} changed nothing");
+    }
+    let (_, outcome) = send(with("status.cpu_threshold", "42.5")).await;
+    assert_eq!(outcome["ok"], true, "{outcome}");
+    let (_, now) = srv.get("/api/settings").await;
+    assert_eq!(now["status"]["cpu_threshold"], 42.5);
+    assert_eq!(
+        now["remediation"], before["remediation"],
+        "the rest as it was"
+    );
+    let (_, panel) = page(&srv, &admin, "settings", "").await;
+    assert_eq!(panel["sections"][0]["form"]["fields"][0]["value"], "42.5");
+    assert!(
+        audit_actions(&srv)
+            .await
+            .iter()
+            .any(|(who, what, outcome)| who == "adam"
+                && what == "configure"
+                && outcome.starts_with("saved")),
+        "saved settings are audited"
+    );
+    // The connection test answers in words even without Proxmox configured.
+    let (status, outcome) = submit(&srv, &admin, "settings", "test-proxmox", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(outcome["ok"], false);
+    assert!(
+        outcome["message"]
+            .as_str()
+            .unwrap()
+            .contains("not configured"),
+        "{outcome}"
+    );
+    srv.stop().await;
+}
+
+/// Users and API tokens through their pages: the same checks as the API, a token shown once
+/// that works, revocation that takes effect, and the page never showing a secret again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn users_and_tokens_pages_manage_people_like_the_api() {
+    let mut srv = TestServer::start(Backend::Postgres, &[]).await;
+    let admin = token_for(&srv, "adam", "admin").await;
+    let (_, outcome) = submit(
+        &srv,
+        &admin,
+        "users",
+        "add",
+        &[
+            ("username", "paula"),
+            ("password", "short"),
+            ("role", "operator"),
+        ],
+    )
+    .await;
+    assert_eq!(outcome["errors"][0]["field"], "password", "{outcome}");
+    let (_, outcome) = submit(
+        &srv,
+        &admin,
+        "users",
+        "add",
+        &[
+            ("username", "paula"),
+            ("password", "a long enough password"),
+            ("role", "root"),
+        ],
+    )
+    .await;
+    assert_eq!(outcome["errors"][0]["field"], "role", "{outcome}");
+    let (_, users) = srv.get("/api/users").await;
+    assert!(!users.to_string().contains("paula"), "refusals add nobody");
+    let (_, outcome) = submit(
+        &srv,
+        &admin,
+        "users",
+        "add",
+        &[
+            ("username", "paula"),
+            ("password", "a long enough password"),
+            ("role", "operator"),
+        ],
+    )
+    .await;
+    assert_eq!(outcome["ok"], true, "{outcome}");
+    let (_, panel) = page(&srv, &admin, "users", "").await;
+    assert!(cells(&panel).contains(&"paula".to_owned()));
+    assert!(!panel.to_string().contains("a long enough password"));
+
+    // An API token for paula, shown once, working, then revoked from its row.
+    let (_, outcome) = submit(
+        &srv,
+        &admin,
+        "tokens",
+        "create-api",
+        &[
+            ("username", "paula"),
+            ("label", "backup script"),
+            ("role", "admin"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        outcome["errors"][0]["field"], "role",
+        "a token never outranks its user: {outcome}"
+    );
+    let (_, outcome) = submit(
+        &srv,
+        &admin,
+        "tokens",
+        "create-api",
+        &[
+            ("username", "paula"),
+            ("label", "backup script"),
+            ("role", "viewer"),
+        ],
+    )
+    .await;
+    let token = outcome["code"][0]["text"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("vmhc_api_"), "{outcome}");
+    let (status, me) = srv.get_as("/api/me", Some(&token)).await;
+    assert_eq!((status, me["username"].as_str()), (200, Some("paula")));
+    let (_, panel) = page(&srv, &admin, "tokens", "").await;
+    assert!(
+        !panel.to_string().contains(&token),
+        "the page never shows it again"
+    );
+    let row = panel["sections"][0]["table"]["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["cells"][1] == "backup script")
+        .unwrap()["key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, outcome) = submit(&srv, &admin, "tokens", "revoke-api", &[("key", &row)]).await;
+    assert_eq!(outcome["ok"], true, "{outcome}");
+    assert_eq!(srv.get_as("/api/me", Some(&token)).await.0, 401);
+    let (_, outcome) = submit(&srv, &admin, "tokens", "revoke-api", &[("key", "999999")]).await;
+    assert_eq!(
+        outcome["ok"], false,
+        "an unknown token is refused: {outcome}"
+    );
+
+    // A password change from the page, then deleting the user from the row.
+    let (_, outcome) = submit(
+        &srv,
+        &admin,
+        "users",
+        "password",
+        &[("username", "paula"), ("password", "another long password")],
+    )
+    .await;
+    assert_eq!(outcome["ok"], true, "{outcome}");
+    let (_, outcome) = submit(&srv, &admin, "users", "delete", &[("key", "paula")]).await;
+    assert_eq!(outcome["ok"], true, "{outcome}");
+    let (_, users) = srv.get("/api/users").await;
+    assert!(!users.to_string().contains("paula"));
+    let actions = audit_actions(&srv).await;
+    for what in [
+        "create_user",
+        "create_api_token",
+        "revoke_api_token",
+        "set_password",
+        "delete_user",
+    ] {
+        assert!(
+            actions.contains(&("adam".into(), what.into(), "success".into())),
+            "{what} audited: {actions:?}"
+        );
+    }
+    srv.stop().await;
+}
+
+/// The audit page filters by who, what and target (kept in its query, so a view can be
+/// shared), as `GET /api/audit` does; a target's LIKE wildcards match only themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn audit_page_filters_like_the_api() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let mut srv = TestServer::start(backend, &[]).await;
+        let admin = token_for(&srv, "adam", "admin").await;
+        add_user(&srv, "bob_1", "viewer").await;
+        add_user(&srv, "bobx1", "viewer").await;
+        let (_, panel) = page(
+            &srv,
+            &admin,
+            "audit",
+            "actor=admin+token&action=create_api_token",
+        )
+        .await;
+        let shown = cells(&panel);
+        assert!(shown.contains(&"create_api_token".to_owned()), "{panel}");
+        assert!(!shown.contains(&"create_user".to_owned()), "{panel}");
+        let (_, panel) = page(&srv, &admin, "audit", "actor=adam").await;
+        assert!(
+            !cells(&panel).contains(&"create_api_token".to_owned()),
+            "only adam's entries: {panel}"
+        );
+        let (_, panel) = page(&srv, &admin, "audit", "?target=bob_").await;
+        let shown = cells(&panel);
+        assert!(shown.contains(&"bob_1".to_owned()), "{shown:?}");
+        assert!(
+            !shown.contains(&"bobx1".to_owned()),
+            "_ is a character, not a wildcard: {shown:?}"
+        );
+        let (_, api) = srv.get("/api/audit?action=create_user&target=bob_").await;
+        assert_eq!(api.as_array().unwrap().len(), 1, "{api}");
+        let (status, body) = page(&srv, &admin, "audit", "before=abc").await;
+        assert_eq!(status, 400, "{body}");
+        assert!(body.to_string().contains("before"), "{body}");
+        // The filter form shows what is in force.
+        let (_, panel) = page(&srv, &admin, "audit", "actor=adam").await;
+        assert_eq!(panel["sections"][0]["form"]["fields"][0]["value"], "adam");
+        assert_eq!(panel["sections"][0]["form"]["filter"], true);
+        srv.stop().await;
+    }
+}
+
+/// The add-VM page: install commands carrying this server's address and both agents'
+/// hashes; an admin's token filled in (and working); the new VM listed once it reports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn add_vm_page_fills_in_commands_and_shows_arrivals() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let operator = token_for(&srv, "olga", "operator").await;
+    let admin = token_for(&srv, "adam", "admin").await;
+    let served_hash = |file: &'static str| {
+        let srv = &srv;
+        async move {
+            let body = srv
+                .http
+                .get(srv.url(&format!("/agents/{file}")))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            server::auth::hash_token(std::str::from_utf8(&body).unwrap())
+        }
+    };
+    let linux = served_hash("linux-agent.sh").await;
+    let windows = served_hash("windows-agent.ps1").await;
+    let (_, panel) = page(&srv, &operator, "add-vm", "").await;
+    let text = panel.to_string();
+    assert!(text.contains(&linux) && text.contains(&windows), "{panel}");
+    assert!(text.contains(&format!("--server {}", srv.base)), "{panel}");
+    assert!(
+        panel["sections"][1]["form"].is_null(),
+        "operators cannot create enrolment tokens"
+    );
+    let (_, panel) = page(&srv, &admin, "add-vm", "").await;
+    assert_eq!(panel["sections"][1]["form"]["action"], "enrol");
+
+    let (_, outcome) = submit(
+        &srv,
+        &admin,
+        "add-vm",
+        "enrol",
+        &[
+            ("label", "web"),
+            ("expires_in_hours", "0"),
+            ("max_uses", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        outcome["errors"][0]["field"], "expires_in_hours",
+        "{outcome}"
+    );
+    let (_, outcome) = submit(
+        &srv,
+        &admin,
+        "add-vm",
+        "enrol",
+        &[
+            ("label", "web"),
+            ("expires_in_hours", "24"),
+            ("max_uses", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(outcome["ok"], true, "{outcome}");
+    let linux_line = outcome["code"][0]["text"].as_str().unwrap();
+    let token = linux_line
+        .split('\'')
+        .find(|part| part.starts_with("vmhc_enrol_"))
+        .unwrap_or_else(|| panic!("the token is filled in: {linux_line}"))
+        .to_owned();
+    assert!(
+        outcome["code"][1]["text"]
+            .as_str()
+            .unwrap()
+            .contains(&token)
+    );
+    let (_, panel) = page(&srv, &admin, "add-vm", "").await;
+    assert!(!panel.to_string().contains(&token), "shown once only");
+
+    // The token enrols a VM, which the page then lists as just arrived.
+    let (status, body) = srv
+        .report_raw(
+            report_for("fresh-01").to_string().into_bytes(),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (_, panel) = page(&srv, &operator, "add-vm", "").await;
+    assert!(cells(&panel).contains(&"fresh-01".to_owned()), "{panel}");
+    srv.stop().await;
+}
+
+/// Reports `vmid` on `node` from `host` and waits for the link refresh to propose it.
+async fn propose(srv: &TestServer, host: &str, vmid: i64, node: &str) -> i64 {
+    let mut r = report_for(host);
+    r["vmid"] = json!(vmid);
+    r["node"] = json!(node);
+    let (status, body) = srv.report(&r).await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["vm_id"].as_i64().unwrap();
+    wait_for("the proposed link", Duration::from_secs(15), || async {
+        let (_, v) = srv.get(&format!("/api/vms/{id}")).await;
+        (v["proxmox_vmid"] == vmid && v["link_verified"] == false).then_some(())
+    })
+    .await;
+    id
+}
+
+async fn verified(srv: &TestServer, vm: i64) -> bool {
+    let (_, body) = srv.get(&format!("/api/vms/{vm}")).await;
+    body["link_verified"].as_bool().unwrap()
+}
+
+/// The approval queue: bulk approval confirms exactly the proposals shown; a guest two VMs
+/// claim is never approved; a proposal the guest changed after the page was read is
+/// refused; the REST door behaves the same. A guest cannot get another's link approved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn link_queue_approves_only_what_was_shown() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let guests = [(101, "pve1"), (202, "pve1"), (303, "pve2"), (404, "pve2")];
+        let fake = FakePve::start(
+            guests
+                .iter()
+                .map(|(vmid, node)| FakeVm::running(*vmid, node))
+                .collect(),
+        )
+        .await;
+        let mut srv = crate::proxmox::start(backend, &fake, &[]).await;
+        let operator = token_for(&srv, "olga", "operator").await;
+        let alone = propose(&srv, "alone", 101, "pve1").await;
+        let claim_a = propose(&srv, "claim-a", 202, "pve1").await;
+        let claim_b = propose(&srv, "claim-b", 202, "pve1").await;
+        let moving = propose(&srv, "moving", 303, "pve2").await;
+        let (_, panel) = page(&srv, &operator, "links", "").await;
+        let shown = keys(&panel);
+        assert_eq!(shown.len(), 4, "{panel}");
+        assert_eq!(panel["sections"][0]["table"]["bulk"], true);
+        assert!(
+            cells(&panel)
+                .iter()
+                .any(|c| c == &format!("yes: vm {claim_b}")),
+            "the page says a guest is contested: {panel}"
+        );
+        // Root inside "moving" re-points its proposal at another guest after the page was read.
+        propose(&srv, "moving", 404, "pve2").await;
+        let form: Vec<(&str, &str)> = shown.iter().map(|k| ("key", k.as_str())).collect();
+        let (status, outcome) = submit(&srv, &operator, "links", "approve", &form).await;
+        assert_eq!(status, 200, "{outcome}");
+        assert_eq!(outcome["ok"], false, "{outcome}");
+        let message = outcome["message"].as_str().unwrap();
+        assert!(message.starts_with("Approved 1."), "{message}");
+        assert!(
+            message.contains(&format!("vm {moving}: the VM's proposed link is no longer")),
+            "{message}"
+        );
+        assert!(
+            message.contains(&format!("vm {claim_a}: the guest is also claimed")),
+            "{message}"
+        );
+        assert!(verified(&srv, alone).await);
+        for vm in [claim_a, claim_b, moving] {
+            assert!(!verified(&srv, vm).await, "vm {vm} stays unapproved");
+        }
+        let (_, body) = srv.get(&format!("/api/vms/{moving}")).await;
+        assert_eq!(
+            body["proxmox_vmid"], 404,
+            "the new proposal is left for review"
+        );
+
+        // A forged key is refused before anything is approved.
+        let (_, outcome) = submit(
+            &srv,
+            &operator,
+            "links",
+            "approve",
+            &[("key", &format!("{moving}:pve2:404:qemu")), ("key", "x:y")],
+        )
+        .await;
+        assert_eq!(outcome["errors"][0]["field"], "key", "{outcome}");
+        assert!(!verified(&srv, moving).await);
+
+        // The REST door: the same rules.
+        let approve = |vm: i64, vmid: i64| {
+            let srv = &srv;
+            let operator = operator.clone();
+            async move {
+                srv.send(
+                    Method::POST,
+                    &format!("/api/vms/{vm}/proxmox/approve"),
+                    Some(&operator),
+                    Some(json!({"node": "pve2", "vmid": vmid})),
+                )
+                .await
+            }
+        };
+        assert_eq!(
+            approve(moving, 303).await.0,
+            409,
+            "not what it proposes now"
+        );
+        let (status, body) = approve(moving, 404).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["link_verified"], true);
+        assert_eq!(approve(moving, 404).await.0, 409, "already approved");
+        let (status, _) = srv
+            .send(
+                Method::POST,
+                &format!("/api/vms/{moving}/proxmox/approve"),
+                Some(AGENT_TOKEN),
+                Some(json!({"node": "pve2", "vmid": 404})),
+            )
+            .await;
+        assert_eq!(status, 401, "the fleet token is no operator");
+        let actions = audit_actions(&srv).await;
+        assert!(actions.contains(&("olga".into(), "approve_link".into(), "approved".into())));
+        assert_eq!(
+            fake.action_attempts(),
+            Vec::<String>::new(),
+            "nothing was powered"
+        );
+        assert!(actions.iter().any(|(who, what, outcome)| who == "olga"
+            && what == "approve_link"
+            && outcome.starts_with("refused")));
+        srv.stop().await;
+    }
+}
