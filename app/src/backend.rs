@@ -5,7 +5,6 @@
 //! who is calling.
 
 use crate::error::AppError;
-use domain::panel::{Outcome, Panel};
 use domain::view::{FleetSnapshot, MetricHistory, SignedIn, VmPage};
 use domain::{ChartRange, OperatorAction, PanelName, VmId};
 use http::request::Parts;
@@ -74,23 +73,25 @@ pub trait Backend: Send + Sync + 'static {
     /// Who `caller` is signed in as.
     fn me<'a>(&'a self, caller: &'a RequestInfo) -> BoxFuture<'a, Result<SignedIn, AppError>>;
 
-    /// One admin page (`domain::panel`), as `caller` may see it; `query` holds its filters.
+    /// One admin page (`domain::panel`) as HTML, as `caller` may see it; `query` holds its
+    /// filters. The implementation escapes every text it draws.
     fn panel<'a>(
         &'a self,
         caller: &'a RequestInfo,
         name: PanelName,
         query: &'a str,
-    ) -> BoxFuture<'a, Result<Panel, AppError>>;
+    ) -> BoxFuture<'a, Result<String, AppError>>;
 
     /// A form or row action on an admin page (`form`: its fields, URL-encoded). The
-    /// implementation checks the role, runs the same service as the REST route, audits it.
+    /// implementation checks the role, runs the same service as the REST route, audits it,
+    /// and answers the page as HTML with the outcome where it was asked for.
     fn submit<'a>(
         &'a self,
         caller: &'a RequestInfo,
         name: PanelName,
         action: &'a str,
         form: &'a str,
-    ) -> BoxFuture<'a, Result<Outcome, AppError>>;
+    ) -> BoxFuture<'a, Result<String, AppError>>;
 
     /// One VM's page: its state, status changes and reset history (viewers).
     fn vm_page<'a>(

@@ -1,4 +1,36 @@
-//! Human-readable formatting of sizes, durations and ages for the dashboard.
+//! Human-readable formatting of sizes, durations, ages and decimals for the dashboard.
+
+use std::fmt;
+
+/// `.0` with `.1` digits after the point (at most 3), rounded half away from zero; not a
+/// finite number prints as 0. Integer arithmetic: the standard library's float formatting
+/// would add about 15 KB to the browser bundle.
+#[derive(Clone, Copy, Debug)]
+pub struct Fixed(pub f64, pub u8);
+
+impl fmt::Display for Fixed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let decimals = u32::from(self.1.min(3));
+        let scale = 10_i64.pow(decimals);
+        let scaled = if self.0.is_finite() {
+            (self.0 * domain::status::approx_f64(scale)).round()
+        } else {
+            0.0
+        };
+        // Clamped first, so the conversion is exact for every value that reaches it.
+        #[expect(clippy::as_conversions, reason = "a rounded, clamped f64 to i64")]
+        let n = scaled.clamp(-9.0e15, 9.0e15) as i64;
+        let sign = if n < 0 { "-" } else { "" };
+        let n = n.unsigned_abs();
+        let scale = scale.unsigned_abs();
+        if decimals == 0 {
+            write!(f, "{sign}{n}")
+        } else {
+            let width = usize::try_from(decimals).unwrap_or(1);
+            write!(f, "{sign}{}.{:0width$}", n / scale, n % scale)
+        }
+    }
+}
 
 /// Formats a byte count with binary units, e.g. `1.5 GiB`.
 pub fn bytes(value: i64) -> String {
@@ -16,7 +48,7 @@ pub fn bytes(value: i64) -> String {
         scaled /= 1024.0;
         shown = unit;
     }
-    format!("{scaled:.1} {shown}")
+    format!("{} {shown}", Fixed(scaled, 1))
 }
 
 /// Formats a duration in seconds as the two most significant units, e.g. `3d 4h`.
@@ -61,6 +93,29 @@ pub fn percent_of(part: Option<i64>, whole: Option<i64>) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_decimals_round_half_away_from_zero() {
+        let cases = [
+            (0.0, 1, "0.0"),
+            (0.04, 1, "0.0"),
+            (0.05, 1, "0.1"),
+            (0.95, 1, "1.0"),
+            (1.25, 1, "1.3"),
+            (12.345, 1, "12.3"),
+            (99.99, 1, "100.0"),
+            (1234.5, 0, "1235"),
+            (-2.5, 1, "-2.5"),
+            (-0.04, 1, "0.0"),
+            (80.0, 0, "80"),
+            (1.005, 3, "1.005"),
+            (f64::NAN, 1, "0.0"),
+            (f64::INFINITY, 0, "0"),
+        ];
+        for (value, decimals, shown) in cases {
+            assert_eq!(Fixed(value, decimals).to_string(), shown, "{value}");
+        }
+    }
 
     #[test]
     fn formats_bytes() {

@@ -141,11 +141,12 @@ impl FleetQuery {
                 .as_deref()
                 .is_none_or(|n| vm.proxmox_node.as_ref().map(|node| node.as_str()) == Some(n))
             && self.os.as_deref().is_none_or(|os| vm.os == os)
+            // Hostnames are ASCII (DNS labels), so ASCII case folding is enough.
             && (self.text.is_empty()
                 || vm
                     .hostname
-                    .to_lowercase()
-                    .contains(&self.text.to_lowercase()))
+                    .to_ascii_lowercase()
+                    .contains(&self.text.to_ascii_lowercase()))
     }
 }
 
@@ -191,7 +192,11 @@ impl FleetModel {
             .collect();
         let ram = |v: &VmView| crate::format::percent_of(v.ram_used_bytes, v.ram_total_bytes);
         shown.sort_by(|a, b| {
-            let by_name = || a.hostname.to_lowercase().cmp(&b.hostname.to_lowercase());
+            let by_name = || {
+                a.hostname
+                    .to_ascii_lowercase()
+                    .cmp(&b.hostname.to_ascii_lowercase())
+            };
             let order = match query.sort {
                 SortKey::Status => Some(severity(a.status).cmp(&severity(b.status))),
                 SortKey::Name => Some(by_name()),

@@ -3,7 +3,6 @@
 
 use crate::codec::JsonText;
 use crate::error::AppError;
-use domain::panel::{Outcome, Panel};
 use domain::view::{FleetSnapshot, MetricHistory, SignedIn, VmPage};
 use domain::{ChartRange, OperatorAction, PanelName};
 use leptos::prelude::*;
@@ -22,9 +21,10 @@ pub async fn get_me() -> Result<SignedIn, AppError> {
     backend.me(&caller).await
 }
 
-/// One admin page, described as data; `query` is the page's address query (its filters).
+/// One admin page, drawn by the server as HTML; `query` is the page's address query (its
+/// filters).
 #[server(prefix = "/rpc", endpoint = "panel", output = JsonText)]
-pub async fn get_panel(name: PanelName, query: String) -> Result<Panel, AppError> {
+pub async fn get_panel(name: PanelName, query: String) -> Result<String, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
     let result = backend.panel(&caller, name, &query).await;
     crate::backend::answer_status(&result);
@@ -32,13 +32,14 @@ pub async fn get_panel(name: PanelName, query: String) -> Result<Panel, AppError
 }
 
 /// A form or row action on an admin page: `form` is the form's fields, URL-encoded. Goes
-/// through the same service code as the REST route for it; checked, audited.
+/// through the same service code as the REST route for it; checked, audited. Answers the
+/// page drawn again, with the outcome under the form it came from.
 #[server(prefix = "/rpc", endpoint = "panel-submit", output = JsonText)]
 pub async fn submit_panel(
     name: PanelName,
     action: String,
     form: String,
-) -> Result<Outcome, AppError> {
+) -> Result<String, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
     let result = backend.submit(&caller, name, &action, &form).await;
     crate::backend::answer_status(&result);
@@ -138,7 +139,7 @@ mod tests {
             _caller: &'a RequestInfo,
             _name: PanelName,
             _query: &'a str,
-        ) -> BoxFuture<'a, Result<Panel, AppError>> {
+        ) -> BoxFuture<'a, Result<String, AppError>> {
             Box::pin(async { Err(AppError::Forbidden) })
         }
 
@@ -148,7 +149,7 @@ mod tests {
             _name: PanelName,
             _action: &'a str,
             _form: &'a str,
-        ) -> BoxFuture<'a, Result<Outcome, AppError>> {
+        ) -> BoxFuture<'a, Result<String, AppError>> {
             Box::pin(async { Err(AppError::Forbidden) })
         }
     }

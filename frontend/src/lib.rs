@@ -1,5 +1,8 @@
 //! The browser entry point: hydrates the server-rendered dashboard.
 
+// The app's view types are laid out here, where they are instantiated; they nest deeply.
+#![recursion_limit = "256"]
+
 use wasm_bindgen::prelude::wasm_bindgen;
 
 /// Called by the hydration script that the server's HTML shell loads.

@@ -7,7 +7,6 @@ use crate::remediation::ActionError;
 use crate::state::AppState;
 use app::backend::{Backend, BoxFuture, RequestInfo};
 use app::error::AppError;
-use domain::panel::{Outcome, Panel};
 use domain::status::StatusCounts;
 use domain::view::{FleetSnapshot, MetricHistory, SignedIn, VmPage};
 use domain::{ChartRange, OperatorAction, PanelName, PowerAction, UserRole, VmId};
@@ -64,7 +63,7 @@ impl Backend for ServerBackend {
         caller: &'a RequestInfo,
         name: PanelName,
         query: &'a str,
-    ) -> BoxFuture<'a, Result<Panel, AppError>> {
+    ) -> BoxFuture<'a, Result<String, AppError>> {
         Box::pin(crate::panels::show(&self.state, caller, name, query))
     }
 
@@ -74,7 +73,7 @@ impl Backend for ServerBackend {
         name: PanelName,
         action: &'a str,
         form: &'a str,
-    ) -> BoxFuture<'a, Result<Outcome, AppError>> {
+    ) -> BoxFuture<'a, Result<String, AppError>> {
         Box::pin(crate::panels::submit(
             &self.state,
             caller,

@@ -1,6 +1,7 @@
 //! Metric charts drawn as SVG by the app itself: the average as a line, the min-max spread as
 //! a band where a point covers many samples, a break where the VM was silent, the peak marked.
 
+use crate::format::Fixed;
 use domain::view::{MetricHistory, MetricPoint};
 use leptos::prelude::*;
 use std::fmt::Write;
@@ -8,6 +9,8 @@ use std::fmt::Write;
 /// The drawing's own coordinates; the SVG scales to its box.
 pub const WIDTH: f64 = 720.0;
 pub const HEIGHT: f64 = 160.0;
+/// The grid line's height, half way up, as the SVG attribute says it.
+const MIDDLE: &str = "80";
 
 /// Which figure a chart shows, as (min, average, max) of one point, in percent.
 pub type Pick = fn(&MetricPoint) -> Option<(f64, f64, f64)>;
@@ -91,18 +94,18 @@ pub fn geometry(history: &MetricHistory, pick: Pick) -> Geometry {
     for run in &runs {
         for (i, (x, _, avg, _)) in run.iter().enumerate() {
             let command = if i == 0 { 'M' } else { 'L' };
-            let _ = write!(line, "{command}{x:.1},{avg:.1} ");
+            let _ = write!(line, "{command}{},{} ", Fixed(*x, 1), Fixed(*avg, 1));
         }
         // A lone point still shows: a short tick instead of an invisible zero-length line.
         if let [(x, _, avg, _)] = run.as_slice() {
-            let _ = write!(line, "L{:.1},{avg:.1} ", x + 1.5);
+            let _ = write!(line, "L{},{} ", Fixed(x + 1.5, 1), Fixed(*avg, 1));
         }
         for (i, (x, _, _, max)) in run.iter().enumerate() {
             let command = if i == 0 { 'M' } else { 'L' };
-            let _ = write!(band, "{command}{x:.1},{max:.1} ");
+            let _ = write!(band, "{command}{},{} ", Fixed(*x, 1), Fixed(*max, 1));
         }
         for (x, min, _, _) in run.iter().rev() {
-            let _ = write!(band, "L{x:.1},{min:.1} ");
+            let _ = write!(band, "L{},{} ", Fixed(*x, 1), Fixed(*min, 1));
         }
         band.push_str("Z ");
     }
@@ -124,7 +127,7 @@ pub fn Chart(
     pick: Pick,
 ) -> impl IntoView {
     let drawn = Memo::new(move |_| history.with(|h| h.as_ref().map(|h| geometry(h, pick))));
-    let view_box = format!("0 0 {WIDTH} {HEIGHT}");
+    let view_box = format!("0 0 {} {}", Fixed(WIDTH, 0), Fixed(HEIGHT, 0));
     view! {
         <figure class="chart" data-metric=metric>
             <figcaption>
@@ -132,7 +135,7 @@ pub fn Chart(
                 {move || {
                     drawn
                         .with(|g| g.as_ref().and_then(|g| g.peak.clone()))
-                        .map(|p| format!(" (peak {:.0}%)", p.value))
+                        .map(|p| format!(" (peak {}%)", Fixed(p.value, 0)))
                 }}
             </figcaption>
             <svg
@@ -141,7 +144,7 @@ pub fn Chart(
                 role="img"
                 aria-label=format!("{title} over the chosen range, in percent")
             >
-                <line class="grid" x1="0" x2=WIDTH y1=HEIGHT / 2.0 y2=HEIGHT / 2.0/>
+                <line class="grid" x1="0" x2=Fixed(WIDTH, 0).to_string() y1=MIDDLE y2=MIDDLE/>
                 <path
                     class="band"
                     d=move || drawn.with(|g| g.as_ref().map(|g| g.band.clone()).unwrap_or_default())
@@ -158,12 +161,12 @@ pub fn Chart(
                             view! {
                                 <circle
                                     class="peak"
-                                    cx=format!("{:.1}", p.x)
-                                    cy=format!("{:.1}", p.y)
+                                    cx=Fixed(p.x, 1).to_string()
+                                    cy=Fixed(p.y, 1).to_string()
                                     r="3"
                                     data-t-ms=p.t_ms
                                 >
-                                    <title>{format!("peak {:.1}%", p.value)}</title>
+                                    <title>{format!("peak {}%", Fixed(p.value, 1))}</title>
                                 </circle>
                             }
                         })

@@ -45,25 +45,24 @@ pub fn TopBar(who: SignedInAs, mode: ReadSignal<LiveMode>) -> impl IntoView {
                         who.name
                             .get()
                             .map(|(name, role)| {
-                                let operator = role >= UserRole::Operator;
-                                let admin = role >= UserRole::Admin;
+                                // One element type for every link keeps the bundle small.
+                                let mut pages = Vec::new();
+                                if role >= UserRole::Operator {
+                                    pages.extend([("/add-vm", "Add a VM"), ("/links", "Approvals")]);
+                                }
+                                if role >= UserRole::Admin {
+                                    pages.extend([
+                                        ("/settings", "Settings"),
+                                        ("/users", "Users"),
+                                        ("/tokens", "Tokens"),
+                                        ("/audit", "Audit"),
+                                    ]);
+                                }
                                 view! {
-                                    {operator
-                                        .then(|| {
-                                            view! {
-                                                <a href="/add-vm">"Add a VM"</a>
-                                                <a href="/links">"Approvals"</a>
-                                            }
-                                        })}
-                                    {admin
-                                        .then(|| {
-                                            view! {
-                                                <a href="/settings">"Settings"</a>
-                                                <a href="/users">"Users"</a>
-                                                <a href="/tokens">"Tokens"</a>
-                                                <a href="/audit">"Audit"</a>
-                                            }
-                                        })}
+                                    {pages
+                                        .into_iter()
+                                        .map(|(href, label)| view! { <a href=href>{label}</a> })
+                                        .collect_view()}
                                     <span class="user">
                                         <span class="username">{name}</span>
                                         " ("

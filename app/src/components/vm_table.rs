@@ -238,7 +238,7 @@ fn ResetButton(id: i64) -> impl IntoView {
 #[component]
 fn Usage(value: Signal<Option<f64>>) -> impl IntoView {
     view! {
-        <meter min="0" max="100" value=move || value.get().unwrap_or(0.0)></meter>
+        <meter min="0" max="100" value=move || crate::format::Fixed(value.get().unwrap_or(0.0), 1).to_string()></meter>
         <span class="number">{move || percent(value.get())}</span>
     }
 }
@@ -273,6 +273,6 @@ fn usage_detail(used: Option<i64>, total: Option<i64>) -> String {
 
 fn percent(value: Option<f64>) -> String {
     value
-        .map(|v| format!("{v:.0}%"))
+        .map(|v| format!("{}%", crate::format::Fixed(v, 0)))
         .unwrap_or_else(|| "-".into())
 }

@@ -505,6 +505,6 @@ fn history_row(a: ResetAttempt, now_ms: i64) -> impl IntoView {
 
 fn percent(value: Option<f64>) -> String {
     value
-        .map(|v| format!("{v:.0}%"))
+        .map(|v| format!("{}%", crate::format::Fixed(v, 0)))
         .unwrap_or_else(|| "-".into())
 }

@@ -170,11 +170,10 @@ string_enum!(
 );
 
 impl PanelName {
-    /// Whether the page reads itself again when the fleet changes: the add-VM page shows
-    /// new VMs arriving, the approval queue new proposals. Forms elsewhere keep what the
-    /// user is typing.
+    /// Whether the page redraws its live sections when the fleet changes: the add-VM page
+    /// shows new VMs arriving.
     pub fn follows_fleet(self) -> bool {
-        matches!(self, PanelName::AddVm | PanelName::Links)
+        matches!(self, PanelName::AddVm)
     }
 }
 

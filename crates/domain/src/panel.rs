@@ -1,8 +1,9 @@
 //! The admin pages (settings, add a VM, users, tokens, audit, link approvals) described as
-//! data: the server fills a [`Panel`], one generic view in the browser draws every one.
+//! data: the server fills a [`Panel`] and draws it as HTML; the browser shows that HTML and
+//! sends its forms back.
 //!
-//! Why data: each hand-written page costs the browser bundle tens of kilobytes of view
-//! code, while these pages are forms and tables that differ only in their contents.
+//! Why: each hand-written page cost the browser bundle about 30 KB of view code, while
+//! these pages are forms and tables that differ only in their contents.
 
 use crate::settings::FieldError;
 use serde::{Deserialize, Serialize};
@@ -22,6 +23,9 @@ pub struct Section {
     pub code: Vec<CodeBlock>,
     pub form: Option<Form>,
     pub table: Option<Table>,
+    /// Redrawn in place when the fleet changes (VMs arriving); other sections keep what the
+    /// user is typing.
+    pub live: bool,
 }
 
 /// Text meant to be copied (a command line, a token shown once), with a copy button.
@@ -171,6 +175,11 @@ impl Section {
 
     pub fn table(mut self, table: Table) -> Self {
         self.table = Some(table);
+        self
+    }
+
+    pub fn live(mut self) -> Self {
+        self.live = true;
         self
     }
 }

@@ -153,7 +153,9 @@ pub async fn add_vm(
         sections: vec![
             install,
             token,
-            Section::new("Enrolled in the last hour").table(arrived),
+            Section::new("Enrolled in the last hour")
+                .table(arrived)
+                .live(),
         ],
     })
 }

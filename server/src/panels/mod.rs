@@ -2,6 +2,7 @@
 //! service function as its REST route, so both doors check, change and audit alike.
 
 mod fleet;
+pub mod html;
 mod people;
 mod settings;
 
@@ -81,34 +82,47 @@ fn action_role(name: PanelName, action: &str) -> UserRole {
     }
 }
 
-/// One page as `caller` may see it.
+/// One page as `caller` may see it, drawn as HTML.
 pub async fn show(
     state: &AppState,
     caller: &RequestInfo,
     name: PanelName,
     query: &str,
-) -> Result<Panel, AppError> {
+) -> Result<String, AppError> {
     let actor = signed_in(caller, page_role(name))?;
     let query = Fields::parse(query.trim_start_matches('?'));
-    let panel = match name {
+    let panel = build(state, caller, &actor, name, &query)
+        .await
+        .map_err(|err| app_error(name, "show", err))?;
+    Ok(html::page(&panel, None))
+}
+
+async fn build(
+    state: &AppState,
+    caller: &RequestInfo,
+    actor: &Actor,
+    name: PanelName,
+    query: &Fields,
+) -> Result<Panel, ApiError> {
+    match name {
         PanelName::Settings => Ok(settings::page(state)),
-        PanelName::AddVm => fleet::add_vm(state, caller, &actor).await,
+        PanelName::AddVm => fleet::add_vm(state, caller, actor).await,
         PanelName::Links => fleet::links(state).await,
         PanelName::Users => people::users(state).await,
         PanelName::Tokens => people::tokens(state).await,
-        PanelName::Audit => people::audit(state, &query).await,
-    };
-    panel.map_err(|err| app_error(name, "show", err))
+        PanelName::Audit => people::audit(state, query).await,
+    }
 }
 
-/// A form or row action on one page, by `caller`.
+/// A form or row action on one page, by `caller`: the page drawn again, with the answer
+/// under the form or table it came from.
 pub async fn submit(
     state: &AppState,
     caller: &RequestInfo,
     name: PanelName,
     action: &str,
     form: &str,
-) -> Result<Outcome, AppError> {
+) -> Result<String, AppError> {
     let role = action_role(name, action);
     let actor = match signed_in(caller, role) {
         Ok(actor) => actor,
@@ -130,12 +144,34 @@ pub async fn submit(
         }
     };
     let fields = Fields::parse(form);
+    let outcome = act(state, caller, &actor, name, action, &fields).await?;
+    let panel = build(state, caller, &actor, name, &Fields::parse(""))
+        .await
+        .map_err(|err| app_error(name, "show", err))?;
+    let answer = html::Answer {
+        action,
+        outcome: &outcome,
+        // After a refusal the form keeps what was typed; after success it shows what is now.
+        typed: (!outcome.ok).then_some(&fields),
+    };
+    Ok(html::page(&panel, Some(&answer)))
+}
+
+/// Runs one action; what the service refused becomes the answer, not an error.
+async fn act(
+    state: &AppState,
+    caller: &RequestInfo,
+    actor: &Actor,
+    name: PanelName,
+    action: &str,
+    fields: &Fields,
+) -> Result<Outcome, AppError> {
     let result = match name {
-        PanelName::Settings => settings::submit(state, &actor, action, &fields).await,
-        PanelName::AddVm => fleet::submit_add_vm(state, caller, &actor, action, &fields).await,
-        PanelName::Links => fleet::submit_links(state, &actor, action, &fields).await,
-        PanelName::Users => people::submit_users(state, &actor, action, &fields).await,
-        PanelName::Tokens => people::submit_tokens(state, &actor, action, &fields).await,
+        PanelName::Settings => settings::submit(state, actor, action, fields).await,
+        PanelName::AddVm => fleet::submit_add_vm(state, caller, actor, action, fields).await,
+        PanelName::Links => fleet::submit_links(state, actor, action, fields).await,
+        PanelName::Users => people::submit_users(state, actor, action, fields).await,
+        PanelName::Tokens => people::submit_tokens(state, actor, action, fields).await,
         PanelName::Audit => Err(ApiError::BadRequest(
             "action: the audit page only reads".into(),
         )),

@@ -59,18 +59,20 @@ async fn rpc(
     )
 }
 
-async fn page(srv: &TestServer, token: &str, name: &str, query: &str) -> (u16, Value) {
+/// An admin page as the server draws it (HTML), with the answer's status.
+async fn page(srv: &TestServer, token: &str, name: &str, query: &str) -> (u16, String) {
     let (status, body, _) = rpc(srv, token, "panel", &[("name", name), ("query", query)]).await;
-    (status, body)
+    (status, html_of(body))
 }
 
+/// A submission; the answer is the page drawn again with the outcome where it was asked.
 async fn submit(
     srv: &TestServer,
     token: &str,
     name: &str,
     action: &str,
     form: &[(&str, &str)],
-) -> (u16, Value) {
+) -> (u16, String) {
     let form = encode(form);
     let (status, body, headers) = rpc(
         srv,
@@ -86,31 +88,64 @@ async fn submit(
             "answers that may carry a secret shown once are never cached"
         );
     }
-    (status, body)
+    (status, html_of(body))
 }
 
-/// Every cell of every table on a page, flattened, for "is it shown" checks.
-fn cells(panel: &Value) -> Vec<String> {
-    panel["sections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|s| s["table"]["rows"].as_array())
-        .flatten()
-        .flat_map(|r| r["cells"].as_array().unwrap().clone())
-        .map(|c| c.as_str().unwrap().to_owned())
+fn html_of(body: Value) -> String {
+    match body {
+        Value::String(html) => html,
+        other => other.to_string(),
+    }
+}
+
+fn unescape(text: &str) -> String {
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
+}
+
+/// The text of every `start ... end` in `html`, unescaped.
+fn between(html: &str, start: &str, end: &str) -> Vec<String> {
+    html.split(start)
+        .skip(1)
+        .filter_map(|rest| rest.split_once(end).map(|(inside, _)| unescape(inside)))
         .collect()
 }
 
-fn keys(panel: &Value) -> Vec<String> {
-    panel["sections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|s| s["table"]["rows"].as_array())
-        .flatten()
-        .map(|r| r["key"].as_str().unwrap().to_owned())
+/// Every table cell's text (a cell's content follows its `data-label`).
+fn cells(html: &str) -> Vec<String> {
+    between(html, "<td data-label=\"", "</td>")
+        .into_iter()
+        .filter_map(|c| c.split_once("\">").map(|(_, text)| text.to_owned()))
         .collect()
+}
+
+fn keys(html: &str) -> Vec<String> {
+    between(html, "<tr data-key=\"", "\"")
+}
+
+/// Whether the answer says done (`Some(true)`) or refused, and its message.
+fn verdict(html: &str) -> (Option<bool>, String) {
+    let ok = between(html, "data-ok=\"", "\"")
+        .first()
+        .map(|v| v == "true");
+    let message = between(html, "role=\"status\" data-ok=", "</p>")
+        .first()
+        .and_then(|m| m.split_once("<p>").map(|(_, m)| m.to_owned()))
+        .unwrap_or_default();
+    (ok, message)
+}
+
+/// The fields shown with an error next to them.
+fn errors(html: &str) -> Vec<String> {
+    between(html, "data-error-for=\"", "\"")
+}
+
+/// The copyable blocks (commands, a token shown once).
+fn codes(html: &str) -> Vec<String> {
+    between(html, "<pre class=\"code\">", "</pre>")
 }
 
 async fn audit_actions(srv: &TestServer) -> Vec<(String, String, String)> {
@@ -152,7 +187,7 @@ async fn each_page_and_action_needs_its_role() {
         );
         let (status, body) = page(&srv, &admin, name, "").await;
         assert_eq!(status, 200, "admin, {name}: {body}");
-        assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()));
+        assert!(body.starts_with("<h2 class=\"panel-title\">"), "{body}");
     }
     let (status, body) = page(&srv, &admin, "nonsense", "").await;
     assert_ne!(status, 200, "an unknown page is an error: {body}");
@@ -213,18 +248,23 @@ async fn each_page_and_action_needs_its_role() {
 async fn settings_form_checks_each_field_and_saves_whole() {
     let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
     let admin = token_for(&srv, "adam", "admin").await;
-    let (_, panel) = page(&srv, &admin, "settings", "").await;
-    let fields: Vec<(String, String)> = panel["sections"][0]["form"]["fields"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["name"].as_str().unwrap().to_owned(),
-                f["value"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
+    let (_, before) = srv.get("/api/settings").await;
+    // The form's fields, filled as the page shows them (the settings in force).
+    let (_, html) = page(&srv, &admin, "settings", "").await;
+    let mut fields = Vec::new();
+    for (group, values) in before.as_object().unwrap() {
+        for (key, value) in values.as_object().unwrap() {
+            let name = format!("{group}.{key}");
+            assert!(
+                html.contains(&format!("name=\"{name}\"")),
+                "{name} is on the page"
+            );
+            let shown = value
+                .as_str()
+                .map_or_else(|| value.to_string(), str::to_owned);
+            fields.push((name, shown));
+        }
+    }
     let with = |name: &str, value: &str| -> Vec<(String, String)> {
         fields
             .iter()
@@ -251,7 +291,6 @@ async fn settings_form_checks_each_field_and_saves_whole() {
             submit(srv, &admin, "settings", "save", &refs).await
         }
     };
-    let (_, before) = srv.get("/api/settings").await;
     for (field, bad) in [
         ("status.cpu_threshold", "abc"),
         ("status.cpu_threshold", "150"),
@@ -259,26 +298,35 @@ async fn settings_form_checks_each_field_and_saves_whole() {
         ("remediation.storm_percent", "100"),
         ("remediation.veto_seconds", "-1"),
     ] {
-        let (status, outcome) = send(with(field, bad)).await;
-        assert_eq!(status, 200, "{outcome}");
-        assert_eq!(outcome["ok"], false, "{field}={bad}: {outcome}");
-        assert_eq!(
-            outcome["errors"][0]["field"], field,
-            "{field}={bad}: {outcome}"
-        );
+        let (status, html) = send(with(field, bad)).await;
+        assert_eq!(status, 200, "{html}");
+        assert_eq!(verdict(&html).0, Some(false), "{field}={bad}: {html}");
+        assert_eq!(errors(&html), vec![field.to_owned()], "{field}={bad}");
+        // What was typed stays, marked (a list can only mark itself).
+        let marked = if field == "remediation.auto_reset" {
+            format!("name=\"{field}\" aria-invalid=\"true\"")
+        } else {
+            format!("value=\"{bad}\" aria-invalid=\"true\"")
+        };
+        assert!(html.contains(&marked), "{field}={bad}: {html}");
         let (_, now) = srv.get("/api/settings").await;
         assert_eq!(now, before, "{field}={bad} changed nothing");
     }
-    let (_, outcome) = send(with("status.cpu_threshold", "42.5")).await;
-    assert_eq!(outcome["ok"], true, "{outcome}");
+    let (_, html) = send(with("status.cpu_threshold", "42.5")).await;
+    assert_eq!(verdict(&html).0, Some(true), "{html}");
     let (_, now) = srv.get("/api/settings").await;
     assert_eq!(now["status"]["cpu_threshold"], 42.5);
     assert_eq!(
         now["remediation"], before["remediation"],
         "the rest as it was"
     );
-    let (_, panel) = page(&srv, &admin, "settings", "").await;
-    assert_eq!(panel["sections"][0]["form"]["fields"][0]["value"], "42.5");
+    let (_, html) = page(&srv, &admin, "settings", "").await;
+    assert!(
+        html.contains(
+            "name=\"status.cpu_threshold\" type=\"text\" inputmode=\"decimal\" value=\"42.5\""
+        ),
+        "{html}"
+    );
     assert!(
         audit_actions(&srv)
             .await
@@ -289,16 +337,11 @@ async fn settings_form_checks_each_field_and_saves_whole() {
         "saved settings are audited"
     );
     // The connection test answers in words even without Proxmox configured.
-    let (status, outcome) = submit(&srv, &admin, "settings", "test-proxmox", &[]).await;
+    let (status, html) = submit(&srv, &admin, "settings", "test-proxmox", &[]).await;
     assert_eq!(status, 200);
-    assert_eq!(outcome["ok"], false);
-    assert!(
-        outcome["message"]
-            .as_str()
-            .unwrap()
-            .contains("not configured"),
-        "{outcome}"
-    );
+    let (ok, message) = verdict(&html);
+    assert_eq!(ok, Some(false));
+    assert!(message.contains("not configured"), "{message}");
     srv.stop().await;
 }
 
@@ -308,7 +351,7 @@ async fn settings_form_checks_each_field_and_saves_whole() {
 async fn users_and_tokens_pages_manage_people_like_the_api() {
     let mut srv = TestServer::start(Backend::Postgres, &[]).await;
     let admin = token_for(&srv, "adam", "admin").await;
-    let (_, outcome) = submit(
+    let (_, answer) = submit(
         &srv,
         &admin,
         "users",
@@ -320,8 +363,8 @@ async fn users_and_tokens_pages_manage_people_like_the_api() {
         ],
     )
     .await;
-    assert_eq!(outcome["errors"][0]["field"], "password", "{outcome}");
-    let (_, outcome) = submit(
+    assert_eq!(errors(&answer), vec!["password"], "{answer}");
+    let (_, answer) = submit(
         &srv,
         &admin,
         "users",
@@ -333,10 +376,14 @@ async fn users_and_tokens_pages_manage_people_like_the_api() {
         ],
     )
     .await;
-    assert_eq!(outcome["errors"][0]["field"], "role", "{outcome}");
+    assert_eq!(errors(&answer), vec!["role"], "{answer}");
+    assert!(
+        !answer.contains("a long enough password"),
+        "a refused password is not sent back"
+    );
     let (_, users) = srv.get("/api/users").await;
     assert!(!users.to_string().contains("paula"), "refusals add nobody");
-    let (_, outcome) = submit(
+    let (_, answer) = submit(
         &srv,
         &admin,
         "users",
@@ -348,13 +395,13 @@ async fn users_and_tokens_pages_manage_people_like_the_api() {
         ],
     )
     .await;
-    assert_eq!(outcome["ok"], true, "{outcome}");
+    assert_eq!(verdict(&answer).0, Some(true), "{answer}");
     let (_, panel) = page(&srv, &admin, "users", "").await;
     assert!(cells(&panel).contains(&"paula".to_owned()));
-    assert!(!panel.to_string().contains("a long enough password"));
+    assert!(!panel.contains("a long enough password"));
 
     // An API token for paula, shown once, working, then revoked from its row.
-    let (_, outcome) = submit(
+    let (_, answer) = submit(
         &srv,
         &admin,
         "tokens",
@@ -367,10 +414,11 @@ async fn users_and_tokens_pages_manage_people_like_the_api() {
     )
     .await;
     assert_eq!(
-        outcome["errors"][0]["field"], "role",
-        "a token never outranks its user: {outcome}"
+        errors(&answer),
+        vec!["role"],
+        "a token never outranks its user: {answer}"
     );
-    let (_, outcome) = submit(
+    let (_, answer) = submit(
         &srv,
         &admin,
         "tokens",
@@ -382,35 +430,30 @@ async fn users_and_tokens_pages_manage_people_like_the_api() {
         ],
     )
     .await;
-    let token = outcome["code"][0]["text"].as_str().unwrap().to_owned();
-    assert!(token.starts_with("vmhc_api_"), "{outcome}");
+    let token = codes(&answer)[0].clone();
+    assert!(token.starts_with("vmhc_api_"), "{answer}");
     let (status, me) = srv.get_as("/api/me", Some(&token)).await;
     assert_eq!((status, me["username"].as_str()), (200, Some("paula")));
     let (_, panel) = page(&srv, &admin, "tokens", "").await;
-    assert!(
-        !panel.to_string().contains(&token),
-        "the page never shows it again"
-    );
-    let row = panel["sections"][0]["table"]["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["cells"][1] == "backup script")
-        .unwrap()["key"]
-        .as_str()
+    assert!(!panel.contains(&token), "the page never shows it again");
+    let row = panel
+        .split("<tr data-key=\"")
+        .find(|row| row.contains(">backup script<"))
+        .and_then(|row| row.split('"').next())
         .unwrap()
         .to_owned();
-    let (_, outcome) = submit(&srv, &admin, "tokens", "revoke-api", &[("key", &row)]).await;
-    assert_eq!(outcome["ok"], true, "{outcome}");
+    let (_, answer) = submit(&srv, &admin, "tokens", "revoke-api", &[("key", &row)]).await;
+    assert_eq!(verdict(&answer).0, Some(true), "{answer}");
     assert_eq!(srv.get_as("/api/me", Some(&token)).await.0, 401);
-    let (_, outcome) = submit(&srv, &admin, "tokens", "revoke-api", &[("key", "999999")]).await;
+    let (_, answer) = submit(&srv, &admin, "tokens", "revoke-api", &[("key", "999999")]).await;
     assert_eq!(
-        outcome["ok"], false,
-        "an unknown token is refused: {outcome}"
+        verdict(&answer).0,
+        Some(false),
+        "an unknown token is refused: {answer}"
     );
 
     // A password change from the page, then deleting the user from the row.
-    let (_, outcome) = submit(
+    let (_, answer) = submit(
         &srv,
         &admin,
         "users",
@@ -418,9 +461,9 @@ async fn users_and_tokens_pages_manage_people_like_the_api() {
         &[("username", "paula"), ("password", "another long password")],
     )
     .await;
-    assert_eq!(outcome["ok"], true, "{outcome}");
-    let (_, outcome) = submit(&srv, &admin, "users", "delete", &[("key", "paula")]).await;
-    assert_eq!(outcome["ok"], true, "{outcome}");
+    assert_eq!(verdict(&answer).0, Some(true), "{answer}");
+    let (_, answer) = submit(&srv, &admin, "users", "delete", &[("key", "paula")]).await;
+    assert_eq!(verdict(&answer).0, Some(true), "{answer}");
     let (_, users) = srv.get("/api/users").await;
     assert!(!users.to_string().contains("paula"));
     let actions = audit_actions(&srv).await;
@@ -463,6 +506,12 @@ async fn audit_page_filters_like_the_api() {
             !cells(&panel).contains(&"create_api_token".to_owned()),
             "only adam's entries: {panel}"
         );
+        // The filter form shows what is in force, and is a filter (it changes the address).
+        assert!(panel.contains("data-kind=\"filter\""), "{panel}");
+        assert!(
+            panel.contains("name=\"actor\" type=\"text\" inputmode=\"text\" value=\"adam\""),
+            "{panel}"
+        );
         let (_, panel) = page(&srv, &admin, "audit", "?target=bob_").await;
         let shown = cells(&panel);
         assert!(shown.contains(&"bob_1".to_owned()), "{shown:?}");
@@ -474,11 +523,7 @@ async fn audit_page_filters_like_the_api() {
         assert_eq!(api.as_array().unwrap().len(), 1, "{api}");
         let (status, body) = page(&srv, &admin, "audit", "before=abc").await;
         assert_eq!(status, 400, "{body}");
-        assert!(body.to_string().contains("before"), "{body}");
-        // The filter form shows what is in force.
-        let (_, panel) = page(&srv, &admin, "audit", "actor=adam").await;
-        assert_eq!(panel["sections"][0]["form"]["fields"][0]["value"], "adam");
-        assert_eq!(panel["sections"][0]["form"]["filter"], true);
+        assert!(body.contains("before"), "{body}");
         srv.stop().await;
     }
 }
@@ -508,17 +553,23 @@ async fn add_vm_page_fills_in_commands_and_shows_arrivals() {
     let linux = served_hash("linux-agent.sh").await;
     let windows = served_hash("windows-agent.ps1").await;
     let (_, panel) = page(&srv, &operator, "add-vm", "").await;
-    let text = panel.to_string();
-    assert!(text.contains(&linux) && text.contains(&windows), "{panel}");
-    assert!(text.contains(&format!("--server {}", srv.base)), "{panel}");
+    let commands = codes(&panel).join("\n");
     assert!(
-        panel["sections"][1]["form"].is_null(),
+        commands.contains(&linux) && commands.contains(&windows),
+        "{panel}"
+    );
+    assert!(
+        commands.contains(&format!("--server {}", srv.base)),
+        "{panel}"
+    );
+    assert!(
+        !panel.contains("data-action=\"enrol\""),
         "operators cannot create enrolment tokens"
     );
     let (_, panel) = page(&srv, &admin, "add-vm", "").await;
-    assert_eq!(panel["sections"][1]["form"]["action"], "enrol");
+    assert!(panel.contains("data-action=\"enrol\""), "{panel}");
 
-    let (_, outcome) = submit(
+    let (_, answer) = submit(
         &srv,
         &admin,
         "add-vm",
@@ -530,11 +581,8 @@ async fn add_vm_page_fills_in_commands_and_shows_arrivals() {
         ],
     )
     .await;
-    assert_eq!(
-        outcome["errors"][0]["field"], "expires_in_hours",
-        "{outcome}"
-    );
-    let (_, outcome) = submit(
+    assert_eq!(errors(&answer), vec!["expires_in_hours"], "{answer}");
+    let (_, answer) = submit(
         &srv,
         &admin,
         "add-vm",
@@ -546,21 +594,19 @@ async fn add_vm_page_fills_in_commands_and_shows_arrivals() {
         ],
     )
     .await;
-    assert_eq!(outcome["ok"], true, "{outcome}");
-    let linux_line = outcome["code"][0]["text"].as_str().unwrap();
+    assert_eq!(verdict(&answer).0, Some(true), "{answer}");
+    // The page's two commands, then the outcome's two with the token filled in.
+    let blocks = codes(&answer);
+    assert_eq!(blocks.len(), 4, "{answer}");
+    let linux_line = &blocks[2];
     let token = linux_line
         .split('\'')
         .find(|part| part.starts_with("vmhc_enrol_"))
         .unwrap_or_else(|| panic!("the token is filled in: {linux_line}"))
         .to_owned();
-    assert!(
-        outcome["code"][1]["text"]
-            .as_str()
-            .unwrap()
-            .contains(&token)
-    );
+    assert!(blocks[3].contains(&token), "{answer}");
     let (_, panel) = page(&srv, &admin, "add-vm", "").await;
-    assert!(!panel.to_string().contains(&token), "shown once only");
+    assert!(!panel.contains(&token), "shown once only");
 
     // The token enrols a VM, which the page then lists as just arrived.
     let (status, body) = srv
@@ -619,7 +665,15 @@ async fn link_queue_approves_only_what_was_shown() {
         let (_, panel) = page(&srv, &operator, "links", "").await;
         let shown = keys(&panel);
         assert_eq!(shown.len(), 4, "{panel}");
-        assert_eq!(panel["sections"][0]["table"]["bulk"], true);
+        assert!(
+            panel.contains("class=\"bulk\" name=\"do\" value=\"approve\""),
+            "{panel}"
+        );
+        assert_eq!(
+            between(&panel, "type=\"checkbox\" name=\"key\" value=\"", "\""),
+            shown,
+            "one box per proposal, carrying its key"
+        );
         assert!(
             cells(&panel)
                 .iter()
@@ -629,10 +683,10 @@ async fn link_queue_approves_only_what_was_shown() {
         // Root inside "moving" re-points its proposal at another guest after the page was read.
         propose(&srv, "moving", 404, "pve2").await;
         let form: Vec<(&str, &str)> = shown.iter().map(|k| ("key", k.as_str())).collect();
-        let (status, outcome) = submit(&srv, &operator, "links", "approve", &form).await;
-        assert_eq!(status, 200, "{outcome}");
-        assert_eq!(outcome["ok"], false, "{outcome}");
-        let message = outcome["message"].as_str().unwrap();
+        let (status, answer) = submit(&srv, &operator, "links", "approve", &form).await;
+        assert_eq!(status, 200, "{answer}");
+        let (ok, message) = verdict(&answer);
+        assert_eq!(ok, Some(false), "{answer}");
         assert!(message.starts_with("Approved 1."), "{message}");
         assert!(
             message.contains(&format!("vm {moving}: the VM's proposed link is no longer")),
@@ -653,7 +707,7 @@ async fn link_queue_approves_only_what_was_shown() {
         );
 
         // A forged key is refused before anything is approved.
-        let (_, outcome) = submit(
+        let (_, answer) = submit(
             &srv,
             &operator,
             "links",
@@ -661,7 +715,11 @@ async fn link_queue_approves_only_what_was_shown() {
             &[("key", &format!("{moving}:pve2:404:qemu")), ("key", "x:y")],
         )
         .await;
-        assert_eq!(outcome["errors"][0]["field"], "key", "{outcome}");
+        assert_eq!(errors(&answer), Vec::<String>::new(), "{answer}");
+        assert!(
+            verdict(&answer).1.contains("key: not a proposal"),
+            "{answer}"
+        );
         assert!(!verified(&srv, moving).await);
 
         // The REST door: the same rules.
