@@ -844,3 +844,229 @@ async fn a_threshold_change_turns_a_vm_warning_on_the_open_page() {
     browser.close().await;
     srv.stop().await;
 }
+
+impl Browser {
+    /// Clears the text field `name` inside `form` and types `value`.
+    async fn retype(&self, form: &str, name: &str, value: &str) {
+        let field = self
+            .client
+            .find(Locator::Css(&format!("{form} input[name='{name}']")))
+            .await
+            .unwrap();
+        field.clear().await.unwrap();
+        field.send_keys(value).await.unwrap();
+    }
+
+    /// Follows a link of the top bar, as a person would, and waits for the page's title.
+    async fn open_from_menu(&self, href: &str, title: &str) {
+        self.click(&format!(".topbar a[href='{href}']")).await;
+        wait_for(
+            &format!("the {title} page"),
+            Duration::from_secs(10),
+            || async { self.text_of(".panel-title").await.filter(|t| t == title) },
+        )
+        .await;
+        assert_eq!(self.path().await, href);
+    }
+
+    /// Whether the page is still the one loaded first (a full reload would drop the mark).
+    async fn same_document(&self) -> bool {
+        self.client
+            .execute("return window.vmhcMark === 1;", vec![])
+            .await
+            .unwrap()
+            == json!(true)
+    }
+}
+
+/// The admin pages in a real browser: reached from the menu without a page load; the
+/// settings form shows a bad value's error by its field and saves nothing, and a good CPU
+/// threshold turns a VM warning at once on a fleet page open in another window; the add-VM
+/// page fills a new token into the commands and shows the VM that enrols with it arrive,
+/// without a reload and keeping the token on screen; a token is revoked from its row after
+/// a confirmation; screenshots at 1280 and 375 px, no sideways scroll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn admin_pages_set_thresholds_and_add_a_vm() {
+    require_front_end();
+    let mut srv = TestServer::start(
+        Backend::Sqlite,
+        &[
+            ("ADMIN_USERNAME", "admin"),
+            ("ADMIN_PASSWORD", "correct horse battery"),
+        ],
+    )
+    .await;
+    let (status, body) = srv.report(&report_for("steady-vm")).await;
+    assert_eq!(status, 200, "{body}");
+    let vm = body["vm_id"].as_i64().unwrap();
+    let badge = format!("tr[data-vm-id='{vm}'] .badge");
+
+    let browser = Browser::start().await;
+    browser.client.set_window_size(1280, 900).await.unwrap();
+    browser
+        .sign_in(&srv.base, "admin", "correct horse battery")
+        .await;
+    // A second window keeps the fleet page open.
+    let settings_window = browser.client.window().await.unwrap();
+    let fleet_window = browser.client.new_window(false).await.unwrap().handle;
+    browser
+        .client
+        .switch_to_window(fleet_window.clone())
+        .await
+        .unwrap();
+    browser
+        .client
+        .goto(&format!("{}/", srv.base))
+        .await
+        .unwrap();
+    browser.hydrated().await;
+    browser.live_mode("push").await;
+    assert_eq!(
+        browser.attr(&badge, "class").await.as_deref(),
+        Some("badge healthy")
+    );
+    browser
+        .client
+        .switch_to_window(settings_window.clone())
+        .await
+        .unwrap();
+
+    browser
+        .client
+        .execute("window.vmhcMark = 1;", vec![])
+        .await
+        .unwrap();
+    browser.open_from_menu("/settings", "Settings").await;
+    assert!(browser.same_document().await, "no page load between pages");
+    browser.screenshot("settings", 1280).await;
+    browser.screenshot("settings", 375).await;
+    let wide = browser.sticking_out().await;
+    assert!(wide.is_empty(), "sticks out at 375 px: {wide:?}");
+    browser.client.set_window_size(1280, 900).await.unwrap();
+
+    let save = "form[data-action='save']";
+    browser.retype(save, "status.cpu_threshold", "150").await;
+    browser
+        .click(&format!("{save} button[type='submit']"))
+        .await;
+    let error = wait_for("the field's error", Duration::from_secs(10), || async {
+        browser
+            .text_of(".field[data-field='status.cpu_threshold'] .field-error")
+            .await
+    })
+    .await;
+    assert!(error.contains("between"), "{error}");
+    let (_, settings) = srv.get("/api/settings").await;
+    assert_eq!(settings["status"]["cpu_threshold"], 80.0, "nothing changed");
+
+    browser.retype(save, "status.cpu_threshold", "10").await;
+    browser
+        .click(&format!("{save} button[type='submit']"))
+        .await;
+    wait_for("the saved answer", Duration::from_secs(10), || async {
+        browser.text_of(&format!("{save} .outcome.ok")).await
+    })
+    .await;
+    browser.client.switch_to_window(fleet_window).await.unwrap();
+    wait_for(
+        "the VM to turn warning on the open fleet page",
+        Duration::from_secs(5),
+        || async {
+            browser
+                .attr(&badge, "class")
+                .await
+                .filter(|b| b == "badge warning")
+        },
+    )
+    .await;
+    browser
+        .client
+        .switch_to_window(settings_window)
+        .await
+        .unwrap();
+
+    // Add a VM: a token filled into the commands, then the VM arriving on the open page.
+    browser.open_from_menu("/add-vm", "Add a VM").await;
+    assert!(browser.same_document().await, "no page load between pages");
+    browser.screenshot("add-vm", 375).await;
+    let wide = browser.sticking_out().await;
+    assert!(wide.is_empty(), "sticks out at 375 px: {wide:?}");
+    browser.screenshot("add-vm", 1280).await;
+    browser.live_mode("push").await;
+    let enrol = "form[data-action='enrol']";
+    browser.retype(enrol, "label", "web servers").await;
+    browser
+        .click(&format!("{enrol} button[type='submit']"))
+        .await;
+    let linux = wait_for(
+        "the filled-in commands",
+        Duration::from_secs(10),
+        || async {
+            browser
+                .text_of(&format!("{enrol} .outcome.ok pre.code"))
+                .await
+        },
+    )
+    .await;
+    let token = linux
+        .split('\'')
+        .find(|part| part.starts_with("vmhc_enrol_"))
+        .unwrap_or_else(|| panic!("the token is in the command: {linux}"))
+        .to_owned();
+    let (status, body) = srv
+        .report_raw(
+            report_for("arrival-01").to_string().into_bytes(),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_for(
+        "the new VM on the open page",
+        Duration::from_secs(5),
+        || async {
+            browser
+                .text_of("[data-live] tbody")
+                .await
+                .filter(|t| t.contains("arrival-01"))
+        },
+    )
+    .await;
+    assert!(
+        browser
+            .text_of(&format!("{enrol} .outcome.ok"))
+            .await
+            .is_some_and(|t| t.contains(&token)),
+        "the token shown once stays on screen while VMs arrive"
+    );
+    assert!(browser.same_document().await);
+
+    // Tokens: the enrolment token revoked from its row, after a confirmation.
+    browser.open_from_menu("/tokens", "Tokens").await;
+    let (_, tokens) = srv.get("/api/enrolment-tokens").await;
+    let id = tokens[0]["id"].as_i64().unwrap();
+    browser
+        .click(&format!("button.row-action[value='revoke-enrolment {id}']"))
+        .await;
+    let question = browser.client.get_alert_text().await.unwrap();
+    assert!(
+        question.contains(&format!("Revoke enrolment token {id}")),
+        "{question}"
+    );
+    browser.client.accept_alert().await.unwrap();
+    wait_for("the revocation", Duration::from_secs(10), || async {
+        browser
+            .text_of(".outcome.ok")
+            .await
+            .filter(|t| t.contains("revoked"))
+    })
+    .await;
+    let (_, tokens) = srv.get("/api/enrolment-tokens").await;
+    assert!(tokens[0]["revoked_ms"].is_i64(), "{tokens}");
+    let (status, _) = srv
+        .report_raw(report_for("late-02").to_string().into_bytes(), Some(&token))
+        .await;
+    assert_eq!(status, 401, "a revoked token enrols nothing");
+
+    browser.close().await;
+    srv.stop().await;
+}
