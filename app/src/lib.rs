@@ -16,14 +16,14 @@ pub mod rpc;
 
 use domain::PanelName;
 use leptos::prelude::*;
-use leptos_meta::{Link, Meta, Stylesheet, Title, provide_meta_context};
 use leptos_router::components::{Route, Router, Routes};
 use leptos_router::path;
 
 /// The HTML document the server renders around the app.
+///
+/// The head is static and rendered only here, so none of it is in the browser bundle.
 #[cfg(feature = "ssr")]
 pub fn shell(options: LeptosOptions) -> impl IntoView {
-    use leptos_meta::MetaTags;
     set_content_security_policy();
     view! {
         <!DOCTYPE html>
@@ -31,8 +31,11 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
             <head>
                 <meta charset="utf-8"/>
                 <meta name="viewport" content="width=device-width, initial-scale=1"/>
+                <meta name="description" content="Proxmox VM health at a glance"/>
+                <title>"vm-healthcheck"</title>
+                <link rel="stylesheet" href="/pkg/main.css"/>
+                <link rel="icon" href="/pkg/favicon.svg"/>
                 <HydrationScripts options/>
-                <MetaTags/>
             </head>
             <body>
                 <App/>
@@ -61,15 +64,10 @@ fn set_content_security_policy() {
     }
 }
 
-/// The root component: document metadata and every route, declared here and nowhere else.
+/// The root component: every route, declared here and nowhere else.
 #[component]
 pub fn App() -> impl IntoView {
-    provide_meta_context();
     view! {
-        <Stylesheet id="main" href="/pkg/main.css"/>
-        <Link rel="icon" href="/pkg/favicon.svg"/>
-        <Meta name="description" content="Proxmox VM health at a glance"/>
-        <Title text="vm-healthcheck"/>
         <Router>
             <main>
                 <Routes fallback=|| view! { <p class="empty">"Page not found."</p> }>

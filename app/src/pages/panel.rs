@@ -4,7 +4,7 @@
 
 use crate::components::{TopBar, use_signed_in};
 use crate::live::use_live;
-use crate::rpc::{SubmitPanel, get_panel};
+use crate::rpc::{get_panel, submit_panel};
 use domain::PanelName;
 use leptos::prelude::*;
 use leptos_router::hooks::{use_location, use_navigate};
@@ -36,12 +36,7 @@ pub fn PanelPage(name: PanelName) -> impl IntoView {
         search.track();
         answered.set(None);
     });
-    let submit = ServerAction::<SubmitPanel>::new();
-    Effect::new(move |_| match submit.value().get() {
-        Some(Ok(html)) => answered.set(Some(html)),
-        Some(Err(err)) => failed.set(Some(err.to_string())),
-        None => {}
-    });
+    let pending = RwSignal::new(false);
     // When the fleet changes, the live sections (VMs arriving) are drawn again in place.
     Effect::new(move |first: Option<()>| {
         live.tick.track();
@@ -64,7 +59,16 @@ pub fn PanelPage(name: PanelName) -> impl IntoView {
             }
             Some(Submission::Action { action, form }) => {
                 failed.set(None);
-                submit.dispatch(SubmitPanel { name, action, form });
+                pending.set(true);
+                // Called directly rather than through a ServerAction: the page needs only
+                // the answer, and the bundle stays smaller.
+                leptos::task::spawn_local(async move {
+                    match submit_panel(name, action, form).await {
+                        Ok(html) => answered.set(Some(html)),
+                        Err(err) => failed.set(Some(err.to_string())),
+                    }
+                    pending.set(false);
+                });
             }
             None => {}
         }
@@ -83,7 +87,7 @@ pub fn PanelPage(name: PanelName) -> impl IntoView {
                             view! {
                                 <div
                                     class="panel-body"
-                                    aria-busy=move || submit.pending().get().to_string()
+                                    aria-busy=move || pending.get().to_string()
                                     inner_html=html
                                     on:submit=on_submit.clone()
                                     on:click=copy_clicked
