@@ -245,3 +245,66 @@ async fn the_proxmox_check_names_release_privileges_and_trust() {
     );
     bare.stop().await;
 }
+
+/// Writes `value` as the stored remediation rails, behind the server's back.
+async fn store_rails(srv: &TestServer, value: &str) {
+    use diesel_async::RunQueryDsl;
+    let sql = format!(
+        "INSERT INTO runtime_config (key, value, updated_ms) VALUES ('remediation_tuning', '{value}', 1) \
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+    );
+    let mut conn = srv.state().db.conn().await.unwrap();
+    match &mut conn {
+        server::db::Conn::Sqlite(c) => {
+            diesel::sql_query(sql).execute(&mut **c).await.unwrap();
+        }
+        server::db::Conn::Postgres(c) => {
+            diesel::sql_query(sql).execute(&mut **c).await.unwrap();
+        }
+    };
+}
+
+/// Stored rails this version cannot read, or that fail their checks (a newer release's,
+/// a hand edit, a corrupt row), turn auto-reset off at start-up and when a running server
+/// picks them up; they never keep it on or turn it on. Saving valid rails turns it back on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreadable_stored_rails_turn_auto_reset_off() {
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let mut srv = TestServer::start(backend, &[("AUTO_RESET_ENABLED", "true")]).await;
+        let (_, settings) = srv.get("/api/settings").await;
+        assert_eq!(settings["remediation"]["auto_reset"], "on", "{settings}");
+        let mut valid = settings["remediation"].clone();
+        // Picked up by the running server within a few rounds.
+        store_rails(&srv, r#"{"auto_reset": "sometimes"}"#).await;
+        wait_for(
+            "auto-reset to turn off",
+            Duration::from_secs(10),
+            || async {
+                let (_, now) = srv.get("/api/settings").await;
+                (now["remediation"]["auto_reset"] == "off").then_some(())
+            },
+        )
+        .await;
+
+        // Readable but out of range (a breaker that could never trip): off, at start-up too.
+        valid["storm_percent"] = json!(100.0);
+        store_rails(&srv, &valid.to_string()).await;
+        srv.stop().await;
+        let TestServer { db, .. } = srv;
+        let mut srv = TestServer::start_on(db, &[("AUTO_RESET_ENABLED", "true")]).await;
+        let (_, now) = srv.get("/api/settings").await;
+        assert_eq!(now["remediation"]["auto_reset"], "off", "{now}");
+
+        // An admin's valid save puts it back on.
+        let mut fixed = now.clone();
+        fixed["remediation"]["auto_reset"] = json!("on");
+        fixed["remediation"]["storm_percent"] = json!(30.0);
+        let (status, answer) = srv
+            .send(Method::PUT, "/api/settings", Some(ADMIN_TOKEN), Some(fixed))
+            .await;
+        assert_eq!(status, 200, "{answer}");
+        let (_, now) = srv.get("/api/settings").await;
+        assert_eq!(now["remediation"]["auto_reset"], "on", "{now}");
+        srv.stop().await;
+    }
+}
