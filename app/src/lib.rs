@@ -79,6 +79,7 @@ pub fn App() -> impl IntoView {
                     <Route path=path!("/tokens") view=|| view! { <pages::PanelPage name=PanelName::Tokens/> }/>
                     <Route path=path!("/audit") view=|| view! { <pages::PanelPage name=PanelName::Audit/> }/>
                     <Route path=path!("/links") view=|| view! { <pages::PanelPage name=PanelName::Links/> }/>
+                    <Route path=path!("/link") view=|| view! { <pages::PanelPage name=PanelName::Link/> }/>
                     <Route path=path!("/login") view=pages::LoginPage/>
                     <Route path=path!("/setup") view=pages::SetupPage/>
                 </Routes>

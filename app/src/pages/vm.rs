@@ -305,6 +305,9 @@ fn Actions(
             >
                 {move || if auto_reset() { "Turn auto-reset off" } else { "Turn auto-reset on" }}
             </button>
+            <a class="edit-link" href=move || format!("/link?vm={}", id())>
+                "Proxmox link"
+            </a>
             <span class="action-result" role="status">{result}</span>
             {move || {
                 question()

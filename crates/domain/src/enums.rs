@@ -166,6 +166,8 @@ string_enum!(
         Tokens = "tokens",
         Audit = "audit",
         Links = "links",
+        /// One VM's Proxmox link: approve, change or remove it (`?vm=ID`).
+        Link = "link",
     }
 );
 

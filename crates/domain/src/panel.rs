@@ -62,6 +62,8 @@ pub enum FieldKind {
     Password,
     /// One of these values.
     Choice(Vec<String>),
+    /// Sent back as given, not shown: what the page showed (a proposal being approved).
+    Hidden,
 }
 
 /// Rows with a key each; actions apply to one row (a button on it) or, when `bulk`, to

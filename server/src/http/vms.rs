@@ -1,7 +1,7 @@
 //! `/api/vms`: the fleet, one VM with its history, deleting it, and its per-VM settings.
 
 use super::error::{ApiError, FieldError};
-use super::extract::{Admin, JsonBody, Operator, QueryParams, Viewer, VmPath};
+use super::extract::{Actor, Admin, JsonBody, Operator, QueryParams, Viewer, VmPath};
 use crate::cache::refresh as refresh_cache;
 use crate::db::{incidents, store};
 use crate::state::AppState;
@@ -147,10 +147,10 @@ pub async fn reset_history(
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LinkRequest {
-    node: Option<String>,
-    vmid: Option<i64>,
+    pub node: Option<String>,
+    pub vmid: Option<i64>,
     #[serde(rename = "type", default)]
-    kind: Option<String>,
+    pub kind: Option<String>,
 }
 
 /// Links a VM to a Proxmox guest by hand; `{"node": null, "vmid": null}` unlinks it.
@@ -160,6 +160,16 @@ pub async fn link(
     VmPath(id): VmPath,
     JsonBody(request): JsonBody<LinkRequest>,
 ) -> Result<Json<VmView>, ApiError> {
+    Ok(Json(set_link(&state, &actor, id, request).await?))
+}
+
+/// Both doors of `PUT /api/vms/:id/proxmox`: the API and the VM's link page.
+pub async fn set_link(
+    state: &AppState,
+    actor: &Actor,
+    id: VmId,
+    request: LinkRequest,
+) -> Result<VmView, ApiError> {
     let link = match (request.node, request.vmid) {
         (None, None) => None,
         (Some(node), Some(vmid)) => {
@@ -199,10 +209,10 @@ pub async fn link(
         .ok_or(ApiError::NotFound)?;
     drop(conn);
     actor
-        .audit(&state, "link", Some(&format!("vm {id}")), Some(&detail))
+        .audit(state, "link", Some(&format!("vm {id}")), Some(&detail))
         .await;
     refresh_cache(&state.db, &state.cache, &[id]).await;
-    Ok(Json(vm))
+    Ok(vm)
 }
 
 /// The guest an operator was shown as a VM's proposed link, and approves.

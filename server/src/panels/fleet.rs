@@ -5,7 +5,7 @@ use super::{Fields, maybe_when, when};
 use crate::http::ApiError;
 use crate::http::enrolment::{self, TokenRequest};
 use crate::http::extract::Actor;
-use crate::http::vms::ApproveRequest;
+use crate::http::vms::{ApproveRequest, LinkRequest};
 use crate::state::AppState;
 use app::backend::RequestInfo;
 use domain::panel::{Field, FieldKind, Form, Outcome, Panel, Row, RowAction, Section, Table};
@@ -345,4 +345,154 @@ pub async fn submit_links(
         message,
         ..Outcome::default()
     })
+}
+
+/// One VM's link page (`/link?vm=ID`): approve what it proposes, link it by hand, unlink it.
+pub async fn link(state: &AppState, query: &Fields) -> Result<Panel, ApiError> {
+    let id = VmId(
+        crate::http::extract::positive_id(query.get("vm"))
+            .map_err(|_| ApiError::field("vm", "name the VM: /link?vm=ID"))?,
+    );
+    let vm = {
+        let mut conn = state.db.conn().await?;
+        crate::db::store::get_vm(&mut conn, id)
+            .await?
+            .ok_or(ApiError::NotFound)?
+    };
+    let this = || Field::new("vm", "", FieldKind::Hidden, id.to_string());
+    let source = match (guest_of(&vm), vm.proxmox_link_source) {
+        (Some(_), Some(s)) => format!(", found by {s}"),
+        _ => String::new(),
+    };
+    let mut sections = vec![
+        Section::new(format!("{} (vm {id})", vm.hostname)).text(format!(
+            "Proxmox: {}{source}. Automatic power actions need an approved link.",
+            link_text(&vm)
+        )),
+    ];
+    if let (Some(guest), false) = (guest_of(&vm), vm.link_verified) {
+        let others = {
+            let mut conn = state.db.conn().await?;
+            crate::db::incidents::other_claimants(&mut conn, &guest, id).await?
+        };
+        let mut approve = Section::new("Approve the proposed link").text(format!(
+            "Approve only if {} {} on {} is this VM: once approved, auto-reset may power-cycle              that guest when this VM stops reporting.",
+            guest.kind, guest.vmid, guest.node
+        ));
+        if others.is_empty() {
+            approve = approve.form(Form {
+                action: "approve".into(),
+                submit: "Approve this link".into(),
+                filter: false,
+                fields: vec![
+                    this(),
+                    Field::new("node", "", FieldKind::Hidden, guest.node.to_string()),
+                    Field::new("vmid", "", FieldKind::Hidden, guest.vmid.to_string()),
+                    Field::new("type", "", FieldKind::Hidden, guest.kind.as_str()),
+                ],
+            });
+        } else {
+            let names: Vec<String> = others.iter().map(|o| format!("vm {o}")).collect();
+            approve = approve.text(format!(
+                "The same guest is also claimed by {}: link the right VM by hand below.",
+                names.join(", ")
+            ));
+        }
+        sections.push(approve);
+    }
+    let current = guest_of(&vm);
+    sections.push(
+        Section::new("Link by hand")
+            .text("An operator's link is approved as it is made.")
+            .form(Form {
+                action: "set".into(),
+                submit: "Link".into(),
+                filter: false,
+                fields: vec![
+                    this(),
+                    Field::new(
+                        "node",
+                        "Node",
+                        FieldKind::Text,
+                        current
+                            .as_ref()
+                            .map_or_else(String::new, |g| g.node.to_string()),
+                    ),
+                    Field::new(
+                        "vmid",
+                        "VMID",
+                        FieldKind::Number,
+                        current
+                            .as_ref()
+                            .map_or_else(String::new, |g| g.vmid.to_string()),
+                    ),
+                    Field::new(
+                        "type",
+                        "Type",
+                        FieldKind::Choice(vec!["qemu".into(), "lxc".into()]),
+                        current.as_ref().map_or("qemu", |g| g.kind.as_str()),
+                    ),
+                ],
+            }),
+    );
+    if current.is_some() {
+        sections.push(
+            Section::new("Unlink")
+                .text("The VM then stays unlinked, with nothing proposed, until linked again.")
+                .form(Form {
+                    action: "unlink".into(),
+                    submit: "Unlink".into(),
+                    filter: false,
+                    fields: vec![this()],
+                }),
+        );
+    }
+    Ok(Panel {
+        title: "Proxmox link".into(),
+        sections,
+    })
+}
+
+pub async fn submit_link(
+    state: &AppState,
+    actor: &Actor,
+    action: &str,
+    f: &Fields,
+) -> Result<Outcome, ApiError> {
+    let id = VmId(crate::http::extract::positive_id(f.get("vm"))?);
+    let vmid = || {
+        f.get("vmid")
+            .parse::<i64>()
+            .map_err(|_| ApiError::field("vmid", "must be a number"))
+    };
+    match action {
+        "approve" => {
+            let guest =
+                ApproveRequest::guest(f.get("node").to_owned(), vmid()?, Some(f.get("type")))?;
+            crate::actions::approve_link(state, &actor.who.name, &actor.from, id, &guest).await?;
+            Ok(Outcome::done(format!(
+                "Approved: {} {} on {}.",
+                guest.kind, guest.vmid, guest.node
+            )))
+        }
+        "set" => {
+            let request = LinkRequest {
+                node: Some(f.get("node").to_owned()),
+                vmid: Some(vmid()?),
+                kind: Some(f.get("type").to_owned()),
+            };
+            let vm = crate::http::vms::set_link(state, actor, id, request).await?;
+            Ok(Outcome::done(format!("Linked: {}.", link_text(&vm))))
+        }
+        "unlink" => {
+            let request = LinkRequest {
+                node: None,
+                vmid: None,
+                kind: None,
+            };
+            crate::http::vms::set_link(state, actor, id, request).await?;
+            Ok(Outcome::done("Unlinked."))
+        }
+        _ => Err(ApiError::field("action", "unknown")),
+    }
 }

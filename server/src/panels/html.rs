@@ -35,10 +35,27 @@ pub fn page(panel: &Panel, answer: Option<&Answer<'_>>) -> String {
         "<h2 class=\"panel-title\">{}</h2>",
         escape(&panel.title)
     );
+    // An answer whose form is gone from the page (an unlink removes its own form) is shown
+    // on top instead of being lost.
+    if let Some(answer) = answer
+        && !placed(panel, answer.action)
+    {
+        outcome(&mut out, answer.outcome);
+    }
     for (i, section) in panel.sections.iter().enumerate() {
         self::section(&mut out, i, section, answer);
     }
     out
+}
+
+/// Whether the page still has the form or table an answer belongs under.
+fn placed(panel: &Panel, action: &str) -> bool {
+    panel.sections.iter().any(|s| {
+        s.form.as_ref().is_some_and(|f| f.action == action)
+            || s.table
+                .as_ref()
+                .is_some_and(|t| t.actions.iter().any(|a| a.action == action))
+    })
 }
 
 fn section(out: &mut String, index: usize, section: &Section, answer: Option<&Answer<'_>>) {
@@ -114,6 +131,14 @@ fn form(out: &mut String, form: &Form, answer: Option<&Answer<'_>>) {
 fn field(out: &mut String, f: &Field, typed: Option<&str>, error: Option<&str>) {
     let id = format!("f-{}", escape(&f.name));
     let name = escape(&f.name);
+    if f.kind == FieldKind::Hidden {
+        let _ = write!(
+            out,
+            "<input type=\"hidden\" name=\"{name}\" value=\"{}\">",
+            escape(&f.value)
+        );
+        return;
+    }
     let _ = write!(
         out,
         "<div class=\"field\" data-field=\"{name}\"><label for=\"{id}\">{}</label>",

@@ -66,7 +66,7 @@ impl Fields {
 /// The role a page needs to be seen.
 fn page_role(name: PanelName) -> UserRole {
     match name {
-        PanelName::AddVm | PanelName::Links => UserRole::Operator,
+        PanelName::AddVm | PanelName::Links | PanelName::Link => UserRole::Operator,
         PanelName::Settings | PanelName::Users | PanelName::Tokens | PanelName::Audit => {
             UserRole::Admin
         }
@@ -77,6 +77,7 @@ fn page_role(name: PanelName) -> UserRole {
 fn action_role(name: PanelName, action: &str) -> UserRole {
     match (name, action) {
         (PanelName::Links, "approve") => UserRole::Operator,
+        (PanelName::Link, "approve" | "set" | "unlink") => UserRole::Operator,
         // Enrolment tokens, users, API tokens and settings are admin business.
         _ => UserRole::Admin,
     }
@@ -108,6 +109,7 @@ async fn build(
         PanelName::Settings => Ok(settings::page(state)),
         PanelName::AddVm => fleet::add_vm(state, caller, actor).await,
         PanelName::Links => fleet::links(state).await,
+        PanelName::Link => fleet::link(state, query).await,
         PanelName::Users => people::users(state).await,
         PanelName::Tokens => people::tokens(state).await,
         PanelName::Audit => people::audit(state, query).await,
@@ -145,7 +147,8 @@ pub async fn submit(
     };
     let fields = Fields::parse(form);
     let outcome = act(state, caller, &actor, name, action, &fields).await?;
-    let panel = build(state, caller, &actor, name, &Fields::parse(""))
+    // The page drawn again for what was submitted (a VM's link page names its VM).
+    let panel = build(state, caller, &actor, name, &fields)
         .await
         .map_err(|err| app_error(name, "show", err))?;
     let answer = html::Answer {
@@ -170,6 +173,7 @@ async fn act(
         PanelName::Settings => settings::submit(state, actor, action, fields).await,
         PanelName::AddVm => fleet::submit_add_vm(state, caller, actor, action, fields).await,
         PanelName::Links => fleet::submit_links(state, actor, action, fields).await,
+        PanelName::Link => fleet::submit_link(state, actor, action, fields).await,
         PanelName::Users => people::submit_users(state, actor, action, fields).await,
         PanelName::Tokens => people::submit_tokens(state, actor, action, fields).await,
         PanelName::Audit => Err(ApiError::BadRequest(

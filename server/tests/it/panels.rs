@@ -648,7 +648,13 @@ async fn verified(srv: &TestServer, vm: i64) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn link_queue_approves_only_what_was_shown() {
     for backend in [Backend::Sqlite, Backend::Postgres] {
-        let guests = [(101, "pve1"), (202, "pve1"), (303, "pve2"), (404, "pve2")];
+        let guests = [
+            (101, "pve1"),
+            (202, "pve1"),
+            (303, "pve2"),
+            (404, "pve2"),
+            (505, "pve2"),
+        ];
         let fake = FakePve::start(
             guests
                 .iter()
@@ -756,6 +762,95 @@ async fn link_queue_approves_only_what_was_shown() {
         assert_eq!(status, 401, "the fleet token is no operator");
         let actions = audit_actions(&srv).await;
         assert!(actions.contains(&("olga".into(), "approve_link".into(), "approved".into())));
+
+        // One VM's link page: a contested guest offers no approval; by hand; unlink.
+        let viewer = token_for(&srv, "vera", "viewer").await;
+        let vm_query = |vm: i64| format!("vm={vm}");
+        assert_eq!(page(&srv, &viewer, "link", &vm_query(claim_a)).await.0, 403);
+        let (status, html) = page(&srv, &operator, "link", "vm=999999").await;
+        assert_eq!(status, 404, "{html}");
+        let (_, html) = page(&srv, &operator, "link", &vm_query(claim_a)).await;
+        assert!(
+            html.contains(&format!("also claimed by vm {claim_b}")),
+            "{html}"
+        );
+        assert!(!html.contains("data-action=\"approve\""), "{html}");
+        let set = |vm: i64, vmid: &'static str| {
+            let srv = &srv;
+            let operator = operator.clone();
+            async move {
+                let vm = vm.to_string();
+                submit(
+                    srv,
+                    &operator,
+                    "link",
+                    "set",
+                    &[
+                        ("vm", &vm),
+                        ("node", "pve1"),
+                        ("vmid", vmid),
+                        ("type", "qemu"),
+                    ],
+                )
+                .await
+                .1
+            }
+        };
+        assert_eq!(errors(&set(claim_a, "2x").await), vec!["vmid"]);
+        assert!(!verified(&srv, claim_a).await);
+        let answer = set(claim_a, "202").await;
+        assert_eq!(verdict(&answer).0, Some(true), "{answer}");
+        assert!(
+            answer.contains("data-action=\"unlink\""),
+            "the page drawn again: {answer}"
+        );
+        assert!(
+            verified(&srv, claim_a).await,
+            "an operator's link is approved"
+        );
+        let (_, answer) = submit(
+            &srv,
+            &operator,
+            "link",
+            "unlink",
+            &[("vm", &claim_b.to_string())],
+        )
+        .await;
+        assert_eq!(verdict(&answer).0, Some(true), "{answer}");
+        let (_, body) = srv.get(&format!("/api/vms/{claim_b}")).await;
+        assert!(body["proxmox_vmid"].is_null(), "{body}");
+
+        // Approving from the page: only the guest the page showed.
+        let solo = propose(&srv, "solo", 505, "pve2").await;
+        let (_, html) = page(&srv, &operator, "link", &vm_query(solo)).await;
+        assert!(html.contains("name=\"vmid\" value=\"505\""), "{html}");
+        let approve_as = |vmid: &'static str| {
+            let srv = &srv;
+            let operator = operator.clone();
+            async move {
+                let vm = solo.to_string();
+                submit(
+                    srv,
+                    &operator,
+                    "link",
+                    "approve",
+                    &[
+                        ("vm", &vm),
+                        ("node", "pve2"),
+                        ("vmid", vmid),
+                        ("type", "qemu"),
+                    ],
+                )
+                .await
+                .1
+            }
+        };
+        let answer = approve_as("404").await;
+        assert_eq!(verdict(&answer).0, Some(false), "a tampered form: {answer}");
+        assert!(!verified(&srv, solo).await);
+        let answer = approve_as("505").await;
+        assert_eq!(verdict(&answer).0, Some(true), "{answer}");
+        assert!(verified(&srv, solo).await);
         assert_eq!(
             fake.action_attempts(),
             Vec::<String>::new(),
