@@ -122,7 +122,7 @@ pub async fn add_vm(
         .into_iter()
         .filter(|v| v.first_seen_ms >= now - RECENT_MS)
         .collect();
-    recent.sort_by(|a, b| b.first_seen_ms.cmp(&a.first_seen_ms));
+    recent.sort_by_key(|v| std::cmp::Reverse(v.first_seen_ms));
     let arrived = Table {
         columns: vec![
             "Host".into(),
@@ -217,7 +217,7 @@ fn parse_key(key: &str) -> Result<(VmId, GuestRef), ApiError> {
     let id = crate::http::extract::positive_id(id)?;
     let vmid = vmid
         .parse()
-        .map_err(|_| ApiError::field("vmid", "must be a number"))?;
+        .map_err(|_unreadable| ApiError::field("vmid", "must be a number"))?;
     let guest = ApproveRequest::guest(node.to_owned(), vmid, Some(kind))?;
     Ok((VmId(id), guest))
 }
@@ -351,7 +351,7 @@ pub async fn submit_links(
 pub async fn link(state: &AppState, query: &Fields) -> Result<Panel, ApiError> {
     let id = VmId(
         crate::http::extract::positive_id(query.get("vm"))
-            .map_err(|_| ApiError::field("vm", "name the VM: /link?vm=ID"))?,
+            .map_err(|_unreadable| ApiError::field("vm", "name the VM: /link?vm=ID"))?,
     );
     let vm = {
         let mut conn = state.db.conn().await?;
@@ -463,7 +463,7 @@ pub async fn submit_link(
     let vmid = || {
         f.get("vmid")
             .parse::<i64>()
-            .map_err(|_| ApiError::field("vmid", "must be a number"))
+            .map_err(|_unreadable| ApiError::field("vmid", "must be a number"))
     };
     match action {
         "approve" => {

@@ -47,7 +47,7 @@ impl Fields {
 
     /// `name` as a number, or an error naming the field.
     pub fn number<T: std::str::FromStr>(&self, name: &str) -> Result<T, FieldError> {
-        self.get(name).parse().map_err(|_| FieldError {
+        self.get(name).parse().map_err(|_unreadable| FieldError {
             field: name.to_owned(),
             message: "must be a number".to_owned(),
         })

@@ -25,7 +25,7 @@ fn roles() -> FieldKind {
 fn role(f: &Fields) -> Result<UserRole, ApiError> {
     f.get("role")
         .parse()
-        .map_err(|_| ApiError::field("role", "must be viewer, operator or admin"))
+        .map_err(|_unreadable| ApiError::field("role", "must be viewer, operator or admin"))
 }
 
 pub async fn users(state: &AppState) -> Result<Panel, ApiError> {

@@ -160,7 +160,7 @@ fn read(f: &Fields) -> Result<(StatusConfig, RemediationTuning), FieldError> {
         auto_reset: f
             .get("remediation.auto_reset")
             .parse()
-            .map_err(|_| FieldError {
+            .map_err(|_unreadable| FieldError {
                 field: "remediation.auto_reset".into(),
                 message: "must be on, shadow or off".into(),
             })?,
