@@ -201,6 +201,24 @@ pub async fn write_batch(
     submissions: &[Submission],
     cfg: &StatusConfig,
 ) -> Result<Vec<Result<StoredReport, IngestError>>, DbError> {
+    write_batch_via(db, submissions, cfg, StatePath::SetBased).await
+}
+
+/// How the batch's latest state is written: the set-based statement the server uses, or the
+/// one-VM-at-a-time reference the tests hold it to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatePath {
+    SetBased,
+    OneByOne,
+}
+
+/// [`write_batch`] with the state written along `path`.
+pub async fn write_batch_via(
+    db: &Db,
+    submissions: &[Submission],
+    cfg: &StatusConfig,
+    path: StatePath,
+) -> Result<Vec<Result<StoredReport, IngestError>>, DbError> {
     let (mut conn, _turn) = db.write_conn().await?;
     let now_ms = crate::now_ms();
     with_conn!(conn, |c| {
@@ -218,7 +236,10 @@ pub async fn write_batch(
                 .collect();
             c.insert_metrics(metrics).await?;
             let planned = plan_batch(&ids, &reports, &admitted.known, cfg);
-            c.apply_latest_state(&planned).await?;
+            match path {
+                StatePath::SetBased => c.apply_latest_state(&planned).await?,
+                StatePath::OneByOne => c.apply_latest_state_one_by_one(&planned).await?,
+            }
             let statuses: BTreeMap<VmId, VmStatus> = planned
                 .iter()
                 .map(|p| (p.vm_id, p.update.verdict.status))

@@ -4,6 +4,12 @@
 use super::SqliteConn;
 use super::schema::{metric_samples, status_changes, vms};
 use super::store::{NewStatusChange, VmRow};
+use diesel::backend::Backend;
+use diesel::pg::Pg;
+use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
+use diesel::serialize::ToSql;
+use diesel::sql_types::{BigInt, Bool, Double, HasSqlType, Nullable, Text};
+use diesel::sqlite::Sqlite;
 use diesel::{ExpressionMethods, QueryDsl, QueryResult, SelectableHelper};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use domain::heartbeat::Heartbeat;
@@ -82,10 +88,251 @@ pub trait ReportWriter {
         rows: Vec<NewMetric>,
     ) -> impl Future<Output = QueryResult<()>> + Send;
 
+    /// The planned state of every VM of the batch: one `UPDATE ... FROM (VALUES ...)` for
+    /// the VMs and one insert for their status changes, whatever the batch size.
     fn apply_latest_state(
         &mut self,
         planned: &[PlannedState<'_>],
     ) -> impl Future<Output = QueryResult<()>> + Send;
+
+    /// The same, one VM at a time (up to three statements each): the reference the
+    /// set-based statement is tested against (`tests/it/storage.rs`).
+    fn apply_latest_state_one_by_one(
+        &mut self,
+        planned: &[PlannedState<'_>],
+    ) -> impl Future<Output = QueryResult<()>> + Send;
+}
+
+/// One VM's row of the set-based update, owned so the statement can cross into the SQLite
+/// connection's blocking thread.
+struct StateRow {
+    id: i64,
+    ends_incident: bool,
+    phase_reason: Option<String>,
+    status: &'static str,
+    status_since_ms: i64,
+    status_reason: String,
+    last_seen_ms: i64,
+    takes_figures: bool,
+    hostname: String,
+    os: &'static str,
+    machine_id: Option<String>,
+    agent_version: Option<String>,
+    reported_vmid: Option<i64>,
+    reported_node: Option<String>,
+    observed_at_ms: i64,
+    cpu_percent: f64,
+    ram_used_bytes: i64,
+    ram_total_bytes: i64,
+    disk_used_bytes: i64,
+    disk_total_bytes: i64,
+    disk_max_percent: Option<f64>,
+    disks_json: Option<String>,
+    uptime_seconds: i64,
+}
+
+impl StateRow {
+    const COLUMNS: usize = 23;
+
+    fn of(p: &PlannedState<'_>) -> Self {
+        let (u, r) = (&p.update, p.report);
+        StateRow {
+            id: p.vm_id.get(),
+            ends_incident: u.ends_incident.is_some(),
+            phase_reason: u.ends_incident.clone(),
+            status: u.verdict.status.as_str(),
+            status_since_ms: u.status_since_ms,
+            status_reason: u.verdict.reason.clone(),
+            last_seen_ms: u.last_seen_ms,
+            takes_figures: u.takes_figures,
+            hostname: r.hostname.clone(),
+            os: r.os.as_str(),
+            machine_id: p.machine_id.map(str::to_owned),
+            agent_version: r.agent_version.clone(),
+            reported_vmid: r.vmid.map(i64::from),
+            reported_node: r.node.as_ref().map(|n| n.as_str().to_owned()),
+            observed_at_ms: r.observed_ms,
+            cpu_percent: r.cpu_percent,
+            ram_used_bytes: r.ram_used_bytes,
+            ram_total_bytes: r.ram_total_bytes,
+            disk_used_bytes: r.disk_used_bytes,
+            disk_total_bytes: r.disk_total_bytes,
+            disk_max_percent: r.disk_max_percent,
+            disks_json: serde_json::to_string(&r.disks).ok(),
+            uptime_seconds: r.uptime_seconds,
+        }
+    }
+}
+
+/// VMs per statement: 23 binds each stays under SQLite's 32,766 and PostgreSQL's 65,535.
+const STATE_ROWS_PER_STATEMENT: usize = 1000;
+
+/// `UPDATE vms ... FROM (VALUES ...)` for `rows` VMs. A figure column changes only where
+/// the VM's newest report carries figures (a replayed older one refreshes liveness only);
+/// the incident columns only where the batch ends an incident. VALUES columns are named
+/// `column1`... on both backends; `$N` placeholders, in ascending order, work on both.
+fn state_update_sql(rows: usize) -> String {
+    let figure = |column: &str, n: usize| {
+        format!("{column} = CASE WHEN v.column8 THEN v.column{n} ELSE vms.{column} END")
+    };
+    let mut sql = String::from(
+        "UPDATE vms SET \
+         remediation_phase = CASE WHEN v.column2 THEN 'ok' ELSE vms.remediation_phase END, \
+         incident_attempts = CASE WHEN v.column2 THEN 0 ELSE vms.incident_attempts END, \
+         next_action_ms = CASE WHEN v.column2 THEN NULL ELSE vms.next_action_ms END, \
+         phase_reason = CASE WHEN v.column2 THEN v.column3 ELSE vms.phase_reason END, \
+         status = v.column4, status_since_ms = v.column5, status_reason = v.column6, \
+         last_seen_ms = v.column7, ",
+    );
+    let figures = [
+        "hostname",
+        "os",
+        "machine_id",
+        "agent_version",
+        "reported_vmid",
+        "reported_node",
+        "observed_at_ms",
+        "cpu_percent",
+        "ram_used_bytes",
+        "ram_total_bytes",
+        "disk_used_bytes",
+        "disk_total_bytes",
+        "disk_max_percent",
+        "disks_json",
+        "uptime_seconds",
+    ];
+    let set: Vec<String> = figures
+        .iter()
+        .enumerate()
+        .map(|(i, column)| figure(column, i + 9))
+        .collect();
+    sql.push_str(&set.join(", "));
+    sql.push_str(" FROM (VALUES ");
+    let mut n = 0;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..StateRow::COLUMNS {
+            n += 1;
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!("${n}"));
+        }
+        sql.push(')');
+    }
+    sql.push_str(") AS v WHERE vms.id = v.column1");
+    sql
+}
+
+/// `rows` bound in the order of [`state_update_sql`]'s placeholders.
+fn bind_state_rows<DB>(
+    mut query: BoxedSqlQuery<'static, DB, SqlQuery>,
+    rows: Vec<StateRow>,
+) -> BoxedSqlQuery<'static, DB, SqlQuery>
+where
+    DB: Backend
+        + HasSqlType<BigInt>
+        + HasSqlType<Bool>
+        + HasSqlType<Text>
+        + HasSqlType<Double>
+        + HasSqlType<Nullable<BigInt>>
+        + HasSqlType<Nullable<Text>>
+        + HasSqlType<Nullable<Double>>,
+    i64: ToSql<BigInt, DB>,
+    bool: ToSql<Bool, DB>,
+    String: ToSql<Text, DB>,
+    &'static str: ToSql<Text, DB>,
+    f64: ToSql<Double, DB>,
+    Option<i64>: ToSql<Nullable<BigInt>, DB>,
+    Option<String>: ToSql<Nullable<Text>, DB>,
+    Option<f64>: ToSql<Nullable<Double>, DB>,
+{
+    for r in rows {
+        query = query
+            .bind::<BigInt, _>(r.id)
+            .bind::<Bool, _>(r.ends_incident)
+            .bind::<Nullable<Text>, _>(r.phase_reason)
+            .bind::<Text, _>(r.status)
+            .bind::<BigInt, _>(r.status_since_ms)
+            .bind::<Text, _>(r.status_reason)
+            .bind::<BigInt, _>(r.last_seen_ms)
+            .bind::<Bool, _>(r.takes_figures)
+            .bind::<Text, _>(r.hostname)
+            .bind::<Text, _>(r.os)
+            .bind::<Nullable<Text>, _>(r.machine_id)
+            .bind::<Nullable<Text>, _>(r.agent_version)
+            .bind::<Nullable<BigInt>, _>(r.reported_vmid)
+            .bind::<Nullable<Text>, _>(r.reported_node)
+            .bind::<BigInt, _>(r.observed_at_ms)
+            .bind::<Double, _>(r.cpu_percent)
+            .bind::<BigInt, _>(r.ram_used_bytes)
+            .bind::<BigInt, _>(r.ram_total_bytes)
+            .bind::<BigInt, _>(r.disk_used_bytes)
+            .bind::<BigInt, _>(r.disk_total_bytes)
+            .bind::<Nullable<Double>, _>(r.disk_max_percent)
+            .bind::<Nullable<Text>, _>(r.disks_json)
+            .bind::<BigInt, _>(r.uptime_seconds);
+    }
+    query
+}
+
+/// The batch's status changes as rows, owned.
+#[derive(Clone, diesel::Insertable)]
+#[diesel(table_name = status_changes)]
+struct OwnedStatusChange {
+    vm_id: i64,
+    from_status: &'static str,
+    to_status: &'static str,
+    at_ms: i64,
+    reason: String,
+}
+
+fn status_change_rows(planned: &[PlannedState<'_>]) -> Vec<OwnedStatusChange> {
+    planned
+        .iter()
+        .filter_map(|p| {
+            let (from, to) = p.update.change?;
+            Some(OwnedStatusChange {
+                vm_id: p.vm_id.get(),
+                from_status: from.as_str(),
+                to_status: to.as_str(),
+                at_ms: p.update.last_seen_ms,
+                reason: p.update.verdict.reason.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The set-based statements as SQL with their binds, built before any connection is used.
+fn state_statements<DB>(planned: &[PlannedState<'_>]) -> Vec<BoxedSqlQuery<'static, DB, SqlQuery>>
+where
+    DB: Backend
+        + HasSqlType<BigInt>
+        + HasSqlType<Bool>
+        + HasSqlType<Text>
+        + HasSqlType<Double>
+        + HasSqlType<Nullable<BigInt>>
+        + HasSqlType<Nullable<Text>>
+        + HasSqlType<Nullable<Double>>,
+    i64: ToSql<BigInt, DB>,
+    bool: ToSql<Bool, DB>,
+    String: ToSql<Text, DB>,
+    &'static str: ToSql<Text, DB>,
+    f64: ToSql<Double, DB>,
+    Option<i64>: ToSql<Nullable<BigInt>, DB>,
+    Option<String>: ToSql<Nullable<Text>, DB>,
+    Option<f64>: ToSql<Nullable<Double>, DB>,
+{
+    planned
+        .chunks(STATE_ROWS_PER_STATEMENT)
+        .map(|chunk| {
+            let query = diesel::sql_query(state_update_sql(chunk.len())).into_boxed::<DB>();
+            bind_state_rows(query, chunk.iter().map(StateRow::of).collect())
+        })
+        .collect()
 }
 
 /// Finds the VM an enrolment belongs to: by uuid, else by a hostname that has no uuid. A
@@ -105,7 +352,7 @@ pub fn match_vm(known: &[VmRow], report: &Heartbeat) -> Option<usize> {
 
 /// Same body for both connection types: diesel-async's query traits differ per backend.
 macro_rules! report_writer {
-    ($conn:ty, $insert_metrics:item) => {
+    ($conn:ty, $insert_metrics:item, $apply_latest_state:item) => {
         impl ReportWriter for $conn {
             async fn candidate_vms(&mut self, reports: &[&Heartbeat]) -> QueryResult<Vec<VmRow>> {
                 let machine_ids: Vec<&str> = reports
@@ -141,7 +388,12 @@ macro_rules! report_writer {
 
             $insert_metrics
 
-            async fn apply_latest_state(&mut self, planned: &[PlannedState<'_>]) -> QueryResult<()> {
+            $apply_latest_state
+
+            async fn apply_latest_state_one_by_one(
+                &mut self,
+                planned: &[PlannedState<'_>],
+            ) -> QueryResult<()> {
                 for p in planned {
                     let target = vms::table.filter(vms::id.eq(p.vm_id.get()));
                     let u = &p.update;
@@ -225,6 +477,19 @@ report_writer!(
                 .await?;
         }
         Ok(())
+    },
+    async fn apply_latest_state(&mut self, planned: &[PlannedState<'_>]) -> QueryResult<()> {
+        for statement in state_statements::<Pg>(planned) {
+            statement.execute(self).await?;
+        }
+        let changes = status_change_rows(planned);
+        for chunk in changes.chunks(1000) {
+            diesel::insert_into(status_changes::table)
+                .values(chunk)
+                .execute(self)
+                .await?;
+        }
+        Ok(())
     }
 );
 
@@ -235,6 +500,21 @@ report_writer!(
         self.spawn_blocking(move |c| {
             for chunk in rows.chunks(1000) {
                 let insert = diesel::insert_into(metric_samples::table).values(chunk);
+                diesel::RunQueryDsl::execute(insert, c)?;
+            }
+            Ok(())
+        })
+        .await
+    },
+    async fn apply_latest_state(&mut self, planned: &[PlannedState<'_>]) -> QueryResult<()> {
+        let statements = state_statements::<Sqlite>(planned);
+        let changes = status_change_rows(planned);
+        self.spawn_blocking(move |c| {
+            for statement in statements {
+                diesel::RunQueryDsl::execute(statement, c)?;
+            }
+            for chunk in changes.chunks(1000) {
+                let insert = diesel::insert_into(status_changes::table).values(chunk);
                 diesel::RunQueryDsl::execute(insert, c)?;
             }
             Ok(())

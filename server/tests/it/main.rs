@@ -31,3 +31,4 @@ mod storage;
 mod tls;
 mod veto;
 mod vm_e2e;
+mod write_path;
