@@ -5,6 +5,7 @@
 
 use crate::cache::{self, StateCache};
 use crate::db::reports::{NewMetric, PlannedState, ReportWriter};
+use crate::db::store::VmRow;
 use crate::db::{Db, DbError};
 pub use crate::enrolment::Submission;
 use crate::enrolment::{self, Refusal};
@@ -15,6 +16,7 @@ use diesel_async::AsyncConnection;
 use domain::heartbeat::Heartbeat;
 use domain::ingest::{StoredVm, newest_per_vm, plan_batch as plan_reports};
 use domain::status::StatusConfig;
+use domain::view::VmView;
 use domain::{Secret, VmId, VmStatus};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -158,25 +160,31 @@ impl Writer {
     async fn commit(&self, jobs: &mut Vec<Job>) {
         let submissions: Vec<Submission> = jobs.iter().map(|j| j.submission.clone()).collect();
         let cfg = self.status_config.get();
-        let mut result = write_batch(&self.db, &submissions, &cfg).await;
+        let mut result = write_batch_via(&self.db, &submissions, &cfg, StatePath::SetBased).await;
         if let Err(DbError::Query(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UniqueViolation,
             _,
         ))) = &result
         {
             // A concurrent replica may have created the same VM; a second pass finds it.
-            result = write_batch(&self.db, &submissions, &cfg).await;
+            result = write_batch_via(&self.db, &submissions, &cfg, StatePath::SetBased).await;
         }
         match result {
-            Ok(outcomes) => {
+            Ok(Written { outcomes, views }) => {
                 self.health.record_commit(crate::now_ms());
-                let mut ids: Vec<VmId> = outcomes
-                    .iter()
-                    .filter_map(|o| o.as_ref().ok().map(|s| s.vm_id))
-                    .collect();
-                ids.sort_unstable();
-                ids.dedup();
-                cache::refresh(&self.db, &self.cache, &ids).await;
+                match views {
+                    // The rows as the batch committed them: no second read.
+                    Some(views) => self.cache.put(&views).await,
+                    None => {
+                        let mut ids: Vec<VmId> = outcomes
+                            .iter()
+                            .filter_map(|o| o.as_ref().ok().map(|s| s.vm_id))
+                            .collect();
+                        ids.sort_unstable();
+                        ids.dedup();
+                        cache::refresh(&self.db, &self.cache, &ids).await;
+                    }
+                }
                 for (job, outcome) in jobs.drain(..).zip(outcomes) {
                     let _ = job.reply.send(outcome);
                 }
@@ -201,7 +209,18 @@ pub async fn write_batch(
     submissions: &[Submission],
     cfg: &StatusConfig,
 ) -> Result<Vec<Result<StoredReport, IngestError>>, DbError> {
-    write_batch_via(db, submissions, cfg, StatePath::SetBased).await
+    write_batch_via(db, submissions, cfg, StatePath::SetBased)
+        .await
+        .map(|written| written.outcomes)
+}
+
+/// What one batch stored.
+pub struct Written {
+    /// Each submission's outcome, in order; a refused report stored nothing.
+    pub outcomes: Vec<Result<StoredReport, IngestError>>,
+    /// The batch's VMs as committed (the set-based path returns them), for the state cache
+    /// without a second read; `None` on the reference path.
+    pub views: Option<Vec<VmView>>,
 }
 
 /// How the batch's latest state is written: the set-based statement the server uses, or the
@@ -218,7 +237,7 @@ pub async fn write_batch_via(
     submissions: &[Submission],
     cfg: &StatusConfig,
     path: StatePath,
-) -> Result<Vec<Result<StoredReport, IngestError>>, DbError> {
+) -> Result<Written, DbError> {
     let (mut conn, _turn) = db.write_conn().await?;
     let now_ms = crate::now_ms();
     with_conn!(conn, |c| {
@@ -236,15 +255,24 @@ pub async fn write_batch_via(
                 .collect();
             c.insert_metrics(metrics).await?;
             let planned = plan_batch(&ids, &reports, &admitted.known, cfg);
-            match path {
-                StatePath::SetBased => c.apply_latest_state(&planned).await?,
-                StatePath::OneByOne => c.apply_latest_state_one_by_one(&planned).await?,
-            }
+            let views = match path {
+                StatePath::SetBased => Some(
+                    c.apply_latest_state(&planned)
+                        .await?
+                        .into_iter()
+                        .map(VmRow::into_view)
+                        .collect(),
+                ),
+                StatePath::OneByOne => {
+                    c.apply_latest_state_one_by_one(&planned).await?;
+                    None
+                }
+            };
             let statuses: BTreeMap<VmId, VmStatus> = planned
                 .iter()
                 .map(|p| (p.vm_id, p.update.verdict.status))
                 .collect();
-            Ok(admitted
+            let outcomes = admitted
                 .outcomes
                 .into_iter()
                 .map(|outcome| {
@@ -254,7 +282,8 @@ pub async fn write_batch_via(
                         credential: a.credential,
                     })
                 })
-                .collect())
+                .collect();
+            Ok(Written { outcomes, views })
         })
         .await
     })
