@@ -1,5 +1,8 @@
 //! Heartbeat ingest throughput through the real HTTP path, on SQLite and PostgreSQL, with
-//! group commit (the default) and with one commit per report, to show what grouping buys.
+//! group commit (the default) and with one commit per report, to show what grouping buys,
+//! beside a reference handler measured in the same run: the same bearer check (a per-VM
+//! credential looked up by its hash in memory) and the same report parsing, no storage. Its
+//! rate is the ceiling of this machine's HTTP path; the server's share of it is the figure.
 //!
 //! Run: `scripts/bench.sh` (or `cargo bench -p server --bench ingest`); PostgreSQL from
 //! `TEST_PG_URL`, default `postgres://postgres@127.0.0.1:5432/test`.
@@ -119,12 +122,58 @@ async fn run_once(backend: &'static str, batch_max: &str, round: usize, run_for:
             .await
             .unwrap()
     };
+    let load = load(&http, &url, credentials, run_for, backend).await;
+    let Load {
+        rate,
+        latencies,
+        answered_200,
+        other,
+    } = load;
+    // Every client has had its last answer: whatever was answered 200 must be stored now.
+    let stored_rows = {
+        let mut conn = srv.state.db.conn().await.unwrap();
+        server::db::store::count_metric_samples(&mut conn, None)
+            .await
+            .unwrap()
+            - enrolled_rows
+    };
+    srv.stop().await;
+    if backend == "postgres" {
+        let name = pg_database_name(round);
+        pg_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
+    }
+    Run {
+        rate,
+        latencies,
+        answered_200,
+        other,
+        stored_rows,
+    }
+}
+
+/// What one load run saw.
+struct Load {
+    rate: f64,
+    latencies: Vec<f64>,
+    answered_200: u64,
+    other: u64,
+}
+
+/// `CLIENTS` concurrent clients posting reports to `url` for `run_for`, each VM with its
+/// own credential.
+async fn load(
+    http: &reqwest::Client,
+    url: &str,
+    credentials: Arc<Vec<String>>,
+    run_for: Duration,
+    label: &'static str,
+) -> Load {
     let ok = Arc::new(AtomicU64::new(0));
     let other = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for client in 0..CLIENTS {
-        let (http, url, ok, other) = (http.clone(), url.clone(), ok.clone(), other.clone());
+        let (http, url, ok, other) = (http.clone(), url.to_owned(), ok.clone(), other.clone());
         let credentials = credentials.clone();
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -146,11 +195,11 @@ async fn run_once(backend: &'static str, batch_max: &str, round: usize, run_for:
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
                     Ok(resp) => {
-                        eprintln!("{backend}: answer {}", resp.status());
+                        eprintln!("{label}: answer {}", resp.status());
                         other.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(e) => {
-                        eprintln!("{backend}: request failed: {e}");
+                        eprintln!("{label}: request failed: {e}");
                         other.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -163,27 +212,72 @@ async fn run_once(backend: &'static str, batch_max: &str, round: usize, run_for:
         latencies.extend(task.await.unwrap());
     }
     let answered_200 = ok.load(Ordering::Relaxed);
-    let rate = answered_200 as f64 / started.elapsed().as_secs_f64();
-    // Every client has had its last answer: whatever was answered 200 must be stored now.
-    let stored_rows = {
-        let mut conn = srv.state.db.conn().await.unwrap();
-        server::db::store::count_metric_samples(&mut conn, None)
-            .await
-            .unwrap()
-            - enrolled_rows
-    };
-    srv.stop().await;
-    if backend == "postgres" {
-        let name = pg_database_name(round);
-        pg_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await;
-    }
-    Run {
-        rate,
+    Load {
+        rate: answered_200 as f64 / started.elapsed().as_secs_f64(),
         latencies,
         answered_200,
         other: other.load(Ordering::Relaxed),
-        stored_rows,
     }
+}
+
+/// The reference: a minimal axum handler with the server's bearer check and report
+/// parsing and nothing else. Answers 200 to a known credential and a valid report.
+async fn reference_server(credentials: &[String]) -> (String, tokio::task::JoinHandle<()>) {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, StatusCode, header};
+    let known: Arc<std::collections::HashSet<String>> = Arc::new(
+        credentials
+            .iter()
+            .map(|c| server::auth::hash_token(c))
+            .collect(),
+    );
+    let app = axum::Router::new().route(
+        "/api/health/report",
+        axum::routing::post(move |headers: HeaderMap, body: Bytes| {
+            let known = known.clone();
+            async move {
+                let token = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "));
+                if !token.is_some_and(|t| known.contains(&server::auth::hash_token(t))) {
+                    return (StatusCode::UNAUTHORIZED, "{}");
+                }
+                match domain::heartbeat::parse_report(&body, server::now_ms()) {
+                    Ok(_) => (StatusCode::OK, "{\"status\":\"ok\"}"),
+                    Err(_) => (StatusCode::BAD_REQUEST, "{}"),
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/api/health/report",
+        listener.local_addr().unwrap()
+    );
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    (url, task)
+}
+
+/// The reference's rate under the same load.
+async fn reference_once(run_for: Duration) -> Load {
+    let credentials: Vec<String> = (0..VMS)
+        .map(|_| {
+            server::auth::generate_secret("vmhc_vm_")
+                .expose()
+                .to_owned()
+        })
+        .collect();
+    let (url, task) = reference_server(&credentials).await;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(CLIENTS)
+        .build()
+        .unwrap();
+    let run = load(&http, &url, Arc::new(credentials), run_for, "reference").await;
+    task.abort();
+    run
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -218,6 +312,15 @@ async fn smoke() {
             );
         }
     }
+    let reference = reference_once(SMOKE_RUN_FOR).await;
+    if reference.answered_200 == 0 || reference.other > 0 {
+        failed = true;
+    }
+    println!(
+        "reference handler (auth + parse, no storage): {} answered 200, {} other answers \
+         ({:.0} reports/s)",
+        reference.answered_200, reference.other, reference.rate
+    );
     if failed {
         println!("ingest smoke: stored rows must equal the 200s answered, with no other answers");
         std::process::exit(1);
@@ -234,8 +337,29 @@ async fn main() {
         "ingest: {CLIENTS} clients, {VMS} VMs, {}s per run, median of {ROUNDS} runs",
         RUN_FOR.as_secs()
     );
-    println!("| backend | commits | reports/s | p50 ms | p99 ms |");
-    println!("|---|---|---|---|---|");
+    println!("| backend | commits | reports/s | p50 ms | p99 ms | share of reference |");
+    println!("|---|---|---|---|---|---|");
+    let mut rates = Vec::new();
+    let mut p50s = Vec::new();
+    let mut p99s = Vec::new();
+    for _ in 0..ROUNDS {
+        let Load {
+            rate,
+            latencies: mut lat,
+            other,
+            ..
+        } = reference_once(RUN_FOR).await;
+        assert_eq!(other, 0, "reference requests not answered 200");
+        rates.push(rate);
+        p50s.push(percentile(&mut lat, 0.5));
+        p99s.push(percentile(&mut lat, 0.99));
+    }
+    let reference = median(&mut rates);
+    println!(
+        "| reference (auth + parse, no storage) | none | {reference:.0} | {:.1} | {:.1} | 100 % |",
+        median(&mut p50s),
+        median(&mut p99s)
+    );
     for backend in ["sqlite", "postgres"] {
         let mut grouped_rate = 0.0;
         for (label, batch_max) in [("grouped (up to 500)", "500"), ("one per report", "1")] {
@@ -259,13 +383,14 @@ async fn main() {
                 grouped_rate = rate;
             }
             println!(
-                "| {backend} | {label} | {rate:.0} | {:.1} | {:.1} |",
+                "| {backend} | {label} | {rate:.0} | {:.1} | {:.1} | {:.1} % |",
                 median(&mut p50s),
-                median(&mut p99s)
+                median(&mut p99s),
+                rate / reference * 100.0
             );
             if batch_max == "1" {
                 println!(
-                    "| {backend} | ratio grouped / one per report | {:.1}x | | |",
+                    "| {backend} | ratio grouped / one per report | {:.1}x | | | |",
                     grouped_rate / rate
                 );
             }
