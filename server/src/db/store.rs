@@ -6,6 +6,7 @@ use super::schema::{
 use super::stored::{Stored, inner};
 use super::{Conn, DbError};
 use crate::with_conn;
+use diesel::BoolExpressionMethods;
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper};
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use domain::settings::RemediationTuning;
@@ -223,6 +224,32 @@ pub async fn list_vms(conn: &mut Conn) -> Result<Vec<VmView>, DbError> {
         .collect();
     views.sort_by(|a, b| a.hostname.cmp(&b.hostname).then(a.id.cmp(&b.id)));
     Ok(views)
+}
+
+/// At most `limit` VMs in (hostname, id) order, after `after` (keyset paging: each page
+/// costs the same however deep it is).
+pub async fn vms_page(
+    conn: &mut Conn,
+    after: Option<(&str, i64)>,
+    limit: i64,
+) -> Result<Vec<VmView>, DbError> {
+    let rows: Vec<VmRow> = with_conn!(conn, |c| {
+        let mut query = vms::table.into_boxed();
+        if let Some((hostname, id)) = after {
+            query = query.filter(
+                vms::hostname
+                    .gt(hostname)
+                    .or(vms::hostname.eq(hostname).and(vms::id.gt(id))),
+            );
+        }
+        query
+            .order((vms::hostname.asc(), vms::id.asc()))
+            .limit(limit)
+            .select(VmRow::as_select())
+            .load(c)
+            .await
+    })?;
+    Ok(rows.into_iter().map(VmRow::into_view).collect())
 }
 
 /// Every VM row, for the remediation engine.

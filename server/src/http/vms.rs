@@ -12,11 +12,65 @@ use domain::view::{MetricHistory, ResetAttempt, StatusChange, VmView};
 use domain::{GuestKind, GuestRef, LinkSource, NodeName, VmId, Vmid};
 use serde::{Deserialize, Serialize};
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<i64>,
+    /// The last VM of the previous page, as its `next` link gives it: `HOSTNAME,ID`.
+    after: Option<String>,
+}
+
+/// Most VMs one page holds.
+const MAX_PAGE: i64 = 1000;
+/// A page's size when only `after` is given.
+const DEFAULT_PAGE: i64 = 500;
+
+/// Every VM sorted by hostname; with `limit` (and then `after`), one page of them and, when
+/// more follow, a `Link: <...>; rel="next"` header to the next page.
 pub async fn list(
     State(state): State<AppState>,
     _viewer: Viewer,
-) -> Result<Json<Vec<VmView>>, ApiError> {
-    Ok(Json(super::fleet(&state).await?))
+    QueryParams(query): QueryParams<ListQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    if query.limit.is_none() && query.after.is_none() {
+        return Ok(Json(super::fleet(&state).await?).into_response());
+    }
+    let limit = query.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::field("limit", format!("from 1 to {MAX_PAGE}")));
+    }
+    let after = match &query.after {
+        None => None,
+        Some(cursor) => {
+            let (hostname, id) = cursor
+                .rsplit_once(',')
+                .and_then(|(h, id)| Some((h, id.parse::<i64>().ok()?)))
+                .ok_or_else(|| ApiError::field("after", "the next link's HOSTNAME,ID"))?;
+            Some((hostname, id))
+        }
+    };
+    let page = {
+        let mut conn = state.db.conn().await?;
+        store::vms_page(&mut conn, after, limit).await?
+    };
+    let next = (i64::try_from(page.len()).ok() == Some(limit))
+        .then(|| page.last())
+        .flatten()
+        .map(|last| {
+            let cursor = format!("{},{}", last.hostname, last.id);
+            format!(
+                "</api/vms?limit={limit}&after={}>; rel=\"next\"",
+                urlencoding::encode(&cursor)
+            )
+        });
+    let mut response = Json(page).into_response();
+    if let Some(link) = next.and_then(|l| axum::http::HeaderValue::from_str(&l).ok()) {
+        response
+            .headers_mut()
+            .insert(axum::http::header::LINK, link);
+    }
+    Ok(response)
 }
 
 /// One VM as the fleet shows it, plus its status changes.

@@ -678,3 +678,77 @@ async fn storage_outage_answers_503_with_retry_after() {
     assert_eq!(health["database"]["ok"], false);
     srv.stop().await;
 }
+
+/// `GET /api/vms?limit=N` pages through the fleet in hostname order, each page naming the
+/// next in a `Link` header, until the last; together the pages are exactly the full list.
+async fn the_fleet_pages_with_a_cursor(backend: Backend) {
+    let mut srv = TestServer::start(backend, &[]).await;
+    // Two VMs share a hostname (different uuids): the cursor must not skip or repeat one.
+    for i in 0..23 {
+        let (status, body) = srv
+            .report(&report_for(&format!("host-{:02}", i % 21)))
+            .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    for uuid in [
+        "4c4c4544-0000-1000-8000-000000000001",
+        "4c4c4544-0000-1000-8000-000000000002",
+    ] {
+        let mut r = report_for("host-05");
+        r["machine_id"] = json!(uuid);
+        let (status, body) = srv.report(&r).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, all) = srv.get("/api/vms").await;
+    let all: Vec<Value> = all.as_array().unwrap().clone();
+    assert!(all.len() > 21, "{all:?}");
+    let mut paged = Vec::new();
+    let mut next = Some("/api/vms?limit=5".to_owned());
+    let mut pages = 0;
+    while let Some(path) = next.take() {
+        let resp = srv
+            .http
+            .get(srv.url(&path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200);
+        next = resp
+            .headers()
+            .get("link")
+            .map(|l| l.to_str().unwrap().to_owned())
+            .map(|l| {
+                l.strip_prefix('<')
+                    .and_then(|l| l.split_once(">; rel=\"next\""))
+                    .unwrap()
+                    .0
+                    .to_owned()
+            });
+        let page: Vec<Value> = resp.json().await.unwrap();
+        assert!(page.len() <= 5);
+        paged.extend(page);
+        pages += 1;
+        assert!(pages < 20, "the pages never end");
+    }
+    let ids = |vms: &[Value]| {
+        vms.iter()
+            .map(|v| v["id"].as_i64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ids(&paged), ids(&all), "the pages are the list, in order");
+    for bad in [
+        "limit=0",
+        "limit=1001",
+        "limit=5&after=nocomma",
+        "limit=5&after=x,abc",
+        "page=2",
+    ] {
+        let (status, body) = srv.get(&format!("/api/vms?{bad}")).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    assert_eq!(srv.get_as("/api/vms?limit=5", None).await.0, 401);
+    srv.stop().await;
+}
+
+both_backends!(the_fleet_pages_with_a_cursor);
