@@ -52,14 +52,19 @@ pub struct StatusCounts {
 
 impl StatusCounts {
     pub fn from_statuses(statuses: impl IntoIterator<Item = VmStatus>) -> Self {
+        Self::from_tallies(statuses.into_iter().map(|s| (s, 1)))
+    }
+
+    /// From (status, how many) pairs, as a `GROUP BY status` answers.
+    pub fn from_tallies(tallies: impl IntoIterator<Item = (VmStatus, u64)>) -> Self {
         let mut counts = Self::default();
-        for status in statuses {
-            counts.total += 1;
+        for (status, n) in tallies {
+            counts.total += n;
             match status {
-                VmStatus::Healthy => counts.healthy += 1,
-                VmStatus::Warning => counts.warning += 1,
-                VmStatus::Down => counts.down += 1,
-                VmStatus::Unknown => counts.unknown += 1,
+                VmStatus::Healthy => counts.healthy += n,
+                VmStatus::Warning => counts.warning += n,
+                VmStatus::Down => counts.down += n,
+                VmStatus::Unknown => counts.unknown += n,
             }
         }
         counts

@@ -10,7 +10,7 @@ use diesel::BoolExpressionMethods;
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper};
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use domain::settings::RemediationTuning;
-use domain::status::{LatestReport, StatusConfig, Verdict};
+use domain::status::{LatestReport, StatusConfig, StatusCounts, Verdict};
 use domain::view::{DiskUsage, ResetAttempt, StatusChange, VmView};
 use domain::{
     AttemptId, AttemptOutcome, GuestKind, GuestRef, LinkSource, Mode, NodeName, PowerAction,
@@ -224,6 +224,20 @@ pub async fn list_vms(conn: &mut Conn) -> Result<Vec<VmView>, DbError> {
         .collect();
     views.sort_by(|a, b| a.hostname.cmp(&b.hostname).then(a.id.cmp(&b.id)));
     Ok(views)
+}
+
+/// How many VMs are in each status, counted by the database (no row is loaded).
+pub async fn status_counts(conn: &mut Conn) -> Result<StatusCounts, DbError> {
+    let tallies: Vec<(Stored<VmStatus>, i64)> = with_conn!(conn, |c| {
+        vms::table
+            .group_by(vms::status)
+            .select((vms::status, diesel::dsl::count_star()))
+            .load(c)
+            .await
+    })?;
+    Ok(StatusCounts::from_tallies(tallies.into_iter().map(
+        |(status, n)| (status.0, u64::try_from(n).unwrap_or(0)),
+    )))
 }
 
 /// At most `limit` VMs in (hostname, id) order, after `after` (keyset paging: each page

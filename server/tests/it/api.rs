@@ -737,6 +737,13 @@ async fn the_fleet_pages_with_a_cursor(backend: Backend) {
             .collect::<Vec<_>>()
     };
     assert_eq!(ids(&paged), ids(&all), "the pages are the list, in order");
+    // The summary counts what the list holds, status by status (counted by the database).
+    let (_, summary) = srv.get("/api/status").await;
+    assert_eq!(summary["counts"]["total"], all.len());
+    for status in ["healthy", "warning", "down", "unknown"] {
+        let n = all.iter().filter(|v| v["status"] == status).count();
+        assert_eq!(summary["counts"][status], n, "{status}: {summary}");
+    }
     for bad in [
         "limit=0",
         "limit=1001",
