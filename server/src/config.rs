@@ -3,7 +3,7 @@
 //! Variables read here (defaults in `.env.example`): `LISTEN_ADDR`, `DATABASE_URL`, `DATA_DIR`,
 //! `DB_POOL_SIZE`, `REDIS_URL`, `AGENT_TOKEN`, `ADMIN_TOKEN`, `STALE_TIMEOUT_MS`, `CPU_THRESHOLD`,
 //! `RAM_THRESHOLD`, `DISK_THRESHOLD`, `REPORT_INTERVAL_SECONDS`, `SCHEDULER_INTERVAL_MS`,
-//! `INGEST_BATCH_MAX`, `INGEST_QUEUE_CAPACITY`, `RETENTION_RAW_DAYS`, `RETENTION_MINUTE_DAYS`,
+//! `INGEST_BATCH_MAX`, `INGEST_QUEUE_CAPACITY`, `INGEST_WRITE`, `RETENTION_RAW_DAYS`, `RETENTION_MINUTE_DAYS`,
 //! `RETENTION_HOUR_DAYS`, `RETENTION_EVENTS_DAYS`, `SITE_ROOT`, `LOG_FORMAT`; Proxmox:
 //! `PROXMOX_HOST`, `PROXMOX_USER`, `PROXMOX_TOKEN`, `PROXMOX_SECRET`, `PROXMOX_CA_FILE`,
 //! `PROXMOX_FINGERPRINT`, `PROXMOX_TLS_INSECURE`, `PROXMOX_TIMEOUT_MS`; remediation:
@@ -48,6 +48,9 @@ pub struct Config {
     /// How long metric history, its rollups and the event history are kept.
     pub retention: Retention,
     pub ingest_batch_max: usize,
+    /// `INGEST_WRITE`: the latest state of a batch in one set-based statement (`set`, the
+    /// default) or one VM at a time (`per-vm`, the reference; for benchmarks).
+    pub ingest_set_based: bool,
     pub ingest_queue_capacity: usize,
     pub site_root: PathBuf,
     pub log_json: bool,
@@ -271,6 +274,16 @@ impl Config {
             scheduler_interval: Duration::from_millis(scheduler_interval_ms),
             retention,
             ingest_batch_max: parse(&get, "INGEST_BATCH_MAX", 500usize)?.max(1),
+            ingest_set_based: match get("INGEST_WRITE").as_deref().map(str::trim) {
+                None | Some("set") => true,
+                Some("per-vm") => false,
+                Some(other) => {
+                    return Err(ConfigError {
+                        name: "INGEST_WRITE",
+                        reason: format!("{other:?} is not set or per-vm"),
+                    });
+                }
+            },
             ingest_queue_capacity: parse(&get, "INGEST_QUEUE_CAPACITY", 20_000usize)?.max(1),
             site_root: PathBuf::from(get("SITE_ROOT").unwrap_or_else(|| "target/site".into())),
             log_json: get("LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
@@ -587,6 +600,14 @@ mod tests {
         assert_eq!(err.name, "RETENTION_MINUTE_DAYS", "{err}");
         let err = config(&[("RETENTION_EVENTS_DAYS", "0")]).err().unwrap();
         assert_eq!(err.name, "RETENTION_EVENTS_DAYS", "{err}");
+        let err = config(&[("INGEST_WRITE", "fast")]).err().unwrap();
+        assert_eq!(err.name, "INGEST_WRITE", "{err}");
+        assert!(config(&[]).unwrap().ingest_set_based);
+        assert!(
+            !config(&[("INGEST_WRITE", "per-vm")])
+                .unwrap()
+                .ingest_set_based
+        );
     }
 
     /// Every variable this module reads is documented in `.env.example`.

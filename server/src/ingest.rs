@@ -84,6 +84,7 @@ pub struct Writer {
     status_config: SharedStatusConfig,
     batch_max: usize,
     health: JobHealth,
+    path: StatePath,
 }
 
 impl Ingest {
@@ -95,6 +96,7 @@ impl Ingest {
         batch_max: usize,
         queue_capacity: usize,
         health: JobHealth,
+        path: StatePath,
     ) -> (Self, Writer) {
         let (tx, rx) = mpsc::channel(queue_capacity);
         let writer = Writer {
@@ -104,6 +106,7 @@ impl Ingest {
             status_config,
             batch_max,
             health,
+            path,
         };
         (
             Self {
@@ -160,14 +163,14 @@ impl Writer {
     async fn commit(&self, jobs: &mut Vec<Job>) {
         let submissions: Vec<Submission> = jobs.iter().map(|j| j.submission.clone()).collect();
         let cfg = self.status_config.get();
-        let mut result = write_batch_via(&self.db, &submissions, &cfg, StatePath::SetBased).await;
+        let mut result = write_batch_via(&self.db, &submissions, &cfg, self.path).await;
         if let Err(DbError::Query(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UniqueViolation,
             _,
         ))) = &result
         {
             // A concurrent replica may have created the same VM; a second pass finds it.
-            result = write_batch_via(&self.db, &submissions, &cfg, StatePath::SetBased).await;
+            result = write_batch_via(&self.db, &submissions, &cfg, self.path).await;
         }
         match result {
             Ok(Written { outcomes, views }) => {

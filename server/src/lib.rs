@@ -122,6 +122,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         config.ingest_batch_max,
         config.ingest_queue_capacity,
         health.clone(),
+        if config.ingest_set_based {
+            ingest::StatePath::SetBased
+        } else {
+            ingest::StatePath::OneByOne
+        },
     );
     let engine = Arc::new(remediation::Engine::from_config(
         &config,
