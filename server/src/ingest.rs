@@ -5,7 +5,6 @@
 
 use crate::cache::{self, StateCache};
 use crate::db::reports::{NewMetric, PlannedState, ReportWriter};
-use crate::db::store::VmRow;
 use crate::db::{Db, DbError};
 pub use crate::enrolment::Submission;
 use crate::enrolment::{self, Refusal};
@@ -16,7 +15,6 @@ use diesel_async::AsyncConnection;
 use domain::heartbeat::Heartbeat;
 use domain::ingest::{StoredVm, newest_per_vm, plan_batch as plan_reports};
 use domain::status::StatusConfig;
-use domain::view::VmView;
 use domain::{Secret, VmId, VmStatus};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -173,21 +171,15 @@ impl Writer {
             result = write_batch_via(&self.db, &submissions, &cfg, self.path).await;
         }
         match result {
-            Ok(Written { outcomes, views }) => {
+            Ok(outcomes) => {
                 self.health.record_commit(crate::now_ms());
-                match views {
-                    // The rows as the batch committed them: no second read.
-                    Some(views) => self.cache.put(&views).await,
-                    None => {
-                        let mut ids: Vec<VmId> = outcomes
-                            .iter()
-                            .filter_map(|o| o.as_ref().ok().map(|s| s.vm_id))
-                            .collect();
-                        ids.sort_unstable();
-                        ids.dedup();
-                        cache::refresh(&self.db, &self.cache, &ids).await;
-                    }
-                }
+                let mut ids: Vec<VmId> = outcomes
+                    .iter()
+                    .filter_map(|o| o.as_ref().ok().map(|s| s.vm_id))
+                    .collect();
+                ids.sort_unstable();
+                ids.dedup();
+                cache::refresh(&self.db, &self.cache, &ids).await;
                 for (job, outcome) in jobs.drain(..).zip(outcomes) {
                     let _ = job.reply.send(outcome);
                 }
@@ -212,18 +204,7 @@ pub async fn write_batch(
     submissions: &[Submission],
     cfg: &StatusConfig,
 ) -> Result<Vec<Result<StoredReport, IngestError>>, DbError> {
-    write_batch_via(db, submissions, cfg, StatePath::SetBased)
-        .await
-        .map(|written| written.outcomes)
-}
-
-/// What one batch stored.
-pub struct Written {
-    /// Each submission's outcome, in order; a refused report stored nothing.
-    pub outcomes: Vec<Result<StoredReport, IngestError>>,
-    /// The batch's VMs as committed (the set-based path returns them), for the state cache
-    /// without a second read; `None` on the reference path.
-    pub views: Option<Vec<VmView>>,
+    write_batch_via(db, submissions, cfg, StatePath::SetBased).await
 }
 
 /// How the batch's latest state is written: the set-based statement the server uses, or the
@@ -240,7 +221,7 @@ pub async fn write_batch_via(
     submissions: &[Submission],
     cfg: &StatusConfig,
     path: StatePath,
-) -> Result<Written, DbError> {
+) -> Result<Vec<Result<StoredReport, IngestError>>, DbError> {
     let (mut conn, _turn) = db.write_conn().await?;
     let now_ms = crate::now_ms();
     with_conn!(conn, |c| {
@@ -258,24 +239,15 @@ pub async fn write_batch_via(
                 .collect();
             c.insert_metrics(metrics).await?;
             let planned = plan_batch(&ids, &reports, &admitted.known, cfg);
-            let views = match path {
-                StatePath::SetBased => Some(
-                    c.apply_latest_state(&planned)
-                        .await?
-                        .into_iter()
-                        .map(VmRow::into_view)
-                        .collect(),
-                ),
-                StatePath::OneByOne => {
-                    c.apply_latest_state_one_by_one(&planned).await?;
-                    None
-                }
-            };
+            match path {
+                StatePath::SetBased => c.apply_latest_state(&planned).await?,
+                StatePath::OneByOne => c.apply_latest_state_one_by_one(&planned).await?,
+            }
             let statuses: BTreeMap<VmId, VmStatus> = planned
                 .iter()
                 .map(|p| (p.vm_id, p.update.verdict.status))
                 .collect();
-            let outcomes = admitted
+            Ok(admitted
                 .outcomes
                 .into_iter()
                 .map(|outcome| {
@@ -285,8 +257,7 @@ pub async fn write_batch_via(
                         credential: a.credential,
                     })
                 })
-                .collect();
-            Ok(Written { outcomes, views })
+                .collect())
         })
         .await
     })

@@ -89,12 +89,11 @@ pub trait ReportWriter {
     ) -> impl Future<Output = QueryResult<()>> + Send;
 
     /// The planned state of every VM of the batch: one `UPDATE ... FROM (VALUES ...)` for
-    /// the VMs and one insert for their status changes, whatever the batch size. Returns
-    /// the updated rows as committed.
+    /// the VMs and one insert for their status changes, whatever the batch size.
     fn apply_latest_state(
         &mut self,
         planned: &[PlannedState<'_>],
-    ) -> impl Future<Output = QueryResult<Vec<VmRow>>> + Send;
+    ) -> impl Future<Output = QueryResult<()>> + Send;
 
     /// The same, one VM at a time (up to three statements each): the reference the
     /// set-based statement is tested against (`tests/it/storage.rs`).
@@ -224,47 +223,9 @@ fn state_update_sql(rows: usize) -> String {
         }
         sql.push(')');
     }
-    sql.push_str(") AS v WHERE vms.id = v.column1 RETURNING ");
-    sql.push_str(&VM_COLUMNS.join(", "));
+    sql.push_str(") AS v WHERE vms.id = v.column1");
     sql
 }
-
-/// Every column of [`VmRow`], for `RETURNING`: the rows as committed, so the state cache
-/// needs no second read (unqualified: only `vms` has these names).
-const VM_COLUMNS: [&str; 32] = [
-    "id",
-    "hostname",
-    "os",
-    "machine_id",
-    "agent_version",
-    "reported_vmid",
-    "reported_node",
-    "proxmox_node",
-    "proxmox_vmid",
-    "proxmox_type",
-    "auto_reset",
-    "status",
-    "status_since_ms",
-    "status_reason",
-    "first_seen_ms",
-    "last_seen_ms",
-    "observed_at_ms",
-    "cpu_percent",
-    "ram_used_bytes",
-    "ram_total_bytes",
-    "disk_used_bytes",
-    "disk_total_bytes",
-    "disk_max_percent",
-    "disks_json",
-    "uptime_seconds",
-    "proxmox_link_source",
-    "remediation_phase",
-    "phase_reason",
-    "incident_attempts",
-    "next_action_ms",
-    "last_reset_ms",
-    "link_verified",
-];
 
 /// `rows` bound in the order of [`state_update_sql`]'s placeholders.
 fn bind_state_rows<DB>(
@@ -517,13 +478,9 @@ report_writer!(
         }
         Ok(())
     },
-    async fn apply_latest_state(
-        &mut self,
-        planned: &[PlannedState<'_>],
-    ) -> QueryResult<Vec<VmRow>> {
-        let mut rows = Vec::with_capacity(planned.len());
+    async fn apply_latest_state(&mut self, planned: &[PlannedState<'_>]) -> QueryResult<()> {
         for statement in state_statements::<Pg>(planned) {
-            rows.extend(statement.load::<VmRow>(self).await?);
+            statement.execute(self).await?;
         }
         let changes = status_change_rows(planned);
         for chunk in changes.chunks(1000) {
@@ -532,7 +489,7 @@ report_writer!(
                 .execute(self)
                 .await?;
         }
-        Ok(rows)
+        Ok(())
     }
 );
 
@@ -549,22 +506,18 @@ report_writer!(
         })
         .await
     },
-    async fn apply_latest_state(
-        &mut self,
-        planned: &[PlannedState<'_>],
-    ) -> QueryResult<Vec<VmRow>> {
+    async fn apply_latest_state(&mut self, planned: &[PlannedState<'_>]) -> QueryResult<()> {
         let statements = state_statements::<Sqlite>(planned);
         let changes = status_change_rows(planned);
         self.spawn_blocking(move |c| {
-            let mut rows = Vec::new();
             for statement in statements {
-                rows.extend(diesel::RunQueryDsl::load::<VmRow>(statement, c)?);
+                diesel::RunQueryDsl::execute(statement, c)?;
             }
             for chunk in changes.chunks(1000) {
                 let insert = diesel::insert_into(status_changes::table).values(chunk);
                 diesel::RunQueryDsl::execute(insert, c)?;
             }
-            Ok(rows)
+            Ok(())
         })
         .await
     }

@@ -21,7 +21,7 @@ const STATUS_CONFIG_KEY: &str = "status_config";
 const REMEDIATION_TUNING_KEY: &str = "remediation_tuning";
 
 /// A full `vms` row; stored enums are parsed on read and fail on unknown values.
-#[derive(Clone, Debug, diesel::Queryable, diesel::QueryableByName, diesel::Selectable)]
+#[derive(Clone, Debug, diesel::Queryable, diesel::Selectable)]
 #[diesel(table_name = vms)]
 pub struct VmRow {
     pub id: i64,

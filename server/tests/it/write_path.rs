@@ -98,22 +98,8 @@ async fn run(backend: Backend, path: StatePath) -> (Vec<domain::view::VmView>, V
             })
             .unwrap();
         }
-        let written = write_batch_via(&db, &batch, &cfg, path).await.unwrap();
-        assert!(
-            written.outcomes.iter().all(Result::is_ok),
-            "{:?}",
-            written.outcomes
-        );
-        if let Some(views) = written.views {
-            // What the statement returned is what is stored.
-            let mut conn = db.conn().await.unwrap();
-            let ids: Vec<_> = views.iter().map(|v| v.id).collect();
-            let mut stored = store::vms_by_ids(&mut conn, &ids).await.unwrap();
-            let mut returned = views;
-            stored.sort_by_key(|v| v.id);
-            returned.sort_by_key(|v| v.id);
-            assert_eq!(returned, stored, "{backend:?}: the returned rows");
-        }
+        let outcomes = write_batch_via(&db, &batch, &cfg, path).await.unwrap();
+        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
     }
     let mut conn = db.conn().await.unwrap();
     let vms = store::list_vms(&mut conn).await.unwrap();
