@@ -167,18 +167,20 @@ async fn approve(state: &AppState, vm: VmId, seen: &GuestRef) -> Result<(), Acti
     }
     let others = incidents::other_claimants(&mut conn, &current, vm).await?;
     if !others.is_empty() {
-        let names: Vec<String> = others.iter().map(|id| format!("vm {id}")).collect();
+        let names: Vec<String> = others.iter().map(|(id, _)| format!("vm {id}")).collect();
         return Err(ActionError::LinkContested(names.join(", ")));
     }
-    let source = view.proxmox_link_source.unwrap_or(LinkSource::Manual);
     let read = incidents::LinkAsRead {
         guest: Some(current.clone()),
         source: view.proxmox_link_source,
         verified: false,
     };
+    // Stored as an operator's link: the refresh keeps those approved, while a proposal's
+    // own source (a reported VMID, a name) would be demoted again on its next round.
     // Written only if the link is still the one just read: a report that changed the
     // proposal in between makes this a refusal, not an approval of something unseen.
-    if incidents::replace_link(&mut conn, vm, &read, Some(&(current, source)), true).await? {
+    let approved = (current, LinkSource::Manual);
+    if incidents::replace_link(&mut conn, vm, &read, Some(&approved), true).await? {
         Ok(())
     } else {
         Err(ActionError::LinkChanged)

@@ -506,24 +506,27 @@ pub async fn set_link(
     Ok(n == 1)
 }
 
-/// The VMs other than `except` whose link (confirmed or proposed) names `guest`'s node and
-/// VMID: more than one claimant makes the link ambiguous.
+/// The VMs other than `except` whose link (confirmed or proposed) names `guest`'s VMID
+/// (unique in a cluster; the node is left out, as it may be stale after a migration): more
+/// than one claimant makes the link ambiguous.
 pub async fn other_claimants(
     conn: &mut Conn,
     guest: &GuestRef,
     except: VmId,
-) -> Result<Vec<VmId>, DbError> {
-    let ids: Vec<i64> = with_conn!(conn, |c| {
+) -> Result<Vec<(VmId, bool)>, DbError> {
+    let ids: Vec<(i64, bool)> = with_conn!(conn, |c| {
         vms::table
-            .filter(vms::proxmox_node.eq(guest.node.as_str()))
             .filter(vms::proxmox_vmid.eq(guest.vmid.get()))
             .filter(vms::id.ne(except.get()))
-            .select(vms::id)
+            .select((vms::id, vms::link_verified))
             .order(vms::id.asc())
             .load(c)
             .await
     })?;
-    Ok(ids.into_iter().map(VmId).collect())
+    Ok(ids
+        .into_iter()
+        .map(|(id, verified)| (VmId(id), verified))
+        .collect())
 }
 
 /// The link a VM had when it was read: a refresh writes only if it is still the same, so

@@ -246,6 +246,23 @@ pub async fn set_link(
         }
     };
     let mut conn = state.db.conn().await?;
+    // Two approved links to one guest would let either VM's silence reset it: the other
+    // one is unlinked first. Proposals elsewhere stay proposals (never acted on).
+    if let Some((guest, _)) = &link {
+        let holders: Vec<String> = incidents::other_claimants(&mut conn, guest, id)
+            .await?
+            .into_iter()
+            .filter(|(_, verified)| *verified)
+            .map(|(other, _)| format!("vm {other}"))
+            .collect();
+        if !holders.is_empty() {
+            return Err(ApiError::Conflict(format!(
+                "guest {} is already linked to {}; unlink it there first",
+                guest.vmid,
+                holders.join(", ")
+            )));
+        }
+    }
     // An operator's link is verified: it is the approval. An unlink stays until relinked.
     let stored = match &link {
         Some(link) => incidents::set_link(&mut conn, id, Some(link), true).await?,

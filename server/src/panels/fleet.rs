@@ -232,14 +232,12 @@ fn guest_of(v: &VmView) -> Option<GuestRef> {
 
 pub async fn links(state: &AppState) -> Result<Panel, ApiError> {
     let fleet = crate::http::fleet(state).await?;
-    // Who claims each guest (node, VMID): a second claimant makes a proposal contested.
-    let mut claims: HashMap<(String, i64), Vec<VmId>> = HashMap::new();
+    // Who claims each guest (by VMID, unique in a cluster): a second claimant makes a
+    // proposal contested.
+    let mut claims: HashMap<i64, Vec<VmId>> = HashMap::new();
     for v in &fleet {
         if let Some(g) = guest_of(v) {
-            claims
-                .entry((g.node.to_string(), g.vmid.get()))
-                .or_default()
-                .push(v.id);
+            claims.entry(g.vmid.get()).or_default().push(v.id);
         }
     }
     let rows = fleet
@@ -248,7 +246,7 @@ pub async fn links(state: &AppState) -> Result<Panel, ApiError> {
         .filter_map(|v| {
             let guest = guest_of(v)?;
             let others: Vec<String> = claims
-                .get(&(guest.node.to_string(), guest.vmid.get()))
+                .get(&guest.vmid.get())
                 .into_iter()
                 .flatten()
                 .filter(|id| **id != v.id)
@@ -376,7 +374,8 @@ pub async fn link(state: &AppState, query: &Fields) -> Result<Panel, ApiError> {
             crate::db::incidents::other_claimants(&mut conn, &guest, id).await?
         };
         let mut approve = Section::new("Approve the proposed link").text(format!(
-            "Approve only if {} {} on {} is this VM: once approved, auto-reset may power-cycle              that guest when this VM stops reporting.",
+            "Approve only if {} {} on {} is this VM: once approved, auto-reset may power-cycle \
+             that guest when this VM stops reporting.",
             guest.kind, guest.vmid, guest.node
         ));
         if others.is_empty() {
@@ -392,7 +391,7 @@ pub async fn link(state: &AppState, query: &Fields) -> Result<Panel, ApiError> {
                 ],
             });
         } else {
-            let names: Vec<String> = others.iter().map(|o| format!("vm {o}")).collect();
+            let names: Vec<String> = others.iter().map(|(o, _)| format!("vm {o}")).collect();
             approve = approve.text(format!(
                 "The same guest is also claimed by {}: link the right VM by hand below.",
                 names.join(", ")
@@ -400,7 +399,9 @@ pub async fn link(state: &AppState, query: &Fields) -> Result<Panel, ApiError> {
         }
         sections.push(approve);
     }
-    let current = guest_of(&vm);
+    // The form starts from an approved link only: a proposal is what the guest claims, and
+    // one click must not turn it into an approved link.
+    let current = guest_of(&vm).filter(|_| vm.link_verified);
     sections.push(
         Section::new("Link by hand")
             .text("An operator's link is approved as it is made.")
@@ -435,7 +436,7 @@ pub async fn link(state: &AppState, query: &Fields) -> Result<Panel, ApiError> {
                 ],
             }),
     );
-    if current.is_some() {
+    if guest_of(&vm).is_some() {
         sections.push(
             Section::new("Unlink")
                 .text("The VM then stays unlinked, with nothing proposed, until linked again.")

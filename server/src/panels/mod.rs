@@ -36,6 +36,14 @@ impl Fields {
             .map_or("", |(_, v)| v.trim())
     }
 
+    /// The first value under `name` exactly as typed (a password: spaces are part of it).
+    pub fn raw(&self, name: &str) -> &str {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map_or("", |(_, v)| v.as_str())
+    }
+
     /// Every value under `name` (the ticked rows of a table).
     pub fn all(&self, name: &str) -> Vec<&str> {
         self.0
@@ -73,13 +81,21 @@ fn page_role(name: PanelName) -> UserRole {
     }
 }
 
-/// The role an action needs: the same as its REST route's.
-fn action_role(name: PanelName, action: &str) -> UserRole {
+/// The role an action needs, the same as its REST route's; `None` for an action the page
+/// does not have.
+fn action_role(name: PanelName, action: &str) -> Option<UserRole> {
     match (name, action) {
-        (PanelName::Links, "approve") => UserRole::Operator,
-        (PanelName::Link, "approve" | "set" | "unlink") => UserRole::Operator,
+        (PanelName::Links, "approve") | (PanelName::Link, "approve" | "set" | "unlink") => {
+            Some(UserRole::Operator)
+        }
         // Enrolment tokens, users, API tokens and settings are admin business.
-        _ => UserRole::Admin,
+        (PanelName::AddVm, "enrol")
+        | (PanelName::Settings, "save" | "test-proxmox")
+        | (PanelName::Users, "add" | "password" | "delete")
+        | (PanelName::Tokens, "create-api" | "revoke-api" | "revoke-enrolment") => {
+            Some(UserRole::Admin)
+        }
+        _ => None,
     }
 }
 
@@ -125,7 +141,13 @@ pub async fn submit(
     action: &str,
     form: &str,
 ) -> Result<String, AppError> {
-    let role = action_role(name, action);
+    // An unknown action is refused before anything, the audit log included: the action's
+    // text is the client's.
+    let Some(role) = action_role(name, action) else {
+        return Err(AppError::Refused(format!(
+            "{name} has no action {action:?}"
+        )));
+    };
     let actor = match signed_in(caller, role) {
         Ok(actor) => actor,
         Err(err) => {

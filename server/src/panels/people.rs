@@ -102,7 +102,7 @@ pub async fn submit_users(
                 actor,
                 NewUser {
                     username: f.get("username").to_owned(),
-                    password: f.get("password").to_owned(),
+                    password: f.raw("password").to_owned(),
                     role: role(f)?,
                 },
             )
@@ -114,7 +114,7 @@ pub async fn submit_users(
         }
         "password" => {
             let id = user_id(state, f.get("username")).await?;
-            api::change_password(state, actor, id, f.get("password").to_owned()).await?;
+            api::change_password(state, actor, id, f.raw("password").to_owned()).await?;
             Ok(Outcome::done(format!(
                 "Password set for {}; their sessions ended.",
                 f.get("username")

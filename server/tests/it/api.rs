@@ -425,14 +425,12 @@ async fn hostile_reports_are_refused(backend: Backend) {
     for (name, body, token, expected) in cases {
         let mut answered = None;
         // The 413 may be sent before the body is read, and the connection reset under a
-        // client still sending: try again until the answer itself is seen.
+        // client still sending (the next request may find that pooled connection closed):
+        // try again until the answer itself is seen.
         for _ in 0..5 {
-            match srv.try_report_raw(body.clone(), token).await {
-                Ok(answer) => {
-                    answered = Some(answer);
-                    break;
-                }
-                Err(err) => assert_eq!(expected, 413, "{name}: {err}"),
+            if let Ok(answer) = srv.try_report_raw(body.clone(), token).await {
+                answered = Some(answer);
+                break;
             }
         }
         let (status, answer) = answered.unwrap_or_else(|| panic!("{name}: never answered"));

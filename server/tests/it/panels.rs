@@ -226,9 +226,16 @@ async fn each_page_and_action_needs_its_role() {
     assert_eq!(status, 403);
     let (_, after) = srv.get("/api/settings").await;
     assert_eq!(before, after, "a refused submission changes nothing");
+    let long = "x".repeat(10_000);
+    let (status, _) = submit(&srv, &viewer, "users", &long, &[]).await;
+    assert_eq!(status, 400, "an action the page does not have");
     let (_, tokens) = srv.get("/api/enrolment-tokens").await;
     assert_eq!(tokens, json!([]));
     let actions = audit_actions(&srv).await;
+    assert!(
+        !actions.iter().any(|(_, what, _)| what.contains("xxxx")),
+        "an unknown action's text never reaches the audit log"
+    );
     for (who, what) in [
         ("olga", "settings:save"),
         ("olga", "add-vm:enrol"),
@@ -662,7 +669,9 @@ async fn link_queue_approves_only_what_was_shown() {
                 .collect(),
         )
         .await;
-        let mut srv = crate::proxmox::start(backend, &fake, &[]).await;
+        // Auto-reset off: the VMs fall silent here, and this test is about approvals alone.
+        let mut srv =
+            crate::proxmox::start(backend, &fake, &[("AUTO_RESET_ENABLED", "false")]).await;
         let operator = token_for(&srv, "olga", "operator").await;
         let alone = propose(&srv, "alone", 101, "pve1").await;
         let claim_a = propose(&srv, "claim-a", 202, "pve1").await;
@@ -808,6 +817,25 @@ async fn link_queue_approves_only_what_was_shown() {
             verified(&srv, claim_a).await,
             "an operator's link is approved"
         );
+        // A guest already linked to one VM is not linked to another by hand, here or by API.
+        let answer = set(claim_b, "202").await;
+        assert_eq!(verdict(&answer).0, Some(false), "{answer}");
+        assert!(
+            verdict(&answer)
+                .1
+                .contains(&format!("already linked to vm {claim_a}")),
+            "{answer}"
+        );
+        let (status, _) = srv
+            .send(
+                Method::PUT,
+                &format!("/api/vms/{claim_b}/proxmox"),
+                Some(&operator),
+                Some(json!({"node": "pve1", "vmid": 202})),
+            )
+            .await;
+        assert_eq!(status, 409);
+        assert!(!verified(&srv, claim_b).await);
         let (_, answer) = submit(
             &srv,
             &operator,
@@ -824,6 +852,10 @@ async fn link_queue_approves_only_what_was_shown() {
         let solo = propose(&srv, "solo", 505, "pve2").await;
         let (_, html) = page(&srv, &operator, "link", &vm_query(solo)).await;
         assert!(html.contains("name=\"vmid\" value=\"505\""), "{html}");
+        assert!(
+            html.contains("name=\"vmid\" type=\"text\" inputmode=\"decimal\" value=\"\""),
+            "linking by hand does not start from what the guest claims: {html}"
+        );
         let approve_as = |vmid: &'static str| {
             let srv = &srv;
             let operator = operator.clone();
@@ -851,6 +883,14 @@ async fn link_queue_approves_only_what_was_shown() {
         let answer = approve_as("505").await;
         assert_eq!(verdict(&answer).0, Some(true), "{answer}");
         assert!(verified(&srv, solo).await);
+        // Approvals outlive the link refresh (every 200 ms here), which demotes proposals.
+        crate::proxmox::wait_rounds(&srv, 10).await;
+        for vm in [alone, moving, solo] {
+            assert!(
+                verified(&srv, vm).await,
+                "vm {vm} still approved after refreshes"
+            );
+        }
         assert_eq!(
             fake.action_attempts(),
             Vec::<String>::new(),

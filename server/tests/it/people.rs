@@ -740,8 +740,9 @@ async fn slow_reads_never_starve_the_writer() {
     srv.stop().await;
 }
 
-/// Operators see an install line carrying the SHA-256 of the agent script this server hands
-/// out (the installer refuses any other script); viewers do not see it.
+/// Operators see, on the server-rendered add-VM page, an install line carrying the SHA-256
+/// of the agent script this server hands out (the installer refuses any other script);
+/// viewers do not see it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operators_get_an_install_line_with_the_agents_hash() {
     use sha2::Digest;
@@ -752,7 +753,7 @@ async fn operators_get_an_install_line_with_the_agents_hash() {
         let srv = &srv;
         async move {
             srv.http
-                .get(srv.url("/"))
+                .get(srv.url("/add-vm"))
                 .bearer_auth(token)
                 .send()
                 .await
@@ -781,6 +782,9 @@ async fn operators_get_an_install_line_with_the_agents_hash() {
         )
         .await;
     let html = page(token["token"].as_str().unwrap().to_owned()).await;
-    assert!(html.contains("vm-healthcheck") && !html.contains("install-line"));
+    assert!(
+        html.contains("vm-healthcheck") && !html.contains("--sha256"),
+        "{html}"
+    );
     srv.stop().await;
 }
