@@ -188,11 +188,8 @@ async fn unreadable_stored_value_is_a_logged_500_not_a_503(backend: Backend) {
     assert_eq!(srv.get("/api/vms").await.0, 200);
     corrupt_remediation_phase(&srv, backend, id).await;
 
-    for path in [
-        "/api/vms".to_owned(),
-        format!("/api/vms/{id}"),
-        "/api/status".to_owned(),
-    ] {
+    // (`/api/status` counts the status column alone, which is intact here.)
+    for path in ["/api/vms".to_owned(), format!("/api/vms/{id}")] {
         let (status, headers, text) = raw(&srv, Method::GET, &path, Some(ADMIN_TOKEN), None).await;
         assert_eq!(status, 500, "{path}: {text}");
         assert!(
