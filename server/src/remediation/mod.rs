@@ -391,6 +391,31 @@ impl Engine {
         let (Some(pve), Some(guest)) = (&self.ctx.pve, row.verified_guest()) else {
             return Ok(false);
         };
+        // Two VMs linked to one guest: either one's silence could reset it. Neither is acted
+        // on until an operator unlinks one (the link routes refuse to make such a pair; a
+        // store edited by hand or an older release may still hold one).
+        {
+            let mut conn = self.ctx.db.conn().await?;
+            let holders: Vec<String> = incidents::other_claimants(&mut conn, &guest, row.vm_id())
+                .await?
+                .into_iter()
+                .filter(|(_, verified)| *verified)
+                .map(|(other, _)| format!("vm {other}"))
+                .collect();
+            if !holders.is_empty() {
+                let reason = format!(
+                    "guest {} is also linked to {}: unlink the wrong one",
+                    guest.vmid,
+                    holders.join(", ")
+                );
+                if row.phase_reason.as_deref() != Some(reason.as_str()) {
+                    tracing::warn!(vm_id = %row.vm_id(), %reason, "not acting on a doubly linked guest");
+                }
+                let next = now_ms.saturating_add(self.ctx.cfg().recheck_ms);
+                incidents::defer(&mut conn, row.vm_id(), next, &reason).await?;
+                return Ok(true);
+            }
+        }
         let found = self
             .linker
             .state_following_migration(&self.ctx, pve.as_ref(), row, guest)

@@ -819,6 +819,87 @@ async fn ha_managed_guests_are_reset_only_when_allowed() {
     srv.stop().await;
 }
 
+/// Two VMs linked to one guest (a store edited by hand; the link routes refuse to make such a
+/// pair): the guest is never reset while both links stand, and the VM says why; once the
+/// wrong link is removed, the right VM's silence is acted on again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_linked_to_two_vms_is_never_reset() {
+    let fake = FakePve::start(vec![FakeVm::running(108, "pve2")]).await;
+    // The breaker off: one of two linked VMs down would otherwise pause everything.
+    let mut srv = start(Backend::Sqlite, &fake, &[("STORM_PERCENT", "100")]).await;
+    let right = report_vm(&srv, 108, "pve2", 5000).await;
+    let (status, body) = srv.report(&report_for("twin")).await;
+    assert_eq!(status, 200, "{body}");
+    let twin = body["vm_id"].as_i64().unwrap();
+    {
+        use diesel_async::RunQueryDsl;
+        let mut conn = srv.state().db.conn().await.unwrap();
+        let sql = format!(
+            "UPDATE vms SET proxmox_node = 'pve2', proxmox_vmid = 108, proxmox_type = 'qemu', \
+             proxmox_link_source = 'manual', link_verified = true WHERE id = {twin}"
+        );
+        match &mut conn {
+            server::db::Conn::Sqlite(c) => {
+                diesel::sql_query(sql).execute(&mut **c).await.unwrap();
+            }
+            server::db::Conn::Postgres(c) => {
+                diesel::sql_query(sql).execute(&mut **c).await.unwrap();
+            }
+        };
+    }
+    // The twin keeps reporting; the right VM falls silent (the stale timeout here is 1.5 s).
+    let twin_alive = {
+        let (http, url) = (srv.http.clone(), srv.url("/api/health/report"));
+        tokio::spawn(async move {
+            loop {
+                let _ = http
+                    .post(&url)
+                    .bearer_auth(AGENT_TOKEN)
+                    .json(&report_for("twin"))
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+    wait_active(&srv).await;
+    let reason = wait_for(
+        "the VM to say why it is not acted on",
+        Duration::from_secs(15),
+        || async {
+            let v = vm(&srv, right).await;
+            let reason = v["phase_reason"].as_str().unwrap_or_default().to_owned();
+            (v["status"] == "down" && reason.contains("also linked")).then_some(reason)
+        },
+    )
+    .await;
+    assert!(reason.contains(&format!("vm {twin}")), "{reason}");
+    wait_rounds(&srv, 20).await;
+    assert_eq!(
+        fake.action_attempts(),
+        Vec::<String>::new(),
+        "nothing powered"
+    );
+
+    let (status, body) = srv
+        .send(
+            Method::PUT,
+            &format!("/api/vms/{twin}/proxmox"),
+            Some(ADMIN_TOKEN),
+            Some(json!({"node": null, "vmid": null})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    wait_for(
+        "the reset once unambiguous",
+        Duration::from_secs(20),
+        || async { (!fake.posts().is_empty()).then_some(()) },
+    )
+    .await;
+    twin_alive.abort();
+    srv.stop().await;
+}
+
 /// Root in one guest claims another guest's VMID (under fresh hostnames, again and again)
 /// and falls silent: the claim is shown for approval and nothing is ever reset.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
