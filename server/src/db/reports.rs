@@ -227,58 +227,6 @@ fn state_update_sql(rows: usize) -> String {
     sql
 }
 
-/// `rows` bound in the order of [`state_update_sql`]'s placeholders.
-fn bind_state_rows<DB>(
-    mut query: BoxedSqlQuery<'static, DB, SqlQuery>,
-    rows: Vec<StateRow>,
-) -> BoxedSqlQuery<'static, DB, SqlQuery>
-where
-    DB: Backend
-        + HasSqlType<BigInt>
-        + HasSqlType<Bool>
-        + HasSqlType<Text>
-        + HasSqlType<Double>
-        + HasSqlType<Nullable<BigInt>>
-        + HasSqlType<Nullable<Text>>
-        + HasSqlType<Nullable<Double>>,
-    i64: ToSql<BigInt, DB>,
-    bool: ToSql<Bool, DB>,
-    String: ToSql<Text, DB>,
-    &'static str: ToSql<Text, DB>,
-    f64: ToSql<Double, DB>,
-    Option<i64>: ToSql<Nullable<BigInt>, DB>,
-    Option<String>: ToSql<Nullable<Text>, DB>,
-    Option<f64>: ToSql<Nullable<Double>, DB>,
-{
-    for r in rows {
-        query = query
-            .bind::<BigInt, _>(r.id)
-            .bind::<Bool, _>(r.ends_incident)
-            .bind::<Nullable<Text>, _>(r.phase_reason)
-            .bind::<Text, _>(r.status)
-            .bind::<BigInt, _>(r.status_since_ms)
-            .bind::<Text, _>(r.status_reason)
-            .bind::<BigInt, _>(r.last_seen_ms)
-            .bind::<Bool, _>(r.takes_figures)
-            .bind::<Text, _>(r.hostname)
-            .bind::<Text, _>(r.os)
-            .bind::<Nullable<Text>, _>(r.machine_id)
-            .bind::<Nullable<Text>, _>(r.agent_version)
-            .bind::<Nullable<BigInt>, _>(r.reported_vmid)
-            .bind::<Nullable<Text>, _>(r.reported_node)
-            .bind::<BigInt, _>(r.observed_at_ms)
-            .bind::<Double, _>(r.cpu_percent)
-            .bind::<BigInt, _>(r.ram_used_bytes)
-            .bind::<BigInt, _>(r.ram_total_bytes)
-            .bind::<BigInt, _>(r.disk_used_bytes)
-            .bind::<BigInt, _>(r.disk_total_bytes)
-            .bind::<Nullable<Double>, _>(r.disk_max_percent)
-            .bind::<Nullable<Text>, _>(r.disks_json)
-            .bind::<BigInt, _>(r.uptime_seconds);
-    }
-    query
-}
-
 /// The batch's status changes as rows, owned.
 #[derive(Clone, diesel::Insertable)]
 #[diesel(table_name = status_changes)]
@@ -329,8 +277,35 @@ where
     planned
         .chunks(STATE_ROWS_PER_STATEMENT)
         .map(|chunk| {
-            let query = diesel::sql_query(state_update_sql(chunk.len())).into_boxed::<DB>();
-            bind_state_rows(query, chunk.iter().map(StateRow::of).collect())
+            let mut query = diesel::sql_query(state_update_sql(chunk.len())).into_boxed::<DB>();
+            // Bound in the order of `state_update_sql`'s placeholders.
+            for r in chunk.iter().map(StateRow::of) {
+                query = query
+                    .bind::<BigInt, _>(r.id)
+                    .bind::<Bool, _>(r.ends_incident)
+                    .bind::<Nullable<Text>, _>(r.phase_reason)
+                    .bind::<Text, _>(r.status)
+                    .bind::<BigInt, _>(r.status_since_ms)
+                    .bind::<Text, _>(r.status_reason)
+                    .bind::<BigInt, _>(r.last_seen_ms)
+                    .bind::<Bool, _>(r.takes_figures)
+                    .bind::<Text, _>(r.hostname)
+                    .bind::<Text, _>(r.os)
+                    .bind::<Nullable<Text>, _>(r.machine_id)
+                    .bind::<Nullable<Text>, _>(r.agent_version)
+                    .bind::<Nullable<BigInt>, _>(r.reported_vmid)
+                    .bind::<Nullable<Text>, _>(r.reported_node)
+                    .bind::<BigInt, _>(r.observed_at_ms)
+                    .bind::<Double, _>(r.cpu_percent)
+                    .bind::<BigInt, _>(r.ram_used_bytes)
+                    .bind::<BigInt, _>(r.ram_total_bytes)
+                    .bind::<BigInt, _>(r.disk_used_bytes)
+                    .bind::<BigInt, _>(r.disk_total_bytes)
+                    .bind::<Nullable<Double>, _>(r.disk_max_percent)
+                    .bind::<Nullable<Text>, _>(r.disks_json)
+                    .bind::<BigInt, _>(r.uptime_seconds);
+            }
+            query
         })
         .collect()
 }

@@ -226,18 +226,10 @@ pub async fn set_link(
 ) -> Result<VmView, ApiError> {
     let link = match (request.node, request.vmid) {
         (None, None) => None,
-        (Some(node), Some(vmid)) => {
-            let node = NodeName::try_from(node).field("node")?;
-            let vmid = Vmid::try_from(vmid).field("vmid")?;
-            let kind = request
-                .kind
-                .as_deref()
-                .unwrap_or("qemu")
-                .parse::<GuestKind>()
-                .ok()
-                .ok_or_else(|| ApiError::field("type", "must be qemu or lxc"))?;
-            Some((GuestRef { node, vmid, kind }, LinkSource::Manual))
-        }
+        (Some(node), Some(vmid)) => Some((
+            ApproveRequest::guest(node, vmid, request.kind.as_deref())?,
+            LinkSource::Manual,
+        )),
         _ => {
             return Err(ApiError::field(
                 "node",

@@ -30,10 +30,7 @@ impl Fields {
 
     /// The first value under `name`, trimmed; "" when absent.
     pub fn get(&self, name: &str) -> &str {
-        self.0
-            .iter()
-            .find(|(k, _)| k == name)
-            .map_or("", |(_, v)| v.trim())
+        self.raw(name).trim()
     }
 
     /// The first value under `name` exactly as typed (a password: spaces are part of it).
