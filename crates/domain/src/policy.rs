@@ -260,40 +260,69 @@ pub fn screen(vm: &VmFacts, now_ms: i64) -> Screen {
     Screen::Candidate
 }
 
-/// The mass-staleness breaker: `Some(reason)` when so many linked VMs are stale that the
-/// cause is more likely the network, storage or this monitor than the VMs themselves.
-/// A single stale VM never trips it.
-pub fn storm(vms: &[VmFacts], cfg: &RemediationConfig) -> Option<String> {
-    let linked: Vec<&VmFacts> = vms
+/// Linked VMs (not latched manual) on one node, and how many of them are stale: all the
+/// storm breaker needs, so the database can count them instead of loading the fleet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeTally {
+    pub node: NodeName,
+    pub linked: u64,
+    pub stale: u64,
+}
+
+/// The tallies of `vms` per node (what the database's count gives).
+pub fn tally(vms: &[VmFacts]) -> Vec<NodeTally> {
+    let mut nodes: std::collections::BTreeMap<&NodeName, (u64, u64)> = Default::default();
+    for vm in vms
         .iter()
         .filter(|v| v.linked && v.phase != RemediationPhase::Manual)
-        .collect();
-    let stale = linked.iter().filter(|v| v.status == VmStatus::Down).count();
-    let share = percent_of(
-        i64::try_from(stale).unwrap_or(i64::MAX),
-        i64::try_from(linked.len()).unwrap_or(i64::MAX),
-    );
-    if stale >= 2 && share > cfg.storm_percent {
-        return Some(format!(
-            "{stale} of {} linked VMs are stale (more than {}%)",
-            linked.len(),
-            cfg.storm_percent
-        ));
-    }
-    let mut nodes: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
-    for vm in &linked {
-        if let Some(node) = vm.node.as_ref().map(NodeName::as_str) {
+    {
+        if let Some(node) = vm.node.as_ref() {
             let entry = nodes.entry(node).or_default();
             entry.0 += 1;
-            if vm.status == VmStatus::Down {
-                entry.1 += 1;
-            }
+            entry.1 += u64::from(vm.status == VmStatus::Down);
         }
     }
     nodes
         .into_iter()
-        .find(|(_, (total, down))| *total >= 2 && total == down)
-        .map(|(node, (total, _))| format!("all {total} VMs on node {node} are stale"))
+        .map(|(node, (linked, stale))| NodeTally {
+            node: node.clone(),
+            linked,
+            stale,
+        })
+        .collect()
+}
+
+/// The mass-staleness breaker: `Some(reason)` when so many linked VMs are stale that the
+/// cause is more likely the network, storage or this monitor than the VMs themselves.
+/// A single stale VM never trips it.
+pub fn storm(vms: &[VmFacts], cfg: &RemediationConfig) -> Option<String> {
+    storm_of(&tally(vms), cfg)
+}
+
+/// [`storm`] from per-node tallies.
+pub fn storm_of(nodes: &[NodeTally], cfg: &RemediationConfig) -> Option<String> {
+    let linked: u64 = nodes.iter().map(|n| n.linked).sum();
+    let stale: u64 = nodes.iter().map(|n| n.stale).sum();
+    let share = percent_of(
+        i64::try_from(stale).unwrap_or(i64::MAX),
+        i64::try_from(linked).unwrap_or(i64::MAX),
+    );
+    if stale >= 2 && share > cfg.storm_percent {
+        return Some(format!(
+            "{stale} of {linked} linked VMs are stale (more than {}%)",
+            cfg.storm_percent
+        ));
+    }
+    nodes
+        .iter()
+        .find(|n| n.linked >= 2 && n.linked == n.stale)
+        .map(|n| format!("all {} VMs on node {} are stale", n.linked, n.node))
+}
+
+/// Whether the breaker can trip with `stale` linked VMs stale at all: below two it cannot,
+/// so the fleet need not be counted.
+pub fn storm_possible(stale: u64) -> bool {
+    stale >= 2
 }
 
 /// What a "hung" verdict leads to, given the veto window.
@@ -346,8 +375,10 @@ pub enum Decision {
     WouldReset,
     /// QEMU stopped the guest on a fault a reset does not cure.
     Fault(String),
-    /// Not now (locked, or the concurrency limit is reached); look again later.
+    /// Not now (locked); look again after the recheck interval.
     Wait(String),
+    /// The concurrency limit is reached: taken again as soon as a slot frees (next round).
+    Queue(String),
     /// Not ours to reset (off, paused, template, HA-managed).
     Leave(String),
 }
@@ -377,13 +408,26 @@ pub fn decide(guest: &GuestState, cfg: &RemediationConfig, in_flight: usize) -> 
     if guest.ha_managed && !cfg.remediate_ha {
         return Decision::Leave("managed by Proxmox HA; left to HA".into());
     }
-    if in_flight >= cfg.max_concurrent {
-        return Decision::Wait(format!("{in_flight} resets already in flight"));
+    if let Some(reason) = queued(in_flight, cfg) {
+        return Decision::Queue(reason);
     }
     match cfg.mode {
         Mode::Shadow => Decision::WouldReset,
         Mode::Live => Decision::Reset,
     }
+}
+
+/// `Some(reason)` when `in_flight` power actions fill every slot: a candidate waits for
+/// one without asking Proxmox, and is looked at again the round after a slot frees.
+pub fn queued(in_flight: usize, cfg: &RemediationConfig) -> Option<String> {
+    // The limit, not the count, in the reason: it is written once, not whenever the
+    // count moves.
+    (in_flight >= cfg.max_concurrent).then(|| {
+        format!(
+            "all {} reset slots are in use; next when one frees",
+            cfg.max_concurrent
+        )
+    })
 }
 
 /// Pause before attempt `attempts + 1`: base, 2x base, 4x base...
@@ -611,14 +655,16 @@ mod tests {
                 "fault",
             ),
             ("template", template, &cfg, 0, "leave"),
-            ("locked", locked, &cfg, 0, "wait"),
+            ("locked", locked.clone(), &cfg, 0, "wait"),
             ("ha", ha.clone(), &cfg, 0, "leave"),
-            ("limit reached", running(), &cfg, 2, "wait"),
+            ("limit reached", running(), &cfg, 2, "queue"),
+            ("locked at the limit", locked, &cfg, 2, "wait"),
         ];
         let kind = |d: Decision| match d {
             Decision::Reset => "reset",
             Decision::WouldReset => "would",
             Decision::Wait(_) => "wait",
+            Decision::Queue(_) => "queue",
             Decision::Leave(_) => "leave",
             Decision::Fault(_) => "fault",
         };

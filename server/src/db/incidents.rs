@@ -436,6 +436,22 @@ pub async fn defer(
     Ok(())
 }
 
+/// Notes that a candidate waits for a free slot: the reason, and no time set for the next
+/// look, so the next round takes it again.
+pub async fn queue(conn: &mut Conn, vm_id: VmId, reason: &str) -> Result<(), DbError> {
+    call_off(conn, vm_id, reason).await?;
+    with_conn!(conn, |c| {
+        diesel::update(vms::table.find(vm_id.get()))
+            .set((
+                vms::next_action_ms.eq(None::<i64>),
+                vms::phase_reason.eq(reason),
+            ))
+            .execute(c)
+            .await
+    })?;
+    Ok(())
+}
+
 pub async fn set_auto_reset(conn: &mut Conn, vm_id: VmId, enabled: bool) -> Result<bool, DbError> {
     if !enabled {
         call_off(conn, vm_id, "auto-reset turned off for this VM").await?;

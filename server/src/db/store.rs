@@ -9,6 +9,7 @@ use crate::with_conn;
 use diesel::BoolExpressionMethods;
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper};
 use diesel_async::{AsyncConnection, RunQueryDsl};
+use domain::policy::{self, NodeTally};
 use domain::settings::RemediationTuning;
 use domain::status::{LatestReport, StatusConfig, StatusCounts, Verdict};
 use domain::view::{DiskUsage, ResetAttempt, StatusChange, VmView};
@@ -160,9 +161,16 @@ pub async fn overdue_rows(
     now_ms: i64,
 ) -> Result<Vec<VmRow>, DbError> {
     let cutoff = now_ms.saturating_sub(stale_timeout_ms);
+    // Named statuses rather than "not down": one seek per status on the (status,
+    // last_seen_ms) index instead of a scan of the fleet.
+    let live: Vec<&str> = VmStatus::ALL
+        .iter()
+        .filter(|s| **s != VmStatus::Down)
+        .map(|s| s.as_str())
+        .collect();
     Ok(with_conn!(conn, |c| {
         vms::table
-            .filter(vms::status.ne(VmStatus::Down.as_str()))
+            .filter(vms::status.eq_any(&live))
             .filter(vms::last_seen_ms.le(cutoff))
             .select(VmRow::as_select())
             .load(c)
@@ -266,7 +274,7 @@ pub async fn vms_page(
     Ok(rows.into_iter().map(VmRow::into_view).collect())
 }
 
-/// Every VM row, for the remediation engine.
+/// Every VM row (re-judging the fleet after a settings change).
 pub async fn list_rows(conn: &mut Conn) -> Result<Vec<VmRow>, DbError> {
     Ok(with_conn!(conn, |c| {
         vms::table
@@ -275,6 +283,137 @@ pub async fn list_rows(conn: &mut Conn) -> Result<Vec<VmRow>, DbError> {
             .load(c)
             .await
     })?)
+}
+
+/// The rows a remediation round acts on, through the status and phase indexes: stale VMs
+/// with no incident, announced actions, actions in flight and recoveries. Everything else
+/// (the healthy fleet, latched and settled incidents) is not read.
+pub async fn engine_rows(conn: &mut Conn) -> Result<Vec<VmRow>, DbError> {
+    let open = [
+        RemediationPhase::ResetScheduled,
+        RemediationPhase::ResetPending,
+        RemediationPhase::Recovering,
+    ]
+    .map(RemediationPhase::as_str);
+    Ok(with_conn!(conn, |c| {
+        vms::table
+            .filter(
+                vms::status
+                    .eq(VmStatus::Down.as_str())
+                    .and(vms::remediation_phase.eq(RemediationPhase::Ok.as_str()))
+                    .or(vms::remediation_phase.eq_any(open)),
+            )
+            .order(vms::id.asc())
+            .select(VmRow::as_select())
+            .load(c)
+            .await
+    })?)
+}
+
+/// What the storm breaker weighs (`domain::policy::storm_of`): per node, the VMs it counts
+/// (verified links to a valid guest, not latched manual) and how many of them are stale.
+/// The stale ones are counted first, through the status index; the whole fleet only when two
+/// or more are, the least that can trip the breaker, and then in one statement so both
+/// counts are of one moment. A row holding a value no release writes (an unknown status,
+/// phase or kind, a VMID out of range, an invalid node name) is not counted: it can only
+/// make the stale share larger, never hide a storm.
+pub async fn storm_tallies(conn: &mut Conn) -> Result<Vec<NodeTally>, DbError> {
+    let statuses: Vec<&str> = VmStatus::ALL.iter().map(|s| s.as_str()).collect();
+    let phases: Vec<&str> = RemediationPhase::ALL
+        .iter()
+        .filter(|p| **p != RemediationPhase::Manual)
+        .map(|p| p.as_str())
+        .collect();
+    let kinds: Vec<&str> = GuestKind::ALL.iter().map(|k| k.as_str()).collect();
+    let (lowest, highest) = (*Vmid::RANGE.start(), *Vmid::RANGE.end());
+    macro_rules! counted {
+        () => {
+            vms::table
+                .filter(vms::link_verified.eq(true))
+                .filter(vms::proxmox_vmid.between(lowest, highest))
+                .filter(vms::proxmox_type.eq_any(&kinds))
+                .filter(vms::status.eq_any(&statuses))
+                .filter(vms::remediation_phase.eq_any(&phases))
+        };
+    }
+    let stale: i64 = with_conn!(conn, |c| {
+        counted!()
+            .filter(vms::status.eq(VmStatus::Down.as_str()))
+            .count()
+            .get_result(c)
+            .await
+    })?;
+    if !policy::storm_possible(u64::try_from(stale).unwrap_or(0)) {
+        return Ok(Vec::new());
+    }
+    let per_node: Vec<(Option<String>, i64, i64)> = with_conn!(conn, |c| {
+        counted!()
+            .group_by(vms::proxmox_node)
+            .select((
+                vms::proxmox_node,
+                diesel::dsl::count_star(),
+                diesel::dsl::sql::<diesel::sql_types::BigInt>(
+                    "SUM(CASE WHEN status = 'down' THEN 1 ELSE 0 END)",
+                ),
+            ))
+            .load(c)
+            .await
+    })?;
+    Ok(per_node
+        .into_iter()
+        .filter_map(|(node, linked, stale)| {
+            Some(NodeTally {
+                node: node?.parse().ok()?,
+                linked: u64::try_from(linked).ok()?,
+                stale: u64::try_from(stale).ok()?,
+            })
+        })
+        .collect())
+}
+
+/// When the most recently created VM was first seen (its id is the highest).
+pub async fn newest_first_seen(conn: &mut Conn) -> Result<Option<i64>, DbError> {
+    Ok(with_conn!(conn, |c| {
+        vms::table
+            .order(vms::id.desc())
+            .select(vms::first_seen_ms)
+            .first(c)
+            .await
+            .optional()
+    })?)
+}
+
+/// At most `limit` rows after id `after`, in id order: the link refresh walks the fleet a
+/// page at a time instead of holding it all.
+pub async fn rows_after(conn: &mut Conn, after: i64, limit: i64) -> Result<Vec<VmRow>, DbError> {
+    Ok(with_conn!(conn, |c| {
+        vms::table
+            .filter(vms::id.gt(after))
+            .order(vms::id.asc())
+            .limit(limit)
+            .select(VmRow::as_select())
+            .load(c)
+            .await
+    })?)
+}
+
+/// Whether any VM could be linked by its SMBIOS uuid (reports a machine id and was not
+/// linked by an operator), which is what makes reading guests' uuids worth it.
+pub async fn any_uuid_linkable(conn: &mut Conn) -> Result<bool, DbError> {
+    let found: Option<i64> = with_conn!(conn, |c| {
+        vms::table
+            .filter(vms::machine_id.is_not_null())
+            .filter(
+                vms::proxmox_link_source
+                    .is_null()
+                    .or(vms::proxmox_link_source.ne(LinkSource::Manual.as_str())),
+            )
+            .select(vms::id)
+            .first(c)
+            .await
+            .optional()
+    })?;
+    Ok(found.is_some())
 }
 
 pub async fn get_row(conn: &mut Conn, id: VmId) -> Result<Option<VmRow>, DbError> {

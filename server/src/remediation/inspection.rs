@@ -202,6 +202,7 @@ impl super::Engine {
         // or locked meanwhile (someone is at work on it) makes the first read stale.
         if let (Verdict::Hung(_), Some(second)) = (&verdict, &second)
             && let policy::Decision::Wait(why)
+            | policy::Decision::Queue(why)
             | policy::Decision::Leave(why)
             | policy::Decision::Fault(why) = policy::decide(second, &self.ctx.cfg(), 0)
         {

@@ -6,7 +6,7 @@ use crate::db::incidents;
 use crate::db::store::{self, VmRow};
 use domain::link::{self, ClusterGuest, LinkSubject};
 use domain::policy::GuestState;
-use domain::{GuestKind, GuestRef, LinkSource, Vmid};
+use domain::{GuestKind, GuestRef, LinkSource, VmId, Vmid};
 use proxmox::{ProxmoxApi, PveError};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 /// Shortest pause between two refreshes brought forward by new VMs.
 const NEWCOMER_REFRESH_GAP_MS: i64 = 1_000;
+/// VMs read and resolved at a time by a refresh.
+const REFRESH_PAGE: i64 = 2_000;
 
 /// A guest's SMBIOS uuid as read, with the name it had then: a VMID that now names a
 /// guest of another name was reused by a new guest, whose uuid must be read afresh.
@@ -45,20 +47,27 @@ fn subject(row: &VmRow) -> LinkSubject<'_> {
 impl Linker {
     /// Refreshes every link when the refresh interval has passed, or soon after a VM
     /// first reported, so a new VM's link (or proposal) shows within seconds.
-    pub async fn refresh_if_due(
-        &self,
-        ctx: &Ctx,
-        pve: &dyn ProxmoxApi,
-        now_ms: i64,
-        rows: &[VmRow],
-    ) {
+    pub async fn refresh_if_due(&self, ctx: &Ctx, pve: &dyn ProxmoxApi, now_ms: i64) {
         let every = i64::try_from(ctx.timing.link_refresh.as_millis()).unwrap_or(i64::MAX);
         let last = self.last_refresh_ms.load(Ordering::Acquire);
         let since = now_ms.saturating_sub(last);
-        let newcomer = rows.iter().any(|r| r.first_seen_ms >= last);
-        // At most one early refresh a second, however fast new VMs appear.
-        if since < every && !(newcomer && since >= NEWCOMER_REFRESH_GAP_MS) {
-            return;
+        if since < every {
+            // At most one early refresh a second, however fast new VMs appear.
+            if since < NEWCOMER_REFRESH_GAP_MS {
+                return;
+            }
+            let newest = match ctx.db.conn().await {
+                Ok(mut conn) => store::newest_first_seen(&mut conn).await,
+                Err(err) => Err(err),
+            };
+            match newest {
+                Ok(Some(first_seen)) if first_seen >= last => {}
+                Ok(_) => return,
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not look for new VMs to link");
+                    return;
+                }
+            }
         }
         self.last_refresh_ms.store(now_ms, Ordering::Release);
         if let Err(err) = self.refresh(ctx, pve).await {
@@ -66,18 +75,43 @@ impl Linker {
         }
     }
 
+    /// Resolves every VM's link against the cluster's guests, a page of VMs at a time.
     async fn refresh(&self, ctx: &Ctx, pve: &dyn ProxmoxApi) -> anyhow::Result<()> {
         let guests = pve.cluster_guests().await?;
-        let rows = {
+        let wanted = {
             let mut conn = ctx.db.conn().await?;
-            store::list_rows(&mut conn).await?
+            store::any_uuid_linkable(&mut conn).await?
         };
-        let uuids = self.known_uuids(pve, &guests, &rows).await;
+        let uuids = self.known_uuids(pve, &guests, wanted).await;
+        let mut after = 0;
+        loop {
+            let rows = {
+                let mut conn = ctx.db.conn().await?;
+                store::rows_after(&mut conn, after, REFRESH_PAGE).await?
+            };
+            let Some(last) = rows.last() else {
+                return Ok(());
+            };
+            after = last.id;
+            let changed = self.relink(ctx, &rows, &guests, &uuids).await?;
+            cache::refresh(&ctx.db, &ctx.cache, &changed).await;
+        }
+    }
+
+    /// Stores the links of `rows` that the cluster's guests now resolve differently;
+    /// returns the VMs whose link changed.
+    async fn relink(
+        &self,
+        ctx: &Ctx,
+        rows: &[VmRow],
+        guests: &[ClusterGuest],
+        uuids: &HashMap<Vmid, String>,
+    ) -> anyhow::Result<Vec<VmId>> {
         let mut changed = Vec::new();
         let mut conn = ctx.db.conn().await?;
-        for row in &rows {
+        for row in rows {
             let subject = subject(row);
-            let found = link::resolve(&subject, &guests, &uuids);
+            let found = link::resolve(&subject, guests, uuids);
             let verified = found
                 .as_ref()
                 .is_some_and(|(_, how)| link::verified(*how, ctx.links));
@@ -96,9 +130,7 @@ impl Linker {
                 }
             }
         }
-        drop(conn);
-        cache::refresh(&ctx.db, &ctx.cache, &changed).await;
-        Ok(())
+        Ok(changed)
     }
 
     /// SMBIOS uuids rarely change: each guest's config is read once, then kept while a
@@ -108,7 +140,7 @@ impl Linker {
         &self,
         pve: &dyn ProxmoxApi,
         guests: &[ClusterGuest],
-        rows: &[VmRow],
+        wanted: bool,
     ) -> HashMap<Vmid, String> {
         let mut uuids = self.uuids.lock().map(|u| u.clone()).unwrap_or_default();
         uuids.retain(|vmid, cached| {
@@ -116,9 +148,6 @@ impl Linker {
                 .iter()
                 .any(|g| g.guest.vmid == *vmid && g.name == cached.name)
         });
-        let wanted = rows
-            .iter()
-            .any(|r| r.machine_id.is_some() && r.link_source() != Some(LinkSource::Manual));
         if wanted {
             let unknown: Vec<&ClusterGuest> = guests
                 .iter()

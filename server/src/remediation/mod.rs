@@ -298,27 +298,31 @@ impl Engine {
                 return Err(err);
             }
         }
-        let rows = {
-            let mut conn = self.ctx.db.conn().await?;
-            store::list_rows(&mut conn).await?
-        };
         if let Some(pve) = &self.ctx.pve {
-            // Links it makes are acted on from the next round, which reads them afresh.
             self.linker
-                .refresh_if_due(&self.ctx, pve.as_ref(), now_ms, &rows)
+                .refresh_if_due(&self.ctx, pve.as_ref(), now_ms)
                 .await;
         }
+        // Counted before the rows are read: an inspection that ends in between has its VM
+        // `reset_pending` in the rows and is counted twice, never not at all.
+        let inspecting = self.inspections.running();
+        // Only what this round may act on is read, and the storm breaker's counts are the
+        // database's: the cost of a round follows the number of stale VMs, not the fleet.
+        let (rows, tallies) = {
+            let mut conn = self.ctx.db.conn().await?;
+            let rows = store::engine_rows(&mut conn).await?;
+            (rows, store::storm_tallies(&mut conn).await?)
+        };
         let mut touched = self.expire_recoveries(&rows, now_ms).await?;
-        let all: Vec<VmFacts> = rows.iter().map(facts).collect();
-        let storm = policy::storm(&all, &self.ctx.cfg());
+        let storm = policy::storm_of(&tallies, &self.ctx.cfg());
         self.guard.update_storm(&self.ctx, storm, now_ms).await?;
         if !self.blocked(now_ms) {
             // Inspections under way count: each may end in a power action.
-            let mut in_flight = all
+            let mut in_flight = rows
                 .iter()
-                .filter(|v| v.phase == RemediationPhase::ResetPending)
+                .filter(|row| row.phase() == RemediationPhase::ResetPending)
                 .count()
-                + self.inspections.running();
+                + inspecting;
             for row in &rows {
                 match policy::screen(&facts(row), now_ms) {
                     Screen::Candidate => {
@@ -391,6 +395,11 @@ impl Engine {
         let (Some(pve), Some(guest)) = (&self.ctx.pve, row.verified_guest()) else {
             return Ok(false);
         };
+        // Every slot taken: wait for one without asking Proxmox or the database, and without
+        // a recheck delay, so the VM is taken the round after a slot frees.
+        if let Some(reason) = policy::queued(*in_flight, &self.ctx.cfg()) {
+            return self.queue(row, &reason).await;
+        }
         // Two VMs linked to one guest: either one's silence could reset it. Neither is acted
         // on until an operator unlinks one (the link routes refuse to make such a pair; a
         // store edited by hand or an older release may still hold one).
@@ -462,6 +471,7 @@ impl Engine {
                 let next = now_ms.saturating_add(self.ctx.cfg().recheck_ms);
                 incidents::defer(&mut conn, row.vm_id(), next, &reason).await?;
             }
+            Decision::Queue(reason) => return self.queue(row, &reason).await,
             Decision::Leave(reason) => {
                 // One history entry per reason, not one per look.
                 if row.phase_reason.as_deref() != Some(reason.as_str()) {
@@ -484,6 +494,18 @@ impl Engine {
                 incidents::defer(&mut conn, row.vm_id(), next, &reason).await?;
             }
         }
+        Ok(true)
+    }
+
+    /// Notes that a candidate waits for a free slot; it stays a candidate (no recheck
+    /// delay). Written once per reason, not every round.
+    async fn queue(&self, row: &VmRow, reason: &str) -> Result<bool, DbError> {
+        if row.phase_reason.as_deref() == Some(reason) && row.next_action_ms.is_none() {
+            return Ok(false);
+        }
+        let mut conn = self.ctx.db.conn().await?;
+        incidents::queue(&mut conn, row.vm_id(), reason).await?;
+        tracing::debug!(vm_id = %row.id, %reason, "waiting for a free slot");
         Ok(true)
     }
 

@@ -488,6 +488,45 @@ async fn failed_resets_back_off_doubling_then_latch_manual() {
 }
 
 #[tokio::test]
+async fn a_vm_waiting_only_for_a_slot_is_taken_the_round_after_one_frees() {
+    let r = rig(RemediationConfig {
+        max_concurrent: 1,
+        ..quick()
+    })
+    .await;
+    let a = r.vm("a", 100, T0).await;
+    let b = r.vm("b", 101, T0).await;
+    // Enough of the fleet alive that two stale VMs are two incidents, not a storm.
+    for (i, host) in ["c", "d", "e", "f", "g", "h"].iter().enumerate() {
+        r.vm(host, 102 + i64::try_from(i).unwrap(), T0 + LATER)
+            .await;
+    }
+    r.run_to(T0 + STALE).await;
+    assert_eq!(r.pve.posts(), vec![(100, PowerAction::Reboot)]);
+    let waiting = r.row(b).await;
+    assert!(
+        waiting
+            .phase_reason
+            .as_deref()
+            .unwrap()
+            .contains("slots are in use"),
+        "{:?}",
+        waiting.phase_reason
+    );
+    assert_eq!(waiting.next_action_ms, None, "no recheck delay");
+    // A's reset finished: its slot is free, and the very next round takes b.
+    assert_eq!(r.settle(a).await.phase(), RemediationPhase::Recovering);
+    r.clock.advance(1_000);
+    r.round().await;
+    assert_eq!(
+        r.pve.posts(),
+        vec![(100, PowerAction::Reboot), (101, PowerAction::Reboot)],
+        "taken 1 s after the slot freed, not after the {} ms recheck interval",
+        quick().recheck_ms
+    );
+}
+
+#[tokio::test]
 async fn nothing_is_reset_during_the_amnesty() {
     let r = rig(quick()).await;
     r.vm("web", 100, T0 - 10 * STALE).await;
@@ -669,39 +708,70 @@ async fn a_crash_between_intent_and_outcome_is_not_reset_twice() {
 }
 
 #[tokio::test]
-async fn an_unknown_stored_phase_fails_the_round_and_resets_nothing() {
+async fn an_unknown_stored_state_is_never_acted_on() {
     use diesel_async::SimpleAsyncConnection;
     let r = rig(quick()).await;
-    let id = r.vm("web", 100, T0).await;
+    let web = r.vm("web", 100, T0 + LATER).await;
+    let db = r.vm("db", 101, T0 + LATER).await;
+    for (host, vmid) in [("c", 102), ("d", 103), ("e", 104), ("f", 105), ("g", 106)] {
+        r.vm(host, vmid, T0 + LATER).await;
+    }
+    // Past the amnesty with every VM fresh; then both are marked stale below.
+    r.run_to(T0 + LATER).await;
     let mut conn = r.db.conn().await.unwrap();
     let crate::db::Conn::Sqlite(c) = &mut conn else {
         unreachable!("the rig uses SQLite")
     };
     let refused = c
         .batch_execute(&format!(
-            "UPDATE vms SET remediation_phase = 'rebooting' WHERE id = {id}"
+            "UPDATE vms SET remediation_phase = 'rebooting' WHERE id = {web}"
         ))
         .await;
     assert!(
         refused.is_err(),
         "the CHECK trigger refuses an unknown phase"
     );
-    c.batch_execute("DROP TRIGGER vms_remediation_phase_check_update")
-        .await
-        .unwrap();
+    c.batch_execute(
+        "DROP TRIGGER vms_remediation_phase_check_update; \
+         DROP TRIGGER vms_proxmox_type_check_update",
+    )
+    .await
+    .unwrap();
     c.batch_execute(&format!(
-        "UPDATE vms SET remediation_phase = 'rebooting' WHERE id = {id}"
+        "UPDATE vms SET status = 'down' WHERE id IN ({web}, {db}); \
+         UPDATE vms SET remediation_phase = 'rebooting' WHERE id = {web}; \
+         UPDATE vms SET proxmox_type = 'vz' WHERE id = {db}"
     ))
     .await
     .unwrap();
     drop(conn);
-    r.clock.set(T0 + LATER);
+    // Both went stale. `db` is among the rows a round reads: its unreadable guest kind
+    // fails the round. `web`'s phase is none a round acts on, so it is not read at all.
+    r.clock.advance(1_000);
     let now = r.clock.now_ms();
     assert!(
         r.engine.tick(now).await.is_err(),
         "an unreadable state is an error"
     );
     assert!(r.pve.posts().is_empty());
+    let mut conn = r.db.conn().await.unwrap();
+    let crate::db::Conn::Sqlite(c) = &mut conn else {
+        unreachable!("the rig uses SQLite")
+    };
+    c.batch_execute(&format!(
+        "UPDATE vms SET proxmox_type = 'qemu' WHERE id = {db}"
+    ))
+    .await
+    .unwrap();
+    drop(conn);
+    r.clock.advance(1_000);
+    r.engine.tick(now + 1_000).await.unwrap();
+    r.engine.settle_inspections().await;
+    assert_eq!(
+        r.pve.posts(),
+        vec![(101, PowerAction::Reboot)],
+        "the readable hung VM is acted on; the one in an unknown phase never is"
+    );
 }
 
 #[tokio::test]

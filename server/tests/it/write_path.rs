@@ -161,3 +161,136 @@ async fn the_set_based_write_stores_what_one_by_one_stored() {
         );
     }
 }
+
+/// A fleet crossing every status, phase and kind of link, stored through the real write
+/// path and then set row by row.
+async fn mixed_fleet(db: &Db) -> Vec<store::VmRow> {
+    use domain::{RemediationPhase, VmStatus};
+    let mut batch = Vec::new();
+    let mut shapes = Vec::new();
+    let mut n = 0;
+    for status in VmStatus::ALL {
+        for phase in RemediationPhase::ALL {
+            // Linked and verified on pve1 or pve2, linked unverified, unlinked, linked to a
+            // node name no valid row can hold; auto-reset on and off; a look planned later.
+            for (link, auto_reset, later) in [
+                ("'pve1', 101, 'qemu', 1", true, false),
+                ("'pve2', 102, 'qemu', 1", false, false),
+                ("'pve2', 103, 'qemu', 1", true, true),
+                ("'pve1', 104, 'qemu', 0", true, false),
+                ("NULL, NULL, NULL, 0", true, false),
+                ("'not a node!', 105, 'qemu', 1", true, false),
+            ] {
+                let host = format!("mixed-{n:03}");
+                n += 1;
+                batch.push(beat(&host, 10.0, T0, T0, json!({})));
+                shapes.push((host, *status, *phase, link, auto_reset, later));
+            }
+        }
+    }
+    let outcomes = write_batch_via(db, &batch, &StatusConfig::default(), StatePath::SetBased)
+        .await
+        .unwrap();
+    assert!(outcomes.iter().all(Result::is_ok));
+    let mut sql = String::new();
+    for (host, status, phase, link, auto_reset, later) in &shapes {
+        let (node, vmid, kind, verified) = {
+            let parts: Vec<&str> = link.split(", ").collect();
+            (parts[0], parts[1], parts[2], parts[3])
+        };
+        sql.push_str(&format!(
+            "UPDATE vms SET status = '{}', remediation_phase = '{}', proxmox_node = {node}, \
+             proxmox_vmid = {vmid}, proxmox_type = {kind}, link_verified = {}, auto_reset = {}, \
+             next_action_ms = {} WHERE hostname = '{host}';",
+            status.as_str(),
+            phase.as_str(),
+            if verified == "1" { "TRUE" } else { "FALSE" },
+            if *auto_reset { "TRUE" } else { "FALSE" },
+            if *later { "9000000000000" } else { "NULL" },
+        ));
+    }
+    let mut conn = db.conn().await.unwrap();
+    server::with_conn!(conn, |c| {
+        diesel_async::SimpleAsyncConnection::batch_execute(c, &sql).await
+    })
+    .unwrap();
+    store::list_rows(&mut conn).await.unwrap()
+}
+
+fn facts(row: &store::VmRow) -> domain::policy::VmFacts {
+    let guest = row.verified_guest();
+    domain::policy::VmFacts {
+        id: row.vm_id(),
+        status: row.status(),
+        node: guest.as_ref().map(|g| g.node.clone()),
+        linked: guest.is_some(),
+        auto_reset: row.auto_reset,
+        phase: row.phase(),
+        attempts: row.incident_attempts,
+        next_action_ms: row.next_action_ms,
+        last_reset_ms: row.last_reset_ms,
+    }
+}
+
+/// The remediation round reads only what it may act on, and counts the storm in the
+/// database: both must see what a round over the whole fleet saw.
+async fn the_round_reads_every_row_it_can_act_on_and_counts_the_storm_like_the_fleet(
+    backend: Backend,
+) {
+    use domain::RemediationPhase;
+    use domain::policy::{self, Screen};
+    let test_db = fresh_db(backend).await;
+    let db = Db::connect(&test_db.url, 2).await.unwrap();
+    let all = mixed_fleet(&db).await;
+    let mut conn = db.conn().await.unwrap();
+    let read: Vec<i64> = store::engine_rows(&mut conn)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.id)
+        .collect();
+    let needed: Vec<i64> = all
+        .iter()
+        .filter(|r| {
+            policy::screen(&facts(r), T0) == Screen::Candidate
+                || matches!(
+                    r.phase(),
+                    RemediationPhase::ResetScheduled
+                        | RemediationPhase::ResetPending
+                        | RemediationPhase::Recovering
+                )
+        })
+        .map(|r| r.id)
+        .collect();
+    assert!(!needed.is_empty());
+    for id in &needed {
+        assert!(read.contains(id), "{backend:?}: VM {id} was not read");
+    }
+    assert!(
+        read.len() < all.len() / 2,
+        "{backend:?}: {} of {} rows read; the round is not narrowed",
+        read.len(),
+        all.len()
+    );
+
+    let facts: Vec<_> = all.iter().map(facts).collect();
+    let counted = store::storm_tallies(&mut conn).await.unwrap();
+    assert_eq!(counted, policy::tally(&facts), "{backend:?}");
+    assert_eq!(
+        policy::storm_of(&counted, &Default::default()),
+        policy::storm(&facts, &Default::default()),
+        "{backend:?}"
+    );
+
+    // A fleet with one stale VM is not counted at all: it cannot be a storm.
+    server::with_conn!(conn, |c| {
+        diesel_async::SimpleAsyncConnection::batch_execute(
+            c,
+            "UPDATE vms SET status = 'healthy' WHERE id <> (SELECT MIN(id) FROM vms WHERE status = 'down' AND link_verified AND proxmox_node = 'pve1' AND remediation_phase <> 'manual')",
+        )
+        .await
+    })
+    .unwrap();
+    assert_eq!(store::storm_tallies(&mut conn).await.unwrap(), Vec::new());
+}
+crate::both_backends!(the_round_reads_every_row_it_can_act_on_and_counts_the_storm_like_the_fleet);
