@@ -63,11 +63,13 @@ impl RequestInfo {
 /// Everything the pages may ask of the server. Implementations log internal failures and
 /// return [`AppError::Unavailable`] rather than sending detail to the browser.
 pub trait Backend: Send + Sync + 'static {
-    /// The whole fleet with per-status counts and the remediation summary, as `caller` may
-    /// see it.
+    /// One page of the fleet as `query` (the fleet page's address query, see
+    /// [`FleetQuery`](crate::model::FleetQuery)) filters and orders it, with the whole
+    /// fleet's counts and the remediation summary, as `caller` may see it.
     fn fleet<'a>(
         &'a self,
         caller: &'a RequestInfo,
+        query: &'a str,
     ) -> BoxFuture<'a, Result<FleetSnapshot, AppError>>;
 
     /// Who `caller` is signed in as.

@@ -7,12 +7,19 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
+pub use domain::view::PhaseCounts;
+
 /// One snapshot, with its VMs reachable by id so each table row can follow its own VM.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FleetModel {
     pub now_ms: i64,
     pub counts: StatusCounts,
+    pub phases: PhaseCounts,
+    pub nodes: Vec<String>,
     pub remediation: RemediationSummary,
+    /// How many VMs the filter admits in all, and where this page starts among them.
+    pub matching: u64,
+    pub offset: u64,
     /// VM ids in display order, each once.
     pub order: Vec<VmId>,
     vms: HashMap<VmId, VmView>,
@@ -24,15 +31,8 @@ impl FleetModel {
     }
 }
 
-/// How many VMs are in each remediation state worth a glance.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PhaseCounts {
-    pub scheduled: u64,
-    pub reset_pending: u64,
-    pub recovering: u64,
-    pub manual: u64,
-    pub link_pending: u64,
-}
+/// Longest host search kept: a DNS name is at most 253 characters.
+pub const MAX_SEARCH_CHARS: usize = 253;
 
 /// The column the fleet is sorted by.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -80,6 +80,8 @@ pub struct FleetQuery {
     pub text: String,
     pub sort: SortKey,
     pub descending: bool,
+    /// Which page of the matching VMs, from 0 (`page=1` in the URL).
+    pub page: u32,
 }
 
 impl FleetQuery {
@@ -89,11 +91,17 @@ impl FleetQuery {
             status: nonempty("status").and_then(|s| s.parse().ok()),
             node: nonempty("node"),
             os: nonempty("os"),
-            text: nonempty("q").unwrap_or_default(),
+            // Longer than any host name can be: cut, so a filter costs what a name does.
+            text: nonempty("q")
+                .map(|q| q.chars().take(MAX_SEARCH_CHARS).collect())
+                .unwrap_or_default(),
             sort: nonempty("sort")
                 .and_then(|s| SortKey::ALL.into_iter().find(|k| k.as_str() == s))
                 .unwrap_or_default(),
             descending: get("desc").as_deref() == Some("1"),
+            page: nonempty("page")
+                .and_then(|p| p.trim().parse::<u32>().ok())
+                .map_or(0, |p| p.saturating_sub(1)),
         }
     }
 
@@ -118,6 +126,9 @@ impl FleetQuery {
         if self.descending {
             pairs.push(("desc", "1".to_owned()));
         }
+        if self.page > 0 {
+            pairs.push(("page", self.page.saturating_add(1).to_string()));
+        }
         pairs
             .into_iter()
             .map(|(k, v)| format!("{k}={}", encode(&v)))
@@ -125,16 +136,26 @@ impl FleetQuery {
             .join("&")
     }
 
-    /// Sorted by `key`; the same key again flips the direction.
+    /// Sorted by `key`; the same key again flips the direction. From the first page.
     pub fn sorted_by(&self, key: SortKey) -> Self {
         Self {
             descending: self.sort == key && !self.descending,
             sort: key,
+            page: 0,
             ..self.clone()
         }
     }
 
-    fn admits(&self, vm: &VmView) -> bool {
+    /// The same filter and order on page `page`.
+    pub fn on_page(&self, page: u32) -> Self {
+        Self {
+            page,
+            ..self.clone()
+        }
+    }
+
+    /// `needle`: the search text, lower-cased once for the whole fleet.
+    fn admits(&self, vm: &VmView, needle: &str) -> bool {
         self.status.is_none_or(|s| vm.status == s)
             && self
                 .node
@@ -142,11 +163,7 @@ impl FleetQuery {
                 .is_none_or(|n| vm.proxmox_node.as_ref().map(|node| node.as_str()) == Some(n))
             && self.os.as_deref().is_none_or(|os| vm.os == os)
             // Hostnames are ASCII (DNS labels), so ASCII case folding is enough.
-            && (self.text.is_empty()
-                || vm
-                    .hostname
-                    .to_ascii_lowercase()
-                    .contains(&self.text.to_ascii_lowercase()))
+            && (needle.is_empty() || vm.hostname.to_ascii_lowercase().contains(needle))
     }
 }
 
@@ -182,88 +199,101 @@ fn figure(a: Option<f64>, b: Option<f64>) -> Option<Ordering> {
 }
 
 impl FleetModel {
-    /// The ids the table shows for `query`, in its order.
+    /// The ids the table shows for `query`, in its order (the server sent this page in
+    /// that order; filtering here too keeps the table right while a new page loads).
     pub fn select(&self, query: &FleetQuery) -> Vec<VmId> {
-        let mut shown: Vec<&VmView> = self
-            .order
-            .iter()
-            .filter_map(|id| self.vms.get(id))
-            .filter(|vm| query.admits(vm))
-            .collect();
-        let ram = |v: &VmView| crate::format::percent_of(v.ram_used_bytes, v.ram_total_bytes);
-        shown.sort_by(|a, b| {
-            let by_name = || {
-                a.hostname
-                    .to_ascii_lowercase()
-                    .cmp(&b.hostname.to_ascii_lowercase())
-            };
-            let order = match query.sort {
-                SortKey::Status => Some(severity(a.status).cmp(&severity(b.status))),
-                SortKey::Name => Some(by_name()),
-                SortKey::Cpu => figure(a.cpu_percent, b.cpu_percent),
-                SortKey::Ram => figure(ram(a), ram(b)),
-                SortKey::Disk => figure(a.disk_max_percent, b.disk_max_percent),
-                SortKey::LastSeen => figure(
-                    a.last_seen_ms.map(domain::status::approx_f64),
-                    b.last_seen_ms.map(domain::status::approx_f64),
-                ),
-            };
-            match order {
-                // An unknown figure sorts last in either direction.
-                None => {
-                    let a_known = match query.sort {
-                        SortKey::Cpu => a.cpu_percent.is_some(),
-                        SortKey::Ram => ram(a).is_some(),
-                        SortKey::Disk => a.disk_max_percent.is_some(),
-                        _ => a.last_seen_ms.is_some(),
-                    };
-                    if a_known {
-                        Ordering::Less
-                    } else {
-                        Ordering::Greater
-                    }
-                }
-                Some(order) => {
-                    let order = if query.descending {
-                        order.reverse()
-                    } else {
-                        order
-                    };
-                    order.then_with(by_name)
-                }
-            }
-        });
-        shown.into_iter().map(|vm| vm.id).collect()
+        select(self.order.iter().filter_map(|id| self.vms.get(id)), query)
+            .into_iter()
+            .map(|vm| vm.id)
+            .collect()
     }
+}
 
-    pub fn phases(&self) -> PhaseCounts {
-        let mut counts = PhaseCounts::default();
-        for vm in self.vms.values() {
-            match vm.remediation_phase {
-                RemediationPhase::ResetScheduled => counts.scheduled += 1,
-                RemediationPhase::ResetPending => counts.reset_pending += 1,
-                RemediationPhase::Recovering => counts.recovering += 1,
-                RemediationPhase::Manual => counts.manual += 1,
-                _ => {}
+/// The VMs `query` admits, in its order.
+pub fn select<'a>(
+    vms: impl IntoIterator<Item = &'a VmView>,
+    query: &FleetQuery,
+) -> Vec<&'a VmView> {
+    let needle = query.text.to_ascii_lowercase();
+    let mut shown: Vec<&VmView> = vms
+        .into_iter()
+        .filter(|vm| query.admits(vm, &needle))
+        .collect();
+    let ram = |v: &VmView| crate::format::percent_of(v.ram_used_bytes, v.ram_total_bytes);
+    shown.sort_by(|a, b| {
+        // Hostnames are ASCII (DNS labels); compared without allocating.
+        let by_name = || {
+            a.hostname
+                .bytes()
+                .map(|c| c.to_ascii_lowercase())
+                .cmp(b.hostname.bytes().map(|c| c.to_ascii_lowercase()))
+        };
+        let order = match query.sort {
+            SortKey::Status => Some(severity(a.status).cmp(&severity(b.status))),
+            SortKey::Name => Some(by_name()),
+            SortKey::Cpu => figure(a.cpu_percent, b.cpu_percent),
+            SortKey::Ram => figure(ram(a), ram(b)),
+            SortKey::Disk => figure(a.disk_max_percent, b.disk_max_percent),
+            SortKey::LastSeen => figure(
+                a.last_seen_ms.map(domain::status::approx_f64),
+                b.last_seen_ms.map(domain::status::approx_f64),
+            ),
+        };
+        match order {
+            // An unknown figure sorts last in either direction.
+            None => {
+                let a_known = match query.sort {
+                    SortKey::Cpu => a.cpu_percent.is_some(),
+                    SortKey::Ram => ram(a).is_some(),
+                    SortKey::Disk => a.disk_max_percent.is_some(),
+                    _ => a.last_seen_ms.is_some(),
+                };
+                if a_known {
+                    Ordering::Less
+                } else {
+                    Ordering::Greater
+                }
             }
-            if vm.proxmox_vmid.is_some() && !vm.link_verified {
-                counts.link_pending += 1;
+            Some(order) => {
+                let order = if query.descending {
+                    order.reverse()
+                } else {
+                    order
+                };
+                order.then_with(by_name).then(a.id.cmp(&b.id))
             }
         }
-        counts
-    }
+    });
+    shown
+}
 
-    /// The Proxmox nodes of the fleet, each once, in order.
-    pub fn nodes(&self) -> Vec<String> {
-        let mut nodes: Vec<String> = self
-            .vms
-            .values()
-            .filter_map(|vm| vm.proxmox_node.as_ref().map(|n| n.as_str().to_owned()))
-            .collect();
-        nodes.sort();
-        nodes.dedup();
-        nodes
+/// How many of `vms` are in each remediation state worth a glance.
+pub fn phase_counts<'a>(vms: impl IntoIterator<Item = &'a VmView>) -> PhaseCounts {
+    let mut counts = PhaseCounts::default();
+    for vm in vms {
+        match vm.remediation_phase {
+            RemediationPhase::ResetScheduled => counts.scheduled += 1,
+            RemediationPhase::ResetPending => counts.reset_pending += 1,
+            RemediationPhase::Recovering => counts.recovering += 1,
+            RemediationPhase::Manual => counts.manual += 1,
+            _ => {}
+        }
+        if vm.proxmox_vmid.is_some() && !vm.link_verified {
+            counts.link_pending += 1;
+        }
     }
+    counts
+}
+
+/// The Proxmox nodes of `vms`, each once, in order.
+pub fn nodes<'a>(vms: impl IntoIterator<Item = &'a VmView>) -> Vec<String> {
+    let mut nodes: Vec<String> = vms
+        .into_iter()
+        .filter_map(|vm| vm.proxmox_node.as_ref().map(|n| n.as_str().to_owned()))
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    nodes
 }
 
 impl From<&FleetSnapshot> for FleetModel {
@@ -280,7 +310,11 @@ impl From<&FleetSnapshot> for FleetModel {
         Self {
             now_ms: snapshot.now_ms,
             counts: snapshot.counts.clone(),
+            phases: snapshot.phases.clone(),
+            nodes: snapshot.nodes.clone(),
             remediation: snapshot.remediation.clone(),
+            matching: snapshot.matching,
+            offset: snapshot.offset,
             order,
             vms,
         }
@@ -431,9 +465,9 @@ mod tests {
         for (query, expected) in cases {
             assert_eq!(ids(query.clone()), expected, "{query:?}");
         }
-        let phases = model.phases();
+        let phases = phase_counts(model.vms.values());
         assert_eq!((phases.manual, phases.link_pending), (1, 1));
-        assert_eq!(model.nodes(), vec!["pve1", "pve2"]);
+        assert_eq!(nodes(model.vms.values()), vec!["pve1", "pve2"]);
     }
 
     #[test]
@@ -445,23 +479,39 @@ mod tests {
             text: "web&co".into(),
             sort: SortKey::Cpu,
             descending: true,
+            page: 2,
         };
         let url = query.to_url();
-        assert_eq!(url, "status=down&node=pve%201&q=web%26co&sort=cpu&desc=1");
+        assert_eq!(
+            url,
+            "status=down&node=pve%201&q=web%26co&sort=cpu&desc=1&page=3"
+        );
         let decoded: std::collections::HashMap<&str, String> = [
             ("status", "down"),
             ("node", "pve 1"),
             ("q", "web&co"),
             ("sort", "cpu"),
             ("desc", "1"),
+            ("page", "3"),
         ]
         .into_iter()
         .map(|(k, v)| (k, v.to_owned()))
         .collect();
         assert_eq!(FleetQuery::from_url(|k| decoded.get(k).cloned()), query);
         // Nonsense in a shared link means no filter, not an error.
-        let odd = FleetQuery::from_url(|k| (k == "status" || k == "sort").then(|| "bogus".into()));
+        let odd = FleetQuery::from_url(|k| {
+            matches!(k, "status" | "sort" | "page").then(|| "bogus".into())
+        });
         assert_eq!(odd, FleetQuery::default());
+        assert_eq!(
+            FleetQuery::from_url(|k| (k == "page").then(|| "0".into())).page,
+            0
+        );
+        assert_eq!(
+            query.sorted_by(SortKey::Name).page,
+            0,
+            "a new order starts at page 1"
+        );
         assert!(!query.sorted_by(SortKey::Cpu).descending);
         assert!(!query.sorted_by(SortKey::Name).descending);
         assert!(FleetQuery::default().sorted_by(SortKey::Status).descending);

@@ -7,11 +7,12 @@ use domain::view::{FleetSnapshot, MetricHistory, SignedIn, VmPage};
 use domain::{ChartRange, OperatorAction, PanelName};
 use leptos::prelude::*;
 
-/// The whole fleet with per-status counts, as the fleet page shows it.
+/// One page of the fleet as the page's address query (`status=down&page=2`) filters and
+/// orders it, with the whole fleet's counts.
 #[server(prefix = "/rpc", endpoint = "fleet", output = JsonText)]
-pub async fn get_fleet() -> Result<FleetSnapshot, AppError> {
+pub async fn get_fleet(query: String) -> Result<FleetSnapshot, AppError> {
     let (backend, caller) = crate::backend::from_context()?;
-    backend.fleet(&caller).await
+    backend.fleet(&caller, &query).await
 }
 
 /// Who is signed in (the pages show the name and offer what the role allows).
@@ -90,6 +91,7 @@ mod tests {
         fn fleet<'a>(
             &'a self,
             caller: &'a RequestInfo,
+            query: &'a str,
         ) -> BoxFuture<'a, Result<FleetSnapshot, AppError>> {
             Box::pin(async move {
                 let who = caller
@@ -98,7 +100,7 @@ mod tests {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("anonymous");
                 if let Ok(mut calls) = self.0.lock() {
-                    calls.push(format!("{} {who}", caller.uri()));
+                    calls.push(format!("{} {who} {query}", caller.uri()));
                 }
                 Ok(FleetSnapshot::default())
             })
@@ -175,16 +177,19 @@ mod tests {
                 .unwrap()
                 .into_parts();
             provide_context(parts);
-            ready(get_fleet())
+            ready(get_fleet("status=down".into()))
         });
         assert_eq!(result, Ok(FleetSnapshot::default()));
-        assert_eq!(*recorder.0.lock().unwrap(), vec!["/rpc/fleet alice"]);
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            vec!["/rpc/fleet alice status=down"]
+        );
     }
 
     #[test]
     fn get_fleet_without_a_backend_is_unavailable() {
         let owner = Owner::new();
-        let result = owner.with(|| ready(get_fleet()));
+        let result = owner.with(|| ready(get_fleet(String::new())));
         assert_eq!(result, Err(AppError::Unavailable));
     }
 }

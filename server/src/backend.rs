@@ -7,16 +7,21 @@ use crate::remediation::ActionError;
 use crate::state::AppState;
 use app::backend::{Backend, BoxFuture, RequestInfo};
 use app::error::AppError;
+use app::model::{self, FleetQuery};
 use domain::status::StatusCounts;
-use domain::view::{FleetSnapshot, MetricHistory, SignedIn, VmPage};
+use domain::view::{FLEET_PAGE, FleetSnapshot, MetricHistory, SignedIn, VmPage, VmView};
 use domain::{ChartRange, OperatorAction, PanelName, PowerAction, UserRole, VmId};
+use std::collections::HashMap;
 use std::fmt::Display;
+use std::sync::Arc;
 
 /// Answers the dashboard's server functions from [`AppState`]; web.rs provides it as context.
 pub struct ServerBackend {
     state: AppState,
 }
 
+/// The longest fleet page query taken (a filter, an order and a page number fit in far less).
+const MAX_FLEET_QUERY_BYTES: usize = 2_048;
 /// Newest status changes and reset-history rows a VM page shows.
 const PAGE_ROWS: i64 = 200;
 /// Points per chart: about one per two pixels of a wide chart.
@@ -28,23 +33,66 @@ impl ServerBackend {
     }
 }
 
+/// The page of `views` that `query` shows, with the counts of them all.
+fn fleet_snapshot(views: &[&VmView], query: &FleetQuery) -> FleetSnapshot {
+    let matching = model::select(views.iter().copied(), query);
+    let offset = usize::try_from(query.page)
+        .unwrap_or(usize::MAX)
+        .saturating_mul(FLEET_PAGE)
+        .min(matching.len());
+    FleetSnapshot {
+        counts: StatusCounts::from_statuses(views.iter().map(|v| v.status)),
+        phases: model::phase_counts(views.iter().copied()),
+        nodes: model::nodes(views.iter().copied()),
+        matching: u64::try_from(matching.len()).unwrap_or(u64::MAX),
+        offset: u64::try_from(offset).unwrap_or(u64::MAX),
+        vms: matching
+            .iter()
+            .skip(offset)
+            .take(FLEET_PAGE)
+            .map(|vm| (*vm).clone())
+            .collect(),
+        ..FleetSnapshot::default()
+    }
+}
+
 impl Backend for ServerBackend {
     fn fleet<'a>(
         &'a self,
         caller: &'a RequestInfo,
+        query: &'a str,
     ) -> BoxFuture<'a, Result<FleetSnapshot, AppError>> {
         Box::pin(async move {
             signed_in(caller, UserRole::Viewer)?;
-            let vms = crate::http::fleet(&self.state)
-                .await
-                .map_err(|err| unavailable("fleet", caller, err))?;
-            let now_ms = crate::now_ms();
-            Ok(FleetSnapshot {
-                now_ms,
-                remediation: self.state.engine.summary(now_ms),
-                counts: StatusCounts::from_statuses(vms.iter().map(|v| v.status)),
-                vms,
+            if query.len() > MAX_FLEET_QUERY_BYTES {
+                return Err(AppError::Refused("this filter is too long".into()));
+            }
+            let pairs: HashMap<String, String> = form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect();
+            let query = FleetQuery::from_url(|k| pairs.get(k).cloned());
+            // In process, the page is cut from the cache's shared views without copying the
+            // fleet; filtering and sorting a large one runs off the async workers.
+            let views = match self.state.cache.local_views() {
+                Some(views) => views,
+                None => crate::http::fleet(&self.state)
+                    .await
+                    .map_err(|err| unavailable("fleet", caller, err))?
+                    .into_iter()
+                    .map(Arc::new)
+                    .collect(),
+            };
+            let mut snapshot = tokio::task::spawn_blocking(move || {
+                let views: Vec<&VmView> = views.iter().map(AsRef::as_ref).collect();
+                fleet_snapshot(&views, &query)
             })
+            .await
+            .map_err(|err| unavailable("fleet", caller, err))?;
+            let now_ms = crate::now_ms();
+            let remediation = self.state.engine.summary(now_ms);
+            snapshot.now_ms = now_ms;
+            snapshot.remediation = remediation;
+            Ok(snapshot)
         })
     }
 

@@ -19,7 +19,9 @@ const REDIS_KEY: &str = "vmhc:vms";
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct StateCache {
-    local: RwLock<HashMap<VmId, VmView>>,
+    /// Shared views: a reader takes the fleet by reference counts, not copies, and lets go
+    /// of the lock before doing anything with it.
+    local: RwLock<HashMap<VmId, Arc<VmView>>>,
     redis: Option<RedisCache>,
     /// Told of every write, so open pages follow.
     live: Arc<LiveBus>,
@@ -85,7 +87,7 @@ impl StateCache {
         match &self.redis {
             None => {
                 let map = self.local.read().ok()?;
-                Some(map.values().cloned().collect())
+                Some(map.values().map(|v| VmView::clone(v)).collect())
             }
             Some(redis) if redis.ready.load(Ordering::Acquire) => {
                 let result: Result<HashMap<String, String>, _> = redis
@@ -108,6 +110,16 @@ impl StateCache {
         }
     }
 
+    /// Every VM as shared views, when this process's map is what reads are served from (no
+    /// Redis); `None` otherwise. The lock is held only to count references.
+    pub fn local_views(&self) -> Option<Vec<Arc<VmView>>> {
+        if self.redis.is_some() {
+            return None;
+        }
+        let map = self.local.read().ok()?;
+        Some(map.values().cloned().collect())
+    }
+
     /// Writes the given VMs' latest state through.
     pub async fn put(&self, views: &[VmView]) {
         if views.is_empty() {
@@ -115,7 +127,7 @@ impl StateCache {
         }
         if let Ok(mut map) = self.local.write() {
             for view in views {
-                map.insert(view.id, view.clone());
+                map.insert(view.id, Arc::new(view.clone()));
             }
         }
         if let Some(redis) = self
@@ -156,7 +168,7 @@ impl StateCache {
     /// Replaces the whole cache with the database's view, then serves reads from it.
     pub async fn rebuild(&self, views: Vec<VmView>) -> Result<(), String> {
         if let Ok(mut map) = self.local.write() {
-            *map = views.iter().map(|v| (v.id, v.clone())).collect();
+            *map = views.iter().map(|v| (v.id, Arc::new(v.clone()))).collect();
         }
         self.live.publish(Change::All);
         let Some(redis) = &self.redis else {

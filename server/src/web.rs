@@ -15,12 +15,16 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use leptos::prelude::provide_context;
 use leptos_axum::{LeptosRoutes, generate_route_list};
+use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tower_sessions::cookie::SameSite;
 use tower_sessions::{Expiry, SessionManagerLayer};
+
+/// The largest request body any route reads.
+const MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// The front end's file names, as Trunk writes them (see Trunk.toml).
 pub const OUTPUT_NAME: &str = "frontend";
@@ -49,6 +53,9 @@ pub fn router(state: AppState) -> Router {
         .nest_service("/pkg", ServeDir::new(pkg_dir))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
         .layer(middleware::from_fn_with_state(state.clone(), sign_in_first))
+        // Server functions read their whole body; nothing the pages send comes near this.
+        // The REST API's own, smaller limit answers first on its routes.
+        .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(session_layer(&state))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,

@@ -20,7 +20,8 @@ pub fn VmTable(
     can_operate: Signal<bool>,
 ) -> impl IntoView {
     let ids = Memo::new(move |_| query.with(|q| fleet.with(|f| f.select(q))));
-    let any = Memo::new(move |_| fleet.with(|f| !f.order.is_empty()));
+    // The whole fleet's count: a filter (or a page) that shows nothing is not an empty fleet.
+    let any = Memo::new(move |_| fleet.with(|f| f.counts.total > 0));
     let now_ms = Memo::new(move |_| fleet.with(|f| f.now_ms));
     let header = move |label: &'static str, key: SortKey| {
         let sorted = move || query.with(|q| q.sort == key);

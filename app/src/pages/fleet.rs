@@ -15,7 +15,13 @@ pub fn FleetPage() -> impl IntoView {
     // Every change concerns the fleet page: a new VM, a status, a figure.
     let live = use_live(|_| true);
     let (hydrated, set_hydrated) = signal(false);
-    let fleet = Resource::new(move || live.tick.get(), |_| get_fleet());
+    let url = use_query_map();
+    let query = Memo::new(move |_| url.with(|q| FleetQuery::from_url(|k| q.get(k))));
+    // The server filters, orders and pages the fleet: a new filter or page fetches afresh.
+    let fleet = Resource::new(
+        move || (live.tick.get(), query.with(FleetQuery::to_url)),
+        |(_, query)| get_fleet(query),
+    );
     let who = use_signed_in();
     let can_operate = who.can_operate();
     // Effects run only in the browser: marks the page interactive once hydrated.
@@ -25,7 +31,7 @@ pub fn FleetPage() -> impl IntoView {
         <div class="page" data-hydrated=move || hydrated.get().to_string()>
             <TopBar who mode=live.mode/>
             <Transition fallback=|| view! { <p class="empty">"Loading fleet..."</p> }>
-                <Fleet fleet can_operate/>
+                <Fleet fleet query can_operate/>
             </Transition>
         </div>
     }
@@ -37,6 +43,7 @@ pub fn FleetPage() -> impl IntoView {
 #[component]
 fn Fleet(
     fleet: Resource<Result<FleetSnapshot, AppError>>,
+    query: Memo<FleetQuery>,
     can_operate: Signal<bool>,
 ) -> impl IntoView {
     // A failed refresh keeps the last good snapshot on screen, under the error.
@@ -57,10 +64,8 @@ fn Fleet(
     });
     let remediation = Memo::new(move |_| model.with(|m| m.remediation.clone()));
     let counts = Memo::new(move |_| model.with(|m| m.counts.clone()));
-    let phases = Memo::new(move |_| model.with(FleetModel::phases));
-    let nodes = Memo::new(move |_| model.with(FleetModel::nodes));
-    let url = use_query_map();
-    let query = Memo::new(move |_| url.with(|q| FleetQuery::from_url(|k| q.get(k))));
+    let phases = Memo::new(move |_| model.with(|m| m.phases.clone()));
+    let nodes = Memo::new(move |_| model.with(|m| m.nodes.clone()));
 
     view! {
         {move || error.get().map(|err| view! { <p class="error" role="alert">{err.to_string()}</p> })}
@@ -69,6 +74,41 @@ fn Fleet(
             <SummaryCounts counts phases/>
             <Filters query nodes/>
             <VmTable fleet=model query can_operate/>
+            <Pager fleet=model query/>
+        </Show>
+    }
+}
+
+/// Where this page sits among the matching VMs, with links to its neighbours.
+#[component]
+fn Pager(fleet: Memo<FleetModel>, query: Memo<FleetQuery>) -> impl IntoView {
+    // (first shown, last shown, matching), counted from 1.
+    let span = Memo::new(move |_| {
+        fleet.with(|f| {
+            let shown = u64::try_from(f.order.len()).unwrap_or(u64::MAX);
+            (f.offset, f.offset.saturating_add(shown), f.matching)
+        })
+    });
+    let link = move |page: u32| format!("/?{}", query.with(|q| q.on_page(page).to_url()));
+    let page = move || query.with(|q| q.page);
+    let more = move || span.with(|(_, last, matching)| last < matching);
+    view! {
+        <Show when=move || { page() > 0 || more() }>
+            <nav class="pager" aria-label="Pages">
+                <span>
+                    {move || {
+                        span.with(|(offset, last, matching)| {
+                            format!("VMs {}-{last} of {matching}", offset.saturating_add(1))
+                        })
+                    }}
+                </span>
+                <Show when=move || { page() > 0 }>
+                    <a rel="prev" href=move || link(page().saturating_sub(1))>"Previous"</a>
+                </Show>
+                <Show when=more>
+                    <a rel="next" href=move || link(page().saturating_add(1))>"Next"</a>
+                </Show>
+            </nav>
         </Show>
     }
 }
@@ -79,7 +119,8 @@ fn Fleet(
 fn Filters(query: Memo<FleetQuery>, nodes: Memo<Vec<String>>) -> impl IntoView {
     let navigate = use_navigate();
     let go = move |next: FleetQuery| {
-        let url = next.to_url();
+        // A new filter starts from its first page.
+        let url = next.on_page(0).to_url();
         let path = if url.is_empty() {
             "/".to_owned()
         } else {

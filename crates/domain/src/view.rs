@@ -74,12 +74,34 @@ pub struct SignedIn {
     pub role: UserRole,
 }
 
+/// How many VMs are in each remediation state worth a glance.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseCounts {
+    pub scheduled: u64,
+    pub reset_pending: u64,
+    pub recovering: u64,
+    pub manual: u64,
+    pub link_pending: u64,
+}
+
+/// Rows of the fleet table per page: a page of a large fleet renders and travels in
+/// milliseconds; the summary above it still counts the whole fleet.
+pub const FLEET_PAGE: usize = 200;
+
 /// Everything the fleet page shows, taken at one instant.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct FleetSnapshot {
     pub now_ms: i64,
+    /// The whole fleet's, whatever the filter.
     pub counts: StatusCounts,
+    pub phases: PhaseCounts,
+    /// Every Proxmox node a VM is linked to, each once, in order (the node filter's choices).
+    pub nodes: Vec<String>,
+    /// One page (at most [`FLEET_PAGE`]) of the VMs the page's filter admits, in its order.
     pub vms: Vec<VmView>,
+    /// How many VMs the filter admits in all, and the position of this page's first.
+    pub matching: u64,
+    pub offset: u64,
     pub remediation: RemediationSummary,
 }
 

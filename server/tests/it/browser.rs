@@ -756,6 +756,100 @@ async fn the_fleet_filters_and_sorts_from_the_url() {
     srv.stop().await;
 }
 
+/// A fleet larger than a page: the server sends one page of rows in the table's order, the
+/// summary still counts every VM, and a new filter starts from the first page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fleet_larger_than_a_page_is_paged() {
+    require_front_end();
+    let mut srv = TestServer::start(
+        Backend::Sqlite,
+        &[
+            ("ADMIN_USERNAME", "admin"),
+            ("ADMIN_PASSWORD", "correct horse battery"),
+        ],
+    )
+    .await;
+    let total = domain::view::FLEET_PAGE + 5;
+    for i in 0..total {
+        let (status, body) = srv.report(&report_for(&format!("host-{i:03}"))).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let browser = Browser::start().await;
+    browser
+        .sign_in(&srv.base, "admin", "correct horse battery")
+        .await;
+    // Read in one script: two hundred element lookups could meet a row redrawn meanwhile.
+    let rows = || async {
+        let names = browser
+            .client
+            .execute(
+                "return Array.from(document.querySelectorAll('table.vms tbody a.hostname'), e => e.textContent)",
+                vec![],
+            )
+            .await
+            .unwrap();
+        serde_json::from_value::<Vec<String>>(names).unwrap()
+    };
+    browser
+        .client
+        .goto(&format!("{}/?sort=name", srv.base))
+        .await
+        .unwrap();
+    browser.hydrated().await;
+    let first = rows().await;
+    assert_eq!(first.len(), domain::view::FLEET_PAGE);
+    assert_eq!(first[0], "host-000");
+    assert_eq!(
+        browser.text_of("nav.pager span").await.unwrap(),
+        format!("VMs 1-{} of {total}", domain::view::FLEET_PAGE)
+    );
+    browser
+        .client
+        .execute("window.not_reloaded = true", vec![])
+        .await
+        .unwrap();
+    browser.click("nav.pager a[rel='next']").await;
+    wait_for("the second page", Duration::from_secs(10), || async {
+        (rows().await.len() == 5).then_some(())
+    })
+    .await;
+    assert_eq!(
+        rows().await[0],
+        format!("host-{:03}", domain::view::FLEET_PAGE)
+    );
+    let url = browser.client.current_url().await.unwrap();
+    assert_eq!(url.query(), Some("sort=name&page=2"), "{url}");
+    let summary = browser.text_of(".summary").await.unwrap();
+    assert!(summary.contains(&total.to_string()), "{summary}");
+    // A search from page 2 starts again at page 1 of what it finds.
+    let search = browser
+        .client
+        .find(Locator::Css("input[name='q']"))
+        .await
+        .unwrap();
+    search.send_keys("host-00").await.unwrap();
+    wait_for(
+        "the search's first page",
+        Duration::from_secs(10),
+        || async { (rows().await.len() == 10).then_some(()) },
+    )
+    .await;
+    let url = browser.client.current_url().await.unwrap();
+    assert_eq!(url.query(), Some("q=host-00&sort=name"), "{url}");
+    assert!(
+        browser.text_of("nav.pager").await.is_none(),
+        "one page needs no pager"
+    );
+    let kept = browser
+        .client
+        .execute("return window.not_reloaded === true", vec![])
+        .await
+        .unwrap();
+    assert_eq!(kept, json!(true), "the page reloaded");
+    browser.close().await;
+    srv.stop().await;
+}
+
 /// With Redis configured but unreachable, changes from other replicas cannot arrive: the page
 /// says it is polling every 5 s, and a new VM still shows up without a reload.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -228,7 +228,7 @@ async fn roles_are_enforced_on_the_server() {
     let mut viewer = Person::at(&srv);
     assert_eq!(viewer.login("vera", PASSWORD).await, 200);
     assert_eq!(viewer.call(Method::GET, "/api/vms", None).await.0, 200);
-    assert_eq!(viewer.rpc("fleet", "").await, 200);
+    assert_eq!(viewer.rpc("fleet", "query=").await, 200);
     let reset = format!("/api/vms/{vm}/reset");
     let (status, body) = viewer.call(Method::POST, &reset, None).await;
     assert_eq!(status, 403, "{body}");
