@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Benchmarks: heartbeat ingest throughput (both backends), chart reads over a large history,
-# and the Linux agent's cost per report.
+# Benchmarks: heartbeat ingest throughput (both backends, beside a reference handler), a
+# 100,000-VM fleet on each backend, a profile of the ingest path, chart reads over a large
+# history, and the Linux agent's cost per report.
 # Figures and how to read them: BENCHMARKS.md.
 #
 #   scripts/bench.sh           the full measurement (release builds, several minutes)
@@ -22,6 +23,13 @@ fi
 
 echo "==> ingest"
 cargo bench -p server --bench ingest
+
+echo "==> 100,000 VMs on each backend: creation, memory, reads, idle rounds, stale detection"
+scripts/fleet-scale.sh sqlite
+scripts/fleet-scale.sh postgres
+
+echo "==> where an ingest request's time goes (perf, SQLite)"
+scripts/profile-ingest.sh sqlite
 
 echo "==> chart reads over 10,000 VMs of history"
 cargo bench -p server --bench history

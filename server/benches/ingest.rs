@@ -32,6 +32,7 @@ const VMS: usize = 1000;
 const RUN_FOR: Duration = Duration::from_secs(4);
 const ROUNDS: usize = 3;
 const SMOKE_RUN_FOR: Duration = Duration::from_secs(2);
+const PROFILE_RUN_FOR: Duration = Duration::from_secs(20);
 
 fn admin_pg_url() -> String {
     std::env::var("TEST_PG_URL")
@@ -338,6 +339,18 @@ async fn smoke() {
 async fn main() {
     if std::env::args().any(|a| a == "--smoke") {
         smoke().await;
+        return;
+    }
+    // One long run of one backend's default configuration, for a profiler to sample
+    // (scripts/profile-ingest.sh).
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--profile") {
+        let backend = match args.get(at + 1).map(String::as_str) {
+            Some("postgres") => "postgres",
+            _ => "sqlite",
+        };
+        let run = run_once(backend, "500", "set", 0, PROFILE_RUN_FOR).await;
+        println!("profile run, {backend}: {:.0} reports/s", run.rate);
         return;
     }
     println!(

@@ -12,6 +12,7 @@ struct Marks {
     ingest_failure_ms: AtomicI64,
     writer_commit_ms: AtomicI64,
     scheduler_round_ms: AtomicI64,
+    scheduler_round_took_ms: AtomicI64,
     restarts: AtomicI64,
 }
 
@@ -33,8 +34,18 @@ impl JobHealth {
         self.0.writer_commit_ms.load(Ordering::Acquire)
     }
 
-    pub fn record_round(&self, now_ms: i64) {
+    /// A scheduler round ended at `now_ms` after `took` (stale check, remediation, cache).
+    pub fn record_round(&self, now_ms: i64, took: std::time::Duration) {
+        let took_ms = i64::try_from(took.as_millis()).unwrap_or(i64::MAX);
+        self.0
+            .scheduler_round_took_ms
+            .store(took_ms, Ordering::Release);
         self.0.scheduler_round_ms.store(now_ms, Ordering::Release);
+    }
+
+    /// How long the last scheduler round took, in milliseconds.
+    pub fn last_round_took_ms(&self) -> i64 {
+        self.0.scheduler_round_took_ms.load(Ordering::Acquire)
     }
 
     pub fn last_round_ms(&self) -> i64 {

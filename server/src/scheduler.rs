@@ -13,6 +13,7 @@ pub async fn run(state: AppState) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        let started = std::time::Instant::now();
         if let Err(err) = sync_settings(&state).await {
             tracing::warn!(error = %err, "could not reload the settings");
         }
@@ -26,7 +27,9 @@ pub async fn run(state: AppState) {
         if state.cache.needs_rebuild().await {
             rebuild_cache(&state).await;
         }
-        state.health.record_round(crate::now_ms());
+        state
+            .health
+            .record_round(crate::now_ms(), started.elapsed());
     }
 }
 

@@ -30,6 +30,8 @@ struct ComponentHealth {
 struct JobsHealth {
     ok: bool,
     scheduler_round_age_s: Option<i64>,
+    /// How long the last round took (its database work, mostly).
+    scheduler_round_took_ms: Option<i64>,
     writer_commit_age_s: Option<i64>,
     restarts: i64,
 }
@@ -86,6 +88,7 @@ async fn health_report(state: &AppState) -> (StatusCode, HealthReport) {
     let jobs = JobsHealth {
         ok: scheduler_ok,
         scheduler_round_age_s: age_s(now, last_round),
+        scheduler_round_took_ms: (last_round > 0).then(|| state.health.last_round_took_ms()),
         writer_commit_age_s: age_s(now, state.health.last_commit_ms()),
         restarts: state.health.restarts(),
     };
