@@ -140,8 +140,8 @@ print(f"idle: server CPU {idle_cpu:.1f} % of one core, last scheduler round "
 deadline = time.monotonic() + stale_ms / 1000 + 300
 while True:
     _, body, _, _ = get("/api/status")
-    counts = json.loads(body)
-    if counts.get("down", 0) >= vms:
+    counts = json.loads(body)["counts"]
+    if counts["down"] >= vms:
         break
     if time.monotonic() > deadline:
         raise SystemExit(f"not all down: {counts}")

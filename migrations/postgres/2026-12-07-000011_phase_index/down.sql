@@ -1,1 +1,1 @@
-DROP INDEX vms_phase;
+DROP INDEX vms_phase_status;

@@ -285,10 +285,9 @@ pub async fn list_rows(conn: &mut Conn) -> Result<Vec<VmRow>, DbError> {
     })?)
 }
 
-/// The rows a remediation round acts on, through the status and phase indexes: stale VMs
-/// with no incident, announced actions, actions in flight and recoveries. Everything else
-/// (the healthy fleet, latched and settled incidents) is not read.
-pub async fn engine_rows(conn: &mut Conn) -> Result<Vec<VmRow>, DbError> {
+/// VMs with an incident under way: an announced action, an action in flight, a recovery
+/// being waited for. Read every round, through the (phase, status) index.
+pub async fn open_incident_rows(conn: &mut Conn) -> Result<Vec<VmRow>, DbError> {
     let open = [
         RemediationPhase::ResetScheduled,
         RemediationPhase::ResetPending,
@@ -297,12 +296,21 @@ pub async fn engine_rows(conn: &mut Conn) -> Result<Vec<VmRow>, DbError> {
     .map(RemediationPhase::as_str);
     Ok(with_conn!(conn, |c| {
         vms::table
-            .filter(
-                vms::status
-                    .eq(VmStatus::Down.as_str())
-                    .and(vms::remediation_phase.eq(RemediationPhase::Ok.as_str()))
-                    .or(vms::remediation_phase.eq_any(open)),
-            )
+            .filter(vms::remediation_phase.eq_any(open))
+            .order(vms::id.asc())
+            .select(VmRow::as_select())
+            .load(c)
+            .await
+    })?)
+}
+
+/// Stale VMs with no incident yet: the candidates for a first look. Read only when no rail
+/// stops resets (in a storm, that is most of the fleet).
+pub async fn stale_candidate_rows(conn: &mut Conn) -> Result<Vec<VmRow>, DbError> {
+    Ok(with_conn!(conn, |c| {
+        vms::table
+            .filter(vms::remediation_phase.eq(RemediationPhase::Ok.as_str()))
+            .filter(vms::status.eq(VmStatus::Down.as_str()))
             .order(vms::id.asc())
             .select(VmRow::as_select())
             .load(c)
@@ -332,7 +340,6 @@ pub async fn storm_tallies(conn: &mut Conn) -> Result<Vec<NodeTally>, DbError> {
                 .filter(vms::link_verified.eq(true))
                 .filter(vms::proxmox_vmid.between(lowest, highest))
                 .filter(vms::proxmox_type.eq_any(&kinds))
-                .filter(vms::status.eq_any(&statuses))
                 .filter(vms::remediation_phase.eq_any(&phases))
         };
     }
@@ -348,6 +355,7 @@ pub async fn storm_tallies(conn: &mut Conn) -> Result<Vec<NodeTally>, DbError> {
     }
     let per_node: Vec<(Option<String>, i64, i64)> = with_conn!(conn, |c| {
         counted!()
+            .filter(vms::status.eq_any(&statuses))
             .group_by(vms::proxmox_node)
             .select((
                 vms::proxmox_node,

@@ -308,22 +308,28 @@ impl Engine {
         let inspecting = self.inspections.running();
         // Only what this round may act on is read, and the storm breaker's counts are the
         // database's: the cost of a round follows the number of stale VMs, not the fleet.
-        let (rows, tallies) = {
+        let (open, tallies) = {
             let mut conn = self.ctx.db.conn().await?;
-            let rows = store::engine_rows(&mut conn).await?;
-            (rows, store::storm_tallies(&mut conn).await?)
+            let open = store::open_incident_rows(&mut conn).await?;
+            (open, store::storm_tallies(&mut conn).await?)
         };
-        let mut touched = self.expire_recoveries(&rows, now_ms).await?;
+        let mut touched = self.expire_recoveries(&open, now_ms).await?;
         let storm = policy::storm_of(&tallies, &self.ctx.cfg());
         self.guard.update_storm(&self.ctx, storm, now_ms).await?;
         if !self.blocked(now_ms) {
             // Inspections under way count: each may end in a power action.
-            let mut in_flight = rows
+            let mut in_flight = open
                 .iter()
                 .filter(|row| row.phase() == RemediationPhase::ResetPending)
                 .count()
                 + inspecting;
-            for row in &rows {
+            let stale = {
+                let mut conn = self.ctx.db.conn().await?;
+                store::stale_candidate_rows(&mut conn).await?
+            };
+            let mut rows: Vec<&VmRow> = open.iter().chain(&stale).collect();
+            rows.sort_by_key(|row| row.id);
+            for row in rows {
                 match policy::screen(&facts(row), now_ms) {
                     Screen::Candidate => {
                         if !self.inspections.contains(row.vm_id())

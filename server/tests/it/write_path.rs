@@ -243,12 +243,15 @@ async fn the_round_reads_every_row_it_can_act_on_and_counts_the_storm_like_the_f
     let db = Db::connect(&test_db.url, 2).await.unwrap();
     let all = mixed_fleet(&db).await;
     let mut conn = db.conn().await.unwrap();
-    let read: Vec<i64> = store::engine_rows(&mut conn)
+    let mut read: Vec<i64> = store::open_incident_rows(&mut conn)
         .await
         .unwrap()
         .iter()
+        .chain(&store::stale_candidate_rows(&mut conn).await.unwrap())
         .map(|r| r.id)
         .collect();
+    read.sort_unstable();
+    read.dedup();
     let needed: Vec<i64> = all
         .iter()
         .filter(|r| {
