@@ -94,16 +94,16 @@ def create(worker):
 
 sampler = threading.Thread(target=sample_rss, daemon=True)
 sampler.start()
-start = time.monotonic()
+start, start_cpu = time.monotonic(), cpu_s()
 workers = [threading.Thread(target=create, args=(w,)) for w in range(THREADS)]
 for w in workers:
     w.start()
 for w in workers:
     w.join()
 created_s = time.monotonic() - start
-last_report_ms = time.time() * 1000
-print(f"created {vms} VMs in {created_s:.1f} s ({vms / created_s:,.0f}/s); "
-      f"RSS peak while creating {peak[0]:.0f} MB, after {rss_mb():.0f} MB")
+created_cpu = (cpu_s() - start_cpu) / created_s * 100
+print(f"created {vms} VMs in {created_s:.1f} s ({vms / created_s:,.0f}/s, server CPU "
+      f"{created_cpu:.0f} % of one core); RSS peak while creating {peak[0]:.0f} MB, after {rss_mb():.0f} MB")
 
 status, body, ms, _ = get("/api/status")
 print(f"GET /api/status: HTTP {status}, {ms:.0f} ms")
@@ -116,14 +116,16 @@ print(f"RSS after the reads {rss_mb():.0f} MB, peak so far {peak[0]:.0f} MB")
 # Steady state: every VM, now known, reports again with the same client (what creating them
 # is compared with); a 503 (queue full) is retried after its Retry-After, as agents do.
 shed[0] = 0
-start = time.monotonic()
+start, start_cpu = time.monotonic(), cpu_s()
 workers = [threading.Thread(target=create, args=(w,)) for w in range(THREADS)]
 for w in workers:
     w.start()
 for w in workers:
     w.join()
 steady_s = time.monotonic() - start
-print(f"steady state: {vms} reports from known VMs in {steady_s:.1f} s ({vms / steady_s:,.0f}/s; "
+steady_cpu = (cpu_s() - start_cpu) / steady_s * 100
+print(f"steady state: {vms} reports from known VMs in {steady_s:.1f} s ({vms / steady_s:,.0f}/s, "
+      f"server CPU {steady_cpu:.0f} % of one core; "
       f"creating ran at {created_s and steady_s / created_s * 100:.0f} % of it), {shed[0]} shed with "
       f"503/429, RSS {rss_mb():.0f} MB")
 
@@ -148,7 +150,7 @@ while True:
     time.sleep(0.5)
 lags, after, c = [], None, conn()
 while True:
-    path = "/api/vms?limit=2000" + (f"&after={urllib.parse.quote(after)}" if after else "")
+    path = "/api/vms?limit=1000" + (f"&after={urllib.parse.quote(after)}" if after else "")
     status, body, _, link = get(path, c)
     page = json.loads(body)
     for vm in page:

@@ -15,6 +15,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 const REDIS_KEY: &str = "vmhc:vms";
+/// VMs read back from the database at a time after a change.
+const REFRESH_SLICE: usize = 2_000;
 /// Upper bound on any Redis round trip, so an unreachable Redis never stalls a request.
 const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -251,15 +253,16 @@ impl RedisCache {
 
 /// Re-reads the given VMs and writes them to the cache; failures only cost freshness.
 pub async fn refresh(db: &Db, cache: &StateCache, ids: &[VmId]) {
-    if ids.is_empty() {
-        return;
-    }
-    let views = match db.conn().await {
-        Ok(mut conn) => crate::db::store::vms_by_ids(&mut conn, ids).await,
-        Err(err) => Err(err),
-    };
-    match views {
-        Ok(views) => cache.put(&views).await,
-        Err(err) => tracing::warn!(error = %err, "could not refresh the state cache"),
+    // In slices: a whole fleet turning down at once must neither hold every row in memory
+    // at once nor bind more values than a statement takes (32,766 on SQLite).
+    for slice in ids.chunks(REFRESH_SLICE) {
+        let views = match db.conn().await {
+            Ok(mut conn) => crate::db::store::vms_by_ids(&mut conn, slice).await,
+            Err(err) => Err(err),
+        };
+        match views {
+            Ok(views) => cache.put(&views).await,
+            Err(err) => tracing::warn!(error = %err, "could not refresh the state cache"),
+        }
     }
 }

@@ -7,6 +7,9 @@ use crate::state::AppState;
 use domain::VmId;
 use domain::status;
 
+/// VMs judged at a time by the stale check.
+const STALE_PAGE: i64 = 5_000;
+
 /// Runs the jobs every `SCHEDULER_INTERVAL_MS` until the task is aborted.
 pub async fn run(state: AppState) {
     let mut ticker = tokio::time::interval(state.config.scheduler_interval);
@@ -51,12 +54,22 @@ pub async fn sync_settings(state: &AppState) -> Result<(), DbError> {
 /// Turns VMs whose heartbeats went stale `down`, recording each change.
 pub async fn mark_stale(state: &AppState, now_ms: i64) -> Result<Vec<VmId>, DbError> {
     let cfg = state.status_config.get();
-    let changed = {
+    let mut changed = Vec::new();
+    {
         let (mut conn, _turn) = state.db.write_conn().await?;
-        let rows = store::overdue_rows(&mut conn, cfg.stale_timeout_ms, now_ms).await?;
-        let verdicts = judge(&rows, &cfg, now_ms);
-        store::apply_verdicts(&mut conn, &verdicts, now_ms).await?
-    };
+        // A page at a time: a whole fleet going silent at once is judged without holding
+        // every row in memory.
+        let mut after = 0;
+        loop {
+            let rows =
+                store::overdue_page(&mut conn, cfg.stale_timeout_ms, now_ms, after, STALE_PAGE)
+                    .await?;
+            let Some(last) = rows.last() else { break };
+            after = last.id;
+            let verdicts = judge(&rows, &cfg, now_ms);
+            changed.extend(store::apply_verdicts(&mut conn, &verdicts, now_ms).await?);
+        }
+    }
     if !changed.is_empty() {
         tracing::info!(vms = changed.len(), "heartbeats went stale");
         cache::refresh(&state.db, &state.cache, &changed).await;

@@ -454,6 +454,21 @@ report_writer!(
         Ok(())
     },
     async fn apply_latest_state(&mut self, planned: &[PlannedState<'_>]) -> QueryResult<()> {
+        // Rows locked in id order first, as the stale check updates them: one statement
+        // over many rows locks them in whatever order its join takes, and two such
+        // transactions can deadlock (seen with a fleet reporting while it went stale).
+        let mut ids: Vec<i64> = planned.iter().map(|p| p.vm_id.get()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for chunk in ids.chunks(10_000) {
+            vms::table
+                .filter(vms::id.eq_any(chunk))
+                .order(vms::id.asc())
+                .select(vms::id)
+                .for_update()
+                .load::<i64>(self)
+                .await?;
+        }
         for statement in state_statements::<Pg>(planned) {
             statement.execute(self).await?;
         }

@@ -160,6 +160,17 @@ pub async fn overdue_rows(
     stale_timeout_ms: i64,
     now_ms: i64,
 ) -> Result<Vec<VmRow>, DbError> {
+    overdue_page(conn, stale_timeout_ms, now_ms, 0, i64::MAX).await
+}
+
+/// At most `limit` of [`overdue_rows`] after id `after`, in id order.
+pub async fn overdue_page(
+    conn: &mut Conn,
+    stale_timeout_ms: i64,
+    now_ms: i64,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<VmRow>, DbError> {
     let cutoff = now_ms.saturating_sub(stale_timeout_ms);
     // Named statuses rather than "not down": one seek per status on the (status,
     // last_seen_ms) index instead of a scan of the fleet.
@@ -172,6 +183,9 @@ pub async fn overdue_rows(
         vms::table
             .filter(vms::status.eq_any(&live))
             .filter(vms::last_seen_ms.le(cutoff))
+            .filter(vms::id.gt(after))
+            .order(vms::id.asc())
+            .limit(limit)
             .select(VmRow::as_select())
             .load(c)
             .await

@@ -297,3 +297,89 @@ async fn the_round_reads_every_row_it_can_act_on_and_counts_the_storm_like_the_f
     assert_eq!(store::storm_tallies(&mut conn).await.unwrap(), Vec::new());
 }
 crate::both_backends!(the_round_reads_every_row_it_can_act_on_and_counts_the_storm_like_the_fleet);
+
+/// A whole fleet going silent at once (more VMs than one page of the stale check and one
+/// slice of the cache refresh) is marked down in one round, and the dashboard's cache
+/// shows every one of them down.
+async fn a_whole_fleet_going_silent_at_once_is_all_marked_and_shown_down(backend: Backend) {
+    const FLEET: usize = 6_000;
+    let mut srv = TestServer::start(backend, &[]).await;
+    let state = srv.state().clone();
+    // The test's own clock, ahead of the server's: its scheduler never finds these stale.
+    let now = T0;
+    let batch: Vec<Submission> = (0..FLEET)
+        .map(|i| beat(&format!("silent-{i:05}"), 10.0, now, now, json!({})))
+        .collect();
+    for chunk in batch.chunks(500) {
+        let outcomes = write_batch_via(
+            &state.db,
+            chunk,
+            &StatusConfig::default(),
+            StatePath::SetBased,
+        )
+        .await
+        .unwrap();
+        assert!(outcomes.iter().all(Result::is_ok));
+    }
+    let later = now + StatusConfig::default().stale_timeout_ms + 60_000;
+    let changed = server::scheduler::mark_stale(&state, later).await.unwrap();
+    assert_eq!(changed.len(), FLEET, "{backend:?}");
+    let views = state.cache.local_views().unwrap();
+    let down = views
+        .iter()
+        .filter(|v| v.hostname.starts_with("silent-") && v.status == domain::VmStatus::Down)
+        .count();
+    assert_eq!(
+        down, FLEET,
+        "{backend:?}: the cache shows {down} of them down"
+    );
+    let mut conn = state.db.conn().await.unwrap();
+    assert_eq!(
+        store::status_counts(&mut conn).await.unwrap().down,
+        u64::try_from(FLEET).unwrap()
+    );
+    srv.stop().await;
+}
+crate::both_backends!(a_whole_fleet_going_silent_at_once_is_all_marked_and_shown_down);
+
+/// On PostgreSQL, a batch of reports and the stale check over the same VMs at the same
+/// moment never deadlock: both take the rows' locks in id order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reports_and_the_stale_check_on_the_same_vms_never_deadlock() {
+    const FLEET: usize = 400;
+    let test_db = fresh_db(Backend::Postgres).await;
+    let db = Db::connect(&test_db.url, 4).await.unwrap();
+    let cfg = StatusConfig::default();
+    let batch = |at: i64| -> Vec<Submission> {
+        (0..FLEET)
+            .rev()
+            .map(|i| beat(&format!("busy-{i:03}"), 10.0, at, at, json!({})))
+            .collect()
+    };
+    write_batch_via(&db, &batch(T0), &cfg, StatePath::SetBased)
+        .await
+        .unwrap();
+    for round in 0..30 {
+        let at = T0 + (round + 1) * cfg.stale_timeout_ms * 2;
+        let reports = {
+            let db = db.clone();
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                write_batch_via(&db, &batch(at), &cfg, StatePath::SetBased).await
+            })
+        };
+        let stale = {
+            let db = db.clone();
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                let mut conn = db.conn().await?;
+                let rows = store::overdue_rows(&mut conn, cfg.stale_timeout_ms, at).await?;
+                let verdicts = server::scheduler::judge(&rows, &cfg, at);
+                store::apply_verdicts(&mut conn, &verdicts, at).await
+            })
+        };
+        let (reports, stale) = (reports.await.unwrap(), stale.await.unwrap());
+        assert!(reports.is_ok(), "round {round}: {:?}", reports.err());
+        assert!(stale.is_ok(), "round {round}: {:?}", stale.err());
+    }
+}
