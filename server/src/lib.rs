@@ -152,8 +152,8 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .env(Env::PROD)
         .build();
     let state = AppState {
-        leptos_options,
         inner: Arc::new(Inner {
+            leptos_options,
             config: config.clone(),
             db,
             cache,

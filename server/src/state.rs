@@ -12,13 +12,21 @@ use axum::extract::FromRef;
 use leptos::prelude::LeptosOptions;
 use std::sync::Arc;
 
-#[derive(Clone, FromRef)]
+/// Cloned for every request that extracts it: one reference count, nothing more.
+#[derive(Clone)]
 pub struct AppState {
-    pub leptos_options: LeptosOptions,
     pub inner: Arc<Inner>,
 }
 
+/// What the dashboard's routes take from the state (only those routes pay for the copy).
+impl FromRef<AppState> for LeptosOptions {
+    fn from_ref(state: &AppState) -> Self {
+        state.inner.leptos_options.clone()
+    }
+}
+
 pub struct Inner {
+    pub leptos_options: LeptosOptions,
     pub config: Config,
     pub db: Db,
     pub cache: Arc<StateCache>,
