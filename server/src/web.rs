@@ -24,7 +24,7 @@ use tower_sessions::cookie::SameSite;
 use tower_sessions::{Expiry, SessionManagerLayer};
 
 /// The largest request body any route reads.
-const MAX_BODY_BYTES: usize = 256 * 1024;
+const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 /// The front end's file names, as Trunk writes them (see Trunk.toml).
 pub const OUTPUT_NAME: &str = "frontend";
@@ -54,7 +54,8 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found") })
         .layer(middleware::from_fn_with_state(state.clone(), sign_in_first))
         // Server functions read their whole body; nothing the pages send comes near this.
-        // The REST API's own, smaller limit answers first on its routes.
+        // Far above the REST API's own limit, so its routes answer oversized reports with
+        // their JSON error first.
         .layer(RequestBodyLimitLayer::new(MAX_BODY_BYTES))
         .layer(session_layer(&state))
         .layer(TimeoutLayer::with_status_code(
