@@ -92,16 +92,21 @@ def create(worker):
         report(c, f"scale-{i:06d}")
 
 
+def every_vm_reports():
+    """One report per VM from THREADS clients; (seconds taken, server CPU % of one core)."""
+    start, start_cpu = time.monotonic(), cpu_s()
+    workers = [threading.Thread(target=create, args=(w,)) for w in range(THREADS)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    took = time.monotonic() - start
+    return took, (cpu_s() - start_cpu) / took * 100
+
+
 sampler = threading.Thread(target=sample_rss, daemon=True)
 sampler.start()
-start, start_cpu = time.monotonic(), cpu_s()
-workers = [threading.Thread(target=create, args=(w,)) for w in range(THREADS)]
-for w in workers:
-    w.start()
-for w in workers:
-    w.join()
-created_s = time.monotonic() - start
-created_cpu = (cpu_s() - start_cpu) / created_s * 100
+created_s, created_cpu = every_vm_reports()
 print(f"created {vms} VMs in {created_s:.1f} s ({vms / created_s:,.0f}/s, server CPU "
       f"{created_cpu:.0f} % of one core); RSS peak while creating {peak[0]:.0f} MB, after {rss_mb():.0f} MB")
 
@@ -116,14 +121,7 @@ print(f"RSS after the reads {rss_mb():.0f} MB, peak so far {peak[0]:.0f} MB")
 # Steady state: every VM, now known, reports again with the same client (what creating them
 # is compared with); a 503 (queue full) is retried after its Retry-After, as agents do.
 shed[0] = 0
-start, start_cpu = time.monotonic(), cpu_s()
-workers = [threading.Thread(target=create, args=(w,)) for w in range(THREADS)]
-for w in workers:
-    w.start()
-for w in workers:
-    w.join()
-steady_s = time.monotonic() - start
-steady_cpu = (cpu_s() - start_cpu) / steady_s * 100
+steady_s, steady_cpu = every_vm_reports()
 print(f"steady state: {vms} reports from known VMs in {steady_s:.1f} s ({vms / steady_s:,.0f}/s, "
       f"server CPU {steady_cpu:.0f} % of one core; "
       f"creating ran at {created_s and steady_s / created_s * 100:.0f} % of it), {shed[0]} shed with "
