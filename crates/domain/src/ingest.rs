@@ -120,7 +120,9 @@ pub fn plan_batch(
     }
 }
 
-/// Says whether the guest visibly restarted (its uptime began after the reset).
+/// Says whether the guest visibly restarted (its uptime began after the reset). One that
+/// reports again without having restarted is alive all the same and ends the incident, but
+/// its record must not claim the power action worked.
 fn recovery_reason(last_reset_ms: Option<i64>, uptime_seconds: i64, last_seen_ms: i64) -> String {
     match last_reset_ms {
         Some(reset)
@@ -129,7 +131,7 @@ fn recovery_reason(last_reset_ms: Option<i64>, uptime_seconds: i64, last_seen_ms
         {
             format!("recovered: reporting again after the reset (uptime {uptime_seconds}s)")
         }
-        _ => "recovered: reporting again".to_owned(),
+        _ => format!("recovered: reporting again without a restart (uptime {uptime_seconds}s)"),
     }
 }
 
@@ -238,7 +240,7 @@ mod tests {
         let no_restart = plan(&recovering, &beat(NOW, 5.0, 100_000), NOW, &cfg);
         assert_eq!(
             no_restart.ends_incident.as_deref(),
-            Some("recovered: reporting again")
+            Some("recovered: reporting again without a restart (uptime 100000s)")
         );
     }
 

@@ -4,7 +4,9 @@
 
 use crate::common::*;
 use crate::fake_pve::{FakePve, FakeVm, GuestAgent};
-use crate::proxmox::{history, report_vm, start, vm, wait_active, wait_rounds};
+use crate::proxmox::{
+    history, report_guest, report_vm, start, start_on, vm, wait_active, wait_rounds,
+};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -58,15 +60,13 @@ async fn a_guest_whose_agent_answers_is_not_reset_and_says_why() {
     // It stays so: rounds go by without a power action or another look.
     wait_rounds(&srv, 20).await;
     assert!(fake.posts().is_empty(), "{:?}", fake.posts());
-    assert!(
-        !fake
-            .calls()
-            .iter()
-            .filter(|c| c.path.ends_with("/agent/ping"))
-            .count()
-            > 1,
-        "one look, then the state holds"
-    );
+    let pings = fake
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/agent/ping"))
+        .count();
+    assert_eq!(pings, 1, "one look, then the state holds");
+    assert_eq!(vm(&srv, id).await["remediation_phase"], "agent_silent");
     // Its agent reports again: healthy, the state ends.
     report_vm(&srv, 100, "pve1", 6000).await;
     let v = vm(&srv, id).await;
@@ -95,6 +95,13 @@ async fn io_without_a_guest_agent_is_life_under_strict_and_not_under_lenient() {
         } else {
             let v = phase_of(&srv, id, "agent_silent").await;
             assert!(v["phase_reason"].as_str().unwrap().contains("I/O"), "{v}");
+            assert!(
+                events(&srv)
+                    .await
+                    .iter()
+                    .any(|e| e["kind"] == "agent_silent" && e["vm_id"] == id),
+                "an agent_silent event"
+            );
             let e = evidence(&history(&srv, id).await[0]);
             assert_eq!(e["evidence"]["guest_agent"]["result"], "not_configured");
             assert!(
@@ -259,5 +266,131 @@ async fn a_guest_that_ignores_the_acpi_reboot_gets_a_reset_next() {
             .contains("powerdown failed"),
         "{reboot}"
     );
+    srv.stop().await;
+}
+
+/// Settings under which a guest that never reports again climbs the ladder quickly.
+const NEVER_BACK: &[(&str, &str)] = &[("RECOVERY_TIMEOUT_MS", "1500"), ("STORM_PERCENT", "100")];
+
+/// Rungs of the VM's history, oldest first, with the time each was recorded.
+async fn rungs(srv: &TestServer, id: i64) -> Vec<(String, i64)> {
+    history(srv, id)
+        .await
+        .iter()
+        .rev()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_owned(),
+                r["created_ms"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_that_never_comes_back_climbs_every_rung_once_then_is_left_to_a_person() {
+    let fake = FakePve::start(vec![FakeVm::running(100, "pve1")]).await;
+    let mut srv = start(Backend::Sqlite, &fake, NEVER_BACK).await;
+    let id = report_vm(&srv, 100, "pve1", 5000).await;
+    let v = phase_of(&srv, id, "manual").await;
+    assert!(
+        v["phase_reason"].as_str().unwrap().contains("3 of 3"),
+        "{v}"
+    );
+    assert_eq!(
+        fake.posts(),
+        vec!["reboot 100", "reset 100", "stop 100", "start 100"]
+    );
+    let rungs = rungs(&srv, id).await;
+    let actions: Vec<&str> = rungs.iter().map(|(a, _)| a.as_str()).collect();
+    // The third rung is two actions: a stop, then a start once the stop's task ended.
+    assert_eq!(actions, ["reboot", "reset", "stop", "start"], "{rungs:?}");
+    // Each rung waits out the recovery window, then the doubling pause (300 ms, 600 ms).
+    assert!(rungs[1].1 - rungs[0].1 >= 1500 + 300, "{rungs:?}");
+    assert!(rungs[2].1 - rungs[1].1 >= 1500 + 600, "{rungs:?}");
+    wait_rounds(&srv, 15).await;
+    assert_eq!(
+        fake.posts().len(),
+        4,
+        "manual is latched: nothing more is sent"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_in_the_middle_of_the_ladder_resumes_on_the_next_rung() {
+    let fake = FakePve::start(vec![FakeVm::running(100, "pve1")]).await;
+    // Recovery is waited for long enough to restart the server inside the window.
+    let slow = [("RECOVERY_TIMEOUT_MS", "6000"), ("STORM_PERCENT", "100")];
+    let mut srv = start(Backend::Postgres, &fake, &slow).await;
+    let id = report_vm(&srv, 100, "pve1", 5000).await;
+    phase_of(&srv, id, "recovering").await;
+    assert_eq!(fake.posts(), vec!["reboot 100"]);
+    srv.stop().await;
+    let mut srv = start_on(srv.db, &fake, NEVER_BACK).await;
+    wait_for("the next rung", Duration::from_secs(40), || async {
+        (fake.posts().len() >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(fake.posts(), vec!["reboot 100", "reset 100"]);
+    let actions: Vec<String> = rungs(&srv, id).await.into_iter().map(|(a, _)| a).collect();
+    assert_eq!(actions, ["reboot", "reset"]);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_container_that_never_comes_back_is_rebooted_then_stopped_and_started() {
+    let fake = FakePve::start(vec![FakeVm::container(200, "pve1")]).await;
+    let mut srv = start(
+        Backend::Sqlite,
+        &fake,
+        &[
+            ("RECOVERY_TIMEOUT_MS", "1500"),
+            ("STORM_PERCENT", "100"),
+            ("MAX_RESET_ATTEMPTS", "2"),
+        ],
+    )
+    .await;
+    let id = report_guest(&srv, 200, "pve1", "lxc", 5000).await;
+    phase_of(&srv, id, "manual").await;
+    assert_eq!(fake.posts(), vec!["reboot 200", "stop 200", "start 200"]);
+    let actions: Vec<String> = rungs(&srv, id).await.into_iter().map(|(a, _)| a).collect();
+    assert_eq!(actions, ["reboot", "stop", "start"]);
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_guest_back_without_its_agent_ends_the_ladder_and_says_so() {
+    let fake = FakePve::start(vec![FakeVm::running(100, "pve1")]).await;
+    let mut srv = start(Backend::Sqlite, &fake, NEVER_BACK).await;
+    let id = report_vm(&srv, 100, "pve1", 5000).await;
+    phase_of(&srv, id, "recovering").await;
+    // The rebooted guest's OS is up (guest agent answers, disks busy); our agent is not yet.
+    fake.with_vm(100, |vm| {
+        vm.guest_agent = GuestAgent::Answers;
+        vm.io_moving = true;
+    });
+    let v = wait_for(
+        "the incident to end on the guest's own signs",
+        Duration::from_secs(20),
+        || async {
+            let v = vm(&srv, id).await;
+            (v["remediation_phase"] != "recovering").then_some(v)
+        },
+    )
+    .await;
+    assert!(
+        v["phase_reason"]
+            .as_str()
+            .unwrap()
+            .contains("guest back, agent not yet"),
+        "{v}"
+    );
+    assert!(
+        events(&srv).await.iter().any(|e| e["kind"] == "guest_back"),
+        "a guest_back event"
+    );
+    wait_rounds(&srv, 20).await;
+    assert_eq!(fake.posts(), vec!["reboot 100"], "no further rung");
     srv.stop().await;
 }

@@ -25,10 +25,23 @@ struct Run {
     log: std::path::PathBuf,
     start: Instant,
     timings: serde_json::Map<String, Value>,
+    /// Set once a failure printed the diagnosis, so the drop does not print it again.
+    diagnosed: std::cell::Cell<bool>,
+}
+
+/// A failure outside `until` and `check` (an unwrap, a failed QMP command) still prints the
+/// guest's console and the server's log.
+impl Drop for Run {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !self.diagnosed.get() {
+            eprintln!("{}", self.diagnose("the scenario failed"));
+        }
+    }
 }
 
 impl Run {
     fn diagnose(&self, what: &str) -> String {
+        self.diagnosed.set(true);
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(60)..].join("\n");
@@ -158,6 +171,7 @@ async fn a_real_guest_installs_hangs_is_reset_and_recovers() {
         log,
         start: started,
         timings: serde_json::Map::new(),
+        diagnosed: std::cell::Cell::new(false),
     };
 
     // 1. Power-on: the guest installs the agent from the server and enrols; the SMBIOS
@@ -225,20 +239,53 @@ async fn a_real_guest_installs_hangs_is_reset_and_recovers() {
          && curl -fsS http://10.0.2.100:3000/agents/install.sh -o install.sh \
          && bash install.sh --server http://10.0.2.100:3000 --insecure --interval 5 --token-file token"
     );
+    // Every second while the installer runs and for 15 s after it: still healthy, and the
+    // longest wait between two reports stays near the 5 s interval (a gap would show long
+    // before the 60 s stale timeout turned it down).
     let before = vm(&run.srv, id).await["last_seen_ms"].as_i64().unwrap();
-    let code = run.guest.run(&reinstall, Duration::from_secs(120)).await;
+    let installing = run.guest.run(&reinstall, Duration::from_secs(120));
+    let installed = std::cell::Cell::new(false);
+    let sampling = async {
+        let (mut seen, mut longest, mut unhealthy) = (vec![before], 0, None);
+        let mut upgraded_at: Option<Instant> = None;
+        loop {
+            let v = vm(&run.srv, id).await;
+            if v["status"] != "healthy" && unhealthy.is_none() {
+                unhealthy = Some(v.clone());
+            }
+            let last = v["last_seen_ms"].as_i64().unwrap_or_default();
+            if seen.last().is_some_and(|prev| last > *prev) {
+                longest = longest.max(last - seen.last().copied().unwrap_or(last));
+                seen.push(last);
+            }
+            if upgraded_at.is_some_and(|at| at.elapsed() > Duration::from_secs(15)) {
+                return (seen, longest, unhealthy);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if upgraded_at.is_none() && installed.get() {
+                upgraded_at = Some(Instant::now());
+            }
+        }
+    };
+    let installing = async {
+        let code = installing.await;
+        installed.set(true);
+        code
+    };
+    let (code, (seen, longest, unhealthy)) = tokio::join!(installing, sampling);
     run.check(code == Ok(0), &format!("the installer ran again: {code:?}"));
-    let upgraded_at = Instant::now();
-    while upgraded_at.elapsed() < Duration::from_secs(15) {
-        let v = vm(&run.srv, id).await;
-        run.check(
-            v["status"] == "healthy",
-            &format!("no gap during the upgrade: {v}"),
-        );
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    let after = vm(&run.srv, id).await["last_seen_ms"].as_i64().unwrap();
-    run.check(after > before, "reports continue after the upgrade");
+    run.check(
+        unhealthy.is_none(),
+        &format!("no gap during the upgrade: {unhealthy:?}"),
+    );
+    run.check(
+        seen.len() >= 3 && longest <= 20_000,
+        &format!("reports continue through the upgrade, at most 20 s apart: {seen:?}"),
+    );
+    run.time(
+        "upgrade_longest_report_gap",
+        Duration::from_millis(u64::try_from(longest).unwrap_or(0)),
+    );
     run.check(
         run.srv.vm_count().await == 1,
         "no duplicate VM after the upgrade",
@@ -356,7 +403,9 @@ async fn a_real_guest_installs_hangs_is_reset_and_recovers() {
     //    ACPI reboot is ignored by the dead kernel, one reset, and the guest reports again.
     let hung_at = Instant::now();
     let _ = run.guest.exec("echo c > /proc/sysrq-trigger").await;
-    run.until("down", Duration::from_millis(STALE_MS + 30_000), || async {
+    // Down within the stale timeout of its last report (at most one 5 s interval before
+    // the hang), plus a scheduler round and a poll.
+    run.until("down", Duration::from_millis(STALE_MS + 8_000), || async {
         (vm(&run.srv, id).await["status"] == "down").then_some(())
     })
     .await;
@@ -394,8 +443,17 @@ async fn a_real_guest_installs_hangs_is_reset_and_recovers() {
             .is_some_and(|r| r.contains("after the reset")),
         &format!("ended by the restarted guest's report: {back}"),
     );
+    let uptime_after = back["uptime_seconds"].as_i64().unwrap_or(i64::MAX);
+    run.check(
+        u64::try_from(uptime_after).is_ok_and(|u| u <= reset_at.elapsed().as_secs() + 5),
+        &format!("the report after the reset has the restarted guest's uptime: {back}"),
+    );
     let h = history(&run.srv, id).await;
     let rows = &h[..h.len() - before_hang];
+    run.check(
+        rows.len() == 2,
+        &format!("two rows for the hang, the reboot and the reset: {rows:?}"),
+    );
     let reset = rows.iter().find(|r| r["action"] == "reset").cloned();
     let reboot = rows.iter().find(|r| r["action"] == "reboot").cloned();
     run.check(
