@@ -28,6 +28,14 @@ echo "==> 100,000 VMs on each backend: creation, memory, reads, idle rounds, sta
 scripts/fleet-scale.sh sqlite
 scripts/fleet-scale.sh postgres
 
+echo "==> 100,000 VMs' spooled reports at once after an outage, each backend"
+scripts/fleet-scale.sh sqlite 100000 180000 burst
+scripts/fleet-scale.sh postgres 100000 180000 burst
+
+echo "==> one VM of 100,000 falls silent: down after its deadline, then the first power action"
+cargo test --release -p server --test it -- --ignored --exact --nocapture \
+  scale::one_silent_vm_among_100000_is_down_and_acted_on_promptly
+
 echo "==> where an ingest request's time goes (perf, SQLite)"
 scripts/profile-ingest.sh sqlite
 

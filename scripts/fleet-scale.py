@@ -8,11 +8,19 @@ round time and the server's CPU while the fleet is idle;
 and, once every VM has gone silent, how long after its deadline each VM was marked down
 (from the stored status time: status_since - (last_seen + stale timeout)).
 
-Usage: fleet_scale.py URL PID FLEET_TOKEN ADMIN_TOKEN VMS STALE_MS
+With MODE "burst" it measures instead what happens when every VM's spooled report arrives at
+once after an outage: BURST_THREADS clients (more than the server's ingest queue holds, which
+fleet-scale.sh shrinks so that a bounded generator can overfill it) each send their share of
+the fleet with no pause; a 503 is retried after its Retry-After plus jitter, as the agents do.
+It reports how many were shed, the server's RSS peak, how long until every report was stored,
+and checks that every VM holds the burst's report.
+
+Usage: fleet_scale.py URL PID FLEET_TOKEN ADMIN_TOKEN VMS STALE_MS [MODE]
 """
 import http.client
 import json
 import os
+import random
 import statistics
 import sys
 import threading
@@ -21,6 +29,8 @@ import urllib.parse
 
 url, pid, fleet, admin = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 vms, stale_ms = int(sys.argv[5]), int(sys.argv[6])
+mode = sys.argv[7] if len(sys.argv) > 7 else "scale"
+BURST_THREADS = int(os.environ.get("BURST_THREADS", "256"))
 target = urllib.parse.urlsplit(url)
 THREADS = 48
 
@@ -55,14 +65,14 @@ def get(path, c=None):
 shed = [0]
 
 
-def report(c, host):
+def report(c, host, uptime=3600):
     body = json.dumps({
         "hostname": host, "os": "linux", "cpu_percent": 12.5,
         "ram_used_bytes": 1 << 30, "ram_total_bytes": 4 << 30,
         "disks": [{"mount": "/", "used_bytes": 10 << 30, "total_bytes": 40 << 30}],
-        "uptime_seconds": 3600, "agent_version": "scale",
+        "uptime_seconds": uptime, "agent_version": "scale",
     })
-    for _ in range(50):
+    for _ in range(1000):
         c.request("POST", "/api/health/report", body,
                   {"Authorization": f"Bearer {fleet}", "Content-Type": "application/json"})
         r = c.getresponse()
@@ -71,7 +81,8 @@ def report(c, host):
             return True
         if r.status in (429, 503):
             shed[0] += 1
-            time.sleep(float(r.getheader("Retry-After") or "1"))
+            wait = float(r.getheader("Retry-After") or "1")
+            time.sleep(wait * random.uniform(1.0, 1.5))
             continue
         raise SystemExit(f"report for {host}: HTTP {r.status}")
     return False
@@ -86,16 +97,16 @@ def sample_rss():
         peak[0] = max(peak[0], rss_mb())
 
 
-def create(worker):
+def create(worker, threads=THREADS, uptime=3600):
     c = conn()
-    for i in range(worker, vms, THREADS):
-        report(c, f"scale-{i:06d}")
+    for i in range(worker, vms, threads):
+        report(c, f"scale-{i:06d}", uptime)
 
 
-def every_vm_reports():
-    """One report per VM from THREADS clients; (seconds taken, server CPU % of one core)."""
+def every_vm_reports(threads=THREADS, uptime=3600):
+    """One report per VM from `threads` clients; (seconds taken, server CPU % of one core)."""
     start, start_cpu = time.monotonic(), cpu_s()
-    workers = [threading.Thread(target=create, args=(w,)) for w in range(THREADS)]
+    workers = [threading.Thread(target=create, args=(w, threads, uptime)) for w in range(threads)]
     for w in workers:
         w.start()
     for w in workers:
@@ -109,6 +120,38 @@ sampler.start()
 created_s, created_cpu = every_vm_reports()
 print(f"created {vms} VMs in {created_s:.1f} s ({vms / created_s:,.0f}/s, server CPU "
       f"{created_cpu:.0f} % of one core); RSS peak while creating {peak[0]:.0f} MB, after {rss_mb():.0f} MB")
+
+def every_vm(check):
+    """Pages through GET /api/vms and applies `check` to every VM of the run."""
+    after, c = None, conn()
+    while True:
+        path = "/api/vms?limit=1000" + (f"&after={urllib.parse.quote(after)}" if after else "")
+        status, body, _, link = get(path, c)
+        page = json.loads(body)
+        for vm in page:
+            if vm["hostname"].startswith("scale-"):
+                check(vm)
+        if not link or not page:
+            break
+        last = page[-1]
+        after = f"{last['hostname']},{last['id']}"
+
+
+if mode == "burst":
+    # Every VM's spooled report at once; the marker uptime tells the burst's report apart.
+    shed[0], peak[0] = 0, rss_mb()
+    burst_s, burst_cpu = every_vm_reports(BURST_THREADS, 7200)
+    done.set()
+    held = []
+    every_vm(lambda vm: held.append(vm["uptime_seconds"] == 7200))
+    print(f"burst: {vms} reports from {BURST_THREADS} clients at once, {shed[0]} shed with 503 "
+          f"(retried after Retry-After plus jitter), all stored in {burst_s:.1f} s "
+          f"({vms / burst_s:,.0f}/s, server CPU {burst_cpu:.0f} % of one core); RSS peak during "
+          f"the burst {peak[0]:.0f} MB, after {rss_mb():.0f} MB; "
+          f"{sum(held)} of {vms} VMs hold the burst's report")
+    if sum(held) != vms or len(held) != vms:
+        raise SystemExit("FAIL: a report answered 200 is not stored")
+    sys.exit(0)
 
 status, body, ms, _ = get("/api/status")
 print(f"GET /api/status: HTTP {status}, {ms:.0f} ms")
@@ -146,18 +189,9 @@ while True:
     if time.monotonic() > deadline:
         raise SystemExit(f"not all down: {counts}")
     time.sleep(0.5)
-lags, after, c = [], None, conn()
-while True:
-    path = "/api/vms?limit=1000" + (f"&after={urllib.parse.quote(after)}" if after else "")
-    status, body, _, link = get(path, c)
-    page = json.loads(body)
-    for vm in page:
-        if vm["hostname"].startswith("scale-") and vm["status"] == "down":
-            lags.append(vm["status_since_ms"] - (vm["last_seen_ms"] + stale_ms))
-    if not link or not page:
-        break
-    last = page[-1]
-    after = f"{last['hostname']},{last['id']}"
+lags = []
+every_vm(lambda vm: vm["status"] == "down" and lags.append(
+    vm["status_since_ms"] - (vm["last_seen_ms"] + stale_ms)))
 lags.sort()
 p = lambda q: lags[min(len(lags) - 1, int(len(lags) * q))]
 done.set()

@@ -25,6 +25,7 @@ mod proxmox;
 mod qemu;
 mod redis_cache;
 mod safeguards;
+mod scale;
 mod second_opinion;
 mod settings;
 mod storage;
