@@ -18,5 +18,6 @@ ENV SITE_ROOT=/opt/vm-healthcheck/site \
     LISTEN_ADDR=0.0.0.0:3000
 EXPOSE 3000
 VOLUME ["/var/lib/vm-healthcheck/data"]
-HEALTHCHECK --interval=30s --timeout=5s CMD ["/bin/sh", "-c", "exec 3<>/dev/tcp/127.0.0.1/3000"]
+# 200 from /api/health: storage answers and the scheduler runs (not merely an open port).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s CMD ["vm-healthcheck", "healthcheck"]
 CMD ["vm-healthcheck"]

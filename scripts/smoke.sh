@@ -35,6 +35,12 @@ grep -q "Create the first admin" <<<"$page" || { echo "smoke: setup page not ren
 grep -q "frontend_bg.wasm\|frontend.js" <<<"$page" || { echo "smoke: hydration script missing"; exit 1; }
 tls "$base/pkg/frontend_bg.wasm" -o /dev/null || { echo "smoke: WASM not served"; exit 1; }
 [[ "$(tls "$base/api/health")" == '{"status":"ok"}' ]] || { echo "smoke: anonymous health says more than ok"; exit 1; }
+# The container's and service manager's health check: the same server, through the binary.
+LISTEN_ADDR="127.0.0.1:$port" DATA_DIR="$data" "$root/target/release/vm-healthcheck" healthcheck ||
+  { echo "smoke: vm-healthcheck healthcheck failed against a healthy server"; exit 1; }
+if LISTEN_ADDR="127.0.0.1:1" DATA_DIR="$data" "$root/target/release/vm-healthcheck" healthcheck 2>/dev/null; then
+  echo "smoke: vm-healthcheck healthcheck passed with no server there"; exit 1
+fi
 [[ "$(curl -sS -o /dev/null -w '%{http_code}' --cacert "$data/tls-cert.pem" "$base/api/vms")" == 401 ]] ||
   { echo "smoke: the fleet is readable anonymously"; exit 1; }
 [[ "$(stat -c %a "$data/setup-code")" == 600 ]] || { echo "smoke: setup code missing or readable by others"; exit 1; }

@@ -50,6 +50,13 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
+# The metrics tests parse /metrics with the reference OpenMetrics parser; the mail test
+# runs a local SMTP server.
+if ! python3 -c 'import prometheus_client, aiosmtpd' 2>/dev/null; then
+  echo "==> installing prometheus-client and aiosmtpd (PyPI)"
+  python3 -m pip install --quiet --disable-pip-version-check \
+    'prometheus-client==0.21.1' 'aiosmtpd==1.4.6'
+fi
 "$root/scripts/build-frontend.sh"
 # The real-guest scenarios (server/tests/it/vm_e2e.rs) boot the cached Debian guest;
 # the first run builds it (a few minutes), later runs reuse it.

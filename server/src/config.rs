@@ -11,7 +11,10 @@
 //! `RECOVERY_TIMEOUT_MS`, `RESET_BACKOFF_MS`, `STORM_PERCENT`, `REMEDIATE_HA_VMS`,
 //! `RECHECK_INTERVAL_MS`, `LINK_REFRESH_MS`, `LINK_AUTO_APPROVE`, `TASK_TIMEOUT_MS`,
 //! `TASK_POLL_MS`, `HANG_EVIDENCE`, `ESCALATION_LADDER`, `GRACEFUL_REBOOT_TIMEOUT_MS`,
-//! `EVIDENCE_INTERVAL_MS`, `GUEST_AGENT_TIMEOUT_MS`, `RESET_VETO_SECONDS`; serving: `TLS`, `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_SUBJECT_NAMES`.
+//! `EVIDENCE_INTERVAL_MS`, `GUEST_AGENT_TIMEOUT_MS`, `RESET_VETO_SECONDS`; serving: `TLS`, `TLS_CERT_FILE`, `TLS_KEY_FILE`, `TLS_SUBJECT_NAMES`;
+//! notifications: `NOTIFY_INTERVAL_MS`, `NOTIFY_TIMEOUT_MS`, `NOTIFY_RETRY_MS`,
+//! `NOTIFY_MAX_ATTEMPTS`, `NOTIFY_WARNING_AFTER_MS`, `NOTIFY_CONCURRENCY`, `SMTP_HOST`,
+//! `SMTP_PORT`, `SMTP_SECURITY`, `SMTP_USERNAME`, `SMTP_PASSWORD`, `SMTP_FROM`.
 
 use domain::Mode;
 pub use domain::Secret;
@@ -76,6 +79,49 @@ pub struct Config {
     /// The first admin, for unattended installs (`ADMIN_USERNAME`, `ADMIN_PASSWORD`).
     pub admin_username: Option<String>,
     pub admin_password: Option<Secret>,
+    /// Notification delivery: pacing, retries, and the mail server for email channels.
+    pub notify: NotifyConfig,
+}
+
+/// How notifications are delivered (`NOTIFY_*`, `SMTP_*`).
+#[derive(Clone)]
+pub struct NotifyConfig {
+    /// How often the notifier looks for happenings and due messages.
+    pub interval: Duration,
+    /// Longest one delivery may take (a hung webhook is abandoned and retried).
+    pub timeout: Duration,
+    /// First retry after a failed delivery; each further one waits twice as long (at most
+    /// an hour).
+    pub retry_base_ms: i64,
+    /// Attempts before a message becomes a dead letter.
+    pub max_attempts: u32,
+    /// A warning is told only once the VM has stayed in it this long.
+    pub warning_min_ms: i64,
+    /// Deliveries running at once.
+    pub concurrency: usize,
+    pub smtp: Option<SmtpConfig>,
+}
+
+/// The mail server email channels send through.
+#[derive(Clone)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub security: SmtpSecurity,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub from: String,
+}
+
+/// How the connection to the mail server is protected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SmtpSecurity {
+    /// Plain connection upgraded with STARTTLS (refused if the server cannot): port 587.
+    Starttls,
+    /// TLS from the first byte: port 465.
+    Tls,
+    /// No encryption: only for a relay on this machine or a test server.
+    Off,
 }
 
 /// How the listener speaks.
@@ -287,6 +333,7 @@ impl Config {
             ingest_queue_capacity: parse(&get, "INGEST_QUEUE_CAPACITY", 20_000usize)?.max(1),
             site_root: PathBuf::from(get("SITE_ROOT").unwrap_or_else(|| "target/site".into())),
             log_json: get("LOG_FORMAT").is_some_and(|v| v.eq_ignore_ascii_case("json")),
+            notify: notify_config(&get)?,
         })
     }
 
@@ -294,6 +341,51 @@ impl Config {
         self.database_url.starts_with("postgres://")
             || self.database_url.starts_with("postgresql://")
     }
+}
+
+fn notify_config(get: &impl Fn(&str) -> Option<String>) -> Result<NotifyConfig, ConfigError> {
+    let smtp = match get("SMTP_HOST") {
+        None => None,
+        Some(host) => {
+            let security = match get("SMTP_SECURITY").as_deref().map(str::trim) {
+                None | Some("starttls") => SmtpSecurity::Starttls,
+                Some("tls") => SmtpSecurity::Tls,
+                Some("off") => SmtpSecurity::Off,
+                Some(other) => {
+                    return Err(ConfigError {
+                        name: "SMTP_SECURITY",
+                        reason: format!("{other:?} is not starttls, tls or off"),
+                    });
+                }
+            };
+            let default_port = match security {
+                SmtpSecurity::Starttls => 587,
+                SmtpSecurity::Tls => 465,
+                SmtpSecurity::Off => 25,
+            };
+            let from = get("SMTP_FROM").ok_or(ConfigError {
+                name: "SMTP_FROM",
+                reason: "is needed with SMTP_HOST (the sender address of the mails)".into(),
+            })?;
+            Some(SmtpConfig {
+                host: host.trim().to_owned(),
+                port: parse(get, "SMTP_PORT", default_port)?,
+                security,
+                username: get("SMTP_USERNAME"),
+                password: get("SMTP_PASSWORD").map(Secret::new),
+                from,
+            })
+        }
+    };
+    Ok(NotifyConfig {
+        interval: Duration::from_millis(parse(get, "NOTIFY_INTERVAL_MS", 1_000u64)?.max(50)),
+        timeout: Duration::from_millis(parse(get, "NOTIFY_TIMEOUT_MS", 10_000u64)?.max(100)),
+        retry_base_ms: parse(get, "NOTIFY_RETRY_MS", 30_000i64)?.max(10),
+        max_attempts: parse(get, "NOTIFY_MAX_ATTEMPTS", 8u32)?.clamp(1, 30),
+        warning_min_ms: parse(get, "NOTIFY_WARNING_AFTER_MS", 300_000i64)?.max(0),
+        concurrency: parse(get, "NOTIFY_CONCURRENCY", 8usize)?.clamp(1, 64),
+        smtp,
+    })
 }
 
 /// Session lifetimes and sign-in limits.

@@ -8,7 +8,7 @@ use crate::db::reports::{NewMetric, PlannedState, ReportWriter};
 use crate::db::{Db, DbError};
 pub use crate::enrolment::Submission;
 use crate::enrolment::{self, Refusal};
-use crate::health::JobHealth;
+use crate::health::{JobHealth, ReportResult};
 use crate::settings::SharedStatusConfig;
 use crate::with_conn;
 use diesel_async::AsyncConnection;
@@ -136,7 +136,18 @@ impl Ingest {
             // A heartbeat refused for our own reasons must not count against its VM.
             self.health.record_ingest_failure(crate::now_ms());
         }
+        self.health.record_report(match result {
+            Ok(_) => ReportResult::Stored,
+            Err(IngestError::Busy) => ReportResult::Shed,
+            Err(IngestError::Unavailable) => ReportResult::Failed,
+            Err(IngestError::Unauthorized | IngestError::IdentityTaken) => ReportResult::Refused,
+        });
         result
+    }
+
+    /// Reports waiting for the writer now.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity().saturating_sub(self.tx.capacity())
     }
 }
 
@@ -161,6 +172,7 @@ impl Writer {
     async fn commit(&self, jobs: &mut Vec<Job>) {
         let submissions: Vec<Submission> = jobs.iter().map(|j| j.submission.clone()).collect();
         let cfg = self.status_config.get();
+        let started = std::time::Instant::now();
         let mut result = write_batch_via(&self.db, &submissions, &cfg, self.path).await;
         if let Err(DbError::Query(diesel::result::Error::DatabaseError(
             diesel::result::DatabaseErrorKind::UniqueViolation,
@@ -173,6 +185,7 @@ impl Writer {
         match result {
             Ok(outcomes) => {
                 self.health.record_commit(crate::now_ms());
+                self.health.record_batch(jobs.len(), started.elapsed());
                 let mut ids: Vec<VmId> = outcomes
                     .iter()
                     .filter_map(|o| o.as_ref().ok().map(|s| s.vm_id))
@@ -243,6 +256,7 @@ pub async fn write_batch_via(
                 StatePath::SetBased => c.apply_latest_state(&planned).await?,
                 StatePath::OneByOne => c.apply_latest_state_one_by_one(&planned).await?,
             }
+            c.insert_reboots(&planned).await?;
             let statuses: BTreeMap<VmId, VmStatus> = planned
                 .iter()
                 .map(|p| (p.vm_id, p.update.verdict.status))

@@ -13,12 +13,14 @@ pub mod clock;
 pub mod config;
 pub mod configure;
 pub mod db;
+pub mod delivery;
 pub mod enrolment;
 pub mod health;
 pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod live;
+pub mod notify;
 pub mod panels;
 pub mod remediation;
 pub mod scheduler;
@@ -151,6 +153,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
         .site_pkg_dir("pkg")
         .env(Env::PROD)
         .build();
+    let deliverer = Arc::new(delivery::Deliverer::new(
+        &config.notify,
+        db.clone(),
+        health.clone(),
+    ));
     let state = AppState {
         inner: Arc::new(Inner {
             leptos_options,
@@ -163,6 +170,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
             ingest,
             engine,
             health: health.clone(),
+            deliverer,
             started_ms: now_ms(),
             login_throttle: throttle::LoginThrottle::new(config.accounts.login_window_ms),
             report_limiter: limiter(
@@ -220,7 +228,11 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
     let upkeep = supervise("history upkeep", health_for_upkeep, move || {
         history::run(history_state.clone())
     });
-    let mut jobs = vec![writer, scheduler, upkeep];
+    let notify_state = state.clone();
+    let notifier = supervise("notifier", state.health.clone(), move || {
+        notify::run(notify_state.clone())
+    });
+    let mut jobs = vec![writer, scheduler, upkeep, notifier];
     if let Some(link) = fanout {
         jobs.push(tokio::spawn(live::run_fanout(live, link)));
     }

@@ -1,6 +1,7 @@
-//! Entry point: load configuration, set up logging, run the server until a signal.
+//! Entry point: load configuration, set up logging, run the server until a signal; or,
+//! with `healthcheck`, ask the running server on this machine whether it is healthy.
 
-use server::config::Config;
+use server::config::{Config, TlsMode};
 use tracing_subscriber::EnvFilter;
 
 /// Rendering a dashboard page polls one deeply nested future; 16 MiB per worker (address
@@ -8,12 +9,53 @@ use tracing_subscriber::EnvFilter;
 /// (`.cargo/config.toml`).
 const WORKER_STACK_BYTES: usize = 16 * 1024 * 1024;
 
+const USAGE: &str = "usage: vm-healthcheck [healthcheck]
+  (no command)  run the server (settings from the environment and .env; see .env.example)
+  healthcheck   exit 0 when the server on this machine answers /api/health with 200";
+
 fn main() -> anyhow::Result<()> {
-    tokio::runtime::Builder::new_multi_thread()
+    let command = std::env::args().nth(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(WORKER_STACK_BYTES)
+        .build()?;
+    match command.as_deref() {
+        None => runtime.block_on(run()),
+        Some("healthcheck") => runtime.block_on(healthcheck()),
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => anyhow::bail!("unknown command {other:?}\n{USAGE}"),
+    }
+}
+
+/// For container and service-manager health checks: the server's own port on loopback.
+/// The certificate is not checked (it is this machine's own server, often self-signed);
+/// nothing secret is sent.
+async fn healthcheck() -> anyhow::Result<()> {
+    let config = Config::from_env()?;
+    let scheme = match config.tls {
+        TlsMode::Off => "http",
+        TlsMode::Generated | TlsMode::Files { .. } => "https",
+    };
+    let url = format!(
+        "{scheme}://127.0.0.1:{}/api/health",
+        config.listen_addr.port()
+    );
+    let answer = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(std::time::Duration::from_secs(5))
         .build()?
-        .block_on(run())
+        .get(&url)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        answer.status().is_success(),
+        "{url} answered {}",
+        answer.status()
+    );
+    Ok(())
 }
 
 async fn run() -> anyhow::Result<()> {

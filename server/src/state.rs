@@ -36,6 +36,8 @@ pub struct Inner {
     pub ingest: Ingest,
     pub engine: Arc<Engine>,
     pub health: JobHealth,
+    /// Sends notifications (the background loop and the "send a test" button).
+    pub deliverer: Arc<crate::delivery::Deliverer>,
     /// When this process started (epoch ms).
     pub started_ms: i64,
     /// Failed sign-ins per account and per address (per replica).

@@ -101,9 +101,11 @@ fn session_layer(state: &AppState) -> SessionManagerLayer<DbSessionStore> {
 async fn sign_in_first(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let path = request.uri().path().to_owned();
     let path = path.as_str();
-    let open = ["/api/", "/agents/", "/pkg/", "/auth/"]
-        .iter()
-        .any(|prefix| path.starts_with(prefix));
+    // The API and the scrape endpoint answer 401 themselves; pages lead to the sign-in.
+    let open = path == "/metrics"
+        || ["/api/", "/agents/", "/pkg/", "/auth/"]
+            .iter()
+            .any(|prefix| path.starts_with(prefix));
     if open {
         return next.run(request).await;
     }

@@ -263,6 +263,83 @@ string_enum!(
         GuestBack = "guest_back",
         /// An operator held an announced automatic power action during its veto window.
         ResetHeld = "reset_held",
+        /// A VM used every attempt its incident allows: a person must look.
+        LatchedManual = "latched_manual",
+        /// A guest restarted with no power action of ours (its uptime went backwards).
+        UnexpectedReboot = "unexpected_reboot",
+    }
+);
+
+string_enum!(
+    /// What a notification tells.
+    NotifyKind, "notification kind" {
+        VmDown = "vm_down",
+        /// Only after a down was sent on the same rule.
+        VmRecovered = "vm_recovered",
+        /// Sent once the VM has stayed in warning for the configured minimum.
+        WarningEntered = "warning_entered",
+        /// Only after the warning was sent on the same rule.
+        WarningLeft = "warning_left",
+        PowerActionSent = "power_action_sent",
+        PowerActionSucceeded = "power_action_succeeded",
+        PowerActionFailed = "power_action_failed",
+        LatchedManual = "latched_manual",
+        /// A report claimed an identity its credential does not hold, or an enrolment an
+        /// identity already enrolled.
+        LinkClaimRefused = "link_claim_refused",
+        BreakerTripped = "breaker_tripped",
+        BreakerCleared = "breaker_cleared",
+        /// The second opinion found the guest alive or faulted: no power action.
+        AgentSilent = "agent_silent",
+        GuestFault = "guest_fault",
+        /// A guest restarted with no power action of ours.
+        UnexpectedReboot = "unexpected_reboot",
+        /// Every VM of one node went down together: one message, not one per VM.
+        NodeUnreachable = "node_unreachable",
+        /// A VM still down, repeated at the rule's interval.
+        StillDown = "still_down",
+        /// From the "send a test" button.
+        Test = "test",
+    }
+);
+
+string_enum!(
+    /// Where a notification goes.
+    ChannelKind, "channel kind" {
+        /// JSON, signed with HMAC-SHA256 when the channel has a secret.
+        Webhook = "webhook",
+        Ntfy = "ntfy",
+        Gotify = "gotify",
+        /// Slack and anything that takes Slack's incoming-webhook JSON (Mattermost, Teams'
+        /// workflows, Rocket.Chat).
+        Slack = "slack",
+        Discord = "discord",
+        Email = "email",
+    }
+);
+
+string_enum!(
+    /// How far a queued notification got.
+    DeliveryState, "delivery state" {
+        /// Waiting for its (next) attempt.
+        Pending = "pending",
+        Sent = "sent",
+        /// Every attempt failed: kept as a dead letter.
+        Dead = "dead",
+        /// Told by a node-wide message instead.
+        Grouped = "grouped",
+        /// No longer true when its time came (a warning that ended within its minimum).
+        Dropped = "dropped",
+    }
+);
+
+string_enum!(
+    /// What a maintenance window covers.
+    WindowScope, "window scope" {
+        All = "all",
+        Vm = "vm",
+        Tag = "tag",
+        Node = "node",
     }
 );
 
@@ -314,6 +391,10 @@ mod tests {
         round_trips(OsKind::ALL);
         round_trips(EventKind::ALL);
         round_trips(UserRole::ALL);
+        round_trips(NotifyKind::ALL);
+        round_trips(ChannelKind::ALL);
+        round_trips(DeliveryState::ALL);
+        round_trips(WindowScope::ALL);
     }
 
     #[test]

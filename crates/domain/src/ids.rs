@@ -90,6 +90,60 @@ impl fmt::Display for Vmid {
     }
 }
 
+/// An operator's label on VMs ("db", "prod", "site:paris"): 1 to 64 characters, lower-case
+/// letters, digits and `-_.:`; stored lower-cased, so `DB` and `db` are one tag.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Tag(String);
+
+impl Tag {
+    pub const MAX_CHARS: usize = 64;
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for Tag {
+    type Error = InvalidId;
+
+    fn try_from(value: String) -> Result<Self, InvalidId> {
+        let value = value.trim().to_lowercase();
+        let valid = !value.is_empty()
+            && value.chars().count() <= Self::MAX_CHARS
+            && value.chars().all(|c| {
+                c.is_alphabetic() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.' | ':')
+            });
+        if valid {
+            Ok(Tag(value))
+        } else {
+            Err(InvalidId(
+                "must be 1 to 64 letters, digits, '-', '_', '.' or ':'",
+            ))
+        }
+    }
+}
+
+impl FromStr for Tag {
+    type Err = InvalidId;
+
+    fn from_str(value: &str) -> Result<Self, InvalidId> {
+        Tag::try_from(value.to_owned())
+    }
+}
+
+impl From<Tag> for String {
+    fn from(tag: Tag) -> String {
+        tag.0
+    }
+}
+
+impl fmt::Display for Tag {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A Proxmox node name: 1 to 63 ASCII letters, digits and hyphens.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -148,6 +202,31 @@ pub struct GuestRef {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::get_unwrap)]
     use super::*;
+
+    #[test]
+    fn tags_are_lower_cased_and_bounded() {
+        assert_eq!("DB".parse::<Tag>().unwrap().as_str(), "db");
+        assert_eq!(
+            " site:paris ".parse::<Tag>().unwrap().as_str(),
+            "site:paris"
+        );
+        assert_eq!("сервер".parse::<Tag>().unwrap().as_str(), "сервер");
+        let longest = "a".repeat(64);
+        assert!(longest.parse::<Tag>().is_ok());
+        for bad in [
+            "",
+            " ",
+            "a b",
+            "a,b",
+            "<b>",
+            "a\tb",
+            &"a".repeat(65),
+            "x\"y",
+        ] {
+            assert!(bad.parse::<Tag>().is_err(), "{bad:?}");
+        }
+        assert!(serde_json::from_str::<Tag>("\"a/b\"").is_err());
+    }
 
     #[test]
     fn ids_parse_strictly() {

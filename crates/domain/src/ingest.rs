@@ -36,6 +36,8 @@ pub struct StateUpdate {
     pub change: Option<(VmStatus, VmStatus)>,
     /// The reason, when this report ends the VM's remediation incident.
     pub ends_incident: Option<String>,
+    /// What was seen, when the guest restarted by itself since its previous report.
+    pub rebooted: Option<String>,
 }
 
 /// Per VM of a batch: the report with the newest observation and the newest receipt time.
@@ -116,8 +118,31 @@ pub fn plan_batch(
         },
         change: changed.then_some((vm.status, verdict.status)),
         verdict,
+        rebooted: if takes_figures && ends_incident.is_none() {
+            unexpected_reboot(vm, newest)
+        } else {
+            None
+        },
         ends_incident,
     }
+}
+
+/// A guest that restarted without a power action of ours: a newer report whose uptime went
+/// backwards, while no incident of ours was open and no action was sent since the previous
+/// report. The uptime, not the guest's clock, decides (a clock stepped by NTP is no reboot).
+pub fn unexpected_reboot(vm: &StoredVm, newest: &Heartbeat) -> Option<String> {
+    let (previous_observed, previous_uptime) = (vm.observed_at_ms?, vm.uptime_seconds?);
+    let ours = vm.phase != RemediationPhase::Ok
+        || vm.attempts > 0
+        || vm.last_reset_ms.is_some_and(|t| t >= previous_observed);
+    // Whole seconds on both sides: one second of slack for the rounding.
+    let backwards = newest.uptime_seconds.saturating_add(1) < previous_uptime;
+    (newest.observed_ms > previous_observed && backwards && !ours).then(|| {
+        format!(
+            "unexpected reboot: uptime went from {previous_uptime}s to {}s with no power action of the monitor",
+            newest.uptime_seconds
+        )
+    })
 }
 
 /// Says whether the guest visibly restarted (its uptime began after the reset). One that
@@ -242,6 +267,84 @@ mod tests {
             no_restart.ends_incident.as_deref(),
             Some("recovered: reporting again without a restart (uptime 100000s)")
         );
+    }
+
+    #[test]
+    fn a_reboot_of_its_own_is_told_once_and_ours_never() {
+        let cfg = StatusConfig::default();
+        let up = StoredVm {
+            uptime_seconds: Some(1000),
+            ..stored(VmStatus::Healthy)
+        };
+        // Uptime 1000 s at the previous report; the next says 20 s.
+        let rebooted = plan(&up, &beat(NOW, 5.0, 20), NOW, &cfg);
+        assert!(
+            rebooted
+                .rebooted
+                .as_deref()
+                .unwrap()
+                .contains("from 1000s to 20s"),
+            "{rebooted:?}"
+        );
+        let table = [
+            ("uptime grew", up.clone(), beat(NOW, 5.0, 1030), false),
+            (
+                "one second of rounding",
+                up.clone(),
+                beat(NOW, 5.0, 999),
+                false,
+            ),
+            (
+                "a replay of an older report",
+                up.clone(),
+                beat(NOW - 60_000, 5.0, 20),
+                false,
+            ),
+            (
+                "after our reset",
+                StoredVm {
+                    last_reset_ms: Some(NOW - 29_000),
+                    ..up.clone()
+                },
+                beat(NOW, 5.0, 20),
+                false,
+            ),
+            (
+                "in an incident of ours",
+                StoredVm {
+                    phase: RemediationPhase::Recovering,
+                    attempts: 1,
+                    ..up.clone()
+                },
+                beat(NOW, 5.0, 20),
+                false,
+            ),
+            (
+                "no uptime stored yet",
+                StoredVm {
+                    uptime_seconds: None,
+                    ..stored(VmStatus::Unknown)
+                },
+                beat(NOW, 5.0, 20),
+                false,
+            ),
+            (
+                "an old reset of ours is not this one",
+                StoredVm {
+                    last_reset_ms: Some(NOW - 3_600_000),
+                    ..up.clone()
+                },
+                beat(NOW, 5.0, 20),
+                true,
+            ),
+        ];
+        for (what, vm, report, expected) in table {
+            assert_eq!(
+                plan(&vm, &report, NOW, &cfg).rebooted.is_some(),
+                expected,
+                "{what}"
+            );
+        }
     }
 
     #[test]

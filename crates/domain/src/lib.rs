@@ -10,6 +10,9 @@ pub mod identity;
 pub mod ids;
 pub mod ingest;
 pub mod link;
+#[cfg(feature = "schedule")]
+pub mod maintenance;
+pub mod notify;
 pub mod panel;
 pub mod policy;
 pub mod secret;
@@ -18,9 +21,9 @@ pub mod status;
 pub mod view;
 
 pub use enums::{
-    AttemptOutcome, AutoReset, ChartRange, EventKind, GuestKind, LinkSource, Mode, OperatorAction,
-    OsKind, PanelName, PowerAction, RemediationPhase, TriggerSource, UnknownValue, UserRole,
-    VmStatus,
+    AttemptOutcome, AutoReset, ChannelKind, ChartRange, DeliveryState, EventKind, GuestKind,
+    LinkSource, Mode, NotifyKind, OperatorAction, OsKind, PanelName, PowerAction, RemediationPhase,
+    TriggerSource, UnknownValue, UserRole, VmStatus, WindowScope,
 };
-pub use ids::{AttemptId, GuestRef, InvalidId, NodeName, VmId, Vmid};
+pub use ids::{AttemptId, GuestRef, InvalidId, NodeName, Tag, VmId, Vmid};
 pub use secret::Secret;

@@ -5,7 +5,7 @@ use super::store::AttemptRow;
 use super::stored::Stored;
 use super::{Conn, DbError};
 use crate::with_conn;
-use diesel::{ExpressionMethods, QueryDsl};
+use diesel::{ExpressionMethods, QueryDsl, SelectableHelper};
 use diesel_async::{AsyncConnection, RunQueryDsl};
 use domain::view::Event;
 use domain::{
@@ -231,6 +231,17 @@ pub async fn set_phase(
             }
         }
     })?;
+    // A latch is news for a person: recorded as an event (notifications tell it).
+    if updated == 1 && phase == RemediationPhase::Manual {
+        insert_event(
+            conn,
+            EventKind::LatchedManual,
+            Some(vm_id),
+            reason,
+            crate::now_ms(),
+        )
+        .await?;
+    }
     Ok(updated == 1)
 }
 
@@ -594,6 +605,7 @@ pub async fn unfinished_attempts(conn: &mut Conn) -> Result<Vec<AttemptRow>, DbE
         reset_attempts::table
             .filter(reset_attempts::outcome.eq_any(open))
             .order(reset_attempts::id.asc())
+            .select(AttemptRow::as_select())
             .load(c)
             .await
     })?)

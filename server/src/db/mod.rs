@@ -3,6 +3,7 @@
 pub mod history;
 pub mod identity;
 pub mod incidents;
+pub mod notify;
 pub mod people;
 pub mod reports;
 pub mod schema;

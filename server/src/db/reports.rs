@@ -2,7 +2,7 @@
 //! metric samples, apply the new state the core planned. The caller holds the transaction.
 
 use super::SqliteConn;
-use super::schema::{metric_samples, status_changes, vms};
+use super::schema::{events, metric_samples, status_changes, vms};
 use super::store::{NewStatusChange, VmRow};
 use diesel::backend::Backend;
 use diesel::pg::Pg;
@@ -14,7 +14,7 @@ use diesel::{ExpressionMethods, QueryDsl, QueryResult, SelectableHelper};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use domain::heartbeat::Heartbeat;
 use domain::ingest::StateUpdate;
-use domain::{RemediationPhase, VmId, VmStatus};
+use domain::{EventKind, RemediationPhase, VmId, VmStatus};
 use std::future::Future;
 
 #[derive(diesel::Insertable)]
@@ -91,6 +91,12 @@ pub trait ReportWriter {
     /// The planned state of every VM of the batch: one `UPDATE ... FROM (VALUES ...)` for
     /// the VMs and one insert for their status changes, whatever the batch size.
     fn apply_latest_state(
+        &mut self,
+        planned: &[PlannedState<'_>],
+    ) -> impl Future<Output = QueryResult<()>> + Send;
+
+    /// An `unexpected_reboot` event for each VM of the batch that restarted by itself.
+    fn insert_reboots(
         &mut self,
         planned: &[PlannedState<'_>],
     ) -> impl Future<Output = QueryResult<()>> + Send;
@@ -448,6 +454,24 @@ macro_rules! report_writer {
                                 at_ms: u.last_seen_ms,
                                 reason: &u.verdict.reason,
                             })
+                            .execute(self)
+                            .await?;
+                    }
+                }
+                Ok(())
+            }
+
+            async fn insert_reboots(&mut self, planned: &[PlannedState<'_>]) -> QueryResult<()> {
+                // Rare (a guest restarting by itself): one row each.
+                for p in planned {
+                    if let Some(what) = &p.update.rebooted {
+                        diesel::insert_into(events::table)
+                            .values((
+                                events::at_ms.eq(p.update.last_seen_ms),
+                                events::kind.eq(EventKind::UnexpectedReboot.as_str()),
+                                events::vm_id.eq(Some(p.vm_id.get())),
+                                events::message.eq(format!("{}: {what}", p.report.hostname)),
+                            ))
                             .execute(self)
                             .await?;
                     }

@@ -91,6 +91,75 @@ diesel::table! {
         created_ms -> BigInt,
         sent_ms -> Nullable<BigInt>,
         finished_ms -> Nullable<BigInt>,
+        notice -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    vm_tags (vm_id, tag) {
+        vm_id -> BigInt,
+        tag -> Text,
+    }
+}
+
+diesel::table! {
+    notify_channels (id) {
+        id -> BigInt,
+        name -> Text,
+        kind -> Text,
+        target -> Text,
+        secret -> Nullable<Text>,
+        created_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    notify_rules (id) {
+        id -> BigInt,
+        channel_id -> BigInt,
+        kinds -> Text,
+        tag -> Nullable<Text>,
+        repeat_ms -> Nullable<BigInt>,
+        created_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    notifications (id) {
+        id -> BigInt,
+        channel_id -> BigInt,
+        rule_id -> Nullable<BigInt>,
+        kind -> Text,
+        vm_id -> Nullable<BigInt>,
+        message_json -> Text,
+        state -> Text,
+        attempts -> Integer,
+        next_attempt_ms -> BigInt,
+        last_error -> Nullable<Text>,
+        created_ms -> BigInt,
+        sent_ms -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    maintenance_windows (id) {
+        id -> BigInt,
+        name -> Text,
+        scope -> Text,
+        scope_value -> Nullable<Text>,
+        starts_ms -> Nullable<BigInt>,
+        ends_ms -> Nullable<BigInt>,
+        recurrence -> Nullable<Text>,
+        duration_ms -> Nullable<BigInt>,
+        created_by -> Text,
+        created_ms -> BigInt,
+    }
+}
+
+diesel::table! {
+    notify_cursors (name) {
+        name -> Text,
+        last_id -> BigInt,
     }
 }
 
@@ -190,6 +259,8 @@ diesel::joinable!(agent_credentials -> vms (vm_id));
 diesel::joinable!(metric_samples -> vms (vm_id));
 diesel::joinable!(status_changes -> vms (vm_id));
 diesel::joinable!(reset_attempts -> vms (vm_id));
+diesel::joinable!(vm_tags -> vms (vm_id));
+diesel::joinable!(notify_rules -> notify_channels (channel_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     vms,
@@ -205,4 +276,10 @@ diesel::allow_tables_to_appear_in_same_query!(
     sessions,
     api_tokens,
     audit_log,
+    vm_tags,
+    notify_channels,
+    notify_rules,
+    notifications,
+    maintenance_windows,
+    notify_cursors,
 );

@@ -553,7 +553,8 @@ pub async fn recent_status_changes(
 }
 
 /// A `reset_attempts` row; stored enums fail on unknown values.
-#[derive(Clone, Debug, diesel::Queryable)]
+#[derive(Clone, Debug, diesel::Queryable, diesel::Selectable)]
+#[diesel(table_name = reset_attempts)]
 pub struct AttemptRow {
     pub id: i64,
     pub vm_id: i64,
@@ -609,6 +610,7 @@ pub async fn recent_resets(
             .filter(reset_attempts::vm_id.eq(vm_id.get()))
             .order(reset_attempts::id.desc())
             .limit(limit)
+            .select(AttemptRow::as_select())
             .load(c)
             .await
     })?;

@@ -8,6 +8,8 @@ pub mod error;
 pub mod extract;
 mod health;
 mod live;
+mod metrics;
+mod notify;
 pub mod people;
 mod remediation;
 mod report;
@@ -98,6 +100,32 @@ pub fn router(read_slots: usize) -> Router<AppState> {
             "/api/settings",
             get(status::get_settings).put(status::put_settings),
         )
+        .route(
+            "/api/vms/{id}/tags",
+            get(notify::get_tags).put(notify::put_tags),
+        )
+        .route("/api/vms/{id}/snooze", post(notify::snooze))
+        .route(
+            "/api/notify/channels",
+            get(notify::list_channels).post(notify::create_channel),
+        )
+        .route("/api/notify/channels/{id}", delete(notify::delete_channel))
+        .route("/api/notify/channels/{id}/test", post(notify::test_channel))
+        .route(
+            "/api/notify/rules",
+            get(notify::list_rules).post(notify::create_rule),
+        )
+        .route("/api/notify/rules/{id}", delete(notify::delete_rule))
+        .route(
+            "/api/notify/messages",
+            get(notify::messages).layer(reads.clone()),
+        )
+        .route(
+            "/api/maintenance",
+            get(notify::list_windows).post(notify::create_window),
+        )
+        .route("/api/maintenance/{id}", delete(notify::delete_window))
+        .route("/metrics", get(metrics::metrics).layer(reads.clone()))
         .route("/api/{*rest}", any(|| async { ApiError::NotFound }))
         // Reports are the largest bodies; the rest are small JSON documents. `RawBody`
         // reports this limit when a body exceeds it.

@@ -165,6 +165,9 @@ impl Executor {
                 // It may run: treat it as sent, so the recovery window applies before any
                 // second attempt.
                 tracing::error!(vm_id = %vm_id, error = %why, "power action outcome unknown");
+                self.ctx
+                    .health
+                    .record_power_action(followed.action, AttemptOutcome::Interrupted);
                 let note = format!("outcome unknown ({why}); treated as sent");
                 let reason = "outcome unknown; waiting for a heartbeat";
                 treat_as_sent(&mut conn, followed.attempt_id, vm_id, &note, reason, now_ms).await?;
@@ -172,6 +175,9 @@ impl Executor {
             }
             Err(err) => {
                 tracing::error!(vm_id = %vm_id, error = %err, "Proxmox refused the power action");
+                self.ctx
+                    .health
+                    .record_power_action(followed.action, AttemptOutcome::Failed);
                 let text = err.to_string();
                 incidents::finish_attempt(
                     &mut conn,
@@ -295,6 +301,11 @@ impl Executor {
         let now_ms = self.ctx.clock.now_ms();
         let mut conn = self.ctx.db.conn().await?;
         let (vm_id, action, upid) = (followed.vm_id, followed.action, &followed.upid);
+        let ended = match outcome {
+            Ok(_) => AttemptOutcome::Ok,
+            Err(_) => AttemptOutcome::Failed,
+        };
+        self.ctx.health.record_power_action(action, ended);
         match outcome {
             Ok(_) if followed.automatic && action == PowerAction::Stop => {
                 drop(conn);

@@ -251,6 +251,12 @@ impl super::Engine {
                     tracing::info!(vm_id = %row.id, "auto-reset paused while the evidence was gathered; nothing sent");
                     return Ok(());
                 }
+                // A maintenance window opened while the evidence was gathered.
+                let planned = self.planned_work(&[row]).await?;
+                if let Some(reason) = planned.holds(row, now_ms) {
+                    tracing::info!(vm_id = %row.id, %reason, "a maintenance window opened while the evidence was gathered; nothing sent");
+                    return Ok(());
+                }
                 let watching_since = self.watching_since_ms.load(Ordering::Acquire);
                 let step = policy::veto_step(
                     row.phase(),

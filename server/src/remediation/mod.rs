@@ -11,11 +11,13 @@ use crate::cache::{self, StateCache};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::db::incidents::{self, NewAttempt};
+use crate::db::notify as notify_store;
 use crate::db::store::{self, VmRow};
 use crate::db::{Db, DbError};
 use crate::health::JobHealth;
 use crate::settings::{SharedRemediation, SharedStatusConfig};
 use breaker::Guard;
+use domain::maintenance;
 use domain::policy::{self, Decision, RemediationConfig, Screen, VmFacts};
 use domain::view::RemediationSummary;
 use domain::{
@@ -26,6 +28,7 @@ use executor::Executor;
 pub use leader::Leader;
 use linker::Linker;
 use proxmox::{ProxmoxApi, PveClient, PveError, TlsTrust};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -329,8 +332,23 @@ impl Engine {
             };
             let mut rows: Vec<&VmRow> = open.iter().chain(&stale).collect();
             rows.sort_by_key(|row| row.id);
+            let planned = self.planned_work(&rows).await?;
             for row in rows {
-                match policy::screen(&facts(row), now_ms) {
+                let screen = policy::screen(&facts(row), now_ms);
+                if screen == Screen::Candidate
+                    && let Some(reason) = planned.holds(row, now_ms)
+                {
+                    // Recorded once on the VM (its reason), not every round.
+                    if row.phase_reason.as_deref() != Some(reason.as_str()) {
+                        tracing::info!(vm_id = %row.id, hostname = %row.hostname, %reason, "no automatic action during maintenance");
+                        let mut conn = self.ctx.db.conn().await?;
+                        let next = now_ms.saturating_add(self.ctx.cfg().recheck_ms);
+                        incidents::defer(&mut conn, row.vm_id(), next, &reason).await?;
+                        touched.push(row.vm_id());
+                    }
+                    continue;
+                }
+                match screen {
                     Screen::Candidate => {
                         if !self.inspections.contains(row.vm_id())
                             && self.consider(row, &mut in_flight, now_ms).await?
@@ -356,6 +374,24 @@ impl Engine {
         }
         cache::refresh(&self.ctx.db, &self.ctx.cache, &touched).await;
         Ok(())
+    }
+
+    /// The maintenance windows, and the tags of this round's VMs when any window exists.
+    /// A window that cannot be read fails the round: no action is better than one taken
+    /// in planned work.
+    async fn planned_work(&self, rows: &[&VmRow]) -> Result<PlannedWork, DbError> {
+        if rows.is_empty() {
+            return Ok(PlannedWork::default());
+        }
+        let mut conn = self.ctx.db.conn().await?;
+        let windows = notify_store::active_windows(&mut conn).await?;
+        let tags = if windows.is_empty() {
+            HashMap::new()
+        } else {
+            let ids: Vec<VmId> = rows.iter().map(|r| r.vm_id()).collect();
+            notify_store::tags_of(&mut conn, Some(&ids)).await?
+        };
+        Ok(PlannedWork { windows, tags })
     }
 
     /// Any rail that stops automatic resets this round.
@@ -643,6 +679,41 @@ impl Engine {
         cache::refresh(&self.ctx.db, &self.ctx.cache, &[vm_id]).await;
         Ok(cleared)
     }
+}
+
+/// Maintenance windows and the tags they may name, for one round.
+#[derive(Default)]
+struct PlannedWork {
+    windows: Vec<maintenance::Window>,
+    tags: HashMap<VmId, Vec<domain::Tag>>,
+}
+
+impl PlannedWork {
+    /// Why a VM is left alone now, when a window covers it.
+    fn holds(&self, row: &VmRow, now_ms: i64) -> Option<String> {
+        let node: Option<domain::NodeName> =
+            row.proxmox_node.as_deref().and_then(|n| n.parse().ok());
+        let covered = maintenance::Covered {
+            id: row.vm_id(),
+            tags: self.tags.get(&row.vm_id()).map_or(&[], Vec::as_slice),
+            node: node.as_ref(),
+        };
+        maintenance::covering(&self.windows, &covered, now_ms).map(|(name, until)| {
+            format!(
+                "in maintenance window {name:?} until {}: no automatic power action",
+                utc(until)
+            )
+        })
+    }
+}
+
+/// A time for a reason text: `2026-11-28 04:00 UTC`.
+fn utc(ms: i64) -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day] [hour]:[minute] UTC");
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1000))
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_else(|| ms.to_string())
 }
 
 fn facts(row: &VmRow) -> VmFacts {

@@ -19,6 +19,8 @@ mod history;
 mod http;
 mod identity;
 mod live;
+mod notify;
+mod ops;
 mod panels;
 mod people;
 mod proxmox;

@@ -397,6 +397,16 @@ async fn a_real_guest_installs_hangs_is_reset_and_recovers() {
         run.fake.posts().is_empty(),
         "no power action for a reboot of its own",
     );
+    let events = run.srv.get("/api/remediation").await.1["events"].clone();
+    run.check(
+        events.as_array().is_some_and(|e| {
+            e.iter()
+                .filter(|e| e["kind"] == "unexpected_reboot" && e["vm_id"] == id)
+                .count()
+                == 1
+        }),
+        &format!("the reboot of its own is recorded once: {events}"),
+    );
     let before_hang = history(&run.srv, id).await.len();
 
     // 2. A kernel hang: down within the stale timeout, the evidence says hung, the ladder's

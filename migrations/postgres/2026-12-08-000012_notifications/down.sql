@@ -1,0 +1,11 @@
+DROP TABLE notify_cursors;
+DROP TABLE maintenance_windows;
+DROP TABLE notifications;
+DROP TABLE notify_rules;
+DROP TABLE notify_channels;
+DROP TABLE vm_tags;
+DROP INDEX reset_attempts_untold;
+ALTER TABLE reset_attempts DROP COLUMN notice;
+DELETE FROM events WHERE kind IN ('latched_manual', 'unexpected_reboot');
+ALTER TABLE events DROP CONSTRAINT events_kind_check;
+ALTER TABLE events ADD CONSTRAINT events_kind_check CHECK (kind IN ('breaker_tripped','breaker_reset','identity_claim','enrolment_refused','agent_silent','guest_fault','guest_back','reset_held'));

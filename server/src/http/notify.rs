@@ -1,0 +1,503 @@
+//! Notifications, maintenance windows and tags over the API: channels and routing rules
+//! (admins), the message log with its dead letters, windows and snoozes, and VM tags
+//! (operators).
+
+use super::error::ApiError;
+use super::extract::{Admin, JsonBody, Operator, Viewer, VmPath, label};
+use crate::db::notify::{
+    self as store, ChannelView, NewChannel, NotificationView, RuleView, WindowView,
+};
+use crate::state::AppState;
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use domain::maintenance::{Recurrence, Scope, When, Window, check_when};
+use domain::notify::{MAX_REPEAT_MS, MIN_REPEAT_MS, Message, Rule};
+use domain::{ChannelKind, DeliveryState, NotifyKind, Tag, WindowScope};
+use serde::{Deserialize, Serialize};
+
+/// Longest snooze: a week.
+const MAX_SNOOZE_HOURS: i64 = 7 * 24;
+/// Most tags on one VM.
+const MAX_TAGS: usize = 32;
+
+fn id_of(raw: &str, field: &str) -> Result<i64, ApiError> {
+    raw.parse::<i64>()
+        .ok()
+        .filter(|id| *id > 0)
+        .ok_or_else(|| ApiError::field(field, "must be a positive integer"))
+}
+
+// ---- channels ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewChannelBody {
+    name: String,
+    kind: ChannelKind,
+    /// A URL (webhook, ntfy topic, Gotify server, Slack or Discord webhook) or, for email,
+    /// the recipient's address.
+    target: String,
+    /// Webhook: the HMAC key; ntfy: an access token; Gotify: the application token.
+    secret: Option<String>,
+}
+
+/// Where a message may be sent: HTTPS, or plain HTTP to this machine only (a secret or the
+/// fleet's names must not cross the network in clear).
+fn check_url(raw: &str) -> Result<reqwest::Url, ApiError> {
+    let url = reqwest::Url::parse(raw.trim()).map_err(|e| ApiError::field("target", e))?;
+    let loopback = matches!(
+        url.host(),
+        Some(url::Host::Domain("localhost"))
+            | Some(url::Host::Ipv4(std::net::Ipv4Addr::LOCALHOST))
+            | Some(url::Host::Ipv6(std::net::Ipv6Addr::LOCALHOST))
+    );
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => {
+            return Err(ApiError::field(
+                "target",
+                "must be https (plain http only to this machine)",
+            ));
+        }
+        _ => return Err(ApiError::field("target", "must be an https URL")),
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(ApiError::field(
+            "target",
+            "must not carry a password; put tokens in secret",
+        ));
+    }
+    Ok(url)
+}
+
+pub async fn create_channel(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    JsonBody(body): JsonBody<NewChannelBody>,
+) -> Result<(StatusCode, Json<ChannelView>), ApiError> {
+    let name = label(&body.name).map_err(|e| ApiError::field("name", e))?;
+    let secret = body
+        .secret
+        .as_deref()
+        .map(str::trim)
+        .filter(|s| !s.is_empty());
+    if secret.is_some_and(|s| s.len() > 1_000) {
+        return Err(ApiError::field("secret", "at most 1,000 characters"));
+    }
+    // Slack's and Discord's webhook URLs are their own secret: kept as the secret, shown
+    // by their host only.
+    let (target, secret) = match body.kind {
+        ChannelKind::Email => {
+            body.target
+                .trim()
+                .parse::<lettre::Address>()
+                .map_err(|e| ApiError::field("target", format!("not an email address ({e})")))?;
+            (body.target.trim().to_owned(), None)
+        }
+        ChannelKind::Slack | ChannelKind::Discord => {
+            let url = check_url(&body.target)?;
+            let shown = format!("{}://{}/…", url.scheme(), url.host_str().unwrap_or(""));
+            (shown, Some(url.to_string()))
+        }
+        ChannelKind::Webhook | ChannelKind::Ntfy | ChannelKind::Gotify => {
+            let url = check_url(&body.target)?;
+            (url.to_string(), secret.map(str::to_owned))
+        }
+    };
+    let (mut conn, _turn) = state.db.write_conn().await?;
+    let new = NewChannel {
+        name,
+        kind: body.kind,
+        target: &target,
+        secret: secret.as_deref(),
+    };
+    let id = store::create_channel(&mut conn, &new, crate::now_ms())
+        .await?
+        .ok_or_else(|| ApiError::Conflict("a channel with this name exists".into()))?;
+    let row = store::channel(&mut conn, id)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    actor
+        .audit(
+            &state,
+            "notify.channel.create",
+            Some(name),
+            Some(body.kind.as_str()),
+        )
+        .await;
+    Ok((StatusCode::CREATED, Json(row.view())))
+}
+
+pub async fn list_channels(
+    State(state): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<Vec<ChannelView>>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    let rows = store::channels(&mut conn).await?;
+    Ok(Json(rows.iter().map(store::ChannelRow::view).collect()))
+}
+
+pub async fn delete_channel(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = id_of(&id, "id")?;
+    let (mut conn, _turn) = state.db.write_conn().await?;
+    if !store::delete_channel(&mut conn, id).await? {
+        return Err(ApiError::NotFound);
+    }
+    actor
+        .audit(&state, "notify.channel.delete", Some(&id.to_string()), None)
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+pub struct TestResult {
+    delivered: bool,
+    error: Option<String>,
+}
+
+/// Sends a test message to the channel now and says how it went.
+pub async fn test_channel(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+) -> Result<Json<TestResult>, ApiError> {
+    let id = id_of(&id, "id")?;
+    let channel = {
+        let mut conn = state.db.conn().await?;
+        store::channel(&mut conn, id)
+            .await?
+            .ok_or(ApiError::NotFound)?
+    };
+    let message = Message::fleet(
+        NotifyKind::Test,
+        &format!(
+            "Sent by {} to check the channel {:?}.",
+            actor.who.name, channel.name
+        ),
+        crate::now_ms(),
+    );
+    let result = state.deliverer.send(&channel, &message, 0).await;
+    state.health.record_notification(result.is_ok());
+    actor
+        .audit(
+            &state,
+            "notify.channel.test",
+            Some(&channel.name),
+            result.as_ref().err().map(String::as_str),
+        )
+        .await;
+    Ok(Json(TestResult {
+        delivered: result.is_ok(),
+        error: result.err(),
+    }))
+}
+
+// ---- rules ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewRuleBody {
+    channel_id: i64,
+    /// Kinds to send; empty or absent: every kind.
+    #[serde(default)]
+    kinds: Vec<NotifyKind>,
+    /// Only VMs with this tag.
+    tag: Option<Tag>,
+    /// Remind while a VM stays down, this often (5 to 10,080 minutes).
+    repeat_minutes: Option<i64>,
+}
+
+pub async fn create_rule(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    JsonBody(body): JsonBody<NewRuleBody>,
+) -> Result<(StatusCode, Json<RuleView>), ApiError> {
+    if body.kinds.contains(&NotifyKind::Test) {
+        return Err(ApiError::field(
+            "kinds",
+            "test messages are sent by the test button, not routed",
+        ));
+    }
+    let repeat_ms = body
+        .repeat_minutes
+        .map(|m| m.saturating_mul(60_000))
+        .map(|ms| {
+            (MIN_REPEAT_MS..=MAX_REPEAT_MS)
+                .contains(&ms)
+                .then_some(ms)
+                .ok_or_else(|| ApiError::field("repeat_minutes", "must be 5 to 10080"))
+        })
+        .transpose()?;
+    let mut kinds = body.kinds.clone();
+    kinds.sort();
+    kinds.dedup();
+    let rule = Rule {
+        id: 0,
+        channel_id: body.channel_id,
+        kinds,
+        tag: body.tag.clone(),
+        repeat_ms,
+    };
+    let (mut conn, _turn) = state.db.write_conn().await?;
+    let id = store::create_rule(&mut conn, &rule, crate::now_ms())
+        .await?
+        .ok_or_else(|| ApiError::field("channel_id", "no such channel"))?;
+    let created = store::rules(&mut conn)
+        .await?
+        .into_iter()
+        .find(|r| r.id == id)
+        .ok_or(ApiError::NotFound)?;
+    actor
+        .audit(&state, "notify.rule.create", Some(&id.to_string()), None)
+        .await;
+    Ok((StatusCode::CREATED, Json(created)))
+}
+
+pub async fn list_rules(
+    State(state): State<AppState>,
+    _admin: Admin,
+) -> Result<Json<Vec<RuleView>>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    Ok(Json(store::rules(&mut conn).await?))
+}
+
+pub async fn delete_rule(
+    State(state): State<AppState>,
+    Admin(actor): Admin,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = id_of(&id, "id")?;
+    let (mut conn, _turn) = state.db.write_conn().await?;
+    if !store::delete_rule(&mut conn, id).await? {
+        return Err(ApiError::NotFound);
+    }
+    actor
+        .audit(&state, "notify.rule.delete", Some(&id.to_string()), None)
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+// ---- the message log ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessagesQuery {
+    state: Option<DeliveryState>,
+    limit: Option<i64>,
+}
+
+/// The newest messages (`?state=dead` for the dead letters), newest first.
+pub async fn messages(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Query(q): Query<MessagesQuery>,
+) -> Result<Json<Vec<NotificationView>>, ApiError> {
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::field("limit", "must be 1 to 1000"));
+    }
+    let mut conn = state.db.conn().await?;
+    Ok(Json(store::recent(&mut conn, q.state, limit).await?))
+}
+
+// ---- maintenance windows ----
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewWindowBody {
+    name: String,
+    scope: WindowScope,
+    /// The VM id, tag or node name the scope names (none for `all`).
+    value: Option<String>,
+    /// A one-off window: both times (epoch ms).
+    starts_ms: Option<i64>,
+    ends_ms: Option<i64>,
+    /// A recurring one: five cron fields in UTC ("0 2 * * 6": Saturdays 02:00) and how long.
+    cron: Option<String>,
+    duration_minutes: Option<i64>,
+}
+
+pub async fn create_window(
+    State(state): State<AppState>,
+    Operator(actor): Operator,
+    JsonBody(body): JsonBody<NewWindowBody>,
+) -> Result<(StatusCode, Json<WindowView>), ApiError> {
+    let name = label(&body.name).map_err(|e| ApiError::field("name", e))?;
+    let scope =
+        Scope::parse(body.scope, body.value.as_deref()).map_err(|e| ApiError::field("value", e))?;
+    let when = match (
+        body.starts_ms,
+        body.ends_ms,
+        &body.cron,
+        body.duration_minutes,
+    ) {
+        (Some(starts_ms), Some(ends_ms), None, None) => When::Once { starts_ms, ends_ms },
+        (None, None, Some(cron), Some(minutes)) => When::Every {
+            recurrence: Box::new(
+                cron.parse::<Recurrence>()
+                    .map_err(|e| ApiError::field("cron", e))?,
+            ),
+            duration_ms: minutes.saturating_mul(60_000),
+        },
+        _ => {
+            return Err(ApiError::field(
+                "starts_ms",
+                "give starts_ms and ends_ms (one-off), or cron and duration_minutes (recurring)",
+            ));
+        }
+    };
+    let field = match when {
+        When::Once { .. } => "ends_ms",
+        When::Every { .. } => "duration_minutes",
+    };
+    check_when(&when).map_err(|e| ApiError::field(field, e))?;
+    let window = Window {
+        name: name.to_owned(),
+        scope,
+        when,
+    };
+    let view = insert_window(&state, &window, &actor.who.name).await?;
+    actor
+        .audit(&state, "maintenance.create", Some(name), None)
+        .await;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn insert_window(
+    state: &AppState,
+    window: &Window,
+    by: &str,
+) -> Result<WindowView, ApiError> {
+    let (mut conn, _turn) = state.db.write_conn().await?;
+    let id = store::create_window(&mut conn, window, by, crate::now_ms()).await?;
+    store::windows(&mut conn)
+        .await?
+        .into_iter()
+        .find(|w| w.id == id)
+        .ok_or(ApiError::NotFound)
+}
+
+pub async fn list_windows(
+    State(state): State<AppState>,
+    _viewer: Viewer,
+) -> Result<Json<Vec<WindowView>>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    Ok(Json(store::windows(&mut conn).await?))
+}
+
+pub async fn delete_window(
+    State(state): State<AppState>,
+    Operator(actor): Operator,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = id_of(&id, "id")?;
+    let (mut conn, _turn) = state.db.write_conn().await?;
+    if !store::delete_window(&mut conn, id).await? {
+        return Err(ApiError::NotFound);
+    }
+    actor
+        .audit(&state, "maintenance.delete", Some(&id.to_string()), None)
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnoozeBody {
+    hours: i64,
+}
+
+/// Silences one VM for some hours from now: a maintenance window of that VM.
+pub async fn snooze(
+    State(state): State<AppState>,
+    Operator(actor): Operator,
+    VmPath(vm): VmPath,
+    JsonBody(body): JsonBody<SnoozeBody>,
+) -> Result<(StatusCode, Json<WindowView>), ApiError> {
+    if !(1..=MAX_SNOOZE_HOURS).contains(&body.hours) {
+        return Err(ApiError::field("hours", "must be 1 to 168"));
+    }
+    {
+        let mut conn = state.db.conn().await?;
+        if crate::db::store::get_vm(&mut conn, vm).await?.is_none() {
+            return Err(ApiError::NotFound);
+        }
+    }
+    let now = crate::now_ms();
+    let window = Window {
+        name: format!("snooze of VM {vm}"),
+        scope: Scope::Vm(vm),
+        when: When::Once {
+            starts_ms: now,
+            ends_ms: now.saturating_add(body.hours.saturating_mul(3_600_000)),
+        },
+    };
+    let view = insert_window(&state, &window, &actor.who.name).await?;
+    actor
+        .audit(
+            &state,
+            "vm.snooze",
+            Some(&vm.to_string()),
+            Some(&format!("{} h", body.hours)),
+        )
+        .await;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+// ---- tags ----
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagsBody {
+    tags: Vec<Tag>,
+}
+
+pub async fn get_tags(
+    State(state): State<AppState>,
+    _viewer: Viewer,
+    VmPath(vm): VmPath,
+) -> Result<Json<TagsBody>, ApiError> {
+    let mut conn = state.db.conn().await?;
+    if crate::db::store::get_vm(&mut conn, vm).await?.is_none() {
+        return Err(ApiError::NotFound);
+    }
+    let mut tags = store::tags_of(&mut conn, Some(&[vm])).await?;
+    Ok(Json(TagsBody {
+        tags: tags.remove(&vm).unwrap_or_default(),
+    }))
+}
+
+/// Replaces a VM's tags.
+pub async fn put_tags(
+    State(state): State<AppState>,
+    Operator(actor): Operator,
+    VmPath(vm): VmPath,
+    JsonBody(body): JsonBody<TagsBody>,
+) -> Result<Json<TagsBody>, ApiError> {
+    let mut tags = body.tags;
+    tags.sort();
+    tags.dedup();
+    if tags.len() > MAX_TAGS {
+        return Err(ApiError::field("tags", format!("at most {MAX_TAGS}")));
+    }
+    let (mut conn, _turn) = state.db.write_conn().await?;
+    if !store::set_tags(&mut conn, vm, &tags).await? {
+        return Err(ApiError::NotFound);
+    }
+    let shown: Vec<&str> = tags.iter().map(Tag::as_str).collect();
+    actor
+        .audit(
+            &state,
+            "vm.tags",
+            Some(&vm.to_string()),
+            Some(&shown.join(",")),
+        )
+        .await;
+    Ok(Json(TagsBody { tags }))
+}
