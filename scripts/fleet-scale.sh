@@ -8,6 +8,7 @@
 #
 #   scripts/fleet-scale.sh [sqlite|postgres] [VMS] [STALE_MS] [burst]
 #                                                   default: sqlite 100000 180000
+#   VMHC_BINARY=path: measure that server binary instead of building the release
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -16,7 +17,11 @@ vms="${2:-100000}"
 stale_ms="${3:-180000}"
 mode="${4:-scale}"
 "$root/scripts/services.sh"
-cargo build --release -q -p server
+binary="${VMHC_BINARY:-}"
+if [[ -z $binary ]]; then
+  cargo build --release -q -p server
+  binary="$root/target/release/vm-healthcheck"
+fi
 
 data="$(mktemp -d)"
 port=38190
@@ -39,7 +44,7 @@ case "$mode" in
   *) echo "usage: $0 [sqlite|postgres] [VMS] [STALE_MS] [burst]" >&2; exit 2 ;;
 esac
 
-env "${env[@]}" "$root/target/release/vm-healthcheck" &
+env "${env[@]}" "$binary" &
 server_pid=$!
 cleanup() {
   kill "$server_pid" 2>/dev/null || true

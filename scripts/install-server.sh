@@ -52,13 +52,17 @@ env_file="$destdir/etc/vm-healthcheck/env"
 if [[ ! -e $env_file ]]; then
   # Settings hold secrets (tokens, the Proxmox secret): readable by the service only.
   install -d -m 0750 "$(dirname "$env_file")"
+  # Made 0640 before anything is written to it.
+  install -m 0640 /dev/null "$env_file"
   sed -e 's|^DATA_DIR=.*|DATA_DIR=/var/lib/vm-healthcheck|' \
     -e 's|^SITE_ROOT=.*|SITE_ROOT=/usr/local/share/vm-healthcheck/site|' \
     "$root/.env.example" >"$env_file"
-  chmod 0640 "$env_file"
   [[ -n $destdir ]] || chgrp "$user" "$env_file"
   echo "    wrote $env_file from .env.example: set DATABASE_URL, the tokens and Proxmox there"
 else
+  # Kept, but never left readable by others.
+  chmod 0640 "$env_file"
+  [[ -n $destdir ]] || chgrp "$user" "$env_file"
   echo "    kept $env_file"
 fi
 

@@ -367,12 +367,22 @@ fn notify_config(get: &impl Fn(&str) -> Option<String>) -> Result<NotifyConfig, 
                 name: "SMTP_FROM",
                 reason: "is needed with SMTP_HOST (the sender address of the mails)".into(),
             })?;
+            let password = get("SMTP_PASSWORD").map(Secret::new);
+            let loopback = matches!(host.trim(), "localhost" | "127.0.0.1" | "::1");
+            if security == SmtpSecurity::Off && password.is_some() && !loopback {
+                return Err(ConfigError {
+                    name: "SMTP_SECURITY",
+                    reason: "off would send SMTP_PASSWORD in clear: use starttls or tls (off only \
+                             for a relay on this machine)"
+                        .into(),
+                });
+            }
             Some(SmtpConfig {
                 host: host.trim().to_owned(),
                 port: parse(get, "SMTP_PORT", default_port)?,
                 security,
                 username: get("SMTP_USERNAME"),
-                password: get("SMTP_PASSWORD").map(Secret::new),
+                password,
                 from,
             })
         }
@@ -678,6 +688,42 @@ mod tests {
         assert_eq!(cfg.listen_addr.port(), 3000);
         assert_eq!(cfg.status_defaults, StatusConfig::default());
         assert!(!cfg.is_postgres());
+    }
+
+    #[test]
+    fn mail_settings_never_send_a_password_in_clear() {
+        let smtp = |host: &str, security: &str| {
+            config(&[
+                ("SMTP_HOST", host),
+                ("SMTP_SECURITY", security),
+                ("SMTP_USERNAME", "monitor"),
+                ("SMTP_PASSWORD", "hunter2"),
+                ("SMTP_FROM", "monitor@example.org"),
+            ])
+        };
+        assert_eq!(
+            smtp("mail.example.org", "off").err().unwrap().name,
+            "SMTP_SECURITY"
+        );
+        assert!(smtp("127.0.0.1", "off").is_ok());
+        let cfg = smtp("mail.example.org", "starttls").unwrap();
+        let mail = cfg.notify.smtp.unwrap();
+        assert_eq!((mail.port, mail.security), (587, SmtpSecurity::Starttls));
+        assert_eq!(
+            smtp("mail.example.org", "tls")
+                .unwrap()
+                .notify
+                .smtp
+                .unwrap()
+                .port,
+            465
+        );
+        assert_eq!(
+            smtp("mail.example.org", "ssl").err().unwrap().name,
+            "SMTP_SECURITY"
+        );
+        let err = config(&[("SMTP_HOST", "mail.example.org")]).err().unwrap();
+        assert_eq!(err.name, "SMTP_FROM");
     }
 
     #[test]

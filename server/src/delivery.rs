@@ -105,6 +105,8 @@ impl Deliverer {
     }
 
     async fn attempt(&self, m: Outgoing) -> Result<(), DbError> {
+        // The attempt `claim` counted: its outcome is recorded only while it still holds it.
+        let claimed = m.attempts.saturating_add(1);
         let channel = {
             let mut conn = self.db.conn().await?;
             store::channel(&mut conn, m.channel_id).await?
@@ -121,6 +123,7 @@ impl Deliverer {
                     return store::settle(
                         &mut conn,
                         m.id,
+                        claimed,
                         DeliveryState::Dropped,
                         note,
                         now_ms,
@@ -128,7 +131,10 @@ impl Deliverer {
                     )
                     .await;
                 }
-                self.send(channel, message, m.id).await
+                // lettre's timeout is per SMTP command: the whole send gets one limit.
+                tokio::time::timeout(self.cfg.timeout, self.send(channel, message, m.id))
+                    .await
+                    .unwrap_or_else(|_| Err("timed out".to_owned()))
             }
         };
         let now_ms = crate::now_ms();
@@ -137,7 +143,16 @@ impl Deliverer {
         match outcome {
             Ok(()) => {
                 self.health.record_notification(true);
-                store::settle(&mut conn, m.id, DeliveryState::Sent, None, now_ms, now_ms).await
+                store::settle(
+                    &mut conn,
+                    m.id,
+                    claimed,
+                    DeliveryState::Sent,
+                    None,
+                    now_ms,
+                    now_ms,
+                )
+                .await
             }
             Err(error) => {
                 self.health.record_notification(false);
@@ -148,6 +163,7 @@ impl Deliverer {
                         store::settle(
                             &mut conn,
                             m.id,
+                            claimed,
                             DeliveryState::Pending,
                             Some(&error),
                             next,
@@ -160,6 +176,7 @@ impl Deliverer {
                         store::settle(
                             &mut conn,
                             m.id,
+                            claimed,
                             DeliveryState::Dead,
                             Some(&error),
                             now_ms,

@@ -20,6 +20,7 @@ struct Marks {
     writer_commit_ms: AtomicI64,
     scheduler_round_ms: AtomicI64,
     scheduler_round_took_ms: AtomicI64,
+    notifier_pass_ms: AtomicI64,
     restarts: AtomicI64,
     measured: Measured,
 }
@@ -187,6 +188,15 @@ impl JobHealth {
 
     pub fn last_round_ms(&self) -> i64 {
         self.0.scheduler_round_ms.load(Ordering::Acquire)
+    }
+
+    /// The notifier finished a pass (read, queued, committed) at `now_ms`.
+    pub fn record_notifier_pass(&self, now_ms: i64) {
+        self.0.notifier_pass_ms.store(now_ms, Ordering::Release);
+    }
+
+    pub fn last_notifier_pass_ms(&self) -> i64 {
+        self.0.notifier_pass_ms.load(Ordering::Acquire)
     }
 
     /// A supervised job panicked and was started again.

@@ -30,20 +30,32 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-/// For container and service-manager health checks: the server's own port on loopback.
-/// The certificate is not checked (it is this machine's own server, often self-signed);
-/// nothing secret is sent.
+/// For container and service-manager health checks: the server on this machine, at the
+/// address it listens on. The certificate is not checked (it is this machine's own server,
+/// often self-signed); nothing secret is sent.
 async fn healthcheck() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let scheme = match config.tls {
         TlsMode::Off => "http",
         TlsMode::Generated | TlsMode::Files { .. } => "https",
     };
-    let url = format!(
-        "{scheme}://127.0.0.1:{}/api/health",
-        config.listen_addr.port()
-    );
+    // The listening address itself, or loopback when the server listens on every address.
+    let ip = config.listen_addr.ip();
+    let target = if ip.is_unspecified() {
+        std::net::SocketAddr::new(
+            if ip.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            },
+            config.listen_addr.port(),
+        )
+    } else {
+        config.listen_addr
+    };
+    let url = format!("{scheme}://{target}/api/health");
     let answer = reqwest::Client::builder()
+        .no_proxy()
         .danger_accept_invalid_certs(true)
         .timeout(std::time::Duration::from_secs(5))
         .build()?

@@ -23,19 +23,49 @@ pub async fn run(state: AppState) {
     let mut tick = tokio::time::interval(state.config.notify.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_reminders = 0i64;
+    let mut last_prune = 0i64;
     loop {
         tick.tick().await;
         let now_ms = crate::now_ms();
+        if now_ms.saturating_sub(last_prune) >= PRUNE_EVERY_MS {
+            last_prune = now_ms;
+            if let Err(err) = prune(&state, now_ms).await {
+                tracing::warn!(error = %err, "could not prune old notifications");
+            }
+        }
         let reminders = now_ms.saturating_sub(last_reminders) >= REMINDER_EVERY_MS;
         match pass(&state, now_ms, reminders).await {
-            Ok(()) if reminders => last_reminders = now_ms,
-            Ok(()) => {}
+            Ok(()) => {
+                state.health.record_notifier_pass(now_ms);
+                if reminders {
+                    last_reminders = now_ms;
+                }
+            }
             Err(err) => tracing::warn!(error = %err, "notifier pass failed; retrying"),
         }
         if let Err(err) = deliverer.deliver_due(now_ms).await {
             tracing::warn!(error = %err, "notification delivery failed; retrying");
         }
     }
+}
+
+/// How often old messages and ended windows are deleted.
+const PRUNE_EVERY_MS: i64 = 3_600_000;
+
+/// Settled messages older than the event retention, and one-off windows that ended a day
+/// ago (kept that long to explain a VM's reason), in bounded steps.
+async fn prune(state: &AppState, now_ms: i64) -> Result<(), DbError> {
+    let days = state.config.retention.events_days;
+    let before = now_ms.saturating_sub(days.saturating_mul(24 * 3_600_000));
+    loop {
+        let (mut conn, _turn) = state.db.write_conn().await?;
+        if store::prune(&mut conn, before, 5_000).await? < 5_000 {
+            break;
+        }
+    }
+    let (mut conn, _turn) = state.db.write_conn().await?;
+    store::prune_windows(&mut conn, now_ms.saturating_sub(24 * 3_600_000)).await?;
+    Ok(())
 }
 
 /// What the rules and windows need about the VMs of one pass.
@@ -112,16 +142,39 @@ fn message_json(message: &Message) -> String {
 pub async fn pass(state: &AppState, now_ms: i64, reminders: bool) -> Result<(), DbError> {
     let cfg = &state.config.notify;
     let mut conn = state.db.conn().await?;
+    // Read before the rules: a rule created meanwhile then sees every change after it.
+    let skip = store::skip_targets(&mut conn).await?;
     let rules: Vec<Rule> = store::rules(&mut conn)
         .await?
         .iter()
         .map(store::RuleView::rule)
         .collect();
-    let windows = store::active_windows(&mut conn).await?;
+    if rules.is_empty() {
+        if let Some((changes, events)) = skip {
+            drop(conn);
+            let (mut conn, _turn) = state.db.write_conn().await?;
+            store::skip_to(&mut conn, changes, events).await?;
+        }
+        return Ok(());
+    }
+    // A window that cannot be read stops automatic resets (the round fails), but it must
+    // not silence every alert: the notifier then tells everything, and says why.
+    let windows = match store::active_windows(&mut conn).await {
+        Ok(windows) => windows,
+        Err(err) => {
+            tracing::error!(error = %err, "a maintenance window cannot be read; notifying as if none were open");
+            Vec::new()
+        }
+    };
     let from_changes = store::cursor(&mut conn, "status_changes").await?;
     let from_events = store::cursor(&mut conn, "events").await?;
-    let changes = store::changes_after(&mut conn, from_changes, BATCH).await?;
-    let events = store::events_after(&mut conn, from_events, BATCH).await?;
+    let mut changes = store::changes_after(&mut conn, from_changes, BATCH).await?;
+    let mut events = store::events_after(&mut conn, from_events, BATCH).await?;
+    // Rows of transactions still open may hold lower ids: stop before a fresh gap.
+    let read: Vec<(i64, i64)> = changes.iter().map(|c| (c.id, c.at_ms)).collect();
+    changes.truncate(notify::consumable(from_changes, &read, now_ms));
+    let read: Vec<(i64, i64)> = events.iter().map(|e| (e.id, e.at_ms)).collect();
+    events.truncate(notify::consumable(from_events, &read, now_ms));
     let attempts = store::untold_attempts(&mut conn, BATCH).await?;
 
     let mut ids: Vec<VmId> = changes.iter().map(|c| c.vm_id).collect();
@@ -149,8 +202,14 @@ pub async fn pass(state: &AppState, now_ms: i64, reminders: bool) -> Result<(), 
     nodes.sort();
     nodes.dedup();
     let tallies = store::node_tallies(&mut conn, &nodes).await?;
+    // A node in planned work is not news: its downs are dropped one by one instead.
     let unreachable: Vec<NodeName> = notify::unreachable_nodes(&downs, &tallies)
         .into_iter()
+        .filter(|node| {
+            !downs
+                .iter()
+                .any(|(vm, n)| n.as_ref() == Some(*node) && ctx.window(*vm, Some(*node)).is_some())
+        })
         .cloned()
         .collect();
     for node in &unreachable {
@@ -331,7 +390,13 @@ async fn on_change(
     {
         if let Some(needed) = notify::requires(kind) {
             let newest = pairs.newest(conn, rule.id, vm, kind).await?;
-            if !matches!(newest, Some((k, s)) if k == needed && told(s)) {
+            // A warning still waiting out its minimum was not told: neither is its end
+            // (the deliverer drops the waiting one, the VM having left the warning).
+            let told_yet = |state| match kind {
+                NotifyKind::WarningLeft => state == DeliveryState::Sent,
+                _ => told(state),
+            };
+            if !matches!(newest, Some((k, s)) if k == needed && told_yet(s)) {
                 continue;
             }
         }
@@ -384,6 +449,8 @@ fn on_event(
             None,
         ),
     };
+    // A refused identity claim is a security alert: planned work does not silence it.
+    let window = window.filter(|_| kind != NotifyKind::LinkClaimRefused);
     for rule in ctx.rules.iter().filter(|r| r.wants(kind, tags)) {
         let held = window.clone().map(|w| (DeliveryState::Dropped, w));
         batch
@@ -406,7 +473,7 @@ async fn remind(
         NotifyKind::VmRecovered,
     ];
     for rule in &ctx.rules {
-        let heads = store::pair_heads(conn, rule.id, &pair).await?;
+        let heads = store::pair_heads(conn, rule.id, &pair, now_ms).await?;
         let candidates: Vec<VmId> = heads
             .iter()
             .filter(|(_, kind, ..)| *kind != NotifyKind::VmRecovered)

@@ -167,8 +167,20 @@ pub fn covering<'w>(
         .max_by_key(|(_, end)| *end)
 }
 
-/// Checks a window's times as an operator entered them.
-pub fn check_when(when: &When) -> Result<(), String> {
+/// How far a recurring window's next start may be: a schedule that never fires (the 30th
+/// of February) would otherwise be searched back through every year at each look.
+const MAX_RECURRENCE_GAP_MS: i64 = 366 * 24 * 3_600_000;
+
+/// Checks a window's times as an operator entered them, at `now_ms`.
+pub fn check_when(when: &When, now_ms: i64) -> Result<(), String> {
+    if let When::Every { recurrence, .. } = when {
+        let next = utc(now_ms)
+            .and_then(|now| recurrence.cron.find_next_occurrence(&now, false).ok())
+            .map(|t| t.timestamp_millis());
+        if next.is_none_or(|t| t.saturating_sub(now_ms) > MAX_RECURRENCE_GAP_MS) {
+            return Err("the schedule must start at least once a year".into());
+        }
+    }
     match when {
         When::Once { starts_ms, ends_ms } => {
             if ends_ms <= starts_ms {
@@ -321,29 +333,14 @@ mod tests {
         for bad in ["", "* * * *", "0 2 * * 6 2026", "61 * * * *", "every night"] {
             assert!(bad.parse::<Recurrence>().is_err(), "{bad:?}");
         }
-        assert!(
-            check_when(&When::Once {
-                starts_ms: 5,
-                ends_ms: 5
-            })
-            .is_err()
-        );
-        assert!(
-            check_when(&When::Once {
-                starts_ms: 0,
-                ends_ms: MAX_DURATION_MS + 1
-            })
-            .is_err()
-        );
-        assert!(
-            check_when(&When::Once {
-                starts_ms: 0,
-                ends_ms: MAX_DURATION_MS
-            })
-            .is_ok()
-        );
-        let every = every("0 2 * * 6", 0);
-        assert!(check_when(&every.when).is_err());
+        let once = |starts_ms, ends_ms| When::Once { starts_ms, ends_ms };
+        assert!(check_when(&once(5, 5), SAT_0230).is_err());
+        assert!(check_when(&once(0, MAX_DURATION_MS + 1), SAT_0230).is_err());
+        assert!(check_when(&once(0, MAX_DURATION_MS), SAT_0230).is_ok());
+        assert!(check_when(&every("0 2 * * 6", 0).when, SAT_0230).is_err());
+        assert!(check_when(&every("0 2 * * 6", HOUR).when, SAT_0230).is_ok());
+        // The 30th of February never comes: refused, not searched for at every look.
+        assert!(check_when(&every("0 0 30 2 *", HOUR).when, SAT_0230).is_err());
         assert!(Scope::parse(WindowScope::Tag, Some("a b")).is_err());
         assert!(Scope::parse(WindowScope::Vm, None).is_err());
         assert_eq!(

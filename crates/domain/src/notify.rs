@@ -211,6 +211,24 @@ pub fn unreachable_nodes<'a>(
         .collect()
 }
 
+/// How long a gap in ids may wait for the transaction that holds it.
+pub const GAP_WAIT_MS: i64 = 30_000;
+
+/// How many of `rows` (id and time, read in id order after `cursor`) may be consumed now.
+/// An id is taken when a row is inserted but seen only when its transaction commits, so a
+/// gap may be a row still to come: reading stops before a gap younger than `GAP_WAIT_MS`
+/// (an older one is a rolled-back transaction, and is passed).
+pub fn consumable(cursor: i64, rows: &[(i64, i64)], now_ms: i64) -> usize {
+    let mut expected = cursor.saturating_add(1);
+    for (taken, (id, at_ms)) in rows.iter().enumerate() {
+        if *id != expected && now_ms.saturating_sub(*at_ms) < GAP_WAIT_MS {
+            return taken;
+        }
+        expected = id.saturating_add(1);
+    }
+    rows.len()
+}
+
 /// The next try after `attempts` failed ones: doubling from `base_ms`, at most an hour;
 /// `None` once `max_attempts` are used (the message is then a dead letter).
 pub fn retry_after(attempts: u32, base_ms: i64, max_attempts: u32) -> Option<i64> {
@@ -349,6 +367,35 @@ mod tests {
         let m = Message::node_unreachable(&pve1, &["a".into(), "b".into()], 5);
         assert_eq!(m.title, "Node pve1 unreachable");
         assert!(m.text.contains("All 2 VMs"), "{}", m.text);
+    }
+
+    #[test]
+    fn reading_stops_before_a_gap_until_it_is_old() {
+        let now = 100_000;
+        let fresh = now - 1_000;
+        let old = now - GAP_WAIT_MS;
+        type Case = (&'static str, i64, Vec<(i64, i64)>, usize);
+        let table: Vec<Case> = vec![
+            ("nothing", 5, vec![], 0),
+            ("in a row", 5, vec![(6, fresh), (7, fresh)], 2),
+            ("a fresh gap first", 5, vec![(7, fresh)], 0),
+            (
+                "a fresh gap later",
+                5,
+                vec![(6, fresh), (8, fresh), (9, fresh)],
+                1,
+            ),
+            (
+                "an old gap is passed",
+                5,
+                vec![(6, old), (8, old), (9, fresh)],
+                3,
+            ),
+            ("then a fresh one stops", 5, vec![(8, old), (10, fresh)], 1),
+        ];
+        for (what, cursor, rows, expected) in table {
+            assert_eq!(consumable(cursor, &rows, now), expected, "{what}");
+        }
     }
 
     #[test]

@@ -200,48 +200,55 @@ pub async fn set_phase(
     next_action_ms: Option<i64>,
     reason: &str,
 ) -> Result<bool, DbError> {
+    // A latch is news for a person: its event (which notifications tell) is written in the
+    // same transaction, so no crash between the two loses it.
+    let latched_at = crate::now_ms();
     let updated = with_conn!(conn, |c| {
-        let mut query = diesel::update(vms::table)
-            .filter(vms::id.eq(vm_id.get()))
-            .into_boxed();
-        if let Some(expected) = only_if {
-            query = query.filter(vms::remediation_phase.eq(expected.as_str()));
-        }
-        match attempts {
-            Some(n) => {
-                query
-                    .set((
-                        vms::remediation_phase.eq(phase.as_str()),
-                        vms::incident_attempts.eq(n),
-                        vms::next_action_ms.eq(next_action_ms),
-                        vms::phase_reason.eq(reason),
+        c.transaction::<_, DbError, _>(async |c| {
+            let mut query = diesel::update(vms::table)
+                .filter(vms::id.eq(vm_id.get()))
+                .into_boxed();
+            if let Some(expected) = only_if {
+                query = query.filter(vms::remediation_phase.eq(expected.as_str()));
+            }
+            let n = match attempts {
+                Some(n) => {
+                    query
+                        .set((
+                            vms::remediation_phase.eq(phase.as_str()),
+                            vms::incident_attempts.eq(n),
+                            vms::next_action_ms.eq(next_action_ms),
+                            vms::phase_reason.eq(reason),
+                        ))
+                        .execute(c)
+                        .await?
+                }
+                None => {
+                    query
+                        .set((
+                            vms::remediation_phase.eq(phase.as_str()),
+                            vms::next_action_ms.eq(next_action_ms),
+                            vms::phase_reason.eq(reason),
+                        ))
+                        .execute(c)
+                        .await?
+                }
+            };
+            if n == 1 && phase == RemediationPhase::Manual {
+                diesel::insert_into(events::table)
+                    .values((
+                        events::at_ms.eq(latched_at),
+                        events::kind.eq(EventKind::LatchedManual.as_str()),
+                        events::vm_id.eq(Some(vm_id.get())),
+                        events::message.eq(reason),
                     ))
                     .execute(c)
-                    .await
+                    .await?;
             }
-            None => {
-                query
-                    .set((
-                        vms::remediation_phase.eq(phase.as_str()),
-                        vms::next_action_ms.eq(next_action_ms),
-                        vms::phase_reason.eq(reason),
-                    ))
-                    .execute(c)
-                    .await
-            }
-        }
+            Ok(n)
+        })
+        .await
     })?;
-    // A latch is news for a person: recorded as an event (notifications tell it).
-    if updated == 1 && phase == RemediationPhase::Manual {
-        insert_event(
-            conn,
-            EventKind::LatchedManual,
-            Some(vm_id),
-            reason,
-            crate::now_ms(),
-        )
-        .await?;
-    }
     Ok(updated == 1)
 }
 

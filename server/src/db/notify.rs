@@ -576,6 +576,57 @@ pub async fn changes_after(
         .collect()
 }
 
+/// With no rule at all nothing is told: the read positions move to the newest rows and
+/// power actions count as told, without reading them (a fleet that has not set up
+/// notifications pays a few index look-ups a pass). `None` when nothing moved since.
+pub async fn skip_targets(conn: &mut Conn) -> Result<Option<(i64, i64)>, DbError> {
+    let changes = last_change_id(conn).await?;
+    let events = last_event_id(conn).await?;
+    let (at_changes, at_events) = (
+        cursor(conn, "status_changes").await?,
+        cursor(conn, "events").await?,
+    );
+    let untold: i64 = with_conn!(conn, |c| {
+        reset_attempts::table
+            .filter(
+                reset_attempts::notice
+                    .is_null()
+                    .or(reset_attempts::notice.eq("sent")),
+            )
+            .count()
+            .get_result(c)
+            .await
+    })?;
+    let moved = changes != at_changes || events != at_events || untold > 0;
+    Ok(moved.then_some((changes, events)))
+}
+
+/// Moves the read positions to these ids and counts every power action as told.
+pub async fn skip_to(conn: &mut Conn, changes: i64, events: i64) -> Result<(), DbError> {
+    with_conn!(conn, |c| {
+        c.transaction::<_, DbError, _>(async |c| {
+            for (name, to) in [("status_changes", changes), ("events", events)] {
+                diesel::update(notify_cursors::table.filter(notify_cursors::name.eq(name)))
+                    .set(notify_cursors::last_id.eq(to))
+                    .execute(c)
+                    .await?;
+            }
+            diesel::update(
+                reset_attempts::table.filter(
+                    reset_attempts::notice
+                        .is_null()
+                        .or(reset_attempts::notice.eq("sent")),
+                ),
+            )
+            .set(reset_attempts::notice.eq("ended"))
+            .execute(c)
+            .await?;
+            Ok(())
+        })
+        .await
+    })
+}
+
 /// The newest change id: where a notifier with no rules skips to.
 pub async fn last_change_id(conn: &mut Conn) -> Result<i64, DbError> {
     let id: Option<i64> = with_conn!(conn, |c| {
@@ -891,12 +942,16 @@ pub async fn newest_of(
 
 /// VMs a rule told down (sent or grouped) and told nothing newer of their pair: who gets
 /// reminders, and who is owed a down after a window hid it.
+/// Only the last `PAIR_LOOKBACK_MS` of messages are read (a reminder keeps a down VM's row
+/// fresh; a down told once and never since is older news than that).
 pub async fn pair_heads(
     conn: &mut Conn,
     rule_id: i64,
     kinds: &[NotifyKind],
+    now_ms: i64,
 ) -> Result<Vec<(VmId, NotifyKind, DeliveryState, i64)>, DbError> {
     let kinds: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+    let since = now_ms.saturating_sub(PAIR_LOOKBACK_MS);
     type Raw = (
         i64,
         Option<i64>,
@@ -908,6 +963,7 @@ pub async fn pair_heads(
         notifications::table
             .filter(notifications::rule_id.eq(rule_id))
             .filter(notifications::kind.eq_any(&kinds))
+            .filter(notifications::created_ms.gt(since))
             .order((notifications::vm_id, notifications::id.desc()))
             .select((
                 notifications::id,
@@ -930,6 +986,46 @@ pub async fn pair_heads(
         out.push((vm, kind.0, state.0, at));
     }
     Ok(out)
+}
+
+/// How far back reminders and owed downs look.
+const PAIR_LOOKBACK_MS: i64 = 30 * 24 * 3_600_000;
+
+/// Deletes settled messages (sent, dropped, grouped, dead) older than `before_ms`, at most
+/// `limit` at a time; how many went.
+pub async fn prune(conn: &mut Conn, before_ms: i64, limit: i64) -> Result<usize, DbError> {
+    let settled = [
+        DeliveryState::Sent.as_str(),
+        DeliveryState::Dropped.as_str(),
+        DeliveryState::Grouped.as_str(),
+        DeliveryState::Dead.as_str(),
+    ];
+    Ok(with_conn!(conn, |c| {
+        let ids: Vec<i64> = notifications::table
+            .filter(notifications::created_ms.lt(before_ms))
+            .filter(notifications::state.eq_any(settled))
+            .order(notifications::id)
+            .limit(limit)
+            .select(notifications::id)
+            .load(c)
+            .await?;
+        diesel::delete(notifications::table.filter(notifications::id.eq_any(&ids)))
+            .execute(c)
+            .await
+    })?)
+}
+
+/// Deletes one-off windows that ended before `before_ms`; how many went.
+pub async fn prune_windows(conn: &mut Conn, before_ms: i64) -> Result<usize, DbError> {
+    Ok(with_conn!(conn, |c| {
+        diesel::delete(
+            maintenance_windows::table
+                .filter(maintenance_windows::ends_ms.is_not_null())
+                .filter(maintenance_windows::ends_ms.lt(before_ms)),
+        )
+        .execute(c)
+        .await
+    })?)
 }
 
 /// A queued message as the deliverer takes it.
@@ -1002,10 +1098,13 @@ pub async fn claim(conn: &mut Conn, m: &Outgoing, lease_until: i64) -> Result<bo
     Ok(n == 1)
 }
 
-/// Records how an attempt ended: sent, dead, dropped, or pending again at `next_attempt_ms`.
+/// Records how the attempt numbered `attempts` ended: sent, dead, dropped, or pending again
+/// at `next_attempt_ms`. Only while that attempt still holds the message: one that outlived
+/// its lease (another replica took the message since) changes nothing.
 pub async fn settle(
     conn: &mut Conn,
     id: i64,
+    attempts: i32,
     state: DeliveryState,
     error: Option<&str>,
     next_attempt_ms: i64,
@@ -1013,15 +1112,20 @@ pub async fn settle(
 ) -> Result<(), DbError> {
     let sent = (state == DeliveryState::Sent).then_some(now_ms);
     with_conn!(conn, |c| {
-        diesel::update(notifications::table.find(id))
-            .set((
-                notifications::state.eq(state.as_str()),
-                notifications::last_error.eq(error),
-                notifications::next_attempt_ms.eq(next_attempt_ms),
-                notifications::sent_ms.eq(sent),
-            ))
-            .execute(c)
-            .await
+        diesel::update(
+            notifications::table
+                .find(id)
+                .filter(notifications::attempts.eq(attempts))
+                .filter(notifications::state.eq(DeliveryState::Pending.as_str())),
+        )
+        .set((
+            notifications::state.eq(state.as_str()),
+            notifications::last_error.eq(error),
+            notifications::next_attempt_ms.eq(next_attempt_ms),
+            notifications::sent_ms.eq(sent),
+        ))
+        .execute(c)
+        .await
     })?;
     Ok(())
 }

@@ -109,6 +109,9 @@ pub trait ReportWriter {
     ) -> impl Future<Output = QueryResult<()>> + Send;
 }
 
+/// One unexpected-reboot event per VM in this long, at most.
+const REBOOT_EVENT_QUIET_MS: i64 = 10 * 60_000;
+
 /// One VM's row of the set-based update, owned so the statement can cross into the SQLite
 /// connection's blocking thread.
 struct StateRow {
@@ -462,9 +465,22 @@ macro_rules! report_writer {
             }
 
             async fn insert_reboots(&mut self, planned: &[PlannedState<'_>]) -> QueryResult<()> {
-                // Rare (a guest restarting by itself): one row each.
+                // Rare (a guest restarting by itself): one row each, and at most one per VM
+                // in `REBOOT_EVENT_QUIET_MS` (a guest sending uptimes up and down at will
+                // must not flood the event log and everyone's inbox).
                 for p in planned {
                     if let Some(what) = &p.update.rebooted {
+                        let since = p.update.last_seen_ms.saturating_sub(REBOOT_EVENT_QUIET_MS);
+                        let recent: i64 = events::table
+                            .filter(events::vm_id.eq(p.vm_id.get()))
+                            .filter(events::kind.eq(EventKind::UnexpectedReboot.as_str()))
+                            .filter(events::at_ms.gt(since))
+                            .count()
+                            .get_result(self)
+                            .await?;
+                        if recent > 0 {
+                            continue;
+                        }
                         diesel::insert_into(events::table)
                             .values((
                                 events::at_ms.eq(p.update.last_seen_ms),

@@ -33,6 +33,8 @@ struct JobsHealth {
     /// How long the last round took (its database work, mostly).
     scheduler_round_took_ms: Option<i64>,
     writer_commit_age_s: Option<i64>,
+    /// Seconds since the notifier last read and queued (it stops when storage does).
+    notifier_pass_age_s: Option<i64>,
     restarts: i64,
 }
 
@@ -90,6 +92,7 @@ async fn health_report(state: &AppState) -> (StatusCode, HealthReport) {
         scheduler_round_age_s: age_s(now, last_round),
         scheduler_round_took_ms: (last_round > 0).then(|| state.health.last_round_took_ms()),
         writer_commit_age_s: age_s(now, state.health.last_commit_ms()),
+        notifier_pass_age_s: age_s(now, state.health.last_notifier_pass_ms()),
         restarts: state.health.restarts(),
     };
     let status = match (db_ok && jobs.ok, redis) {

@@ -122,6 +122,15 @@ impl Collector for Gauges {
                 to_f64(s.now_ms.saturating_sub(last_round)) / 1000.0,
             )?;
         }
+        let last_pass = s.health.last_notifier_pass_ms();
+        if last_pass > 0 {
+            gauge(
+                &mut encoder,
+                "vmhc_notifier_last_pass_age_seconds",
+                "Time since the notifier last read what happened and queued its messages",
+                to_f64(s.now_ms.saturating_sub(last_pass)) / 1000.0,
+            )?;
+        }
         let restarts = encoder.encode_descriptor(
             "vmhc_job_restarts",
             "Background jobs restarted after a panic",

@@ -13,7 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use domain::maintenance::{Recurrence, Scope, When, Window, check_when};
 use domain::notify::{MAX_REPEAT_MS, MIN_REPEAT_MS, Message, Rule};
-use domain::{ChannelKind, DeliveryState, NotifyKind, Tag, WindowScope};
+use domain::{ChannelKind, DeliveryState, NotifyKind, Tag, UserRole, WindowScope};
 use serde::{Deserialize, Serialize};
 
 /// Longest snooze: a week.
@@ -356,7 +356,35 @@ pub async fn create_window(
         When::Once { .. } => "ends_ms",
         When::Every { .. } => "duration_minutes",
     };
-    check_when(&when).map_err(|e| ApiError::field(field, e))?;
+    check_when(&when, crate::now_ms()).map_err(|e| ApiError::field(field, e))?;
+    // A window over the whole fleet or a node, or one that comes back every week, is in
+    // effect the auto-reset switch, which is an admin's: an operator plans one VM or tag
+    // at a time.
+    let wide = matches!(scope, Scope::All | Scope::Node(_)) || matches!(when, When::Every { .. });
+    if wide && actor.who.role < UserRole::Admin {
+        return Err(ApiError::Forbidden(
+            "a window over all VMs, a node, or a recurring one needs the admin role".into(),
+        ));
+    }
+    let detail = format!(
+        "scope {} {}, {}",
+        scope.kind(),
+        scope.value().unwrap_or_default(),
+        match &when {
+            When::Once { starts_ms, ends_ms } =>
+                format!("from {starts_ms} to {ends_ms} (epoch ms)"),
+            When::Every {
+                recurrence,
+                duration_ms,
+            } => {
+                format!(
+                    "cron {:?} for {} min",
+                    recurrence.as_str(),
+                    duration_ms / 60_000
+                )
+            }
+        }
+    );
     let window = Window {
         name: name.to_owned(),
         scope,
@@ -364,7 +392,7 @@ pub async fn create_window(
     };
     let view = insert_window(&state, &window, &actor.who.name).await?;
     actor
-        .audit(&state, "maintenance.create", Some(name), None)
+        .audit(&state, "maintenance.create", Some(name), Some(&detail))
         .await;
     Ok((StatusCode::CREATED, Json(view)))
 }

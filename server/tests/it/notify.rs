@@ -548,6 +548,10 @@ async fn notification_settings_are_for_admins_and_bad_ones_change_nothing() {
             "duration_minutes",
         ),
         (json!({"name": "w", "scope": "all"}), "starts_ms"),
+        (
+            json!({"name": "w", "scope": "all", "cron": "0 0 30 2 *", "duration_minutes": 60}),
+            "duration_minutes",
+        ),
     ];
     for (body, field) in bad_windows {
         let (status, answer) = srv
@@ -565,6 +569,35 @@ async fn notification_settings_are_for_admins_and_bad_ones_change_nothing() {
         admin(&srv, Method::GET, "/api/maintenance", None).await,
         json!([])
     );
+    // An operator plans one VM or tag at a time: a window over everything, a node, or a
+    // recurring one is the auto-reset switch, an admin's.
+    let operator = crate::panels::token_for(&srv, "olga", "operator").await;
+    let wide = [
+        json!({"name": "w", "scope": "all", "starts_ms": now, "ends_ms": now + 60_000}),
+        json!({"name": "w", "scope": "node", "value": "pve1", "starts_ms": now, "ends_ms": now + 60_000}),
+        json!({"name": "w", "scope": "tag", "value": "db", "cron": "0 2 * * 6", "duration_minutes": 60}),
+    ];
+    for body in wide {
+        let (status, answer) = srv
+            .send(
+                Method::POST,
+                "/api/maintenance",
+                Some(&operator),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!(status, 403, "{body}: {answer}");
+    }
+    let one_tag = json!({"name": "w", "scope": "tag", "value": "db", "starts_ms": now, "ends_ms": now + 60_000});
+    let (status, answer) = srv
+        .send(
+            Method::POST,
+            "/api/maintenance",
+            Some(&operator),
+            Some(one_tag),
+        )
+        .await;
+    assert_eq!(status, 201, "{answer}");
     let path = format!("/api/vms/{vm_id}/tags");
     let (status, _) = srv
         .send(
@@ -625,6 +658,12 @@ async fn a_reboot_of_its_own_is_recorded_and_told() {
         "{:?}",
         r.bodies()
     );
+    // Up and down again at once: one event in ten minutes, not one per report.
+    report["uptime_seconds"] = json!(5_000);
+    assert_eq!(srv.report(&report).await.0, 200);
+    report["uptime_seconds"] = json!(3);
+    assert_eq!(srv.report(&report).await.0, 200);
+    wait_rounds(&srv, 5).await;
     let events = srv.get("/api/remediation").await.1["events"].clone();
     let reboots = events
         .as_array()
@@ -633,5 +672,58 @@ async fn a_reboot_of_its_own_is_recorded_and_told() {
         .filter(|e| e["kind"] == "unexpected_reboot")
         .count();
     assert_eq!(reboots, 1, "{events}");
+    assert_eq!(r.kinds().len(), 1, "{:?}", r.kinds());
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_warning_is_told_only_once_it_lasts_and_its_end_only_after_it() {
+    let (r, url) = Receiver::start().await;
+    let fake = FakePve::start(vec![]).await;
+    let mut extra = QUICK.to_vec();
+    extra.retain(|(k, _)| *k != "NOTIFY_WARNING_AFTER_MS");
+    extra.push(("NOTIFY_WARNING_AFTER_MS", "2000"));
+    extra.push(("STALE_TIMEOUT_MS", "60000"));
+    let mut srv = start(Backend::Sqlite, &fake, &extra).await;
+    let ch = channel(&srv, "ops", &url).await;
+    rule(
+        &srv,
+        ch,
+        json!({"kinds": ["warning_entered", "warning_left"]}),
+    )
+    .await;
+    let with_cpu = |cpu: f64| {
+        let mut r = report_for("busy-01");
+        r["cpu_percent"] = json!(cpu);
+        r
+    };
+    assert_eq!(srv.report(&with_cpu(10.0)).await.0, 200);
+    // A spike shorter than the minimum: neither its start nor its end is told.
+    assert_eq!(srv.report(&with_cpu(99.0)).await.0, 200);
+    assert_eq!(srv.report(&with_cpu(10.0)).await.0, 200);
+    let dropped = wait_for(
+        "the short warning to be dropped",
+        Duration::from_secs(20),
+        || async {
+            let log = messages(&srv, "?state=dropped").await;
+            (!log.is_empty()).then_some(log)
+        },
+    )
+    .await;
+    assert_eq!(dropped[0]["kind"], "warning_entered");
+    assert!(r.kinds().is_empty(), "{:?}", r.kinds());
+    assert!(
+        messages(&srv, "")
+            .await
+            .iter()
+            .all(|m| m["kind"] != "warning_left"),
+        "no end of a warning that was never told"
+    );
+    // A warning that lasts: told once it has, and its end after it.
+    assert_eq!(srv.report(&with_cpu(99.0)).await.0, 200);
+    wait_kinds(&r, 1, "the lasting warning").await;
+    assert_eq!(srv.report(&with_cpu(10.0)).await.0, 200);
+    let kinds = wait_kinds(&r, 2, "its end").await;
+    assert_eq!(kinds, ["warning_entered", "warning_left"]);
     srv.stop().await;
 }

@@ -109,6 +109,7 @@ async fn metrics_carry_the_servers_health_and_each_vms_gauges() {
     assert!(value(&samples, "vmhc_ingest_commit_seconds_count", &[]).unwrap() >= 1.0);
     assert!(value(&samples, "vmhc_scheduler_round_seconds_count", &[]).unwrap() >= 1.0);
     assert!(value(&samples, "vmhc_scheduler_last_round_age_seconds", &[]).unwrap() < 60.0);
+    assert!(value(&samples, "vmhc_notifier_last_pass_age_seconds", &[]).unwrap() < 60.0);
     assert_eq!(value(&samples, "vmhc_ingest_queue_reports", &[]), Some(0.0));
     assert_eq!(
         value(&samples, "vmhc_ingest_queue_capacity_reports", &[]),

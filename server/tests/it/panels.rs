@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 /// A user of `role` and an API token acting as them.
-async fn token_for(srv: &TestServer, username: &str, role: &str) -> String {
+pub(crate) async fn token_for(srv: &TestServer, username: &str, role: &str) -> String {
     add_user(srv, username, role).await;
     let (status, body) = srv
         .send(
