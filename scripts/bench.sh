@@ -33,7 +33,9 @@ scripts/fleet-scale.sh sqlite 100000 180000 burst
 scripts/fleet-scale.sh postgres 100000 180000 burst
 
 echo "==> one VM of 100,000 falls silent: down after its deadline, then the first power action"
-cargo test --release -p server --test it -- --ignored --exact --nocapture \
+# The release server as its own process; the test (fake Proxmox, clients) in the test build.
+cargo build --release -q -p server
+cargo test -q -p server --test it -- --ignored --exact --nocapture \
   scale::one_silent_vm_among_100000_is_down_and_acted_on_promptly
 
 echo "==> where an ingest request's time goes (perf, SQLite)"
