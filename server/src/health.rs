@@ -53,6 +53,10 @@ type Labels = Vec<(&'static str, &'static str)>;
 /// Counters and histograms of this process, in Prometheus' terms (per replica; sum them).
 struct Measured {
     reports: Family<Labels, Counter>,
+    stored: Counter,
+    shed: Counter,
+    refused: Counter,
+    failed: Counter,
     batch_reports: Histogram,
     commit_seconds: Histogram,
     round_seconds: Histogram,
@@ -62,8 +66,18 @@ struct Measured {
 
 impl Default for Measured {
     fn default() -> Self {
+        let reports: Family<Labels, Counter> = Family::default();
+        let of = |result: ReportResult| {
+            reports
+                .get_or_create(&vec![("result", result.as_str())])
+                .clone()
+        };
         Self {
-            reports: Family::default(),
+            stored: of(ReportResult::Stored),
+            shed: of(ReportResult::Shed),
+            refused: of(ReportResult::Refused),
+            failed: of(ReportResult::Failed),
+            reports,
             // 1, 2, 4 ... 4,096 reports.
             batch_reports: Histogram::new(exponential_buckets(1.0, 2.0, 13)),
             // 0.5 ms ... about 8 s.
@@ -82,11 +96,15 @@ fn seconds(d: Duration) -> f64 {
 impl JobHealth {
     /// A report handed to the writer ended so.
     pub fn record_report(&self, result: ReportResult) {
-        self.0
-            .measured
-            .reports
-            .get_or_create(&vec![("result", result.as_str())])
-            .inc();
+        // On the heartbeat path: the counters are looked up once, not per report.
+        let m = &self.0.measured;
+        let counter = match result {
+            ReportResult::Stored => &m.stored,
+            ReportResult::Shed => &m.shed,
+            ReportResult::Refused => &m.refused,
+            ReportResult::Failed => &m.failed,
+        };
+        counter.inc();
     }
 
     /// The writer committed a batch of `reports` in `took`.

@@ -588,11 +588,7 @@ pub async fn skip_targets(conn: &mut Conn) -> Result<Option<(i64, i64)>, DbError
     );
     let untold: i64 = with_conn!(conn, |c| {
         reset_attempts::table
-            .filter(
-                reset_attempts::notice
-                    .is_null()
-                    .or(reset_attempts::notice.eq("sent")),
-            )
+            .filter(untold())
             .count()
             .get_result(c)
             .await
@@ -611,16 +607,10 @@ pub async fn skip_to(conn: &mut Conn, changes: i64, events: i64) -> Result<(), D
                     .execute(c)
                     .await?;
             }
-            diesel::update(
-                reset_attempts::table.filter(
-                    reset_attempts::notice
-                        .is_null()
-                        .or(reset_attempts::notice.eq("sent")),
-                ),
-            )
-            .set(reset_attempts::notice.eq("ended"))
-            .execute(c)
-            .await?;
+            diesel::update(reset_attempts::table.filter(untold()))
+                .set(reset_attempts::notice.eq("ended"))
+                .execute(c)
+                .await?;
             Ok(())
         })
         .await
@@ -691,6 +681,16 @@ pub async fn last_event_id(conn: &mut Conn) -> Result<i64, DbError> {
     Ok(id.unwrap_or(0))
 }
 
+/// Power actions with something left to tell: nothing told yet, or told sent and not ended.
+fn untold() -> diesel::dsl::Or<
+    diesel::dsl::IsNull<reset_attempts::notice>,
+    diesel::dsl::Eq<reset_attempts::notice, &'static str>,
+> {
+    reset_attempts::notice
+        .is_null()
+        .or(reset_attempts::notice.eq("sent"))
+}
+
 /// A power action not yet told (or told as sent, not yet as ended).
 #[derive(Clone, Debug)]
 pub struct AttemptNotice {
@@ -717,11 +717,7 @@ pub async fn untold_attempts(conn: &mut Conn, limit: i64) -> Result<Vec<AttemptN
     );
     let rows: Vec<Raw> = with_conn!(conn, |c| {
         reset_attempts::table
-            .filter(
-                reset_attempts::notice
-                    .is_null()
-                    .or(reset_attempts::notice.eq("sent")),
-            )
+            .filter(untold())
             .order(reset_attempts::id)
             .limit(limit)
             .select((

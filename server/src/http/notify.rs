@@ -3,7 +3,7 @@
 //! (operators).
 
 use super::error::ApiError;
-use super::extract::{Admin, JsonBody, Operator, Viewer, VmPath, label};
+use super::extract::{Admin, JsonBody, Operator, Viewer, VmPath, label, positive_id};
 use crate::db::notify::{
     self as store, ChannelView, NewChannel, NotificationView, RuleView, WindowView,
 };
@@ -20,13 +20,6 @@ use serde::{Deserialize, Serialize};
 const MAX_SNOOZE_HOURS: i64 = 7 * 24;
 /// Most tags on one VM.
 const MAX_TAGS: usize = 32;
-
-fn id_of(raw: &str, field: &str) -> Result<i64, ApiError> {
-    raw.parse::<i64>()
-        .ok()
-        .filter(|id| *id > 0)
-        .ok_or_else(|| ApiError::field(field, "must be a positive integer"))
-}
 
 // ---- channels ----
 
@@ -144,7 +137,7 @@ pub async fn delete_channel(
     Admin(actor): Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = id_of(&id, "id")?;
+    let id = positive_id(&id)?;
     let (mut conn, _turn) = state.db.write_conn().await?;
     if !store::delete_channel(&mut conn, id).await? {
         return Err(ApiError::NotFound);
@@ -167,7 +160,7 @@ pub async fn test_channel(
     Admin(actor): Admin,
     Path(id): Path<String>,
 ) -> Result<Json<TestResult>, ApiError> {
-    let id = id_of(&id, "id")?;
+    let id = positive_id(&id)?;
     let channel = {
         let mut conn = state.db.conn().await?;
         store::channel(&mut conn, id)
@@ -272,7 +265,7 @@ pub async fn delete_rule(
     Admin(actor): Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = id_of(&id, "id")?;
+    let id = positive_id(&id)?;
     let (mut conn, _turn) = state.db.write_conn().await?;
     if !store::delete_rule(&mut conn, id).await? {
         return Err(ApiError::NotFound);
@@ -424,7 +417,7 @@ pub async fn delete_window(
     Operator(actor): Operator,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = id_of(&id, "id")?;
+    let id = positive_id(&id)?;
     let (mut conn, _turn) = state.db.write_conn().await?;
     if !store::delete_window(&mut conn, id).await? {
         return Err(ApiError::NotFound);
