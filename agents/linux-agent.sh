@@ -385,8 +385,15 @@ post_report() {
   fi
 }
 
+# The server's reason from an error body, {"error":{"code","message","field"?}}, as
+# "field: message"; servers before that shape sent {"error":"message"}.
 error_message() {
-  sed -n 's/.*"error":"\([^"]*\)".*/\1/p' "$1" 2>/dev/null | head -c 300
+  local message field
+  message=$(sed -n 's/.*"message":"\([^"]*\)".*/\1/p' "$1" 2>/dev/null)
+  field=$(sed -n 's/.*"field":"\([^"]*\)".*/\1/p' "$1" 2>/dev/null)
+  [ -n "$message" ] || message=$(sed -n 's/.*"error":"\([^"]*\)".*/\1/p' "$1" 2>/dev/null)
+  if [ -n "$field" ]; then message="$field: $message"; fi
+  printf '%s' "$message" | head -c 300
 }
 
 # Reads an accepted report's answer in $1: logs the server's warnings, and keeps the

@@ -80,6 +80,7 @@ pub fn App() -> impl IntoView {
                     <Route path=path!("/audit") view=|| view! { <pages::PanelPage name=PanelName::Audit/> }/>
                     <Route path=path!("/links") view=|| view! { <pages::PanelPage name=PanelName::Links/> }/>
                     <Route path=path!("/link") view=|| view! { <pages::PanelPage name=PanelName::Link/> }/>
+                    <Route path=path!("/alerts") view=|| view! { <pages::PanelPage name=PanelName::Alerts/> }/>
                     <Route path=path!("/login") view=pages::LoginPage/>
                     <Route path=path!("/setup") view=pages::SetupPage/>
                 </Routes>

@@ -162,9 +162,17 @@ impl FleetQuery {
                 .as_deref()
                 .is_none_or(|n| vm.proxmox_node.as_ref().map(|node| node.as_str()) == Some(n))
             && self.os.as_deref().is_none_or(|os| vm.os == os)
-            // Hostnames are ASCII (DNS labels), so ASCII case folding is enough.
-            && (needle.is_empty() || vm.hostname.to_ascii_lowercase().contains(needle))
+            // Hostnames are ASCII (DNS labels), so ASCII case folding is enough. A tag
+            // search is the server's to answer: it sends only the VMs carrying the tag.
+            && (needle.is_empty()
+                || tag_search(needle).is_some()
+                || vm.hostname.to_ascii_lowercase().contains(needle))
     }
+}
+
+/// The tag a fleet search names (`tag:db`), if it names one.
+pub fn tag_search(text: &str) -> Option<&str> {
+    text.trim().strip_prefix("tag:").map(str::trim)
 }
 
 /// Percent-encodes what a query value needs (the rest of the URL grammar stays readable).

@@ -11,7 +11,7 @@ use app::model::{self, FleetQuery};
 use domain::status::StatusCounts;
 use domain::view::{FLEET_PAGE, FleetSnapshot, MetricHistory, SignedIn, VmPage, VmView};
 use domain::{ChartRange, OperatorAction, PanelName, PowerAction, UserRole, VmId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
 use std::sync::Arc;
 
@@ -33,9 +33,18 @@ impl ServerBackend {
     }
 }
 
-/// The page of `views` that `query` shows, with the counts of them all.
-fn fleet_snapshot(views: &[&VmView], query: &FleetQuery) -> FleetSnapshot {
-    let matching = model::select(views.iter().copied(), query);
+/// The page of `views` that `query` shows, with the counts of them all; `tagged`, when
+/// the search names a tag (`tag:db`), holds the VMs carrying it.
+fn fleet_snapshot(
+    views: &[&VmView],
+    query: &FleetQuery,
+    tagged: Option<&HashSet<VmId>>,
+) -> FleetSnapshot {
+    let candidates = views
+        .iter()
+        .copied()
+        .filter(|vm| tagged.is_none_or(|ids| ids.contains(&vm.id)));
+    let matching = model::select(candidates, query);
     let offset = usize::try_from(query.page)
         .unwrap_or(usize::MAX)
         .saturating_mul(FLEET_PAGE)
@@ -71,6 +80,27 @@ impl Backend for ServerBackend {
                 .into_owned()
                 .collect();
             let query = FleetQuery::from_url(|k| pairs.get(k).cloned());
+            let tagged = match model::tag_search(&query.text) {
+                None => None,
+                Some(raw) => {
+                    // A search for a tag no VM can carry matches nothing.
+                    let ids = match raw.to_owned().parse::<domain::Tag>() {
+                        Ok(tag) => {
+                            let mut conn = self
+                                .state
+                                .db
+                                .conn()
+                                .await
+                                .map_err(|err| unavailable("fleet", caller, err))?;
+                            crate::db::notify::tagged(&mut conn, &tag)
+                                .await
+                                .map_err(|err| unavailable("fleet", caller, err))?
+                        }
+                        Err(_) => Vec::new(),
+                    };
+                    Some(ids.into_iter().collect::<HashSet<VmId>>())
+                }
+            };
             // In process, the page is cut from the cache's shared views without copying the
             // fleet; filtering and sorting a large one runs off the async workers.
             let views = match self.state.cache.local_views() {
@@ -84,7 +114,7 @@ impl Backend for ServerBackend {
             };
             let mut snapshot = tokio::task::spawn_blocking(move || {
                 let views: Vec<&VmView> = views.iter().map(AsRef::as_ref).collect();
-                fleet_snapshot(&views, &query)
+                fleet_snapshot(&views, &query, tagged.as_ref())
             })
             .await
             .map_err(|err| unavailable("fleet", caller, err))?;

@@ -48,7 +48,11 @@ pub fn TopBar(who: SignedInAs, mode: ReadSignal<LiveMode>) -> impl IntoView {
                                 // One element type for every link keeps the bundle small.
                                 let mut pages = Vec::new();
                                 if role >= UserRole::Operator {
-                                    pages.extend([("/add-vm", "Add a VM"), ("/links", "Approvals")]);
+                                    pages.extend([
+                                        ("/add-vm", "Add a VM"),
+                                        ("/links", "Approvals"),
+                                        ("/alerts", "Alerts"),
+                                    ]);
                                 }
                                 if role >= UserRole::Admin {
                                     pages.extend([

@@ -208,7 +208,7 @@ fn Filters(query: Memo<FleetQuery>, nodes: Memo<Vec<String>>) -> impl IntoView {
             <input
                 type="search"
                 name="q"
-                placeholder="Find a host"
+                placeholder="Find a host, or tag:name"
                 aria-label="Find a host"
                 prop:value=move || query.with(|q| q.text.clone())
                 on:input=move |ev| {

@@ -308,6 +308,9 @@ fn Actions(
             <a class="edit-link" href=move || format!("/link?vm={}", id())>
                 "Proxmox link"
             </a>
+            <a class="edit-link snooze-link" href=move || format!("/alerts?vm={}", id())>
+                "Snooze or tag"
+            </a>
             <span class="action-result" role="status">{result}</span>
             {move || {
                 question()

@@ -59,6 +59,16 @@ macro_rules! string_enum {
                 text.parse().map_err(serde::de::Error::custom)
             }
         }
+
+        #[cfg(feature = "openapi")]
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                crate::openapi::string_enum(&[$($text,)+])
+            }
+        }
+
+        #[cfg(feature = "openapi")]
+        impl utoipa::ToSchema for $name {}
     };
 }
 
@@ -168,6 +178,8 @@ string_enum!(
         Links = "links",
         /// One VM's Proxmox link: approve, change or remove it (`?vm=ID`).
         Link = "link",
+        /// Maintenance windows, snoozes, tags; channels and rules for admins.
+        Alerts = "alerts",
     }
 );
 

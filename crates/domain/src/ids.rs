@@ -14,6 +14,7 @@ macro_rules! row_id {
     ($(#[$meta:meta])* $name:ident) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
         #[serde(transparent)]
         pub struct $name(pub i64);
 
@@ -55,6 +56,7 @@ row_id!(
 
 /// A Proxmox guest number (100 to 999,999,999, as Proxmox allows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(try_from = "i64", into = "i64")]
 pub struct Vmid(i64);
 
@@ -93,6 +95,7 @@ impl fmt::Display for Vmid {
 /// An operator's label on VMs ("db", "prod", "site:paris"): 1 to 64 characters, lower-case
 /// letters, digits and `-_.:`; stored lower-cased, so `DB` and `db` are one tag.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(try_from = "String", into = "String")]
 pub struct Tag(String);
 

@@ -13,6 +13,8 @@ pub mod link;
 #[cfg(feature = "schedule")]
 pub mod maintenance;
 pub mod notify;
+#[cfg(feature = "openapi")]
+pub mod openapi;
 pub mod panel;
 pub mod policy;
 pub mod secret;

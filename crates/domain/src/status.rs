@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// The thresholds and timeouts that decide a VM's status; editable at run time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusConfig {
     pub cpu_threshold: f64,
     pub ram_threshold: f64,
@@ -42,6 +43,7 @@ pub fn approx_f64(value: i64) -> f64 {
 
 /// How many VMs are in each status.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusCounts {
     pub total: u64,
     pub healthy: u64,

@@ -504,7 +504,8 @@ pub enum SetupError {
     /// Setup is over: a user exists.
     Done,
     WrongCode,
-    Invalid(String),
+    /// The named input is refused, for the reason given.
+    Invalid(&'static str, String),
     Unavailable,
 }
 
@@ -517,8 +518,8 @@ pub async fn setup(
     password: &Secret,
     from: &str,
 ) -> Result<Principal, SetupError> {
-    check_username(username).map_err(|e| SetupError::Invalid(format!("username: {e}")))?;
-    check_password(password.expose()).map_err(|e| SetupError::Invalid(format!("password: {e}")))?;
+    check_username(username).map_err(|e| SetupError::Invalid("username", e))?;
+    check_password(password.expose()).map_err(|e| SetupError::Invalid("password", e))?;
     let now = crate::now_ms();
     let address_key = format!("addr:{from}");
     if state.login_throttle.begin(&[&address_key], now).is_err() {

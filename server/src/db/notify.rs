@@ -90,6 +90,18 @@ pub async fn tags_of(
     Ok(out)
 }
 
+/// The VMs carrying `tag`.
+pub async fn tagged(conn: &mut Conn, tag: &Tag) -> Result<Vec<VmId>, DbError> {
+    let ids: Vec<i64> = with_conn!(conn, |c| {
+        vm_tags::table
+            .select(vm_tags::vm_id)
+            .filter(vm_tags::tag.eq(tag.as_str()))
+            .load(c)
+            .await
+    })?;
+    Ok(ids.into_iter().map(VmId).collect())
+}
+
 // ---- channels and rules ----
 
 /// A channel as stored; the secret is never part of what the API answers.

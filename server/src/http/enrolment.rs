@@ -20,7 +20,7 @@ const TOKEN_PREFIX: &str = "vmhc_enrol_";
 const MAX_EXPIRY_HOURS: i64 = 24 * 366;
 const MAX_USES: i64 = 100_000;
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct IssuedCredential {
     vm_id: VmId,
     credential: String,
@@ -28,6 +28,18 @@ pub struct IssuedCredential {
 
 /// A new credential for a VM: the old one stops working at once. For a VM whose agent
 /// must be moved to a new credential by hand (`vm-healthcheck-agent --set-credential`).
+#[utoipa::path(
+    post,
+    operation_id = "revoke_enrolment_token",
+    operation_id = "create_enrolment_token",
+    operation_id = "list_enrolment_tokens",
+    operation_id = "rotate_credential",
+    operation_id = "revoke_credential",
+    path = "/api/vms/{id}/credential",
+    tag = "agents",
+    params(("id" = i64, Path, description = "The VM's id")),
+    responses((status = 200, description = "A new credential for the VM's agent, shown this once", body = IssuedCredential))
+)]
 pub async fn rotate(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -60,7 +72,7 @@ pub async fn rotate(
     ))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Revoked {
     vm_id: VmId,
     revoked: usize,
@@ -68,6 +80,13 @@ pub struct Revoked {
 
 /// Revokes a VM's credentials: its reports are refused (401) until it enrols again with
 /// a valid enrolment token.
+#[utoipa::path(
+    delete,
+    path = "/api/vms/{id}/credential",
+    tag = "agents",
+    params(("id" = i64, Path, description = "The VM's id")),
+    responses((status = 200, description = "Revoked", body = Revoked))
+)]
 pub async fn revoke(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -89,7 +108,7 @@ pub async fn revoke(
     Ok(Json(Revoked { vm_id: id, revoked }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GuestBinding {
     pub node: String,
@@ -98,7 +117,7 @@ pub struct GuestBinding {
     pub kind: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     pub label: String,
@@ -112,7 +131,7 @@ pub struct TokenRequest {
 }
 
 /// An enrolment token as listed (never its value).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct TokenView {
     pub id: i64,
     pub label: String,
@@ -126,7 +145,7 @@ pub struct TokenView {
     pub guest: Option<GuestView>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct GuestView {
     pub node: String,
     pub vmid: i64,
@@ -155,13 +174,20 @@ impl From<TokenRow> for TokenView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct CreatedToken {
     #[serde(flatten)]
     pub view: TokenView,
     pub token: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/enrolment-tokens",
+    tag = "agents",
+    request_body = TokenRequest,
+    responses((status = 201, description = "Created; the value is shown this once", body = CreatedToken))
+)]
 pub async fn create_token(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -258,6 +284,12 @@ pub async fn issue_enrolment_token(
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/enrolment-tokens",
+    tag = "agents",
+    responses((status = 200, description = "Enrolment tokens (never their values)", body = Vec<TokenView>))
+)]
 pub async fn list_tokens(
     State(state): State<AppState>,
     _admin: Admin,
@@ -271,6 +303,13 @@ pub async fn enrolment_tokens(state: &AppState) -> Result<Vec<TokenView>, ApiErr
     Ok(rows.into_iter().map(TokenView::from).collect())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/enrolment-tokens/{id}",
+    tag = "agents",
+    params(("id" = i64, Path, description = "The enrolment token's id")),
+    responses((status = 204, description = "Revoked"))
+)]
 pub async fn revoke_token(
     State(state): State<AppState>,
     Admin(actor): Admin,

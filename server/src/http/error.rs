@@ -17,9 +17,12 @@ use std::fmt::Display;
 /// [`ApiError::public_message`].
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
-    /// The request itself is wrong; the message names the field (`"id: ..."`).
-    #[error("{0}")]
-    BadRequest(String),
+    /// The request itself is wrong, in `field` when one input is to blame.
+    #[error("{}{message}", .field.as_deref().map(|f| format!("{f}: ")).unwrap_or_default())]
+    BadRequest {
+        field: Option<String>,
+        message: String,
+    },
     #[error("missing or invalid token")]
     Unauthorized,
     /// Signed in, but not allowed this.
@@ -45,10 +48,23 @@ pub enum ApiError {
     Internal(String),
 }
 
-/// Every error response's body.
-#[derive(Debug, Serialize)]
+/// Every error response's body: `{"error": {"code", "message", "field"?}}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
-    pub error: String,
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable and machine-readable: `bad_request`, `unauthorized`, `forbidden`,
+    /// `too_many_requests`, `not_found`, `conflict`, `payload_too_large`, `bad_gateway`,
+    /// `unavailable` or `internal`.
+    pub code: &'static str,
+    /// For people: what went wrong and, where there is one, what to do.
+    pub message: String,
+    /// The input that was wrong (`"hours"`, `"status.cpu_threshold"`), on a bad request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 /// Seconds a client should wait after a 503.
@@ -57,12 +73,39 @@ const RETRY_AFTER_SECONDS: &str = "5";
 impl ApiError {
     /// A bad request naming the input `field` that was wrong.
     pub fn field(field: &str, err: impl Display) -> Self {
-        ApiError::BadRequest(format!("{field}: {err}"))
+        ApiError::BadRequest {
+            field: (!field.is_empty()).then(|| field.to_owned()),
+            message: err.to_string(),
+        }
+    }
+
+    /// A bad request no single input is to blame for.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// The body's `code`: one word per kind of failure, for programs to branch on.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { .. } => "bad_request",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::TooManyRequests(_) => "too_many_requests",
+            ApiError::NotFound => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::BadGateway(_) => "bad_gateway",
+            ApiError::Unavailable => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
@@ -80,6 +123,21 @@ impl ApiError {
         match self {
             ApiError::Internal(_) => "internal error".to_owned(),
             other => other.to_string(),
+        }
+    }
+
+    /// The response body: the message without the field's name, which has its own member.
+    pub fn body(&self) -> ErrorBody {
+        let (message, field) = match self {
+            ApiError::BadRequest { field, message } => (message.clone(), field.clone()),
+            other => (other.public_message(), None),
+        };
+        ErrorBody {
+            error: ErrorDetail {
+                code: self.code(),
+                message,
+                field,
+            },
         }
     }
 }
@@ -174,10 +232,7 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(detail) = &self {
             tracing::error!(error = %detail, "request failed");
         }
-        let body = ErrorBody {
-            error: self.public_message(),
-        };
-        let mut response = (status, Json(body)).into_response();
+        let mut response = (status, Json(self.body())).into_response();
         let headers = response.headers_mut();
         match self {
             ApiError::Unauthorized => {
@@ -201,8 +256,8 @@ impl IntoResponse for ApiError {
 impl From<crate::configure::SettingsError> for ApiError {
     fn from(err: crate::configure::SettingsError) -> Self {
         match err {
-            crate::configure::SettingsError::Invalid(field) => {
-                ApiError::BadRequest(field.to_string())
+            crate::configure::SettingsError::Invalid(invalid) => {
+                ApiError::field(&invalid.field, invalid.message)
             }
             crate::configure::SettingsError::Db(db) => db.into(),
         }
@@ -240,6 +295,20 @@ mod tests {
         let id: Result<domain::VmId, _> = "0".parse();
         let err = id.field("id").unwrap_err();
         assert_eq!(err.public_message(), "id: must be a positive integer");
+        let body = serde_json::to_value(err.body()).unwrap();
+        assert_eq!(
+            body,
+            serde_json::json!({"error": {
+                "code": "bad_request",
+                "message": "must be a positive integer",
+                "field": "id",
+            }})
+        );
+        let plain = serde_json::to_value(ApiError::NotFound.body()).unwrap();
+        assert_eq!(
+            plain,
+            serde_json::json!({"error": {"code": "not_found", "message": "not found"}})
+        );
         let kind: Result<domain::GuestKind, _> = "vm".parse();
         assert!(
             kind.field("type")

@@ -51,6 +51,14 @@ pub struct PublicHealth {
 
 /// 200 while storage answers and the scheduler runs, else 503 (a load balancer's signal).
 /// Signed-in callers and tokens get the details; anyone else only the status.
+#[utoipa::path(
+    get,
+    operation_id = "health",
+    path = "/api/health",
+    tag = "service",
+    responses((status = 200, description = "Storage answers and the scheduler runs (details for a signed-in caller or token)", body = Object), (status = 503, description = "Not serving", body = Object)),
+    security(())
+)]
 pub async fn health(
     State(state): State<AppState>,
     parts: axum::http::request::Parts,

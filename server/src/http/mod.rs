@@ -9,7 +9,8 @@ pub mod extract;
 mod health;
 mod live;
 mod metrics;
-mod notify;
+pub mod notify;
+pub mod openapi;
 pub mod people;
 mod remediation;
 mod report;
@@ -126,6 +127,8 @@ pub fn router(read_slots: usize) -> Router<AppState> {
         )
         .route("/api/maintenance/{id}", delete(notify::delete_window))
         .route("/metrics", get(metrics::metrics).layer(reads.clone()))
+        .route("/api/openapi.json", get(openapi::document))
+        .route("/api/docs", get(openapi::docs))
         .route("/api/{*rest}", any(|| async { ApiError::NotFound }))
         // Reports are the largest bodies; the rest are small JSON documents. `RawBody`
         // reports this limit when a body exceeds it.

@@ -3,7 +3,7 @@
 //! (operators).
 
 use super::error::ApiError;
-use super::extract::{Admin, JsonBody, Operator, Viewer, VmPath, label, positive_id};
+use super::extract::{Actor, Admin, JsonBody, Operator, Viewer, VmPath, label, positive_id};
 use crate::db::notify::{
     self as store, ChannelView, NewChannel, NotificationView, RuleView, WindowView,
 };
@@ -13,7 +13,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use domain::maintenance::{Recurrence, Scope, When, Window, check_when};
 use domain::notify::{MAX_REPEAT_MS, MIN_REPEAT_MS, Message, Rule};
-use domain::{ChannelKind, DeliveryState, NotifyKind, Tag, UserRole, WindowScope};
+use domain::{ChannelKind, DeliveryState, NotifyKind, Tag, UserRole, VmId, WindowScope};
 use serde::{Deserialize, Serialize};
 
 /// Longest snooze: a week.
@@ -23,16 +23,16 @@ const MAX_TAGS: usize = 32;
 
 // ---- channels ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewChannelBody {
-    name: String,
-    kind: ChannelKind,
+    pub name: String,
+    pub kind: ChannelKind,
     /// A URL (webhook, ntfy topic, Gotify server, Slack or Discord webhook) or, for email,
     /// the recipient's address.
-    target: String,
+    pub target: String,
     /// Webhook: the HMAC key; ntfy: an access token; Gotify: the application token.
-    secret: Option<String>,
+    pub secret: Option<String>,
 }
 
 /// Where a message may be sent: HTTPS, or plain HTTP to this machine only (a secret or the
@@ -65,11 +65,29 @@ fn check_url(raw: &str) -> Result<reqwest::Url, ApiError> {
     Ok(url)
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "notification_messages",
+    path = "/api/notify/channels",
+    tag = "notify",
+    request_body = NewChannelBody,
+    responses((status = 201, description = "Created", body = Object))
+)]
 pub async fn create_channel(
     State(state): State<AppState>,
     Admin(actor): Admin,
     JsonBody(body): JsonBody<NewChannelBody>,
 ) -> Result<(StatusCode, Json<ChannelView>), ApiError> {
+    let view = add_channel(&state, &actor, body).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Both doors of `POST /api/notify/channels`: the API and the alerts page.
+pub async fn add_channel(
+    state: &AppState,
+    actor: &Actor,
+    body: NewChannelBody,
+) -> Result<ChannelView, ApiError> {
     let name = label(&body.name).map_err(|e| ApiError::field("name", e))?;
     let secret = body
         .secret
@@ -114,15 +132,21 @@ pub async fn create_channel(
         .ok_or(ApiError::NotFound)?;
     actor
         .audit(
-            &state,
+            state,
             "notify.channel.create",
             Some(name),
             Some(body.kind.as_str()),
         )
         .await;
-    Ok((StatusCode::CREATED, Json(row.view())))
+    Ok(row.view())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/notify/channels",
+    tag = "notify",
+    responses((status = 200, description = "Every channel (never a secret)", body = Object))
+)]
 pub async fn list_channels(
     State(state): State<AppState>,
     _admin: Admin,
@@ -132,35 +156,58 @@ pub async fn list_channels(
     Ok(Json(rows.iter().map(store::ChannelRow::view).collect()))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/notify/channels/{id}",
+    tag = "notify",
+    params(("id" = i64, Path, description = "The channel's id")),
+    responses((status = 204, description = "Deleted with its rules"))
+)]
 pub async fn delete_channel(
     State(state): State<AppState>,
     Admin(actor): Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = positive_id(&id)?;
+    remove_channel(&state, &actor, positive_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Both doors of `DELETE /api/notify/channels/:id`.
+pub async fn remove_channel(state: &AppState, actor: &Actor, id: i64) -> Result<(), ApiError> {
     let (mut conn, _turn) = state.db.write_conn().await?;
     if !store::delete_channel(&mut conn, id).await? {
         return Err(ApiError::NotFound);
     }
     actor
-        .audit(&state, "notify.channel.delete", Some(&id.to_string()), None)
+        .audit(state, "notify.channel.delete", Some(&id.to_string()), None)
         .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct TestResult {
-    delivered: bool,
-    error: Option<String>,
+    pub delivered: bool,
+    pub error: Option<String>,
 }
 
 /// Sends a test message to the channel now and says how it went.
+#[utoipa::path(
+    post,
+    path = "/api/notify/channels/{id}/test",
+    tag = "notify",
+    params(("id" = i64, Path, description = "The channel's id")),
+    responses((status = 200, description = "Whether the test message was delivered", body = TestResult))
+)]
 pub async fn test_channel(
     State(state): State<AppState>,
     Admin(actor): Admin,
     Path(id): Path<String>,
 ) -> Result<Json<TestResult>, ApiError> {
-    let id = positive_id(&id)?;
+    Ok(Json(send_test(&state, &actor, positive_id(&id)?).await?))
+}
+
+/// Both doors of `POST /api/notify/channels/:id/test`.
+pub async fn send_test(state: &AppState, actor: &Actor, id: i64) -> Result<TestResult, ApiError> {
     let channel = {
         let mut conn = state.db.conn().await?;
         store::channel(&mut conn, id)
@@ -179,38 +226,55 @@ pub async fn test_channel(
     state.health.record_notification(result.is_ok());
     actor
         .audit(
-            &state,
+            state,
             "notify.channel.test",
             Some(&channel.name),
             result.as_ref().err().map(String::as_str),
         )
         .await;
-    Ok(Json(TestResult {
+    Ok(TestResult {
         delivered: result.is_ok(),
         error: result.err(),
-    }))
+    })
 }
 
 // ---- rules ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewRuleBody {
-    channel_id: i64,
+    pub channel_id: i64,
     /// Kinds to send; empty or absent: every kind.
     #[serde(default)]
-    kinds: Vec<NotifyKind>,
+    pub kinds: Vec<NotifyKind>,
     /// Only VMs with this tag.
-    tag: Option<Tag>,
+    pub tag: Option<Tag>,
     /// Remind while a VM stays down, this often (5 to 10,080 minutes).
-    repeat_minutes: Option<i64>,
+    pub repeat_minutes: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/notify/rules",
+    tag = "notify",
+    request_body = NewRuleBody,
+    responses((status = 201, description = "Created", body = Object))
+)]
 pub async fn create_rule(
     State(state): State<AppState>,
     Admin(actor): Admin,
     JsonBody(body): JsonBody<NewRuleBody>,
 ) -> Result<(StatusCode, Json<RuleView>), ApiError> {
+    let rule = add_rule(&state, &actor, body).await?;
+    Ok((StatusCode::CREATED, Json(rule)))
+}
+
+/// Both doors of `POST /api/notify/rules`.
+pub async fn add_rule(
+    state: &AppState,
+    actor: &Actor,
+    body: NewRuleBody,
+) -> Result<RuleView, ApiError> {
     if body.kinds.contains(&NotifyKind::Test) {
         return Err(ApiError::field(
             "kinds",
@@ -247,11 +311,17 @@ pub async fn create_rule(
         .find(|r| r.id == id)
         .ok_or(ApiError::NotFound)?;
     actor
-        .audit(&state, "notify.rule.create", Some(&id.to_string()), None)
+        .audit(state, "notify.rule.create", Some(&id.to_string()), None)
         .await;
-    Ok((StatusCode::CREATED, Json(created)))
+    Ok(created)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/notify/rules",
+    tag = "notify",
+    responses((status = 200, description = "Every routing rule", body = Object))
+)]
 pub async fn list_rules(
     State(state): State<AppState>,
     _admin: Admin,
@@ -260,25 +330,38 @@ pub async fn list_rules(
     Ok(Json(store::rules(&mut conn).await?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/notify/rules/{id}",
+    tag = "notify",
+    params(("id" = i64, Path, description = "The rule's id")),
+    responses((status = 204, description = "Deleted"))
+)]
 pub async fn delete_rule(
     State(state): State<AppState>,
     Admin(actor): Admin,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = positive_id(&id)?;
+    remove_rule(&state, &actor, positive_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Both doors of `DELETE /api/notify/rules/:id`.
+pub async fn remove_rule(state: &AppState, actor: &Actor, id: i64) -> Result<(), ApiError> {
     let (mut conn, _turn) = state.db.write_conn().await?;
     if !store::delete_rule(&mut conn, id).await? {
         return Err(ApiError::NotFound);
     }
     actor
-        .audit(&state, "notify.rule.delete", Some(&id.to_string()), None)
+        .audit(state, "notify.rule.delete", Some(&id.to_string()), None)
         .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
 // ---- the message log ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct MessagesQuery {
     state: Option<DeliveryState>,
@@ -286,6 +369,13 @@ pub struct MessagesQuery {
 }
 
 /// The newest messages (`?state=dead` for the dead letters), newest first.
+#[utoipa::path(
+    get,
+    path = "/api/notify/messages",
+    tag = "notify",
+    params(MessagesQuery),
+    responses((status = 200, description = "Messages, newest first", body = Object))
+)]
 pub async fn messages(
     State(state): State<AppState>,
     _admin: Admin,
@@ -301,26 +391,43 @@ pub async fn messages(
 
 // ---- maintenance windows ----
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewWindowBody {
-    name: String,
-    scope: WindowScope,
+    pub name: String,
+    pub scope: WindowScope,
     /// The VM id, tag or node name the scope names (none for `all`).
-    value: Option<String>,
+    pub value: Option<String>,
     /// A one-off window: both times (epoch ms).
-    starts_ms: Option<i64>,
-    ends_ms: Option<i64>,
+    pub starts_ms: Option<i64>,
+    pub ends_ms: Option<i64>,
     /// A recurring one: five cron fields in UTC ("0 2 * * 6": Saturdays 02:00) and how long.
-    cron: Option<String>,
-    duration_minutes: Option<i64>,
+    pub cron: Option<String>,
+    pub duration_minutes: Option<i64>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/maintenance",
+    tag = "notify",
+    request_body = NewWindowBody,
+    responses((status = 201, description = "Created", body = Object))
+)]
 pub async fn create_window(
     State(state): State<AppState>,
     Operator(actor): Operator,
     JsonBody(body): JsonBody<NewWindowBody>,
 ) -> Result<(StatusCode, Json<WindowView>), ApiError> {
+    let view = add_window(&state, &actor, body).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Both doors of `POST /api/maintenance`: the API and the alerts page.
+pub async fn add_window(
+    state: &AppState,
+    actor: &Actor,
+    body: NewWindowBody,
+) -> Result<WindowView, ApiError> {
     let name = label(&body.name).map_err(|e| ApiError::field("name", e))?;
     let scope =
         Scope::parse(body.scope, body.value.as_deref()).map_err(|e| ApiError::field("value", e))?;
@@ -383,11 +490,11 @@ pub async fn create_window(
         scope,
         when,
     };
-    let view = insert_window(&state, &window, &actor.who.name).await?;
+    let view = insert_window(state, &window, &actor.who.name).await?;
     actor
-        .audit(&state, "maintenance.create", Some(name), Some(&detail))
+        .audit(state, "maintenance.create", Some(name), Some(&detail))
         .await;
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok(view)
 }
 
 async fn insert_window(
@@ -404,6 +511,12 @@ async fn insert_window(
         .ok_or(ApiError::NotFound)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/maintenance",
+    tag = "notify",
+    responses((status = 200, description = "Every maintenance window", body = Object))
+)]
 pub async fn list_windows(
     State(state): State<AppState>,
     _viewer: Viewer,
@@ -412,35 +525,67 @@ pub async fn list_windows(
     Ok(Json(store::windows(&mut conn).await?))
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/maintenance/{id}",
+    tag = "notify",
+    params(("id" = i64, Path, description = "The window's id")),
+    responses((status = 204, description = "Deleted"))
+)]
 pub async fn delete_window(
     State(state): State<AppState>,
     Operator(actor): Operator,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let id = positive_id(&id)?;
+    remove_window(&state, &actor, positive_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Both doors of `DELETE /api/maintenance/:id`.
+pub async fn remove_window(state: &AppState, actor: &Actor, id: i64) -> Result<(), ApiError> {
     let (mut conn, _turn) = state.db.write_conn().await?;
     if !store::delete_window(&mut conn, id).await? {
         return Err(ApiError::NotFound);
     }
     actor
-        .audit(&state, "maintenance.delete", Some(&id.to_string()), None)
+        .audit(state, "maintenance.delete", Some(&id.to_string()), None)
         .await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnoozeBody {
-    hours: i64,
+    pub hours: i64,
 }
 
 /// Silences one VM for some hours from now: a maintenance window of that VM.
+#[utoipa::path(
+    post,
+    path = "/api/vms/{id}/snooze",
+    tag = "notify",
+    params(("id" = i64, Path, description = "The VM's id")),
+    request_body = SnoozeBody,
+    responses((status = 201, description = "A maintenance window over the VM from now", body = Object))
+)]
 pub async fn snooze(
     State(state): State<AppState>,
     Operator(actor): Operator,
     VmPath(vm): VmPath,
     JsonBody(body): JsonBody<SnoozeBody>,
 ) -> Result<(StatusCode, Json<WindowView>), ApiError> {
+    let view = snooze_vm(&state, &actor, vm, body.hours).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Both doors of `POST /api/vms/:id/snooze`.
+pub async fn snooze_vm(
+    state: &AppState,
+    actor: &Actor,
+    vm: VmId,
+    hours: i64,
+) -> Result<WindowView, ApiError> {
+    let body = SnoozeBody { hours };
     if !(1..=MAX_SNOOZE_HOURS).contains(&body.hours) {
         return Err(ApiError::field("hours", "must be 1 to 168"));
     }
@@ -459,26 +604,33 @@ pub async fn snooze(
             ends_ms: now.saturating_add(body.hours.saturating_mul(3_600_000)),
         },
     };
-    let view = insert_window(&state, &window, &actor.who.name).await?;
+    let view = insert_window(state, &window, &actor.who.name).await?;
     actor
         .audit(
-            &state,
+            state,
             "vm.snooze",
             Some(&vm.to_string()),
             Some(&format!("{} h", body.hours)),
         )
         .await;
-    Ok((StatusCode::CREATED, Json(view)))
+    Ok(view)
 }
 
 // ---- tags ----
 
-#[derive(Deserialize, Serialize)]
+#[derive(Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TagsBody {
-    tags: Vec<Tag>,
+    pub tags: Vec<Tag>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/vms/{id}/tags",
+    tag = "notify",
+    params(("id" = i64, Path, description = "The VM's id")),
+    responses((status = 200, description = "The VM's tags", body = TagsBody))
+)]
 pub async fn get_tags(
     State(state): State<AppState>,
     _viewer: Viewer,
@@ -495,13 +647,32 @@ pub async fn get_tags(
 }
 
 /// Replaces a VM's tags.
+#[utoipa::path(
+    put,
+    path = "/api/vms/{id}/tags",
+    tag = "notify",
+    params(("id" = i64, Path, description = "The VM's id")),
+    request_body = TagsBody,
+    responses((status = 200, description = "The VM's tags as now set", body = TagsBody))
+)]
 pub async fn put_tags(
     State(state): State<AppState>,
     Operator(actor): Operator,
     VmPath(vm): VmPath,
     JsonBody(body): JsonBody<TagsBody>,
 ) -> Result<Json<TagsBody>, ApiError> {
-    let mut tags = body.tags;
+    Ok(Json(TagsBody {
+        tags: set_tags(&state, &actor, vm, body.tags).await?,
+    }))
+}
+
+/// Both doors of `PUT /api/vms/:id/tags`.
+pub async fn set_tags(
+    state: &AppState,
+    actor: &Actor,
+    vm: VmId,
+    mut tags: Vec<Tag>,
+) -> Result<Vec<Tag>, ApiError> {
     tags.sort();
     tags.dedup();
     if tags.len() > MAX_TAGS {
@@ -514,11 +685,11 @@ pub async fn put_tags(
     let shown: Vec<&str> = tags.iter().map(Tag::as_str).collect();
     actor
         .audit(
-            &state,
+            state,
             "vm.tags",
             Some(&vm.to_string()),
             Some(&shown.join(",")),
         )
         .await;
-    Ok(Json(TagsBody { tags }))
+    Ok(tags)
 }

@@ -19,7 +19,7 @@ use tower_sessions::Session;
 
 const API_TOKEN_PREFIX: &str = "vmhc_api_";
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LoginRequest {
     username: String,
@@ -27,7 +27,7 @@ pub struct LoginRequest {
 }
 
 /// Who is signed in.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Me {
     username: String,
     role: UserRole,
@@ -52,6 +52,15 @@ fn same_origin(parts: &Parts) -> Result<(), ApiError> {
 }
 
 /// Signs in with a name and password; the answer sets the session cookie.
+#[utoipa::path(
+    post,
+    operation_id = "audit_log",
+    path = "/api/login",
+    tag = "people",
+    request_body = LoginRequest,
+    responses((status = 200, description = "Signed in; the answer sets the session cookie", body = Me)),
+    security(())
+)]
 pub async fn login(
     State(state): State<AppState>,
     parts: Parts,
@@ -79,6 +88,12 @@ pub async fn login(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/logout",
+    tag = "people",
+    responses((status = 204, description = "Signed out"))
+)]
 pub async fn logout(State(state): State<AppState>, parts: Parts) -> Result<StatusCode, ApiError> {
     same_origin(&parts)?;
     let session = session_of(&parts)?;
@@ -86,6 +101,12 @@ pub async fn logout(State(state): State<AppState>, parts: Parts) -> Result<Statu
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/me",
+    tag = "people",
+    responses((status = 200, description = "Who the caller is", body = Me))
+)]
 pub async fn me(Viewer(actor): Viewer) -> Json<Me> {
     Json(Me {
         username: actor.who.name,
@@ -93,7 +114,7 @@ pub async fn me(Viewer(actor): Viewer) -> Json<Me> {
     })
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetupRequest {
     setup_code: String,
@@ -102,6 +123,14 @@ pub struct SetupRequest {
 }
 
 /// Creates the first admin with the one-time setup code; refused once any user exists.
+#[utoipa::path(
+    post,
+    path = "/api/setup",
+    tag = "people",
+    request_body = SetupRequest,
+    responses((status = 201, description = "The first admin, signed in", body = Me)),
+    security(())
+)]
 pub async fn setup(
     State(state): State<AppState>,
     parts: Parts,
@@ -131,12 +160,12 @@ pub async fn setup(
         Err(SetupError::WrongCode) => Err(ApiError::Forbidden(
             "wrong setup code (see data/setup-code or the server log)".into(),
         )),
-        Err(SetupError::Invalid(message)) => Err(ApiError::BadRequest(message)),
+        Err(SetupError::Invalid(field, message)) => Err(ApiError::field(field, message)),
         Err(SetupError::Unavailable) => Err(ApiError::Unavailable),
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
     pub username: String,
@@ -144,6 +173,13 @@ pub struct NewUser {
     pub role: UserRole,
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/users",
+    tag = "people",
+    request_body = NewUser,
+    responses((status = 201, description = "Created", body = Object))
+)]
 pub async fn create_user(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -189,6 +225,12 @@ pub async fn add_user(
     Ok(row.into())
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/users",
+    tag = "people",
+    responses((status = 200, description = "Every user (admin)", body = Object))
+)]
 pub async fn list_users(
     State(state): State<AppState>,
     _admin: Admin,
@@ -201,13 +243,21 @@ pub async fn users(state: &AppState) -> Result<Vec<UserView>, ApiError> {
     Ok(people::list_users(&mut conn).await?)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PasswordChange {
     password: String,
 }
 
 /// Sets a user's password (admin); every session of that user ends, on every replica.
+#[utoipa::path(
+    put,
+    path = "/api/users/{id}/password",
+    tag = "people",
+    params(("id" = i64, Path, description = "The user's id")),
+    request_body = PasswordChange,
+    responses((status = 204, description = "Changed"))
+)]
 pub async fn set_password(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -242,6 +292,13 @@ pub async fn change_password(
     Ok(())
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/users/{id}",
+    tag = "people",
+    params(("id" = i64, Path, description = "The user's id")),
+    responses((status = 204, description = "Deleted; the user's sessions and tokens end"))
+)]
 pub async fn delete_user(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -265,7 +322,7 @@ pub async fn remove_user(state: &AppState, actor: &Actor, id: i64) -> Result<(),
     Ok(())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewApiToken {
     /// The user the token acts as.
@@ -274,13 +331,20 @@ pub struct NewApiToken {
     pub role: UserRole,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct CreatedApiToken {
     pub id: i64,
     pub token: String,
 }
 
 /// A token for scripts, acting as a user with at most that user's role; shown once.
+#[utoipa::path(
+    post,
+    path = "/api/tokens",
+    tag = "people",
+    request_body = NewApiToken,
+    responses((status = 201, description = "Created; the value is shown this once", body = CreatedApiToken))
+)]
 pub async fn create_api_token(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -332,6 +396,12 @@ pub async fn issue_api_token(
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/tokens",
+    tag = "people",
+    responses((status = 200, description = "Every API token (never its value)", body = Object))
+)]
 pub async fn list_api_tokens(
     State(state): State<AppState>,
     _admin: Admin,
@@ -344,6 +414,13 @@ pub async fn api_tokens(state: &AppState) -> Result<Vec<ApiTokenView>, ApiError>
     Ok(people::list_api_tokens(&mut conn).await?)
 }
 
+#[utoipa::path(
+    delete,
+    path = "/api/tokens/{id}",
+    tag = "people",
+    params(("id" = i64, Path, description = "The token's id")),
+    responses((status = 204, description = "Revoked"))
+)]
 pub async fn revoke_api_token(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -374,7 +451,8 @@ pub async fn withdraw_api_token(state: &AppState, actor: &Actor, id: i64) -> Res
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-#[derive(Default)]
+#[derive(Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct AuditQuery {
     pub before: Option<i64>,
     pub limit: Option<i64>,
@@ -391,6 +469,13 @@ pub struct AuditQuery {
 
 /// The audit log, newest first; `?before=ID` pages back, `actor`, `action` and `target`
 /// narrow it.
+#[utoipa::path(
+    get,
+    path = "/api/audit",
+    tag = "people",
+    params(AuditQuery),
+    responses((status = 200, description = "Audit entries, newest first", body = Object))
+)]
 pub async fn audit(
     State(state): State<AppState>,
     _admin: Admin,
@@ -425,13 +510,21 @@ pub async fn audit_entries(
 }
 
 /// The sign-in page's form (works without JavaScript).
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct LoginForm {
     username: String,
     password: String,
 }
 
 /// `POST /auth/login` from the sign-in page: back to the fleet, or to the page with why.
+#[utoipa::path(
+    post,
+    path = "/auth/login",
+    tag = "people",
+    request_body(content = LoginForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 303, description = "Back to the dashboard, or to the sign-in page with the reason")),
+    security(())
+)]
 pub async fn form_login(
     State(state): State<AppState>,
     parts: Parts,
@@ -449,6 +542,12 @@ pub async fn form_login(
     Ok(axum::response::Redirect::to(to))
 }
 
+#[utoipa::path(
+    post,
+    path = "/auth/logout",
+    tag = "people",
+    responses((status = 303, description = "To the sign-in page"))
+)]
 pub async fn form_logout(
     State(state): State<AppState>,
     parts: Parts,
@@ -459,13 +558,21 @@ pub async fn form_logout(
     Ok(axum::response::Redirect::to("/login"))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 pub struct SetupForm {
     setup_code: String,
     username: String,
     password: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/auth/setup",
+    tag = "people",
+    request_body(content = SetupForm, content_type = "application/x-www-form-urlencoded"),
+    responses((status = 303, description = "To the dashboard, or back to the setup page with the reason")),
+    security(())
+)]
 pub async fn form_setup(
     State(state): State<AppState>,
     parts: Parts,
@@ -487,7 +594,7 @@ pub async fn form_setup(
         Ok(_) => "/",
         Err(SetupError::Done) => "/login",
         Err(SetupError::WrongCode) => "/setup?error=code",
-        Err(SetupError::Invalid(_)) => "/setup?error=invalid",
+        Err(SetupError::Invalid(..)) => "/setup?error=invalid",
         Err(SetupError::Unavailable) => "/setup?error=unavailable",
     };
     Ok(axum::response::Redirect::to(to))

@@ -13,7 +13,7 @@ use domain::{AttemptId, PowerAction, RemediationPhase, VmId};
 use serde::Serialize;
 
 /// A power action that was sent; its outcome lands in the VM's reset history.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct PowerAccepted {
     attempt_id: AttemptId,
     action: PowerAction,
@@ -33,6 +33,13 @@ async fn power(
     ))
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/vms/{id}/reset",
+    tag = "remediation",
+    params(("id" = i64, Path, description = "The VM's id")),
+    responses((status = 202, description = "Sent; the outcome lands in the reset history", body = PowerAccepted))
+)]
 pub async fn reset(
     State(state): State<AppState>,
     Operator(actor): Operator,
@@ -41,6 +48,13 @@ pub async fn reset(
     power(&state, actor, id, PowerAction::Reset).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/api/vms/{id}/shutdown",
+    tag = "remediation",
+    params(("id" = i64, Path, description = "The VM's id")),
+    responses((status = 202, description = "Sent; the outcome lands in the reset history", body = PowerAccepted))
+)]
 pub async fn shutdown(
     State(state): State<AppState>,
     Operator(actor): Operator,
@@ -51,6 +65,13 @@ pub async fn shutdown(
 
 /// Holds the automatic power action announced for a VM (its veto window): nothing is sent
 /// and the VM waits for an operator. 409 when none is announced.
+#[utoipa::path(
+    post,
+    path = "/api/vms/{id}/hold",
+    tag = "remediation",
+    params(("id" = i64, Path, description = "The VM's id")),
+    responses((status = 204, description = "Held"))
+)]
 pub async fn hold(
     State(state): State<AppState>,
     Operator(actor): Operator,
@@ -60,13 +81,20 @@ pub async fn hold(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct Acknowledged {
     vm_id: VmId,
     remediation_phase: RemediationPhase,
 }
 
 /// Clears a VM's latched `manual` state so automatic remediation may act on it again.
+#[utoipa::path(
+    post,
+    path = "/api/vms/{id}/acknowledge",
+    tag = "remediation",
+    params(("id" = i64, Path, description = "The VM's id")),
+    responses((status = 200, description = "Cleared", body = Acknowledged))
+)]
 pub async fn acknowledge(
     State(state): State<AppState>,
     Operator(actor): Operator,
@@ -86,6 +114,12 @@ pub struct RemediationOverview {
 }
 
 /// The engine's state and the last hundred events.
+#[utoipa::path(
+    get,
+    path = "/api/remediation",
+    tag = "remediation",
+    responses((status = 200, description = "The engine's state and recent events", body = Object))
+)]
 pub async fn overview(
     State(state): State<AppState>,
     _viewer: Viewer,

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 /// What an agent learns from a stored report: its id, its status, when to report next,
 /// and which parts of the report were dropped.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ReportAccepted {
     vm_id: VmId,
     status: VmStatus,
@@ -26,6 +26,15 @@ pub struct ReportAccepted {
     credential: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    operation_id = "report",
+    path = "/api/health/report",
+    tag = "agents",
+    request_body = Object,
+    responses((status = 200, description = "Stored; names the VM and any parts of the report that were dropped", body = ReportAccepted)),
+    security(("agent" = []))
+)]
 pub async fn report(
     State(state): State<AppState>,
     AgentBearer(presented): AgentBearer,
@@ -40,7 +49,7 @@ pub async fn report(
         }
     }
     let accepted =
-        parse_report(&body, crate::now_ms()).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        parse_report(&body, crate::now_ms()).map_err(|e| ApiError::field(&e.field, e.message))?;
     let warnings: Vec<String> = accepted.warnings.iter().map(ToString::to_string).collect();
     let stored = state
         .ingest

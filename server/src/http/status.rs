@@ -10,12 +10,18 @@ use domain::settings::{ProxmoxCheck, Settings};
 use domain::status::{StatusConfig, StatusCounts};
 use serde::{Deserialize, Serialize};
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct StatusSummary {
     counts: StatusCounts,
     config: StatusConfig,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/status",
+    tag = "service",
+    responses((status = 200, description = "Counts by status", body = StatusSummary))
+)]
 pub async fn summary(
     State(state): State<AppState>,
     _viewer: Viewer,
@@ -31,12 +37,18 @@ pub async fn summary(
     }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/status/config",
+    tag = "service",
+    responses((status = 200, description = "Thresholds and the stale timeout", body = Object))
+)]
 pub async fn get_config(State(state): State<AppState>, _viewer: Viewer) -> Json<StatusConfig> {
     Json(state.status_config.get())
 }
 
 /// A partial update: fields left out keep their current value.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigPatch {
     cpu_threshold: Option<f64>,
@@ -54,6 +66,13 @@ pub struct ConfigUpdated {
 }
 
 /// Saves new thresholds (the rails unchanged) and re-judges every VM under them at once.
+#[utoipa::path(
+    put,
+    path = "/api/status/config",
+    tag = "service",
+    request_body = ConfigPatch,
+    responses((status = 200, description = "Saved and applied", body = Object))
+)]
 pub async fn put_config(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -82,12 +101,24 @@ pub async fn put_config(
 }
 
 /// Every runtime setting: thresholds and the remediation rails.
+#[utoipa::path(
+    get,
+    path = "/api/settings",
+    tag = "service",
+    responses((status = 200, description = "Every runtime setting", body = Object))
+)]
 pub async fn get_settings(State(state): State<AppState>, _admin: Admin) -> Json<Settings> {
     Json(crate::configure::current(&state))
 }
 
 /// Asks Proxmox for its release and this monitor's privileges, and says in plain words what
 /// it found (admins): the token's name appears, never its secret.
+#[utoipa::path(
+    get,
+    path = "/api/proxmox/check",
+    tag = "service",
+    responses((status = 200, description = "What each check asked and found", body = Object))
+)]
 pub async fn proxmox_check(State(state): State<AppState>, _admin: Admin) -> Json<ProxmoxCheck> {
     Json(crate::configure::test_proxmox(&state).await)
 }
@@ -100,6 +131,13 @@ pub struct SettingsUpdated {
 }
 
 /// Replaces every runtime setting at once; a bad field is a 400 naming it and saves nothing.
+#[utoipa::path(
+    put,
+    path = "/api/settings",
+    tag = "service",
+    request_body = Object,
+    responses((status = 200, description = "Saved and applied", body = Object))
+)]
 pub async fn put_settings(
     State(state): State<AppState>,
     Admin(actor): Admin,

@@ -12,7 +12,8 @@ use domain::view::{MetricHistory, ResetAttempt, StatusChange, VmView};
 use domain::{GuestKind, GuestRef, LinkSource, NodeName, VmId, Vmid};
 use serde::{Deserialize, Serialize};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     limit: Option<i64>,
@@ -27,6 +28,17 @@ const DEFAULT_PAGE: i64 = 500;
 
 /// Every VM sorted by hostname; with `limit` (and then `after`), one page of them and, when
 /// more follow, a `Link: <...>; rel="next"` header to the next page.
+#[utoipa::path(
+    get,
+    operation_id = "vm_metrics",
+    operation_id = "delete_vm",
+    operation_id = "get_vm",
+    operation_id = "list_vms",
+    path = "/api/vms",
+    tag = "vms",
+    params(ListQuery),
+    responses((status = 200, description = "VMs sorted by hostname; a Link header names the next page", body = Object))
+)]
 pub async fn list(
     State(state): State<AppState>,
     _viewer: Viewer,
@@ -81,6 +93,13 @@ pub struct VmDetail {
     status_changes: Vec<StatusChange>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/vms/{id}",
+    tag = "vms",
+    params(("id" = i64, Path, description = "The VM's id")),
+    responses((status = 200, description = "The VM and its status changes", body = Object))
+)]
 pub async fn get(
     State(state): State<AppState>,
     _viewer: Viewer,
@@ -95,6 +114,13 @@ pub async fn get(
 }
 
 /// Forgets a VM and its whole history (a decommissioned host).
+#[utoipa::path(
+    delete,
+    path = "/api/vms/{id}",
+    tag = "vms",
+    params(("id" = i64, Path, description = "The VM's id")),
+    responses((status = 204, description = "Forgotten"))
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Admin(actor): Admin,
@@ -123,7 +149,8 @@ const MAX_POINTS: i64 = 2_000;
 const EARLIEST_MS: i64 = -62_167_219_200_000;
 const LATEST_MS: i64 = 253_402_300_799_999;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct MetricsQuery {
     from: Option<String>,
     to: Option<String>,
@@ -131,6 +158,13 @@ pub struct MetricsQuery {
 }
 
 /// Downsampled metrics between `from` and `to` (default: the last day), `points` buckets.
+#[utoipa::path(
+    get,
+    path = "/api/vms/{id}/metrics",
+    tag = "vms",
+    params(("id" = i64, Path, description = "The VM's id"), MetricsQuery),
+    responses((status = 200, description = "Downsampled metric history", body = Object))
+)]
 pub async fn metrics(
     State(state): State<AppState>,
     _viewer: Viewer,
@@ -142,16 +176,14 @@ pub async fn metrics(
     let from_ms =
         time_param(query.from.as_deref(), "from")?.unwrap_or(to_ms.saturating_sub(86_400_000));
     if from_ms >= to_ms {
-        return Err(ApiError::BadRequest("from: must be before to".into()));
+        return Err(ApiError::field("from", "must be before to"));
     }
     // Checked: extreme bounds must be refused, not wrap around in a release build.
     if to_ms
         .checked_sub(from_ms)
         .is_none_or(|span| span > MAX_RANGE_MS)
     {
-        return Err(ApiError::BadRequest(
-            "from: range longer than 400 days".into(),
-        ));
+        return Err(ApiError::field("from", "range longer than 400 days"));
     }
     let points = match query.points.as_deref() {
         None => 300,
@@ -159,7 +191,7 @@ pub async fn metrics(
             .parse::<i64>()
             .ok()
             .filter(|p| (1..=MAX_POINTS).contains(p))
-            .ok_or_else(|| ApiError::BadRequest("points: must be between 1 and 2000".into()))?,
+            .ok_or_else(|| ApiError::field("points", "must be between 1 and 2000"))?,
     };
     let chart = crate::history::chart(&state, id, from_ms, to_ms, points).await?;
     Ok(Json(chart.ok_or(ApiError::NotFound)?))
@@ -186,6 +218,13 @@ fn time_param(raw: Option<&str>, name: &str) -> Result<Option<i64>, ApiError> {
     Ok(Some(ms))
 }
 
+#[utoipa::path(
+    get,
+    path = "/api/vms/{id}/reset-history",
+    tag = "remediation",
+    params(("id" = i64, Path, description = "The VM's id")),
+    responses((status = 200, description = "Every power action on the VM, newest first", body = Object))
+)]
 pub async fn reset_history(
     State(state): State<AppState>,
     _viewer: Viewer,
@@ -198,7 +237,7 @@ pub async fn reset_history(
     Ok(Json(store::reset_history(&mut conn, id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LinkRequest {
     pub node: Option<String>,
@@ -208,6 +247,14 @@ pub struct LinkRequest {
 }
 
 /// Links a VM to a Proxmox guest by hand; `{"node": null, "vmid": null}` unlinks it.
+#[utoipa::path(
+    put,
+    path = "/api/vms/{id}/proxmox",
+    tag = "vms",
+    params(("id" = i64, Path, description = "The VM's id")),
+    request_body = LinkRequest,
+    responses((status = 200, description = "The VM as now linked", body = Object))
+)]
 pub async fn link(
     State(state): State<AppState>,
     Operator(actor): Operator,
@@ -279,7 +326,7 @@ pub async fn set_link(
 }
 
 /// The guest an operator was shown as a VM's proposed link, and approves.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApproveRequest {
     node: String,
@@ -305,6 +352,14 @@ impl ApproveRequest {
 
 /// Approves the link a VM's agent proposed, naming the guest the operator saw: refused
 /// (409) when the proposal has changed since or another VM claims the same guest.
+#[utoipa::path(
+    post,
+    path = "/api/vms/{id}/proxmox/approve",
+    tag = "vms",
+    params(("id" = i64, Path, description = "The VM's id")),
+    request_body = ApproveRequest,
+    responses((status = 200, description = "The VM as now linked", body = Object))
+)]
 pub async fn approve_link(
     State(state): State<AppState>,
     Operator(actor): Operator,
@@ -320,19 +375,27 @@ pub async fn approve_link(
     Ok(Json(vm))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AutoResetRequest {
     enabled: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct AutoResetSet {
     vm_id: VmId,
     auto_reset: bool,
 }
 
 /// Turns automatic remediation on or off for one VM.
+#[utoipa::path(
+    put,
+    path = "/api/vms/{id}/auto-reset",
+    tag = "remediation",
+    params(("id" = i64, Path, description = "The VM's id")),
+    request_body = AutoResetRequest,
+    responses((status = 200, description = "Set", body = AutoResetSet))
+)]
 pub async fn set_auto_reset(
     State(state): State<AppState>,
     Operator(actor): Operator,

@@ -1,6 +1,7 @@
 //! The admin pages (`domain::panel`): what each shows, and each form through the same
 //! service function as its REST route, so both doors check, change and audit alike.
 
+mod alerts;
 mod fleet;
 pub mod html;
 mod people;
@@ -71,7 +72,9 @@ impl Fields {
 /// The role a page needs to be seen.
 fn page_role(name: PanelName) -> UserRole {
     match name {
-        PanelName::AddVm | PanelName::Links | PanelName::Link => UserRole::Operator,
+        PanelName::AddVm | PanelName::Links | PanelName::Link | PanelName::Alerts => {
+            UserRole::Operator
+        }
         PanelName::Settings | PanelName::Users | PanelName::Tokens | PanelName::Audit => {
             UserRole::Admin
         }
@@ -82,16 +85,20 @@ fn page_role(name: PanelName) -> UserRole {
 /// does not have.
 fn action_role(name: PanelName, action: &str) -> Option<UserRole> {
     match (name, action) {
-        (PanelName::Links, "approve") | (PanelName::Link, "approve" | "set" | "unlink") => {
+        (PanelName::Links, "approve")
+        | (PanelName::Link, "approve" | "set" | "unlink")
+        | (PanelName::Alerts, "window-add" | "window-delete" | "snooze" | "tags") => {
             Some(UserRole::Operator)
         }
         // Enrolment tokens, users, API tokens and settings are admin business.
         (PanelName::AddVm, "enrol")
         | (PanelName::Settings, "save" | "test-proxmox")
         | (PanelName::Users, "add" | "password" | "delete")
-        | (PanelName::Tokens, "create-api" | "revoke-api" | "revoke-enrolment") => {
-            Some(UserRole::Admin)
-        }
+        | (PanelName::Tokens, "create-api" | "revoke-api" | "revoke-enrolment")
+        | (
+            PanelName::Alerts,
+            "channel-add" | "channel-test" | "channel-delete" | "rule-add" | "rule-delete",
+        ) => Some(UserRole::Admin),
         _ => None,
     }
 }
@@ -126,6 +133,7 @@ async fn build(
         PanelName::Users => people::users(state).await,
         PanelName::Tokens => people::tokens(state).await,
         PanelName::Audit => people::audit(state, query).await,
+        PanelName::Alerts => alerts::page(state, actor, query).await,
     }
 }
 
@@ -195,14 +203,16 @@ async fn act(
         PanelName::Link => fleet::submit_link(state, actor, action, fields).await,
         PanelName::Users => people::submit_users(state, actor, action, fields).await,
         PanelName::Tokens => people::submit_tokens(state, actor, action, fields).await,
-        PanelName::Audit => Err(ApiError::BadRequest(
-            "action: the audit page only reads".into(),
-        )),
+        PanelName::Alerts => alerts::submit(state, actor, action, fields).await,
+        PanelName::Audit => Err(ApiError::field("action", "the audit page only reads")),
     };
     match result {
         Ok(outcome) => Ok(outcome),
         // A field the service refused: shown next to it; nothing was changed.
-        Err(ApiError::BadRequest(message)) => Ok(Outcome::invalid(field_error(&message))),
+        Err(ApiError::BadRequest { field, message }) => Ok(Outcome::invalid(FieldError {
+            field: field.unwrap_or_default(),
+            message,
+        })),
         Err(err @ (ApiError::Unauthorized | ApiError::Forbidden(_))) => {
             Err(app_error(name, action, err))
         }
@@ -211,15 +221,6 @@ async fn act(
         }
         // Not found, a conflict, Proxmox's refusal: the operator's to read.
         Err(other) => Ok(Outcome::refused(other.public_message())),
-    }
-}
-
-/// `"field: message"` (how [`ApiError::field`] words it) as a field error.
-fn field_error(message: &str) -> FieldError {
-    let (field, message) = message.split_once(": ").unwrap_or(("", message));
-    FieldError {
-        field: field.to_owned(),
-        message: message.to_owned(),
     }
 }
 
@@ -288,14 +289,6 @@ mod tests {
         assert_eq!(f.number::<i64>("a"), Ok(1));
         assert_eq!(f.number::<i64>("b").unwrap_err().field, "b");
         assert_eq!(f.optional_number("missing"), Ok(None));
-    }
-
-    #[test]
-    fn field_errors_keep_the_field_name() {
-        let e = field_error("status.cpu_threshold: must be between 1 and 100");
-        assert_eq!(e.field, "status.cpu_threshold");
-        assert_eq!(e.message, "must be between 1 and 100");
-        assert_eq!(field_error("no field here").field, "");
     }
 
     #[test]

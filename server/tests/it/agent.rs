@@ -637,7 +637,7 @@ async fn refused_reports_are_logged_and_not_retried() {
     let cases: [(u16, &str, &str); 4] = [
         (
             400,
-            r#"{"error":"disks: at most 64"}"#,
+            r#"{"error":{"code":"bad_request","message":"at most 64","field":"disks"}}"#,
             "report refused (HTTP 400): disks: at most 64",
         ),
         (
@@ -648,7 +648,7 @@ async fn refused_reports_are_logged_and_not_retried() {
         (403, r#"{"error":"forbidden"}"#, "rejected the agent token"),
         (
             404,
-            r#"{"error":"not found"}"#,
+            r#"{"error":{"code":"not_found","message":"not found"}}"#,
             "report refused (HTTP 404): not found",
         ),
     ];

@@ -418,3 +418,22 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Whether `body` has the API's error shape: `{"error": {"code", "message", "field"?}}`.
+pub fn is_error_body(body: &Value) -> bool {
+    let error = &body["error"];
+    error["code"].is_string()
+        && error["message"].is_string()
+        && (error.get("field").is_none() || error["field"].is_string())
+}
+
+/// An error body as one line, `"field: message"` when it names a field.
+pub fn error_text(body: &Value) -> String {
+    assert!(is_error_body(body), "not an error body: {body}");
+    let error = &body["error"];
+    let message = error["message"].as_str().unwrap_or_default();
+    match error["field"].as_str() {
+        Some(field) => format!("{field}: {message}"),
+        None => message.to_owned(),
+    }
+}

@@ -86,7 +86,11 @@ async fn bad_ids_are_400_naming_id(backend: Backend) {
             let body: Value = serde_json::from_str(&text).unwrap();
             assert_eq!(
                 body,
-                json!({"error": "id: must be a positive integer"}),
+                json!({"error": {
+                    "code": "bad_request",
+                    "message": "must be a positive integer",
+                    "field": "id",
+                }}),
                 "{method} {path}"
             );
         }
@@ -132,7 +136,7 @@ async fn missing_or_wrong_tokens_are_401_with_a_challenge(backend: Backend) {
             assert!(is_json(&headers));
             assert_eq!(
                 serde_json::from_str::<Value>(&text).unwrap(),
-                json!({"error": "missing or invalid token"})
+                json!({"error": {"code": "unauthorized", "message": "missing or invalid token"}})
             );
         }
     }
@@ -198,7 +202,10 @@ async fn unreadable_stored_value_is_a_logged_500_not_a_503(backend: Backend) {
         );
         assert!(is_json(&headers));
         // Generic: neither the value, the column nor the database's words reach the client.
-        assert_eq!(text, r#"{"error":"internal error"}"#, "{path}");
+        assert_eq!(
+            text, r#"{"error":{"code":"internal","message":"internal error"}}"#,
+            "{path}"
+        );
     }
     srv.stop().await;
 }
@@ -224,7 +231,7 @@ async fn extreme_metric_ranges_are_400(backend: Backend) {
             assert_eq!(status, 400, "{path}: {text}");
             assert!(is_json(&headers), "{path}");
             let error: Value = serde_json::from_str(&text).unwrap();
-            assert!(error["error"].is_string(), "{path}: {text}");
+            assert!(is_error_body(&error), "{path}: {text}");
         }
     }
     // Far but writable bounds are fine.
@@ -285,7 +292,7 @@ async fn bodies_and_answers_keep_their_shapes(backend: Backend) {
         )
         .await;
     assert_eq!(status, 409);
-    assert!(answer["error"].is_string());
+    assert!(is_error_body(&answer), "{answer}");
 
     // Bodies: the wrong field is named; trailing garbage and oversize bodies are refused.
     let path = format!("/api/vms/{id}/auto-reset");
@@ -305,10 +312,7 @@ async fn bodies_and_answers_keep_their_shapes(backend: Backend) {
         assert_eq!(status, expected, "{text}");
         assert!(is_json(&headers));
         let error: Value = serde_json::from_str(&text).unwrap();
-        assert!(
-            error["error"].as_str().unwrap().starts_with(prefix),
-            "{prefix}: {text}"
-        );
+        assert!(error_text(&error).starts_with(prefix), "{prefix}: {text}");
     }
     let (_, vm) = srv.get(&format!("/api/vms/{id}")).await;
     assert_eq!(vm["auto_reset"], false);
@@ -316,7 +320,10 @@ async fn bodies_and_answers_keep_their_shapes(backend: Backend) {
     let (status, headers, text) = raw(&srv, Method::GET, "/api/nothing/here", None, None).await;
     assert_eq!(status, 404);
     assert!(is_json(&headers));
-    assert_eq!(text, r#"{"error":"not found"}"#);
+    assert_eq!(
+        text,
+        r#"{"error":{"code":"not_found","message":"not found"}}"#
+    );
     srv.stop().await;
 }
 both_backends!(bodies_and_answers_keep_their_shapes);

@@ -20,6 +20,7 @@ mod http;
 mod identity;
 mod live;
 mod notify;
+mod openapi;
 mod ops;
 mod panels;
 mod people;

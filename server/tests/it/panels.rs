@@ -172,10 +172,12 @@ async fn each_page_and_action_needs_its_role() {
     let viewer = token_for(&srv, "vera", "viewer").await;
     let operator = token_for(&srv, "olga", "operator").await;
     let admin = token_for(&srv, "adam", "admin").await;
-    let all = ["settings", "add-vm", "users", "tokens", "audit", "links"];
+    let all = [
+        "settings", "add-vm", "users", "tokens", "audit", "links", "alerts",
+    ];
     for name in all {
         assert_eq!(page(&srv, &viewer, name, "").await.0, 403, "viewer, {name}");
-        let expected = if matches!(name, "add-vm" | "links") {
+        let expected = if matches!(name, "add-vm" | "links" | "alerts") {
             200
         } else {
             403
@@ -901,4 +903,218 @@ async fn link_queue_approves_only_what_was_shown() {
             && outcome.starts_with("refused")));
         srv.stop().await;
     }
+}
+
+/// The alerts page: operators plan windows over a VM or tag, snooze and tag VMs; admins
+/// also manage channels and rules. Each form goes through its REST twin's service: the
+/// same refusals (a fleet-wide window needs an admin), the same records, and no secret is
+/// ever drawn back. A tag then filters the fleet (`tag:db`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn alerts_page_plans_windows_snoozes_tags_and_routes_like_the_api() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    let viewer = token_for(&srv, "vera", "viewer").await;
+    let operator = token_for(&srv, "olga", "operator").await;
+    let admin = token_for(&srv, "adam", "admin").await;
+    let (_, db_vm) = srv.report(&report_for("db-01")).await;
+    let (_, web_vm) = srv.report(&report_for("web-01")).await;
+    let db_id = db_vm["vm_id"].as_i64().unwrap().to_string();
+    let web_id = web_vm["vm_id"].as_i64().unwrap().to_string();
+
+    assert_eq!(page(&srv, &viewer, "alerts", "").await.0, 403);
+    let (status, html) = page(&srv, &operator, "alerts", &format!("?vm={db_id}")).await;
+    assert_eq!(status, 200, "{html}");
+    assert!(!html.contains("Add a channel"), "channels are an admin's");
+    assert!(
+        html.contains(&format!("value=\"{db_id}\"")),
+        "the VM is filled in"
+    );
+
+    // Tags: set through the page, read back through the API.
+    let (status, html) = submit(
+        &srv,
+        &operator,
+        "alerts",
+        "tags",
+        &[("vm", &db_id), ("tags", "DB, site:paris")],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(verdict(&html).0, Some(true), "{html}");
+    let (_, tags) = srv.get(&format!("/api/vms/{db_id}/tags")).await;
+    assert_eq!(tags, json!({"tags": ["db", "site:paris"]}));
+    let (_, html) = submit(
+        &srv,
+        &operator,
+        "alerts",
+        "tags",
+        &[("vm", &web_id), ("tags", "no spaces allowed")],
+    )
+    .await;
+    assert_eq!(errors(&html), vec!["tags"], "{html}");
+
+    // The fleet filtered by tag shows only the tagged VM.
+    let fleet = srv.page("/?q=tag%3Adb").await;
+    assert!(fleet.contains("db-01"), "{fleet}");
+    assert!(!fleet.contains("web-01"), "an untagged VM is filtered out");
+    let fleet = srv.page("/?q=tag%3Anobody").await;
+    assert!(!fleet.contains("db-01"));
+
+    // Windows: a tag one by an operator; a fleet-wide one refused to them; a bad time named.
+    let (_, html) = submit(
+        &srv,
+        &operator,
+        "alerts",
+        "window-add",
+        &[
+            ("name", "db patching"),
+            ("scope", "tag"),
+            ("value", "db"),
+            ("starts", "2030-01-01 02:00"),
+            ("ends", "2030-01-01 04:00"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        verdict(&html),
+        (Some(true), "Planned db patching.".into()),
+        "{html}"
+    );
+    let (status, _) = submit(
+        &srv,
+        &operator,
+        "alerts",
+        "window-add",
+        &[
+            ("name", "everything"),
+            ("scope", "all"),
+            ("starts", "2030-01-01 02:00"),
+            ("ends", "2030-01-01 04:00"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 403, "a fleet-wide window needs an admin");
+    let (_, html) = submit(
+        &srv,
+        &operator,
+        "alerts",
+        "window-add",
+        &[
+            ("name", "bad"),
+            ("scope", "vm"),
+            ("value", &web_id),
+            ("starts", "tomorrow"),
+            ("ends", "2030-01-01 04:00"),
+        ],
+    )
+    .await;
+    assert_eq!(errors(&html), vec!["starts"], "{html}");
+    let (_, html) = submit(
+        &srv,
+        &operator,
+        "alerts",
+        "snooze",
+        &[("vm", &web_id), ("hours", "2")],
+    )
+    .await;
+    assert_eq!(verdict(&html).0, Some(true), "{html}");
+    let (_, windows) = srv.get("/api/maintenance").await;
+    let names: Vec<&str> = windows
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        vec!["db patching", &format!("snooze of VM {web_id}")]
+    );
+    let window_id = windows[0]["id"].as_i64().unwrap().to_string();
+    let (_, html) = submit(
+        &srv,
+        &operator,
+        "alerts",
+        "window-delete",
+        &[("key", &window_id)],
+    )
+    .await;
+    assert_eq!(verdict(&html).0, Some(true), "{html}");
+    let (_, windows) = srv.get("/api/maintenance").await;
+    assert_eq!(windows.as_array().unwrap().len(), 1);
+
+    // Channels and rules: an operator's forged form is refused; an admin's secret is kept
+    // and never drawn back.
+    let hook = [
+        ("name", "ops hook"),
+        ("kind", "webhook"),
+        ("target", "http://127.0.0.1:9/hook"),
+        ("secret", "hmac-key-never-shown"),
+    ];
+    assert_eq!(
+        submit(&srv, &operator, "alerts", "channel-add", &hook)
+            .await
+            .0,
+        403
+    );
+    let (_, html) = submit(&srv, &admin, "alerts", "channel-add", &hook).await;
+    assert_eq!(verdict(&html).0, Some(true), "{html}");
+    assert!(!html.contains("hmac-key-never-shown"));
+    assert!(cells(&html).contains(&"set".to_owned()), "{html}");
+    let (_, channels) = srv.get("/api/notify/channels").await;
+    let channel_id = channels[0]["id"].as_i64().unwrap().to_string();
+    // Nothing listens on port 9: the test button says it failed.
+    let (_, html) = submit(
+        &srv,
+        &admin,
+        "alerts",
+        "channel-test",
+        &[("key", &channel_id)],
+    )
+    .await;
+    let (ok, message) = verdict(&html);
+    assert_eq!(ok, Some(false), "{html}");
+    assert!(message.starts_with("The test message failed"), "{message}");
+    let (_, html) = submit(
+        &srv,
+        &admin,
+        "alerts",
+        "rule-add",
+        &[("channel", "ops hook"), ("kinds", "vm_down, bogus")],
+    )
+    .await;
+    assert_eq!(errors(&html), vec!["kinds"], "{html}");
+    let (_, html) = submit(
+        &srv,
+        &admin,
+        "alerts",
+        "rule-add",
+        &[
+            ("channel", "ops hook"),
+            ("kinds", "vm_down, vm_recovered"),
+            ("tag", "db"),
+            ("repeat", "60"),
+        ],
+    )
+    .await;
+    assert_eq!(verdict(&html).0, Some(true), "{html}");
+    let (_, rules) = srv.get("/api/notify/rules").await;
+    assert_eq!(rules[0]["kinds"], json!(["vm_down", "vm_recovered"]));
+    assert_eq!(rules[0]["tag"], "db");
+    assert_eq!(rules[0]["repeat_ms"], 3_600_000);
+
+    let actions = audit_actions(&srv).await;
+    for (who, what) in [
+        ("olga", "vm.tags"),
+        ("olga", "maintenance.create"),
+        ("olga", "vm.snooze"),
+        ("olga", "maintenance.delete"),
+        ("adam", "notify.channel.create"),
+        ("adam", "notify.rule.create"),
+        ("olga", "alerts:channel-add"),
+    ] {
+        assert!(
+            actions.iter().any(|(a, w, _)| a == who && w == what),
+            "{who} {what} audited: {actions:?}"
+        );
+    }
+    srv.stop().await;
 }

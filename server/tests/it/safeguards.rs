@@ -594,7 +594,7 @@ async fn a_manual_link_is_kept_and_used_and_unlinked_vms_cannot_be_reset() {
         .send(Method::POST, &reset, Some(ADMIN_TOKEN), None)
         .await;
     assert_eq!(
-        (status, body["error"].clone()),
+        (status, body["error"]["message"].clone()),
         (
             409,
             json!("the VM is not linked to a Proxmox guest; link it with PUT /api/vms/:id/proxmox")
@@ -658,7 +658,7 @@ async fn a_manual_link_is_kept_and_used_and_unlinked_vms_cannot_be_reset() {
         .send(Method::POST, &reset, Some(ADMIN_TOKEN), None)
         .await;
     assert_eq!(
-        (status, body["error"].clone()),
+        (status, body["error"]["message"].clone()),
         (
             409,
             json!("the VM is not linked to a Proxmox guest; link it with PUT /api/vms/:id/proxmox")
@@ -957,13 +957,7 @@ async fn a_claimed_vmid_never_gets_a_guest_reset() {
         )
         .await;
     assert_eq!(status, 409, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap()
-            .contains("confirm it with PUT"),
-        "{body}"
-    );
+    assert!(error_text(&body).contains("confirm it with PUT"), "{body}");
     let page = srv.page("/").await;
     assert!(
         page.contains("link pending approval"),
