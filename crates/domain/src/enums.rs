@@ -279,6 +279,10 @@ string_enum!(
         LatchedManual = "latched_manual",
         /// A guest restarted with no power action of ours (its uptime went backwards).
         UnexpectedReboot = "unexpected_reboot",
+        /// The monitor could not reach Proxmox for a while: no power action can be sent.
+        ProxmoxUnreachable = "proxmox_unreachable",
+        /// The monitor reaches Proxmox again after it was reported unreachable.
+        ProxmoxRestored = "proxmox_restored",
     }
 );
 
@@ -312,6 +316,10 @@ string_enum!(
         StillDown = "still_down",
         /// From the "send a test" button.
         Test = "test",
+        /// The monitor's own Proxmox connection is failing.
+        ProxmoxUnreachable = "proxmox_unreachable",
+        /// Only after its failure was reported.
+        ProxmoxRestored = "proxmox_restored",
     }
 );
 

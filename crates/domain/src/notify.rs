@@ -69,7 +69,39 @@ pub fn from_event(kind: EventKind) -> Option<NotifyKind> {
         EventKind::GuestFault => Some(NotifyKind::GuestFault),
         EventKind::LatchedManual => Some(NotifyKind::LatchedManual),
         EventKind::UnexpectedReboot => Some(NotifyKind::UnexpectedReboot),
+        EventKind::ProxmoxUnreachable => Some(NotifyKind::ProxmoxUnreachable),
+        EventKind::ProxmoxRestored => Some(NotifyKind::ProxmoxRestored),
         EventKind::GuestBack | EventKind::ResetHeld => None,
+    }
+}
+
+/// Failed Proxmox reads in a row before the monitor says its connection is failing: one
+/// blip (a proxy restarting, a node rebooting) is not worth waking anyone.
+pub const PROXMOX_FAILURES_TOLD: u32 = 3;
+
+/// The monitor's own Proxmox connection, as its periodic reads of the cluster found it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Connection {
+    /// Failed reads in a row.
+    pub failures: u32,
+    /// Whether its failure was recorded (and so its return must be).
+    pub told: bool,
+}
+
+impl Connection {
+    /// After a read that `succeeded`: the new state, and the event to record if any.
+    pub fn after(self, succeeded: bool) -> (Connection, Option<EventKind>) {
+        if succeeded {
+            let event = self.told.then_some(EventKind::ProxmoxRestored);
+            return (Connection::default(), event);
+        }
+        let failures = self.failures.saturating_add(1);
+        let tell = !self.told && failures >= PROXMOX_FAILURES_TOLD;
+        let next = Connection {
+            failures,
+            told: self.told || tell,
+        };
+        (next, tell.then_some(EventKind::ProxmoxUnreachable))
     }
 }
 
@@ -138,6 +170,8 @@ impl Message {
             NotifyKind::BreakerTripped
             | NotifyKind::BreakerCleared
             | NotifyKind::NodeUnreachable
+            | NotifyKind::ProxmoxUnreachable
+            | NotifyKind::ProxmoxRestored
             | NotifyKind::Test => format!("{host}: {kind}"),
         };
         Message {
@@ -156,6 +190,8 @@ impl Message {
             NotifyKind::BreakerTripped => "Automatic resets paused: too many VMs stale at once",
             NotifyKind::BreakerCleared => "Automatic resets resume",
             NotifyKind::Test => "Test notification from vm-healthcheck",
+            NotifyKind::ProxmoxUnreachable => "Proxmox unreachable: no power action can be sent",
+            NotifyKind::ProxmoxRestored => "Proxmox reachable again",
             _ => "vm-healthcheck",
         };
         Message {
@@ -254,6 +290,63 @@ mod tests {
             tag: tag.map(|t| t.parse().unwrap()),
             repeat_ms: None,
         }
+    }
+
+    #[test]
+    fn proxmox_connection_table() {
+        let fresh = Connection::default();
+        let told = Connection {
+            failures: PROXMOX_FAILURES_TOLD,
+            told: true,
+        };
+        // (state, read succeeded) -> (failures after, told after, event)
+        let cases = [
+            (fresh, true, 0, false, None),
+            (fresh, false, 1, false, None),
+            (
+                Connection {
+                    failures: PROXMOX_FAILURES_TOLD - 1,
+                    told: false,
+                },
+                false,
+                PROXMOX_FAILURES_TOLD,
+                true,
+                Some(EventKind::ProxmoxUnreachable),
+            ),
+            // Told once, however long it lasts.
+            (told, false, PROXMOX_FAILURES_TOLD + 1, true, None),
+            (told, true, 0, false, Some(EventKind::ProxmoxRestored)),
+            // A blip that was never told ends silently: no "restored" out of the blue.
+            (
+                Connection {
+                    failures: 2,
+                    told: false,
+                },
+                true,
+                0,
+                false,
+                None,
+            ),
+        ];
+        for (state, ok, failures, now_told, event) in cases {
+            let (next, got) = state.after(ok);
+            assert_eq!(
+                (next.failures, next.told, got),
+                (failures, now_told, event),
+                "{state:?} after ok={ok}"
+            );
+        }
+        let mut state = fresh;
+        let mut events = Vec::new();
+        for ok in [false, false, false, false, true, false] {
+            let (next, event) = state.after(ok);
+            state = next;
+            events.extend(event);
+        }
+        assert_eq!(
+            events,
+            [EventKind::ProxmoxUnreachable, EventKind::ProxmoxRestored]
+        );
     }
 
     #[test]

@@ -5,8 +5,9 @@ use crate::cache;
 use crate::db::incidents;
 use crate::db::store::{self, VmRow};
 use domain::link::{self, ClusterGuest, LinkSubject};
+use domain::notify::{Connection, PROXMOX_FAILURES_TOLD};
 use domain::policy::GuestState;
-use domain::{GuestKind, GuestRef, LinkSource, VmId, Vmid};
+use domain::{EventKind, GuestKind, GuestRef, LinkSource, VmId, Vmid};
 use proxmox::{ProxmoxApi, PveError};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,6 +31,9 @@ pub struct Linker {
     /// SMBIOS uuid per VMID (`None`: the guest has none), for zero-configuration linking.
     uuids: Mutex<HashMap<Vmid, CachedUuid>>,
     last_refresh_ms: AtomicI64,
+    /// The connection as the refreshes found it: told once when it keeps failing, and
+    /// again when it is back.
+    connection: Mutex<Connection>,
 }
 
 fn subject(row: &VmRow) -> LinkSubject<'_> {
@@ -70,8 +74,47 @@ impl Linker {
             }
         }
         self.last_refresh_ms.store(now_ms, Ordering::Release);
-        if let Err(err) = self.refresh(ctx, pve).await {
-            tracing::warn!(error = %err, "could not refresh Proxmox links");
+        match self.refresh(ctx, pve).await {
+            Ok(()) => self.connection_was(ctx, true, "", now_ms).await,
+            Err(err) => {
+                tracing::warn!(error = %err, "could not refresh Proxmox links");
+                // Only Proxmox's own failures say the connection is failing; our storage
+                // failing is told by the health endpoint.
+                if let Some(pve_err) = err.downcast_ref::<PveError>() {
+                    let reason = pve_err.to_string();
+                    self.connection_was(ctx, false, &reason, now_ms).await;
+                }
+            }
+        }
+    }
+
+    /// Records the connection's failure after several reads in a row, and its return.
+    async fn connection_was(&self, ctx: &Ctx, succeeded: bool, reason: &str, now_ms: i64) {
+        let event = {
+            let Ok(mut connection) = self.connection.lock() else {
+                return;
+            };
+            let (next, event) = connection.after(succeeded);
+            *connection = next;
+            event
+        };
+        let Some(kind) = event else { return };
+        let message = match kind {
+            EventKind::ProxmoxUnreachable => format!(
+                "{PROXMOX_FAILURES_TOLD} reads of the cluster in a row failed; no power action \
+                 can be sent until it answers. Last error: {reason}"
+            ),
+            _ => "the cluster answers again".to_owned(),
+        };
+        tracing::warn!(event = %kind, %message, "Proxmox connection");
+        let written = match ctx.db.write_conn().await {
+            Ok((mut conn, _turn)) => {
+                incidents::insert_event(&mut conn, kind, None, &message, now_ms).await
+            }
+            Err(err) => Err(err),
+        };
+        if let Err(err) = written {
+            tracing::warn!(error = %err, "could not record the Proxmox connection's state");
         }
     }
 

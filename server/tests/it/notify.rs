@@ -727,3 +727,70 @@ async fn a_warning_is_told_only_once_it_lasts_and_its_end_only_after_it() {
     assert_eq!(kinds, ["warning_entered", "warning_left"]);
     srv.stop().await;
 }
+
+/// The monitor's own Proxmox connection: failing reads are told once, after a few in a row
+/// (a blip is not), and its return once; nothing in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_proxmox_connection_is_told_once_and_its_return_once() {
+    let (r, url) = Receiver::start().await;
+    let fake = FakePve::start(vec![FakeVm::running(100, "pve1")]).await;
+    let mut env = QUICK.to_vec();
+    env.extend([("LINK_REFRESH_MS", "150"), ("PROXMOX_TIMEOUT_MS", "300")]);
+    let mut srv = start(Backend::Sqlite, &fake, &env).await;
+    let ch = channel(&srv, "ops", &url).await;
+    rule(
+        &srv,
+        ch,
+        json!({"kinds": ["proxmox_unreachable", "proxmox_restored"]}),
+    )
+    .await;
+    let reads = || {
+        fake.calls()
+            .iter()
+            .filter(|c| c.path.contains("cluster/resources"))
+            .count()
+    };
+    // Healthy reads tell nothing.
+    let before = reads();
+    wait_for("a few cluster reads", Duration::from_secs(20), || async {
+        (reads() >= before + 4).then_some(())
+    })
+    .await;
+    wait_rounds(&srv, 5).await;
+    assert!(r.kinds().is_empty(), "{:?}", r.kinds());
+
+    // The cluster stops answering: told once, in words, after several failed reads.
+    fake.hang_on("cluster/resources");
+    let kinds = wait_kinds(&r, 1, "the connection failing").await;
+    assert_eq!(kinds, ["proxmox_unreachable"]);
+    let told = r.bodies()[0].clone();
+    assert!(
+        told["title"]
+            .as_str()
+            .unwrap()
+            .contains("Proxmox unreachable"),
+        "{told}"
+    );
+    assert!(told["vm"].is_null(), "a fleet message: {told}");
+    wait_rounds(&srv, 10).await;
+    assert_eq!(r.kinds().len(), 1, "told once: {:?}", r.kinds());
+
+    // It answers again: its return is told once.
+    fake.hang(false);
+    let kinds = wait_kinds(&r, 2, "the connection back").await;
+    assert_eq!(kinds, ["proxmox_unreachable", "proxmox_restored"]);
+    wait_rounds(&srv, 10).await;
+    assert_eq!(r.kinds().len(), 2, "{:?}", r.kinds());
+    let (_, events) = srv.get("/api/remediation").await;
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"proxmox_unreachable") && kinds.contains(&"proxmox_restored"),
+        "{kinds:?}"
+    );
+    srv.stop().await;
+}
