@@ -63,6 +63,8 @@ pub struct Config {
     /// Which automatic link matches count as verified (`LINK_AUTO_APPROVE`).
     pub link_policy: domain::link::LinkPolicy,
     pub link_refresh: Duration,
+    /// Keep each linked VM's Proxmox tags as tags here (`PROXMOX_IMPORT_TAGS`).
+    pub import_proxmox_tags: bool,
     pub task_timeout: Duration,
     pub task_poll: Duration,
     /// HTTPS or plain HTTP on `listen_addr` (`TLS`, `TLS_CERT_FILE`, `TLS_KEY_FILE`).
@@ -301,6 +303,7 @@ impl Config {
             link_refresh: Duration::from_millis(
                 parse(&get, "LINK_REFRESH_MS", 60_000u64)?.max(100),
             ),
+            import_proxmox_tags: parse_bool(&get, "PROXMOX_IMPORT_TAGS", false)?,
             task_timeout: Duration::from_millis(
                 parse(&get, "TASK_TIMEOUT_MS", 120_000u64)?.max(100),
             ),

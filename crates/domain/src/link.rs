@@ -1,7 +1,7 @@
 //! Linking monitored VMs to Proxmox guests, and which links may be acted on.
 
 use crate::enums::{GuestKind, LinkSource};
-use crate::ids::{GuestRef, NodeName, Vmid};
+use crate::ids::{GuestRef, NodeName, Tag, Vmid};
 use std::collections::HashMap;
 
 /// One guest of the cluster, as the link resolution needs it.
@@ -10,6 +10,21 @@ pub struct ClusterGuest {
     pub guest: GuestRef,
     pub name: Option<String>,
     pub template: bool,
+    /// The guest's Proxmox tags that are valid tags here.
+    pub tags: Vec<Tag>,
+}
+
+/// A guest's tags as Proxmox lists them (`prod;web`; older releases also use `,` or
+/// spaces), sorted and deduplicated; a tag this monitor cannot hold is left out.
+pub fn proxmox_tags(raw: &str) -> Vec<Tag> {
+    let mut tags: Vec<Tag> = raw
+        .split([';', ',', ' '])
+        .filter(|t| !t.trim().is_empty())
+        .filter_map(|t| t.to_owned().try_into().ok())
+        .collect();
+    tags.sort();
+    tags.dedup();
+    tags
 }
 
 /// What is known about a monitored VM when looking for its guest.
@@ -126,7 +141,23 @@ mod tests {
             },
             name: Some(name.into()),
             template: false,
+            tags: Vec::new(),
         }
+    }
+
+    #[test]
+    fn proxmox_tag_lists_are_read_leniently() {
+        let tags = |raw: &str| -> Vec<String> {
+            proxmox_tags(raw)
+                .iter()
+                .map(|t| t.as_str().to_owned())
+                .collect()
+        };
+        assert_eq!(tags("prod;web"), ["prod", "web"]);
+        assert_eq!(tags("Web, prod prod;;"), ["prod", "web"]);
+        // One Proxmox allows that this monitor cannot hold is left out, not the list.
+        assert_eq!(tags("ok;b@d;x"), ["ok", "x"]);
+        assert!(tags("").is_empty());
     }
 
     fn subject(hostname: &str) -> LinkSubject<'_> {

@@ -24,6 +24,9 @@ pub struct PveResource {
     pub lock: Option<String>,
     #[serde(default)]
     pub hastate: Option<String>,
+    /// `prod;web`: the guest's tags as Proxmox keeps them.
+    #[serde(default)]
+    pub tags: Option<String>,
 }
 
 impl PveResource {
@@ -42,6 +45,11 @@ impl PveResource {
             guest: self.guest()?,
             name: self.name.clone(),
             template: self.template,
+            tags: self
+                .tags
+                .as_deref()
+                .map(domain::link::proxmox_tags)
+                .unwrap_or_default(),
         })
     }
 }

@@ -40,12 +40,25 @@ pub async fn set_tags(conn: &mut Conn, vm_id: VmId, tags: &[Tag]) -> Result<bool
             if exists == 0 {
                 return Ok(false);
             }
-            diesel::delete(vm_tags::table.filter(vm_tags::vm_id.eq(vm_id.get())))
-                .execute(c)
-                .await?;
+            diesel::delete(
+                vm_tags::table
+                    .filter(vm_tags::vm_id.eq(vm_id.get()))
+                    .filter(vm_tags::source.eq(OPERATOR)),
+            )
+            .execute(c)
+            .await?;
+            // A tag also read from Proxmox becomes the operator's: it stays when Proxmox
+            // drops it.
             for (vm, tag) in &rows {
                 diesel::insert_into(vm_tags::table)
-                    .values((vm_tags::vm_id.eq(vm), vm_tags::tag.eq(tag)))
+                    .values((
+                        vm_tags::vm_id.eq(vm),
+                        vm_tags::tag.eq(tag),
+                        vm_tags::source.eq(OPERATOR),
+                    ))
+                    .on_conflict((vm_tags::vm_id, vm_tags::tag))
+                    .do_update()
+                    .set(vm_tags::source.eq(OPERATOR))
                     .execute(c)
                     .await?;
             }
@@ -88,6 +101,67 @@ pub async fn tags_of(
         }
     }
     Ok(out)
+}
+
+/// Who set a tag: an operator, or the guest's tags in Proxmox.
+const OPERATOR: &str = "operator";
+const PROXMOX: &str = "proxmox";
+
+/// The tags read from Proxmox that these VMs carry now.
+pub async fn proxmox_tags_of(
+    conn: &mut Conn,
+    ids: &[VmId],
+) -> Result<HashMap<VmId, Vec<Tag>>, DbError> {
+    let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    let rows: Vec<(i64, String)> = with_conn!(conn, |c| {
+        vm_tags::table
+            .select((vm_tags::vm_id, vm_tags::tag))
+            .filter(vm_tags::vm_id.eq_any(&ids))
+            .filter(vm_tags::source.eq(PROXMOX))
+            .order((vm_tags::vm_id, vm_tags::tag))
+            .load(c)
+            .await
+    })?;
+    let mut out: HashMap<VmId, Vec<Tag>> = HashMap::new();
+    for (vm, tag) in rows {
+        if let Ok(tag) = tag.parse::<Tag>() {
+            out.entry(VmId(vm)).or_default().push(tag);
+        }
+    }
+    Ok(out)
+}
+
+/// Replaces the Proxmox-read tags of each VM given; tags an operator set stay theirs.
+pub async fn replace_proxmox_tags(
+    conn: &mut Conn,
+    tags: &[(VmId, Vec<Tag>)],
+) -> Result<(), DbError> {
+    with_conn!(conn, |c| {
+        c.transaction::<_, DbError, _>(async |c| {
+            for (vm, tags) in tags {
+                diesel::delete(
+                    vm_tags::table
+                        .filter(vm_tags::vm_id.eq(vm.get()))
+                        .filter(vm_tags::source.eq(PROXMOX)),
+                )
+                .execute(c)
+                .await?;
+                for tag in tags {
+                    diesel::insert_into(vm_tags::table)
+                        .values((
+                            vm_tags::vm_id.eq(vm.get()),
+                            vm_tags::tag.eq(tag.as_str()),
+                            vm_tags::source.eq(PROXMOX),
+                        ))
+                        .on_conflict_do_nothing()
+                        .execute(c)
+                        .await?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    })
 }
 
 /// The VMs carrying `tag`.

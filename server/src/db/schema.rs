@@ -99,6 +99,7 @@ diesel::table! {
     vm_tags (vm_id, tag) {
         vm_id -> BigInt,
         tag -> Text,
+        source -> Text,
     }
 }
 

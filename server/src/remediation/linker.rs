@@ -3,11 +3,12 @@
 use super::Ctx;
 use crate::cache;
 use crate::db::incidents;
+use crate::db::notify as notify_store;
 use crate::db::store::{self, VmRow};
 use domain::link::{self, ClusterGuest, LinkSubject};
 use domain::notify::{Connection, PROXMOX_FAILURES_TOLD};
 use domain::policy::GuestState;
-use domain::{EventKind, GuestKind, GuestRef, LinkSource, VmId, Vmid};
+use domain::{EventKind, GuestKind, GuestRef, LinkSource, Tag, VmId, Vmid};
 use proxmox::{ProxmoxApi, PveError};
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -46,6 +47,41 @@ fn subject(row: &VmRow) -> LinkSubject<'_> {
         unlinked_by_operator: row.guest().is_none()
             && row.link_source() == Some(LinkSource::Manual),
     }
+}
+
+/// Gives each linked VM of `rows` its guest's Proxmox tags, writing only those that changed
+/// (a refresh of a large fleet mostly finds none).
+async fn import_tags(ctx: &Ctx, rows: &[VmRow], guests: &[ClusterGuest]) -> anyhow::Result<()> {
+    let by_guest: HashMap<&GuestRef, &ClusterGuest> =
+        guests.iter().map(|g| (&g.guest, g)).collect();
+    // A VM whose link is not verified is not known to be that guest: no tags from it.
+    let wanted: Vec<(VmId, Vec<Tag>)> = rows
+        .iter()
+        .map(|row| {
+            let tags = row
+                .guest()
+                .filter(|_| row.link_verified)
+                .and_then(|guest| by_guest.get(&guest).map(|g| g.tags.clone()))
+                .unwrap_or_default();
+            (row.vm_id(), tags)
+        })
+        .collect();
+    let ids: Vec<VmId> = wanted.iter().map(|(id, _)| *id).collect();
+    let current = {
+        let mut conn = ctx.db.conn().await?;
+        notify_store::proxmox_tags_of(&mut conn, &ids).await?
+    };
+    let changed: Vec<(VmId, Vec<Tag>)> = wanted
+        .into_iter()
+        .filter(|(id, tags)| current.get(id).map_or(&[][..], Vec::as_slice) != tags.as_slice())
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let (mut conn, _turn) = ctx.db.write_conn().await?;
+    notify_store::replace_proxmox_tags(&mut conn, &changed).await?;
+    tracing::debug!(vms = changed.len(), "Proxmox tags updated");
+    Ok(())
 }
 
 impl Linker {
@@ -138,6 +174,9 @@ impl Linker {
             after = last.id;
             let changed = self.relink(ctx, &rows, &guests, &uuids).await?;
             cache::refresh(&ctx.db, &ctx.cache, &changed).await;
+            if ctx.import_tags {
+                import_tags(ctx, &rows, &guests).await?;
+            }
         }
     }
 

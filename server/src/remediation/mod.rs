@@ -112,6 +112,8 @@ pub struct Ctx {
     pub pve: Option<Arc<dyn ProxmoxApi>>,
     /// Why there is no Proxmox connection, when there is none.
     pub unavailable: Option<String>,
+    /// Whether linked VMs carry their guest's Proxmox tags.
+    pub import_tags: bool,
     pub clock: Arc<dyn Clock>,
     pub timing: Timing,
     pub health: JobHealth,
@@ -169,6 +171,7 @@ impl Engine {
             cfg: remediation,
             pve,
             unavailable,
+            import_tags: config.import_proxmox_tags,
             clock,
             timing: Timing {
                 task_timeout: config.task_timeout,

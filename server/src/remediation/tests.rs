@@ -237,6 +237,7 @@ fn engine_on(
         cfg: crate::settings::SharedRemediation::new(cfg),
         pve: Some(Arc::<ScriptedPve>::clone(pve)),
         unavailable: None,
+        import_tags: false,
         clock: Arc::new(clock.clone()),
         timing: Timing {
             task_timeout: Duration::from_secs(60),
@@ -304,6 +305,7 @@ impl Rig {
                 guest: guest.clone(),
                 name: Some(host.into()),
                 template: false,
+                tags: Vec::new(),
             });
         let mut conn = self.db.conn().await.unwrap();
         incidents::set_link(&mut conn, id, Some(&(guest, LinkSource::Manual)), true)

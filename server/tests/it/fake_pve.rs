@@ -48,6 +48,8 @@ pub struct FakeVm {
     pub io_moving: bool,
     /// The guest ignores ACPI: a reboot task waits out its timeout and fails.
     pub ignores_acpi: bool,
+    /// `tags` in `cluster/resources` (`prod;web`), absent when `None`.
+    pub tags: Option<String>,
 }
 
 /// The QEMU guest agent inside a fake VM.
@@ -78,6 +80,7 @@ impl FakeVm {
             io: [1_000_000, 2_000_000, 300_000, 400_000],
             io_moving: false,
             ignores_acpi: false,
+            tags: None,
         }
     }
 
@@ -789,6 +792,9 @@ async fn resources(
             }
             if vm.ha_managed {
                 entry["hastate"] = json!("started");
+            }
+            if let Some(tags) = &vm.tags {
+                entry["tags"] = json!(tags);
             }
             entry
         })

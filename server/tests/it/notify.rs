@@ -794,3 +794,65 @@ async fn a_failing_proxmox_connection_is_told_once_and_its_return_once() {
     );
     srv.stop().await;
 }
+
+/// With `PROXMOX_IMPORT_TAGS`, a VM whose link is verified carries its guest's Proxmox
+/// tags beside the operator's, and follows changes made in Proxmox; an operator's tag stays
+/// when Proxmox drops it; a VM whose link is only proposed gets none (its guest's root
+/// could otherwise borrow another guest's tags, and with them its maintenance windows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn proxmox_tags_follow_verified_links_beside_the_operators() {
+    let mut tagged = FakeVm::running(100, "pve1");
+    tagged.tags = Some("Prod;web".into());
+    let mut claimed = FakeVm::running(101, "pve1");
+    claimed.tags = Some("prod".into());
+    let fake = FakePve::start(vec![tagged, claimed]).await;
+    let env = [("PROXMOX_IMPORT_TAGS", "true"), ("LINK_REFRESH_MS", "150")];
+    let mut srv = start(Backend::Postgres, &fake, &env).await;
+    let vm = report_vm(&srv, 100, "pve1", 5000).await;
+    // A report that only names VMID 101: a proposal, never verified.
+    let mut proposal = report_for("claims-101");
+    proposal["vmid"] = json!(101);
+    let (status, body) = srv.report(&proposal).await;
+    assert_eq!(status, 200, "{body}");
+    let claimer = body["vm_id"].as_i64().unwrap();
+    let tags_of = |id: i64| {
+        let srv = &srv;
+        async move {
+            let (_, body) = srv.get(&format!("/api/vms/{id}/tags")).await;
+            body["tags"].clone()
+        }
+    };
+    wait_for("the guest's tags", Duration::from_secs(20), || async {
+        (tags_of(vm).await == json!(["prod", "web"])).then_some(())
+    })
+    .await;
+    // The operator adds one; Proxmox drops "web": the operator's stays, "web" goes.
+    admin(
+        &srv,
+        Method::PUT,
+        &format!("/api/vms/{vm}/tags"),
+        Some(json!({"tags": ["db", "prod"]})),
+    )
+    .await;
+    fake.with_vm(100, |v| v.tags = Some("backup".into()));
+    wait_for("Proxmox's change", Duration::from_secs(20), || async {
+        (tags_of(vm).await == json!(["backup", "db", "prod"])).then_some(())
+    })
+    .await;
+    // The operator clears theirs: only Proxmox's remain.
+    admin(
+        &srv,
+        Method::PUT,
+        &format!("/api/vms/{vm}/tags"),
+        Some(json!({"tags": []})),
+    )
+    .await;
+    assert_eq!(tags_of(vm).await, json!(["backup"]));
+    wait_rounds(&srv, 5).await;
+    assert_eq!(
+        tags_of(claimer).await,
+        json!([]),
+        "a proposal imports nothing"
+    );
+    srv.stop().await;
+}

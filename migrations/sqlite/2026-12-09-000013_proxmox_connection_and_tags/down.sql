@@ -1,3 +1,7 @@
+DROP TRIGGER vm_tags_source_check_insert;
+DROP TRIGGER vm_tags_source_check_update;
+DELETE FROM vm_tags WHERE source = 'proxmox';
+ALTER TABLE vm_tags DROP COLUMN source;
 DELETE FROM notifications WHERE kind IN ('proxmox_unreachable', 'proxmox_restored');
 DELETE FROM events WHERE kind IN ('proxmox_unreachable', 'proxmox_restored');
 DROP TRIGGER events_kind_check_insert;

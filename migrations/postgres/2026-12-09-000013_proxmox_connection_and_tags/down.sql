@@ -1,3 +1,5 @@
+DELETE FROM vm_tags WHERE source = 'proxmox';
+ALTER TABLE vm_tags DROP COLUMN source;
 DELETE FROM notifications WHERE kind IN ('proxmox_unreachable', 'proxmox_restored');
 DELETE FROM events WHERE kind IN ('proxmox_unreachable', 'proxmox_restored');
 ALTER TABLE events DROP CONSTRAINT events_kind_check;
