@@ -9,6 +9,7 @@ pub mod agents;
 pub mod auth;
 pub mod backend;
 pub mod cache;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod configure;

@@ -11,6 +11,7 @@
 mod agent;
 mod api;
 mod browser;
+mod cli;
 mod common;
 mod concurrency;
 mod fake_pve;
