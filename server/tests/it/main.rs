@@ -26,6 +26,7 @@ mod panels;
 mod people;
 mod proxmox;
 mod qemu;
+mod quickstart;
 mod redis_cache;
 mod safeguards;
 mod scale;
