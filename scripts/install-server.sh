@@ -2,9 +2,10 @@
 # Installs the server as a systemd service: a dedicated system user, the release binary,
 # the dashboard's files, the unit (server/deploy/vm-healthcheck.service) and a settings file
 # /etc/vm-healthcheck/env made from .env.example (kept if it exists), then enables and
-# starts the service. Run from a checkout, as root.
+# (re)starts the service: running it again from a newer checkout upgrades. Run from a
+# checkout, as root.
 #
-#   scripts/install-server.sh                   build the release, install, enable, start
+#   scripts/install-server.sh                   build the release, install, enable, restart
 #   scripts/install-server.sh --binary PATH     install this binary instead of building
 #   scripts/install-server.sh --destdir DIR     stage everything under DIR (no user, no
 #                                               systemctl): what packagers and CI use
@@ -68,6 +69,9 @@ fi
 
 if [[ -z $destdir ]]; then
   systemctl daemon-reload
-  systemctl enable --now vm-healthcheck.service
+  systemctl enable vm-healthcheck.service
+  # A restart, not just a start: an upgrade must replace the running process with the new
+  # binary (which applies the release's migrations as it starts).
+  systemctl restart vm-healthcheck.service
   echo "==> running: systemctl status vm-healthcheck; logs: journalctl -u vm-healthcheck"
 fi

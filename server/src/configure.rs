@@ -9,7 +9,8 @@ use crate::state::AppState;
 use domain::VmId;
 use domain::settings::{FieldError, ProxmoxCheck, RemediationTuning, Settings};
 use domain::status::StatusConfig;
-use proxmox::{PveError, TlsTrust};
+use proxmox::{ProxmoxApi, PveError, PveSettings, TlsTrust};
+use std::sync::Arc;
 
 /// Why settings were not saved.
 #[derive(Debug, thiserror::Error)]
@@ -124,8 +125,17 @@ const GUEST_AGENT: &[&str] = &[
 /// Asks Proxmox for its release and our privileges, and says what it found in plain words.
 /// The token's secret never appears: only the host and the token's name.
 pub async fn test_proxmox(state: &AppState) -> ProxmoxCheck {
+    check_proxmox(state.config.proxmox.as_ref(), state.engine.proxmox()).await
+}
+
+/// [`test_proxmox`] over given settings and client (`vm-healthcheck check-proxmox` has no
+/// running server).
+pub async fn check_proxmox(
+    settings: Option<&PveSettings>,
+    client: Result<Arc<dyn ProxmoxApi>, String>,
+) -> ProxmoxCheck {
     let mut lines = Vec::new();
-    let Some(settings) = &state.config.proxmox else {
+    let Some(settings) = settings else {
         return ProxmoxCheck {
             ok: false,
             lines: vec![
@@ -134,7 +144,7 @@ pub async fn test_proxmox(state: &AppState) -> ProxmoxCheck {
             ],
         };
     };
-    let pve = match state.engine.proxmox() {
+    let pve = match client {
         Ok(pve) => pve,
         Err(reason) => {
             return ProxmoxCheck {

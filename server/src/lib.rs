@@ -9,6 +9,7 @@ pub mod agents;
 pub mod auth;
 pub mod backend;
 pub mod cache;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod configure;
@@ -93,7 +94,10 @@ impl RunningServer {
 
 /// Connects storage, loads credentials and configuration, and starts serving.
 pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
-    let db = Db::connect(&config.database_url, config.db_pool_size).await?;
+    let (db, migrations) = Db::connect_migrated(&config.database_url, config.db_pool_size).await?;
+    for migration in migrations {
+        tracing::info!(%migration, "applied a database migration");
+    }
     let credentials = Credentials::load(&db, &config).await?;
     accounts::bootstrap(&db, &config).await?;
     let (live, fanout) = live::LiveBus::new(config.redis_url.as_deref());

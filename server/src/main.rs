@@ -1,7 +1,8 @@
-//! Entry point: load configuration, set up logging, run the server until a signal; or,
-//! with `healthcheck`, ask the running server on this machine whether it is healthy.
+//! Entry point: with no command, load configuration, set up logging and run the server until
+//! a signal; with one, run it from the admin command line (`server::cli`).
 
-use server::config::{Config, TlsMode};
+use server::config::Config;
+use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 /// Rendering a dashboard page polls one deeply nested future; 16 MiB per worker (address
@@ -9,65 +10,26 @@ use tracing_subscriber::EnvFilter;
 /// (`.cargo/config.toml`).
 const WORKER_STACK_BYTES: usize = 16 * 1024 * 1024;
 
-const USAGE: &str = "usage: vm-healthcheck [healthcheck]
-  (no command)  run the server (settings from the environment and .env; see .env.example)
-  healthcheck   exit 0 when the server on this machine answers /api/health with 200";
+fn main() -> ExitCode {
+    let args: Vec<_> = std::env::args_os().skip(1).collect();
+    if !args.is_empty() {
+        return server::cli::run(args);
+    }
+    match serve() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("Error: {err:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
-fn main() -> anyhow::Result<()> {
-    let command = std::env::args().nth(1);
+fn serve() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_stack_size(WORKER_STACK_BYTES)
         .build()?;
-    match command.as_deref() {
-        None => runtime.block_on(run()),
-        Some("healthcheck") => runtime.block_on(healthcheck()),
-        Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        Some(other) => anyhow::bail!("unknown command {other:?}\n{USAGE}"),
-    }
-}
-
-/// For container and service-manager health checks: the server on this machine, at the
-/// address it listens on. The certificate is not checked (it is this machine's own server,
-/// often self-signed); nothing secret is sent.
-async fn healthcheck() -> anyhow::Result<()> {
-    let config = Config::from_env()?;
-    let scheme = match config.tls {
-        TlsMode::Off => "http",
-        TlsMode::Generated | TlsMode::Files { .. } => "https",
-    };
-    // The listening address itself, or loopback when the server listens on every address.
-    let ip = config.listen_addr.ip();
-    let target = if ip.is_unspecified() {
-        std::net::SocketAddr::new(
-            if ip.is_ipv4() {
-                std::net::Ipv4Addr::LOCALHOST.into()
-            } else {
-                std::net::Ipv6Addr::LOCALHOST.into()
-            },
-            config.listen_addr.port(),
-        )
-    } else {
-        config.listen_addr
-    };
-    let url = format!("{scheme}://{target}/api/health");
-    let answer = reqwest::Client::builder()
-        .no_proxy()
-        .danger_accept_invalid_certs(true)
-        .timeout(std::time::Duration::from_secs(5))
-        .build()?
-        .get(&url)
-        .send()
-        .await?;
-    anyhow::ensure!(
-        answer.status().is_success(),
-        "{url} answered {}",
-        answer.status()
-    );
-    Ok(())
+    runtime.block_on(run())
 }
 
 async fn run() -> anyhow::Result<()> {

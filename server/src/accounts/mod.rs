@@ -6,7 +6,7 @@ pub mod sessions;
 use crate::auth::{Role, bearer_token, hash_token};
 use crate::config::Secret;
 use crate::db::people::{self, AuditEntry, UserRow};
-use crate::db::{Db, DbError, store};
+use crate::db::{Conn, Db, DbError, store};
 use crate::state::AppState;
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -498,6 +498,19 @@ pub fn setup_code_file(data_dir: &Path) -> PathBuf {
     data_dir.join("setup-code")
 }
 
+/// Ends the first-start setup once a user exists (the web page's setup or the command
+/// line's first `user add`): the code could do nothing more, so it is kept nowhere.
+pub async fn forget_setup_code(conn: &mut Conn, data_dir: &Path) -> anyhow::Result<()> {
+    store::delete_credential(conn, SETUP_CREDENTIAL).await?;
+    let path = setup_code_file(data_dir);
+    match std::fs::remove_file(&path) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(anyhow::anyhow!("{}: {err}", path.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Why the first admin could not be created.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SetupError {
@@ -549,9 +562,8 @@ pub async fn setup(
         .await
         .map_err(setup_unavailable)?
         .ok_or(SetupError::Done)?;
-    let _ = store::delete_credential(&mut conn, SETUP_CREDENTIAL).await;
+    let _ = forget_setup_code(&mut conn, &state.config.data_dir).await;
     drop(conn);
-    let _ = std::fs::remove_file(setup_code_file(&state.config.data_dir));
     sign_in(session, &row, now)
         .await
         .map_err(setup_unavailable)?;

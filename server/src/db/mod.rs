@@ -10,6 +10,7 @@ pub mod schema;
 pub mod store;
 pub mod stored;
 
+use diesel::migration::{MigrationSource, MigrationVersion};
 use diesel::result::Error as DieselError;
 use diesel::sqlite::SqliteConnection;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
@@ -112,8 +113,16 @@ macro_rules! with_conn {
 impl Db {
     /// Connects, creating the SQLite file and its folder when needed, and runs migrations.
     pub async fn connect(url: &str, pool_size: usize) -> Result<Self, DbError> {
-        let db = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            run_postgres_migrations(url).await?;
+        Ok(Self::connect_migrated(url, pool_size).await?.0)
+    }
+
+    /// `connect`, also naming the migrations it applied, in order (empty: up to date).
+    pub async fn connect_migrated(
+        url: &str,
+        pool_size: usize,
+    ) -> Result<(Self, Vec<String>), DbError> {
+        let (db, applied) = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let applied = run_postgres_migrations(url).await?;
             let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
             let pool = Pool::builder(manager)
                 .max_size(pool_size)
@@ -122,7 +131,7 @@ impl Db {
                 .runtime(deadpool::Runtime::Tokio1)
                 .build()
                 .map_err(|e| DbError::Unavailable(e.to_string()))?;
-            Db::Postgres(pool)
+            (Db::Postgres(pool), applied)
         } else {
             let path = sqlite_path(url);
             if let Some(parent) = std::path::Path::new(&path).parent()
@@ -151,10 +160,10 @@ impl Db {
                 .build()
                 .map_err(|e| DbError::Unavailable(e.to_string()))?;
             let db = Db::Sqlite(pool, Arc::new(tokio::sync::Mutex::new(())));
-            db.run_sqlite_migrations().await?;
-            db
+            let applied = db.run_sqlite_migrations().await?;
+            (db, applied)
         };
-        Ok(db)
+        Ok((db, applied))
     }
 
     pub fn backend_name(&self) -> &'static str {
@@ -189,13 +198,15 @@ impl Db {
         Ok((self.conn().await?, WriteGuard(guard)))
     }
 
-    async fn run_sqlite_migrations(&self) -> Result<(), DbError> {
+    async fn run_sqlite_migrations(&self) -> Result<Vec<String>, DbError> {
         let Conn::Sqlite(mut conn) = self.conn().await? else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         conn.spawn_blocking(|c| {
             c.run_pending_migrations(SQLITE_MIGRATIONS)
-                .map(|_| ())
+                .map(|applied| {
+                    migration_names::<diesel::sqlite::Sqlite>(SQLITE_MIGRATIONS, &applied)
+                })
                 .map_err(DieselError::QueryBuilderError)
         })
         .await
@@ -205,7 +216,7 @@ impl Db {
 
 /// Runs embedded PostgreSQL migrations under an advisory lock so replicas starting together
 /// do not race each other.
-async fn run_postgres_migrations(url: &str) -> Result<(), DbError> {
+async fn run_postgres_migrations(url: &str) -> Result<Vec<String>, DbError> {
     let mut conn = AsyncPgConnection::establish(url)
         .await
         .map_err(|e| DbError::Unavailable(e.to_string()))?;
@@ -216,7 +227,7 @@ async fn run_postgres_migrations(url: &str) -> Result<(), DbError> {
         let mut harness = diesel_async::AsyncMigrationHarness::new(conn);
         let result = harness
             .run_pending_migrations(POSTGRES_MIGRATIONS)
-            .map(|_| ())
+            .map(|applied| migration_names::<diesel::pg::Pg>(POSTGRES_MIGRATIONS, &applied))
             .map_err(|e| DbError::Migration(e.to_string()));
         // Closing the connection releases the advisory lock.
         drop(harness.into_inner());
@@ -224,6 +235,24 @@ async fn run_postgres_migrations(url: &str) -> Result<(), DbError> {
     })
     .await
     .map_err(|e| DbError::Migration(e.to_string()))?
+}
+
+/// The folder names of the applied migrations (`2026-11-27-000001_initial`), which say more
+/// than the bare versions the harness returns.
+fn migration_names<DB: diesel::backend::Backend>(
+    source: EmbeddedMigrations,
+    applied: &[MigrationVersion<'_>],
+) -> Vec<String> {
+    let known = MigrationSource::<DB>::migrations(&source).unwrap_or_default();
+    applied
+        .iter()
+        .map(|version| {
+            known
+                .iter()
+                .find(|m| m.name().version() == *version)
+                .map_or_else(|| version.to_string(), |m| m.name().to_string())
+        })
+        .collect()
 }
 
 /// Turns `sqlite://path` (or a bare path) into the path SQLite opens.

@@ -17,7 +17,8 @@ use domain::UserRole;
 use serde::{Deserialize, Serialize};
 use tower_sessions::Session;
 
-const API_TOKEN_PREFIX: &str = "vmhc_api_";
+/// How an API token starts, wherever it is made (the API, the users page, the command line).
+pub const API_TOKEN_PREFIX: &str = "vmhc_api_";
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]

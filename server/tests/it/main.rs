@@ -11,6 +11,7 @@
 mod agent;
 mod api;
 mod browser;
+mod cli;
 mod common;
 mod concurrency;
 mod fake_pve;
@@ -26,6 +27,7 @@ mod panels;
 mod people;
 mod proxmox;
 mod qemu;
+mod quickstart;
 mod redis_cache;
 mod safeguards;
 mod scale;
