@@ -145,7 +145,7 @@ pub async fn add_channel(
     get,
     path = "/api/notify/channels",
     tag = "notify",
-    responses((status = 200, description = "Every channel (never a secret)", body = Object))
+    responses((status = 200, description = "Every channel (never a secret)", body = [Object]))
 )]
 pub async fn list_channels(
     State(state): State<AppState>,
@@ -320,7 +320,7 @@ pub async fn add_rule(
     get,
     path = "/api/notify/rules",
     tag = "notify",
-    responses((status = 200, description = "Every routing rule", body = Object))
+    responses((status = 200, description = "Every routing rule", body = [Object]))
 )]
 pub async fn list_rules(
     State(state): State<AppState>,
@@ -374,7 +374,7 @@ pub struct MessagesQuery {
     path = "/api/notify/messages",
     tag = "notify",
     params(MessagesQuery),
-    responses((status = 200, description = "Messages, newest first", body = Object))
+    responses((status = 200, description = "Messages, newest first", body = [Object]))
 )]
 pub async fn messages(
     State(state): State<AppState>,
@@ -515,7 +515,7 @@ async fn insert_window(
     get,
     path = "/api/maintenance",
     tag = "notify",
-    responses((status = 200, description = "Every maintenance window", body = Object))
+    responses((status = 200, description = "Every maintenance window", body = [Object]))
 )]
 pub async fn list_windows(
     State(state): State<AppState>,

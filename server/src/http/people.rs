@@ -230,7 +230,7 @@ pub async fn add_user(
     get,
     path = "/api/users",
     tag = "people",
-    responses((status = 200, description = "Every user (admin)", body = Object))
+    responses((status = 200, description = "Every user (admin)", body = [Object]))
 )]
 pub async fn list_users(
     State(state): State<AppState>,
@@ -401,7 +401,7 @@ pub async fn issue_api_token(
     get,
     path = "/api/tokens",
     tag = "people",
-    responses((status = 200, description = "Every API token (never its value)", body = Object))
+    responses((status = 200, description = "Every API token (never its value)", body = [Object]))
 )]
 pub async fn list_api_tokens(
     State(state): State<AppState>,
@@ -475,7 +475,7 @@ pub struct AuditQuery {
     path = "/api/audit",
     tag = "people",
     params(AuditQuery),
-    responses((status = 200, description = "Audit entries, newest first", body = Object))
+    responses((status = 200, description = "Audit entries, newest first", body = [Object]))
 )]
 pub async fn audit(
     State(state): State<AppState>,

@@ -37,7 +37,7 @@ const DEFAULT_PAGE: i64 = 500;
     path = "/api/vms",
     tag = "vms",
     params(ListQuery),
-    responses((status = 200, description = "VMs sorted by hostname; a Link header names the next page", body = Object))
+    responses((status = 200, description = "VMs sorted by hostname; a Link header names the next page", body = [Object]))
 )]
 pub async fn list(
     State(state): State<AppState>,
@@ -223,7 +223,7 @@ fn time_param(raw: Option<&str>, name: &str) -> Result<Option<i64>, ApiError> {
     path = "/api/vms/{id}/reset-history",
     tag = "remediation",
     params(("id" = i64, Path, description = "The VM's id")),
-    responses((status = 200, description = "Every power action on the VM, newest first", body = Object))
+    responses((status = 200, description = "Every power action on the VM, newest first", body = [Object]))
 )]
 pub async fn reset_history(
     State(state): State<AppState>,

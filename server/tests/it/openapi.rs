@@ -119,6 +119,38 @@ async fn the_document_lists_every_route_and_validates() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // What the parameterless reads answer has the documented top-level shape (a list where
+    // a list is documented), with a VM on file so the lists are not empty.
+    assert_eq!(srv.report(&report_for("doc-01")).await.0, 200);
+    for (method, path) in &documented {
+        if method != "GET" || path.contains('{') || path == "/api/live" {
+            continue;
+        }
+        let answer = srv
+            .http
+            .get(srv.url(path))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status().as_u16(), 200, "{path}");
+        let documented = &doc["paths"][path.as_str()]["get"]["responses"]["200"]["content"];
+        let Some(schema) = documented.get("application/json").map(|c| &c["schema"]) else {
+            continue;
+        };
+        let body: Value = answer.json().await.unwrap();
+        let expected = match schema["type"].as_str() {
+            Some(kind) => kind,
+            None => "object",
+        };
+        let actual = match body {
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+            _ => "other",
+        };
+        assert_eq!(actual, expected, "{path}: documented {schema}");
+    }
+
     // The page for people names every route, and needs a credential too.
     let anonymous = srv.http.get(srv.url("/api/docs")).send().await.unwrap();
     assert_eq!(anonymous.status().as_u16(), 401);
