@@ -80,7 +80,9 @@ impl Backend for ServerBackend {
                 .into_owned()
                 .collect();
             let query = FleetQuery::from_url(|k| pairs.get(k).cloned());
-            let tagged = match model::tag_search(&query.text) {
+            // The page lower-cases the search before it reads `tag:`; so does this.
+            let search = query.text.to_ascii_lowercase();
+            let tagged = match model::tag_search(&search) {
                 None => None,
                 Some(raw) => {
                     // A search for a tag no VM can carry matches nothing.

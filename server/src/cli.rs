@@ -505,6 +505,12 @@ fn backup(config: &Config, file: &Path) -> anyhow::Result<()> {
     let target = file
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("{} is not a UTF-8 path", file.display()))?;
+    // SQLite reads a `file:` name as a URI: the copy would land elsewhere than the file
+    // made (and protected) here.
+    anyhow::ensure!(
+        !target.starts_with("file:"),
+        "{target}: give a plain path, not a file: URI"
+    );
     // Made here, empty and readable by its owner only (it holds password and token hashes),
     // and atomically refused if someone made it meanwhile; VACUUM INTO fills an empty file.
     let mut options = std::fs::OpenOptions::new();
@@ -549,9 +555,23 @@ fn snapshot_sqlite(source: &str, target: &str) -> anyhow::Result<()> {
 fn pg_dump_hint(database_url: &str, file: &Path) -> anyhow::Result<String> {
     let mut url = url::Url::parse(database_url)
         .map_err(|e| anyhow::anyhow!("DATABASE_URL is not a URL: {e}"))?;
-    let had_password = url.password().is_some();
+    let kept: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(key, _)| !key.to_ascii_lowercase().contains("password"))
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    let had_password = url.password().is_some()
+        || url
+            .query_pairs()
+            .any(|(key, _)| key.to_ascii_lowercase().contains("password"));
     url.set_password(None)
         .map_err(|()| anyhow::anyhow!("DATABASE_URL: cannot drop its password"))?;
+    // libpq also reads `?password=` and `sslpassword=`: those are left out too.
+    if kept.is_empty() {
+        url.set_query(None);
+    } else {
+        url.query_pairs_mut().clear().extend_pairs(kept);
+    }
     let file = file
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("{} is not a UTF-8 path", file.display()))?;
@@ -647,5 +667,16 @@ mod tests {
             "{hint}"
         );
         assert!(hint.contains("PGPASSWORD"), "{hint}");
+        // libpq's query-string passwords are left out too, the rest kept.
+        let hint = pg_dump_hint(
+            "postgres://vmhc@db/vmhc?password=qs-secret&sslmode=require&sslpassword=key-secret",
+            Path::new("/b.dump"),
+        )
+        .unwrap();
+        assert!(!hint.contains("secret"), "{hint}");
+        assert!(
+            hint.contains("sslmode=require") && hint.contains("PGPASSWORD"),
+            "{hint}"
+        );
     }
 }

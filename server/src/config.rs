@@ -165,10 +165,29 @@ pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
-    match rest.rsplit_once('@') {
+    let (rest, query) = match rest.split_once('?') {
+        Some((rest, query)) => (rest, Some(query)),
+        None => (rest, None),
+    };
+    let mut shown = match rest.rsplit_once('@') {
         Some((_credentials, host)) => format!("{scheme}://***@{host}"),
-        None => url.to_owned(),
+        None => format!("{scheme}://{rest}"),
+    };
+    // libpq also takes `?password=` (and `sslpassword=`) in the query.
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
+                    format!("{key}=***")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&pairs.join("&"));
     }
+    shown
 }
 
 impl Config {
@@ -674,6 +693,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_urls_are_shown_without_passwords() {
+        assert_eq!(
+            redact_url("postgres://u:p@db:5432/x?sslmode=require"),
+            "postgres://***@db:5432/x?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://db/x?password=pw&sslpassword=k&application_name=a"),
+            "postgres://db/x?password=***&sslpassword=***&application_name=a"
+        );
+        assert_eq!(redact_url("sqlite://data/x.db"), "sqlite://data/x.db");
+    }
     use std::collections::HashMap;
 
     fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {

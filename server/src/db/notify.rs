@@ -107,28 +107,44 @@ pub async fn tags_of(
 const OPERATOR: &str = "operator";
 const PROXMOX: &str = "proxmox";
 
-/// The tags read from Proxmox that these VMs carry now.
-pub async fn proxmox_tags_of(
+/// Each VM's tags by who set them: `(operator's, read from Proxmox)`, each sorted.
+pub async fn tags_by_source(
     conn: &mut Conn,
     ids: &[VmId],
-) -> Result<HashMap<VmId, Vec<Tag>>, DbError> {
-    let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
-    let rows: Vec<(i64, String)> = with_conn!(conn, |c| {
-        vm_tags::table
-            .select((vm_tags::vm_id, vm_tags::tag))
-            .filter(vm_tags::vm_id.eq_any(&ids))
-            .filter(vm_tags::source.eq(PROXMOX))
-            .order((vm_tags::vm_id, vm_tags::tag))
-            .load(c)
-            .await
-    })?;
-    let mut out: HashMap<VmId, Vec<Tag>> = HashMap::new();
-    for (vm, tag) in rows {
-        if let Ok(tag) = tag.parse::<Tag>() {
-            out.entry(VmId(vm)).or_default().push(tag);
+) -> Result<HashMap<VmId, (Vec<Tag>, Vec<Tag>)>, DbError> {
+    let mut out: HashMap<VmId, (Vec<Tag>, Vec<Tag>)> = HashMap::new();
+    for chunk in ids.chunks(2_000) {
+        let chunk: Vec<i64> = chunk.iter().map(|id| id.get()).collect();
+        let rows: Vec<(i64, String, String)> = with_conn!(conn, |c| {
+            vm_tags::table
+                .select((vm_tags::vm_id, vm_tags::tag, vm_tags::source))
+                .filter(vm_tags::vm_id.eq_any(&chunk))
+                .order((vm_tags::vm_id, vm_tags::tag))
+                .load(c)
+                .await
+        })?;
+        for (vm, tag, source) in rows {
+            let Ok(tag) = tag.parse::<Tag>() else {
+                continue;
+            };
+            let entry = out.entry(VmId(vm)).or_default();
+            if source == PROXMOX {
+                entry.1.push(tag);
+            } else {
+                entry.0.push(tag);
+            }
         }
     }
     Ok(out)
+}
+
+/// Forgets every tag read from Proxmox (the import was turned off).
+pub async fn clear_proxmox_tags(conn: &mut Conn) -> Result<usize, DbError> {
+    Ok(with_conn!(conn, |c| {
+        diesel::delete(vm_tags::table.filter(vm_tags::source.eq(PROXMOX)))
+            .execute(c)
+            .await
+    })?)
 }
 
 /// Replaces the Proxmox-read tags of each VM given; tags an operator set stay theirs.

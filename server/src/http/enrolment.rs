@@ -30,11 +30,7 @@ pub struct IssuedCredential {
 /// must be moved to a new credential by hand (`vm-healthcheck-agent --set-credential`).
 #[utoipa::path(
     post,
-    operation_id = "revoke_enrolment_token",
-    operation_id = "create_enrolment_token",
-    operation_id = "list_enrolment_tokens",
     operation_id = "rotate_credential",
-    operation_id = "revoke_credential",
     path = "/api/vms/{id}/credential",
     tag = "agents",
     params(("id" = i64, Path, description = "The VM's id")),
@@ -82,6 +78,7 @@ pub struct Revoked {
 /// a valid enrolment token.
 #[utoipa::path(
     delete,
+    operation_id = "revoke_credential",
     path = "/api/vms/{id}/credential",
     tag = "agents",
     params(("id" = i64, Path, description = "The VM's id")),
@@ -183,6 +180,7 @@ pub struct CreatedToken {
 
 #[utoipa::path(
     post,
+    operation_id = "create_enrolment_token",
     path = "/api/enrolment-tokens",
     tag = "agents",
     request_body = TokenRequest,
@@ -286,6 +284,7 @@ pub async fn issue_enrolment_token(
 
 #[utoipa::path(
     get,
+    operation_id = "list_enrolment_tokens",
     path = "/api/enrolment-tokens",
     tag = "agents",
     responses((status = 200, description = "Enrolment tokens (never their values)", body = Vec<TokenView>))
@@ -305,6 +304,7 @@ pub async fn enrolment_tokens(state: &AppState) -> Result<Vec<TokenView>, ApiErr
 
 #[utoipa::path(
     delete,
+    operation_id = "revoke_enrolment_token",
     path = "/api/enrolment-tokens/{id}",
     tag = "agents",
     params(("id" = i64, Path, description = "The enrolment token's id")),

@@ -53,7 +53,6 @@ pub struct PublicHealth {
 /// Signed-in callers and tokens get the details; anyone else only the status.
 #[utoipa::path(
     get,
-    operation_id = "health",
     path = "/api/health",
     tag = "service",
     responses((status = 200, description = "Storage answers and the scheduler runs (details for a signed-in caller or token)", body = Object), (status = 503, description = "Not serving", body = Object)),

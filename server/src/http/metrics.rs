@@ -27,7 +27,7 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
     operation_id = "prometheus_metrics",
     path = "/metrics",
     tag = "service",
-    responses((status = 200, description = "Prometheus text format: the server's own health and per-VM gauges", body = String, content_type = "text/plain; version=0.0.4"))
+    responses((status = 200, description = "OpenMetrics text (Prometheus reads it): the server's own health and per-VM gauges", body = String, content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8"))
 )]
 pub async fn metrics(State(state): State<AppState>, _viewer: Viewer) -> Result<Response, ApiError> {
     let vms = super::fleet(&state).await?;

@@ -65,9 +65,21 @@ fn check_url(raw: &str) -> Result<reqwest::Url, ApiError> {
     Ok(url)
 }
 
+/// A URL shown as typed must not hold a token: a query string (`?token=`, `?auth=`) would
+/// be drawn back in every channel list.
+fn check_shown_url(raw: &str) -> Result<reqwest::Url, ApiError> {
+    let url = check_url(raw)?;
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(ApiError::field(
+            "target",
+            "must not carry a query string; put tokens in secret",
+        ));
+    }
+    Ok(url)
+}
+
 #[utoipa::path(
     post,
-    operation_id = "notification_messages",
     path = "/api/notify/channels",
     tag = "notify",
     request_body = NewChannelBody,
@@ -113,7 +125,7 @@ pub async fn add_channel(
             (shown, Some(url.to_string()))
         }
         ChannelKind::Webhook | ChannelKind::Ntfy | ChannelKind::Gotify => {
-            let url = check_url(&body.target)?;
+            let url = check_shown_url(&body.target)?;
             (url.to_string(), secret.map(str::to_owned))
         }
     };
@@ -371,6 +383,7 @@ pub struct MessagesQuery {
 /// The newest messages (`?state=dead` for the dead letters), newest first.
 #[utoipa::path(
     get,
+    operation_id = "notification_messages",
     path = "/api/notify/messages",
     tag = "notify",
     params(MessagesQuery),
@@ -541,9 +554,22 @@ pub async fn delete_window(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Both doors of `DELETE /api/maintenance/:id`.
+/// Both doors of `DELETE /api/maintenance/:id`. Ending a window an operator could not
+/// have planned (all VMs, a node, recurring) is an admin's too: it turns resets back on.
 pub async fn remove_window(state: &AppState, actor: &Actor, id: i64) -> Result<(), ApiError> {
     let (mut conn, _turn) = state.db.write_conn().await?;
+    let window = store::windows(&mut conn)
+        .await?
+        .into_iter()
+        .find(|w| w.id == id)
+        .ok_or(ApiError::NotFound)?;
+    let wide =
+        matches!(window.scope, WindowScope::All | WindowScope::Node) || window.recurrence.is_some();
+    if wide && actor.who.role < UserRole::Admin {
+        return Err(ApiError::Forbidden(
+            "a window over all VMs, a node, or a recurring one is ended by an admin".into(),
+        ));
+    }
     if !store::delete_window(&mut conn, id).await? {
         return Err(ApiError::NotFound);
     }
@@ -629,21 +655,31 @@ pub struct TagsBody {
     path = "/api/vms/{id}/tags",
     tag = "notify",
     params(("id" = i64, Path, description = "The VM's id")),
-    responses((status = 200, description = "The VM's tags", body = TagsBody))
+    responses((status = 200, description = "The VM's tags, by who set them", body = VmTags))
 )]
 pub async fn get_tags(
     State(state): State<AppState>,
     _viewer: Viewer,
     VmPath(vm): VmPath,
-) -> Result<Json<TagsBody>, ApiError> {
+) -> Result<Json<VmTags>, ApiError> {
     let mut conn = state.db.conn().await?;
     if crate::db::store::get_vm(&mut conn, vm).await?.is_none() {
         return Err(ApiError::NotFound);
     }
-    let mut tags = store::tags_of(&mut conn, Some(&[vm])).await?;
-    Ok(Json(TagsBody {
-        tags: tags.remove(&vm).unwrap_or_default(),
-    }))
+    let (tags, proxmox_tags) = store::tags_by_source(&mut conn, &[vm])
+        .await?
+        .remove(&vm)
+        .unwrap_or_default();
+    Ok(Json(VmTags { tags, proxmox_tags }))
+}
+
+/// A VM's tags: the operators' (what `PUT` replaces) and those read from its guest in
+/// Proxmox (`PROXMOX_IMPORT_TAGS`; changed there, not here). Rules, windows and the fleet's
+/// `tag:` search use both.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct VmTags {
+    pub tags: Vec<Tag>,
+    pub proxmox_tags: Vec<Tag>,
 }
 
 /// Replaces a VM's tags.

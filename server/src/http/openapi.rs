@@ -160,8 +160,9 @@ pub async fn document(_viewer: Viewer) -> Json<&'static serde_json::Value> {
     tag = "service",
     responses((status = 200, description = "An HTML page", body = String, content_type = "text/html"))
 )]
-pub async fn docs(_viewer: Viewer) -> Result<Html<String>, ApiError> {
-    Ok(Html(render(&ApiDoc::openapi())))
+pub async fn docs(_viewer: Viewer) -> Result<Html<&'static str>, ApiError> {
+    static PAGE: OnceLock<String> = OnceLock::new();
+    Ok(Html(PAGE.get_or_init(|| render(&ApiDoc::openapi()))))
 }
 
 /// The document as a plain page: no script, so it works under the dashboard's policy.

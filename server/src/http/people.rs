@@ -55,7 +55,6 @@ fn same_origin(parts: &Parts) -> Result<(), ApiError> {
 /// Signs in with a name and password; the answer sets the session cookie.
 #[utoipa::path(
     post,
-    operation_id = "audit_log",
     path = "/api/login",
     tag = "people",
     request_body = LoginRequest,
@@ -472,6 +471,7 @@ pub struct AuditQuery {
 /// narrow it.
 #[utoipa::path(
     get,
+    operation_id = "audit_log",
     path = "/api/audit",
     tag = "people",
     params(AuditQuery),

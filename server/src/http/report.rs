@@ -28,7 +28,6 @@ pub struct ReportAccepted {
 
 #[utoipa::path(
     post,
-    operation_id = "report",
     path = "/api/health/report",
     tag = "agents",
     request_body = Object,

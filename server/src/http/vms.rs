@@ -30,9 +30,6 @@ const DEFAULT_PAGE: i64 = 500;
 /// more follow, a `Link: <...>; rel="next"` header to the next page.
 #[utoipa::path(
     get,
-    operation_id = "vm_metrics",
-    operation_id = "delete_vm",
-    operation_id = "get_vm",
     operation_id = "list_vms",
     path = "/api/vms",
     tag = "vms",
@@ -95,6 +92,7 @@ pub struct VmDetail {
 
 #[utoipa::path(
     get,
+    operation_id = "get_vm",
     path = "/api/vms/{id}",
     tag = "vms",
     params(("id" = i64, Path, description = "The VM's id")),
@@ -116,6 +114,7 @@ pub async fn get(
 /// Forgets a VM and its whole history (a decommissioned host).
 #[utoipa::path(
     delete,
+    operation_id = "delete_vm",
     path = "/api/vms/{id}",
     tag = "vms",
     params(("id" = i64, Path, description = "The VM's id")),
@@ -160,6 +159,7 @@ pub struct MetricsQuery {
 /// Downsampled metrics between `from` and `to` (default: the last day), `points` buckets.
 #[utoipa::path(
     get,
+    operation_id = "vm_metrics",
     path = "/api/vms/{id}/metrics",
     tag = "vms",
     params(("id" = i64, Path, description = "The VM's id"), MetricsQuery),

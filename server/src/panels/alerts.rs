@@ -86,12 +86,12 @@ pub async fn page(state: &AppState, actor: &Actor, query: &Fields) -> Result<Pan
                     Field::new("scope", "Covers", choice(WindowScope::ALL), "vm"),
                     Field::new("value", "VM id, tag or node", FieldKind::Text, vm.clone())
                         .help("Empty when it covers all VMs."),
-                    Field::new("starts", "Starts (UTC)", FieldKind::Text, "")
+                    Field::new("starts_ms", "Starts (UTC)", FieldKind::Text, "")
                         .help("YYYY-MM-DD HH:MM"),
-                    Field::new("ends", "Ends (UTC)", FieldKind::Text, ""),
+                    Field::new("ends_ms", "Ends (UTC)", FieldKind::Text, ""),
                     Field::new("cron", "Or every (cron)", FieldKind::Text, "")
                         .help("\"0 2 * * 6\": Saturdays at 02:00."),
-                    Field::new("duration", "For (minutes)", FieldKind::Number, ""),
+                    Field::new("duration_minutes", "For (minutes)", FieldKind::Number, ""),
                 ],
             }),
         Section::new("Snooze a VM")
@@ -108,7 +108,8 @@ pub async fn page(state: &AppState, actor: &Actor, query: &Fields) -> Result<Pan
         Section::new("Tag a VM")
             .text(
                 "Tags route notifications, scope windows and filter the fleet (search \
-                 \"tag:db\"). These replace the VM's tags; leave empty to remove them all.",
+                 \"tag:db\"). These replace the tags operators set on the VM; leave empty to \
+                 remove them. Tags read from Proxmox stay until removed there.",
             )
             .form(Form {
                 action: "tags".into(),
@@ -282,7 +283,7 @@ async fn admin_sections(conn: &mut crate::db::Conn) -> Result<Vec<Section>, ApiE
                 )),
                 Field::new("tag", "Only VMs tagged", FieldKind::Text, ""),
                 Field::new(
-                    "repeat",
+                    "repeat_minutes",
                     "Remind while down (minutes)",
                     FieldKind::Number,
                     "",
@@ -333,10 +334,10 @@ pub async fn submit(
                     .parse()
                     .map_err(|e| ApiError::field("scope", e))?,
                 value: (!value.is_empty()).then(|| value.to_owned()),
-                starts_ms: utc_time(f, "starts")?,
-                ends_ms: utc_time(f, "ends")?,
+                starts_ms: utc_time(f, "starts_ms")?,
+                ends_ms: utc_time(f, "ends_ms")?,
                 cron: Some(f.get("cron").to_owned()).filter(|c| !c.is_empty()),
-                duration_minutes: f.optional_number("duration")?,
+                duration_minutes: f.optional_number("duration_minutes")?,
             };
             let window = api::add_window(state, actor, body).await?;
             Ok(Outcome::done(format!("Planned {}.", window.name)))
@@ -366,7 +367,7 @@ pub async fn submit(
             let tags = api::set_tags(state, actor, vm, tags).await?;
             let shown: Vec<&str> = tags.iter().map(Tag::as_str).collect();
             Ok(Outcome::done(if shown.is_empty() {
-                format!("VM {vm} has no tags now.")
+                format!("VM {vm} has no operator tags now.")
             } else {
                 format!("VM {vm} is tagged {}.", shown.join(", "))
             }))
@@ -422,7 +423,7 @@ pub async fn submit(
                 channel_id,
                 kinds,
                 tag,
-                repeat_minutes: f.optional_number("repeat")?,
+                repeat_minutes: f.optional_number("repeat_minutes")?,
             };
             api::add_rule(state, actor, body).await?;
             Ok(Outcome::done(format!(

@@ -182,9 +182,15 @@ pub async fn submit(
         action,
         outcome: &outcome,
         // After a refusal the form keeps what was typed; after success it shows what is now.
-        typed: (!outcome.ok).then_some(&fields),
+        // A channel's form is cleared either way: a Slack or Discord URL is a secret.
+        typed: (!outcome.ok && !clears_on_refusal(name, action)).then_some(&fields),
     };
     Ok(html::page(&panel, Some(&answer)))
+}
+
+/// Forms whose typed values are never drawn back: a Slack or Discord URL is a secret.
+fn clears_on_refusal(name: PanelName, action: &str) -> bool {
+    name == PanelName::Alerts && action == "channel-add"
 }
 
 /// Runs one action; what the service refused becomes the answer, not an error.

@@ -12,7 +12,7 @@ use domain::{EventKind, GuestKind, GuestRef, LinkSource, Tag, VmId, Vmid};
 use proxmox::{ProxmoxApi, PveError};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 /// Shortest pause between two refreshes brought forward by new VMs.
 const NEWCOMER_REFRESH_GAP_MS: i64 = 1_000;
@@ -35,6 +35,8 @@ pub struct Linker {
     /// The connection as the refreshes found it: told once when it keeps failing, and
     /// again when it is back.
     connection: Mutex<Connection>,
+    /// Whether the tags read from Proxmox were removed since the import is off.
+    imported_tags_cleared: AtomicBool,
 }
 
 fn subject(row: &VmRow) -> LinkSubject<'_> {
@@ -49,32 +51,42 @@ fn subject(row: &VmRow) -> LinkSubject<'_> {
     }
 }
 
-/// Gives each linked VM of `rows` its guest's Proxmox tags, writing only those that changed
-/// (a refresh of a large fleet mostly finds none).
+/// Gives each VM of `rows` whose link is verified its guest's Proxmox tags, writing only
+/// those that changed (a refresh of a large fleet mostly finds none).
 async fn import_tags(ctx: &Ctx, rows: &[VmRow], guests: &[ClusterGuest]) -> anyhow::Result<()> {
-    let by_guest: HashMap<&GuestRef, &ClusterGuest> =
-        guests.iter().map(|g| (&g.guest, g)).collect();
-    // A VM whose link is not verified is not known to be that guest: no tags from it.
-    let wanted: Vec<(VmId, Vec<Tag>)> = rows
+    // By VMID and type: they are unique in a cluster and survive a migration, which the
+    // rows (read before this refresh's relinking) may not show yet.
+    let by_guest: HashMap<(Vmid, GuestKind), &ClusterGuest> = guests
         .iter()
-        .map(|row| {
-            let tags = row
-                .guest()
-                .filter(|_| row.link_verified)
-                .and_then(|guest| by_guest.get(&guest).map(|g| g.tags.clone()))
-                .unwrap_or_default();
-            (row.vm_id(), tags)
-        })
+        .map(|g| ((g.guest.vmid, g.guest.kind), g))
         .collect();
-    let ids: Vec<VmId> = wanted.iter().map(|(id, _)| *id).collect();
+    let ids: Vec<VmId> = rows.iter().map(VmRow::vm_id).collect();
     let current = {
         let mut conn = ctx.db.conn().await?;
-        notify_store::proxmox_tags_of(&mut conn, &ids).await?
+        notify_store::tags_by_source(&mut conn, &ids).await?
     };
-    let changed: Vec<(VmId, Vec<Tag>)> = wanted
-        .into_iter()
-        .filter(|(id, tags)| current.get(id).map_or(&[][..], Vec::as_slice) != tags.as_slice())
-        .collect();
+    let mut changed: Vec<(VmId, Vec<Tag>)> = Vec::new();
+    for row in rows {
+        let wanted = match row.guest() {
+            // A VM whose link is not verified is not known to be that guest: none of its
+            // tags (it could otherwise borrow another guest's, and its windows).
+            Some(guest) if row.link_verified => match by_guest.get(&(guest.vmid, guest.kind)) {
+                Some(found) => found.tags.clone(),
+                // Not in this listing (a node briefly missing): keep what it has.
+                None => continue,
+            },
+            _ => Vec::new(),
+        };
+        let (operators, imported) = current.get(&row.vm_id()).cloned().unwrap_or_default();
+        // A tag an operator also set is theirs: it is not imported again.
+        let wanted: Vec<Tag> = wanted
+            .into_iter()
+            .filter(|t| !operators.contains(t))
+            .collect();
+        if wanted != imported {
+            changed.push((row.vm_id(), wanted));
+        }
+    }
     if changed.is_empty() {
         return Ok(());
     }
@@ -157,6 +169,18 @@ impl Linker {
     /// Resolves every VM's link against the cluster's guests, a page of VMs at a time.
     async fn refresh(&self, ctx: &Ctx, pve: &dyn ProxmoxApi) -> anyhow::Result<()> {
         let guests = pve.cluster_guests().await?;
+        if !ctx.import_tags && !self.imported_tags_cleared.load(Ordering::Acquire) {
+            // Imported tags no longer kept current would go on scoping windows and routing.
+            let (mut conn, _turn) = ctx.db.write_conn().await?;
+            let removed = notify_store::clear_proxmox_tags(&mut conn).await?;
+            self.imported_tags_cleared.store(true, Ordering::Release);
+            if removed > 0 {
+                tracing::info!(
+                    tags = removed,
+                    "PROXMOX_IMPORT_TAGS is off: the tags read from Proxmox were removed"
+                );
+            }
+        }
         let wanted = {
             let mut conn = ctx.db.conn().await?;
             store::any_uuid_linkable(&mut conn).await?

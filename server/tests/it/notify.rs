@@ -819,26 +819,47 @@ async fn proxmox_tags_follow_verified_links_beside_the_operators() {
         let srv = &srv;
         async move {
             let (_, body) = srv.get(&format!("/api/vms/{id}/tags")).await;
-            body["tags"].clone()
+            (body["tags"].clone(), body["proxmox_tags"].clone())
         }
     };
     wait_for("the guest's tags", Duration::from_secs(20), || async {
-        (tags_of(vm).await == json!(["prod", "web"])).then_some(())
+        (tags_of(vm).await == (json!([]), json!(["prod", "web"]))).then_some(())
     })
     .await;
-    // The operator adds one; Proxmox drops "web": the operator's stays, "web" goes.
+    // An operator edits the VM's own tags (read, add, write back): the imported ones stay
+    // Proxmox's. One the operator also sets is theirs.
+    let (mine, _) = tags_of(vm).await;
+    let mut mine: Vec<String> = serde_json::from_value(mine).unwrap();
+    mine.extend(["db".to_owned(), "prod".to_owned()]);
     admin(
         &srv,
         Method::PUT,
         &format!("/api/vms/{vm}/tags"),
-        Some(json!({"tags": ["db", "prod"]})),
+        Some(json!({ "tags": mine })),
     )
     .await;
+    wait_for(
+        "the operator's tags kept apart",
+        Duration::from_secs(20),
+        || async { (tags_of(vm).await == (json!(["db", "prod"]), json!(["web"]))).then_some(()) },
+    )
+    .await;
+    // Proxmox drops "prod" and "web" and adds "backup": the operator's "prod" stays.
     fake.with_vm(100, |v| v.tags = Some("backup".into()));
     wait_for("Proxmox's change", Duration::from_secs(20), || async {
-        (tags_of(vm).await == json!(["backup", "db", "prod"])).then_some(())
+        (tags_of(vm).await == (json!(["db", "prod"]), json!(["backup"]))).then_some(())
     })
     .await;
+    // The VM migrates: its tags go with it, never dropped in between.
+    fake.with_vm(100, |v| v.node = "pve2".into());
+    for _ in 0..10 {
+        wait_rounds(&srv, 2).await;
+        assert_eq!(
+            tags_of(vm).await.1,
+            json!(["backup"]),
+            "kept across the migration"
+        );
+    }
     // The operator clears theirs: only Proxmox's remain.
     admin(
         &srv,
@@ -847,12 +868,25 @@ async fn proxmox_tags_follow_verified_links_beside_the_operators() {
         Some(json!({"tags": []})),
     )
     .await;
-    assert_eq!(tags_of(vm).await, json!(["backup"]));
+    assert_eq!(tags_of(vm).await, (json!([]), json!(["backup"])));
     wait_rounds(&srv, 5).await;
     assert_eq!(
         tags_of(claimer).await,
-        json!([]),
+        (json!([]), json!([])),
         "a proposal imports nothing"
     );
+    srv.stop().await;
+
+    // Turned off, the imported tags go (they would no longer follow Proxmox).
+    let mut srv = crate::proxmox::start_on(srv.db, &fake, &[]).await;
+    wait_for(
+        "the imported tags removed",
+        Duration::from_secs(20),
+        || async {
+            let (_, body) = srv.get(&format!("/api/vms/{vm}/tags")).await;
+            (body["proxmox_tags"] == json!([])).then_some(())
+        },
+    )
+    .await;
     srv.stop().await;
 }

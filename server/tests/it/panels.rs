@@ -941,7 +941,10 @@ async fn alerts_page_plans_windows_snoozes_tags_and_routes_like_the_api() {
     assert_eq!(status, 200);
     assert_eq!(verdict(&html).0, Some(true), "{html}");
     let (_, tags) = srv.get(&format!("/api/vms/{db_id}/tags")).await;
-    assert_eq!(tags, json!({"tags": ["db", "site:paris"]}));
+    assert_eq!(
+        tags,
+        json!({"tags": ["db", "site:paris"], "proxmox_tags": []})
+    );
     let (_, html) = submit(
         &srv,
         &operator,
@@ -969,8 +972,8 @@ async fn alerts_page_plans_windows_snoozes_tags_and_routes_like_the_api() {
             ("name", "db patching"),
             ("scope", "tag"),
             ("value", "db"),
-            ("starts", "2030-01-01 02:00"),
-            ("ends", "2030-01-01 04:00"),
+            ("starts_ms", "2030-01-01 02:00"),
+            ("ends_ms", "2030-01-01 04:00"),
         ],
     )
     .await;
@@ -987,8 +990,8 @@ async fn alerts_page_plans_windows_snoozes_tags_and_routes_like_the_api() {
         &[
             ("name", "everything"),
             ("scope", "all"),
-            ("starts", "2030-01-01 02:00"),
-            ("ends", "2030-01-01 04:00"),
+            ("starts_ms", "2030-01-01 02:00"),
+            ("ends_ms", "2030-01-01 04:00"),
         ],
     )
     .await;
@@ -1002,12 +1005,12 @@ async fn alerts_page_plans_windows_snoozes_tags_and_routes_like_the_api() {
             ("name", "bad"),
             ("scope", "vm"),
             ("value", &web_id),
-            ("starts", "tomorrow"),
-            ("ends", "2030-01-01 04:00"),
+            ("starts_ms", "tomorrow"),
+            ("ends_ms", "2030-01-01 04:00"),
         ],
     )
     .await;
-    assert_eq!(errors(&html), vec!["starts"], "{html}");
+    assert_eq!(errors(&html), vec!["starts_ms"], "{html}");
     let (_, html) = submit(
         &srv,
         &operator,
@@ -1055,6 +1058,21 @@ async fn alerts_page_plans_windows_snoozes_tags_and_routes_like_the_api() {
             .0,
         403
     );
+    // A token in a shown URL's query string is refused, and the form is not drawn back.
+    let (_, html) = submit(
+        &srv,
+        &admin,
+        "alerts",
+        "channel-add",
+        &[
+            ("name", "ntfy"),
+            ("kind", "ntfy"),
+            ("target", "https://ntfy.example/alerts?auth=tk-never-shown"),
+        ],
+    )
+    .await;
+    assert_eq!(errors(&html), vec!["target"], "{html}");
+    assert!(!html.contains("tk-never-shown"), "{html}");
     let (_, html) = submit(&srv, &admin, "alerts", "channel-add", &hook).await;
     assert_eq!(verdict(&html).0, Some(true), "{html}");
     assert!(!html.contains("hmac-key-never-shown"));
@@ -1091,7 +1109,7 @@ async fn alerts_page_plans_windows_snoozes_tags_and_routes_like_the_api() {
             ("channel", "ops hook"),
             ("kinds", "vm_down, vm_recovered"),
             ("tag", "db"),
-            ("repeat", "60"),
+            ("repeat_minutes", "60"),
         ],
     )
     .await;
@@ -1100,6 +1118,42 @@ async fn alerts_page_plans_windows_snoozes_tags_and_routes_like_the_api() {
     assert_eq!(rules[0]["kinds"], json!(["vm_down", "vm_recovered"]));
     assert_eq!(rules[0]["tag"], "db");
     assert_eq!(rules[0]["repeat_ms"], 3_600_000);
+
+    // A recurring window is an admin's to plan and to end.
+    let (status, weekly) = srv
+        .send(
+            Method::POST,
+            "/api/maintenance",
+            Some(&admin),
+            Some(json!({"name": "weekly", "scope": "tag", "value": "db",
+                        "cron": "0 2 * * 6", "duration_minutes": 60})),
+        )
+        .await;
+    assert_eq!(status, 201, "{weekly}");
+    let weekly = weekly["id"].as_i64().unwrap().to_string();
+    let (status, _) = submit(
+        &srv,
+        &operator,
+        "alerts",
+        "window-delete",
+        &[("key", &weekly)],
+    )
+    .await;
+    assert_eq!(
+        status, 403,
+        "an operator cannot end an admin's recurring window"
+    );
+    let (status, _) = srv
+        .send(
+            Method::DELETE,
+            &format!("/api/maintenance/{weekly}"),
+            Some(&operator),
+            None,
+        )
+        .await;
+    assert_eq!(status, 403, "nor through the API");
+    let (_, html) = submit(&srv, &admin, "alerts", "window-delete", &[("key", &weekly)]).await;
+    assert_eq!(verdict(&html).0, Some(true), "{html}");
 
     let actions = audit_actions(&srv).await;
     for (who, what) in [
