@@ -13,9 +13,11 @@ COPY --from=build /src/target/release/vm-healthcheck /usr/local/bin/vm-healthche
 COPY --from=build /src/target/site /opt/vm-healthcheck/site
 USER vmhc
 WORKDIR /var/lib/vm-healthcheck
+# MALLOC_ARENA_MAX: two malloc arenas, not one per thread (BENCHMARKS.md, 100,000 VMs).
 ENV SITE_ROOT=/opt/vm-healthcheck/site \
     DATA_DIR=/var/lib/vm-healthcheck/data \
-    LISTEN_ADDR=0.0.0.0:3000
+    LISTEN_ADDR=0.0.0.0:3000 \
+    MALLOC_ARENA_MAX=2
 EXPOSE 3000
 VOLUME ["/var/lib/vm-healthcheck/data"]
 # 200 from /api/health: storage answers and the scheduler runs (not merely an open port).

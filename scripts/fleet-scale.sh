@@ -25,7 +25,9 @@ fi
 
 data="$(mktemp -d)"
 port=38190
-env=(AGENT_TOKEN=scale-fleet-token-0123456789 ADMIN_TOKEN=scale-admin-token-0123456789
+# As shipped (the unit, the image and scripts/run.sh set it): MALLOC_ARENA_MAX=0 measures
+# glibc's default of one arena per thread.
+env=(MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-2}" AGENT_TOKEN=scale-fleet-token-0123456789 ADMIN_TOKEN=scale-admin-token-0123456789
   DATA_DIR="$data" LISTEN_ADDR="127.0.0.1:$port" TLS=off RUST_LOG=warn
   STALE_TIMEOUT_MS="$stale_ms" ENROLMENT_RATE_PER_MINUTE=100000000 REPORT_RATE_PER_MINUTE=100000000
   REPORT_BURST=100000000 SITE_ROOT="$root/target/site")
