@@ -506,6 +506,15 @@ pub async fn create_window(
 }
 
 pub async fn windows(conn: &mut Conn) -> Result<Vec<WindowView>, DbError> {
+    windows_where(conn, None).await
+}
+
+/// One window by id.
+pub async fn window(conn: &mut Conn, id: i64) -> Result<Option<WindowView>, DbError> {
+    Ok(windows_where(conn, Some(id)).await?.pop())
+}
+
+async fn windows_where(conn: &mut Conn, id: Option<i64>) -> Result<Vec<WindowView>, DbError> {
     type Raw = (
         i64,
         String,
@@ -519,8 +528,13 @@ pub async fn windows(conn: &mut Conn) -> Result<Vec<WindowView>, DbError> {
         i64,
     );
     let rows: Vec<Raw> = with_conn!(conn, |c| {
-        maintenance_windows::table
+        let mut query = maintenance_windows::table
             .order(maintenance_windows::id)
+            .into_boxed();
+        if let Some(id) = id {
+            query = query.filter(maintenance_windows::id.eq(id));
+        }
+        query
             .select((
                 maintenance_windows::id,
                 maintenance_windows::name,

@@ -517,10 +517,8 @@ async fn insert_window(
 ) -> Result<WindowView, ApiError> {
     let (mut conn, _turn) = state.db.write_conn().await?;
     let id = store::create_window(&mut conn, window, by, crate::now_ms()).await?;
-    store::windows(&mut conn)
+    store::window(&mut conn, id)
         .await?
-        .into_iter()
-        .find(|w| w.id == id)
         .ok_or(ApiError::NotFound)
 }
 
@@ -558,10 +556,8 @@ pub async fn delete_window(
 /// have planned (all VMs, a node, recurring) is an admin's too: it turns resets back on.
 pub async fn remove_window(state: &AppState, actor: &Actor, id: i64) -> Result<(), ApiError> {
     let (mut conn, _turn) = state.db.write_conn().await?;
-    let window = store::windows(&mut conn)
+    let window = store::window(&mut conn, id)
         .await?
-        .into_iter()
-        .find(|w| w.id == id)
         .ok_or(ApiError::NotFound)?;
     let wide =
         matches!(window.scope, WindowScope::All | WindowScope::Node) || window.recurrence.is_some();
@@ -611,8 +607,7 @@ pub async fn snooze_vm(
     vm: VmId,
     hours: i64,
 ) -> Result<WindowView, ApiError> {
-    let body = SnoozeBody { hours };
-    if !(1..=MAX_SNOOZE_HOURS).contains(&body.hours) {
+    if !(1..=MAX_SNOOZE_HOURS).contains(&hours) {
         return Err(ApiError::field("hours", "must be 1 to 168"));
     }
     {
@@ -627,7 +622,7 @@ pub async fn snooze_vm(
         scope: Scope::Vm(vm),
         when: When::Once {
             starts_ms: now,
-            ends_ms: now.saturating_add(body.hours.saturating_mul(3_600_000)),
+            ends_ms: now.saturating_add(hours.saturating_mul(3_600_000)),
         },
     };
     let view = insert_window(state, &window, &actor.who.name).await?;
@@ -636,7 +631,7 @@ pub async fn snooze_vm(
             state,
             "vm.snooze",
             Some(&vm.to_string()),
-            Some(&format!("{} h", body.hours)),
+            Some(&format!("{} h", hours)),
         )
         .await;
     Ok(view)
