@@ -178,7 +178,7 @@ const STATE_ROWS_PER_STATEMENT: usize = 1000;
 
 /// How a statement's bind parameters are written.
 #[derive(Clone, Copy)]
-enum Placeholders {
+pub(super) enum Placeholders {
     /// `$1, $2...`: PostgreSQL's only form.
     Numbered,
     /// `?`: SQLite looks a `$N` up by name among those already seen, which over thousands
@@ -252,12 +252,12 @@ fn state_update_sql(rows: usize, placeholders: Placeholders) -> String {
 /// The batch's status changes as rows, owned.
 #[derive(Clone, diesel::Insertable)]
 #[diesel(table_name = status_changes)]
-struct OwnedStatusChange {
-    vm_id: i64,
-    from_status: &'static str,
-    to_status: &'static str,
-    at_ms: i64,
-    reason: String,
+pub(super) struct OwnedStatusChange {
+    pub(super) vm_id: i64,
+    pub(super) from_status: &'static str,
+    pub(super) to_status: &'static str,
+    pub(super) at_ms: i64,
+    pub(super) reason: String,
 }
 
 fn status_change_rows(planned: &[PlannedState<'_>]) -> Vec<OwnedStatusChange> {

@@ -1,5 +1,6 @@
 //! Queries over VM rows and their history, written once for both backends.
 
+use super::reports::{OwnedStatusChange, Placeholders};
 use super::schema::{
     credentials, metric_samples, reset_attempts, runtime_config, status_changes, vms,
 };
@@ -192,9 +193,188 @@ pub async fn overdue_page(
     })?)
 }
 
+/// Sets heartbeat times later than `now_ms` (stored before the clock was stepped back) to
+/// `now_ms`. Returns how many VMs had one.
+pub async fn bring_back_future_heartbeats(conn: &mut Conn, now_ms: i64) -> Result<usize, DbError> {
+    Ok(with_conn!(conn, |c| {
+        diesel::update(vms::table.filter(vms::last_seen_ms.gt(now_ms)))
+            .set(vms::last_seen_ms.eq(now_ms))
+            .execute(c)
+            .await
+    })?)
+}
+
 /// Applies status verdicts the core computed, each only if the VM still has the status
-/// it was judged from (so two replicas record one change). Returns the VMs changed.
+/// it was judged from (so two replicas record one change). Returns the VMs changed. One
+/// `UPDATE ... FROM (VALUES ...) RETURNING` and one multi-row insert per 2,000 VMs: a whole
+/// fleet going silent at once is judged at the database's pace, not a round trip per VM.
 pub async fn apply_verdicts(
+    conn: &mut Conn,
+    verdicts: &[(VmId, VmStatus, Verdict)],
+    now_ms: i64,
+) -> Result<Vec<VmId>, DbError> {
+    if verdicts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<VerdictRow> = verdicts
+        .iter()
+        .map(|(id, from, verdict)| VerdictRow {
+            id: id.get(),
+            from: from.as_str(),
+            to: verdict.status.as_str(),
+            reason: verdict.reason.clone(),
+        })
+        .collect();
+    let changed: Vec<i64> = match conn.as_backend() {
+        Conn::Postgres(c) => {
+            let c: &mut diesel_async::AsyncPgConnection = c;
+            c.transaction::<_, DbError, _>(async |c| {
+                // Rows locked in id order first, as ingest locks them: one statement over
+                // many rows locks them in its join's order, and two can deadlock.
+                let mut ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+                ids.sort_unstable();
+                for chunk in ids.chunks(10_000) {
+                    vms::table
+                        .filter(vms::id.eq_any(chunk))
+                        .order(vms::id.asc())
+                        .select(vms::id)
+                        .for_update()
+                        .load::<i64>(c)
+                        .await?;
+                }
+                let mut changed = Vec::new();
+                for chunk in rows.chunks(VERDICTS_PER_STATEMENT) {
+                    let done: Vec<ChangedId> =
+                        verdict_statement::<diesel::pg::Pg>(chunk, now_ms, Placeholders::Numbered)
+                            .load(c)
+                            .await?;
+                    changed.extend(done.into_iter().map(|d| d.id));
+                }
+                for chunk in verdict_changes(&rows, &changed, now_ms).chunks(1_000) {
+                    diesel::insert_into(status_changes::table)
+                        .values(chunk)
+                        .execute(c)
+                        .await?;
+                }
+                Ok(changed)
+            })
+            .await?
+        }
+        Conn::Sqlite(c) => {
+            c.spawn_blocking(move |c| {
+                use diesel::Connection;
+                c.transaction(|c| {
+                    let mut changed = Vec::new();
+                    for chunk in rows.chunks(VERDICTS_PER_STATEMENT) {
+                        let statement = verdict_statement::<diesel::sqlite::Sqlite>(
+                            chunk,
+                            now_ms,
+                            Placeholders::Anonymous,
+                        );
+                        let done: Vec<ChangedId> = diesel::RunQueryDsl::load(statement, c)?;
+                        changed.extend(done.into_iter().map(|d| d.id));
+                    }
+                    for chunk in verdict_changes(&rows, &changed, now_ms).chunks(1_000) {
+                        let insert = diesel::insert_into(status_changes::table).values(chunk);
+                        diesel::RunQueryDsl::execute(insert, c)?;
+                    }
+                    Ok(changed)
+                })
+            })
+            .await?
+        }
+    };
+    let mut changed: Vec<VmId> = changed.into_iter().map(VmId).collect();
+    changed.sort_unstable();
+    Ok(changed)
+}
+
+/// VMs per verdict statement: five binds each, well under both backends' limits.
+const VERDICTS_PER_STATEMENT: usize = 2_000;
+
+/// One verdict, owned so the statement can cross into the SQLite connection's thread.
+struct VerdictRow {
+    id: i64,
+    from: &'static str,
+    to: &'static str,
+    reason: String,
+}
+
+#[derive(diesel::QueryableByName)]
+struct ChangedId {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    id: i64,
+}
+
+/// `UPDATE vms ... FROM (VALUES (id, from, to, reason, now), ...) RETURNING vms.id`: each
+/// row changes only while it still has the status it was judged from.
+fn verdict_statement<DB>(
+    rows: &[VerdictRow],
+    now_ms: i64,
+    placeholders: Placeholders,
+) -> diesel::query_builder::BoxedSqlQuery<'static, DB, diesel::query_builder::SqlQuery>
+where
+    DB: diesel::backend::Backend
+        + diesel::sql_types::HasSqlType<diesel::sql_types::BigInt>
+        + diesel::sql_types::HasSqlType<diesel::sql_types::Text>,
+    i64: diesel::serialize::ToSql<diesel::sql_types::BigInt, DB>,
+    String: diesel::serialize::ToSql<diesel::sql_types::Text, DB>,
+    &'static str: diesel::serialize::ToSql<diesel::sql_types::Text, DB>,
+{
+    use diesel::sql_types::{BigInt, Text};
+    let mut sql = String::from(
+        "UPDATE vms SET status = v.column3, status_reason = v.column4, \
+         status_since_ms = v.column5 FROM (VALUES ",
+    );
+    let mut n = 0;
+    for row in 0..rows.len() {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..5 {
+            n += 1;
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            match placeholders {
+                Placeholders::Numbered => sql.push_str(&format!("${n}")),
+                Placeholders::Anonymous => sql.push('?'),
+            }
+        }
+        sql.push(')');
+    }
+    sql.push_str(") AS v WHERE vms.id = v.column1 AND vms.status = v.column2 RETURNING vms.id");
+    let mut query = diesel::sql_query(sql).into_boxed::<DB>();
+    for r in rows {
+        query = query
+            .bind::<BigInt, _>(r.id)
+            .bind::<Text, _>(r.from)
+            .bind::<Text, _>(r.to)
+            .bind::<Text, _>(r.reason.clone())
+            .bind::<BigInt, _>(now_ms);
+    }
+    query
+}
+
+/// The status-change rows of the verdicts that took effect.
+fn verdict_changes(rows: &[VerdictRow], changed: &[i64], now_ms: i64) -> Vec<OwnedStatusChange> {
+    let changed: std::collections::HashSet<i64> = changed.iter().copied().collect();
+    rows.iter()
+        .filter(|r| changed.contains(&r.id))
+        .map(|r| OwnedStatusChange {
+            vm_id: r.id,
+            from_status: r.from,
+            to_status: r.to,
+            at_ms: now_ms,
+            reason: r.reason.clone(),
+        })
+        .collect()
+}
+
+/// `apply_verdicts` one VM at a time (two statements each): the reference the set-based
+/// statements are tested against (`tests/it/write_path.rs`).
+pub async fn apply_verdicts_one_by_one(
     conn: &mut Conn,
     verdicts: &[(VmId, VmStatus, Verdict)],
     now_ms: i64,

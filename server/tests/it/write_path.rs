@@ -383,3 +383,53 @@ async fn reports_and_the_stale_check_on_the_same_vms_never_deadlock() {
         assert!(stale.is_ok(), "round {round}: {:?}", stale.err());
     }
 }
+
+/// The stale check's set-based verdicts (one statement per 2,000 VMs) change exactly what
+/// one statement per VM changed: the same rows, the same status changes; and a verdict
+/// judged from a status the VM no longer has is skipped by both.
+async fn set_based_verdicts_change_what_one_by_one_changed(backend: Backend) {
+    use domain::VmStatus;
+    let mut results = Vec::new();
+    for set_based in [true, false] {
+        let test_db = fresh_db(backend).await;
+        let db = Db::connect(&test_db.url, 2).await.unwrap();
+        let rows = mixed_fleet(&db).await;
+        let cfg = StatusConfig::default();
+        let later = T0 + cfg.stale_timeout_ms + 60_000;
+        let mut verdicts = server::scheduler::judge(&rows, &cfg, later);
+        assert!(verdicts.len() > 10, "{}", verdicts.len());
+        // A report moved this VM meanwhile: its verdict was judged from another status.
+        let moved = verdicts[0].0;
+        verdicts[0].1 = if verdicts[0].1 == VmStatus::Healthy {
+            VmStatus::Warning
+        } else {
+            VmStatus::Healthy
+        };
+        let mut conn = db.conn().await.unwrap();
+        let mut changed = if set_based {
+            store::apply_verdicts(&mut conn, &verdicts, later).await
+        } else {
+            store::apply_verdicts_one_by_one(&mut conn, &verdicts, later).await
+        }
+        .unwrap();
+        changed.sort_unstable();
+        assert!(!changed.contains(&moved), "set-based: {set_based}");
+        assert_eq!(changed.len(), verdicts.len() - 1, "set-based: {set_based}");
+        let vms = store::list_vms(&mut conn).await.unwrap();
+        let mut changes = Vec::new();
+        let mut states = Vec::new();
+        for vm in &vms {
+            states.push(format!(
+                "{} {:?} {} {}",
+                vm.hostname, vm.status, vm.status_since_ms, vm.status_reason
+            ));
+            for c in store::status_changes_for(&mut conn, vm.id).await.unwrap() {
+                changes.push(format!("{} {c:?}", vm.hostname));
+            }
+        }
+        let changed: Vec<i64> = changed.iter().map(|id| id.get()).collect();
+        results.push((changed, states, changes));
+    }
+    assert_eq!(results[0], results[1]);
+}
+crate::both_backends!(set_based_verdicts_change_what_one_by_one_changed);
