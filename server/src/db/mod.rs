@@ -47,13 +47,19 @@ pub enum DbError {
 }
 
 impl DbError {
-    /// True for failures that a retry may cure (connection loss, pool exhaustion, locks).
+    /// True for failures that a retry may cure (connection loss, pool exhaustion, locks, a
+    /// full disk).
     pub fn is_unavailable(&self) -> bool {
         match self {
             DbError::Unavailable(_) => true,
             DbError::Query(DieselError::DatabaseError(kind, info)) => {
+                let message = info.message();
                 matches!(kind, diesel::result::DatabaseErrorKind::ClosedConnection)
-                    || info.message().contains("database is locked")
+                    || message.contains("database is locked")
+                    // SQLite's SQLITE_FULL and SQLITE_IOERR, PostgreSQL's disk_full.
+                    || message.contains("database or disk is full")
+                    || message.contains("disk I/O error")
+                    || message.contains("No space left on device")
             }
             DbError::Query(DieselError::BrokenTransactionManager) => true,
             _ => false,
