@@ -31,8 +31,12 @@ pub struct StateCache {
 
 struct RedisCache {
     pool: deadpool_redis::Pool,
-    /// False from start-up and after any failure until a rebuild from the database succeeds.
+    /// Reads are served from Redis: false from start-up and after any failure until a
+    /// rebuild from the database succeeds.
     ready: AtomicBool,
+    /// Writes go through to Redis: true from the moment a rebuild starts reading the
+    /// database, so nothing written while the rebuild runs is left out of Redis.
+    writing: AtomicBool,
 }
 
 /// What `/api/health` reports about the cache.
@@ -62,6 +66,7 @@ impl StateCache {
                 Some(RedisCache {
                     pool,
                     ready: AtomicBool::new(false),
+                    writing: AtomicBool::new(false),
                 })
             }
         };
@@ -135,7 +140,7 @@ impl StateCache {
         if let Some(redis) = self
             .redis
             .as_ref()
-            .filter(|r| r.ready.load(Ordering::Acquire))
+            .filter(|r| r.writing.load(Ordering::Acquire))
         {
             let items: Vec<(String, String)> = views
                 .iter()
@@ -167,7 +172,19 @@ impl StateCache {
         }
     }
 
-    /// Replaces the whole cache with the database's view, then serves reads from it.
+    /// Sends every write through to Redis from now on: called before the database is read
+    /// for a rebuild, so what is written meanwhile is not left out.
+    pub fn open_writes(&self) {
+        if let Some(redis) = &self.redis {
+            redis.writing.store(true, Ordering::Release);
+        }
+    }
+
+    /// Replaces the whole cache with the database's view, then serves reads from it. The
+    /// view is written over what Redis holds rather than after deleting it: writes made
+    /// since the view was read (by this replica or another) stay. VMs Redis holds that the
+    /// view lacks were deleted meanwhile, unless created after the view was read (a higher
+    /// id than any in it).
     pub async fn rebuild(&self, views: Vec<VmView>) -> Result<(), String> {
         if let Ok(mut map) = self.local.write() {
             *map = views.iter().map(|v| (v.id, Arc::new(v.clone()))).collect();
@@ -176,14 +193,27 @@ impl StateCache {
         let Some(redis) = &self.redis else {
             return Ok(());
         };
+        let newest = views.iter().map(|v| v.id).max();
+        let kept: std::collections::HashSet<VmId> = views.iter().map(|v| v.id).collect();
         let items: Vec<(String, String)> = views
             .iter()
             .filter_map(|v| Some((v.id.to_string(), serde_json::to_string(v).ok()?)))
             .collect();
         let result: Result<(), _> = redis
             .run(|mut conn| async move {
+                let held: Vec<String> = conn.hkeys(REDIS_KEY).await?;
+                let gone: Vec<String> = held
+                    .into_iter()
+                    .filter(|id| {
+                        id.parse::<VmId>()
+                            .is_ok_and(|id| !kept.contains(&id) && newest.is_none_or(|n| id <= n))
+                    })
+                    .collect();
                 let mut pipe = deadpool_redis::redis::pipe();
-                pipe.atomic().del(REDIS_KEY);
+                pipe.atomic();
+                if !gone.is_empty() {
+                    pipe.hdel(REDIS_KEY, &gone);
+                }
                 if !items.is_empty() {
                     pipe.hset_multiple(REDIS_KEY, &items);
                 }
@@ -245,6 +275,7 @@ impl RedisCache {
     }
 
     fn mark_down(&self, err: &str) {
+        self.writing.store(false, Ordering::Release);
         if self.ready.swap(false, Ordering::AcqRel) {
             tracing::warn!(error = %err, "Redis unavailable; serving from the database until it returns");
         }

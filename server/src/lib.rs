@@ -51,6 +51,7 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .saturating_add(clock::wall_step_ms())
 }
 
 /// A started server; dropping it leaves it running, `stop` ends it and its jobs.

@@ -10,25 +10,45 @@ use domain::status;
 /// VMs judged at a time by the stale check.
 const STALE_PAGE: i64 = 5_000;
 
-/// Runs the jobs every `SCHEDULER_INTERVAL_MS` until the task is aborted.
+/// Runs the jobs every `SCHEDULER_INTERVAL_MS` until the task is aborted. Heartbeats are
+/// judged in a loop of their own: a remediation round waiting on a slow or hung Proxmox
+/// never delays finding the next silent VM.
 pub async fn run(state: AppState) {
+    tokio::join!(judge_heartbeats(&state), remediate(&state));
+}
+
+async fn judge_heartbeats(state: &AppState) {
+    let mut ticker = tokio::time::interval(state.config.scheduler_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Err(err) = sync_settings(state).await {
+            tracing::warn!(error = %err, "could not reload the settings");
+        }
+        let now_ms = crate::now_ms();
+        if state.engine.note_clock(now_ms) {
+            restart_silences(state, now_ms).await;
+        }
+        if !state.engine.stale_check_paused(now_ms)
+            && let Err(err) = mark_stale(state, now_ms).await
+        {
+            tracing::warn!(error = %err, "stale check failed");
+        }
+        if state.cache.needs_rebuild().await {
+            rebuild_cache(state).await;
+        }
+    }
+}
+
+async fn remediate(state: &AppState) {
     let mut ticker = tokio::time::interval(state.config.scheduler_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
         let started = std::time::Instant::now();
-        if let Err(err) = sync_settings(&state).await {
-            tracing::warn!(error = %err, "could not reload the settings");
-        }
-        if let Err(err) = mark_stale(&state, crate::now_ms()).await {
-            tracing::warn!(error = %err, "stale check failed");
-        }
         if let Err(err) = state.engine.tick(crate::now_ms()).await {
             // Includes a stored state this version cannot read: nothing is acted on.
             tracing::error!(error = %err, "remediation round failed");
-        }
-        if state.cache.needs_rebuild().await {
-            rebuild_cache(&state).await;
         }
         state
             .health
@@ -49,6 +69,30 @@ pub async fn sync_settings(state: &AppState) -> Result<(), DbError> {
     let stored = store::load_remediation_tuning(&mut conn).await?;
     state.remediation.apply_stored(stored);
     Ok(())
+}
+
+/// After the clock was stepped back, heartbeat times stored ahead of it would keep a
+/// silent VM looking fresh until the clock caught up (an hour for an hour's step). Bringing
+/// them back to now makes every silence count from the step: a hung VM is found at most
+/// one stale timeout later than it would have been.
+async fn restart_silences(state: &AppState, now_ms: i64) {
+    let brought_back = match state.db.write_conn().await {
+        Ok((mut conn, _turn)) => store::bring_back_future_heartbeats(&mut conn, now_ms).await,
+        Err(err) => Err(err),
+    };
+    match brought_back {
+        Ok(0) => {}
+        Ok(vms) => {
+            tracing::warn!(
+                vms,
+                "heartbeat times ahead of the clock brought back to now"
+            );
+            rebuild_cache(state).await;
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "could not bring heartbeat times back to the clock")
+        }
+    }
 }
 
 /// Turns VMs whose heartbeats went stale `down`, recording each change.
@@ -93,6 +137,7 @@ pub fn judge(
 
 /// Refills the cache from the database (start-up, and after a Redis outage).
 pub async fn rebuild_cache(state: &AppState) {
+    state.cache.open_writes();
     let views = match state.db.conn().await {
         Ok(mut conn) => store::list_vms(&mut conn).await,
         Err(err) => Err(err),

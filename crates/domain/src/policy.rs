@@ -430,6 +430,34 @@ pub fn queued(in_flight: usize, cfg: &RemediationConfig) -> Option<String> {
     })
 }
 
+/// How the wall clock moved between two scheduler rounds that run about a second apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClockJump {
+    Steady,
+    /// Ahead by far more than a round (ms): the process was frozen or the clock was stepped
+    /// forward, so every heartbeat looks older than it is.
+    Ahead(i64),
+    /// Back (ms): the clock was stepped back, so stored heartbeat times lie in the future
+    /// and a silent VM would look fresh until the clock caught up with them.
+    Back(i64),
+}
+
+/// Backward moves smaller than this are left alone: they hide a silent VM for at most
+/// this long.
+pub const CLOCK_BACK_TOLERANCE_MS: i64 = 1_000;
+
+/// Classifies the wall-clock move from the previous round at `previous_ms` to `now_ms`.
+pub fn clock_jump(previous_ms: i64, now_ms: i64, stale_timeout_ms: i64) -> ClockJump {
+    let gap = now_ms.saturating_sub(previous_ms);
+    if gap > (stale_timeout_ms / 2).max(5_000) {
+        ClockJump::Ahead(gap)
+    } else if gap < -CLOCK_BACK_TOLERANCE_MS {
+        ClockJump::Back(gap.saturating_neg())
+    } else {
+        ClockJump::Steady
+    }
+}
+
 /// Pause before attempt `attempts + 1`: base, 2x base, 4x base...
 pub fn backoff_ms(cfg: &RemediationConfig, attempts: i64) -> i64 {
     let exponent = u32::try_from(attempts.saturating_sub(1).clamp(0, 16)).unwrap_or(16);
@@ -520,6 +548,32 @@ pub fn report_ends_incident(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::get_unwrap)]
     use super::*;
+    #[test]
+    fn clock_jumps_are_told_from_rounds_running_late() {
+        let stale = 90_000;
+        let cases = [
+            (1_000, ClockJump::Steady),
+            (5_000, ClockJump::Steady),
+            // A round that ran long is not a jump until it takes half a stale timeout.
+            (45_000, ClockJump::Steady),
+            (45_001, ClockJump::Ahead(45_001)),
+            (3_600_000, ClockJump::Ahead(3_600_000)),
+            (0, ClockJump::Steady),
+            (-1_000, ClockJump::Steady),
+            (-1_001, ClockJump::Back(1_001)),
+            (-3_600_000, ClockJump::Back(3_600_000)),
+        ];
+        for (gap, expected) in cases {
+            assert_eq!(
+                clock_jump(10_000_000, 10_000_000 + gap, stale),
+                expected,
+                "{gap}"
+            );
+        }
+        // Short stale timeouts still allow five seconds between rounds.
+        assert_eq!(clock_jump(0, 5_000, 2_000), ClockJump::Steady);
+        assert_eq!(clock_jump(0, 5_001, 2_000), ClockJump::Ahead(5_001));
+    }
 
     const NOW: i64 = 1_000_000;
 

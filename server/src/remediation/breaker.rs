@@ -6,13 +6,16 @@ use crate::db::DbError;
 use crate::db::incidents;
 use crate::health::JobHealth;
 use domain::EventKind;
+use domain::policy::{self, ClockJump};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 pub struct Guard {
     /// Start of the current amnesty: server start, a pause of ours, or a breaker clearing.
     amnesty_from_ms: AtomicI64,
     last_tick_ms: AtomicI64,
+    /// Set when a round saw the clock stepped back, until the stale check takes it.
+    stepped_back: AtomicBool,
     storm: Mutex<Option<String>>,
     health: JobHealth,
 }
@@ -22,19 +25,42 @@ impl Guard {
         Self {
             amnesty_from_ms: AtomicI64::new(now_ms),
             last_tick_ms: AtomicI64::new(now_ms),
+            stepped_back: AtomicBool::new(false),
             storm: Mutex::new(None),
             health,
         }
     }
 
-    /// A frozen process (or a long pause of ours) restarts the amnesty.
-    pub fn note_round(&self, now_ms: i64, stale_timeout_ms: i64) {
+    /// A frozen process, a long pause of ours, or the wall clock stepped either way
+    /// restarts the amnesty: heartbeat ages measured across the jump mean nothing.
+    pub fn note_round(&self, now_ms: i64, stale_timeout_ms: i64) -> ClockJump {
         let previous = self.last_tick_ms.swap(now_ms, Ordering::AcqRel);
-        let gap = now_ms.saturating_sub(previous);
-        if gap > (stale_timeout_ms / 2).max(5_000) {
-            self.amnesty_from_ms.store(now_ms, Ordering::Release);
-            tracing::warn!(gap_ms = gap, "scheduler was paused; restarting the amnesty");
+        let jump = policy::clock_jump(previous, now_ms, stale_timeout_ms);
+        match jump {
+            ClockJump::Steady => {}
+            ClockJump::Ahead(gap_ms) => {
+                self.amnesty_from_ms.store(now_ms, Ordering::Release);
+                tracing::warn!(
+                    gap_ms,
+                    "scheduler was paused or the clock jumped ahead; restarting the amnesty"
+                );
+            }
+            ClockJump::Back(back_ms) => {
+                self.amnesty_from_ms.store(now_ms, Ordering::Release);
+                self.stepped_back.store(true, Ordering::Release);
+                tracing::warn!(
+                    back_ms,
+                    "the clock was stepped back; restarting the amnesty"
+                );
+            }
         }
+        jump
+    }
+
+    /// Whether the clock was stepped back since the last call: whichever loop noticed
+    /// first, the stale check brings stored heartbeat times back to the clock.
+    pub fn take_step_back(&self) -> bool {
+        self.stepped_back.swap(false, Ordering::AcqRel)
     }
 
     /// No reset before this time: one stale timeout after the latest of start-up, a pause

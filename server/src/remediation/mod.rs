@@ -253,6 +253,22 @@ impl Engine {
         }
     }
 
+    /// Notes the wall clock before the stale check, so a jump is seen before any
+    /// heartbeat is judged across it. True when the clock was stepped back since the last
+    /// call (noticed here or by a remediation round).
+    pub fn note_clock(&self, now_ms: i64) -> bool {
+        self.guard
+            .note_round(now_ms, self.ctx.status_config.get().stale_timeout_ms);
+        self.guard.take_step_back()
+    }
+
+    /// Whether heartbeats go unjudged: during the amnesty they may have been refused by
+    /// us, missed while we were down, or timed by a clock that jumped, so silence proves
+    /// nothing yet.
+    pub fn stale_check_paused(&self, now_ms: i64) -> bool {
+        now_ms < self.amnesty_until()
+    }
+
     fn amnesty_until(&self) -> i64 {
         self.guard
             .amnesty_until(self.ctx.status_config.get().stale_timeout_ms)
