@@ -20,7 +20,7 @@ fn agent_path() -> PathBuf {
 /// reads are cleared so the caller's environment cannot leak in. The test servers speak
 /// plain http://, which the agent refuses without INSECURE=true; its credential is kept in
 /// `state_dir/credential` (beside the config file it is pointed at).
-fn agent_cmd(server_url: &str, token: &str, state_dir: &Path, args: &[&str]) -> Command {
+pub(crate) fn agent_cmd(server_url: &str, token: &str, state_dir: &Path, args: &[&str]) -> Command {
     let mut cmd = Command::new("bash");
     cmd.arg(agent_path())
         .args(args)
@@ -66,7 +66,7 @@ fn stderr_of(out: &Output) -> String {
 }
 
 /// A stored sample from boot: the agent then skips its one-second CPU measurement.
-fn prime_cpu(state_dir: &Path) {
+pub(crate) fn prime_cpu(state_dir: &Path) {
     std::fs::write(state_dir.join("cpu.prev"), "0 0\n").unwrap();
 }
 
@@ -106,7 +106,7 @@ fn spool_names(state_dir: &Path) -> Vec<PathBuf> {
     names
 }
 
-fn spool_files(state_dir: &Path) -> usize {
+pub(crate) fn spool_files(state_dir: &Path) -> usize {
     spool_names(state_dir).len()
 }
 

@@ -312,6 +312,11 @@ impl FakePve {
         self.state.lock().unwrap().tokens.insert(token_id.into());
     }
 
+    /// Deletes the token `token_id`, as rotating it in Proxmox does: it gets 401 from now on.
+    pub fn revoke_token(&self, token_id: &str) {
+        self.state.lock().unwrap().tokens.remove(token_id);
+    }
+
     /// Withholds `privilege` (`VM.Audit`, `VM.PowerMgmt`, `Sys.Audit`) on `acl_path`
     /// (`/vms/100`, `/vms`, `/nodes/pve1`, `/`) and below, from every token.
     pub fn deny(&self, acl_path: &str, privilege: &str) {

@@ -6,13 +6,13 @@ use crate::redis_cache::PrivateRedis;
 use std::time::Duration;
 
 /// One server-sent event stream, read event by event.
-struct Events {
+pub(crate) struct Events {
     response: reqwest::Response,
     buffer: String,
 }
 
 impl Events {
-    async fn open(srv: &TestServer) -> Self {
+    pub(crate) async fn open(srv: &TestServer) -> Self {
         let response = srv
             .http
             .get(srv.url("/api/live"))
@@ -58,7 +58,12 @@ impl Events {
     }
 
     /// Reads events until `wanted` accepts one; panics at the deadline.
-    async fn until(&mut self, what: &str, deadline: Duration, wanted: impl Fn(&str, &str) -> bool) {
+    pub(crate) async fn until(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        wanted: impl Fn(&str, &str) -> bool,
+    ) {
         let seen = tokio::time::timeout(deadline, async {
             let mut seen = Vec::new();
             while let Some((name, data)) = self.next().await {

@@ -55,7 +55,7 @@ impl PrivateRedis {
         .await;
     }
 
-    async fn hlen(&self) -> usize {
+    pub(crate) async fn hlen(&self) -> usize {
         let client = redis::Client::open(self.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         conn.hlen("vmhc:vms").await.unwrap()

@@ -27,7 +27,7 @@ fn epoch_ms() -> i64 {
 
 /// Reports for `hosts` (hostname, reported VMID) every 200 ms until aborted; answers that
 /// were 503 are counted by the time their request was sent, into `refused_sent_ms`.
-fn keep_reporting(
+pub(crate) fn keep_reporting(
     srv: &TestServer,
     hosts: Vec<(String, Option<i64>)>,
     refused_sent_ms: Option<Arc<std::sync::Mutex<Vec<i64>>>>,
