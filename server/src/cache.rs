@@ -10,7 +10,6 @@ use deadpool_redis::redis::AsyncCommands;
 use domain::VmId;
 use domain::view::VmView;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -31,13 +30,25 @@ pub struct StateCache {
 
 struct RedisCache {
     pool: deadpool_redis::Pool,
+    link: std::sync::Mutex<Link>,
+}
+
+/// Whether Redis is used, changed together so a failure during a rebuild is never lost.
+#[derive(Default)]
+struct Link {
     /// Reads are served from Redis: false from start-up and after any failure until a
-    /// rebuild from the database succeeds.
-    ready: AtomicBool,
+    /// rebuild from the database succeeds with no failure since it began.
+    ready: bool,
     /// Writes go through to Redis: true from the moment a rebuild starts reading the
     /// database, so nothing written while the rebuild runs is left out of Redis.
-    writing: AtomicBool,
+    writing: bool,
+    /// Failures so far: a rebuild that began before the latest one does not count.
+    failures: u64,
 }
+
+/// Taken when a rebuild begins reading the database (`StateCache::open_writes`).
+#[derive(Clone, Copy, Debug)]
+pub struct RebuildTicket(Option<u64>);
 
 /// What `/api/health` reports about the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,8 +76,7 @@ impl StateCache {
                 let pool = cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))?;
                 Some(RedisCache {
                     pool,
-                    ready: AtomicBool::new(false),
-                    writing: AtomicBool::new(false),
+                    link: std::sync::Mutex::new(Link::default()),
                 })
             }
         };
@@ -84,7 +94,7 @@ impl StateCache {
     pub fn health(&self) -> CacheHealth {
         match &self.redis {
             None => CacheHealth::InProcess,
-            Some(r) if r.ready.load(Ordering::Acquire) => CacheHealth::RedisUp,
+            Some(r) if r.ready() => CacheHealth::RedisUp,
             Some(_) => CacheHealth::RedisDown,
         }
     }
@@ -96,7 +106,7 @@ impl StateCache {
                 let map = self.local.read().ok()?;
                 Some(map.values().map(|v| VmView::clone(v)).collect())
             }
-            Some(redis) if redis.ready.load(Ordering::Acquire) => {
+            Some(redis) if redis.ready() => {
                 let result: Result<HashMap<String, String>, _> = redis
                     .run(|mut conn| async move { conn.hgetall(REDIS_KEY).await })
                     .await;
@@ -140,7 +150,7 @@ impl StateCache {
         if let Some(redis) = self
             .redis
             .as_ref()
-            .filter(|r| r.writing.load(Ordering::Acquire))
+            .filter(|r| r.writing())
         {
             let items: Vec<(String, String)> = views
                 .iter()
@@ -173,11 +183,14 @@ impl StateCache {
     }
 
     /// Sends every write through to Redis from now on: called before the database is read
-    /// for a rebuild, so what is written meanwhile is not left out.
-    pub fn open_writes(&self) {
-        if let Some(redis) = &self.redis {
-            redis.writing.store(true, Ordering::Release);
-        }
+    /// for a rebuild, so what is written meanwhile is not left out. The answer is handed
+    /// to `rebuild`, which serves reads from Redis only if nothing failed in between.
+    pub fn open_writes(&self) -> RebuildTicket {
+        RebuildTicket(self.redis.as_ref().and_then(|redis| {
+            let mut link = redis.link.lock().ok()?;
+            link.writing = true;
+            Some(link.failures)
+        }))
     }
 
     /// Replaces the whole cache with the database's view, then serves reads from it. The
@@ -185,7 +198,7 @@ impl StateCache {
     /// since the view was read (by this replica or another) stay. VMs Redis holds that the
     /// view lacks were deleted meanwhile, unless created after the view was read (a higher
     /// id than any in it).
-    pub async fn rebuild(&self, views: Vec<VmView>) -> Result<(), String> {
+    pub async fn rebuild(&self, views: Vec<VmView>, ticket: RebuildTicket) -> Result<(), String> {
         if let Ok(mut map) = self.local.write() {
             *map = views.iter().map(|v| (v.id, Arc::new(v.clone()))).collect();
         }
@@ -222,7 +235,13 @@ impl StateCache {
             .await;
         match result {
             Ok(()) => {
-                if !redis.ready.swap(true, Ordering::AcqRel) {
+                let mut link = redis.link.lock().map_err(|_| "cache state poisoned".to_owned())?;
+                // A write that failed since the rebuild began is missing from Redis: the
+                // next round rebuilds again.
+                if ticket.0 != Some(link.failures) {
+                    return Err("Redis failed during the rebuild".into());
+                }
+                if !std::mem::replace(&mut link.ready, true) {
                     tracing::info!(vms = views.len(), "Redis cache is in use");
                 }
                 Ok(())
@@ -237,7 +256,7 @@ impl StateCache {
     /// True when Redis is configured but not serving, so the caller should try a rebuild.
     pub async fn needs_rebuild(&self) -> bool {
         match &self.redis {
-            Some(redis) if !redis.ready.load(Ordering::Acquire) => redis.ping().await.is_ok(),
+            Some(redis) if !redis.ready() => redis.ping().await.is_ok(),
             Some(redis) => {
                 // Probe a healthy Redis too, so an outage shows in /api/health without traffic.
                 if let Err(err) = redis.ping().await {
@@ -274,9 +293,24 @@ impl RedisCache {
         .await
     }
 
+    fn ready(&self) -> bool {
+        self.link.lock().is_ok_and(|l| l.ready)
+    }
+
+    fn writing(&self) -> bool {
+        self.link.lock().is_ok_and(|l| l.writing)
+    }
+
     fn mark_down(&self, err: &str) {
-        self.writing.store(false, Ordering::Release);
-        if self.ready.swap(false, Ordering::AcqRel) {
+        let was_ready = match self.link.lock() {
+            Ok(mut link) => {
+                link.writing = false;
+                link.failures += 1;
+                std::mem::replace(&mut link.ready, false)
+            }
+            Err(_) => false,
+        };
+        if was_ready {
             tracing::warn!(error = %err, "Redis unavailable; serving from the database until it returns");
         }
     }

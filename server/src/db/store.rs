@@ -238,7 +238,9 @@ pub async fn apply_verdicts(
                         .filter(vms::id.eq_any(chunk))
                         .order(vms::id.asc())
                         .select(vms::id)
-                        .for_update()
+                        // What the guarded UPDATE takes anyway; unlike FOR UPDATE it does not
+                        // wait on the key-share locks ingest's metric inserts take.
+                        .for_no_key_update()
                         .load::<i64>(c)
                         .await?;
                 }

@@ -57,6 +57,10 @@ impl Guard {
         jump
     }
 
+    pub fn amnesty_from_ms(&self) -> i64 {
+        self.amnesty_from_ms.load(Ordering::Acquire)
+    }
+
     /// Whether the clock was stepped back since the last call: whichever loop noticed
     /// first, the stale check brings stored heartbeat times back to the clock.
     pub fn take_step_back(&self) -> bool {

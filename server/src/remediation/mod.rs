@@ -269,6 +269,12 @@ impl Engine {
         now_ms < self.amnesty_until()
     }
 
+    /// When the latest amnesty not caused by refused reports began (start-up, a pause of
+    /// ours, a clock jump, a breaker clearing).
+    pub fn amnesty_from_ms(&self) -> i64 {
+        self.guard.amnesty_from_ms()
+    }
+
     fn amnesty_until(&self) -> i64 {
         self.guard
             .amnesty_until(self.ctx.status_config.get().stale_timeout_ms)

@@ -701,13 +701,27 @@ async fn redis_flapping_under_load_fails_nothing() {
     );
     let acked = acked.lock().unwrap().clone();
     assert_each_acknowledged_report_stored_once(&a, "flap", &acked).await;
-    let vms = a.vm_count().await;
     let redis = redis.unwrap();
-    wait_for(
-        "the cache to be rebuilt",
-        Duration::from_secs(30),
-        || async { (redis.hlen().await == vms).then_some(()) },
-    )
+    let mut conn = a.state().db.conn().await.unwrap();
+    let mut stored: Vec<(i64, String, Option<i64>)> = server::db::store::list_vms(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| (v.id.get(), format!("{:?}", v.status), v.last_seen_ms))
+        .collect();
+    stored.sort_unstable();
+    drop(conn);
+    // Every VM in the shared cache, as the database has it.
+    wait_for("the cache to be rebuilt", Duration::from_secs(30), || async {
+        let mut cached: Vec<(i64, String, Option<i64>)> = redis
+            .views()
+            .await
+            .into_iter()
+            .map(|v| (v.id.get(), format!("{:?}", v.status), v.last_seen_ms))
+            .collect();
+        cached.sort_unstable();
+        (cached == stored).then_some(())
+    })
     .await;
     b.stop().await;
     a.stop().await;
@@ -891,6 +905,11 @@ async fn a_clock_stepped_ahead_turns_nothing_down_and_resets_nothing() {
 
     server::clock::step_wall_clock(3_600_000);
     let stepped = Instant::now();
+    // A VM that reports once after the step and then falls silent: judging resumes, so it
+    // is found down.
+    let (status, body) = srv.report(&report_for("silent-after-the-step")).await;
+    assert_eq!(status, 200, "{body}");
+    let silent = body["vm_id"].as_i64().unwrap();
     // Three stale timeouts of real time: the amnesty the step started has ended and the
     // stale check has judged the fleet by the new clock many times.
     wait_for("three stale timeouts", Duration::from_secs(30), || async {
@@ -907,6 +926,10 @@ async fn a_clock_stepped_ahead_turns_nothing_down_and_resets_nothing() {
             "VM {id} turned down by the step"
         );
     }
+    wait_for("the silent VM judged down", Duration::from_secs(30), || async {
+        (vm(&srv, silent).await["status"] == "down").then_some(())
+    })
+    .await;
     assert_eq!(fake.posts(), Vec::<String>::new());
     srv.stop().await;
 }
@@ -961,7 +984,7 @@ enum PveFault {
     NodeUnreachable,
     /// The monitor's token rotated in Proxmox: 401 for everything.
     TokenRotated,
-    /// Proxmox stops answering anything for 20 s (a minute with `FAULTS_FULL`).
+    /// Proxmox stops answering anything for 30 s (a minute with `FAULTS_FULL`).
     Hang,
     /// The reset's task never ends.
     EndlessTask,
@@ -1103,7 +1126,7 @@ async fn proxmox_fault(fault: PveFault) {
     );
 
     if let PveFault::Hang = fault {
-        let hold = Duration::from_secs(if full() { 60 } else { 20 });
+        let hold = Duration::from_secs(if full() { 60 } else { 30 });
         tokio::time::sleep(hold.saturating_sub(fault_started.elapsed())).await;
         assert_eq!(
             fake.posts(),

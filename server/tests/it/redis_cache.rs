@@ -55,6 +55,17 @@ impl PrivateRedis {
         .await;
     }
 
+    /// Every view the shared cache holds.
+    pub(crate) async fn views(&self) -> Vec<domain::view::VmView> {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let all: std::collections::HashMap<String, String> =
+            conn.hgetall("vmhc:vms").await.unwrap();
+        all.values()
+            .map(|json| serde_json::from_str(json).unwrap())
+            .collect()
+    }
+
     pub(crate) async fn hlen(&self) -> usize {
         let client = redis::Client::open(self.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
