@@ -3,12 +3,12 @@
 use super::schema::{api_tokens, audit_log, sessions, users};
 use super::stored::Stored;
 use super::{Conn, DbError};
-use crate::with_conn;
+use crate::{with_conn, write_transaction};
 use diesel::{
     EscapeExpressionMethods, ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper,
     TextExpressionMethods,
 };
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use domain::UserRole;
 use serde::Serialize;
 
@@ -395,66 +395,63 @@ pub async fn rotate_api_token(
     new_hash: &str,
     now_ms: i64,
 ) -> Result<Rotation, DbError> {
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let mut query = api_tokens::table
-                .inner_join(users::table)
-                .filter(api_tokens::label.eq(label))
-                .filter(api_tokens::revoked_ms.is_null())
-                .into_boxed();
-            if let Some(owner) = owner {
-                query = query.filter(users::username.eq(owner));
-            }
-            let found: Vec<(i64, i64, Stored<UserRole>, String)> = query
-                .order(api_tokens::id.asc())
-                .select((
-                    api_tokens::id,
-                    api_tokens::user_id,
-                    api_tokens::role,
-                    users::username,
-                ))
-                .load(c)
-                .await?;
-            let (old_id, user_id, role, username) = match found.as_slice() {
-                [] => return Ok(Rotation::NotFound),
-                [one] => one.clone(),
-                many => {
-                    return Ok(Rotation::Ambiguous(
-                        many.iter().map(|(.., name)| name.clone()).collect(),
-                    ));
-                }
-            };
-            let revoked = diesel::update(
-                api_tokens::table
-                    .find(old_id)
-                    .filter(api_tokens::revoked_ms.is_null()),
-            )
-            .set(api_tokens::revoked_ms.eq(now_ms))
-            .execute(c)
+    write_transaction!(conn, |c| {
+        let mut query = api_tokens::table
+            .inner_join(users::table)
+            .filter(api_tokens::label.eq(label))
+            .filter(api_tokens::revoked_ms.is_null())
+            .into_boxed();
+        if let Some(owner) = owner {
+            query = query.filter(users::username.eq(owner));
+        }
+        let found: Vec<(i64, i64, Stored<UserRole>, String)> = query
+            .order(api_tokens::id.asc())
+            .select((
+                api_tokens::id,
+                api_tokens::user_id,
+                api_tokens::role,
+                users::username,
+            ))
+            .load(c)
             .await?;
-            // Revoked by someone else since it was read: nothing of ours to replace.
-            if revoked != 1 {
-                return Ok(Rotation::NotFound);
+        let (old_id, user_id, role, username) = match found.as_slice() {
+            [] => return Ok(Rotation::NotFound),
+            [one] => one.clone(),
+            many => {
+                return Ok(Rotation::Ambiguous(
+                    many.iter().map(|(.., name)| name.clone()).collect(),
+                ));
             }
-            let new_id = diesel::insert_into(api_tokens::table)
-                .values((
-                    api_tokens::user_id.eq(user_id),
-                    api_tokens::token_hash.eq(new_hash),
-                    api_tokens::label.eq(label),
-                    api_tokens::role.eq(role.0.as_str()),
-                    api_tokens::created_ms.eq(now_ms),
-                ))
-                .returning(api_tokens::id)
-                .get_result(c)
-                .await?;
-            Ok(Rotation::Rotated {
-                old_id,
-                new_id,
-                username,
-                role: role.0,
-            })
+        };
+        let revoked = diesel::update(
+            api_tokens::table
+                .find(old_id)
+                .filter(api_tokens::revoked_ms.is_null()),
+        )
+        .set(api_tokens::revoked_ms.eq(now_ms))
+        .execute(c)
+        .await?;
+        // Revoked by someone else since it was read: nothing of ours to replace.
+        if revoked != 1 {
+            return Ok(Rotation::NotFound);
+        }
+        let new_id = diesel::insert_into(api_tokens::table)
+            .values((
+                api_tokens::user_id.eq(user_id),
+                api_tokens::token_hash.eq(new_hash),
+                api_tokens::label.eq(label),
+                api_tokens::role.eq(role.0.as_str()),
+                api_tokens::created_ms.eq(now_ms),
+            ))
+            .returning(api_tokens::id)
+            .get_result(c)
+            .await?;
+        Ok(Rotation::Rotated {
+            old_id,
+            new_id,
+            username,
+            role: role.0,
         })
-        .await
     })
 }
 
