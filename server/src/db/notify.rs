@@ -201,7 +201,7 @@ pub struct ChannelRow {
 }
 
 /// A channel as the API shows it.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Clone, Debug, utoipa::ToSchema)]
 pub struct ChannelView {
     pub id: i64,
     pub name: String,
@@ -298,12 +298,14 @@ pub async fn delete_channel(conn: &mut Conn, id: i64) -> Result<bool, DbError> {
 }
 
 /// A rule as the API shows it.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Clone, Debug, utoipa::ToSchema)]
 pub struct RuleView {
     pub id: i64,
     pub channel_id: i64,
     pub kinds: Vec<NotifyKind>,
+    #[schema(required)]
     pub tag: Option<Tag>,
+    #[schema(required)]
     pub repeat_ms: Option<i64>,
     pub created_ms: i64,
 }
@@ -417,15 +419,20 @@ pub async fn delete_rule(conn: &mut Conn, id: i64) -> Result<bool, DbError> {
 // ---- maintenance windows ----
 
 /// A window as the API shows it.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Clone, Debug, utoipa::ToSchema)]
 pub struct WindowView {
     pub id: i64,
     pub name: String,
     pub scope: WindowScope,
+    #[schema(required)]
     pub scope_value: Option<String>,
+    #[schema(required)]
     pub starts_ms: Option<i64>,
+    #[schema(required)]
     pub ends_ms: Option<i64>,
+    #[schema(required)]
     pub recurrence: Option<String>,
+    #[schema(required)]
     pub duration_ms: Option<i64>,
     pub created_by: String,
     pub created_ms: i64,
@@ -1225,19 +1232,25 @@ pub async fn settle(
 }
 
 /// A queued, sent or dead message as the API shows it.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Clone, Debug, utoipa::ToSchema)]
 pub struct NotificationView {
     pub id: i64,
     pub channel_id: i64,
+    #[schema(required)]
     pub rule_id: Option<i64>,
     pub kind: NotifyKind,
+    #[schema(required)]
     pub vm_id: Option<i64>,
     pub state: DeliveryState,
     pub attempts: i32,
     pub next_attempt_ms: i64,
+    #[schema(required)]
     pub last_error: Option<String>,
     pub created_ms: i64,
+    #[schema(required)]
     pub sent_ms: Option<i64>,
+    /// The message as it was queued; null only for a stored one this version cannot read.
+    #[schema(value_type = Option<domain::notify::Message>, required)]
     pub message: serde_json::Value,
 }
 

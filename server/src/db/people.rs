@@ -25,7 +25,7 @@ pub struct UserRow {
 }
 
 /// A user as the API lists it (never the hash).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct UserView {
     pub id: i64,
     pub username: String,
@@ -324,14 +324,17 @@ pub async fn touch_api_token(conn: &mut Conn, id: i64, now_ms: i64) -> Result<()
 }
 
 /// An API token as listed (never its value or hash).
-#[derive(Clone, Debug, Serialize, diesel::Queryable)]
+#[derive(Clone, Debug, Serialize, diesel::Queryable, utoipa::ToSchema)]
 pub struct ApiTokenView {
     pub id: i64,
     pub username: String,
     pub label: String,
+    #[schema(value_type = UserRole)]
     pub role: Stored<UserRole>,
     pub created_ms: i64,
+    #[schema(required)]
     pub last_used_ms: Option<i64>,
+    #[schema(required)]
     pub revoked_ms: Option<i64>,
 }
 
@@ -485,15 +488,18 @@ pub async fn audit(conn: &mut Conn, entry: &AuditEntry<'_>, now_ms: i64) -> Resu
 }
 
 /// An audit entry as listed.
-#[derive(Clone, Debug, Serialize, diesel::Queryable)]
+#[derive(Clone, Debug, Serialize, diesel::Queryable, utoipa::ToSchema)]
 pub struct AuditView {
     pub id: i64,
     pub at_ms: i64,
     pub actor: String,
     pub action: String,
+    #[schema(required)]
     pub target: Option<String>,
+    #[schema(required)]
     pub source: Option<String>,
     pub outcome: String,
+    #[schema(required)]
     pub detail: Option<String>,
 }
 
