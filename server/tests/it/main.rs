@@ -17,6 +17,7 @@ mod concurrency;
 mod fake_pve;
 mod fake_pve_contract;
 mod history;
+mod hostile;
 mod http;
 mod identity;
 mod live;
