@@ -119,8 +119,11 @@ pub struct GuestBinding {
 pub struct TokenRequest {
     pub label: String,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 8784)]
     pub expires_in_hours: Option<i64>,
+    /// 1 for a token bound to a guest.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100_000)]
     pub max_uses: Option<i64>,
     /// Bind the token to one guest: the VM that enrols with it is linked to that guest.
     #[serde(default)]

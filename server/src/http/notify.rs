@@ -265,6 +265,7 @@ pub struct NewRuleBody {
     /// Only VMs with this tag.
     pub tag: Option<Tag>,
     /// Remind while a VM stays down, this often (5 to 10,080 minutes).
+    #[schema(minimum = 5, maximum = 10_080)]
     pub repeat_minutes: Option<i64>,
 }
 
@@ -380,6 +381,8 @@ pub async fn remove_rule(state: &AppState, actor: &Actor, id: i64) -> Result<(),
 #[serde(deny_unknown_fields)]
 pub struct MessagesQuery {
     state: Option<DeliveryState>,
+    /// Messages on one page (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
@@ -581,6 +584,7 @@ pub async fn remove_window(state: &AppState, actor: &Actor, id: i64) -> Result<(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnoozeBody {
+    #[schema(minimum = 1, maximum = 168)]
     pub hours: i64,
 }
 

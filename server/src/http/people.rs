@@ -451,7 +451,10 @@ pub async fn withdraw_api_token(state: &AppState, actor: &Actor, id: i64) -> Res
 #[derive(Default, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Only entries older than this id (the last one of the previous page).
     pub before: Option<i64>,
+    /// Entries on one page (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
     /// Only this user's entries (exact name).
     #[serde(default)]

@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// VMs on one page; with it (or `after`) the answer is one page.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
     /// The last VM of the previous page, as its `next` link gives it: `HOSTNAME,ID`.
     after: Option<String>,
@@ -151,8 +153,12 @@ const LATEST_MS: i64 = 253_402_300_799_999;
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct MetricsQuery {
+    /// Epoch milliseconds or an RFC 3339 time (default: a day before `to`).
     from: Option<String>,
+    /// Epoch milliseconds or an RFC 3339 time (default: now).
     to: Option<String>,
+    /// How many points (default 300).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 2000)]
     points: Option<String>,
 }
 
