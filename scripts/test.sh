@@ -51,11 +51,13 @@ if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; the
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 fi
 # The metrics tests parse /metrics with the reference OpenMetrics parser; the mail test
-# runs a local SMTP server; the API test validates the OpenAPI document.
-if ! python3 -c 'import prometheus_client, aiosmtpd, openapi_spec_validator' 2>/dev/null; then
-  echo "==> installing prometheus-client, aiosmtpd and openapi-spec-validator (PyPI)"
+# runs a local SMTP server; the API test validates the OpenAPI document; the hostile-input
+# test (server/tests/it/hostile.rs) feeds the API what schemathesis generates from it.
+if ! python3 -c 'import prometheus_client, aiosmtpd, openapi_spec_validator, schemathesis' 2>/dev/null; then
+  echo "==> installing prometheus-client, aiosmtpd, openapi-spec-validator and schemathesis (PyPI)"
   python3 -m pip install --quiet --disable-pip-version-check \
-    'prometheus-client==0.21.1' 'aiosmtpd==1.4.6' 'openapi-spec-validator==0.7.2'
+    'prometheus-client==0.21.1' 'aiosmtpd==1.4.6' 'openapi-spec-validator==0.7.2' \
+    'schemathesis==4.32.5'
 fi
 "$root/scripts/build-frontend.sh"
 # The real-guest scenarios (server/tests/it/vm_e2e.rs) boot the cached Debian guest;

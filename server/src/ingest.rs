@@ -10,8 +10,7 @@ pub use crate::enrolment::Submission;
 use crate::enrolment::{self, Refusal};
 use crate::health::{JobHealth, ReportResult};
 use crate::settings::SharedStatusConfig;
-use crate::with_conn;
-use diesel_async::AsyncConnection;
+use crate::write_transaction;
 use domain::heartbeat::Heartbeat;
 use domain::ingest::{StoredVm, newest_per_vm, plan_batch as plan_reports};
 use domain::status::StatusConfig;
@@ -237,43 +236,40 @@ pub async fn write_batch_via(
 ) -> Result<Vec<Result<StoredReport, IngestError>>, DbError> {
     let (mut conn, _turn) = db.write_conn().await?;
     let now_ms = crate::now_ms();
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let admitted = enrolment::admit(c, submissions, now_ms).await?;
-            let (ids, reports): (Vec<VmId>, Vec<Heartbeat>) = admitted
-                .outcomes
-                .iter()
-                .filter_map(|o| o.as_ref().ok().map(|a| (a.vm_id, a.report.clone())))
-                .unzip();
-            let metrics = ids
-                .iter()
-                .zip(&reports)
-                .map(|(&id, r)| NewMetric::of(id, r))
-                .collect();
-            c.insert_metrics(metrics).await?;
-            let planned = plan_batch(&ids, &reports, &admitted.known, cfg);
-            match path {
-                StatePath::SetBased => c.apply_latest_state(&planned).await?,
-                StatePath::OneByOne => c.apply_latest_state_one_by_one(&planned).await?,
-            }
-            c.insert_reboots(&planned).await?;
-            let statuses: BTreeMap<VmId, VmStatus> = planned
-                .iter()
-                .map(|p| (p.vm_id, p.update.verdict.status))
-                .collect();
-            Ok(admitted
-                .outcomes
-                .into_iter()
-                .map(|outcome| {
-                    outcome.map_err(IngestError::from).map(|a| StoredReport {
-                        vm_id: a.vm_id,
-                        status: statuses.get(&a.vm_id).copied().unwrap_or(VmStatus::Unknown),
-                        credential: a.credential,
-                    })
+    write_transaction!(conn, |c| {
+        let admitted = enrolment::admit(c, submissions, now_ms).await?;
+        let (ids, reports): (Vec<VmId>, Vec<Heartbeat>) = admitted
+            .outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().ok().map(|a| (a.vm_id, a.report.clone())))
+            .unzip();
+        let metrics = ids
+            .iter()
+            .zip(&reports)
+            .map(|(&id, r)| NewMetric::of(id, r))
+            .collect();
+        c.insert_metrics(metrics).await?;
+        let planned = plan_batch(&ids, &reports, &admitted.known, cfg);
+        match path {
+            StatePath::SetBased => c.apply_latest_state(&planned).await?,
+            StatePath::OneByOne => c.apply_latest_state_one_by_one(&planned).await?,
+        }
+        c.insert_reboots(&planned).await?;
+        let statuses: BTreeMap<VmId, VmStatus> = planned
+            .iter()
+            .map(|p| (p.vm_id, p.update.verdict.status))
+            .collect();
+        Ok(admitted
+            .outcomes
+            .into_iter()
+            .map(|outcome| {
+                outcome.map_err(IngestError::from).map(|a| StoredReport {
+                    vm_id: a.vm_id,
+                    status: statuses.get(&a.vm_id).copied().unwrap_or(VmStatus::Unknown),
+                    credential: a.credential,
                 })
-                .collect())
-        })
-        .await
+            })
+            .collect())
     })
 }
 

@@ -23,6 +23,7 @@ pub fn span_ms(range: ChartRange) -> i64 {
 /// Where a chart's points come from: the samples as stored, or a rollup of them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Tier {
     Raw,
     Minute,

@@ -150,6 +150,7 @@ impl fmt::Display for Tag {
 /// A Proxmox node name: 1 to 63 ASCII letters, digits and hyphens.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeName(String);
 
 impl NodeName {

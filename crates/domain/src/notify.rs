@@ -130,20 +130,25 @@ pub fn pair_of(kind: NotifyKind) -> &'static [NotifyKind] {
 
 /// The VM a message is about.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct AboutVm {
     pub id: VmId,
     pub hostname: String,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub node: Option<NodeName>,
     pub status: VmStatus,
 }
 
 /// One message as every channel renders it; the webhook sends it as JSON.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Message {
     pub kind: NotifyKind,
     pub title: String,
     pub text: String,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub vm: Option<AboutVm>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub node: Option<NodeName>,
     /// When it happened (epoch ms).
     pub at_ms: i64,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 /// evidence) stay with the environment: they change how an attempt runs, not whether.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RemediationTuning {
     pub auto_reset: AutoReset,
     /// Attempts per incident before the VM is latched `manual`.
@@ -57,6 +58,7 @@ impl RemediationTuning {
 /// Every runtime setting, as `GET /api/settings` answers and `PUT` takes it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Settings {
     pub status: StatusConfig,
     pub remediation: RemediationTuning,
@@ -64,6 +66,7 @@ pub struct Settings {
 
 /// What a connection test found, in plain words.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ProxmoxCheck {
     /// Whether every check passed.
     pub ok: bool,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 /// One filesystem as the agent reported it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct DiskUsage {
     pub mount: String,
     pub used_bytes: i64,
@@ -18,30 +19,46 @@ pub struct DiskUsage {
 
 /// The latest known state of one monitored VM.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmView {
     pub id: VmId,
     pub hostname: String,
     pub os: String,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub machine_id: Option<String>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub agent_version: Option<String>,
     pub status: VmStatus,
     pub status_since_ms: i64,
     pub status_reason: String,
     pub first_seen_ms: i64,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub last_seen_ms: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub observed_at_ms: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub cpu_percent: Option<f64>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub ram_used_bytes: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub ram_total_bytes: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub disk_used_bytes: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub disk_total_bytes: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub disk_max_percent: Option<f64>,
     pub disks: Vec<DiskUsage>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub uptime_seconds: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub proxmox_node: Option<NodeName>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub proxmox_vmid: Option<Vmid>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub proxmox_type: Option<GuestKind>,
     /// How the Proxmox link was found.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub proxmox_link_source: Option<LinkSource>,
     /// False while the link is only a proposal waiting for an operator's approval: such a
     /// VM is never reset.
@@ -49,17 +66,21 @@ pub struct VmView {
     /// False when an operator opted this VM out of automatic resets.
     pub auto_reset: bool,
     pub remediation_phase: RemediationPhase,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub phase_reason: Option<String>,
     pub incident_attempts: i64,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub last_reset_ms: Option<i64>,
     /// When the round looks at this VM again; in `reset_scheduled`, when the announced
     /// power action is sent unless an operator holds it.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub next_action_ms: Option<i64>,
 }
 
 /// Whether automatic remediation is acting, and why not when it is not.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RemediationSummary {
     pub active: bool,
     /// `live`, `shadow` or `off`.
@@ -107,6 +128,7 @@ pub struct FleetSnapshot {
 
 /// One downsampled point of a VM's metric history.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MetricPoint {
     /// Earliest time in the point that held a sample.
     pub t_ms: i64,
@@ -118,8 +140,11 @@ pub struct MetricPoint {
     pub ram_percent_avg: f64,
     pub ram_percent_max: f64,
     /// The fullest disk; absent when no sample in the point reported disks.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub disk_percent_min: Option<f64>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub disk_percent_avg: Option<f64>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub disk_percent_max: Option<f64>,
     pub uptime_max: i64,
 }
@@ -146,6 +171,7 @@ impl From<crate::history::PointAggregate> for MetricPoint {
 
 /// A VM's metric history as a chart draws it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MetricHistory {
     pub vm_id: VmId,
     /// Start of the first point (aligned to the tier's rows).
@@ -171,6 +197,7 @@ pub struct VmPage {
 
 /// One recorded status change.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StatusChange {
     pub id: i64,
     pub vm_id: VmId,
@@ -182,31 +209,42 @@ pub struct StatusChange {
 
 /// One reset or shutdown attempt, as the history shows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResetAttempt {
     pub id: AttemptId,
     pub vm_id: VmId,
     pub action: PowerAction,
     pub trigger_source: TriggerSource,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub requested_by: Option<String>,
     pub mode: Mode,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub proxmox_node: Option<NodeName>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub proxmox_vmid: Option<Vmid>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub upid: Option<String>,
     pub outcome: AttemptOutcome,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub error: Option<String>,
     /// What the decision was based on (JSON), for automatic attempts.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub evidence_json: Option<String>,
     pub created_ms: i64,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub sent_ms: Option<i64>,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub finished_ms: Option<i64>,
 }
 
 /// One fleet-level event.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     pub id: i64,
     pub at_ms: i64,
     pub kind: EventKind,
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub vm_id: Option<VmId>,
     pub message: String,
 }

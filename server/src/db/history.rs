@@ -2,9 +2,9 @@
 //! into the minute and hour rollups, and deleting what retention no longer keeps.
 
 use super::{Conn, DbError};
-use crate::with_conn;
+use crate::{with_conn, write_transaction};
 use diesel::sql_types::{BigInt, Double, Nullable};
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use domain::VmId;
 use domain::history::{Grid, PointAggregate, Retention, Spread, Tier};
 use domain::view::MetricPoint;
@@ -227,81 +227,76 @@ pub async fn fold(
 ) -> Result<Folded, DbError> {
     let postgres = matches!(conn, Conn::Postgres(_));
     let upserts = [Tier::Minute, Tier::Hour].map(|tier| fold_sql(tier, postgres));
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            // With several replicas writing, ids are not committed in id order. A sample
-            // received before the settle time whose insert is still uncommitted belongs to a
-            // write transaction open longer than that: while one is, nothing is folded (the
-            // position must never pass a sample not yet committed). Ingest is never blocked.
-            if postgres {
-                let open: Position = diesel::sql_query(
-                    "SELECT COUNT(*) AS position FROM pg_stat_activity \
+    write_transaction!(conn, |c| {
+        // With several replicas writing, ids are not committed in id order. A sample
+        // received before the settle time whose insert is still uncommitted belongs to a
+        // write transaction open longer than that: while one is, nothing is folded (the
+        // position must never pass a sample not yet committed). Ingest is never blocked.
+        if postgres {
+            let open: Position = diesel::sql_query(
+                "SELECT COUNT(*) AS position FROM pg_stat_activity \
                      WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() \
                      AND xact_start < now() - make_interval(secs => $1)",
-                )
-                .bind::<diesel::sql_types::Double, _>(
-                    domain::status::approx_f64(SETTLE_MS) / 1000.0,
-                )
-                .get_result(c)
-                .await?;
-                if open.position > 0 {
-                    return Ok(Folded {
-                        samples: 0,
-                        caught_up: true,
-                    });
-                }
-            }
-            let from: Position =
-                diesel::sql_query("SELECT position FROM history_jobs WHERE name = 'rollup'")
-                    .get_result(c)
-                    .await?;
-            let stamps: Vec<SampleStamp> = diesel::sql_query(
-                "SELECT id, received_ms FROM metric_samples WHERE id > $1 ORDER BY id LIMIT $2",
             )
-            .bind::<BigInt, _>(from.position)
-            .bind::<BigInt, _>(limit)
-            .load(c)
+            .bind::<diesel::sql_types::Double, _>(domain::status::approx_f64(SETTLE_MS) / 1000.0)
+            .get_result(c)
             .await?;
-            let settled = stamps
-                .iter()
-                .take_while(|s| s.received_ms < settled_before_ms)
-                .count();
-            let caught_up =
-                settled < stamps.len() || stamps.len() < usize::try_from(limit).unwrap_or(0);
-            let Some(to) = settled.checked_sub(1).and_then(|i| stamps.get(i)) else {
+            if open.position > 0 {
                 return Ok(Folded {
                     samples: 0,
                     caught_up: true,
                 });
-            };
-            let moved = diesel::sql_query(
-                "UPDATE history_jobs SET position = $1, updated_ms = $2 \
+            }
+        }
+        let from: Position =
+            diesel::sql_query("SELECT position FROM history_jobs WHERE name = 'rollup'")
+                .get_result(c)
+                .await?;
+        let stamps: Vec<SampleStamp> = diesel::sql_query(
+            "SELECT id, received_ms FROM metric_samples WHERE id > $1 ORDER BY id LIMIT $2",
+        )
+        .bind::<BigInt, _>(from.position)
+        .bind::<BigInt, _>(limit)
+        .load(c)
+        .await?;
+        let settled = stamps
+            .iter()
+            .take_while(|s| s.received_ms < settled_before_ms)
+            .count();
+        let caught_up =
+            settled < stamps.len() || stamps.len() < usize::try_from(limit).unwrap_or(0);
+        let Some(to) = settled.checked_sub(1).and_then(|i| stamps.get(i)) else {
+            return Ok(Folded {
+                samples: 0,
+                caught_up: true,
+            });
+        };
+        let moved = diesel::sql_query(
+            "UPDATE history_jobs SET position = $1, updated_ms = $2 \
                  WHERE name = 'rollup' AND position = $3",
-            )
-            .bind::<BigInt, _>(to.id)
-            .bind::<BigInt, _>(now_ms)
-            .bind::<BigInt, _>(from.position)
-            .execute(c)
-            .await?;
-            if moved != 1 {
-                return Ok(Folded {
-                    samples: 0,
-                    caught_up: false,
-                });
-            }
-            for sql in &upserts {
-                diesel::sql_query(sql)
-                    .bind::<BigInt, _>(from.position)
-                    .bind::<BigInt, _>(to.id)
-                    .execute(c)
-                    .await?;
-            }
-            Ok(Folded {
-                samples: settled,
-                caught_up,
-            })
+        )
+        .bind::<BigInt, _>(to.id)
+        .bind::<BigInt, _>(now_ms)
+        .bind::<BigInt, _>(from.position)
+        .execute(c)
+        .await?;
+        if moved != 1 {
+            return Ok(Folded {
+                samples: 0,
+                caught_up: false,
+            });
+        }
+        for sql in &upserts {
+            diesel::sql_query(sql)
+                .bind::<BigInt, _>(from.position)
+                .bind::<BigInt, _>(to.id)
+                .execute(c)
+                .await?;
+        }
+        Ok(Folded {
+            samples: settled,
+            caught_up,
         })
-        .await
     })
 }
 
@@ -396,45 +391,42 @@ pub async fn prune(
          AND outcome NOT IN ('pending', 'sent') AND id IN \
          (SELECT id FROM reset_attempts ORDER BY id LIMIT $2)",
     ];
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            // One batch at a time across replicas (the job's row is the turn): two replicas
-            // deleting the same front would each see the other's rows gone and take "none
-            // deleted" for "nothing left".
-            let lock = if postgres {
-                "SELECT position FROM history_jobs WHERE name = 'rollup' FOR UPDATE"
-            } else {
-                "SELECT position FROM history_jobs WHERE name = 'rollup'"
-            };
-            let folded_to: Position = diesel::sql_query(lock).get_result(c).await?;
-            // Raw samples: only folded ones, and from the front of the table (the oldest
-            // ids), so a batch never scans the whole table looking for old rows.
-            let mut deleted = diesel::sql_query(
-                "DELETE FROM metric_samples WHERE id IN \
+    write_transaction!(conn, |c| {
+        // One batch at a time across replicas (the job's row is the turn): two replicas
+        // deleting the same front would each see the other's rows gone and take "none
+        // deleted" for "nothing left".
+        let lock = if postgres {
+            "SELECT position FROM history_jobs WHERE name = 'rollup' FOR UPDATE"
+        } else {
+            "SELECT position FROM history_jobs WHERE name = 'rollup'"
+        };
+        let folded_to: Position = diesel::sql_query(lock).get_result(c).await?;
+        // Raw samples: only folded ones, and from the front of the table (the oldest
+        // ids), so a batch never scans the whole table looking for old rows.
+        let mut deleted = diesel::sql_query(
+            "DELETE FROM metric_samples WHERE id IN \
                  (SELECT id FROM metric_samples WHERE id <= $1 ORDER BY id LIMIT $2) \
                  AND observed_ms < $3",
-            )
-            .bind::<BigInt, _>(folded_to.position)
-            .bind::<BigInt, _>(limit)
-            .bind::<BigInt, _>(raw_before)
-            .execute(c)
-            .await?;
-            for (sql, before) in &rollups {
-                deleted += diesel::sql_query(sql)
-                    .bind::<BigInt, _>(*before)
-                    .bind::<BigInt, _>(limit)
-                    .execute(c)
-                    .await?;
-            }
-            for sql in event_sql {
-                deleted += diesel::sql_query(sql)
-                    .bind::<BigInt, _>(event_before)
-                    .bind::<BigInt, _>(limit)
-                    .execute(c)
-                    .await?;
-            }
-            Ok(deleted)
-        })
-        .await
+        )
+        .bind::<BigInt, _>(folded_to.position)
+        .bind::<BigInt, _>(limit)
+        .bind::<BigInt, _>(raw_before)
+        .execute(c)
+        .await?;
+        for (sql, before) in &rollups {
+            deleted += diesel::sql_query(sql)
+                .bind::<BigInt, _>(*before)
+                .bind::<BigInt, _>(limit)
+                .execute(c)
+                .await?;
+        }
+        for sql in event_sql {
+            deleted += diesel::sql_query(sql)
+                .bind::<BigInt, _>(event_before)
+                .bind::<BigInt, _>(limit)
+                .execute(c)
+                .await?;
+        }
+        Ok(deleted)
     })
 }

@@ -5,12 +5,12 @@ use super::incidents::LinkColumns;
 use super::schema::{agent_credentials, enrolment_tokens, events, vms};
 use super::store::VmRow;
 use super::{Conn, DbError, SqliteConn};
-use crate::with_conn;
+use crate::{with_conn, write_transaction};
 use diesel::{
     BoolExpressionMethods, ExpressionMethods, NullableExpressionMethods, OptionalExtension,
     QueryDsl, QueryResult,
 };
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use domain::identity::CredentialState;
 use domain::{EventKind, GuestKind, GuestRef, LinkSource, NodeName, RemediationPhase, VmId, Vmid};
 use std::collections::HashMap;
@@ -364,24 +364,21 @@ pub async fn rotate_credential(
     hash: &str,
     now_ms: i64,
 ) -> Result<bool, DbError> {
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let exists: Option<i64> = vms::table
-                .find(vm_id.get())
-                .select(vms::id)
-                .first(c)
-                .await
-                .optional()?;
-            if exists.is_none() {
-                return Ok(false);
-            }
-            c.issue_credential(vm_id, hash, true, now_ms).await?;
-            // Until its agent has the new credential its reports are refused: that silence
-            // must not turn into a reset.
-            c.hold_for_operator(vm_id, HELD_FOR_CREDENTIAL).await?;
-            Ok(true)
-        })
-        .await
+    write_transaction!(conn, |c| {
+        let exists: Option<i64> = vms::table
+            .find(vm_id.get())
+            .select(vms::id)
+            .first(c)
+            .await
+            .optional()?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        c.issue_credential(vm_id, hash, true, now_ms).await?;
+        // Until its agent has the new credential its reports are refused: that silence
+        // must not turn into a reset.
+        c.hold_for_operator(vm_id, HELD_FOR_CREDENTIAL).await?;
+        Ok(true)
     })
 }
 
@@ -393,20 +390,17 @@ pub async fn revoke_credentials(
     vm_id: VmId,
     now_ms: i64,
 ) -> Result<usize, DbError> {
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let n = diesel::update(
-                agent_credentials::table
-                    .filter(agent_credentials::vm_id.eq(vm_id.get()))
-                    .filter(agent_credentials::revoked_ms.is_null()),
-            )
-            .set(agent_credentials::revoked_ms.eq(now_ms))
-            .execute(c)
-            .await?;
-            c.hold_for_operator(vm_id, HELD_FOR_CREDENTIAL).await?;
-            Ok(n)
-        })
-        .await
+    write_transaction!(conn, |c| {
+        let n = diesel::update(
+            agent_credentials::table
+                .filter(agent_credentials::vm_id.eq(vm_id.get()))
+                .filter(agent_credentials::revoked_ms.is_null()),
+        )
+        .set(agent_credentials::revoked_ms.eq(now_ms))
+        .execute(c)
+        .await?;
+        c.hold_for_operator(vm_id, HELD_FOR_CREDENTIAL).await?;
+        Ok(n)
     })
 }
 

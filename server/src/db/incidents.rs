@@ -4,9 +4,9 @@ use super::schema::{events, reset_attempts, vms};
 use super::store::AttemptRow;
 use super::stored::Stored;
 use super::{Conn, DbError};
-use crate::with_conn;
+use crate::{with_conn, write_transaction};
 use diesel::{ExpressionMethods, QueryDsl, SelectableHelper};
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use domain::view::Event;
 use domain::{
     AttemptId, AttemptOutcome, EventKind, GuestRef, LinkSource, Mode, PowerAction,
@@ -88,54 +88,51 @@ pub async fn begin_attempt(
     attempt: &NewAttempt,
 ) -> Result<Option<AttemptId>, DbError> {
     let attempts = expected.attempts + i64::from(count_attempt);
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let mut guard = diesel::update(vms::table)
-                .filter(vms::id.eq(attempt.vm_id.get()))
-                .filter(vms::remediation_phase.eq(expected.phase.as_str()))
-                .filter(vms::incident_attempts.eq(expected.attempts))
-                .into_boxed();
-            guard = match expected.last_reset_ms {
-                Some(t) => guard.filter(vms::last_reset_ms.eq(t)),
-                None => guard.filter(vms::last_reset_ms.is_null()),
+    write_transaction!(conn, |c| {
+        let mut guard = diesel::update(vms::table)
+            .filter(vms::id.eq(attempt.vm_id.get()))
+            .filter(vms::remediation_phase.eq(expected.phase.as_str()))
+            .filter(vms::incident_attempts.eq(expected.attempts))
+            .into_boxed();
+        guard = match expected.last_reset_ms {
+            Some(t) => guard.filter(vms::last_reset_ms.eq(t)),
+            None => guard.filter(vms::last_reset_ms.is_null()),
+        };
+        if let Some(vmid) = expected.linked_vmid {
+            guard = guard
+                .filter(vms::proxmox_vmid.eq(vmid))
+                .filter(vms::link_verified.eq(true));
+        }
+        if let Some(last_seen) = expected.still_down_since {
+            // Automatic: the VM must also still be opted in (an operator may have
+            // turned auto-reset off while the evidence was gathered).
+            guard = guard
+                .filter(vms::status.eq(VmStatus::Down.as_str()))
+                .filter(vms::auto_reset.eq(true));
+            guard = match last_seen {
+                Some(t) => guard.filter(vms::last_seen_ms.eq(t)),
+                None => guard.filter(vms::last_seen_ms.is_null()),
             };
-            if let Some(vmid) = expected.linked_vmid {
-                guard = guard
-                    .filter(vms::proxmox_vmid.eq(vmid))
-                    .filter(vms::link_verified.eq(true));
-            }
-            if let Some(last_seen) = expected.still_down_since {
-                // Automatic: the VM must also still be opted in (an operator may have
-                // turned auto-reset off while the evidence was gathered).
-                guard = guard
-                    .filter(vms::status.eq(VmStatus::Down.as_str()))
-                    .filter(vms::auto_reset.eq(true));
-                guard = match last_seen {
-                    Some(t) => guard.filter(vms::last_seen_ms.eq(t)),
-                    None => guard.filter(vms::last_seen_ms.is_null()),
-                };
-            }
-            let updated = guard
-                .set((
-                    vms::remediation_phase.eq(RemediationPhase::ResetPending.as_str()),
-                    vms::incident_attempts.eq(attempts),
-                    vms::last_reset_ms.eq(attempt.created_ms),
-                    vms::next_action_ms.eq(None::<i64>),
-                    vms::phase_reason.eq(reason),
-                ))
-                .execute(c)
-                .await?;
-            if updated != 1 {
-                return Ok(None);
-            }
-            let id: i64 = diesel::insert_into(reset_attempts::table)
-                .values(attempt.row())
-                .returning(reset_attempts::id)
-                .get_result(c)
-                .await?;
-            Ok(Some(AttemptId(id)))
-        })
-        .await
+        }
+        let updated = guard
+            .set((
+                vms::remediation_phase.eq(RemediationPhase::ResetPending.as_str()),
+                vms::incident_attempts.eq(attempts),
+                vms::last_reset_ms.eq(attempt.created_ms),
+                vms::next_action_ms.eq(None::<i64>),
+                vms::phase_reason.eq(reason),
+            ))
+            .execute(c)
+            .await?;
+        if updated != 1 {
+            return Ok(None);
+        }
+        let id: i64 = diesel::insert_into(reset_attempts::table)
+            .values(attempt.row())
+            .returning(reset_attempts::id)
+            .get_result(c)
+            .await?;
+        Ok(Some(AttemptId(id)))
     })
 }
 
@@ -203,51 +200,48 @@ pub async fn set_phase(
     // A latch is news for a person: its event (which notifications tell) is written in the
     // same transaction, so no crash between the two loses it.
     let latched_at = crate::now_ms();
-    let updated = with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let mut query = diesel::update(vms::table)
-                .filter(vms::id.eq(vm_id.get()))
-                .into_boxed();
-            if let Some(expected) = only_if {
-                query = query.filter(vms::remediation_phase.eq(expected.as_str()));
-            }
-            let n = match attempts {
-                Some(n) => {
-                    query
-                        .set((
-                            vms::remediation_phase.eq(phase.as_str()),
-                            vms::incident_attempts.eq(n),
-                            vms::next_action_ms.eq(next_action_ms),
-                            vms::phase_reason.eq(reason),
-                        ))
-                        .execute(c)
-                        .await?
-                }
-                None => {
-                    query
-                        .set((
-                            vms::remediation_phase.eq(phase.as_str()),
-                            vms::next_action_ms.eq(next_action_ms),
-                            vms::phase_reason.eq(reason),
-                        ))
-                        .execute(c)
-                        .await?
-                }
-            };
-            if n == 1 && phase == RemediationPhase::Manual {
-                diesel::insert_into(events::table)
-                    .values((
-                        events::at_ms.eq(latched_at),
-                        events::kind.eq(EventKind::LatchedManual.as_str()),
-                        events::vm_id.eq(Some(vm_id.get())),
-                        events::message.eq(reason),
+    let updated = write_transaction!(conn, |c| {
+        let mut query = diesel::update(vms::table)
+            .filter(vms::id.eq(vm_id.get()))
+            .into_boxed();
+        if let Some(expected) = only_if {
+            query = query.filter(vms::remediation_phase.eq(expected.as_str()));
+        }
+        let n = match attempts {
+            Some(n) => {
+                query
+                    .set((
+                        vms::remediation_phase.eq(phase.as_str()),
+                        vms::incident_attempts.eq(n),
+                        vms::next_action_ms.eq(next_action_ms),
+                        vms::phase_reason.eq(reason),
                     ))
                     .execute(c)
-                    .await?;
+                    .await?
             }
-            Ok(n)
-        })
-        .await
+            None => {
+                query
+                    .set((
+                        vms::remediation_phase.eq(phase.as_str()),
+                        vms::next_action_ms.eq(next_action_ms),
+                        vms::phase_reason.eq(reason),
+                    ))
+                    .execute(c)
+                    .await?
+            }
+        };
+        if n == 1 && phase == RemediationPhase::Manual {
+            diesel::insert_into(events::table)
+                .values((
+                    events::at_ms.eq(latched_at),
+                    events::kind.eq(EventKind::LatchedManual.as_str()),
+                    events::vm_id.eq(Some(vm_id.get())),
+                    events::message.eq(reason),
+                ))
+                .execute(c)
+                .await?;
+        }
+        Ok(n)
     })?;
     Ok(updated == 1)
 }
@@ -271,46 +265,43 @@ pub async fn latch(
     message: &str,
 ) -> Result<bool, DbError> {
     let vm_id = note.vm_id;
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let mut query = diesel::update(vms::table)
-                .filter(vms::id.eq(vm_id.get()))
-                .filter(vms::remediation_phase.eq(expected.as_str()))
-                .into_boxed();
-            if let Some(last_seen) = still_down_since {
-                query = query.filter(vms::status.eq(VmStatus::Down.as_str()));
-                query = match last_seen {
-                    Some(t) => query.filter(vms::last_seen_ms.eq(t)),
-                    None => query.filter(vms::last_seen_ms.is_null()),
-                };
-            }
-            let updated = query
-                .set((
-                    vms::remediation_phase.eq(phase.as_str()),
-                    vms::next_action_ms.eq(None::<i64>),
-                    vms::phase_reason.eq(reason),
-                ))
-                .execute(c)
-                .await?;
-            if updated != 1 {
-                return Ok(false);
-            }
-            diesel::insert_into(reset_attempts::table)
-                .values(note.row())
-                .execute(c)
-                .await?;
-            diesel::insert_into(events::table)
-                .values((
-                    events::at_ms.eq(note.created_ms),
-                    events::kind.eq(kind.as_str()),
-                    events::vm_id.eq(vm_id.get()),
-                    events::message.eq(message),
-                ))
-                .execute(c)
-                .await?;
-            Ok(true)
-        })
-        .await
+    write_transaction!(conn, |c| {
+        let mut query = diesel::update(vms::table)
+            .filter(vms::id.eq(vm_id.get()))
+            .filter(vms::remediation_phase.eq(expected.as_str()))
+            .into_boxed();
+        if let Some(last_seen) = still_down_since {
+            query = query.filter(vms::status.eq(VmStatus::Down.as_str()));
+            query = match last_seen {
+                Some(t) => query.filter(vms::last_seen_ms.eq(t)),
+                None => query.filter(vms::last_seen_ms.is_null()),
+            };
+        }
+        let updated = query
+            .set((
+                vms::remediation_phase.eq(phase.as_str()),
+                vms::next_action_ms.eq(None::<i64>),
+                vms::phase_reason.eq(reason),
+            ))
+            .execute(c)
+            .await?;
+        if updated != 1 {
+            return Ok(false);
+        }
+        diesel::insert_into(reset_attempts::table)
+            .values(note.row())
+            .execute(c)
+            .await?;
+        diesel::insert_into(events::table)
+            .values((
+                events::at_ms.eq(note.created_ms),
+                events::kind.eq(kind.as_str()),
+                events::vm_id.eq(vm_id.get()),
+                events::message.eq(message),
+            ))
+            .execute(c)
+            .await?;
+        Ok(true)
     })
 }
 
@@ -360,28 +351,25 @@ pub async fn finish_and_begin(
         AttemptOutcome::Pending.as_str(),
         AttemptOutcome::Sent.as_str(),
     ];
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let closed = diesel::update(reset_attempts::table.find(finished.get()))
-                .filter(reset_attempts::outcome.eq_any(open))
-                .set((
-                    reset_attempts::outcome.eq(AttemptOutcome::Ok.as_str()),
-                    reset_attempts::error.eq(None::<&str>),
-                    reset_attempts::finished_ms.eq(now_ms),
-                ))
-                .execute(c)
-                .await?;
-            if closed != 1 {
-                return Ok(None);
-            }
-            let id: i64 = diesel::insert_into(reset_attempts::table)
-                .values(next.row())
-                .returning(reset_attempts::id)
-                .get_result(c)
-                .await?;
-            Ok(Some(AttemptId(id)))
-        })
-        .await
+    write_transaction!(conn, |c| {
+        let closed = diesel::update(reset_attempts::table.find(finished.get()))
+            .filter(reset_attempts::outcome.eq_any(open))
+            .set((
+                reset_attempts::outcome.eq(AttemptOutcome::Ok.as_str()),
+                reset_attempts::error.eq(None::<&str>),
+                reset_attempts::finished_ms.eq(now_ms),
+            ))
+            .execute(c)
+            .await?;
+        if closed != 1 {
+            return Ok(None);
+        }
+        let id: i64 = diesel::insert_into(reset_attempts::table)
+            .values(next.row())
+            .returning(reset_attempts::id)
+            .get_result(c)
+            .await?;
+        Ok(Some(AttemptId(id)))
     })
 }
 

@@ -99,6 +99,32 @@ impl Conn {
     }
 }
 
+/// Runs `$body` in a write transaction on whichever connection `$conn` holds. On SQLite the
+/// transaction takes the write lock as it begins (`BEGIN IMMEDIATE`): a deferred one that
+/// reads first fails at once ("database is locked", no busy timeout waits it out) when
+/// another connection writes between its read and its write, as a sign-in's or an audit
+/// entry's may.
+#[macro_export]
+macro_rules! write_transaction {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn.as_backend() {
+            $crate::db::Conn::Postgres(pooled) => {
+                let $c: &mut diesel_async::AsyncPgConnection = &mut *pooled;
+                diesel_async::AsyncConnection::transaction::<_, $crate::db::DbError, _>(
+                    $c,
+                    async |$c| $body,
+                )
+                .await
+            }
+            $crate::db::Conn::Sqlite(pooled) => {
+                let $c: &mut $crate::db::SqliteConn = &mut *pooled;
+                $c.immediate_transaction::<_, $crate::db::DbError, _>(async |$c| $body)
+                    .await
+            }
+        }
+    };
+}
+
 /// Runs the same diesel-async code against whichever connection type `$conn` holds.
 #[macro_export]
 macro_rules! with_conn {

@@ -7,12 +7,12 @@ use super::schema::{
 };
 use super::stored::Stored;
 use super::{Conn, DbError};
-use crate::with_conn;
+use crate::{with_conn, write_transaction};
 use diesel::{
     BoolExpressionMethods, ExpressionMethods, OptionalExtension, QueryDsl, Queryable, Selectable,
     SelectableHelper,
 };
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use domain::maintenance::{Recurrence, Scope, When, Window};
 use domain::notify::Rule;
 use domain::{
@@ -30,41 +30,38 @@ pub async fn set_tags(conn: &mut Conn, vm_id: VmId, tags: &[Tag]) -> Result<bool
         .iter()
         .map(|t| (vm_id.get(), t.as_str().to_owned()))
         .collect();
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let exists: i64 = vms::table
-                .filter(vms::id.eq(vm_id.get()))
-                .count()
-                .get_result(c)
-                .await?;
-            if exists == 0 {
-                return Ok(false);
-            }
-            diesel::delete(
-                vm_tags::table
-                    .filter(vm_tags::vm_id.eq(vm_id.get()))
-                    .filter(vm_tags::source.eq(OPERATOR)),
-            )
-            .execute(c)
+    write_transaction!(conn, |c| {
+        let exists: i64 = vms::table
+            .filter(vms::id.eq(vm_id.get()))
+            .count()
+            .get_result(c)
             .await?;
-            // A tag also read from Proxmox becomes the operator's: it stays when Proxmox
-            // drops it.
-            for (vm, tag) in &rows {
-                diesel::insert_into(vm_tags::table)
-                    .values((
-                        vm_tags::vm_id.eq(vm),
-                        vm_tags::tag.eq(tag),
-                        vm_tags::source.eq(OPERATOR),
-                    ))
-                    .on_conflict((vm_tags::vm_id, vm_tags::tag))
-                    .do_update()
-                    .set(vm_tags::source.eq(OPERATOR))
-                    .execute(c)
-                    .await?;
-            }
-            Ok(true)
-        })
-        .await
+        if exists == 0 {
+            return Ok(false);
+        }
+        diesel::delete(
+            vm_tags::table
+                .filter(vm_tags::vm_id.eq(vm_id.get()))
+                .filter(vm_tags::source.eq(OPERATOR)),
+        )
+        .execute(c)
+        .await?;
+        // A tag also read from Proxmox becomes the operator's: it stays when Proxmox
+        // drops it.
+        for (vm, tag) in &rows {
+            diesel::insert_into(vm_tags::table)
+                .values((
+                    vm_tags::vm_id.eq(vm),
+                    vm_tags::tag.eq(tag),
+                    vm_tags::source.eq(OPERATOR),
+                ))
+                .on_conflict((vm_tags::vm_id, vm_tags::tag))
+                .do_update()
+                .set(vm_tags::source.eq(OPERATOR))
+                .execute(c)
+                .await?;
+        }
+        Ok(true)
     })
 }
 
@@ -152,31 +149,28 @@ pub async fn replace_proxmox_tags(
     conn: &mut Conn,
     tags: &[(VmId, Vec<Tag>)],
 ) -> Result<(), DbError> {
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            for (vm, tags) in tags {
-                diesel::delete(
-                    vm_tags::table
-                        .filter(vm_tags::vm_id.eq(vm.get()))
-                        .filter(vm_tags::source.eq(PROXMOX)),
-                )
-                .execute(c)
-                .await?;
-                for tag in tags {
-                    diesel::insert_into(vm_tags::table)
-                        .values((
-                            vm_tags::vm_id.eq(vm.get()),
-                            vm_tags::tag.eq(tag.as_str()),
-                            vm_tags::source.eq(PROXMOX),
-                        ))
-                        .on_conflict_do_nothing()
-                        .execute(c)
-                        .await?;
-                }
+    write_transaction!(conn, |c| {
+        for (vm, tags) in tags {
+            diesel::delete(
+                vm_tags::table
+                    .filter(vm_tags::vm_id.eq(vm.get()))
+                    .filter(vm_tags::source.eq(PROXMOX)),
+            )
+            .execute(c)
+            .await?;
+            for tag in tags {
+                diesel::insert_into(vm_tags::table)
+                    .values((
+                        vm_tags::vm_id.eq(vm.get()),
+                        vm_tags::tag.eq(tag.as_str()),
+                        vm_tags::source.eq(PROXMOX),
+                    ))
+                    .on_conflict_do_nothing()
+                    .execute(c)
+                    .await?;
             }
-            Ok(())
-        })
-        .await
+        }
+        Ok(())
     })
 }
 
@@ -207,7 +201,7 @@ pub struct ChannelRow {
 }
 
 /// A channel as the API shows it.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Clone, Debug, utoipa::ToSchema)]
 pub struct ChannelView {
     pub id: i64,
     pub name: String,
@@ -289,30 +283,29 @@ pub async fn channel(conn: &mut Conn, id: i64) -> Result<Option<ChannelRow>, DbE
 
 /// Deletes a channel with its rules and queued messages. `false` when there was none.
 pub async fn delete_channel(conn: &mut Conn, id: i64) -> Result<bool, DbError> {
-    let n = with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            diesel::delete(notify_rules::table.filter(notify_rules::channel_id.eq(id)))
-                .execute(c)
-                .await?;
-            diesel::delete(notifications::table.filter(notifications::channel_id.eq(id)))
-                .execute(c)
-                .await?;
-            Ok(diesel::delete(notify_channels::table.find(id))
-                .execute(c)
-                .await?)
-        })
-        .await
+    let n = write_transaction!(conn, |c| {
+        diesel::delete(notify_rules::table.filter(notify_rules::channel_id.eq(id)))
+            .execute(c)
+            .await?;
+        diesel::delete(notifications::table.filter(notifications::channel_id.eq(id)))
+            .execute(c)
+            .await?;
+        Ok(diesel::delete(notify_channels::table.find(id))
+            .execute(c)
+            .await?)
     })?;
     Ok(n == 1)
 }
 
 /// A rule as the API shows it.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Clone, Debug, utoipa::ToSchema)]
 pub struct RuleView {
     pub id: i64,
     pub channel_id: i64,
     pub kinds: Vec<NotifyKind>,
+    #[schema(required)]
     pub tag: Option<Tag>,
+    #[schema(required)]
     pub repeat_ms: Option<i64>,
     pub created_ms: i64,
 }
@@ -344,30 +337,27 @@ pub async fn create_rule(
 ) -> Result<Option<i64>, DbError> {
     let kinds = kinds_text(&rule.kinds);
     let tag = rule.tag.as_ref().map(|t| t.as_str().to_owned());
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let exists: i64 = notify_channels::table
-                .filter(notify_channels::id.eq(rule.channel_id))
-                .count()
-                .get_result(c)
-                .await?;
-            if exists == 0 {
-                return Ok(None);
-            }
-            let id = diesel::insert_into(notify_rules::table)
-                .values((
-                    notify_rules::channel_id.eq(rule.channel_id),
-                    notify_rules::kinds.eq(&kinds),
-                    notify_rules::tag.eq(&tag),
-                    notify_rules::repeat_ms.eq(rule.repeat_ms),
-                    notify_rules::created_ms.eq(now_ms),
-                ))
-                .returning(notify_rules::id)
-                .get_result::<i64>(c)
-                .await?;
-            Ok(Some(id))
-        })
-        .await
+    write_transaction!(conn, |c| {
+        let exists: i64 = notify_channels::table
+            .filter(notify_channels::id.eq(rule.channel_id))
+            .count()
+            .get_result(c)
+            .await?;
+        if exists == 0 {
+            return Ok(None);
+        }
+        let id = diesel::insert_into(notify_rules::table)
+            .values((
+                notify_rules::channel_id.eq(rule.channel_id),
+                notify_rules::kinds.eq(&kinds),
+                notify_rules::tag.eq(&tag),
+                notify_rules::repeat_ms.eq(rule.repeat_ms),
+                notify_rules::created_ms.eq(now_ms),
+            ))
+            .returning(notify_rules::id)
+            .get_result::<i64>(c)
+            .await?;
+        Ok(Some(id))
     })
 }
 
@@ -429,15 +419,20 @@ pub async fn delete_rule(conn: &mut Conn, id: i64) -> Result<bool, DbError> {
 // ---- maintenance windows ----
 
 /// A window as the API shows it.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Clone, Debug, utoipa::ToSchema)]
 pub struct WindowView {
     pub id: i64,
     pub name: String,
     pub scope: WindowScope,
+    #[schema(required)]
     pub scope_value: Option<String>,
+    #[schema(required)]
     pub starts_ms: Option<i64>,
+    #[schema(required)]
     pub ends_ms: Option<i64>,
+    #[schema(required)]
     pub recurrence: Option<String>,
+    #[schema(required)]
     pub duration_ms: Option<i64>,
     pub created_by: String,
     pub created_ms: i64,
@@ -715,21 +710,18 @@ pub async fn skip_targets(conn: &mut Conn) -> Result<Option<(i64, i64)>, DbError
 
 /// Moves the read positions to these ids and counts every power action as told.
 pub async fn skip_to(conn: &mut Conn, changes: i64, events: i64) -> Result<(), DbError> {
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            for (name, to) in [("status_changes", changes), ("events", events)] {
-                diesel::update(notify_cursors::table.filter(notify_cursors::name.eq(name)))
-                    .set(notify_cursors::last_id.eq(to))
-                    .execute(c)
-                    .await?;
-            }
-            diesel::update(reset_attempts::table.filter(untold()))
-                .set(reset_attempts::notice.eq("ended"))
+    write_transaction!(conn, |c| {
+        for (name, to) in [("status_changes", changes), ("events", events)] {
+            diesel::update(notify_cursors::table.filter(notify_cursors::name.eq(name)))
+                .set(notify_cursors::last_id.eq(to))
                 .execute(c)
                 .await?;
-            Ok(())
-        })
-        .await
+        }
+        diesel::update(reset_attempts::table.filter(untold()))
+            .set(reset_attempts::notice.eq("ended"))
+            .execute(c)
+            .await?;
+        Ok(())
     })
 }
 
@@ -974,50 +966,47 @@ pub async fn commit_notifier(
     batch: &NotifierCommit,
     now_ms: i64,
 ) -> Result<bool, DbError> {
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            for (name, from, to) in &batch.cursors {
-                let moved = diesel::update(
-                    notify_cursors::table
-                        .filter(notify_cursors::name.eq(*name))
-                        .filter(notify_cursors::last_id.eq(*from)),
-                )
-                .set(notify_cursors::last_id.eq(*to))
+    write_transaction!(conn, |c| {
+        for (name, from, to) in &batch.cursors {
+            let moved = diesel::update(
+                notify_cursors::table
+                    .filter(notify_cursors::name.eq(*name))
+                    .filter(notify_cursors::last_id.eq(*from)),
+            )
+            .set(notify_cursors::last_id.eq(*to))
+            .execute(c)
+            .await?;
+            if moved != 1 {
+                return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
+            }
+        }
+        for (id, had, gets) in &batch.attempts {
+            let mut q = diesel::update(reset_attempts::table.find(*id)).into_boxed();
+            q = match had {
+                Some(n) => q.filter(reset_attempts::notice.eq(n.clone())),
+                None => q.filter(reset_attempts::notice.is_null()),
+            };
+            if q.set(reset_attempts::notice.eq(*gets)).execute(c).await? != 1 {
+                return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
+            }
+        }
+        for m in &batch.messages {
+            diesel::insert_into(notifications::table)
+                .values((
+                    notifications::channel_id.eq(m.channel_id),
+                    notifications::rule_id.eq(m.rule_id),
+                    notifications::kind.eq(m.kind.as_str()),
+                    notifications::vm_id.eq(m.vm_id.map(|v| v.get())),
+                    notifications::message_json.eq(&m.message_json),
+                    notifications::state.eq(m.state.as_str()),
+                    notifications::next_attempt_ms.eq(m.next_attempt_ms),
+                    notifications::last_error.eq(&m.note),
+                    notifications::created_ms.eq(now_ms),
+                ))
                 .execute(c)
                 .await?;
-                if moved != 1 {
-                    return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
-                }
-            }
-            for (id, had, gets) in &batch.attempts {
-                let mut q = diesel::update(reset_attempts::table.find(*id)).into_boxed();
-                q = match had {
-                    Some(n) => q.filter(reset_attempts::notice.eq(n.clone())),
-                    None => q.filter(reset_attempts::notice.is_null()),
-                };
-                if q.set(reset_attempts::notice.eq(*gets)).execute(c).await? != 1 {
-                    return Err(DbError::Query(diesel::result::Error::RollbackTransaction));
-                }
-            }
-            for m in &batch.messages {
-                diesel::insert_into(notifications::table)
-                    .values((
-                        notifications::channel_id.eq(m.channel_id),
-                        notifications::rule_id.eq(m.rule_id),
-                        notifications::kind.eq(m.kind.as_str()),
-                        notifications::vm_id.eq(m.vm_id.map(|v| v.get())),
-                        notifications::message_json.eq(&m.message_json),
-                        notifications::state.eq(m.state.as_str()),
-                        notifications::next_attempt_ms.eq(m.next_attempt_ms),
-                        notifications::last_error.eq(&m.note),
-                        notifications::created_ms.eq(now_ms),
-                    ))
-                    .execute(c)
-                    .await?;
-            }
-            Ok(())
-        })
-        .await
+        }
+        Ok(())
     })
     .map(|()| true)
     .or_else(|err| match err {
@@ -1243,19 +1232,25 @@ pub async fn settle(
 }
 
 /// A queued, sent or dead message as the API shows it.
-#[derive(Serialize, Clone, Debug)]
+#[derive(Serialize, Clone, Debug, utoipa::ToSchema)]
 pub struct NotificationView {
     pub id: i64,
     pub channel_id: i64,
+    #[schema(required)]
     pub rule_id: Option<i64>,
     pub kind: NotifyKind,
+    #[schema(required)]
     pub vm_id: Option<i64>,
     pub state: DeliveryState,
     pub attempts: i32,
     pub next_attempt_ms: i64,
+    #[schema(required)]
     pub last_error: Option<String>,
     pub created_ms: i64,
+    #[schema(required)]
     pub sent_ms: Option<i64>,
+    /// The message as it was queued; null only for a stored one this version cannot read.
+    #[schema(value_type = Option<domain::notify::Message>, required)]
     pub message: serde_json::Value,
 }
 

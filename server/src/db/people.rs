@@ -3,12 +3,12 @@
 use super::schema::{api_tokens, audit_log, sessions, users};
 use super::stored::Stored;
 use super::{Conn, DbError};
-use crate::with_conn;
+use crate::{with_conn, write_transaction};
 use diesel::{
     EscapeExpressionMethods, ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper,
     TextExpressionMethods,
 };
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use domain::UserRole;
 use serde::Serialize;
 
@@ -25,7 +25,7 @@ pub struct UserRow {
 }
 
 /// A user as the API lists it (never the hash).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, utoipa::ToSchema)]
 pub struct UserView {
     pub id: i64,
     pub username: String,
@@ -324,14 +324,17 @@ pub async fn touch_api_token(conn: &mut Conn, id: i64, now_ms: i64) -> Result<()
 }
 
 /// An API token as listed (never its value or hash).
-#[derive(Clone, Debug, Serialize, diesel::Queryable)]
+#[derive(Clone, Debug, Serialize, diesel::Queryable, utoipa::ToSchema)]
 pub struct ApiTokenView {
     pub id: i64,
     pub username: String,
     pub label: String,
+    #[schema(value_type = UserRole)]
     pub role: Stored<UserRole>,
     pub created_ms: i64,
+    #[schema(required)]
     pub last_used_ms: Option<i64>,
+    #[schema(required)]
     pub revoked_ms: Option<i64>,
 }
 
@@ -395,66 +398,63 @@ pub async fn rotate_api_token(
     new_hash: &str,
     now_ms: i64,
 ) -> Result<Rotation, DbError> {
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let mut query = api_tokens::table
-                .inner_join(users::table)
-                .filter(api_tokens::label.eq(label))
-                .filter(api_tokens::revoked_ms.is_null())
-                .into_boxed();
-            if let Some(owner) = owner {
-                query = query.filter(users::username.eq(owner));
-            }
-            let found: Vec<(i64, i64, Stored<UserRole>, String)> = query
-                .order(api_tokens::id.asc())
-                .select((
-                    api_tokens::id,
-                    api_tokens::user_id,
-                    api_tokens::role,
-                    users::username,
-                ))
-                .load(c)
-                .await?;
-            let (old_id, user_id, role, username) = match found.as_slice() {
-                [] => return Ok(Rotation::NotFound),
-                [one] => one.clone(),
-                many => {
-                    return Ok(Rotation::Ambiguous(
-                        many.iter().map(|(.., name)| name.clone()).collect(),
-                    ));
-                }
-            };
-            let revoked = diesel::update(
-                api_tokens::table
-                    .find(old_id)
-                    .filter(api_tokens::revoked_ms.is_null()),
-            )
-            .set(api_tokens::revoked_ms.eq(now_ms))
-            .execute(c)
+    write_transaction!(conn, |c| {
+        let mut query = api_tokens::table
+            .inner_join(users::table)
+            .filter(api_tokens::label.eq(label))
+            .filter(api_tokens::revoked_ms.is_null())
+            .into_boxed();
+        if let Some(owner) = owner {
+            query = query.filter(users::username.eq(owner));
+        }
+        let found: Vec<(i64, i64, Stored<UserRole>, String)> = query
+            .order(api_tokens::id.asc())
+            .select((
+                api_tokens::id,
+                api_tokens::user_id,
+                api_tokens::role,
+                users::username,
+            ))
+            .load(c)
             .await?;
-            // Revoked by someone else since it was read: nothing of ours to replace.
-            if revoked != 1 {
-                return Ok(Rotation::NotFound);
+        let (old_id, user_id, role, username) = match found.as_slice() {
+            [] => return Ok(Rotation::NotFound),
+            [one] => one.clone(),
+            many => {
+                return Ok(Rotation::Ambiguous(
+                    many.iter().map(|(.., name)| name.clone()).collect(),
+                ));
             }
-            let new_id = diesel::insert_into(api_tokens::table)
-                .values((
-                    api_tokens::user_id.eq(user_id),
-                    api_tokens::token_hash.eq(new_hash),
-                    api_tokens::label.eq(label),
-                    api_tokens::role.eq(role.0.as_str()),
-                    api_tokens::created_ms.eq(now_ms),
-                ))
-                .returning(api_tokens::id)
-                .get_result(c)
-                .await?;
-            Ok(Rotation::Rotated {
-                old_id,
-                new_id,
-                username,
-                role: role.0,
-            })
+        };
+        let revoked = diesel::update(
+            api_tokens::table
+                .find(old_id)
+                .filter(api_tokens::revoked_ms.is_null()),
+        )
+        .set(api_tokens::revoked_ms.eq(now_ms))
+        .execute(c)
+        .await?;
+        // Revoked by someone else since it was read: nothing of ours to replace.
+        if revoked != 1 {
+            return Ok(Rotation::NotFound);
+        }
+        let new_id = diesel::insert_into(api_tokens::table)
+            .values((
+                api_tokens::user_id.eq(user_id),
+                api_tokens::token_hash.eq(new_hash),
+                api_tokens::label.eq(label),
+                api_tokens::role.eq(role.0.as_str()),
+                api_tokens::created_ms.eq(now_ms),
+            ))
+            .returning(api_tokens::id)
+            .get_result(c)
+            .await?;
+        Ok(Rotation::Rotated {
+            old_id,
+            new_id,
+            username,
+            role: role.0,
         })
-        .await
     })
 }
 
@@ -488,15 +488,18 @@ pub async fn audit(conn: &mut Conn, entry: &AuditEntry<'_>, now_ms: i64) -> Resu
 }
 
 /// An audit entry as listed.
-#[derive(Clone, Debug, Serialize, diesel::Queryable)]
+#[derive(Clone, Debug, Serialize, diesel::Queryable, utoipa::ToSchema)]
 pub struct AuditView {
     pub id: i64,
     pub at_ms: i64,
     pub actor: String,
     pub action: String,
+    #[schema(required)]
     pub target: Option<String>,
+    #[schema(required)]
     pub source: Option<String>,
     pub outcome: String,
+    #[schema(required)]
     pub detail: Option<String>,
 }
 

@@ -6,10 +6,10 @@ use super::schema::{
 };
 use super::stored::{Stored, inner};
 use super::{Conn, DbError};
-use crate::with_conn;
+use crate::{with_conn, write_transaction};
 use diesel::BoolExpressionMethods;
 use diesel::{ExpressionMethods, OptionalExtension, QueryDsl, SelectableHelper};
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 use domain::policy::{self, NodeTally};
 use domain::settings::RemediationTuning;
 use domain::status::{LatestReport, StatusConfig, StatusCounts, Verdict};
@@ -264,8 +264,8 @@ pub async fn apply_verdicts(
         }
         Conn::Sqlite(c) => {
             c.spawn_blocking(move |c| {
-                use diesel::Connection;
-                c.transaction(|c| {
+                // Takes the write lock as it begins, as every write transaction here does.
+                c.immediate_transaction(|c| {
                     let mut changed = Vec::new();
                     for chunk in rows.chunks(VERDICTS_PER_STATEMENT) {
                         let statement = verdict_statement::<diesel::sqlite::Sqlite>(
@@ -384,39 +384,36 @@ pub async fn apply_verdicts_one_by_one(
     if verdicts.is_empty() {
         return Ok(Vec::new());
     }
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            let mut changed = Vec::new();
-            for (id, from, verdict) in verdicts {
-                let updated = diesel::update(
-                    vms::table
-                        .filter(vms::id.eq(id.get()))
-                        .filter(vms::status.eq(from.as_str())),
-                )
-                .set((
-                    vms::status.eq(verdict.status.as_str()),
-                    vms::status_since_ms.eq(now_ms),
-                    vms::status_reason.eq(&verdict.reason),
-                ))
-                .execute(c)
-                .await?;
-                if updated == 1 {
-                    diesel::insert_into(status_changes::table)
-                        .values(NewStatusChange {
-                            vm_id: id.get(),
-                            from_status: from.as_str(),
-                            to_status: verdict.status.as_str(),
-                            at_ms: now_ms,
-                            reason: &verdict.reason,
-                        })
-                        .execute(c)
-                        .await?;
-                    changed.push(*id);
-                }
+    write_transaction!(conn, |c| {
+        let mut changed = Vec::new();
+        for (id, from, verdict) in verdicts {
+            let updated = diesel::update(
+                vms::table
+                    .filter(vms::id.eq(id.get()))
+                    .filter(vms::status.eq(from.as_str())),
+            )
+            .set((
+                vms::status.eq(verdict.status.as_str()),
+                vms::status_since_ms.eq(now_ms),
+                vms::status_reason.eq(&verdict.reason),
+            ))
+            .execute(c)
+            .await?;
+            if updated == 1 {
+                diesel::insert_into(status_changes::table)
+                    .values(NewStatusChange {
+                        vm_id: id.get(),
+                        from_status: from.as_str(),
+                        to_status: verdict.status.as_str(),
+                        at_ms: now_ms,
+                        reason: &verdict.reason,
+                    })
+                    .execute(c)
+                    .await?;
+                changed.push(*id);
             }
-            Ok(changed)
-        })
-        .await
+        }
+        Ok(changed)
     })
 }
 
@@ -650,21 +647,18 @@ pub async fn get_vm(conn: &mut Conn, id: VmId) -> Result<Option<VmView>, DbError
 /// Deletes a VM with its history; false when it did not exist.
 pub async fn delete_vm(conn: &mut Conn, id: VmId) -> Result<bool, DbError> {
     let id = id.get();
-    let deleted = with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            // Explicit deletes keep PostgreSQL and SQLite alike even without cascading FKs.
-            diesel::delete(metric_samples::table.filter(metric_samples::vm_id.eq(id)))
-                .execute(c)
-                .await?;
-            diesel::delete(status_changes::table.filter(status_changes::vm_id.eq(id)))
-                .execute(c)
-                .await?;
-            diesel::delete(reset_attempts::table.filter(reset_attempts::vm_id.eq(id)))
-                .execute(c)
-                .await?;
-            Ok(diesel::delete(vms::table.find(id)).execute(c).await?)
-        })
-        .await
+    let deleted = write_transaction!(conn, |c| {
+        // Explicit deletes keep PostgreSQL and SQLite alike even without cascading FKs.
+        diesel::delete(metric_samples::table.filter(metric_samples::vm_id.eq(id)))
+            .execute(c)
+            .await?;
+        diesel::delete(status_changes::table.filter(status_changes::vm_id.eq(id)))
+            .execute(c)
+            .await?;
+        diesel::delete(reset_attempts::table.filter(reset_attempts::vm_id.eq(id)))
+            .execute(c)
+            .await?;
+        Ok(diesel::delete(vms::table.find(id)).execute(c).await?)
     })?;
     Ok(deleted == 1)
 }
@@ -882,27 +876,24 @@ async fn save_runtime(
     values: &[(&str, String)],
     now_ms: i64,
 ) -> Result<(), DbError> {
-    with_conn!(conn, |c| {
-        c.transaction::<_, DbError, _>(async |c| {
-            for (key, json) in values {
-                diesel::insert_into(runtime_config::table)
-                    .values((
-                        runtime_config::key.eq(*key),
-                        runtime_config::value.eq(json),
-                        runtime_config::updated_ms.eq(now_ms),
-                    ))
-                    .on_conflict(runtime_config::key)
-                    .do_update()
-                    .set((
-                        runtime_config::value.eq(json),
-                        runtime_config::updated_ms.eq(now_ms),
-                    ))
-                    .execute(c)
-                    .await?;
-            }
-            Ok(())
-        })
-        .await
+    write_transaction!(conn, |c| {
+        for (key, json) in values {
+            diesel::insert_into(runtime_config::table)
+                .values((
+                    runtime_config::key.eq(*key),
+                    runtime_config::value.eq(json),
+                    runtime_config::updated_ms.eq(now_ms),
+                ))
+                .on_conflict(runtime_config::key)
+                .do_update()
+                .set((
+                    runtime_config::value.eq(json),
+                    runtime_config::updated_ms.eq(now_ms),
+                ))
+                .execute(c)
+                .await?;
+        }
+        Ok(())
     })
 }
 

@@ -4,13 +4,13 @@
 //! as hashes; every such answer says `Cache-Control: no-store`.
 
 use super::error::{ApiError, FieldError};
-use super::extract::{Actor, Admin, JsonBody, NO_STORE, NoStore, VmPath, label, positive_id};
+use super::extract::{Actor, Admin, IdPath, JsonBody, NO_STORE, NoStore, VmPath, label};
 use crate::auth;
 use crate::db::identity::{self, NewToken, TokenRow};
 use crate::enrolment::CREDENTIAL_PREFIX;
 use crate::state::AppState;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use domain::{GuestKind, NodeName, VmId, Vmid};
 use serde::{Deserialize, Serialize};
@@ -33,7 +33,7 @@ pub struct IssuedCredential {
     operation_id = "rotate_credential",
     path = "/api/vms/{id}/credential",
     tag = "agents",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     responses((status = 200, description = "A new credential for the VM's agent, shown this once", body = IssuedCredential))
 )]
 pub async fn rotate(
@@ -81,7 +81,7 @@ pub struct Revoked {
     operation_id = "revoke_credential",
     path = "/api/vms/{id}/credential",
     tag = "agents",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     responses((status = 200, description = "Revoked", body = Revoked))
 )]
 pub async fn revoke(
@@ -119,8 +119,11 @@ pub struct GuestBinding {
 pub struct TokenRequest {
     pub label: String,
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 8784)]
     pub expires_in_hours: Option<i64>,
+    /// 1 for a token bound to a guest.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 100_000)]
     pub max_uses: Option<i64>,
     /// Bind the token to one guest: the VM that enrols with it is linked to that guest.
     #[serde(default)]
@@ -134,11 +137,16 @@ pub struct TokenView {
     pub label: String,
     pub created_by: String,
     pub created_ms: i64,
+    #[schema(required)]
     pub expires_ms: Option<i64>,
+    #[schema(required)]
     pub max_uses: Option<i64>,
     pub uses: i64,
+    #[schema(required)]
     pub last_used_ms: Option<i64>,
+    #[schema(required)]
     pub revoked_ms: Option<i64>,
+    #[schema(required)]
     pub guest: Option<GuestView>,
 }
 
@@ -307,15 +315,14 @@ pub async fn enrolment_tokens(state: &AppState) -> Result<Vec<TokenView>, ApiErr
     operation_id = "revoke_enrolment_token",
     path = "/api/enrolment-tokens/{id}",
     tag = "agents",
-    params(("id" = i64, Path, description = "The enrolment token's id")),
+    params(("id" = i64, Path, description = "The enrolment token's id", minimum = 1)),
     responses((status = 204, description = "Revoked"))
 )]
 pub async fn revoke_token(
     State(state): State<AppState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<StatusCode, ApiError> {
-    let id = positive_id(&id)?;
     withdraw_enrolment_token(&state, &actor, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

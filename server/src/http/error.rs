@@ -59,12 +59,31 @@ pub struct ErrorDetail {
     /// Stable and machine-readable: `bad_request`, `unauthorized`, `forbidden`,
     /// `too_many_requests`, `not_found`, `conflict`, `payload_too_large`, `bad_gateway`,
     /// `unavailable` or `internal`.
+    #[schema(schema_with = error_codes)]
     pub code: &'static str,
     /// For people: what went wrong and, where there is one, what to do.
     pub message: String,
     /// The input that was wrong (`"hours"`, `"status.cpu_threshold"`), on a bad request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+}
+
+/// Every `code` an error body may carry, as the document lists them.
+pub const ERROR_CODES: &[&str] = &[
+    "bad_request",
+    "unauthorized",
+    "forbidden",
+    "too_many_requests",
+    "not_found",
+    "conflict",
+    "payload_too_large",
+    "bad_gateway",
+    "unavailable",
+    "internal",
+];
+
+fn error_codes() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    domain::openapi::string_enum(ERROR_CODES)
 }
 
 /// Seconds a client should wait after a 503.
@@ -288,6 +307,26 @@ mod tests {
         let response = api.into_response();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[header::RETRY_AFTER], "5");
+    }
+
+    #[test]
+    fn every_code_is_documented() {
+        let every = [
+            ApiError::bad_request("x"),
+            ApiError::Unauthorized,
+            ApiError::Forbidden("x".into()),
+            ApiError::TooManyRequests(1),
+            ApiError::NotFound,
+            ApiError::Conflict("x".into()),
+            ApiError::PayloadTooLarge(1),
+            ApiError::BadGateway("x".into()),
+            ApiError::Unavailable,
+            ApiError::Internal("x".into()),
+        ];
+        for err in &every {
+            assert!(ERROR_CODES.contains(&err.code()), "{}", err.code());
+        }
+        assert_eq!(every.len(), ERROR_CODES.len());
     }
 
     #[test]

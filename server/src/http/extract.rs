@@ -169,6 +169,23 @@ impl FromRequestParts<AppState> for AgentBearer {
     }
 }
 
+/// The text of a route's one `{id}` segment; an undecodable one is a 400 naming `id`.
+async fn id_segment<S: Send + Sync>(parts: &mut Parts, state: &S) -> Result<String, ApiError> {
+    match Path::<String>::from_request_parts(parts, state).await {
+        Ok(Path(raw)) => Ok(raw),
+        // A route without exactly one parameter: our bug, not the client's.
+        Err(rejection) if rejection.status().is_server_error() => Err(ApiError::Internal(format!(
+            "an id extractor on a route it does not fit: {}",
+            rejection.body_text()
+        ))),
+        // Undecodable segments (bad percent-encoding, not UTF-8) are not ids either.
+        Err(_) => Err(ApiError::field(
+            "id",
+            InvalidId("must be a positive integer"),
+        )),
+    }
+}
+
 /// The VM named by a route's one `{id}` segment; anything but a positive integer is a 400
 /// naming `id`.
 #[derive(Clone, Copy, Debug)]
@@ -178,24 +195,24 @@ impl<S: Send + Sync> FromRequestParts<S> for VmPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let raw = match Path::<String>::from_request_parts(parts, state).await {
-            Ok(Path(raw)) => raw,
-            // A route without exactly one parameter: our bug, not the client's.
-            Err(rejection) if rejection.status().is_server_error() => {
-                return Err(ApiError::Internal(format!(
-                    "VmPath on a route it does not fit: {}",
-                    rejection.body_text()
-                )));
-            }
-            // Undecodable segments (bad percent-encoding, not UTF-8) are not ids either.
-            Err(_) => {
-                return Err(ApiError::field(
-                    "id",
-                    InvalidId("must be a positive integer"),
-                ));
-            }
-        };
-        raw.parse::<VmId>().field("id").map(VmPath)
+        id_segment(parts, state)
+            .await?
+            .parse::<VmId>()
+            .field("id")
+            .map(VmPath)
+    }
+}
+
+/// Any other row a route's one `{id}` segment names (a user, a token, a channel, a rule, a
+/// window); anything but a positive integer is a 400 naming `id`.
+#[derive(Clone, Copy, Debug)]
+pub struct IdPath(pub i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        positive_id(&id_segment(parts, state).await?).map(IdPath)
     }
 }
 
@@ -247,6 +264,28 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let RawBody(body) = RawBody::from_request(req, state).await?;
         parse_json(&body).map(JsonBody)
+    }
+}
+
+/// A form body (`application/x-www-form-urlencoded`, the pages' forms); a wrong or missing
+/// content type or a form that does not fit is a 400 in the API's JSON, like every refusal.
+#[derive(Debug)]
+pub struct FormBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for FormBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        axum::Form::<T>::from_request(req, state)
+            .await
+            .map(|axum::Form(value)| FormBody(value))
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(MAX_REPORT_BYTES)
+                } else {
+                    ApiError::field("body", rejection.body_text())
+                }
+            })
     }
 }
 

@@ -9,44 +9,74 @@ use axum::http::StatusCode;
 use domain::view::RemediationSummary;
 use serde::Serialize;
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct HealthReport {
+    #[schema(schema_with = status_schema)]
     status: &'static str,
     database: ComponentHealth,
+    #[schema(schema_with = redis_schema)]
     redis: &'static str,
     remediation: RemediationSummary,
     jobs: JobsHealth,
     version: &'static str,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct ComponentHealth {
+    #[schema(schema_with = backend_schema)]
     backend: &'static str,
     ok: bool,
 }
 
 /// Seconds since each background job last did its work (`None`: not yet).
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct JobsHealth {
     ok: bool,
+    #[schema(required)]
     scheduler_round_age_s: Option<i64>,
     /// How long the last round took (its database work, mostly).
+    #[schema(required)]
     scheduler_round_took_ms: Option<i64>,
+    #[schema(required)]
     writer_commit_age_s: Option<i64>,
     /// Seconds since the notifier last read and queued (it stops when storage does).
+    #[schema(required)]
     notifier_pass_age_s: Option<i64>,
     restarts: i64,
+}
+
+fn status_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    domain::openapi::string_enum(&["ok", "degraded", "unavailable"])
+}
+
+fn redis_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    domain::openapi::string_enum(&["not configured", "up", "down"])
+}
+
+fn backend_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    domain::openapi::string_enum(&["sqlite", "postgresql"])
 }
 
 fn age_s(now_ms: i64, mark_ms: i64) -> Option<i64> {
     (mark_ms > 0).then(|| now_ms.saturating_sub(mark_ms) / 1000)
 }
 
-/// 200 while storage answers and the scheduler runs, else 503 (a load balancer's signal).
 /// What an anonymous caller learns: only whether the service is up.
-#[derive(Serialize)]
+// `deny_unknown_fields` only tells the document that nothing else is in it, so that the
+// two answers below are told apart (serialization ignores it).
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct PublicHealth {
+    #[schema(schema_with = status_schema)]
     status: &'static str,
+}
+
+/// The details for a caller with a credential, the status alone for anyone else.
+#[derive(Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum HealthAnswer {
+    Detailed(HealthReport),
+    Public(PublicHealth),
 }
 
 /// 200 while storage answers and the scheduler runs, else 503 (a load balancer's signal).
@@ -55,25 +85,21 @@ pub struct PublicHealth {
     get,
     path = "/api/health",
     tag = "service",
-    responses((status = 200, description = "Storage answers and the scheduler runs (details for a signed-in caller or token)", body = Object), (status = 503, description = "Not serving", body = Object)),
+    responses((status = 200, description = "Storage answers and the scheduler runs (details for a signed-in caller or token)", body = HealthAnswer), (status = 503, description = "Not serving", body = HealthAnswer)),
     security(())
 )]
 pub async fn health(
     State(state): State<AppState>,
     parts: axum::http::request::Parts,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
+) -> (StatusCode, Json<HealthAnswer>) {
     let (code, report) = health_report(&state).await;
-    match crate::accounts::principal(&state, &parts).await {
-        Ok(Some(_)) => (code, Json(report)).into_response(),
-        _ => (
-            code,
-            Json(PublicHealth {
-                status: report.status,
-            }),
-        )
-            .into_response(),
-    }
+    let answer = match crate::accounts::principal(&state, &parts).await {
+        Ok(Some(_)) => HealthAnswer::Detailed(report),
+        _ => HealthAnswer::Public(PublicHealth {
+            status: report.status,
+        }),
+    };
+    (code, Json(answer))
 }
 
 async fn health_report(state: &AppState) -> (StatusCode, HealthReport) {

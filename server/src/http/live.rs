@@ -26,12 +26,13 @@ pub const STREAM_LIFETIME: Duration = Duration::from_secs(300);
 /// How soon the browser reconnects after a stream ends.
 const RETRY: Duration = Duration::from_secs(1);
 
+// `Conventions` puts the events' own schema in place of `String`.
 #[utoipa::path(
     get,
     operation_id = "live_stream",
     path = "/api/live",
     tag = "vms",
-    responses((status = 200, description = "Server-sent events: one `fleet` event whenever VMs change", body = String, content_type = "text/event-stream"))
+    responses((status = 200, description = "Server-sent events: `mode` first and when it changes, then `change` whenever VMs change", body = String, content_type = "text/event-stream"))
 )]
 pub async fn stream(State(state): State<AppState>, _viewer: Viewer) -> Response {
     let bus = state.cache.live();

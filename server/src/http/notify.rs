@@ -3,13 +3,15 @@
 //! (operators).
 
 use super::error::ApiError;
-use super::extract::{Actor, Admin, JsonBody, Operator, Viewer, VmPath, label, positive_id};
+use super::extract::{
+    Actor, Admin, IdPath, JsonBody, Operator, QueryParams, Viewer, VmPath, label,
+};
 use crate::db::notify::{
     self as store, ChannelView, NewChannel, NotificationView, RuleView, WindowView,
 };
 use crate::state::AppState;
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use domain::maintenance::{Recurrence, Scope, When, Window, check_when};
 use domain::notify::{MAX_REPEAT_MS, MIN_REPEAT_MS, Message, Rule};
@@ -83,7 +85,7 @@ fn check_shown_url(raw: &str) -> Result<reqwest::Url, ApiError> {
     path = "/api/notify/channels",
     tag = "notify",
     request_body = NewChannelBody,
-    responses((status = 201, description = "Created", body = Object))
+    responses((status = 201, description = "Created", body = ChannelView))
 )]
 pub async fn create_channel(
     State(state): State<AppState>,
@@ -157,7 +159,7 @@ pub async fn add_channel(
     get,
     path = "/api/notify/channels",
     tag = "notify",
-    responses((status = 200, description = "Every channel (never a secret)", body = [Object]))
+    responses((status = 200, description = "Every channel (never a secret)", body = [ChannelView]))
 )]
 pub async fn list_channels(
     State(state): State<AppState>,
@@ -172,15 +174,15 @@ pub async fn list_channels(
     delete,
     path = "/api/notify/channels/{id}",
     tag = "notify",
-    params(("id" = i64, Path, description = "The channel's id")),
+    params(("id" = i64, Path, description = "The channel's id", minimum = 1)),
     responses((status = 204, description = "Deleted with its rules"))
 )]
 pub async fn delete_channel(
     State(state): State<AppState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<StatusCode, ApiError> {
-    remove_channel(&state, &actor, positive_id(&id)?).await?;
+    remove_channel(&state, &actor, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -199,6 +201,7 @@ pub async fn remove_channel(state: &AppState, actor: &Actor, id: i64) -> Result<
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct TestResult {
     pub delivered: bool,
+    #[schema(required)]
     pub error: Option<String>,
 }
 
@@ -207,15 +210,15 @@ pub struct TestResult {
     post,
     path = "/api/notify/channels/{id}/test",
     tag = "notify",
-    params(("id" = i64, Path, description = "The channel's id")),
+    params(("id" = i64, Path, description = "The channel's id", minimum = 1)),
     responses((status = 200, description = "Whether the test message was delivered", body = TestResult))
 )]
 pub async fn test_channel(
     State(state): State<AppState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<Json<TestResult>, ApiError> {
-    Ok(Json(send_test(&state, &actor, positive_id(&id)?).await?))
+    Ok(Json(send_test(&state, &actor, id).await?))
 }
 
 /// Both doors of `POST /api/notify/channels/:id/test`.
@@ -262,6 +265,7 @@ pub struct NewRuleBody {
     /// Only VMs with this tag.
     pub tag: Option<Tag>,
     /// Remind while a VM stays down, this often (5 to 10,080 minutes).
+    #[schema(minimum = 5, maximum = 10_080)]
     pub repeat_minutes: Option<i64>,
 }
 
@@ -270,7 +274,7 @@ pub struct NewRuleBody {
     path = "/api/notify/rules",
     tag = "notify",
     request_body = NewRuleBody,
-    responses((status = 201, description = "Created", body = Object))
+    responses((status = 201, description = "Created", body = RuleView))
 )]
 pub async fn create_rule(
     State(state): State<AppState>,
@@ -332,7 +336,7 @@ pub async fn add_rule(
     get,
     path = "/api/notify/rules",
     tag = "notify",
-    responses((status = 200, description = "Every routing rule", body = [Object]))
+    responses((status = 200, description = "Every routing rule", body = [RuleView]))
 )]
 pub async fn list_rules(
     State(state): State<AppState>,
@@ -346,15 +350,15 @@ pub async fn list_rules(
     delete,
     path = "/api/notify/rules/{id}",
     tag = "notify",
-    params(("id" = i64, Path, description = "The rule's id")),
+    params(("id" = i64, Path, description = "The rule's id", minimum = 1)),
     responses((status = 204, description = "Deleted"))
 )]
 pub async fn delete_rule(
     State(state): State<AppState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<StatusCode, ApiError> {
-    remove_rule(&state, &actor, positive_id(&id)?).await?;
+    remove_rule(&state, &actor, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -377,6 +381,8 @@ pub async fn remove_rule(state: &AppState, actor: &Actor, id: i64) -> Result<(),
 #[serde(deny_unknown_fields)]
 pub struct MessagesQuery {
     state: Option<DeliveryState>,
+    /// Messages on one page (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
@@ -387,12 +393,12 @@ pub struct MessagesQuery {
     path = "/api/notify/messages",
     tag = "notify",
     params(MessagesQuery),
-    responses((status = 200, description = "Messages, newest first", body = [Object]))
+    responses((status = 200, description = "Messages, newest first", body = [NotificationView]))
 )]
 pub async fn messages(
     State(state): State<AppState>,
     _admin: Admin,
-    Query(q): Query<MessagesQuery>,
+    QueryParams(q): QueryParams<MessagesQuery>,
 ) -> Result<Json<Vec<NotificationView>>, ApiError> {
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -424,7 +430,7 @@ pub struct NewWindowBody {
     path = "/api/maintenance",
     tag = "notify",
     request_body = NewWindowBody,
-    responses((status = 201, description = "Created", body = Object))
+    responses((status = 201, description = "Created", body = WindowView))
 )]
 pub async fn create_window(
     State(state): State<AppState>,
@@ -526,7 +532,7 @@ async fn insert_window(
     get,
     path = "/api/maintenance",
     tag = "notify",
-    responses((status = 200, description = "Every maintenance window", body = [Object]))
+    responses((status = 200, description = "Every maintenance window", body = [WindowView]))
 )]
 pub async fn list_windows(
     State(state): State<AppState>,
@@ -540,15 +546,15 @@ pub async fn list_windows(
     delete,
     path = "/api/maintenance/{id}",
     tag = "notify",
-    params(("id" = i64, Path, description = "The window's id")),
+    params(("id" = i64, Path, description = "The window's id", minimum = 1)),
     responses((status = 204, description = "Deleted"))
 )]
 pub async fn delete_window(
     State(state): State<AppState>,
     Operator(actor): Operator,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<StatusCode, ApiError> {
-    remove_window(&state, &actor, positive_id(&id)?).await?;
+    remove_window(&state, &actor, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -578,6 +584,7 @@ pub async fn remove_window(state: &AppState, actor: &Actor, id: i64) -> Result<(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SnoozeBody {
+    #[schema(minimum = 1, maximum = 168)]
     pub hours: i64,
 }
 
@@ -586,9 +593,9 @@ pub struct SnoozeBody {
     post,
     path = "/api/vms/{id}/snooze",
     tag = "notify",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     request_body = SnoozeBody,
-    responses((status = 201, description = "A maintenance window over the VM from now", body = Object))
+    responses((status = 201, description = "A maintenance window over the VM from now", body = WindowView))
 )]
 pub async fn snooze(
     State(state): State<AppState>,
@@ -649,7 +656,7 @@ pub struct TagsBody {
     get,
     path = "/api/vms/{id}/tags",
     tag = "notify",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     responses((status = 200, description = "The VM's tags, by who set them", body = VmTags))
 )]
 pub async fn get_tags(
@@ -682,7 +689,7 @@ pub struct VmTags {
     put,
     path = "/api/vms/{id}/tags",
     tag = "notify",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     request_body = TagsBody,
     responses((status = 200, description = "The VM's tags as now set", body = TagsBody))
 )]

@@ -8,6 +8,7 @@ use axum::response::Html;
 use std::fmt::Write as _;
 use std::sync::OnceLock;
 use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::schema::{Object, ObjectBuilder, Type};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
@@ -103,6 +104,29 @@ impl Modify for Conventions {
                 )
                 .build()
         };
+        // Bodies the derive cannot describe: this document, a report (read loosely) and the
+        // live stream's events.
+        let content = |schema| ContentBuilder::new().schema(Some(schema)).build();
+        if let Some(RefOr::T(answer)) = operation(doc, "/api/openapi.json")
+            .and_then(|operation| operation.responses.responses.get_mut("200"))
+        {
+            answer
+                .content
+                .insert("application/json".into(), content(document_schema()));
+        }
+        if let Some(RefOr::T(answer)) = operation(doc, "/api/live")
+            .and_then(|operation| operation.responses.responses.get_mut("200"))
+        {
+            answer
+                .content
+                .insert("text/event-stream".into(), content(live_event_schema()));
+        }
+        if let Some(body) = operation(doc, "/api/health/report")
+            .and_then(|operation| operation.request_body.as_mut())
+        {
+            body.content
+                .insert("application/json".into(), content(report_schema()));
+        }
         for item in doc.paths.paths.values_mut() {
             for operation in operations(item) {
                 operation
@@ -124,6 +148,116 @@ impl Modify for Conventions {
     }
 }
 
+/// What `GET /api/openapi.json` answers: an OpenAPI 3.1 document, its top level checked
+/// here and the rest as the specification has it.
+fn document_schema() -> RefOr<utoipa::openapi::schema::Schema> {
+    let object = || Object::with_type(Type::Object);
+    ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .property(
+            "openapi",
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .pattern(Some(r"^3\.1\.[0-9]+$")),
+        )
+        .required("openapi")
+        .property("info", object())
+        .required("info")
+        .property("paths", object())
+        .required("paths")
+        .property("components", object())
+        .required("components")
+        .into()
+}
+
+/// The heartbeat contract (`domain::heartbeat`) as agents send it. The parser reads the
+/// optional parts loosely (one of the wrong shape is dropped with a warning), so this is
+/// what a good agent sends, not all that is accepted.
+fn report_schema() -> RefOr<utoipa::openapi::schema::Schema> {
+    let count = |minimum: i64| serde_json::json!({"type": "integer", "minimum": minimum});
+    let text = serde_json::json!({"type": "string"});
+    json_schema(serde_json::json!({
+        "type": "object",
+        "required": [
+            "hostname", "os", "cpu_percent", "ram_used_bytes", "ram_total_bytes",
+            "uptime_seconds"
+        ],
+        "properties": {
+            "hostname": {
+                "type": "string", "minLength": 1, "maxLength": 253,
+                "description": "Letters, digits, '.', '-' and '_'"
+            },
+            "os": {"type": "string", "enum": ["linux", "windows", "other"]},
+            "machine_id": {"type": "string", "description": "A UUID"},
+            "vmid": {"type": "integer", "minimum": 100, "maximum": 999_999_999},
+            "node": text,
+            "cpu_percent": {"type": "number", "minimum": 0, "maximum": 100},
+            "ram_used_bytes": count(0),
+            "ram_total_bytes": count(1),
+            "disks": {
+                "type": "array",
+                "description": "One entry per filesystem; of more than 64, the 64 fullest are kept",
+                "items": {
+                    "type": "object",
+                    "required": ["mount", "used_bytes", "total_bytes"],
+                    "properties": {
+                        "mount": text, "used_bytes": count(0), "total_bytes": count(0)
+                    }
+                }
+            },
+            "uptime_seconds": count(0),
+            "agent_version": text,
+            "observed_at": {"type": "string", "format": "date-time"}
+        }
+    }))
+}
+
+/// One event of `GET /api/live`, as a client reads it (Open API 3.1 has the schema of an
+/// event stream describe each event): the mode, then which VMs changed.
+fn live_event_schema() -> RefOr<utoipa::openapi::schema::Schema> {
+    json_schema(serde_json::json!({
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"type": "string", "enum": ["mode"]},
+                    "data": {
+                        "type": "string", "enum": ["push", "poll"],
+                        "description": "push: changes arrive here; poll: the page must poll too"
+                    },
+                    "retry": {"type": "integer", "minimum": 0}
+                }
+            },
+            {
+                "type": "object",
+                "required": ["event", "data"],
+                "properties": {
+                    "event": {"type": "string", "enum": ["change"]},
+                    "data": {
+                        "type": "string", "pattern": "^([*]|[0-9]+(,[0-9]+)*)$",
+                        "description": "`*` (reload everything) or the ids of the VMs that changed"
+                    }
+                }
+            }
+        ]
+    }))
+}
+
+/// A schema written as JSON; one that does not read is a bug the document's test finds (the
+/// body stays free-form).
+fn json_schema(schema: serde_json::Value) -> RefOr<utoipa::openapi::schema::Schema> {
+    serde_json::from_value(schema).unwrap_or_else(|err| {
+        tracing::error!(error = %err, "a hand-written schema does not read");
+        Object::with_type(Type::Object).into()
+    })
+}
+
+/// The one operation at `path` (each path with a hand-written body has one).
+fn operation<'a>(doc: &'a mut utoipa::openapi::OpenApi, path: &str) -> Option<&'a mut Operation> {
+    operations(doc.paths.paths.get_mut(path)?).next()
+}
+
 fn operations(item: &mut utoipa::openapi::PathItem) -> impl Iterator<Item = &mut Operation> {
     [
         item.get.as_mut(),
@@ -143,11 +277,12 @@ pub fn document_json() -> &'static serde_json::Value {
 }
 
 /// This API's OpenAPI 3.1 document.
+// `Conventions` replaces the free-form body below with the document's own schema.
 #[utoipa::path(
     get,
     path = "/api/openapi.json",
     tag = "service",
-    responses((status = 200, description = "The OpenAPI document", body = Object))
+    responses((status = 200, description = "The OpenAPI 3.1 document", body = Object))
 )]
 pub async fn document(_viewer: Viewer) -> Json<&'static serde_json::Value> {
     Json(document_json())

@@ -2,7 +2,7 @@
 
 use super::error::ApiError;
 use super::extract::{
-    Actor, Admin, JsonBody, NO_STORE, NoStore, QueryParams, Viewer, label, positive_id,
+    Actor, Admin, FormBody, IdPath, JsonBody, NO_STORE, NoStore, QueryParams, Viewer, label,
 };
 use crate::accounts::{self, LoginError, SetupError};
 use crate::auth;
@@ -10,7 +10,7 @@ use crate::config::Secret;
 use crate::db::people::{self, ApiTokenView, AuditView, UserView};
 use crate::state::AppState;
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use domain::UserRole;
@@ -178,7 +178,7 @@ pub struct NewUser {
     path = "/api/users",
     tag = "people",
     request_body = NewUser,
-    responses((status = 201, description = "Created", body = Object))
+    responses((status = 201, description = "Created", body = UserView))
 )]
 pub async fn create_user(
     State(state): State<AppState>,
@@ -229,7 +229,7 @@ pub async fn add_user(
     get,
     path = "/api/users",
     tag = "people",
-    responses((status = 200, description = "Every user (admin)", body = [Object]))
+    responses((status = 200, description = "Every user (admin)", body = [UserView]))
 )]
 pub async fn list_users(
     State(state): State<AppState>,
@@ -254,17 +254,16 @@ pub struct PasswordChange {
     put,
     path = "/api/users/{id}/password",
     tag = "people",
-    params(("id" = i64, Path, description = "The user's id")),
+    params(("id" = i64, Path, description = "The user's id", minimum = 1)),
     request_body = PasswordChange,
     responses((status = 204, description = "Changed"))
 )]
 pub async fn set_password(
     State(state): State<AppState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
     JsonBody(request): JsonBody<PasswordChange>,
 ) -> Result<StatusCode, ApiError> {
-    let id = positive_id(&id)?;
     change_password(&state, &actor, id, request.password).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -296,15 +295,14 @@ pub async fn change_password(
     delete,
     path = "/api/users/{id}",
     tag = "people",
-    params(("id" = i64, Path, description = "The user's id")),
+    params(("id" = i64, Path, description = "The user's id", minimum = 1)),
     responses((status = 204, description = "Deleted; the user's sessions and tokens end"))
 )]
 pub async fn delete_user(
     State(state): State<AppState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<StatusCode, ApiError> {
-    let id = positive_id(&id)?;
     remove_user(&state, &actor, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -400,7 +398,7 @@ pub async fn issue_api_token(
     get,
     path = "/api/tokens",
     tag = "people",
-    responses((status = 200, description = "Every API token (never its value)", body = [Object]))
+    responses((status = 200, description = "Every API token (never its value)", body = [ApiTokenView]))
 )]
 pub async fn list_api_tokens(
     State(state): State<AppState>,
@@ -418,15 +416,14 @@ pub async fn api_tokens(state: &AppState) -> Result<Vec<ApiTokenView>, ApiError>
     delete,
     path = "/api/tokens/{id}",
     tag = "people",
-    params(("id" = i64, Path, description = "The token's id")),
+    params(("id" = i64, Path, description = "The token's id", minimum = 1)),
     responses((status = 204, description = "Revoked"))
 )]
 pub async fn revoke_api_token(
     State(state): State<AppState>,
     Admin(actor): Admin,
-    Path(id): Path<String>,
+    IdPath(id): IdPath,
 ) -> Result<StatusCode, ApiError> {
-    let id = positive_id(&id)?;
     withdraw_api_token(&state, &actor, id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -454,7 +451,10 @@ pub async fn withdraw_api_token(state: &AppState, actor: &Actor, id: i64) -> Res
 #[derive(Default, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct AuditQuery {
+    /// Only entries older than this id (the last one of the previous page).
     pub before: Option<i64>,
+    /// Entries on one page (default 100).
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<i64>,
     /// Only this user's entries (exact name).
     #[serde(default)]
@@ -475,7 +475,7 @@ pub struct AuditQuery {
     path = "/api/audit",
     tag = "people",
     params(AuditQuery),
-    responses((status = 200, description = "Audit entries, newest first", body = [Object]))
+    responses((status = 200, description = "Audit entries, newest first", body = [AuditView]))
 )]
 pub async fn audit(
     State(state): State<AppState>,
@@ -529,7 +529,7 @@ pub struct LoginForm {
 pub async fn form_login(
     State(state): State<AppState>,
     parts: Parts,
-    axum::Form(form): axum::Form<LoginForm>,
+    FormBody(form): FormBody<LoginForm>,
 ) -> Result<axum::response::Redirect, ApiError> {
     same_origin(&parts)?;
     let session = session_of(&parts)?;
@@ -577,7 +577,7 @@ pub struct SetupForm {
 pub async fn form_setup(
     State(state): State<AppState>,
     parts: Parts,
-    axum::Form(form): axum::Form<SetupForm>,
+    FormBody(form): FormBody<SetupForm>,
 ) -> Result<axum::response::Redirect, ApiError> {
     same_origin(&parts)?;
     let session = session_of(&parts)?;

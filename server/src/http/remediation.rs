@@ -37,7 +37,7 @@ async fn power(
     post,
     path = "/api/vms/{id}/reset",
     tag = "remediation",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     responses((status = 202, description = "Sent; the outcome lands in the reset history", body = PowerAccepted))
 )]
 pub async fn reset(
@@ -52,7 +52,7 @@ pub async fn reset(
     post,
     path = "/api/vms/{id}/shutdown",
     tag = "remediation",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     responses((status = 202, description = "Sent; the outcome lands in the reset history", body = PowerAccepted))
 )]
 pub async fn shutdown(
@@ -69,7 +69,7 @@ pub async fn shutdown(
     post,
     path = "/api/vms/{id}/hold",
     tag = "remediation",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     responses((status = 204, description = "Held"))
 )]
 pub async fn hold(
@@ -92,7 +92,7 @@ pub struct Acknowledged {
     post,
     path = "/api/vms/{id}/acknowledge",
     tag = "remediation",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     responses((status = 200, description = "Cleared", body = Acknowledged))
 )]
 pub async fn acknowledge(
@@ -107,7 +107,7 @@ pub async fn acknowledge(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct RemediationOverview {
     summary: RemediationSummary,
     events: Vec<Event>,
@@ -118,7 +118,7 @@ pub struct RemediationOverview {
     get,
     path = "/api/remediation",
     tag = "remediation",
-    responses((status = 200, description = "The engine's state and recent events", body = Object))
+    responses((status = 200, description = "The engine's state and recent events", body = RemediationOverview))
 )]
 pub async fn overview(
     State(state): State<AppState>,

@@ -30,6 +30,7 @@ pub struct ReportAccepted {
     post,
     path = "/api/health/report",
     tag = "agents",
+    // `Conventions` puts the heartbeat contract in place of this free-form body.
     request_body = Object,
     responses((status = 200, description = "Stored; names the VM and any parts of the report that were dropped", body = ReportAccepted)),
     security(("agent" = []))

@@ -41,7 +41,7 @@ pub async fn summary(
     get,
     path = "/api/status/config",
     tag = "service",
-    responses((status = 200, description = "Thresholds and the stale timeout", body = Object))
+    responses((status = 200, description = "Thresholds and the stale timeout", body = StatusConfig))
 )]
 pub async fn get_config(State(state): State<AppState>, _viewer: Viewer) -> Json<StatusConfig> {
     Json(state.status_config.get())
@@ -59,7 +59,7 @@ pub struct ConfigPatch {
 }
 
 /// The configuration now in force, and how many VMs changed status under it.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct ConfigUpdated {
     config: StatusConfig,
     changed_vms: usize,
@@ -71,7 +71,7 @@ pub struct ConfigUpdated {
     path = "/api/status/config",
     tag = "service",
     request_body = ConfigPatch,
-    responses((status = 200, description = "Saved and applied", body = Object))
+    responses((status = 200, description = "Saved and applied", body = ConfigUpdated))
 )]
 pub async fn put_config(
     State(state): State<AppState>,
@@ -105,7 +105,7 @@ pub async fn put_config(
     get,
     path = "/api/settings",
     tag = "service",
-    responses((status = 200, description = "Every runtime setting", body = Object))
+    responses((status = 200, description = "Every runtime setting", body = Settings))
 )]
 pub async fn get_settings(State(state): State<AppState>, _admin: Admin) -> Json<Settings> {
     Json(crate::configure::current(&state))
@@ -117,14 +117,14 @@ pub async fn get_settings(State(state): State<AppState>, _admin: Admin) -> Json<
     get,
     path = "/api/proxmox/check",
     tag = "service",
-    responses((status = 200, description = "What each check asked and found", body = Object))
+    responses((status = 200, description = "What each check asked and found", body = ProxmoxCheck))
 )]
 pub async fn proxmox_check(State(state): State<AppState>, _admin: Admin) -> Json<ProxmoxCheck> {
     Json(crate::configure::test_proxmox(&state).await)
 }
 
 /// The settings after a change, and how many VMs changed status under them.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct SettingsUpdated {
     settings: Settings,
     changed_vms: usize,
@@ -135,8 +135,8 @@ pub struct SettingsUpdated {
     put,
     path = "/api/settings",
     tag = "service",
-    request_body = Object,
-    responses((status = 200, description = "Saved and applied", body = Object))
+    request_body = Settings,
+    responses((status = 200, description = "Saved and applied", body = SettingsUpdated))
 )]
 pub async fn put_settings(
     State(state): State<AppState>,

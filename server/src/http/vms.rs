@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// VMs on one page; with it (or `after`) the answer is one page.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
     /// The last VM of the previous page, as its `next` link gives it: `HOSTNAME,ID`.
     after: Option<String>,
@@ -34,7 +36,7 @@ const DEFAULT_PAGE: i64 = 500;
     path = "/api/vms",
     tag = "vms",
     params(ListQuery),
-    responses((status = 200, description = "VMs sorted by hostname; a Link header names the next page", body = [Object]))
+    responses((status = 200, description = "VMs sorted by hostname; a Link header names the next page", body = [VmView]))
 )]
 pub async fn list(
     State(state): State<AppState>,
@@ -83,7 +85,7 @@ pub async fn list(
 }
 
 /// One VM as the fleet shows it, plus its status changes.
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct VmDetail {
     #[serde(flatten)]
     vm: VmView,
@@ -95,8 +97,8 @@ pub struct VmDetail {
     operation_id = "get_vm",
     path = "/api/vms/{id}",
     tag = "vms",
-    params(("id" = i64, Path, description = "The VM's id")),
-    responses((status = 200, description = "The VM and its status changes", body = Object))
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
+    responses((status = 200, description = "The VM and its status changes", body = VmDetail))
 )]
 pub async fn get(
     State(state): State<AppState>,
@@ -117,7 +119,7 @@ pub async fn get(
     operation_id = "delete_vm",
     path = "/api/vms/{id}",
     tag = "vms",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     responses((status = 204, description = "Forgotten"))
 )]
 pub async fn delete(
@@ -151,8 +153,12 @@ const LATEST_MS: i64 = 253_402_300_799_999;
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct MetricsQuery {
+    /// Epoch milliseconds or an RFC 3339 time (default: a day before `to`).
     from: Option<String>,
+    /// Epoch milliseconds or an RFC 3339 time (default: now).
     to: Option<String>,
+    /// How many points (default 300).
+    #[param(value_type = Option<i64>, minimum = 1, maximum = 2000)]
     points: Option<String>,
 }
 
@@ -162,8 +168,8 @@ pub struct MetricsQuery {
     operation_id = "vm_metrics",
     path = "/api/vms/{id}/metrics",
     tag = "vms",
-    params(("id" = i64, Path, description = "The VM's id"), MetricsQuery),
-    responses((status = 200, description = "Downsampled metric history", body = Object))
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1), MetricsQuery),
+    responses((status = 200, description = "Downsampled metric history", body = MetricHistory))
 )]
 pub async fn metrics(
     State(state): State<AppState>,
@@ -222,8 +228,8 @@ fn time_param(raw: Option<&str>, name: &str) -> Result<Option<i64>, ApiError> {
     get,
     path = "/api/vms/{id}/reset-history",
     tag = "remediation",
-    params(("id" = i64, Path, description = "The VM's id")),
-    responses((status = 200, description = "Every power action on the VM, newest first", body = [Object]))
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
+    responses((status = 200, description = "Every power action on the VM, newest first", body = [ResetAttempt]))
 )]
 pub async fn reset_history(
     State(state): State<AppState>,
@@ -251,9 +257,9 @@ pub struct LinkRequest {
     put,
     path = "/api/vms/{id}/proxmox",
     tag = "vms",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     request_body = LinkRequest,
-    responses((status = 200, description = "The VM as now linked", body = Object))
+    responses((status = 200, description = "The VM as now linked", body = VmView))
 )]
 pub async fn link(
     State(state): State<AppState>,
@@ -356,9 +362,9 @@ impl ApproveRequest {
     post,
     path = "/api/vms/{id}/proxmox/approve",
     tag = "vms",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     request_body = ApproveRequest,
-    responses((status = 200, description = "The VM as now linked", body = Object))
+    responses((status = 200, description = "The VM as now linked", body = VmView))
 )]
 pub async fn approve_link(
     State(state): State<AppState>,
@@ -392,7 +398,7 @@ pub struct AutoResetSet {
     put,
     path = "/api/vms/{id}/auto-reset",
     tag = "remediation",
-    params(("id" = i64, Path, description = "The VM's id")),
+    params(("id" = i64, Path, description = "The VM's id", minimum = 1)),
     request_body = AutoResetRequest,
     responses((status = 200, description = "Set", body = AutoResetSet))
 )]

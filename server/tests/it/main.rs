@@ -18,6 +18,7 @@ mod fake_pve;
 mod fake_pve_contract;
 mod faults;
 mod history;
+mod hostile;
 mod http;
 mod identity;
 mod live;

@@ -110,6 +110,89 @@ async fn the_document_lists_every_route_and_validates() {
             );
         }
     }
+    // Every JSON answer has a real schema: a named one, a list of named ones, or an inline
+    // object that says what it requires; never a bare `object`.
+    let mut answered = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            for (code, response) in operation["responses"].as_object().unwrap() {
+                let Some(schema) = response["content"]
+                    .get("application/json")
+                    .map(|c| &c["schema"])
+                else {
+                    continue;
+                };
+                let typed = schema.get("$ref").is_some()
+                    || schema["items"].get("$ref").is_some()
+                    || schema["required"].is_array();
+                assert!(typed, "{method} {path} {code}: untyped answer {schema}");
+                answered.push(schema.clone());
+            }
+        }
+    }
+    // What the server sends always carries every member it has: a member that may be left
+    // out must be one the server really omits (`skip_serializing_if`), listed here.
+    let omitted = [
+        ("ErrorDetail", "field"),
+        ("ReportAccepted", "warnings"),
+        ("ReportAccepted", "credential"),
+    ];
+    let schemas = &doc["components"]["schemas"];
+    let mut seen = BTreeSet::new();
+    let mut pending: Vec<(String, Value)> = answered
+        .into_iter()
+        .map(|schema| ("(inline)".to_owned(), schema))
+        .collect();
+    while let Some((name, schema)) = pending.pop() {
+        let mut stack = vec![schema];
+        while let Some(value) = stack.pop() {
+            match value {
+                Value::Object(map) => {
+                    if let Some(Value::String(target)) = map.get("$ref") {
+                        let target = target.rsplit('/').next().unwrap().to_owned();
+                        if seen.insert(target.clone()) {
+                            pending.push((target.clone(), schemas[target.as_str()].clone()));
+                        }
+                    }
+                    if let Some(Value::Object(properties)) = map.get("properties") {
+                        let required = map["required"].as_array().cloned().unwrap_or_default();
+                        for member in properties.keys() {
+                            assert!(
+                                required.contains(&Value::from(member.as_str()))
+                                    || omitted.contains(&(name.as_str(), member.as_str())),
+                                "{name}.{member} is sent always but not documented as required"
+                            );
+                        }
+                    }
+                    stack.extend(map.into_values());
+                }
+                Value::Array(items) => stack.extend(items),
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        seen.contains("VmView") && seen.contains("ErrorBody"),
+        "{seen:?}"
+    );
+    // The live stream documents its events, one schema per kind.
+    let events = &doc["paths"]["/api/live"]["get"]["responses"]["200"]["content"]["text/event-stream"]
+        ["schema"];
+    assert_eq!(
+        events["oneOf"].as_array().map(Vec::len),
+        Some(2),
+        "{events}"
+    );
+    // A report's body is the heartbeat contract, so generated reports can be stored.
+    let report = &doc["paths"]["/api/health/report"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"];
+    assert!(
+        report["required"]
+            .as_array()
+            .is_some_and(|fields| fields.contains(&Value::from("hostname"))),
+        "{report}"
+    );
+
     // Public routes say so; the rest inherit the document's token-or-session rule.
     assert_eq!(
         doc["paths"]["/api/health"]["get"]["security"],
