@@ -43,6 +43,8 @@ enum KillPoint {
 /// recovery window is long, so any second power action inside the test would be a duplicate.
 const SETTINGS: &[(&str, &str)] = &[
     ("ESCALATION_LADDER", "reset"),
+    // Few connections each: these processes share the database server with the whole suite.
+    ("DB_POOL_SIZE", "3"),
     ("RECOVERY_TIMEOUT_MS", "120000"),
     ("RUST_LOG", "info,tower_http=warn,leptos=warn"),
     ("NO_COLOR", "1"),
