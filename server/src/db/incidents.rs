@@ -167,24 +167,39 @@ pub async fn mark_sent(
     Ok(())
 }
 
-pub async fn finish_attempt(
+/// An attempt's end, written together with its incident's next state.
+#[derive(Clone, Copy, Debug)]
+pub struct Close<'a> {
+    pub attempt_id: AttemptId,
+    pub outcome: AttemptOutcome,
+    pub error: Option<&'a str>,
+    pub now_ms: i64,
+}
+
+/// Closes an attempt and moves its VM's incident (as `set_phase`) in one transaction. As
+/// two statements, a crash between them left the record closed and the VM `reset_pending`
+/// with no open attempt: nothing reconciles that; the VM held a reset slot until it
+/// reported again. The attempt is closed even when the VM is no longer in `only_if`.
+pub async fn finish_attempt_and_set_phase(
     conn: &mut Conn,
-    attempt_id: AttemptId,
-    outcome: AttemptOutcome,
-    error: Option<&str>,
-    now_ms: i64,
-) -> Result<(), DbError> {
-    with_conn!(conn, |c| {
-        diesel::update(reset_attempts::table.find(attempt_id.get()))
-            .set((
-                reset_attempts::outcome.eq(outcome.as_str()),
-                reset_attempts::error.eq(error),
-                reset_attempts::finished_ms.eq(now_ms),
-            ))
-            .execute(c)
-            .await
-    })?;
-    Ok(())
+    close: &Close<'_>,
+    vm_id: VmId,
+    only_if: Option<RemediationPhase>,
+    phase: RemediationPhase,
+    next_action_ms: Option<i64>,
+    reason: &str,
+) -> Result<bool, DbError> {
+    change_phase(
+        conn,
+        Some(close),
+        vm_id,
+        only_if,
+        phase,
+        None,
+        next_action_ms,
+        reason,
+    )
+    .await
 }
 
 /// Sets a VM's incident state; with `only_if`, only when it is still in that phase.
@@ -197,10 +212,47 @@ pub async fn set_phase(
     next_action_ms: Option<i64>,
     reason: &str,
 ) -> Result<bool, DbError> {
+    change_phase(
+        conn,
+        None,
+        vm_id,
+        only_if,
+        phase,
+        attempts,
+        next_action_ms,
+        reason,
+    )
+    .await
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "set_phase's fields and the attempt it closes"
+)]
+async fn change_phase(
+    conn: &mut Conn,
+    close: Option<&Close<'_>>,
+    vm_id: VmId,
+    only_if: Option<RemediationPhase>,
+    phase: RemediationPhase,
+    attempts: Option<i64>,
+    next_action_ms: Option<i64>,
+    reason: &str,
+) -> Result<bool, DbError> {
     // A latch is news for a person: its event (which notifications tell) is written in the
     // same transaction, so no crash between the two loses it.
     let latched_at = crate::now_ms();
     let updated = write_transaction!(conn, |c| {
+        if let Some(close) = close {
+            diesel::update(reset_attempts::table.find(close.attempt_id.get()))
+                .set((
+                    reset_attempts::outcome.eq(close.outcome.as_str()),
+                    reset_attempts::error.eq(close.error),
+                    reset_attempts::finished_ms.eq(close.now_ms),
+                ))
+                .execute(c)
+                .await?;
+        }
         let mut query = diesel::update(vms::table)
             .filter(vms::id.eq(vm_id.get()))
             .into_boxed();

@@ -4,7 +4,7 @@
 use super::linker::Linker;
 use super::{ActionError, Ctx, Trigger};
 use crate::cache;
-use crate::db::incidents::{self, Expected, NewAttempt};
+use crate::db::incidents::{self, Close, Expected, NewAttempt};
 use crate::db::store::{self, VmRow};
 use crate::db::{Conn, DbError};
 use domain::policy;
@@ -179,16 +179,15 @@ impl Executor {
                     .health
                     .record_power_action(followed.action, AttemptOutcome::Failed);
                 let text = err.to_string();
-                incidents::finish_attempt(
-                    &mut conn,
-                    followed.attempt_id,
-                    AttemptOutcome::Failed,
-                    Some(&text),
+                let close = Close {
+                    attempt_id: followed.attempt_id,
+                    outcome: AttemptOutcome::Failed,
+                    error: Some(&text),
                     now_ms,
-                )
-                .await?;
+                };
                 let what = format!("{} failed: {err}", followed.action);
-                self.after_failure(&mut conn, &followed, &what).await?;
+                self.after_failure(&mut conn, &followed, &close, &what)
+                    .await?;
                 Err(ActionError::Proxmox(err))
             }
         };
@@ -197,10 +196,12 @@ impl Executor {
         result
     }
 
+    /// Closes the failed attempt and moves the incident on, in one transaction.
     async fn after_failure(
         &self,
         conn: &mut Conn,
         followed: &Followed,
+        close: &Close<'_>,
         what: &str,
     ) -> Result<(), DbError> {
         let start_failed = followed.automatic && followed.action == PowerAction::Start;
@@ -225,8 +226,9 @@ impl Executor {
         } else {
             (RemediationPhase::Ok, None, what.to_owned())
         };
-        incidents::set_phase(
+        incidents::finish_attempt_and_set_phase(
             conn,
+            close,
             followed.vm_id,
             // A stopped guest that could not be started latches whatever happened
             // meanwhile (even a report that ended the incident during the stop).
@@ -236,7 +238,6 @@ impl Executor {
                 Some(RemediationPhase::ResetPending)
             },
             phase,
-            None,
             next_action_ms,
             &reason,
         )
@@ -312,14 +313,6 @@ impl Executor {
                 return self.start_after_stop(followed).await;
             }
             Ok(exit) => {
-                incidents::finish_attempt(
-                    &mut conn,
-                    followed.attempt_id,
-                    AttemptOutcome::Ok,
-                    None,
-                    now_ms,
-                )
-                .await?;
                 let (phase, reason) = match action {
                     PowerAction::Shutdown | PowerAction::Stop => (
                         RemediationPhase::Ok,
@@ -330,12 +323,18 @@ impl Executor {
                         format!("{action} done (task {exit}); waiting for a heartbeat"),
                     ),
                 };
-                incidents::set_phase(
+                let close = Close {
+                    attempt_id: followed.attempt_id,
+                    outcome: AttemptOutcome::Ok,
+                    error: None,
+                    now_ms,
+                };
+                incidents::finish_attempt_and_set_phase(
                     &mut conn,
+                    &close,
                     vm_id,
                     Some(RemediationPhase::ResetPending),
                     phase,
-                    None,
                     None,
                     &reason,
                 )
@@ -343,17 +342,16 @@ impl Executor {
                 tracing::info!(vm_id = %vm_id, upid, "Proxmox task finished OK");
             }
             Err(error) => {
-                incidents::finish_attempt(
-                    &mut conn,
-                    followed.attempt_id,
-                    AttemptOutcome::Failed,
-                    Some(&error),
-                    now_ms,
-                )
-                .await?;
                 tracing::error!(vm_id = %vm_id, upid, %error, "Proxmox task failed");
+                let close = Close {
+                    attempt_id: followed.attempt_id,
+                    outcome: AttemptOutcome::Failed,
+                    error: Some(&error),
+                    now_ms,
+                };
                 let what = format!("{action} task failed: {error}");
-                self.after_failure(&mut conn, followed, &what).await?;
+                self.after_failure(&mut conn, followed, &close, &what)
+                    .await?;
             }
         }
         drop(conn);
@@ -444,20 +442,18 @@ impl Executor {
                         // operator may have acted). A person decides, not a blind start.
                         let mut conn = self.ctx.db.conn().await?;
                         let note = "the stop-start rung's start was interrupted long ago; not sent";
-                        incidents::finish_attempt(
-                            &mut conn,
+                        let close = Close {
                             attempt_id,
-                            AttemptOutcome::Interrupted,
-                            Some(note),
+                            outcome: AttemptOutcome::Interrupted,
+                            error: Some(note),
                             now_ms,
-                        )
-                        .await?;
-                        incidents::set_phase(
+                        };
+                        incidents::finish_attempt_and_set_phase(
                             &mut conn,
+                            &close,
                             vm_id,
                             None,
                             RemediationPhase::Manual,
-                            None,
                             None,
                             "the stop-start rung stopped the guest and its start was interrupted: check the guest, then acknowledge",
                         )
@@ -546,20 +542,18 @@ async fn treat_as_sent(
     reason: &str,
     now_ms: i64,
 ) -> Result<(), DbError> {
-    incidents::finish_attempt(
-        conn,
+    let close = Close {
         attempt_id,
-        AttemptOutcome::Interrupted,
-        Some(note),
+        outcome: AttemptOutcome::Interrupted,
+        error: Some(note),
         now_ms,
-    )
-    .await?;
-    incidents::set_phase(
+    };
+    incidents::finish_attempt_and_set_phase(
         conn,
+        &close,
         vm_id,
         Some(RemediationPhase::ResetPending),
         RemediationPhase::Recovering,
-        None,
         None,
         reason,
     )

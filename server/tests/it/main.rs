@@ -14,6 +14,7 @@ mod browser;
 mod cli;
 mod common;
 mod concurrency;
+mod failover;
 mod fake_pve;
 mod fake_pve_contract;
 mod faults;
