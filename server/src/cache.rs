@@ -147,11 +147,7 @@ impl StateCache {
                 map.insert(view.id, Arc::new(view.clone()));
             }
         }
-        if let Some(redis) = self
-            .redis
-            .as_ref()
-            .filter(|r| r.writing())
-        {
+        if let Some(redis) = self.redis.as_ref().filter(|r| r.writing()) {
             let items: Vec<(String, String)> = views
                 .iter()
                 .filter_map(|v| Some((v.id.to_string(), serde_json::to_string(v).ok()?)))
@@ -235,7 +231,10 @@ impl StateCache {
             .await;
         match result {
             Ok(()) => {
-                let mut link = redis.link.lock().map_err(|_| "cache state poisoned".to_owned())?;
+                let mut link = redis
+                    .link
+                    .lock()
+                    .map_err(|_poisoned| "cache state poisoned".to_owned())?;
                 // A write that failed since the rebuild began is missing from Redis: the
                 // next round rebuilds again.
                 if ticket.0 != Some(link.failures) {

@@ -159,7 +159,10 @@ async fn restart_silences(state: &AppState, now_ms: i64) -> bool {
     match brought_back {
         Ok(0) => true,
         Ok(vms) => {
-            tracing::warn!(vms, "heartbeat times ahead of the clock brought back to now");
+            tracing::warn!(
+                vms,
+                "heartbeat times ahead of the clock brought back to now"
+            );
             rebuild_cache(state).await;
             true
         }

@@ -228,7 +228,7 @@ pub async fn apply_verdicts(
     let changed: Vec<i64> = match conn.as_backend() {
         Conn::Postgres(c) => {
             let c: &mut diesel_async::AsyncPgConnection = c;
-            c.transaction::<_, DbError, _>(async |c| {
+            diesel_async::AsyncConnection::transaction::<_, DbError, _>(c, async |c| {
                 // Rows locked in id order first, as ingest locks them: one statement over
                 // many rows locks them in its join's order, and two can deadlock.
                 let mut ids: Vec<i64> = rows.iter().map(|r| r.id).collect();

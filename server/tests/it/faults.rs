@@ -712,16 +712,20 @@ async fn redis_flapping_under_load_fails_nothing() {
     stored.sort_unstable();
     drop(conn);
     // Every VM in the shared cache, as the database has it.
-    wait_for("the cache to be rebuilt", Duration::from_secs(30), || async {
-        let mut cached: Vec<(i64, String, Option<i64>)> = redis
-            .views()
-            .await
-            .into_iter()
-            .map(|v| (v.id.get(), format!("{:?}", v.status), v.last_seen_ms))
-            .collect();
-        cached.sort_unstable();
-        (cached == stored).then_some(())
-    })
+    wait_for(
+        "the cache to be rebuilt",
+        Duration::from_secs(30),
+        || async {
+            let mut cached: Vec<(i64, String, Option<i64>)> = redis
+                .views()
+                .await
+                .into_iter()
+                .map(|v| (v.id.get(), format!("{:?}", v.status), v.last_seen_ms))
+                .collect();
+            cached.sort_unstable();
+            (cached == stored).then_some(())
+        },
+    )
     .await;
     b.stop().await;
     a.stop().await;
@@ -926,9 +930,11 @@ async fn a_clock_stepped_ahead_turns_nothing_down_and_resets_nothing() {
             "VM {id} turned down by the step"
         );
     }
-    wait_for("the silent VM judged down", Duration::from_secs(30), || async {
-        (vm(&srv, silent).await["status"] == "down").then_some(())
-    })
+    wait_for(
+        "the silent VM judged down",
+        Duration::from_secs(30),
+        || async { (vm(&srv, silent).await["status"] == "down").then_some(()) },
+    )
     .await;
     assert_eq!(fake.posts(), Vec::<String>::new());
     srv.stop().await;
