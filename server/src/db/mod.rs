@@ -1,5 +1,6 @@
 //! Storage: one code path over SQLite and PostgreSQL through diesel-async.
 
+mod batch;
 pub mod history;
 pub mod identity;
 pub mod incidents;

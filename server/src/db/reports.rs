@@ -2,6 +2,7 @@
 //! metric samples, apply the new state the core planned. The caller holds the transaction.
 
 use super::SqliteConn;
+use super::batch::{OwnedStatusChange, Placeholders};
 use super::schema::{events, metric_samples, status_changes, vms};
 use super::store::{NewStatusChange, VmRow};
 use diesel::backend::Backend;
@@ -176,16 +177,6 @@ impl StateRow {
 /// VMs per statement: 23 binds each stays under SQLite's 32,766 and PostgreSQL's 65,535.
 const STATE_ROWS_PER_STATEMENT: usize = 1000;
 
-/// How a statement's bind parameters are written.
-#[derive(Clone, Copy)]
-pub(super) enum Placeholders {
-    /// `$1, $2...`: PostgreSQL's only form.
-    Numbered,
-    /// `?`: SQLite looks a `$N` up by name among those already seen, which over thousands
-    /// of them made preparing one statement quadratic (13 % of the ingest path's samples).
-    Anonymous,
-}
-
 /// `UPDATE vms ... FROM (VALUES ...)` for `rows` VMs. A figure column changes only where
 /// the VM's newest report carries figures (a replayed older one refreshes liveness only);
 /// the incident columns only where the batch ends an incident. VALUES columns are named
@@ -247,17 +238,6 @@ fn state_update_sql(rows: usize, placeholders: Placeholders) -> String {
     }
     sql.push_str(") AS v WHERE vms.id = v.column1");
     sql
-}
-
-/// The batch's status changes as rows, owned.
-#[derive(Clone, diesel::Insertable)]
-#[diesel(table_name = status_changes)]
-pub(super) struct OwnedStatusChange {
-    pub(super) vm_id: i64,
-    pub(super) from_status: &'static str,
-    pub(super) to_status: &'static str,
-    pub(super) at_ms: i64,
-    pub(super) reason: String,
 }
 
 fn status_change_rows(planned: &[PlannedState<'_>]) -> Vec<OwnedStatusChange> {

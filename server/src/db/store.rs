@@ -1,6 +1,6 @@
 //! Queries over VM rows and their history, written once for both backends.
 
-use super::reports::{OwnedStatusChange, Placeholders};
+use super::batch::{OwnedStatusChange, Placeholders};
 use super::schema::{
     credentials, metric_samples, reset_attempts, runtime_config, status_changes, vms,
 };
