@@ -15,10 +15,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The stale timeout and report interval of the compressed fleet: a minute of real
-/// operation (30 s reports, 90 s stale) runs in about seven seconds.
-const STALE_MS: i64 = 6_000;
-const REPORT_EVERY: Duration = Duration::from_secs(2);
+/// The compressed fleet reports every `SOAK_REPORT_MS` (default 2 s, a larger fleet needs
+/// longer to stay within what the test build stores per second) and is stale after three
+/// intervals, as 30 s reports and a 90 s stale timeout are in real operation.
+fn report_every() -> Duration {
+    Duration::from_millis(env_number("SOAK_REPORT_MS", 2_000))
+}
+
+fn stale_ms() -> i64 {
+    3 * i64::try_from(report_every().as_millis()).unwrap()
+}
+
 const MAX_ATTEMPTS: usize = 3;
 
 fn env_number(name: &str, default: u64) -> u64 {
@@ -120,17 +127,23 @@ async fn compressed_soak() {
     redis.as_ref().unwrap().wait_ready().await;
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
-    let stale = STALE_MS.to_string();
+    let report_every = report_every();
+    let stale_ms = stale_ms();
+    let stale = stale_ms.to_string();
+    let interval_s = report_every.as_secs().max(1).to_string();
+    // A reset guest reports again within an interval: five give it room on a busy machine.
+    let recovery = (5 * report_every.as_millis()).to_string();
+    let backoff = report_every.as_millis().to_string();
     let mut vars = env_for(
         &fake,
         &[
             ("STALE_TIMEOUT_MS", stale.as_str()),
-            ("REPORT_INTERVAL_SECONDS", "2"),
+            ("REPORT_INTERVAL_SECONDS", interval_s.as_str()),
             ("SCHEDULER_INTERVAL_MS", "200"),
             ("LINK_REFRESH_MS", "1000"),
             ("LINK_AUTO_APPROVE", "uuid"),
-            ("RECOVERY_TIMEOUT_MS", "10000"),
-            ("RESET_BACKOFF_MS", "2000"),
+            ("RECOVERY_TIMEOUT_MS", recovery.as_str()),
+            ("RESET_BACKOFF_MS", backoff.as_str()),
             ("RECHECK_INTERVAL_MS", "1000"),
             ("EVIDENCE_INTERVAL_MS", "300"),
             ("MAX_RESET_ATTEMPTS", "3"),
@@ -173,10 +186,10 @@ async fn compressed_soak() {
             let host = format!("soak-{vmid}");
             sims[idx].lock().unwrap().booted_ms = real_ms() - 86_400_000;
             // Spread the fleet over the interval.
-            let jitter = rng.next() % u64::try_from(REPORT_EVERY.as_millis()).unwrap();
+            let jitter = rng.next() % u64::try_from(report_every.as_millis()).unwrap();
             tokio::time::sleep(Duration::from_millis(jitter)).await;
             // No hangs in the first stale timeouts: the fleet links first.
-            let calm_until = real_ms() + 3 * STALE_MS;
+            let calm_until = real_ms() + 3 * stale_ms;
             while !stop.load(Ordering::Acquire) {
                 let now = real_ms();
                 let send = {
@@ -189,7 +202,7 @@ async fn compressed_soak() {
                             sim.hangs.last_mut().unwrap().end_ms = Some(now);
                             true
                         }
-                        Some(h) if !h.long && now - h.start_ms >= STALE_MS / 3 => {
+                        Some(h) if !h.long && now - h.start_ms >= stale_ms / 3 => {
                             sim.hangs.last_mut().unwrap().end_ms = Some(now);
                             true
                         }
@@ -229,7 +242,7 @@ async fn compressed_soak() {
                         sims[idx].lock().unwrap().acked.push(now);
                     }
                 }
-                tokio::time::sleep(REPORT_EVERY).await;
+                tokio::time::sleep(report_every).await;
             }
         }));
     }
@@ -261,7 +274,7 @@ async fn compressed_soak() {
     let minute = total / 30;
     let mut rss: Vec<(f64, u64)> = Vec::new();
     let mut next_sample = Duration::ZERO;
-    let mut next_fault = Duration::from_millis(u64::try_from(4 * STALE_MS).unwrap());
+    let mut next_fault = Duration::from_millis(u64::try_from(4 * stale_ms).unwrap());
     let mut rng = Rng(seed | 1);
     let mut kills = 0;
     let mut faults: Vec<String> = Vec::new();
@@ -391,7 +404,7 @@ async fn compressed_soak() {
                 .any(|h| h.long && h.start_ms <= at && h.end_ms.is_none_or(|e| at <= e));
             let heard = sim.acked.iter().copied().filter(|t| *t <= at).max();
             assert!(
-                hung && heard.is_none_or(|t| t + STALE_MS <= at),
+                hung && heard.is_none_or(|t| t + stale_ms <= at),
                 "VM {vmid}: an attempt at {at}, last acknowledged report {heard:?}, silences {:?} (seed {seed})",
                 sim.hangs
             );
@@ -410,7 +423,7 @@ async fn compressed_soak() {
             let evidence: Value =
                 serde_json::from_str(a["evidence_json"].as_str().unwrap_or("null")).unwrap();
             let silent = evidence["silent_for_ms"].as_i64().unwrap_or(0);
-            assert!(silent >= STALE_MS, "VM {vmid}: attempt {a}");
+            assert!(silent >= stale_ms, "VM {vmid}: attempt {a}");
             justified_checked += 1;
         }
         for h in sim.hangs.iter().filter(|h| h.long) {
