@@ -201,22 +201,23 @@ pub async fn mark_stale(state: &AppState, now_ms: i64) -> Result<Vec<VmId>, DbEr
 }
 
 /// The core's verdict for each row whose status it changes.
-pub fn judge(
-    rows: &[store::VmRow],
-    cfg: &status::StatusConfig,
-    now_ms: i64,
-) -> Vec<(VmId, domain::VmStatus, status::Verdict)> {
+pub fn judge(rows: &[store::VmRow], cfg: &status::StatusConfig, now_ms: i64) -> Vec<store::Judged> {
     rows.iter()
         .filter_map(|row| {
             let verdict = status::evaluate(row.latest_report().as_ref(), cfg, now_ms);
-            (verdict.status != row.status()).then(|| (row.vm_id(), row.status(), verdict))
+            (verdict.status != row.status()).then(|| store::Judged {
+                vm_id: row.vm_id(),
+                from: row.status(),
+                seen_ms: row.last_seen_ms,
+                verdict,
+            })
         })
         .collect()
 }
 
 /// Refills the cache from the database (start-up, and after a Redis outage).
 pub async fn rebuild_cache(state: &AppState) {
-    let ticket = state.cache.open_writes();
+    let ticket = state.cache.open_writes().await;
     let views = match state.db.conn().await {
         Ok(mut conn) => store::list_vms(&mut conn).await,
         Err(err) => Err(err),

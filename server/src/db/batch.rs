@@ -12,6 +12,34 @@ pub(super) enum Placeholders {
     Anonymous,
 }
 
+/// Appends `rows` tuples of `columns` parameters each, `(.., ..), (.., ..)`: the body of a
+/// `VALUES` list.
+pub(super) fn push_values(
+    sql: &mut String,
+    rows: usize,
+    columns: usize,
+    placeholders: Placeholders,
+) {
+    let mut n = 0;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns {
+            n += 1;
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            match placeholders {
+                Placeholders::Numbered => sql.push_str(&format!("${n}")),
+                Placeholders::Anonymous => sql.push('?'),
+            }
+        }
+        sql.push(')');
+    }
+}
+
 /// Status changes as rows, owned so a statement can cross into the SQLite connection's
 /// blocking thread.
 #[derive(Clone, diesel::Insertable)]

@@ -2,7 +2,7 @@
 //! metric samples, apply the new state the core planned. The caller holds the transaction.
 
 use super::SqliteConn;
-use super::batch::{OwnedStatusChange, Placeholders};
+use super::batch::{OwnedStatusChange, Placeholders, push_values};
 use super::schema::{events, metric_samples, status_changes, vms};
 use super::store::{NewStatusChange, VmRow};
 use diesel::backend::Backend;
@@ -218,24 +218,7 @@ fn state_update_sql(rows: usize, placeholders: Placeholders) -> String {
         .collect();
     sql.push_str(&set.join(", "));
     sql.push_str(" FROM (VALUES ");
-    let mut n = 0;
-    for row in 0..rows {
-        if row > 0 {
-            sql.push_str(", ");
-        }
-        sql.push('(');
-        for column in 0..StateRow::COLUMNS {
-            n += 1;
-            if column > 0 {
-                sql.push_str(", ");
-            }
-            match placeholders {
-                Placeholders::Numbered => sql.push_str(&format!("${n}")),
-                Placeholders::Anonymous => sql.push('?'),
-            }
-        }
-        sql.push(')');
-    }
+    push_values(&mut sql, rows, StateRow::COLUMNS, placeholders);
     sql.push_str(") AS v WHERE vms.id = v.column1");
     sql
 }

@@ -1,6 +1,6 @@
 //! Queries over VM rows and their history, written once for both backends.
 
-use super::batch::{OwnedStatusChange, Placeholders};
+use super::batch::{OwnedStatusChange, Placeholders, push_values};
 use super::schema::{
     credentials, metric_samples, reset_attempts, runtime_config, status_changes, vms,
 };
@@ -204,13 +204,28 @@ pub async fn bring_back_future_heartbeats(conn: &mut Conn, now_ms: i64) -> Resul
     })?)
 }
 
+/// A verdict together with what it was judged from.
+#[derive(Clone, Debug)]
+pub struct Judged {
+    pub vm_id: VmId,
+    /// The status the VM had when it was judged.
+    pub from: VmStatus,
+    /// The heartbeat time the verdict was judged from (`None`: never heard from).
+    pub seen_ms: Option<i64>,
+    pub verdict: Verdict,
+}
+
+/// Stands for "never heard from" where a heartbeat time is compared: no real one is negative.
+const NEVER_SEEN: i64 = -1;
+
 /// Applies status verdicts the core computed, each only if the VM still has the status
-/// it was judged from (so two replicas record one change). Returns the VMs changed. One
+/// and the heartbeat time it was judged from (so two replicas record one change, and a
+/// report that landed meanwhile is never overruled by a verdict on the one before it). Returns the VMs changed. One
 /// `UPDATE ... FROM (VALUES ...) RETURNING` and one multi-row insert per 2,000 VMs: a whole
 /// fleet going silent at once is judged at the database's pace, not a round trip per VM.
 pub async fn apply_verdicts(
     conn: &mut Conn,
-    verdicts: &[(VmId, VmStatus, Verdict)],
+    verdicts: &[Judged],
     now_ms: i64,
 ) -> Result<Vec<VmId>, DbError> {
     if verdicts.is_empty() {
@@ -218,11 +233,12 @@ pub async fn apply_verdicts(
     }
     let rows: Vec<VerdictRow> = verdicts
         .iter()
-        .map(|(id, from, verdict)| VerdictRow {
-            id: id.get(),
-            from: from.as_str(),
-            to: verdict.status.as_str(),
-            reason: verdict.reason.clone(),
+        .map(|judged| VerdictRow {
+            id: judged.vm_id.get(),
+            from: judged.from.as_str(),
+            seen_ms: judged.seen_ms.unwrap_or(NEVER_SEEN),
+            to: judged.verdict.status.as_str(),
+            reason: judged.verdict.reason.clone(),
         })
         .collect();
     let changed: Vec<i64> = match conn.as_backend() {
@@ -291,13 +307,14 @@ pub async fn apply_verdicts(
     Ok(changed)
 }
 
-/// VMs per verdict statement: five binds each, well under both backends' limits.
+/// VMs per verdict statement: six binds each, well under both backends' limits.
 const VERDICTS_PER_STATEMENT: usize = 2_000;
 
 /// One verdict, owned so the statement can cross into the SQLite connection's thread.
 struct VerdictRow {
     id: i64,
     from: &'static str,
+    seen_ms: i64,
     to: &'static str,
     reason: String,
 }
@@ -325,33 +342,20 @@ where
 {
     use diesel::sql_types::{BigInt, Text};
     let mut sql = String::from(
-        "UPDATE vms SET status = v.column3, status_reason = v.column4, \
-         status_since_ms = v.column5 FROM (VALUES ",
+        "UPDATE vms SET status = v.column4, status_reason = v.column5, \
+         status_since_ms = v.column6 FROM (VALUES ",
     );
-    let mut n = 0;
-    for row in 0..rows.len() {
-        if row > 0 {
-            sql.push_str(", ");
-        }
-        sql.push('(');
-        for column in 0..5 {
-            n += 1;
-            if column > 0 {
-                sql.push_str(", ");
-            }
-            match placeholders {
-                Placeholders::Numbered => sql.push_str(&format!("${n}")),
-                Placeholders::Anonymous => sql.push('?'),
-            }
-        }
-        sql.push(')');
-    }
-    sql.push_str(") AS v WHERE vms.id = v.column1 AND vms.status = v.column2 RETURNING vms.id");
+    push_values(&mut sql, rows.len(), 6, placeholders);
+    sql.push_str(&format!(
+        ") AS v WHERE vms.id = v.column1 AND vms.status = v.column2 \
+         AND COALESCE(vms.last_seen_ms, {NEVER_SEEN}) = v.column3 RETURNING vms.id"
+    ));
     let mut query = diesel::sql_query(sql).into_boxed::<DB>();
     for r in rows {
         query = query
             .bind::<BigInt, _>(r.id)
             .bind::<Text, _>(r.from)
+            .bind::<BigInt, _>(r.seen_ms)
             .bind::<Text, _>(r.to)
             .bind::<Text, _>(r.reason.clone())
             .bind::<BigInt, _>(now_ms);
@@ -378,7 +382,7 @@ fn verdict_changes(rows: &[VerdictRow], changed: &[i64], now_ms: i64) -> Vec<Own
 /// statements are tested against (`tests/it/write_path.rs`).
 pub async fn apply_verdicts_one_by_one(
     conn: &mut Conn,
-    verdicts: &[(VmId, VmStatus, Verdict)],
+    verdicts: &[Judged],
     now_ms: i64,
 ) -> Result<Vec<VmId>, DbError> {
     if verdicts.is_empty() {
@@ -386,11 +390,22 @@ pub async fn apply_verdicts_one_by_one(
     }
     write_transaction!(conn, |c| {
         let mut changed = Vec::new();
-        for (id, from, verdict) in verdicts {
+        for Judged {
+            vm_id: id,
+            from,
+            seen_ms,
+            verdict,
+        } in verdicts
+        {
+            let seen = diesel::dsl::sql::<diesel::sql_types::Bool>(&format!(
+                "COALESCE(last_seen_ms, {NEVER_SEEN}) = "
+            ))
+            .bind::<diesel::sql_types::BigInt, _>(seen_ms.unwrap_or(NEVER_SEEN));
             let updated = diesel::update(
                 vms::table
                     .filter(vms::id.eq(id.get()))
-                    .filter(vms::status.eq(from.as_str())),
+                    .filter(vms::status.eq(from.as_str()))
+                    .filter(seen),
             )
             .set((
                 vms::status.eq(verdict.status.as_str()),

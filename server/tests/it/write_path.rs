@@ -343,29 +343,35 @@ async fn a_whole_fleet_going_silent_at_once_is_all_marked_and_shown_down(backend
 crate::both_backends!(a_whole_fleet_going_silent_at_once_is_all_marked_and_shown_down);
 
 /// On PostgreSQL, a batch of reports and the stale check over the same VMs at the same
-/// moment never deadlock: both take the rows' locks in id order.
+/// moment never deadlock: both take the rows' locks in id order, whatever order the
+/// reports arrived in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reports_and_the_stale_check_on_the_same_vms_never_deadlock() {
     const FLEET: usize = 400;
     let test_db = fresh_db(Backend::Postgres).await;
     let db = Db::connect(&test_db.url, 4).await.unwrap();
     let cfg = StatusConfig::default();
-    let batch = |at: i64| -> Vec<Submission> {
+    // The VMs in a different order each round (173 is prime to the fleet's size, so each
+    // order is a permutation), never the order their ids were given in.
+    let batch = |at: i64, round: usize| -> Vec<Submission> {
         (0..FLEET)
-            .rev()
+            .map(|i| (i * 173 + round * 31) % FLEET)
             .map(|i| beat(&format!("busy-{i:03}"), 10.0, at, at, json!({})))
             .collect()
     };
-    write_batch_via(&db, &batch(T0), &cfg, StatePath::SetBased)
+    let first: Vec<Submission> = (0..FLEET)
+        .map(|i| beat(&format!("busy-{i:03}"), 10.0, T0, T0, json!({})))
+        .collect();
+    write_batch_via(&db, &first, &cfg, StatePath::SetBased)
         .await
         .unwrap();
     for round in 0..30 {
-        let at = T0 + (round + 1) * cfg.stale_timeout_ms * 2;
+        let at = T0 + i64::try_from(round + 1).unwrap() * cfg.stale_timeout_ms * 2;
         let reports = {
             let db = db.clone();
             let cfg = cfg.clone();
             tokio::spawn(async move {
-                write_batch_via(&db, &batch(at), &cfg, StatePath::SetBased).await
+                write_batch_via(&db, &batch(at, round), &cfg, StatePath::SetBased).await
             })
         };
         let stale = {
@@ -386,7 +392,8 @@ async fn reports_and_the_stale_check_on_the_same_vms_never_deadlock() {
 
 /// The stale check's set-based verdicts (one statement per 2,000 VMs) change exactly what
 /// one statement per VM changed: the same rows, the same status changes; and a verdict
-/// judged from a status the VM no longer has is skipped by both.
+/// judged from a status or a heartbeat the VM no longer has is skipped by both (a report
+/// that landed between the read and the write, even one that kept the status, wins).
 async fn set_based_verdicts_change_what_one_by_one_changed(backend: Backend) {
     use domain::VmStatus;
     let mut results = Vec::new();
@@ -399,12 +406,16 @@ async fn set_based_verdicts_change_what_one_by_one_changed(backend: Backend) {
         let mut verdicts = server::scheduler::judge(&rows, &cfg, later);
         assert!(verdicts.len() > 10, "{}", verdicts.len());
         // A report moved this VM meanwhile: its verdict was judged from another status.
-        let moved = verdicts[0].0;
-        verdicts[0].1 = if verdicts[0].1 == VmStatus::Healthy {
+        let moved = verdicts[0].vm_id;
+        verdicts[0].from = if verdicts[0].from == VmStatus::Healthy {
             VmStatus::Warning
         } else {
             VmStatus::Healthy
         };
+        // This one was judged from an older heartbeat than the one it has now.
+        let refreshed = verdicts[1].vm_id;
+        verdicts[1].seen_ms = verdicts[1].seen_ms.map(|ms| ms - 1);
+        assert!(verdicts[1].seen_ms.is_some());
         let mut conn = db.conn().await.unwrap();
         let mut changed = if set_based {
             store::apply_verdicts(&mut conn, &verdicts, later).await
@@ -414,7 +425,8 @@ async fn set_based_verdicts_change_what_one_by_one_changed(backend: Backend) {
         .unwrap();
         changed.sort_unstable();
         assert!(!changed.contains(&moved), "set-based: {set_based}");
-        assert_eq!(changed.len(), verdicts.len() - 1, "set-based: {set_based}");
+        assert!(!changed.contains(&refreshed), "set-based: {set_based}");
+        assert_eq!(changed.len(), verdicts.len() - 2, "set-based: {set_based}");
         let vms = store::list_vms(&mut conn).await.unwrap();
         let mut changes = Vec::new();
         let mut states = Vec::new();
