@@ -7,13 +7,64 @@
 use crate::db::Db;
 use crate::live::{Change, LiveBus};
 use deadpool_redis::redis::AsyncCommands;
+use deadpool_redis::redis::Script;
 use domain::VmId;
 use domain::view::VmView;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
 const REDIS_KEY: &str = "vmhc:vms";
+/// Counts writes to `REDIS_KEY`, whichever replica makes them.
+const GENERATION_KEY: &str = "vmhc:vms:generation";
+/// The generation of each VM's latest write.
+const WRITTEN_AT_KEY: &str = "vmhc:vms:written-at";
+
+/// Writes views (ARGV: id, json, id, json...) and notes the generation they were written at.
+const PUT_SCRIPT: &str = r"
+local generation = redis.call('INCR', KEYS[2])
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HSET', KEYS[3], ARGV[i], generation)
+end
+return generation
+";
+
+/// A rebuild's write (ARGV: the generation read before the database was, then id, json...
+/// for every VM of the database's view). A VM written since that generation keeps what was
+/// written: it was committed after the view was read, or at the same time. A VM the view
+/// lacks is deleted unless written since, or newer than any in the view.
+const REBUILD_SCRIPT: &str = r"
+local since = tonumber(ARGV[1])
+local newest = nil
+local kept = {}
+for i = 2, #ARGV, 2 do
+  local id = tonumber(ARGV[i])
+  kept[ARGV[i]] = true
+  if newest == nil or id > newest then newest = id end
+end
+local function untouched(id)
+  local at = tonumber(redis.call('HGET', KEYS[3], id) or '0')
+  return at <= since
+end
+for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
+  local n = tonumber(id)
+  if not kept[id] and n ~= nil and (newest == nil or n <= newest) and untouched(id) then
+    redis.call('HDEL', KEYS[1], id)
+    redis.call('HDEL', KEYS[3], id)
+  end
+end
+for i = 2, #ARGV, 2 do
+  if untouched(ARGV[i]) then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return redis.call('HLEN', KEYS[1])
+";
+/// The scripts with their digests worked out once (each call sends the digest first).
+static PUT: LazyLock<Script> = LazyLock::new(|| Script::new(PUT_SCRIPT));
+static REBUILD: LazyLock<Script> = LazyLock::new(|| Script::new(REBUILD_SCRIPT));
+
 /// VMs read back from the database at a time after a change.
 const REFRESH_SLICE: usize = 2_000;
 /// Upper bound on any Redis round trip, so an unreachable Redis never stalls a request.
@@ -46,9 +97,10 @@ struct Link {
     failures: u64,
 }
 
-/// Taken when a rebuild begins reading the database (`StateCache::open_writes`).
+/// Taken when a rebuild begins reading the database (`StateCache::open_writes`): the
+/// failures counted so far and Redis's write generation, when both could be read.
 #[derive(Clone, Copy, Debug)]
-pub struct RebuildTicket(Option<u64>);
+pub struct RebuildTicket(Option<(u64, i64)>);
 
 /// What `/api/health` reports about the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,8 +204,18 @@ impl StateCache {
                 .iter()
                 .filter_map(|v| Some((v.id.to_string(), serde_json::to_string(v).ok()?)))
                 .collect();
-            let result: Result<(), _> = redis
-                .run(|mut conn| async move { conn.hset_multiple(REDIS_KEY, &items).await })
+            let result: Result<i64, _> = redis
+                .run(|mut conn| async move {
+                    let mut script = PUT.prepare_invoke();
+                    script
+                        .key(REDIS_KEY)
+                        .key(GENERATION_KEY)
+                        .key(WRITTEN_AT_KEY);
+                    for (id, json) in &items {
+                        script.arg(id).arg(json);
+                    }
+                    script.invoke_async(&mut conn).await
+                })
                 .await;
             if let Err(err) = result {
                 redis.mark_down(&err);
@@ -170,7 +232,12 @@ impl StateCache {
         self.live.vms_changed([id]);
         if let Some(redis) = &self.redis {
             let result: Result<(), _> = redis
-                .run(|mut conn| async move { conn.hdel(REDIS_KEY, id.to_string()).await })
+                .run(|mut conn| async move {
+                    let id = id.to_string();
+                    let mut pipe = deadpool_redis::redis::pipe();
+                    pipe.atomic().hdel(REDIS_KEY, &id).hdel(WRITTEN_AT_KEY, &id);
+                    pipe.query_async(&mut conn).await
+                })
                 .await;
             if let Err(err) = result {
                 redis.mark_down(&err);
@@ -181,19 +248,37 @@ impl StateCache {
     /// Sends every write through to Redis from now on: called before the database is read
     /// for a rebuild, so what is written meanwhile is not left out. The answer is handed
     /// to `rebuild`, which serves reads from Redis only if nothing failed in between.
-    pub fn open_writes(&self) -> RebuildTicket {
-        RebuildTicket(self.redis.as_ref().and_then(|redis| {
-            let mut link = redis.link.lock().ok()?;
-            link.writing = true;
-            Some(link.failures)
-        }))
+    pub async fn open_writes(&self) -> RebuildTicket {
+        let Some(redis) = &self.redis else {
+            return RebuildTicket(None);
+        };
+        let failures = match redis.link.lock() {
+            Ok(mut link) => {
+                link.writing = true;
+                link.failures
+            }
+            Err(_poisoned) => return RebuildTicket(None),
+        };
+        // Read after writes are opened: every write Redis takes from here on is numbered
+        // above it.
+        let generation: Result<Option<i64>, _> = redis
+            .run(|mut conn| async move { conn.get(GENERATION_KEY).await })
+            .await;
+        match generation {
+            Ok(generation) => RebuildTicket(Some((failures, generation.unwrap_or(0)))),
+            Err(err) => {
+                redis.mark_down(&err);
+                RebuildTicket(None)
+            }
+        }
     }
 
     /// Replaces the whole cache with the database's view, then serves reads from it. The
-    /// view is written over what Redis holds rather than after deleting it: writes made
-    /// since the view was read (by this replica or another) stay. VMs Redis holds that the
-    /// view lacks were deleted meanwhile, unless created after the view was read (a higher
-    /// id than any in it).
+    /// view is written over what Redis holds rather than after deleting it, and never over
+    /// a VM written since the ticket was taken (by this replica or another): that write is
+    /// at least as new as the view. VMs Redis holds that the view lacks were deleted
+    /// meanwhile, unless written since or created after the view was read (a higher id
+    /// than any in it).
     pub async fn rebuild(&self, views: Vec<VmView>, ticket: RebuildTicket) -> Result<(), String> {
         if let Ok(mut map) = self.local.write() {
             *map = views.iter().map(|v| (v.id, Arc::new(v.clone()))).collect();
@@ -202,42 +287,36 @@ impl StateCache {
         let Some(redis) = &self.redis else {
             return Ok(());
         };
-        let newest = views.iter().map(|v| v.id).max();
-        let kept: std::collections::HashSet<VmId> = views.iter().map(|v| v.id).collect();
+        let Some((failures_before, since)) = ticket.0 else {
+            return Err("Redis failed as the rebuild began".into());
+        };
         let items: Vec<(String, String)> = views
             .iter()
             .filter_map(|v| Some((v.id.to_string(), serde_json::to_string(v).ok()?)))
             .collect();
-        let result: Result<(), _> = redis
+        let result: Result<i64, _> = redis
             .run(|mut conn| async move {
-                let held: Vec<String> = conn.hkeys(REDIS_KEY).await?;
-                let gone: Vec<String> = held
-                    .into_iter()
-                    .filter(|id| {
-                        id.parse::<VmId>()
-                            .is_ok_and(|id| !kept.contains(&id) && newest.is_none_or(|n| id <= n))
-                    })
-                    .collect();
-                let mut pipe = deadpool_redis::redis::pipe();
-                pipe.atomic();
-                if !gone.is_empty() {
-                    pipe.hdel(REDIS_KEY, &gone);
+                let mut script = REBUILD.prepare_invoke();
+                script
+                    .key(REDIS_KEY)
+                    .key(GENERATION_KEY)
+                    .key(WRITTEN_AT_KEY)
+                    .arg(since);
+                for (id, json) in &items {
+                    script.arg(id).arg(json);
                 }
-                if !items.is_empty() {
-                    pipe.hset_multiple(REDIS_KEY, &items);
-                }
-                pipe.query_async(&mut conn).await
+                script.invoke_async(&mut conn).await
             })
             .await;
         match result {
-            Ok(()) => {
+            Ok(_held) => {
                 let mut link = redis
                     .link
                     .lock()
                     .map_err(|_poisoned| "cache state poisoned".to_owned())?;
                 // A write that failed since the rebuild began is missing from Redis: the
                 // next round rebuilds again.
-                if ticket.0 != Some(link.failures) {
+                if failures_before != link.failures {
                     return Err("Redis failed during the rebuild".into());
                 }
                 if !std::mem::replace(&mut link.ready, true) {

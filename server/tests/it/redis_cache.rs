@@ -152,3 +152,68 @@ async fn redis_cache_is_used_and_survives_an_outage() {
     assert_eq!(list_hostnames(&srv).await.len(), 4);
     srv.stop().await;
 }
+
+/// One VM's view as the API serves it, renumbered and marked so the test can tell writes
+/// apart.
+fn marked(view: &domain::view::VmView, id: i64, mark: &str) -> domain::view::VmView {
+    let mut view = view.clone();
+    view.id = domain::VmId(id);
+    view.status_reason = mark.to_owned();
+    view
+}
+
+async fn marks(redis: &PrivateRedis) -> Vec<(i64, String)> {
+    let mut held: Vec<(i64, String)> = redis
+        .views()
+        .await
+        .into_iter()
+        .map(|v| (v.id.get(), v.status_reason))
+        .collect();
+    held.sort();
+    held
+}
+
+/// A rebuild writes the database's view read before it writes; another replica that wrote
+/// a VM meanwhile wrote something at least as new, and keeps it. What nobody wrote since
+/// is replaced, and a VM the view lacks is deleted unless written since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
+    use server::cache::StateCache;
+    use server::live::LiveBus;
+    let redis = PrivateRedis::start(free_port());
+    redis.wait_ready().await;
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    assert_eq!(srv.report(&report_for("shape")).await.0, 200);
+    let (_, vms) = srv.get("/api/vms").await;
+    let view: domain::view::VmView = serde_json::from_value(vms[0].clone()).unwrap();
+    srv.stop().await;
+
+    let replica_a = StateCache::new(Some(&redis.url()), LiveBus::new(None).0).unwrap();
+    let replica_b = StateCache::new(Some(&redis.url()), LiveBus::new(None).0).unwrap();
+    let ticket = replica_b.open_writes().await;
+    let seeded = [1, 2, 3, 4].map(|id| marked(&view, id, "seeded"));
+    replica_b.rebuild(seeded.to_vec(), ticket).await.unwrap();
+
+    // A begins a rebuild and reads the database: VM 1 and 3 as they were, 2 deleted.
+    let ticket = replica_a.open_writes().await;
+    let read_by_a = vec![marked(&view, 1, "old"), marked(&view, 3, "old")];
+    // Meanwhile B commits newer states of VM 1 and 4 and writes them through.
+    replica_b
+        .put(&[marked(&view, 1, "newer"), marked(&view, 4, "newer")])
+        .await;
+    replica_a.rebuild(read_by_a, ticket).await.unwrap();
+    assert_eq!(
+        marks(&redis).await,
+        vec![(1, "newer".into()), (3, "old".into()), (4, "newer".into())],
+        "B's writes stay, A's view replaces the rest, the deleted VM is gone"
+    );
+
+    // A later rebuild, with nothing written since it began, is what Redis holds.
+    let ticket = replica_a.open_writes().await;
+    let read_later = vec![marked(&view, 1, "later"), marked(&view, 4, "later")];
+    replica_a.rebuild(read_later, ticket).await.unwrap();
+    assert_eq!(
+        marks(&redis).await,
+        vec![(1, "later".into()), (4, "later".into())]
+    );
+}
