@@ -43,6 +43,37 @@ impl Presented {
     }
 }
 
+/// Credentials this replica has admitted a report with, by a 64-bit prefix of their hash:
+/// 8 bytes a VM, so a large fleet fits in a few MB. Only picks the rate limit a report
+/// is counted against (per credential when known, per client address when not: made-up
+/// credentials must not each get a fresh allowance); admission itself always checks the
+/// database, so a revoked or rotated credential is refused whatever this holds.
+#[derive(Debug, Default)]
+pub struct KnownCredentials(std::sync::Mutex<std::collections::HashSet<u64>>);
+
+/// Most credentials remembered; past it the set starts over (the cost: a few reports per
+/// VM counted per address until each is known again).
+const MAX_KNOWN_CREDENTIALS: usize = 1_000_000;
+
+impl KnownCredentials {
+    fn key(hash: &str) -> Option<u64> {
+        u64::from_str_radix(hash.get(..16)?, 16).ok()
+    }
+
+    pub fn contains(&self, hash: &str) -> bool {
+        Self::key(hash).is_some_and(|key| self.0.lock().is_ok_and(|set| set.contains(&key)))
+    }
+
+    pub fn insert(&self, hash: &str) {
+        if let (Some(key), Ok(mut set)) = (Self::key(hash), self.0.lock()) {
+            if set.len() >= MAX_KNOWN_CREDENTIALS {
+                set.clear();
+            }
+            set.insert(key);
+        }
+    }
+}
+
 /// A report and what its sender proved about who it is.
 #[derive(Clone, Debug)]
 pub struct Submission {

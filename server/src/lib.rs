@@ -186,6 +186,7 @@ pub async fn start(config: Config) -> anyhow::Result<RunningServer> {
                 config.limits.enrolment_rate_per_minute,
                 config.limits.enrolment_rate_per_minute,
             ),
+            known_credentials: enrolment::KnownCredentials::default(),
         }),
     };
     scheduler::rebuild_cache(&state).await;

@@ -44,8 +44,11 @@ pub struct Inner {
     pub login_throttle: crate::throttle::LoginThrottle,
     /// Reports per VM credential (per replica): one VM cannot flood the writer.
     pub report_limiter: governor::DefaultKeyedRateLimiter<String>,
-    /// Reports without a VM credential, per client address (per replica).
+    /// Reports without a VM credential or with one not yet admitted here, per client
+    /// address (per replica).
     pub enrolment_limiter: governor::DefaultKeyedRateLimiter<String>,
+    /// Which credentials `report_limiter` counts by.
+    pub known_credentials: crate::enrolment::KnownCredentials,
 }
 
 impl std::ops::Deref for AppState {

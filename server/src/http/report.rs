@@ -41,13 +41,23 @@ pub async fn report(
     ClientAddress(client): ClientAddress,
     RawBody(body): RawBody,
 ) -> Result<(NoStore, Json<ReportAccepted>), ApiError> {
-    match &presented {
-        Presented::Credential { hash } => within_rate(&state.report_limiter, hash)?,
-        // Enrolments and made-up bearers are counted per client address.
+    let known_credential = match &presented {
+        Presented::Credential { hash } if state.known_credentials.contains(hash) => {
+            within_rate(&state.report_limiter, hash)?;
+            None
+        }
+        // Enrolments, made-up bearers and credentials not admitted here yet are counted
+        // per client address (a credential against its own limit as well).
+        Presented::Credential { hash } => {
+            within_rate(&state.enrolment_limiter, &client)?;
+            within_rate(&state.report_limiter, hash)?;
+            Some(hash.clone())
+        }
         Presented::FleetToken | Presented::EnrolmentToken { .. } => {
             within_rate(&state.enrolment_limiter, &client)?;
+            None
         }
-    }
+    };
     let accepted =
         parse_report(&body, crate::now_ms()).map_err(|e| ApiError::field(&e.field, e.message))?;
     let warnings: Vec<String> = accepted.warnings.iter().map(ToString::to_string).collect();
@@ -58,6 +68,9 @@ pub async fn report(
             presented,
         })
         .await?;
+    if let Some(hash) = known_credential {
+        state.known_credentials.insert(&hash);
+    }
     if !warnings.is_empty() {
         tracing::info!(vm_id = %stored.vm_id, dropped = warnings.len(), "report stored without some of its parts");
     }

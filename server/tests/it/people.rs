@@ -608,6 +608,30 @@ async fn a_credential_that_floods_is_slowed() {
     srv.stop().await;
 }
 
+/// A made-up VM credential gets no allowance of its own: until a credential has been
+/// admitted here it counts against its client address, so a spray of invented ones from
+/// one address is slowed like any unknown bearer (it cannot crowd the writer and shed
+/// real reports), while a VM whose credential was admitted keeps its own allowance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn made_up_credentials_count_against_their_address() {
+    let mut srv = TestServer::start(Backend::Sqlite, &[("ENROLMENT_RATE_PER_MINUTE", "3")]).await;
+    let (status, body) = srv.report(&report_for("real")).await;
+    assert_eq!(status, 200, "{body}");
+    let credential = body["credential"].as_str().unwrap().to_owned();
+    let real = report_for("real").to_string().into_bytes();
+    assert_eq!(srv.report_raw(real.clone(), Some(&credential)).await.0, 200);
+    let mut answers = Vec::new();
+    for i in 0..3 {
+        let forged = report_for("real").to_string().into_bytes();
+        let made_up = format!("vmhc_vm_made_up_{i}");
+        answers.push(srv.report_raw(forged, Some(&made_up)).await.0);
+    }
+    assert_eq!(answers, [401, 429, 429]);
+    assert_eq!(srv.report_raw(real, Some(&credential)).await.0, 200);
+    assert_eq!(srv.vm_count().await, 1);
+    srv.stop().await;
+}
+
 /// With `PUBLIC_URL`, a request naming another host (DNS rebinding) is refused; the
 /// public name and loopback answer. Behind a trusted proxy the audit log names the client
 /// from `X-Forwarded-For`; from anyone else that header is ignored.
