@@ -13,7 +13,7 @@ use crate::common::*;
 use crate::fake_pve::{ActionCall, FakePve, FakeVm, Gate};
 use crate::proxmox::{FAST, history, report_vm, vm};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -194,7 +194,7 @@ struct Replica {
 }
 
 impl Replica {
-    async fn spawn(db_url: &str, fake: &FakePve, name: &str) -> Self {
+    async fn spawn(db_url: &str, fake: &FakePve, name: &str, point: KillPoint) -> Self {
         let upstream: SocketAddr = fake.base.trim_start_matches("http://").parse().unwrap();
         let (link, link_base) = PveLink::start(upstream).await;
         let data = tempfile::tempdir().unwrap();
@@ -208,6 +208,11 @@ impl Replica {
         }
         for (k, v) in fake.env() {
             set(k, v);
+        }
+        if point == KillPoint::BeforePost {
+            // Nothing reached Proxmox: the incident's next attempt, after the recovery
+            // window, is the one reset.
+            set("RECOVERY_TIMEOUT_MS", "8000".to_owned());
         }
         set("PROXMOX_HOST", link_base);
         set("DATABASE_URL", db_url.to_owned());
@@ -471,8 +476,8 @@ async fn scenario(point: KillPoint) {
             .unwrap();
     }
     let mut replicas = vec![
-        Replica::spawn(&db.url, &fake, "replica-a").await,
-        Replica::spawn(&db.url, &fake, "replica-b").await,
+        Replica::spawn(&db.url, &fake, "replica-a", point).await,
+        Replica::spawn(&db.url, &fake, "replica-b", point).await,
     ];
     let addrs = Arc::new(Mutex::new(replicas.iter().map(|r| r.addr).collect()));
     let (base, proxy) = front_proxy(addrs.clone()).await;
@@ -550,6 +555,7 @@ async fn scenario(point: KillPoint) {
 
     replicas[leader].kill();
     let mut survivor = 1 - leader;
+    replicas[survivor].link.0.lock().unwrap().hold_posts = false;
     wait_leadership(&replicas[survivor]).await;
 
     let row = match point {
@@ -600,7 +606,7 @@ async fn scenario(point: KillPoint) {
                 phase: "reset_pending".into(),
             };
             assert_eq!(stored, open, "the record closed without the incident moved");
-            replicas.push(Replica::spawn(&db.url, &fake, "replica-c").await);
+            replicas.push(Replica::spawn(&db.url, &fake, "replica-c", point).await);
             survivor = replicas.len() - 1;
             addrs.lock().unwrap().push(replicas[survivor].addr);
             wait_leadership(&replicas[survivor]).await;
@@ -619,6 +625,49 @@ async fn scenario(point: KillPoint) {
     }
     assert_eq!(vm(&api, id).await["remediation_phase"], "recovering");
 
+    let mut back = None;
+    let attempts = if point == KillPoint::BeforePost {
+        // The VM stays silent past the recovery window: the survivor's next attempt is the
+        // one reset that reaches Proxmox, and the VM coming back ends the incident.
+        let second = wait_for(
+            "the next attempt after the recovery window",
+            Duration::from_secs(40),
+            || async {
+                let rows = history(&api, id).await;
+                rows.iter()
+                    .find(|r| r["outcome"] == "ok" && r["upid"] != upid)
+                    .cloned()
+            },
+        )
+        .await;
+        assert_eq!(second["action"], "reset", "{second}");
+        // The guest boots and reports again (a small uptime), through the proxy.
+        let (http, base) = (api.http.clone(), base.clone());
+        let booted = Instant::now();
+        back = Some(tokio::spawn(async move {
+            loop {
+                let mut r = report_for("guest-100");
+                r["vmid"] = json!(100);
+                r["node"] = json!("pve1");
+                r["uptime_seconds"] = json!(booted.elapsed().as_secs() + 1);
+                let _ = http
+                    .post(format!("{base}/api/health/report"))
+                    .bearer_auth(AGENT_TOKEN)
+                    .json(&r)
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }));
+        wait_for("the incident to end", Duration::from_secs(20), || async {
+            (vm(&api, id).await["remediation_phase"] == "ok").then_some(())
+        })
+        .await;
+        2
+    } else {
+        1
+    };
+
     // Many survivor rounds later (each refreshes the links through its own link): still
     // one attempt, and at most one power action ever reached Proxmox.
     let refreshes = survivor.link.carried("/cluster/resources");
@@ -629,24 +678,28 @@ async fn scenario(point: KillPoint) {
     let rows = history(&api, id).await;
     assert_eq!(
         rows.len(),
-        1,
-        "no second attempt for the incident: {rows:?}"
+        attempts,
+        "no other attempt for the incident: {rows:?}"
     );
-    assert_eq!(rows[0]["outcome"], row["outcome"]);
-    let sent = if point == KillPoint::BeforePost {
-        Vec::<String>::new()
-    } else {
-        vec!["reset 100".to_owned()]
-    };
+    assert!(
+        rows.iter().any(|r| r["outcome"] == row["outcome"]),
+        "{rows:?}"
+    );
+    // Exactly one power action ever reached Proxmox.
+    let sent = vec!["reset 100".to_owned()];
     assert_eq!(fake.posts(), sent, "{:?}", fake.calls());
     assert_eq!(fake.action_attempts(), sent, "{:?}", fake.calls());
+    let by_survivor = usize::from(point == KillPoint::BeforePost);
     assert_eq!(
         survivor.link.carried("/status/reset "),
-        0,
-        "the survivor sent nothing"
+        by_survivor,
+        "the survivor sent only what the dead leader had not"
     );
 
     reporter.abort();
+    if let Some(back) = back {
+        back.abort();
+    }
     proxy.abort();
     drop(replicas);
     eprintln!("{point:?}: {:.1} s", started.elapsed().as_secs_f64());
