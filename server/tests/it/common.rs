@@ -437,3 +437,14 @@ pub fn error_text(body: &Value) -> String {
         None => message.to_owned(),
     }
 }
+
+/// The wall clock, in ms since the epoch.
+pub fn epoch_ms() -> i64 {
+    i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis(),
+    )
+    .unwrap()
+}

@@ -1030,7 +1030,7 @@ async fn proxmox_fault(fault: PveFault) {
         );
         tokio::spawn(async move {
             loop {
-                let sent = real_ms();
+                let sent = epoch_ms();
                 let ok = http
                     .post(&url)
                     .bearer_auth(AGENT_TOKEN)
@@ -1187,16 +1187,6 @@ async fn proxmox_fault(fault: PveFault) {
 
 /// Milliseconds since the epoch by the host's clock (not the server's, which a scenario
 /// may step).
-fn real_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn proxmox_answering_500_is_recorded_and_retried_within_the_cap() {
     proxmox_fault(PveFault::ServerErrors).await;

@@ -35,16 +35,6 @@ fn env_number(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn real_ms() -> i64 {
-    i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
 /// A tiny deterministic generator (xorshift), seeded per VM, so a failing run can be
 /// repeated with the seed it prints.
 struct Rng(u64);
@@ -83,6 +73,50 @@ struct Hang {
     long: bool,
 }
 
+/// When a fault held, in real ms, and whether it pauses detection (the amnesty after a
+/// restart or a database outage) or only delays the power action.
+#[derive(Clone, Copy, Debug)]
+struct FaultWindow {
+    start_ms: i64,
+    end_ms: i64,
+    pauses_detection: bool,
+}
+
+/// The earliest moment a silence whose deadline is `deadline_ms` could be acted on: the
+/// deadline, or later where a fault's amnesty (a stale timeout after it) or a Proxmox
+/// fault covers it.
+fn clear_of_faults(deadline_ms: i64, windows: &[FaultWindow], stale_ms: i64) -> i64 {
+    let mut clear = deadline_ms;
+    loop {
+        let moved = windows
+            .iter()
+            .filter(|w| w.start_ms <= clear)
+            .map(|w| {
+                if w.pauses_detection {
+                    w.end_ms + stale_ms
+                } else {
+                    w.end_ms
+                }
+            })
+            .filter(|until| *until > clear)
+            .max();
+        match moved {
+            Some(until) => clear = until,
+            None => return clear,
+        }
+    }
+}
+
+/// The value below which `share` of `sorted` lies.
+fn quantile(sorted: &[i64], share: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let last = sorted.len() - 1;
+    let at = ((last as f64) * share).round() as usize;
+    sorted[at.min(last)]
+}
+
 fn uuid_of(vmid: i64) -> String {
     format!("4c4c4544-0000-1000-8000-{vmid:012}")
 }
@@ -107,7 +141,7 @@ impl Proc {
 async fn compressed_soak() {
     let seconds = env_number("SOAK_SECONDS", 120);
     let fleet = i64::try_from(env_number("SOAK_VMS", 300)).unwrap();
-    let seed = env_number("SOAK_SEED", real_ms().unsigned_abs());
+    let seed = env_number("SOAK_SEED", epoch_ms().unsigned_abs());
     println!("soak: {seconds} s, {fleet} VMs, seed {seed}");
     let nodes = ["pve1", "pve2", "pve3", "pve4"];
     let guests: Vec<FakeVm> = (0..fleet)
@@ -184,14 +218,14 @@ async fn compressed_soak() {
             let idx = usize::try_from(i).unwrap();
             let vmid = 1000 + i;
             let host = format!("soak-{vmid}");
-            sims[idx].lock().unwrap().booted_ms = real_ms() - 86_400_000;
+            sims[idx].lock().unwrap().booted_ms = epoch_ms() - 86_400_000;
             // Spread the fleet over the interval.
             let jitter = rng.next() % u64::try_from(report_every.as_millis()).unwrap();
             tokio::time::sleep(Duration::from_millis(jitter)).await;
             // No hangs in the first stale timeouts: the fleet links first.
-            let calm_until = real_ms() + 3 * stale_ms;
+            let calm_until = epoch_ms() + 3 * stale_ms;
             while !stop.load(Ordering::Acquire) {
-                let now = real_ms();
+                let now = epoch_ms();
                 let send = {
                     let mut sim = sims[idx].lock().unwrap();
                     let open = sim.hangs.last().copied().filter(|h| h.end_ms.is_none());
@@ -278,6 +312,7 @@ async fn compressed_soak() {
     let mut rng = Rng(seed | 1);
     let mut kills = 0;
     let mut faults: Vec<String> = Vec::new();
+    let mut windows: Vec<FaultWindow> = Vec::new();
     let mut admin = AsyncPgConnection::establish(&admin_pg_url()).await.unwrap();
     while started.elapsed() < total {
         let now = started.elapsed();
@@ -292,6 +327,7 @@ async fn compressed_soak() {
             let crash_allowed = now < total * 2 / 5;
             let pick = rng.next() % if crash_allowed { 5 } else { 4 };
             let hold = Duration::from_millis(1_000 + rng.next() % 4_000);
+            let fault_start_ms = epoch_ms();
             match pick {
                 0 => {
                     faults.push(format!("{:.0}s proxmox hangs {hold:?}", now.as_secs_f64()));
@@ -341,10 +377,16 @@ async fn compressed_soak() {
                     wait_serving(&http, &base).await;
                 }
             }
+            windows.push(FaultWindow {
+                start_ms: fault_start_ms,
+                end_ms: epoch_ms(),
+                pauses_detection: pick >= 3,
+            });
             next_fault = started.elapsed() + Duration::from_millis(2_000 + rng.next() % 8_000);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let stopped_ms = epoch_ms();
     stop.store(true, Ordering::Release);
     for a in agents {
         a.await.unwrap();
@@ -369,6 +411,12 @@ async fn compressed_soak() {
         .sum();
     let mut resets = 0;
     let mut justified_checked = 0;
+    // Detection: from a long silence's deadline (its last acknowledged report plus the
+    // stale timeout) to the incident's first power action, and the same counted from the
+    // moment no fault's amnesty or Proxmox fault covered it any more.
+    let detection_slack_ms = 2 * stale_ms + 10_000;
+    let mut from_deadline: Vec<i64> = Vec::new();
+    let mut from_clear: Vec<i64> = Vec::new();
     for i in 0..fleet {
         let vmid = 1000 + i;
         let sim = std::mem::take(&mut *sims[usize::try_from(i).unwrap()].lock().unwrap());
@@ -427,6 +475,40 @@ async fn compressed_soak() {
             justified_checked += 1;
         }
         for h in sim.hangs.iter().filter(|h| h.long) {
+            let silent_from = sim
+                .acked
+                .iter()
+                .copied()
+                .filter(|t| *t <= h.start_ms)
+                .max()
+                .unwrap_or(h.start_ms);
+            let deadline = silent_from + stale_ms;
+            let clear = clear_of_faults(deadline, &windows, stale_ms);
+            let first = attempts
+                .iter()
+                .filter(|a| a["action"] != "start")
+                .map(|a| a["created_ms"].as_i64().unwrap())
+                .filter(|at| *at >= h.start_ms && h.end_ms.is_none_or(|e| *at <= e))
+                .min();
+            match first {
+                Some(at) => {
+                    from_deadline.push(at - deadline);
+                    from_clear.push((at - clear).max(0));
+                    assert!(
+                        at <= clear + detection_slack_ms,
+                        "VM {vmid}: silent from {silent_from}, first action {} ms after its \
+                         deadline, {} ms after faults cleared (seed {seed})",
+                        at - deadline,
+                        at - clear
+                    );
+                }
+                None => assert!(
+                    clear + detection_slack_ms > stopped_ms,
+                    "VM {vmid}: silent from {silent_from}, never acted on, clear of faults \
+                     {} ms before the end (seed {seed})",
+                    stopped_ms - clear
+                ),
+            }
             let in_incident = attempts
                 .iter()
                 .filter(|a| {
@@ -442,6 +524,18 @@ async fn compressed_soak() {
     }
     println!(
         "soak: {long_hangs} long hangs, {resets} resets (each justified: {justified_checked}), {kills} kills"
+    );
+    from_deadline.sort_unstable();
+    from_clear.sort_unstable();
+    println!(
+        "soak: first action after the deadline ms: median {}, p99 {}, max {}; after faults \
+         cleared: median {}, p99 {}, max {} (bound {detection_slack_ms})",
+        quantile(&from_deadline, 0.5),
+        quantile(&from_deadline, 0.99),
+        from_deadline.last().copied().unwrap_or(0),
+        quantile(&from_clear, 0.5),
+        quantile(&from_clear, 0.99),
+        from_clear.last().copied().unwrap_or(0),
     );
     println!("soak: RSS (s, KiB) {rss:?}");
     assert!(
