@@ -5,6 +5,7 @@
 //! again it is rebuilt from the database before it is read from.
 
 use crate::db::Db;
+use crate::db::store::RevisedView;
 use crate::live::{Change, LiveBus};
 use deadpool_redis::redis::AsyncCommands;
 use deadpool_redis::redis::Script;
@@ -19,26 +20,34 @@ const REDIS_KEY: &str = "vmhc:vms";
 const GENERATION_KEY: &str = "vmhc:vms:generation";
 /// The generation of each VM's latest write.
 const WRITTEN_AT_KEY: &str = "vmhc:vms:written-at";
+/// The row revision of each VM's view held.
+const REVISION_KEY: &str = "vmhc:vms:revision";
 
-/// Writes views (ARGV: id, json, id, json...) and notes the generation they were written at.
+/// Writes views (ARGV: id, revision, json, ...) unless a newer revision is held, and notes
+/// the generation they were written at.
 const PUT_SCRIPT: &str = r"
 local generation = redis.call('INCR', KEYS[2])
-for i = 1, #ARGV, 2 do
-  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
-  redis.call('HSET', KEYS[3], ARGV[i], generation)
+for i = 1, #ARGV, 3 do
+  local held = tonumber(redis.call('HGET', KEYS[4], ARGV[i]) or '-1')
+  if tonumber(ARGV[i + 1]) >= held then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    redis.call('HSET', KEYS[3], ARGV[i], generation)
+    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
+  end
 end
 return generation
 ";
 
-/// A rebuild's write (ARGV: the generation read before the database was, then id, json...
-/// for every VM of the database's view). A VM written since that generation keeps what was
-/// written: it was committed after the view was read, or at the same time. A VM the view
-/// lacks is deleted unless written since, or newer than any in the view.
+/// A rebuild's write (ARGV: the generation read before the database was, then id,
+/// revision, json... for every VM of the database's view). A VM written since that
+/// generation keeps what was written: it was committed after the view was read, or at the
+/// same time. A VM the view lacks is deleted unless written since, or newer than any in
+/// the view.
 const REBUILD_SCRIPT: &str = r"
 local since = tonumber(ARGV[1])
 local newest = nil
 local kept = {}
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV, 3 do
   local id = tonumber(ARGV[i])
   kept[ARGV[i]] = true
   if newest == nil or id > newest then newest = id end
@@ -52,11 +61,14 @@ for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
   if not kept[id] and n ~= nil and (newest == nil or n <= newest) and untouched(id) then
     redis.call('HDEL', KEYS[1], id)
     redis.call('HDEL', KEYS[3], id)
+    redis.call('HDEL', KEYS[4], id)
   end
 end
-for i = 2, #ARGV, 2 do
-  if untouched(ARGV[i]) then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+for i = 2, #ARGV, 3 do
+  local held = tonumber(redis.call('HGET', KEYS[4], ARGV[i]) or '-1')
+  if untouched(ARGV[i]) and tonumber(ARGV[i + 1]) >= held then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
   end
 end
 return redis.call('HLEN', KEYS[1])
@@ -73,10 +85,36 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct StateCache {
     /// Shared views: a reader takes the fleet by reference counts, not copies, and lets go
     /// of the lock before doing anything with it.
-    local: RwLock<HashMap<VmId, Arc<VmView>>>,
+    local: RwLock<HashMap<VmId, Held>>,
     redis: Option<RedisCache>,
     /// Told of every write, so open pages follow.
     live: Arc<LiveBus>,
+}
+
+/// A view in this process's map, with its row's revision.
+struct Held {
+    revision: i64,
+    view: Arc<VmView>,
+}
+
+impl Held {
+    fn of(revised: &RevisedView) -> Self {
+        Held {
+            revision: revised.revision,
+            view: Arc::new(revised.view.clone()),
+        }
+    }
+}
+
+/// The arguments of a script's views: id, revision, json for each.
+fn view_args(views: &[RevisedView]) -> Vec<(String, i64, String)> {
+    views
+        .iter()
+        .filter_map(|v| {
+            let json = serde_json::to_string(&v.view).ok()?;
+            Some((v.view.id.to_string(), v.revision, json))
+        })
+        .collect()
 }
 
 struct RedisCache {
@@ -156,7 +194,7 @@ impl StateCache {
         match &self.redis {
             None => {
                 let map = self.local.read().ok()?;
-                Some(map.values().map(|v| VmView::clone(v)).collect())
+                Some(map.values().map(|held| VmView::clone(&held.view)).collect())
             }
             Some(redis) if redis.ready() => {
                 let result: Result<HashMap<String, String>, _> = redis
@@ -186,33 +224,37 @@ impl StateCache {
             return None;
         }
         let map = self.local.read().ok()?;
-        Some(map.values().cloned().collect())
+        Some(map.values().map(|held| held.view.clone()).collect())
     }
 
-    /// Writes the given VMs' latest state through.
-    pub async fn put(&self, views: &[VmView]) {
+    /// Writes the given VMs' latest state through, except where a view of a newer revision
+    /// is already held (written by another task or replica that committed later).
+    pub async fn put(&self, views: &[RevisedView]) {
         if views.is_empty() {
             return;
         }
         if let Ok(mut map) = self.local.write() {
-            for view in views {
-                map.insert(view.id, Arc::new(view.clone()));
+            for revised in views {
+                let newer_held = map
+                    .get(&revised.view.id)
+                    .is_some_and(|held| held.revision > revised.revision);
+                if !newer_held {
+                    map.insert(revised.view.id, Held::of(revised));
+                }
             }
         }
         if let Some(redis) = self.redis.as_ref().filter(|r| r.writing()) {
-            let items: Vec<(String, String)> = views
-                .iter()
-                .filter_map(|v| Some((v.id.to_string(), serde_json::to_string(v).ok()?)))
-                .collect();
+            let items = view_args(views);
             let result: Result<i64, _> = redis
                 .run(|mut conn| async move {
                     let mut script = PUT.prepare_invoke();
                     script
                         .key(REDIS_KEY)
                         .key(GENERATION_KEY)
-                        .key(WRITTEN_AT_KEY);
-                    for (id, json) in &items {
-                        script.arg(id).arg(json);
+                        .key(WRITTEN_AT_KEY)
+                        .key(REVISION_KEY);
+                    for (id, revision, json) in &items {
+                        script.arg(id).arg(revision).arg(json);
                     }
                     script.invoke_async(&mut conn).await
                 })
@@ -222,7 +264,7 @@ impl StateCache {
             }
         }
         // After the Redis write, so a page on another replica reads the new state.
-        self.live.vms_changed(views.iter().map(|v| v.id));
+        self.live.vms_changed(views.iter().map(|v| v.view.id));
     }
 
     pub async fn remove(&self, id: VmId) {
@@ -235,7 +277,10 @@ impl StateCache {
                 .run(|mut conn| async move {
                     let id = id.to_string();
                     let mut pipe = deadpool_redis::redis::pipe();
-                    pipe.atomic().hdel(REDIS_KEY, &id).hdel(WRITTEN_AT_KEY, &id);
+                    pipe.atomic()
+                        .hdel(REDIS_KEY, &id)
+                        .hdel(WRITTEN_AT_KEY, &id)
+                        .hdel(REVISION_KEY, &id);
                     pipe.query_async(&mut conn).await
                 })
                 .await;
@@ -279,9 +324,21 @@ impl StateCache {
     /// at least as new as the view. VMs Redis holds that the view lacks were deleted
     /// meanwhile, unless written since or created after the view was read (a higher id
     /// than any in it).
-    pub async fn rebuild(&self, views: Vec<VmView>, ticket: RebuildTicket) -> Result<(), String> {
+    pub async fn rebuild(
+        &self,
+        views: Vec<RevisedView>,
+        ticket: RebuildTicket,
+    ) -> Result<(), String> {
         if let Ok(mut map) = self.local.write() {
-            *map = views.iter().map(|v| (v.id, Arc::new(v.clone()))).collect();
+            let mut rebuilt: HashMap<VmId, Held> =
+                views.iter().map(|v| (v.view.id, Held::of(v))).collect();
+            // A view written while the database was read may be newer than the one read.
+            for (id, held) in map.drain() {
+                if rebuilt.get(&id).is_some_and(|r| r.revision < held.revision) {
+                    rebuilt.insert(id, held);
+                }
+            }
+            *map = rebuilt;
         }
         self.live.publish(Change::All);
         let Some(redis) = &self.redis else {
@@ -290,10 +347,7 @@ impl StateCache {
         let Some((failures_before, since)) = ticket.0 else {
             return Err("Redis failed as the rebuild began".into());
         };
-        let items: Vec<(String, String)> = views
-            .iter()
-            .filter_map(|v| Some((v.id.to_string(), serde_json::to_string(v).ok()?)))
-            .collect();
+        let items = view_args(&views);
         let result: Result<i64, _> = redis
             .run(|mut conn| async move {
                 let mut script = REBUILD.prepare_invoke();
@@ -301,9 +355,10 @@ impl StateCache {
                     .key(REDIS_KEY)
                     .key(GENERATION_KEY)
                     .key(WRITTEN_AT_KEY)
+                    .key(REVISION_KEY)
                     .arg(since);
-                for (id, json) in &items {
-                    script.arg(id).arg(json);
+                for (id, revision, json) in &items {
+                    script.arg(id).arg(revision).arg(json);
                 }
                 script.invoke_async(&mut conn).await
             })

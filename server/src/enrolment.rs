@@ -210,10 +210,16 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
     c.confirm_credentials(&first_uses, now_ms).await?;
 
     let mut token_uses: HashMap<i64, i64> = HashMap::new();
-    for (slot, submission) in outcomes.iter_mut().zip(submissions) {
-        if slot.is_some() {
-            continue;
-        }
+    // Enrolments by host name: replicas creating the same new VMs at once then claim
+    // their keys in one order, so one waits for the other instead of both deadlocking.
+    // Stable, so the reports of one host keep their order.
+    let mut enrolments: Vec<_> = outcomes
+        .iter_mut()
+        .zip(submissions)
+        .filter(|(slot, _)| slot.is_none())
+        .collect();
+    enrolments.sort_by(|(_, a), (_, b)| a.report.hostname.cmp(&b.report.hostname));
+    for (slot, submission) in enrolments {
         let report = &submission.report;
         let token = match &submission.presented {
             Presented::FleetToken => None,

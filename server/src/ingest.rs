@@ -3,8 +3,9 @@
 //! A report is answered only after the transaction holding it has committed, so every 200
 //! is durable; grouping many reports into one commit is what lets the database keep up.
 
-use crate::cache::{self, StateCache};
+use crate::cache::StateCache;
 use crate::db::reports::{NewMetric, PlannedState, ReportWriter};
+use crate::db::store::RevisedView;
 use crate::db::{Db, DbError};
 pub use crate::enrolment::Submission;
 use crate::enrolment::{self, Refusal};
@@ -58,6 +59,11 @@ pub struct StoredReport {
     /// The VM's new credential, when the report enrolled it: sent to its agent once.
     pub credential: Option<Secret>,
 }
+
+/// Passes of a batch that lost a race to create a VM to another replica. Each pass finds
+/// the rows committed before it, so only a VM created meanwhile can collide again: one
+/// retry is not enough when replicas take in a fleet's first reports together.
+const CREATE_RACE_RETRIES: usize = 5;
 
 struct Job {
     submission: Submission,
@@ -173,25 +179,28 @@ impl Writer {
         let cfg = self.status_config.get();
         let started = std::time::Instant::now();
         let mut result = write_batch_via(&self.db, &submissions, &cfg, self.path).await;
-        if let Err(DbError::Query(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::UniqueViolation,
-            _,
-        ))) = &result
-        {
-            // A concurrent replica may have created the same VM; a second pass finds it.
+        for _ in 0..CREATE_RACE_RETRIES {
+            let Err(DbError::Query(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _,
+            ))) = &result
+            else {
+                break;
+            };
+            // Another replica created one of these VMs first; the next pass finds its row.
+            tracing::debug!(
+                reports = jobs.len(),
+                "lost a race to create a VM; writing again"
+            );
             result = write_batch_via(&self.db, &submissions, &cfg, self.path).await;
         }
         match result {
-            Ok(outcomes) => {
+            Ok(Written { outcomes, views }) => {
                 self.health.record_commit(crate::now_ms());
                 self.health.record_batch(jobs.len(), started.elapsed());
-                let mut ids: Vec<VmId> = outcomes
-                    .iter()
-                    .filter_map(|o| o.as_ref().ok().map(|s| s.vm_id))
-                    .collect();
-                ids.sort_unstable();
-                ids.dedup();
-                cache::refresh(&self.db, &self.cache, &ids).await;
+                // The rows as the transaction left them, with their revisions: the cache
+                // keeps them only where no newer write got there first.
+                self.cache.put(&views).await;
                 for (job, outcome) in jobs.drain(..).zip(outcomes) {
                     let _ = job.reply.send(outcome);
                 }
@@ -216,7 +225,18 @@ pub async fn write_batch(
     submissions: &[Submission],
     cfg: &StatusConfig,
 ) -> Result<Vec<Result<StoredReport, IngestError>>, DbError> {
-    write_batch_via(db, submissions, cfg, StatePath::SetBased).await
+    Ok(write_batch_via(db, submissions, cfg, StatePath::SetBased)
+        .await?
+        .outcomes)
+}
+
+/// What a committed batch stored.
+#[derive(Debug)]
+pub struct Written {
+    /// One per submission, in order.
+    pub outcomes: Vec<Result<StoredReport, IngestError>>,
+    /// Every VM the batch changed, as committed.
+    pub views: Vec<RevisedView>,
 }
 
 /// How the batch's latest state is written: the set-based statement the server uses, or the
@@ -233,7 +253,7 @@ pub async fn write_batch_via(
     submissions: &[Submission],
     cfg: &StatusConfig,
     path: StatePath,
-) -> Result<Vec<Result<StoredReport, IngestError>>, DbError> {
+) -> Result<Written, DbError> {
     let (mut conn, _turn) = db.write_conn().await?;
     let now_ms = crate::now_ms();
     write_transaction!(conn, |c| {
@@ -248,18 +268,19 @@ pub async fn write_batch_via(
             .zip(&reports)
             .map(|(&id, r)| NewMetric::of(id, r))
             .collect();
+        c.lock_vms(&ids).await?;
         c.insert_metrics(metrics).await?;
         let planned = plan_batch(&ids, &reports, &admitted.known, cfg);
-        match path {
+        let views = match path {
             StatePath::SetBased => c.apply_latest_state(&planned).await?,
             StatePath::OneByOne => c.apply_latest_state_one_by_one(&planned).await?,
-        }
+        };
         c.insert_reboots(&planned).await?;
         let statuses: BTreeMap<VmId, VmStatus> = planned
             .iter()
             .map(|p| (p.vm_id, p.update.verdict.status))
             .collect();
-        Ok(admitted
+        let outcomes = admitted
             .outcomes
             .into_iter()
             .map(|outcome| {
@@ -269,7 +290,8 @@ pub async fn write_batch_via(
                     credential: a.credential,
                 })
             })
-            .collect())
+            .collect();
+        Ok(Written { outcomes, views })
     })
 }
 

@@ -219,7 +219,7 @@ pub fn judge(rows: &[store::VmRow], cfg: &status::StatusConfig, now_ms: i64) -> 
 pub async fn rebuild_cache(state: &AppState) {
     let ticket = state.cache.open_writes().await;
     let views = match state.db.conn().await {
-        Ok(mut conn) => store::list_vms(&mut conn).await,
+        Ok(mut conn) => store::revised_views(&mut conn).await,
         Err(err) => Err(err),
     };
     match views {

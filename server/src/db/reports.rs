@@ -4,14 +4,14 @@
 use super::SqliteConn;
 use super::batch::{OwnedStatusChange, Placeholders, push_values};
 use super::schema::{events, metric_samples, status_changes, vms};
-use super::store::{NewStatusChange, VmRow};
+use super::store::{NewStatusChange, RevisedView, VmRow, revision};
 use diesel::backend::Backend;
 use diesel::pg::Pg;
 use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
 use diesel::serialize::ToSql;
 use diesel::sql_types::{BigInt, Bool, Double, HasSqlType, Nullable, Text};
 use diesel::sqlite::Sqlite;
-use diesel::{ExpressionMethods, QueryDsl, QueryResult, SelectableHelper};
+use diesel::{ExpressionMethods, QueryDsl, QueryResult, QueryableByName, SelectableHelper};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 use domain::heartbeat::Heartbeat;
 use domain::ingest::StateUpdate;
@@ -84,17 +84,24 @@ pub trait ReportWriter {
     /// A new VM for a report that matched none.
     fn create_vm(&mut self, report: &Heartbeat) -> impl Future<Output = QueryResult<VmRow>> + Send;
 
+    /// Locks these VMs' rows for the rest of the transaction, in id order, as the stale
+    /// check does: before the metric rows, whose foreign keys would otherwise share-lock
+    /// them in the batch's order first (two batches could then deadlock). A no-op on
+    /// SQLite, where the write turn already runs one writer at a time.
+    fn lock_vms(&mut self, ids: &[VmId]) -> impl Future<Output = QueryResult<()>> + Send;
+
     fn insert_metrics(
         &mut self,
         rows: Vec<NewMetric>,
     ) -> impl Future<Output = QueryResult<()>> + Send;
 
     /// The planned state of every VM of the batch: one `UPDATE ... FROM (VALUES ...)` for
-    /// the VMs and one insert for their status changes, whatever the batch size.
+    /// the VMs and one insert for their status changes, whatever the batch size. Answers
+    /// the rows as the update left them, for the state cache.
     fn apply_latest_state(
         &mut self,
         planned: &[PlannedState<'_>],
-    ) -> impl Future<Output = QueryResult<()>> + Send;
+    ) -> impl Future<Output = QueryResult<Vec<RevisedView>>> + Send;
 
     /// An `unexpected_reboot` event for each VM of the batch that restarted by itself.
     fn insert_reboots(
@@ -107,7 +114,22 @@ pub trait ReportWriter {
     fn apply_latest_state_one_by_one(
         &mut self,
         planned: &[PlannedState<'_>],
-    ) -> impl Future<Output = QueryResult<()>> + Send;
+    ) -> impl Future<Output = QueryResult<Vec<RevisedView>>> + Send;
+}
+
+/// A row as the set-based update returns it (`RETURNING vms.*`).
+#[derive(QueryableByName)]
+struct UpdatedRow {
+    #[diesel(embed)]
+    vm: VmRow,
+    #[diesel(sql_type = BigInt)]
+    revision: i64,
+}
+
+impl From<UpdatedRow> for RevisedView {
+    fn from(updated: UpdatedRow) -> Self {
+        RevisedView::from((updated.vm, updated.revision))
+    }
 }
 
 /// One unexpected-reboot event per VM in this long, at most.
@@ -181,7 +203,7 @@ const STATE_ROWS_PER_STATEMENT: usize = 1000;
 /// the VM's newest report carries figures (a replayed older one refreshes liveness only);
 /// the incident columns only where the batch ends an incident. VALUES columns are named
 /// `column1`... on both backends; parameters are bound in the order they appear.
-fn state_update_sql(rows: usize, placeholders: Placeholders) -> String {
+fn state_update_sql(rows: usize, dialect: Dialect) -> String {
     let figure = |column: &str, n: usize| {
         format!("{column} = CASE WHEN v.column8 THEN v.column{n} ELSE vms.{column} END")
     };
@@ -192,7 +214,7 @@ fn state_update_sql(rows: usize, placeholders: Placeholders) -> String {
          next_action_ms = CASE WHEN v.column2 THEN NULL ELSE vms.next_action_ms END, \
          phase_reason = CASE WHEN v.column2 THEN v.column3 ELSE vms.phase_reason END, \
          status = v.column4, status_since_ms = v.column5, status_reason = v.column6, \
-         last_seen_ms = v.column7, ",
+         last_seen_ms = v.column7, revision = vms.revision + 1, ",
     );
     let figures = [
         "hostname",
@@ -218,10 +240,30 @@ fn state_update_sql(rows: usize, placeholders: Placeholders) -> String {
         .collect();
     sql.push_str(&set.join(", "));
     sql.push_str(" FROM (VALUES ");
-    push_values(&mut sql, rows, StateRow::COLUMNS, placeholders);
-    sql.push_str(") AS v WHERE vms.id = v.column1");
+    push_values(&mut sql, rows, StateRow::COLUMNS, dialect.placeholders);
+    // The new rows feed the state cache: no read after the commit.
+    sql.push_str(") AS v WHERE vms.id = v.column1 RETURNING ");
+    sql.push_str(dialect.every_vms_column);
     sql
 }
+
+/// How each backend spells the parts of the set-based update that differ.
+#[derive(Clone, Copy)]
+struct Dialect {
+    placeholders: Placeholders,
+    /// PostgreSQL's `*` would add the VALUES columns; SQLite refuses `vms.*` there (and
+    /// its `*` is the updated table's columns only).
+    every_vms_column: &'static str,
+}
+
+const POSTGRES: Dialect = Dialect {
+    placeholders: Placeholders::Numbered,
+    every_vms_column: "vms.*",
+};
+const SQLITE: Dialect = Dialect {
+    placeholders: Placeholders::Anonymous,
+    every_vms_column: "*",
+};
 
 fn status_change_rows(planned: &[PlannedState<'_>]) -> Vec<OwnedStatusChange> {
     planned
@@ -242,7 +284,7 @@ fn status_change_rows(planned: &[PlannedState<'_>]) -> Vec<OwnedStatusChange> {
 /// The set-based statements as SQL with their binds, built before any connection is used.
 fn state_statements<DB>(
     planned: &[PlannedState<'_>],
-    placeholders: Placeholders,
+    dialect: Dialect,
 ) -> Vec<BoxedSqlQuery<'static, DB, SqlQuery>>
 where
     DB: Backend
@@ -266,7 +308,7 @@ where
         .chunks(STATE_ROWS_PER_STATEMENT)
         .map(|chunk| {
             let mut query =
-                diesel::sql_query(state_update_sql(chunk.len(), placeholders)).into_boxed::<DB>();
+                diesel::sql_query(state_update_sql(chunk.len(), dialect)).into_boxed::<DB>();
             // Bound in the order of `state_update_sql`'s placeholders.
             for r in chunk.iter().map(StateRow::of) {
                 query = query
@@ -316,7 +358,7 @@ pub fn match_vm(known: &[VmRow], report: &Heartbeat) -> Option<usize> {
 
 /// Same body for both connection types: diesel-async's query traits differ per backend.
 macro_rules! report_writer {
-    ($conn:ty, $insert_metrics:item, $apply_latest_state:item) => {
+    ($conn:ty, $lock_vms:item, $insert_metrics:item, $apply_latest_state:item) => {
         impl ReportWriter for $conn {
             async fn candidate_vms(&mut self, reports: &[&Heartbeat]) -> QueryResult<Vec<VmRow>> {
                 let machine_ids: Vec<&str> = reports
@@ -350,6 +392,8 @@ macro_rules! report_writer {
                     .await
             }
 
+            $lock_vms
+
             $insert_metrics
 
             $apply_latest_state
@@ -357,7 +401,7 @@ macro_rules! report_writer {
             async fn apply_latest_state_one_by_one(
                 &mut self,
                 planned: &[PlannedState<'_>],
-            ) -> QueryResult<()> {
+            ) -> QueryResult<Vec<RevisedView>> {
                 for p in planned {
                     let target = vms::table.filter(vms::id.eq(p.vm_id.get()));
                     let u = &p.update;
@@ -424,7 +468,13 @@ macro_rules! report_writer {
                             .await?;
                     }
                 }
-                Ok(())
+                let ids: Vec<i64> = planned.iter().map(|p| p.vm_id.get()).collect();
+                let rows: Vec<(VmRow, i64)> = vms::table
+                    .filter(vms::id.eq_any(&ids))
+                    .select((VmRow::as_select(), revision()))
+                    .load(self)
+                    .await?;
+                Ok(rows.into_iter().map(RevisedView::from).collect())
             }
 
             async fn insert_reboots(&mut self, planned: &[PlannedState<'_>]) -> QueryResult<()> {
@@ -463,21 +513,9 @@ macro_rules! report_writer {
 
 report_writer!(
     AsyncPgConnection,
-    async fn insert_metrics(&mut self, rows: Vec<NewMetric>) -> QueryResult<()> {
-        // Ten columns a row: 1,000 rows stay well under PostgreSQL's 65,535 bind limit.
-        for chunk in rows.chunks(1000) {
-            diesel::insert_into(metric_samples::table)
-                .values(chunk)
-                .execute(self)
-                .await?;
-        }
-        Ok(())
-    },
-    async fn apply_latest_state(&mut self, planned: &[PlannedState<'_>]) -> QueryResult<()> {
-        // Rows locked in id order first, as the stale check updates them: one statement
-        // over many rows locks them in whatever order its join takes, and two such
-        // transactions can deadlock (seen with a fleet reporting while it went stale).
-        let mut ids: Vec<i64> = planned.iter().map(|p| p.vm_id.get()).collect();
+    async fn lock_vms(&mut self, ids: &[VmId]) -> QueryResult<()> {
+        // One statement over many rows would lock them in whatever order its plan takes.
+        let mut ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
         ids.sort_unstable();
         ids.dedup();
         for chunk in ids.chunks(10_000) {
@@ -489,8 +527,28 @@ report_writer!(
                 .load::<i64>(self)
                 .await?;
         }
-        for statement in state_statements::<Pg>(planned, Placeholders::Numbered) {
-            statement.execute(self).await?;
+        Ok(())
+    },
+    async fn insert_metrics(&mut self, rows: Vec<NewMetric>) -> QueryResult<()> {
+        // Ten columns a row: 1,000 rows stay well under PostgreSQL's 65,535 bind limit.
+        for chunk in rows.chunks(1000) {
+            diesel::insert_into(metric_samples::table)
+                .values(chunk)
+                .execute(self)
+                .await?;
+        }
+        Ok(())
+    },
+    async fn apply_latest_state(
+        &mut self,
+        planned: &[PlannedState<'_>],
+    ) -> QueryResult<Vec<RevisedView>> {
+        // The rows are locked already (`lock_vms`): the update's join would take them in
+        // whatever order it runs, and two such transactions could deadlock.
+        let mut updated = Vec::with_capacity(planned.len());
+        for statement in state_statements::<Pg>(planned, POSTGRES) {
+            let rows: Vec<UpdatedRow> = statement.load(self).await?;
+            updated.extend(rows.into_iter().map(RevisedView::from));
         }
         let changes = status_change_rows(planned);
         for chunk in changes.chunks(1000) {
@@ -499,12 +557,15 @@ report_writer!(
                 .execute(self)
                 .await?;
         }
-        Ok(())
+        Ok(updated)
     }
 );
 
 report_writer!(
     SqliteConn,
+    async fn lock_vms(&mut self, _ids: &[VmId]) -> QueryResult<()> {
+        Ok(())
+    },
     async fn insert_metrics(&mut self, rows: Vec<NewMetric>) -> QueryResult<()> {
         // diesel-async cannot batch-insert on SQLite; the sync connection can.
         self.spawn_blocking(move |c| {
@@ -516,19 +577,26 @@ report_writer!(
         })
         .await
     },
-    async fn apply_latest_state(&mut self, planned: &[PlannedState<'_>]) -> QueryResult<()> {
-        let statements = state_statements::<Sqlite>(planned, Placeholders::Anonymous);
+    async fn apply_latest_state(
+        &mut self,
+        planned: &[PlannedState<'_>],
+    ) -> QueryResult<Vec<RevisedView>> {
+        let statements = state_statements::<Sqlite>(planned, SQLITE);
         let changes = status_change_rows(planned);
-        self.spawn_blocking(move |c| {
-            for statement in statements {
-                diesel::RunQueryDsl::execute(statement, c)?;
-            }
-            for chunk in changes.chunks(1000) {
-                let insert = diesel::insert_into(status_changes::table).values(chunk);
-                diesel::RunQueryDsl::execute(insert, c)?;
-            }
-            Ok(())
-        })
-        .await
+        let rows: Vec<UpdatedRow> = self
+            .spawn_blocking(move |c| {
+                let mut updated = Vec::new();
+                for statement in statements {
+                    updated.extend(diesel::RunQueryDsl::load::<UpdatedRow>(statement, c)?);
+                }
+                for chunk in changes.chunks(1000) {
+                    let insert = diesel::insert_into(status_changes::table).values(chunk);
+                    diesel::RunQueryDsl::execute(insert, c)?;
+                }
+                Ok(updated)
+            })
+            .await?;
+        // Views are built here, off SQLite's blocking thread.
+        Ok(rows.into_iter().map(RevisedView::from).collect())
     }
 );

@@ -1,5 +1,7 @@
 //! Diesel table definitions, identical for SQLite and PostgreSQL.
 
+// `vms` also has `revision`, raised by every update (migration 000014): it is read as SQL
+// (`store::revision`) so this table stays within diesel's 32-column build.
 diesel::table! {
     vms (id) {
         id -> BigInt,

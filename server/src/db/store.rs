@@ -23,7 +23,7 @@ const STATUS_CONFIG_KEY: &str = "status_config";
 const REMEDIATION_TUNING_KEY: &str = "remediation_tuning";
 
 /// A full `vms` row; stored enums are parsed on read and fail on unknown values.
-#[derive(Clone, Debug, diesel::Queryable, diesel::Selectable)]
+#[derive(Clone, Debug, diesel::Queryable, diesel::QueryableByName, diesel::Selectable)]
 #[diesel(table_name = vms)]
 pub struct VmRow {
     pub id: i64,
@@ -58,6 +58,30 @@ pub struct VmRow {
     pub next_action_ms: Option<i64>,
     pub last_reset_ms: Option<i64>,
     pub link_verified: bool,
+}
+
+/// A VM's view and the revision of the row it was read from. Every update of a `vms` row
+/// raises its revision (the statement itself, or a trigger), so of two views of one VM the
+/// one with the higher revision is the newer, whichever reached the cache first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RevisedView {
+    pub revision: i64,
+    pub view: VmView,
+}
+
+impl From<(VmRow, i64)> for RevisedView {
+    fn from((row, revision): (VmRow, i64)) -> Self {
+        RevisedView {
+            revision,
+            view: row.into_view(),
+        }
+    }
+}
+
+/// `vms.revision`, read as SQL: `schema::vms` stays within diesel's 32-column build, and
+/// nothing sets the column through the query builder (the trigger does).
+pub fn revision() -> diesel::expression::SqlLiteral<diesel::sql_types::BigInt> {
+    diesel::dsl::sql::<diesel::sql_types::BigInt>("vms.revision")
 }
 
 impl VmRow {
@@ -343,7 +367,7 @@ where
     use diesel::sql_types::{BigInt, Text};
     let mut sql = String::from(
         "UPDATE vms SET status = v.column4, status_reason = v.column5, \
-         status_since_ms = v.column6 FROM (VALUES ",
+         status_since_ms = v.column6, revision = vms.revision + 1 FROM (VALUES ",
     );
     push_values(&mut sql, rows.len(), 6, placeholders);
     sql.push_str(&format!(
@@ -643,16 +667,29 @@ pub async fn get_row(conn: &mut Conn, id: VmId) -> Result<Option<VmRow>, DbError
     })?)
 }
 
-pub async fn vms_by_ids(conn: &mut Conn, ids: &[VmId]) -> Result<Vec<VmView>, DbError> {
+/// These VMs' views with their rows' revisions.
+pub async fn vms_by_ids(conn: &mut Conn, ids: &[VmId]) -> Result<Vec<RevisedView>, DbError> {
     let ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
-    let rows: Vec<VmRow> = with_conn!(conn, |c| {
+    let rows: Vec<(VmRow, i64)> = with_conn!(conn, |c| {
         vms::table
             .filter(vms::id.eq_any(&ids))
-            .select(VmRow::as_select())
+            .select((VmRow::as_select(), revision()))
             .load(c)
             .await
     })?;
-    Ok(rows.into_iter().map(VmRow::into_view).collect())
+    Ok(rows.into_iter().map(RevisedView::from).collect())
+}
+
+/// Every VM's view with its row's revision, for a rebuild of the state cache.
+pub async fn revised_views(conn: &mut Conn) -> Result<Vec<RevisedView>, DbError> {
+    let rows: Vec<(VmRow, i64)> = with_conn!(conn, |c| {
+        vms::table
+            .order(vms::id.asc())
+            .select((VmRow::as_select(), revision()))
+            .load(c)
+            .await
+    })?;
+    Ok(rows.into_iter().map(RevisedView::from).collect())
 }
 
 pub async fn get_vm(conn: &mut Conn, id: VmId) -> Result<Option<VmView>, DbError> {

@@ -2,6 +2,7 @@
 
 use crate::common::*;
 use redis::AsyncCommands;
+use server::db::store::RevisedView;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -153,13 +154,21 @@ async fn redis_cache_is_used_and_survives_an_outage() {
     srv.stop().await;
 }
 
-/// One VM's view as the API serves it, renumbered and marked so the test can tell writes
-/// apart.
-fn marked(view: &domain::view::VmView, id: i64, mark: &str) -> domain::view::VmView {
+/// One VM's view as the API serves it, renumbered, at a row revision, and marked so the
+/// test can tell writes apart.
+fn marked(view: &domain::view::VmView, id: i64, revision: i64, mark: &str) -> RevisedView {
     let mut view = view.clone();
     view.id = domain::VmId(id);
     view.status_reason = mark.to_owned();
-    view
+    RevisedView { revision, view }
+}
+
+async fn shape_view() -> domain::view::VmView {
+    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
+    assert_eq!(srv.report(&report_for("shape")).await.0, 200);
+    let (_, vms) = srv.get("/api/vms").await;
+    srv.stop().await;
+    serde_json::from_value(vms[0].clone()).unwrap()
 }
 
 async fn marks(redis: &PrivateRedis) -> Vec<(i64, String)> {
@@ -182,24 +191,20 @@ async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
     use server::live::LiveBus;
     let redis = PrivateRedis::start(free_port());
     redis.wait_ready().await;
-    let mut srv = TestServer::start(Backend::Sqlite, &[]).await;
-    assert_eq!(srv.report(&report_for("shape")).await.0, 200);
-    let (_, vms) = srv.get("/api/vms").await;
-    let view: domain::view::VmView = serde_json::from_value(vms[0].clone()).unwrap();
-    srv.stop().await;
+    let view = shape_view().await;
 
     let replica_a = StateCache::new(Some(&redis.url()), LiveBus::new(None).0).unwrap();
     let replica_b = StateCache::new(Some(&redis.url()), LiveBus::new(None).0).unwrap();
     let ticket = replica_b.open_writes().await;
-    let seeded = [1, 2, 3, 4].map(|id| marked(&view, id, "seeded"));
+    let seeded = [1, 2, 3, 4].map(|id| marked(&view, id, 1, "seeded"));
     replica_b.rebuild(seeded.to_vec(), ticket).await.unwrap();
 
     // A begins a rebuild and reads the database: VM 1 and 3 as they were, 2 deleted.
     let ticket = replica_a.open_writes().await;
-    let read_by_a = vec![marked(&view, 1, "old"), marked(&view, 3, "old")];
+    let read_by_a = vec![marked(&view, 1, 2, "old"), marked(&view, 3, 2, "old")];
     // Meanwhile B commits newer states of VM 1 and 4 and writes them through.
     replica_b
-        .put(&[marked(&view, 1, "newer"), marked(&view, 4, "newer")])
+        .put(&[marked(&view, 1, 3, "newer"), marked(&view, 4, 2, "newer")])
         .await;
     replica_a.rebuild(read_by_a, ticket).await.unwrap();
     assert_eq!(
@@ -210,10 +215,47 @@ async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
 
     // A later rebuild, with nothing written since it began, is what Redis holds.
     let ticket = replica_a.open_writes().await;
-    let read_later = vec![marked(&view, 1, "later"), marked(&view, 4, "later")];
+    let read_later = vec![marked(&view, 1, 4, "later"), marked(&view, 4, 3, "later")];
     replica_a.rebuild(read_later, ticket).await.unwrap();
     assert_eq!(
         marks(&redis).await,
         vec![(1, "later".into()), (4, "later".into())]
     );
+}
+
+/// Two writers of one VM put their views in the other order than they committed (the
+/// writer that committed first was slower to reach the cache): the newer revision stays,
+/// in Redis shared by replicas and in a process's own map alike. The same revision again
+/// (a refresh with nothing changed) is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_view_put_late_never_overwrites_a_newer_one() {
+    use server::cache::StateCache;
+    use server::live::LiveBus;
+    let redis = PrivateRedis::start(free_port());
+    redis.wait_ready().await;
+    let view = shape_view().await;
+
+    let replica_a = StateCache::new(Some(&redis.url()), LiveBus::new(None).0).unwrap();
+    let replica_b = StateCache::new(Some(&redis.url()), LiveBus::new(None).0).unwrap();
+    let ticket = replica_a.open_writes().await;
+    replica_a.rebuild(Vec::new(), ticket).await.unwrap();
+    let ticket = replica_b.open_writes().await;
+    replica_b.rebuild(Vec::new(), ticket).await.unwrap();
+    replica_a.put(&[marked(&view, 7, 5, "approved")]).await;
+    replica_b.put(&[marked(&view, 7, 4, "reported")]).await;
+    assert_eq!(marks(&redis).await, vec![(7, "approved".into())]);
+    replica_b.put(&[marked(&view, 7, 5, "refreshed")]).await;
+    assert_eq!(marks(&redis).await, vec![(7, "refreshed".into())]);
+
+    let own = StateCache::new(None, LiveBus::new(None).0).unwrap();
+    own.put(&[marked(&view, 7, 5, "approved")]).await;
+    own.put(&[marked(&view, 7, 4, "reported")]).await;
+    let held: Vec<String> = own
+        .snapshot()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.status_reason)
+        .collect();
+    assert_eq!(held, vec!["approved".to_owned()]);
 }

@@ -98,8 +98,27 @@ async fn run(backend: Backend, path: StatePath) -> (Vec<domain::view::VmView>, V
             })
             .unwrap();
         }
-        let outcomes = write_batch_via(&db, &batch, &cfg, path).await.unwrap();
-        assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        let written = write_batch_via(&db, &batch, &cfg, path).await.unwrap();
+        assert!(
+            written.outcomes.iter().all(Result::is_ok),
+            "{:?}",
+            written.outcomes
+        );
+        // What the batch hands the cache is what a read after the commit finds: every VM
+        // it changed, as committed, at its row's revision.
+        let mut handed = written.views;
+        handed.sort_by_key(|v| v.view.id);
+        let mut ids: Vec<domain::VmId> = written
+            .outcomes
+            .iter()
+            .map(|o| o.as_ref().unwrap().vm_id)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut conn = db.conn().await.unwrap();
+        let mut read = store::vms_by_ids(&mut conn, &ids).await.unwrap();
+        read.sort_by_key(|v| v.view.id);
+        assert_eq!(handed, read, "{backend:?} {path:?}: batch {n}");
     }
     let mut conn = db.conn().await.unwrap();
     let vms = store::list_vms(&mut conn).await.unwrap();
@@ -190,7 +209,8 @@ async fn mixed_fleet(db: &Db) -> Vec<store::VmRow> {
     }
     let outcomes = write_batch_via(db, &batch, &StatusConfig::default(), StatePath::SetBased)
         .await
-        .unwrap();
+        .unwrap()
+        .outcomes;
     assert!(outcomes.iter().all(Result::is_ok));
     let mut sql = String::new();
     for (host, status, phase, link, auto_reset, later) in &shapes {
@@ -318,7 +338,8 @@ async fn a_whole_fleet_going_silent_at_once_is_all_marked_and_shown_down(backend
             StatePath::SetBased,
         )
         .await
-        .unwrap();
+        .unwrap()
+        .outcomes;
         assert!(outcomes.iter().all(Result::is_ok));
     }
     let later = now + StatusConfig::default().stale_timeout_ms + 60_000;
@@ -445,3 +466,130 @@ async fn set_based_verdicts_change_what_one_by_one_changed(backend: Backend) {
     assert_eq!(results[0], results[1]);
 }
 crate::both_backends!(set_based_verdicts_change_what_one_by_one_changed);
+
+/// Every kind of write to a VM's row raises its revision, which is how the state cache
+/// orders two writers' views of one VM: the batch's own statement, the stale check's
+/// verdicts, an operator's switch through the query builder, and plain SQL (the trigger).
+async fn every_write_to_a_vm_raises_its_revision(backend: Backend) {
+    let test_db = fresh_db(backend).await;
+    let db = Db::connect(&test_db.url, 2).await.unwrap();
+    let cfg = StatusConfig::default();
+    let report = |at: i64| vec![beat("revised", 10.0, at, at, json!({}))];
+    let first = write_batch_via(&db, &report(T0), &cfg, StatePath::SetBased)
+        .await
+        .unwrap();
+    let id = first.views[0].view.id;
+    let mut conn = db.conn().await.unwrap();
+    let mut revisions = vec![("first report", first.views[0].revision)];
+    async fn revision_of(conn: &mut server::db::Conn, id: domain::VmId) -> i64 {
+        store::vms_by_ids(conn, &[id]).await.unwrap()[0].revision
+    }
+
+    let t1 = T0 + 30_000;
+    write_batch_via(&db, &report(t1), &cfg, StatePath::SetBased)
+        .await
+        .unwrap();
+    revisions.push(("second report", revision_of(&mut conn, id).await));
+    write_batch_via(&db, &report(t1 + 1), &cfg, StatePath::OneByOne)
+        .await
+        .unwrap();
+    revisions.push(("one by one", revision_of(&mut conn, id).await));
+    assert!(
+        server::db::incidents::set_auto_reset(&mut conn, id, false)
+            .await
+            .unwrap()
+    );
+    revisions.push(("auto-reset off", revision_of(&mut conn, id).await));
+    let later = t1 + cfg.stale_timeout_ms + 1_000;
+    let rows = store::overdue_rows(&mut conn, cfg.stale_timeout_ms, later)
+        .await
+        .unwrap();
+    let verdicts = server::scheduler::judge(&rows, &cfg, later);
+    assert_eq!(
+        store::apply_verdicts(&mut conn, &verdicts, later)
+            .await
+            .unwrap(),
+        vec![id]
+    );
+    revisions.push(("stale verdict", revision_of(&mut conn, id).await));
+    server::with_conn!(conn, |c| {
+        diesel_async::SimpleAsyncConnection::batch_execute(
+            c,
+            "UPDATE vms SET phase_reason = 'by hand'",
+        )
+        .await
+    })
+    .unwrap();
+    revisions.push(("plain SQL", revision_of(&mut conn, id).await));
+    assert!(
+        revisions.windows(2).all(|w| w[1].1 > w[0].1),
+        "{backend:?}: {revisions:?}"
+    );
+}
+crate::both_backends!(every_write_to_a_vm_raises_its_revision);
+
+/// Two replicas on one database get the first reports of the same new VMs at the same
+/// moment: each VM is created once (the batch that loses the race on the unique index is
+/// retried and finds the winner's row), every report is answered 200 and stored once.
+async fn replicas_creating_the_same_vms_at_once_create_each_once(backend: Backend) {
+    const HOSTS: usize = 120;
+    let db = fresh_db(backend).await;
+    let second = TestDb {
+        url: db.url.clone(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let mut a = TestServer::start_on(db, &[]).await;
+    let mut b = TestServer::start_on(second, &[]).await;
+    // Half the VMs send a uuid (matched by it), half only a name.
+    let bodies: Vec<Value> = (0..HOSTS)
+        .map(|i| {
+            let mut body = crate::common::report_for(&format!("twin-{i:03}"));
+            if i % 2 == 0 {
+                body["machine_id"] = json!(format!("00000000-0000-4000-8000-{i:012}"));
+            }
+            body
+        })
+        .collect();
+    let mut sends = Vec::new();
+    for body in &bodies {
+        for srv in [&a, &b] {
+            let (http, url, body) = (
+                srv.http.clone(),
+                srv.url("/api/health/report"),
+                body.clone(),
+            );
+            sends.push(tokio::spawn(async move {
+                let resp = http
+                    .post(url)
+                    .bearer_auth(AGENT_TOKEN)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+            }));
+        }
+    }
+    let mut ids = std::collections::HashMap::new();
+    for send in sends {
+        let (status, answer) = send.await.unwrap();
+        assert_eq!(status, 200, "{backend:?}: {answer}");
+        ids.entry(answer["vm_id"].as_i64().unwrap())
+            .and_modify(|n| *n += 1)
+            .or_insert(1);
+    }
+    assert_eq!(
+        ids.len(),
+        HOSTS,
+        "{backend:?}: both replicas answered with one VM per host"
+    );
+    assert!(ids.values().all(|n| *n == 2), "{backend:?}: {ids:?}");
+    let mut conn = a.state().db.conn().await.unwrap();
+    let vms = store::list_vms(&mut conn).await.unwrap();
+    assert_eq!(vms.len(), HOSTS, "{backend:?}: a VM was created twice");
+    assert_eq!(a.metric_rows().await, i64::try_from(2 * HOSTS).unwrap());
+    drop(conn);
+    b.stop().await;
+    a.stop().await;
+}
+crate::both_backends!(replicas_creating_the_same_vms_at_once_create_each_once);

@@ -1,0 +1,2 @@
+DROP TRIGGER vms_revision;
+ALTER TABLE vms DROP COLUMN revision;
