@@ -38,8 +38,9 @@ cargo build --release -q -p server
 cargo test -q -p server --test it -- --ignored --exact --nocapture \
   scale::one_silent_vm_among_100000_is_down_and_acted_on_promptly
 
-echo "==> where an ingest request's time goes (perf, SQLite)"
+echo "==> where an ingest request's time goes (perf, SQLite; the whole machine on PostgreSQL)"
 scripts/profile-ingest.sh sqlite
+scripts/profile-ingest.sh postgres
 
 echo "==> chart reads over 10,000 VMs of history"
 cargo bench -p server --bench history

@@ -170,8 +170,14 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
     if !credential_vms.is_empty() {
         known.extend(c.vms_by_id(&credential_vms).await?);
     }
-    let known_ids: Vec<i64> = known.iter().map(|r| r.id).collect();
-    let mut credential_state = states(&c.credentials_of(&known_ids).await?);
+    // Only enrolments decide by the credentials a VM holds; a batch of credentials alone
+    // (the steady state) skips the read.
+    let mut credential_state = if enrolling.is_empty() {
+        HashMap::new()
+    } else {
+        let known_ids: Vec<i64> = known.iter().map(|r| r.id).collect();
+        states(&c.credentials_of(&known_ids).await?)
+    };
 
     let mut outcomes: Vec<Option<Result<Admitted, Refusal>>> =
         submissions.iter().map(|_| None).collect();
