@@ -11,7 +11,7 @@ use deadpool_redis::redis::AsyncCommands;
 use deadpool_redis::redis::Script;
 use domain::VmId;
 use domain::view::VmView;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
@@ -85,11 +85,22 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct StateCache {
     /// Shared views: a reader takes the fleet by reference counts, not copies, and lets go
     /// of the lock before doing anything with it.
-    local: RwLock<HashMap<VmId, Held>>,
+    local: RwLock<Local>,
     redis: Option<RedisCache>,
     /// Told of every write, so open pages follow.
     live: Arc<LiveBus>,
 }
+
+/// This process's views, and the VMs deleted: ids are never reused, so a view of a deleted
+/// VM that arrives late (its batch committed before the delete) is refused for good.
+#[derive(Default)]
+struct Local {
+    views: HashMap<VmId, Held>,
+    deleted: HashSet<VmId>,
+}
+
+/// The revision a deleted VM is held at in Redis: no view is newer.
+const DELETED: i64 = i64::MAX;
 
 /// A view in this process's map, with its row's revision.
 struct Held {
@@ -171,7 +182,7 @@ impl StateCache {
             }
         };
         Ok(Self {
-            local: RwLock::new(HashMap::new()),
+            local: RwLock::new(Local::default()),
             redis,
             live,
         })
@@ -193,8 +204,14 @@ impl StateCache {
     pub async fn snapshot(&self) -> Option<Vec<VmView>> {
         match &self.redis {
             None => {
-                let map = self.local.read().ok()?;
-                Some(map.values().map(|held| VmView::clone(&held.view)).collect())
+                let local = self.local.read().ok()?;
+                Some(
+                    local
+                        .views
+                        .values()
+                        .map(|held| VmView::clone(&held.view))
+                        .collect(),
+                )
             }
             Some(redis) if redis.ready() => {
                 let result: Result<HashMap<String, String>, _> = redis
@@ -223,8 +240,8 @@ impl StateCache {
         if self.redis.is_some() {
             return None;
         }
-        let map = self.local.read().ok()?;
-        Some(map.values().map(|held| held.view.clone()).collect())
+        let local = self.local.read().ok()?;
+        Some(local.views.values().map(|held| held.view.clone()).collect())
     }
 
     /// Writes the given VMs' latest state through, except where a view of a newer revision
@@ -233,13 +250,15 @@ impl StateCache {
         if views.is_empty() {
             return;
         }
-        if let Ok(mut map) = self.local.write() {
+        if let Ok(mut local) = self.local.write() {
             for revised in views {
-                let newer_held = map
-                    .get(&revised.view.id)
+                let id = revised.view.id;
+                let newer_held = local
+                    .views
+                    .get(&id)
                     .is_some_and(|held| held.revision > revised.revision);
-                if !newer_held {
-                    map.insert(revised.view.id, Held::of(revised));
+                if !newer_held && !local.deleted.contains(&id) {
+                    local.views.insert(id, Held::of(revised));
                 }
             }
         }
@@ -267,9 +286,11 @@ impl StateCache {
         self.live.vms_changed(views.iter().map(|v| v.view.id));
     }
 
+    /// Forgets a deleted VM, and refuses any view of it put later.
     pub async fn remove(&self, id: VmId) {
-        if let Ok(mut map) = self.local.write() {
-            map.remove(&id);
+        if let Ok(mut local) = self.local.write() {
+            local.views.remove(&id);
+            local.deleted.insert(id);
         }
         self.live.vms_changed([id]);
         if let Some(redis) = &self.redis {
@@ -280,7 +301,7 @@ impl StateCache {
                     pipe.atomic()
                         .hdel(REDIS_KEY, &id)
                         .hdel(WRITTEN_AT_KEY, &id)
-                        .hdel(REVISION_KEY, &id);
+                        .hset(REVISION_KEY, &id, DELETED);
                     pipe.query_async(&mut conn).await
                 })
                 .await;
@@ -329,16 +350,19 @@ impl StateCache {
         views: Vec<RevisedView>,
         ticket: RebuildTicket,
     ) -> Result<(), String> {
-        if let Ok(mut map) = self.local.write() {
-            let mut rebuilt: HashMap<VmId, Held> =
-                views.iter().map(|v| (v.view.id, Held::of(v))).collect();
+        if let Ok(mut local) = self.local.write() {
+            let mut rebuilt: HashMap<VmId, Held> = views
+                .iter()
+                .filter(|v| !local.deleted.contains(&v.view.id))
+                .map(|v| (v.view.id, Held::of(v)))
+                .collect();
             // A view written while the database was read may be newer than the one read.
-            for (id, held) in map.drain() {
+            for (id, held) in local.views.drain() {
                 if rebuilt.get(&id).is_some_and(|r| r.revision < held.revision) {
                     rebuilt.insert(id, held);
                 }
             }
-            *map = rebuilt;
+            local.views = rebuilt;
         }
         self.live.publish(Change::All);
         let Some(redis) = &self.redis else {

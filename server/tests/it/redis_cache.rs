@@ -226,7 +226,7 @@ async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
 /// Two writers of one VM put their views in the other order than they committed (the
 /// writer that committed first was slower to reach the cache): the newer revision stays,
 /// in Redis shared by replicas and in a process's own map alike. The same revision again
-/// (a refresh with nothing changed) is taken.
+/// (a refresh with nothing changed) is taken; a view of a deleted VM never is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_view_put_late_never_overwrites_a_newer_one() {
     use server::cache::StateCache;
@@ -246,16 +246,26 @@ async fn a_view_put_late_never_overwrites_a_newer_one() {
     assert_eq!(marks(&redis).await, vec![(7, "approved".into())]);
     replica_b.put(&[marked(&view, 7, 5, "refreshed")]).await;
     assert_eq!(marks(&redis).await, vec![(7, "refreshed".into())]);
+    // Deleted by an operator on A; a batch that committed before the delete puts late on B.
+    replica_a.remove(domain::VmId(7)).await;
+    replica_b
+        .put(&[marked(&view, 7, 6, "from before the delete")])
+        .await;
+    assert_eq!(marks(&redis).await, Vec::<(i64, String)>::new());
 
     let own = StateCache::new(None, LiveBus::new(None).0).unwrap();
+    let held = || async {
+        let views = own.snapshot().await.unwrap();
+        views
+            .into_iter()
+            .map(|v| v.status_reason)
+            .collect::<Vec<String>>()
+    };
     own.put(&[marked(&view, 7, 5, "approved")]).await;
     own.put(&[marked(&view, 7, 4, "reported")]).await;
-    let held: Vec<String> = own
-        .snapshot()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|v| v.status_reason)
-        .collect();
-    assert_eq!(held, vec!["approved".to_owned()]);
+    assert_eq!(held().await, vec!["approved".to_owned()]);
+    own.remove(domain::VmId(7)).await;
+    own.put(&[marked(&view, 7, 6, "from before the delete")])
+        .await;
+    assert_eq!(held().await, Vec::<String>::new());
 }
