@@ -39,11 +39,18 @@ return generation
 ";
 
 /// A rebuild's write (ARGV: the generation read before the database was, then id,
-/// revision, json... for every VM of the database's view). A VM written since that
-/// generation keeps what was written: it was committed after the view was read, or at the
-/// same time. A VM the view lacks is deleted unless written since, or newer than any in
-/// the view.
+/// revision, json... for every VM of the database's view).
+/// - A VM nobody wrote since that generation takes the view whatever revision is held:
+///   the view was read after every write before it (and after a restored backup, the
+///   database's revisions may be lower than those Redis holds).
+/// - A VM written since keeps what was written unless the view's revision is as new:
+///   that write may have committed after the view was read, or be an older one put late.
+/// - A VM the view lacks is deleted (and held as deleted) unless written since, or newer
+///   than any in the view.
+/// - Deletions noted before that generation are forgotten: the view lacks those VMs
+///   already, and a restored database may hand their ids out again.
 const REBUILD_SCRIPT: &str = r"
+local DELETED = '9223372036854775807'
 local since = tonumber(ARGV[1])
 local newest = nil
 local kept = {}
@@ -56,26 +63,43 @@ local function untouched(id)
   local at = tonumber(redis.call('HGET', KEYS[3], id) or '0')
   return at <= since
 end
+local revisions = redis.call('HGETALL', KEYS[4])
+for i = 1, #revisions, 2 do
+  if revisions[i + 1] == DELETED and untouched(revisions[i]) then
+    redis.call('HDEL', KEYS[4], revisions[i])
+    redis.call('HDEL', KEYS[3], revisions[i])
+  end
+end
 for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
   local n = tonumber(id)
   if not kept[id] and n ~= nil and (newest == nil or n <= newest) and untouched(id) then
     redis.call('HDEL', KEYS[1], id)
-    redis.call('HDEL', KEYS[3], id)
-    redis.call('HDEL', KEYS[4], id)
+    redis.call('HSET', KEYS[4], id, DELETED)
   end
 end
 for i = 2, #ARGV, 3 do
   local held = tonumber(redis.call('HGET', KEYS[4], ARGV[i]) or '-1')
-  if untouched(ARGV[i]) and tonumber(ARGV[i + 1]) >= held then
+  if untouched(ARGV[i]) or tonumber(ARGV[i + 1]) >= held then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
     redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
   end
 end
 return redis.call('HLEN', KEYS[1])
 ";
+
+/// Deletes a VM's view and holds it as deleted (ARGV: id, the deleted revision), counted as
+/// a write so a rebuild under way keeps the deletion.
+const REMOVE_SCRIPT: &str = r"
+local generation = redis.call('INCR', KEYS[2])
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[3], ARGV[1], generation)
+redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
+return generation
+";
 /// The scripts with their digests worked out once (each call sends the digest first).
 static PUT: LazyLock<Script> = LazyLock::new(|| Script::new(PUT_SCRIPT));
 static REBUILD: LazyLock<Script> = LazyLock::new(|| Script::new(REBUILD_SCRIPT));
+static REMOVE: LazyLock<Script> = LazyLock::new(|| Script::new(REMOVE_SCRIPT));
 
 /// VMs read back from the database at a time after a change.
 const REFRESH_SLICE: usize = 2_000;
@@ -99,7 +123,8 @@ struct Local {
     deleted: HashSet<VmId>,
 }
 
-/// The revision a deleted VM is held at in Redis: no view is newer.
+/// The revision a deleted VM is held at in Redis: no view is newer (`REBUILD_SCRIPT` knows
+/// it by its digits).
 const DELETED: i64 = i64::MAX;
 
 /// A view in this process's map, with its row's revision.
@@ -294,15 +319,17 @@ impl StateCache {
         }
         self.live.vms_changed([id]);
         if let Some(redis) = &self.redis {
-            let result: Result<(), _> = redis
+            let result: Result<i64, _> = redis
                 .run(|mut conn| async move {
-                    let id = id.to_string();
-                    let mut pipe = deadpool_redis::redis::pipe();
-                    pipe.atomic()
-                        .hdel(REDIS_KEY, &id)
-                        .hdel(WRITTEN_AT_KEY, &id)
-                        .hset(REVISION_KEY, &id, DELETED);
-                    pipe.query_async(&mut conn).await
+                    REMOVE
+                        .key(REDIS_KEY)
+                        .key(GENERATION_KEY)
+                        .key(WRITTEN_AT_KEY)
+                        .key(REVISION_KEY)
+                        .arg(id.get())
+                        .arg(DELETED)
+                        .invoke_async(&mut conn)
+                        .await
                 })
                 .await;
             if let Err(err) = result {
@@ -356,9 +383,15 @@ impl StateCache {
                 .filter(|v| !local.deleted.contains(&v.view.id))
                 .map(|v| (v.view.id, Held::of(v)))
                 .collect();
-            // A view written while the database was read may be newer than the one read.
+            // A view written while the database was read may be newer than the one read,
+            // or of a VM created since (a higher id than any read).
+            let newest_read = views.iter().map(|v| v.view.id).max();
             for (id, held) in local.views.drain() {
-                if rebuilt.get(&id).is_some_and(|r| r.revision < held.revision) {
+                let newer = match rebuilt.get(&id) {
+                    Some(read) => read.revision < held.revision,
+                    None => newest_read.is_none_or(|newest| id > newest),
+                };
+                if newer {
                     rebuilt.insert(id, held);
                 }
             }
@@ -486,5 +519,15 @@ pub async fn refresh(db: &Db, cache: &StateCache, ids: &[VmId]) {
             Ok(views) => cache.put(&views).await,
             Err(err) => tracing::warn!(error = %err, "could not refresh the state cache"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DELETED, REBUILD_SCRIPT};
+
+    #[test]
+    fn the_rebuild_script_knows_the_deleted_revision() {
+        assert!(REBUILD_SCRIPT.contains(&format!("local DELETED = '{DELETED}'")));
     }
 }

@@ -216,15 +216,16 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
     c.confirm_credentials(&first_uses, now_ms).await?;
 
     let mut token_uses: HashMap<i64, i64> = HashMap::new();
-    // Enrolments by host name: replicas creating the same new VMs at once then claim
-    // their keys in one order, so one waits for the other instead of both deadlocking.
-    // Stable, so the reports of one host keep their order.
+    // Enrolments by the key a new VM takes (its uuid, else its host name): replicas
+    // creating the same new VMs at once then claim the keys in one order, so one waits
+    // for the other instead of both deadlocking. Stable: reports with one key keep the
+    // order they arrived in.
     let mut enrolments: Vec<_> = outcomes
         .iter_mut()
         .zip(submissions)
         .filter(|(slot, _)| slot.is_none())
         .collect();
-    enrolments.sort_by(|(_, a), (_, b)| a.report.hostname.cmp(&b.report.hostname));
+    enrolments.sort_by(|(_, a), (_, b)| creation_key(&a.report).cmp(creation_key(&b.report)));
     for (slot, submission) in enrolments {
         let report = &submission.report;
         let token = match &submission.presented {
@@ -334,6 +335,12 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
         .map(|o| o.unwrap_or(Err(Refusal::Unauthorized)))
         .collect();
     Ok(Admission { outcomes, known })
+}
+
+/// The unique key a VM created for this report takes: `vms_machine_id`, else
+/// `vms_hostname_without_machine_id`.
+fn creation_key(report: &Heartbeat) -> &str {
+    report.machine_id.as_deref().unwrap_or(&report.hostname)
 }
 
 /// Whether a submission asks to enrol (as opposed to naming its VM by credential).

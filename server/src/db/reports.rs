@@ -84,10 +84,11 @@ pub trait ReportWriter {
     /// A new VM for a report that matched none.
     fn create_vm(&mut self, report: &Heartbeat) -> impl Future<Output = QueryResult<VmRow>> + Send;
 
-    /// Locks these VMs' rows for the rest of the transaction, in id order, as the stale
-    /// check does: before the metric rows, whose foreign keys would otherwise share-lock
-    /// them in the batch's order first (two batches could then deadlock). A no-op on
-    /// SQLite, where the write turn already runs one writer at a time.
+    /// Locks these VMs' rows for the rest of the transaction, in id order, before the
+    /// batch's update, whose join would take them in whatever order it runs. `FOR NO KEY
+    /// UPDATE`, as the update itself takes: it does not wait on the share locks that other
+    /// transactions' foreign keys (metric rows, events) take. A no-op on SQLite, where the
+    /// write turn already runs one writer at a time.
     fn lock_vms(&mut self, ids: &[VmId]) -> impl Future<Output = QueryResult<()>> + Send;
 
     fn insert_metrics(
@@ -523,7 +524,7 @@ report_writer!(
                 .filter(vms::id.eq_any(chunk))
                 .order(vms::id.asc())
                 .select(vms::id)
-                .for_update()
+                .for_no_key_update()
                 .load::<i64>(self)
                 .await?;
         }

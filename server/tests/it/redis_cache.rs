@@ -206,6 +206,8 @@ async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
     replica_b
         .put(&[marked(&view, 1, 3, "newer"), marked(&view, 4, 2, "newer")])
         .await;
+    // And an older write of VM 3 (committed before A read it) reaches Redis late.
+    replica_b.put(&[marked(&view, 3, 1, "late")]).await;
     replica_a.rebuild(read_by_a, ticket).await.unwrap();
     assert_eq!(
         marks(&redis).await,
@@ -220,6 +222,21 @@ async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
     assert_eq!(
         marks(&redis).await,
         vec![(1, "later".into()), (4, "later".into())]
+    );
+
+    // The database restored from a backup: its revisions are lower than those Redis holds,
+    // and a VM deleted since is back under its id. A rebuild with nothing written since
+    // it began takes the database's view.
+    replica_b.remove(domain::VmId(4)).await;
+    let ticket = replica_a.open_writes().await;
+    let restored = vec![
+        marked(&view, 1, 1, "restored"),
+        marked(&view, 4, 1, "restored"),
+    ];
+    replica_a.rebuild(restored, ticket).await.unwrap();
+    assert_eq!(
+        marks(&redis).await,
+        vec![(1, "restored".into()), (4, "restored".into())]
     );
 }
 
