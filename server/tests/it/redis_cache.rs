@@ -182,19 +182,29 @@ async fn marks(redis: &PrivateRedis) -> Vec<(i64, String)> {
     held
 }
 
-/// A rebuild writes the database's view read before it writes; another replica that wrote
-/// a VM meanwhile wrote something at least as new, and keeps it. What nobody wrote since
-/// is replaced, and a VM the view lacks is deleted unless written since.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
+/// A private Redis, a VM's view to mark, and two replicas' caches sharing that Redis.
+async fn two_replicas() -> (
+    PrivateRedis,
+    domain::view::VmView,
+    server::cache::StateCache,
+    server::cache::StateCache,
+) {
     use server::cache::StateCache;
     use server::live::LiveBus;
     let redis = PrivateRedis::start(free_port());
     redis.wait_ready().await;
     let view = shape_view().await;
+    let replica = || StateCache::new(Some(&redis.url()), LiveBus::new(None).0).unwrap();
+    let (a, b) = (replica(), replica());
+    (redis, view, a, b)
+}
 
-    let replica_a = StateCache::new(Some(&redis.url()), LiveBus::new(None).0).unwrap();
-    let replica_b = StateCache::new(Some(&redis.url()), LiveBus::new(None).0).unwrap();
+/// A rebuild writes the database's view read before it writes; another replica that wrote
+/// a VM meanwhile wrote something at least as new, and keeps it. What nobody wrote since
+/// is replaced, and a VM the view lacks is deleted unless written since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
+    let (redis, view, replica_a, replica_b) = two_replicas().await;
     let ticket = replica_b.open_writes().await;
     let seeded = [1, 2, 3, 4].map(|id| marked(&view, id, 1, "seeded"));
     replica_b.rebuild(seeded.to_vec(), ticket).await.unwrap();
@@ -246,14 +256,7 @@ async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
 /// (a refresh with nothing changed) is taken; a view of a deleted VM never is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_view_put_late_never_overwrites_a_newer_one() {
-    use server::cache::StateCache;
-    use server::live::LiveBus;
-    let redis = PrivateRedis::start(free_port());
-    redis.wait_ready().await;
-    let view = shape_view().await;
-
-    let replica_a = StateCache::new(Some(&redis.url()), LiveBus::new(None).0).unwrap();
-    let replica_b = StateCache::new(Some(&redis.url()), LiveBus::new(None).0).unwrap();
+    let (redis, view, replica_a, replica_b) = two_replicas().await;
     let ticket = replica_a.open_writes().await;
     replica_a.rebuild(Vec::new(), ticket).await.unwrap();
     let ticket = replica_b.open_writes().await;
@@ -270,7 +273,7 @@ async fn a_view_put_late_never_overwrites_a_newer_one() {
         .await;
     assert_eq!(marks(&redis).await, Vec::<(i64, String)>::new());
 
-    let own = StateCache::new(None, LiveBus::new(None).0).unwrap();
+    let own = server::cache::StateCache::new(None, server::live::LiveBus::new(None).0).unwrap();
     let held = || async {
         let views = own.snapshot().await.unwrap();
         views
