@@ -45,10 +45,13 @@ return generation
 ///   database's revisions may be lower than those Redis holds).
 /// - A VM written since keeps what was written unless the view's revision is as new:
 ///   that write may have committed after the view was read, or be an older one put late.
-/// - A VM the view lacks is deleted (and held as deleted) unless written since, or newer
-///   than any in the view.
-/// - Deletions noted before that generation are forgotten: the view lacks those VMs
-///   already, and a restored database may hand their ids out again.
+/// - A VM the view lacks is deleted unless written since. It is held as deleted when its
+///   id is at most the view's highest: the database's sequence is past those ids, even
+///   restored from a backup, so none is handed out again. A higher id is forgotten
+///   outright: only a restored backup, its sequence wound back, lacks such a VM, and it
+///   hands those ids out again to the next VMs it creates.
+/// - Deletions noted before that generation are forgotten for the same ids above the view's
+///   highest; below it they stay held, so a view put late never brings such a VM back.
 const REBUILD_SCRIPT: &str = r"
 local DELETED = '9223372036854775807'
 local since = tonumber(ARGV[1])
@@ -63,18 +66,29 @@ local function untouched(id)
   local at = tonumber(redis.call('HGET', KEYS[3], id) or '0')
   return at <= since
 end
+local function reusable(id)
+  local n = tonumber(id)
+  return newest == nil or n == nil or n > newest
+end
+local function forget(id)
+  redis.call('HDEL', KEYS[4], id)
+  redis.call('HDEL', KEYS[3], id)
+end
 local revisions = redis.call('HGETALL', KEYS[4])
 for i = 1, #revisions, 2 do
-  if revisions[i + 1] == DELETED and untouched(revisions[i]) then
-    redis.call('HDEL', KEYS[4], revisions[i])
-    redis.call('HDEL', KEYS[3], revisions[i])
+  local id = revisions[i]
+  if revisions[i + 1] == DELETED and untouched(id) and reusable(id) then
+    forget(id)
   end
 end
 for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
-  local n = tonumber(id)
-  if not kept[id] and n ~= nil and (newest == nil or n <= newest) and untouched(id) then
+  if not kept[id] and untouched(id) then
     redis.call('HDEL', KEYS[1], id)
-    redis.call('HSET', KEYS[4], id, DELETED)
+    if reusable(id) then
+      forget(id)
+    else
+      redis.call('HSET', KEYS[4], id, DELETED)
+    end
   end
 end
 for i = 2, #ARGV, 3 do
@@ -115,7 +129,8 @@ pub struct StateCache {
     live: Arc<LiveBus>,
 }
 
-/// This process's views, and the VMs deleted: ids are never reused, so a view of a deleted
+/// This process's views, and the VMs deleted: ids are never reused while the process runs
+/// (restoring a backup means a restart, which starts this map afresh), so a view of a deleted
 /// VM that arrives late (its batch committed before the delete) is refused for good.
 #[derive(Default)]
 struct Local {
@@ -369,9 +384,8 @@ impl StateCache {
     /// Replaces the whole cache with the database's view, then serves reads from it. The
     /// view is written over what Redis holds rather than after deleting it, and never over
     /// a VM written since the ticket was taken (by this replica or another): that write is
-    /// at least as new as the view. VMs Redis holds that the view lacks were deleted
-    /// meanwhile, unless written since or created after the view was read (a higher id
-    /// than any in it).
+    /// at least as new as the view. VMs Redis holds that the view lacks and nobody wrote
+    /// since are deleted (`REBUILD_SCRIPT` says which stay held as deleted).
     pub async fn rebuild(
         &self,
         views: Vec<RevisedView>,

@@ -201,7 +201,8 @@ async fn two_replicas() -> (
 
 /// A rebuild writes the database's view read before it writes; another replica that wrote
 /// a VM meanwhile wrote something at least as new, and keeps it. What nobody wrote since
-/// is replaced, and a VM the view lacks is deleted unless written since.
+/// is replaced, and a VM the view lacks is deleted unless written since; after a restored
+/// backup, ids above the backup's highest are free for new VMs again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
     let (redis, view, replica_a, replica_b) = two_replicas().await;
@@ -234,9 +235,21 @@ async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
         vec![(1, "later".into()), (4, "later".into())]
     );
 
+    // VM 2, deleted by the first rebuild, stays deleted through the second: a view of it
+    // put late does not bring it back.
+    replica_b.put(&[marked(&view, 2, 9, "put late")]).await;
+    assert_eq!(
+        marks(&redis).await,
+        vec![(1, "later".into()), (4, "later".into())]
+    );
+
     // The database restored from a backup: its revisions are lower than those Redis holds,
-    // and a VM deleted since is back under its id. A rebuild with nothing written since
-    // it began takes the database's view.
+    // a VM deleted since is back under its id, and a VM created after the backup (id 9,
+    // above any the backup holds) is gone from it. A rebuild with nothing written since it
+    // began takes the database's view.
+    replica_b
+        .put(&[marked(&view, 9, 7, "created after the backup")])
+        .await;
     replica_b.remove(domain::VmId(4)).await;
     let ticket = replica_a.open_writes().await;
     let restored = vec![
@@ -247,6 +260,19 @@ async fn a_rebuild_never_overwrites_a_newer_write_by_another_replica() {
     assert_eq!(
         marks(&redis).await,
         vec![(1, "restored".into()), (4, "restored".into())]
+    );
+    // The restored database hands id 9 out again: the new VM's first view is taken.
+    replica_b
+        .put(&[marked(&view, 9, 1, "a new VM under id 9")])
+        .await;
+    replica_b.put(&[marked(&view, 2, 9, "put late")]).await;
+    assert_eq!(
+        marks(&redis).await,
+        vec![
+            (1, "restored".into()),
+            (4, "restored".into()),
+            (9, "a new VM under id 9".into())
+        ]
     );
 }
 
