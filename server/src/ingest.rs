@@ -16,7 +16,7 @@ use domain::heartbeat::Heartbeat;
 use domain::ingest::{StoredVm, newest_per_vm, plan_batch as plan_reports};
 use domain::status::StatusConfig;
 use domain::{Secret, VmId, VmStatus};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -60,10 +60,31 @@ pub struct StoredReport {
     pub credential: Option<Secret>,
 }
 
-/// Passes of a batch that lost a race to create a VM to another replica. Each pass finds
+/// Passes of a batch that lost a race to another replica's transaction. Each pass finds
 /// the rows committed before it, so only a VM created meanwhile can collide again: one
 /// retry is not enough when replicas take in a fleet's first reports together.
-const CREATE_RACE_RETRIES: usize = 5;
+const RACE_RETRIES: usize = 5;
+
+/// Why a batch's transaction may simply be run again: it was rolled back whole because
+/// another writer's transaction got in its way, not because of anything in the reports.
+pub fn lost_race(err: &DbError) -> Option<&'static str> {
+    use diesel::result::{DatabaseErrorKind, Error};
+    let DbError::Query(Error::DatabaseError(kind, info)) = err else {
+        return None;
+    };
+    match kind {
+        // Another replica created one of these VMs first; the next pass finds its row.
+        DatabaseErrorKind::UniqueViolation => Some("lost a race to create a VM"),
+        DatabaseErrorKind::SerializationFailure => Some("serialization failure"),
+        // PostgreSQL's 40P01, which diesel passes on without its code: an enrolment's
+        // writes (a hold on the VM whose identity it claimed, a link) come before the
+        // batch's rows are locked in id order, so two replicas can wait on each other.
+        DatabaseErrorKind::Unknown if info.message().starts_with("deadlock detected") => {
+            Some("deadlock with another writer")
+        }
+        _ => None,
+    }
+}
 
 struct Job {
     submission: Submission,
@@ -179,19 +200,11 @@ impl Writer {
         let cfg = self.status_config.get();
         let started = std::time::Instant::now();
         let mut result = write_batch_via(&self.db, &submissions, &cfg, self.path).await;
-        for _ in 0..CREATE_RACE_RETRIES {
-            let Err(DbError::Query(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::UniqueViolation,
-                _,
-            ))) = &result
-            else {
+        for _ in 0..RACE_RETRIES {
+            let Some(race) = result.as_ref().err().and_then(lost_race) else {
                 break;
             };
-            // Another replica created one of these VMs first; the next pass finds its row.
-            tracing::debug!(
-                reports = jobs.len(),
-                "lost a race to create a VM; writing again"
-            );
+            tracing::debug!(reports = jobs.len(), race, "writing the batch again");
             result = write_batch_via(&self.db, &submissions, &cfg, self.path).await;
         }
         match result {
@@ -268,9 +281,9 @@ pub async fn write_batch_via(
             .zip(&reports)
             .map(|(&id, r)| NewMetric::of(id, r))
             .collect();
-        c.lock_vms(&ids).await?;
+        let rows = c.lock_vms(&ids, admitted.known).await?;
         c.insert_metrics(metrics).await?;
-        let planned = plan_batch(&ids, &reports, &admitted.known, cfg);
+        let planned = plan_batch(&ids, &reports, &rows, cfg);
         let views = match path {
             StatePath::SetBased => c.apply_latest_state(&planned).await?,
             StatePath::OneByOne => c.apply_latest_state_one_by_one(&planned).await?,
@@ -303,10 +316,18 @@ fn plan_batch<'a>(
     cfg: &StatusConfig,
 ) -> Vec<PlannedState<'a>> {
     let batch: Vec<(VmId, &Heartbeat)> = ids.iter().copied().zip(reports).collect();
+    // Looked up by id: a batch holds up to hundreds of VMs.
+    let rows: HashMap<VmId, &crate::db::store::VmRow> =
+        known.iter().map(|row| (row.vm_id(), row)).collect();
+    let mut of_vm: HashMap<VmId, Vec<&Heartbeat>> = HashMap::new();
+    for (vm_id, report) in &batch {
+        of_vm.entry(*vm_id).or_default().push(*report);
+    }
     newest_per_vm(&batch)
         .into_iter()
         .filter_map(|(vm_id, (report, last_seen))| {
-            let row = known.iter().find(|row| row.vm_id() == vm_id)?;
+            let row = rows.get(&vm_id)?;
+            let of_vm = of_vm.get(&vm_id)?;
             let stored = StoredVm {
                 status: row.status(),
                 status_since_ms: row.status_since_ms,
@@ -324,25 +345,13 @@ fn plan_batch<'a>(
             let machine_id = row
                 .machine_id
                 .as_deref()
-                .or_else(|| batch_uuid(&batch, vm_id));
-            let of_vm: Vec<&Heartbeat> = batch
-                .iter()
-                .filter(|(id, _)| *id == vm_id)
-                .map(|(_, r)| *r)
-                .collect();
+                .or_else(|| of_vm.iter().find_map(|r| r.machine_id.as_deref()));
             Some(PlannedState {
                 vm_id,
                 report,
                 machine_id,
-                update: plan_reports(&stored, report, &of_vm, last_seen, cfg),
+                update: plan_reports(&stored, report, of_vm, last_seen, cfg),
             })
         })
         .collect()
-}
-
-fn batch_uuid<'a>(batch: &[(VmId, &'a Heartbeat)], vm_id: VmId) -> Option<&'a str> {
-    batch
-        .iter()
-        .filter(|(id, _)| *id == vm_id)
-        .find_map(|(_, r)| r.machine_id.as_deref())
 }

@@ -51,3 +51,57 @@ pub(super) struct OwnedStatusChange {
     pub(super) at_ms: i64,
     pub(super) reason: String,
 }
+
+/// Declares a row type's one-vector-a-column form for PostgreSQL's `UNNEST`: a batch bound
+/// as one array a column, in a statement whose text is the same for every batch size
+/// (parsed once per statement, not once per size; a bind per column, not per value).
+/// Fields are listed in the order of the statement's columns, each with its SQL type and
+/// PostgreSQL's name for it.
+macro_rules! unnest_columns {
+    ($row:ident => $columns:ident { $($field:ident: $rust:ty => $sql:ty as $pg:literal,)* }) => {
+        #[derive(Default)]
+        struct $columns {
+            $($field: Vec<$rust>,)*
+        }
+
+        impl $columns {
+            /// The fields' names, in order: the target columns of an insert.
+            const NAMES: &'static [&'static str] = &[$(stringify!($field)),*];
+
+            fn of(rows: impl IntoIterator<Item = $row>) -> Self {
+                let mut columns = Self::default();
+                for row in rows {
+                    $(columns.$field.push(row.$field);)*
+                }
+                columns
+            }
+
+            /// `UNNEST($1::bigint[], ...)`, one parameter a column.
+            fn unnest() -> String {
+                let arrays: Vec<String> = [$($pg),*]
+                    .iter()
+                    .zip(1..)
+                    .map(|(pg_type, n)| format!("${n}::{pg_type}[]"))
+                    .collect();
+                format!("UNNEST({})", arrays.join(", "))
+            }
+
+            /// Binds the columns in the order `unnest` names them.
+            fn bind_to(
+                self,
+                query: ::diesel::query_builder::BoxedSqlQuery<
+                    'static,
+                    ::diesel::pg::Pg,
+                    ::diesel::query_builder::SqlQuery,
+                >,
+            ) -> ::diesel::query_builder::BoxedSqlQuery<
+                'static,
+                ::diesel::pg::Pg,
+                ::diesel::query_builder::SqlQuery,
+            > {
+                query$(.bind::<::diesel::sql_types::Array<$sql>, _>(self.$field))*
+            }
+        }
+    };
+}
+pub(super) use unnest_columns;

@@ -2,14 +2,11 @@
 //! metric samples, apply the new state the core planned. The caller holds the transaction.
 
 use super::SqliteConn;
-use super::batch::{OwnedStatusChange, Placeholders, push_values};
+use super::batch::{OwnedStatusChange, Placeholders, push_values, unnest_columns};
 use super::schema::{events, metric_samples, status_changes, vms};
 use super::store::{NewStatusChange, RevisedView, VmRow, revision};
-use diesel::backend::Backend;
-use diesel::pg::Pg;
 use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
-use diesel::serialize::ToSql;
-use diesel::sql_types::{BigInt, Bool, Double, HasSqlType, Nullable, Text};
+use diesel::sql_types::{BigInt, Bool, Double, Nullable, Text};
 use diesel::sqlite::Sqlite;
 use diesel::{ExpressionMethods, QueryDsl, QueryResult, QueryableByName, SelectableHelper};
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
@@ -89,15 +86,25 @@ pub trait ReportWriter {
     /// UPDATE`, as the update itself takes: it does not wait on the share locks that other
     /// transactions' foreign keys (metric rows, events) take. A no-op on SQLite, where the
     /// write turn already runs one writer at a time.
-    fn lock_vms(&mut self, ids: &[VmId]) -> impl Future<Output = QueryResult<()>> + Send;
+    ///
+    /// Answers the rows to plan the batch from: on PostgreSQL the rows as locked, so a
+    /// writer (the engine, an operator) that committed after `known` was read is seen and
+    /// not written over with a plan made from the row before it; on SQLite `known` itself,
+    /// read under the same write turn.
+    fn lock_vms(
+        &mut self,
+        ids: &[VmId],
+        known: Vec<VmRow>,
+    ) -> impl Future<Output = QueryResult<Vec<VmRow>>> + Send;
 
     fn insert_metrics(
         &mut self,
         rows: Vec<NewMetric>,
     ) -> impl Future<Output = QueryResult<()>> + Send;
 
-    /// The planned state of every VM of the batch: one `UPDATE ... FROM (VALUES ...)` for
-    /// the VMs and one insert for their status changes, whatever the batch size. Answers
+    /// The planned state of every VM of the batch: one `UPDATE ... FROM` for the VMs (a
+    /// `VALUES` list on SQLite, `UNNEST` of one array a column on PostgreSQL) and one insert
+    /// for their status changes, whatever the batch size. Answers
     /// the rows as the update left them, for the state cache.
     fn apply_latest_state(
         &mut self,
@@ -137,7 +144,7 @@ impl From<UpdatedRow> for RevisedView {
 const REBOOT_EVENT_QUIET_MS: i64 = 10 * 60_000;
 
 /// One VM's row of the set-based update, owned so the statement can cross into the SQLite
-/// connection's blocking thread.
+/// connection's blocking thread. Its fields are the update's source columns, in order.
 struct StateRow {
     id: i64,
     ends_incident: bool,
@@ -165,8 +172,6 @@ struct StateRow {
 }
 
 impl StateRow {
-    const COLUMNS: usize = 23;
-
     fn of(p: &PlannedState<'_>) -> Self {
         let (u, r) = (&p.update, p.report);
         StateRow {
@@ -197,14 +202,54 @@ impl StateRow {
     }
 }
 
-/// VMs per statement: 23 binds each stays under SQLite's 32,766 and PostgreSQL's 65,535.
+unnest_columns!(StateRow => StateColumns {
+    id: i64 => BigInt as "bigint",
+    ends_incident: bool => Bool as "boolean",
+    phase_reason: Option<String> => Nullable<Text> as "text",
+    status: &'static str => Text as "text",
+    status_since_ms: i64 => BigInt as "bigint",
+    status_reason: String => Text as "text",
+    last_seen_ms: i64 => BigInt as "bigint",
+    takes_figures: bool => Bool as "boolean",
+    hostname: String => Text as "text",
+    os: &'static str => Text as "text",
+    machine_id: Option<String> => Nullable<Text> as "text",
+    agent_version: Option<String> => Nullable<Text> as "text",
+    reported_vmid: Option<i64> => Nullable<BigInt> as "bigint",
+    reported_node: Option<String> => Nullable<Text> as "text",
+    observed_at_ms: i64 => BigInt as "bigint",
+    cpu_percent: f64 => Double as "float8",
+    ram_used_bytes: i64 => BigInt as "bigint",
+    ram_total_bytes: i64 => BigInt as "bigint",
+    disk_used_bytes: i64 => BigInt as "bigint",
+    disk_total_bytes: i64 => BigInt as "bigint",
+    disk_max_percent: Option<f64> => Nullable<Double> as "float8",
+    disks_json: Option<String> => Nullable<Text> as "text",
+    uptime_seconds: i64 => BigInt as "bigint",
+});
+
+unnest_columns!(NewMetric => MetricColumns {
+    vm_id: i64 => BigInt as "bigint",
+    observed_ms: i64 => BigInt as "bigint",
+    received_ms: i64 => BigInt as "bigint",
+    cpu_percent: f64 => Double as "float8",
+    ram_used_bytes: i64 => BigInt as "bigint",
+    ram_total_bytes: i64 => BigInt as "bigint",
+    disk_used_bytes: i64 => BigInt as "bigint",
+    disk_total_bytes: i64 => BigInt as "bigint",
+    disk_max_percent: Option<f64> => Nullable<Double> as "float8",
+    uptime_seconds: i64 => BigInt as "bigint",
+});
+
+/// VMs per SQLite statement: 23 binds each stays under its limit of 32,766.
 const STATE_ROWS_PER_STATEMENT: usize = 1000;
 
-/// `UPDATE vms ... FROM (VALUES ...)` for `rows` VMs. A figure column changes only where
-/// the VM's newest report carries figures (a replayed older one refreshes liveness only);
-/// the incident columns only where the batch ends an incident. VALUES columns are named
-/// `column1`... on both backends; parameters are bound in the order they appear.
-fn state_update_sql(rows: usize, dialect: Dialect) -> String {
+/// `UPDATE vms ... FROM <source> WHERE vms.id = v.column1 RETURNING <returning>`, over a
+/// row source `v` whose columns are named `column1`... in `StateRow`'s order. A figure
+/// column changes only where the VM's newest report carries figures (a replayed older one
+/// refreshes liveness only); the incident columns only where the batch ends an incident.
+/// The returned rows feed the state cache: no read after the commit.
+fn state_update_sql(source: &str, returning: &str) -> String {
     let figure = |column: &str, n: usize| {
         format!("{column} = CASE WHEN v.column8 THEN v.column{n} ELSE vms.{column} END")
     };
@@ -240,31 +285,45 @@ fn state_update_sql(rows: usize, dialect: Dialect) -> String {
         .map(|(i, column)| figure(column, i + 9))
         .collect();
     sql.push_str(&set.join(", "));
-    sql.push_str(" FROM (VALUES ");
-    push_values(&mut sql, rows, StateRow::COLUMNS, dialect.placeholders);
-    // The new rows feed the state cache: no read after the commit.
-    sql.push_str(") AS v WHERE vms.id = v.column1 RETURNING ");
-    sql.push_str(dialect.every_vms_column);
+    sql.push_str(" FROM ");
+    sql.push_str(source);
+    sql.push_str(" WHERE vms.id = v.column1 RETURNING ");
+    sql.push_str(returning);
     sql
 }
 
-/// How each backend spells the parts of the set-based update that differ.
-#[derive(Clone, Copy)]
-struct Dialect {
-    placeholders: Placeholders,
-    /// PostgreSQL's `*` would add the VALUES columns; SQLite refuses `vms.*` there (and
-    /// its `*` is the updated table's columns only).
-    every_vms_column: &'static str,
+/// SQLite: `rows` VMs as a `VALUES` list with anonymous parameters; `*` is the updated
+/// table's columns only (it refuses `vms.*` in `RETURNING`).
+fn sqlite_state_update_sql(rows: usize) -> String {
+    let mut source = String::from("(VALUES ");
+    push_values(
+        &mut source,
+        rows,
+        StateColumns::NAMES.len(),
+        Placeholders::Anonymous,
+    );
+    source.push_str(") AS v");
+    state_update_sql(&source, "*")
 }
 
-const POSTGRES: Dialect = Dialect {
-    placeholders: Placeholders::Numbered,
-    every_vms_column: "vms.*",
-};
-const SQLITE: Dialect = Dialect {
-    placeholders: Placeholders::Anonymous,
-    every_vms_column: "*",
-};
+/// PostgreSQL: the whole batch as one array a column; `vms.*`, as its `*` would add the
+/// source's columns.
+fn postgres_state_update_sql() -> String {
+    let names: Vec<String> = (1..=StateColumns::NAMES.len())
+        .map(|n| format!("column{n}"))
+        .collect();
+    let source = format!("{} AS v({})", StateColumns::unnest(), names.join(", "));
+    state_update_sql(&source, "vms.*")
+}
+
+/// PostgreSQL's metric insert: one statement of the same text for any number of rows.
+fn postgres_metric_insert_sql() -> String {
+    format!(
+        "INSERT INTO metric_samples ({}) SELECT * FROM {}",
+        MetricColumns::NAMES.join(", "),
+        MetricColumns::unnest()
+    )
+}
 
 fn status_change_rows(planned: &[PlannedState<'_>]) -> Vec<OwnedStatusChange> {
     planned
@@ -282,35 +341,16 @@ fn status_change_rows(planned: &[PlannedState<'_>]) -> Vec<OwnedStatusChange> {
         .collect()
 }
 
-/// The set-based statements as SQL with their binds, built before any connection is used.
-fn state_statements<DB>(
+/// SQLite's set-based statements as SQL with their binds, built before the statements
+/// cross into the connection's blocking thread.
+fn sqlite_state_statements(
     planned: &[PlannedState<'_>],
-    dialect: Dialect,
-) -> Vec<BoxedSqlQuery<'static, DB, SqlQuery>>
-where
-    DB: Backend
-        + HasSqlType<BigInt>
-        + HasSqlType<Bool>
-        + HasSqlType<Text>
-        + HasSqlType<Double>
-        + HasSqlType<Nullable<BigInt>>
-        + HasSqlType<Nullable<Text>>
-        + HasSqlType<Nullable<Double>>,
-    i64: ToSql<BigInt, DB>,
-    bool: ToSql<Bool, DB>,
-    String: ToSql<Text, DB>,
-    &'static str: ToSql<Text, DB>,
-    f64: ToSql<Double, DB>,
-    Option<i64>: ToSql<Nullable<BigInt>, DB>,
-    Option<String>: ToSql<Nullable<Text>, DB>,
-    Option<f64>: ToSql<Nullable<Double>, DB>,
-{
+) -> Vec<BoxedSqlQuery<'static, Sqlite, SqlQuery>> {
     planned
         .chunks(STATE_ROWS_PER_STATEMENT)
         .map(|chunk| {
-            let mut query =
-                diesel::sql_query(state_update_sql(chunk.len(), dialect)).into_boxed::<DB>();
-            // Bound in the order of `state_update_sql`'s placeholders.
+            let mut query = diesel::sql_query(sqlite_state_update_sql(chunk.len())).into_boxed();
+            // Bound in the order of the VALUES columns: `StateRow`'s.
             for r in chunk.iter().map(StateRow::of) {
                 query = query
                     .bind::<BigInt, _>(r.id)
@@ -514,30 +554,33 @@ macro_rules! report_writer {
 
 report_writer!(
     AsyncPgConnection,
-    async fn lock_vms(&mut self, ids: &[VmId]) -> QueryResult<()> {
+    async fn lock_vms(&mut self, ids: &[VmId], _known: Vec<VmRow>) -> QueryResult<Vec<VmRow>> {
         // One statement over many rows would lock them in whatever order its plan takes.
         let mut ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
         ids.sort_unstable();
         ids.dedup();
+        let mut locked = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(10_000) {
-            vms::table
+            let rows = vms::table
                 .filter(vms::id.eq_any(chunk))
                 .order(vms::id.asc())
-                .select(vms::id)
+                .select(VmRow::as_select())
                 .for_no_key_update()
-                .load::<i64>(self)
+                .load::<VmRow>(self)
                 .await?;
+            locked.extend(rows);
         }
-        Ok(())
+        Ok(locked)
     },
     async fn insert_metrics(&mut self, rows: Vec<NewMetric>) -> QueryResult<()> {
-        // Ten columns a row: 1,000 rows stay well under PostgreSQL's 65,535 bind limit.
-        for chunk in rows.chunks(1000) {
-            diesel::insert_into(metric_samples::table)
-                .values(chunk)
-                .execute(self)
-                .await?;
+        if rows.is_empty() {
+            return Ok(());
         }
+        let insert = diesel::sql_query(postgres_metric_insert_sql()).into_boxed();
+        MetricColumns::of(rows)
+            .bind_to(insert)
+            .execute(self)
+            .await?;
         Ok(())
     },
     async fn apply_latest_state(
@@ -546,11 +589,12 @@ report_writer!(
     ) -> QueryResult<Vec<RevisedView>> {
         // The rows are locked already (`lock_vms`): the update's join would take them in
         // whatever order it runs, and two such transactions could deadlock.
-        let mut updated = Vec::with_capacity(planned.len());
-        for statement in state_statements::<Pg>(planned, POSTGRES) {
-            let rows: Vec<UpdatedRow> = statement.load(self).await?;
-            updated.extend(rows.into_iter().map(RevisedView::from));
-        }
+        let update = diesel::sql_query(postgres_state_update_sql()).into_boxed();
+        let rows: Vec<UpdatedRow> = StateColumns::of(planned.iter().map(StateRow::of))
+            .bind_to(update)
+            .load(self)
+            .await?;
+        let updated: Vec<RevisedView> = rows.into_iter().map(RevisedView::from).collect();
         let changes = status_change_rows(planned);
         for chunk in changes.chunks(1000) {
             diesel::insert_into(status_changes::table)
@@ -564,8 +608,8 @@ report_writer!(
 
 report_writer!(
     SqliteConn,
-    async fn lock_vms(&mut self, _ids: &[VmId]) -> QueryResult<()> {
-        Ok(())
+    async fn lock_vms(&mut self, _ids: &[VmId], known: Vec<VmRow>) -> QueryResult<Vec<VmRow>> {
+        Ok(known)
     },
     async fn insert_metrics(&mut self, rows: Vec<NewMetric>) -> QueryResult<()> {
         // diesel-async cannot batch-insert on SQLite; the sync connection can.
@@ -582,7 +626,7 @@ report_writer!(
         &mut self,
         planned: &[PlannedState<'_>],
     ) -> QueryResult<Vec<RevisedView>> {
-        let statements = state_statements::<Sqlite>(planned, SQLITE);
+        let statements = sqlite_state_statements(planned);
         let changes = status_change_rows(planned);
         let rows: Vec<UpdatedRow> = self
             .spawn_blocking(move |c| {

@@ -593,3 +593,154 @@ async fn replicas_creating_the_same_vms_at_once_create_each_once(backend: Backen
     a.stop().await;
 }
 crate::both_backends!(replicas_creating_the_same_vms_at_once_create_each_once);
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    n: i64,
+}
+
+/// Waits until a session of this database waits for a row lock.
+async fn until_a_session_waits_for_a_lock(url: &str) {
+    use diesel_async::{AsyncConnection, RunQueryDsl};
+    let watcher = std::sync::Arc::new(tokio::sync::Mutex::new(
+        diesel_async::AsyncPgConnection::establish(url)
+            .await
+            .unwrap(),
+    ));
+    wait_for(
+        "a session to wait for a row lock",
+        std::time::Duration::from_secs(10),
+        || {
+            let watcher = watcher.clone();
+            async move {
+                let mut watcher = watcher.lock().await;
+                let waiting: Count = diesel::sql_query(
+                    "SELECT count(*) AS n FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                )
+                .get_result(&mut *watcher)
+                .await
+                .unwrap();
+                (waiting.n >= 1).then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+/// On PostgreSQL a batch reads its VMs before it locks them: a writer that commits in
+/// between (here the stale check's verdict, held open until the batch waits for the row)
+/// is what the batch plans from, so the VM's way back from down is recorded and dated by
+/// the report, not written over from the row as it was before the verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_plans_from_its_rows_as_locked_not_as_first_read() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let test_db = fresh_db(Backend::Postgres).await;
+    let db = Db::connect(&test_db.url, 2).await.unwrap();
+    let cfg = StatusConfig::default();
+    let first = write_batch_via(
+        &db,
+        &[beat("raced", 10.0, T0, T0, json!({}))],
+        &cfg,
+        StatePath::SetBased,
+    )
+    .await
+    .unwrap();
+    let id = first.views[0].view.id;
+    let verdict_at = T0 + cfg.stale_timeout_ms + 1_000;
+    let mut verdict = diesel_async::AsyncPgConnection::establish(&test_db.url)
+        .await
+        .unwrap();
+    verdict
+        .batch_execute(&format!(
+            "BEGIN; UPDATE vms SET status = 'down', status_since_ms = {verdict_at}, \
+             status_reason = 'no heartbeat' WHERE id = {}",
+            id.get()
+        ))
+        .await
+        .unwrap();
+    let back_at = verdict_at + 5_000;
+    let batch = {
+        let (db, cfg) = (db.clone(), cfg.clone());
+        tokio::spawn(async move {
+            let report = [beat("raced", 10.0, back_at, back_at, json!({}))];
+            write_batch_via(&db, &report, &cfg, StatePath::SetBased).await
+        })
+    };
+    until_a_session_waits_for_a_lock(&test_db.url).await;
+    verdict.batch_execute("COMMIT").await.unwrap();
+    let written = batch.await.unwrap().unwrap();
+    assert_eq!(written.views[0].view.status, domain::VmStatus::Healthy);
+    assert_eq!(
+        written.views[0].view.status_since_ms, back_at,
+        "healthy again since the report, not since before the verdict"
+    );
+    let mut conn = db.conn().await.unwrap();
+    let changes: Vec<(domain::VmStatus, domain::VmStatus)> =
+        store::status_changes_for(&mut conn, id)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.from_status, c.to_status))
+            .collect();
+    assert!(
+        changes.contains(&(domain::VmStatus::Down, domain::VmStatus::Healthy)),
+        "the way back from down is recorded: {changes:?}"
+    );
+}
+
+/// Two PostgreSQL transactions that lock two VMs in the other order deadlock, and the one
+/// the database rolls back is a race the writer runs its batch again for (an enrolment's
+/// hold on another VM comes before a batch's locks in id order, so replicas can meet so).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deadlock_victim_is_a_lost_race_the_batch_is_written_again_for() {
+    use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
+    let test_db = fresh_db(Backend::Postgres).await;
+    let db = Db::connect(&test_db.url, 2).await.unwrap();
+    let cfg = StatusConfig::default();
+    let batch = [
+        beat("first", 10.0, T0, T0, json!({})),
+        beat("second", 10.0, T0, T0, json!({})),
+    ];
+    let written = write_batch_via(&db, &batch, &cfg, StatePath::SetBased)
+        .await
+        .unwrap();
+    let ids: Vec<i64> = written.views.iter().map(|v| v.view.id.get()).collect();
+    let touch = |id: i64| format!("UPDATE vms SET phase_reason = 'locked' WHERE id = {id}");
+    let mut one = AsyncPgConnection::establish(&test_db.url).await.unwrap();
+    let mut two = AsyncPgConnection::establish(&test_db.url).await.unwrap();
+    one.batch_execute(&format!("BEGIN; {}", touch(ids[0])))
+        .await
+        .unwrap();
+    two.batch_execute(&format!("BEGIN; {}", touch(ids[1])))
+        .await
+        .unwrap();
+    let waiting = {
+        let sql = touch(ids[1]);
+        tokio::spawn(async move {
+            let result = diesel::sql_query(sql).execute(&mut one).await;
+            (result, one)
+        })
+    };
+    until_a_session_waits_for_a_lock(&test_db.url).await;
+    let closing = diesel::sql_query(touch(ids[0])).execute(&mut two).await;
+    let (waited, _one) = waiting.await.unwrap();
+    let victim = match (waited, closing) {
+        (Err(err), Ok(_)) | (Ok(_), Err(err)) => err,
+        other => panic!("expected exactly one deadlock victim: {other:?}"),
+    };
+    assert_eq!(
+        server::ingest::lost_race(&server::db::DbError::Query(victim)),
+        Some("deadlock with another writer")
+    );
+    // A report that is simply refused is no race.
+    let refused = diesel::result::Error::DatabaseError(
+        diesel::result::DatabaseErrorKind::CheckViolation,
+        Box::new(String::from("new row violates check constraint")),
+    );
+    assert_eq!(
+        server::ingest::lost_race(&server::db::DbError::Query(refused)),
+        None
+    );
+}
