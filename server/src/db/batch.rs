@@ -52,20 +52,52 @@ pub(super) struct OwnedStatusChange {
     pub(super) reason: String,
 }
 
-/// Declares a row type's one-vector-a-column form for PostgreSQL's `UNNEST`: a batch bound
-/// as one array a column, in a statement whose text is the same for every batch size
-/// (parsed once per statement, not once per size; a bind per column, not per value).
-/// Fields are listed in the order of the statement's columns, each with its SQL type and
-/// PostgreSQL's name for it.
-macro_rules! unnest_columns {
-    ($row:ident => $columns:ident { $($field:ident: $rust:ty => $sql:ty as $pg:literal,)* }) => {
+/// A batch's statement on SQLite, its binds added one by one.
+pub(super) type SqliteBatchQuery = diesel::query_builder::BoxedSqlQuery<
+    'static,
+    diesel::sqlite::Sqlite,
+    diesel::query_builder::SqlQuery,
+>;
+/// A batch's statement on PostgreSQL, its binds added one by one.
+pub(super) type PgBatchQuery =
+    diesel::query_builder::BoxedSqlQuery<'static, diesel::pg::Pg, diesel::query_builder::SqlQuery>;
+
+/// Declares a batch's row type from one list of its columns, in the order the statements
+/// name them, each with its SQL type and PostgreSQL's name for that type; and with it:
+/// - `bind_values`: the row's binds for a `VALUES` list (SQLite), in that order;
+/// - `$columns`, the rows as one vector a column for PostgreSQL's `UNNEST`: a batch bound
+///   as one array a column, in a statement whose text is the same for every batch size
+///   (not parsed anew for each size; a bind per column, not per value).
+macro_rules! batch_rows {
+    (
+        $(#[$meta:meta])*
+        $vis:vis struct $row:ident / $columns:ident {
+            $($field:ident: $rust:ty => $sql:ty as $pg:literal,)*
+        }
+    ) => {
+        $(#[$meta])*
+        $vis struct $row {
+            $($field: $rust,)*
+        }
+
+        impl $row {
+            /// Binds this row's values, in the order of the columns.
+            #[allow(dead_code)]
+            fn bind_values(
+                self,
+                query: $crate::db::batch::SqliteBatchQuery,
+            ) -> $crate::db::batch::SqliteBatchQuery {
+                query$(.bind::<$sql, _>(self.$field))*
+            }
+        }
+
         #[derive(Default)]
         struct $columns {
             $($field: Vec<$rust>,)*
         }
 
         impl $columns {
-            /// The fields' names, in order: the target columns of an insert.
+            /// The columns' names, in order: the target columns of an insert.
             const NAMES: &'static [&'static str] = &[$(stringify!($field)),*];
 
             fn of(rows: impl IntoIterator<Item = $row>) -> Self {
@@ -89,19 +121,11 @@ macro_rules! unnest_columns {
             /// Binds the columns in the order `unnest` names them.
             fn bind_to(
                 self,
-                query: ::diesel::query_builder::BoxedSqlQuery<
-                    'static,
-                    ::diesel::pg::Pg,
-                    ::diesel::query_builder::SqlQuery,
-                >,
-            ) -> ::diesel::query_builder::BoxedSqlQuery<
-                'static,
-                ::diesel::pg::Pg,
-                ::diesel::query_builder::SqlQuery,
-            > {
+                query: $crate::db::batch::PgBatchQuery,
+            ) -> $crate::db::batch::PgBatchQuery {
                 query$(.bind::<::diesel::sql_types::Array<$sql>, _>(self.$field))*
             }
         }
     };
 }
-pub(super) use unnest_columns;
+pub(super) use batch_rows;

@@ -2,7 +2,7 @@
 //! metric samples, apply the new state the core planned. The caller holds the transaction.
 
 use super::SqliteConn;
-use super::batch::{OwnedStatusChange, Placeholders, push_values, unnest_columns};
+use super::batch::{OwnedStatusChange, Placeholders, batch_rows, push_values};
 use super::schema::{events, metric_samples, status_changes, vms};
 use super::store::{NewStatusChange, RevisedView, VmRow, revision};
 use diesel::query_builder::{BoxedSqlQuery, SqlQuery};
@@ -28,20 +28,22 @@ struct NewVm<'a> {
     first_seen_ms: i64,
 }
 
-/// One metric sample row.
-#[derive(Clone, diesel::Insertable)]
-#[diesel(table_name = metric_samples)]
-pub struct NewMetric {
-    vm_id: i64,
-    observed_ms: i64,
-    received_ms: i64,
-    cpu_percent: f64,
-    ram_used_bytes: i64,
-    ram_total_bytes: i64,
-    disk_used_bytes: i64,
-    disk_total_bytes: i64,
-    disk_max_percent: Option<f64>,
-    uptime_seconds: i64,
+batch_rows! {
+    /// One metric sample row.
+    #[derive(Clone, diesel::Insertable)]
+    #[diesel(table_name = metric_samples)]
+    pub struct NewMetric / MetricColumns {
+        vm_id: i64 => BigInt as "bigint",
+        observed_ms: i64 => BigInt as "bigint",
+        received_ms: i64 => BigInt as "bigint",
+        cpu_percent: f64 => Double as "float8",
+        ram_used_bytes: i64 => BigInt as "bigint",
+        ram_total_bytes: i64 => BigInt as "bigint",
+        disk_used_bytes: i64 => BigInt as "bigint",
+        disk_total_bytes: i64 => BigInt as "bigint",
+        disk_max_percent: Option<f64> => Nullable<Double> as "float8",
+        uptime_seconds: i64 => BigInt as "bigint",
+    }
 }
 
 impl NewMetric {
@@ -143,32 +145,34 @@ impl From<UpdatedRow> for RevisedView {
 /// One unexpected-reboot event per VM in this long, at most.
 const REBOOT_EVENT_QUIET_MS: i64 = 10 * 60_000;
 
-/// One VM's row of the set-based update, owned so the statement can cross into the SQLite
-/// connection's blocking thread. Its fields are the update's source columns, in order.
-struct StateRow {
-    id: i64,
-    ends_incident: bool,
-    phase_reason: Option<String>,
-    status: &'static str,
-    status_since_ms: i64,
-    status_reason: String,
-    last_seen_ms: i64,
-    takes_figures: bool,
-    hostname: String,
-    os: &'static str,
-    machine_id: Option<String>,
-    agent_version: Option<String>,
-    reported_vmid: Option<i64>,
-    reported_node: Option<String>,
-    observed_at_ms: i64,
-    cpu_percent: f64,
-    ram_used_bytes: i64,
-    ram_total_bytes: i64,
-    disk_used_bytes: i64,
-    disk_total_bytes: i64,
-    disk_max_percent: Option<f64>,
-    disks_json: Option<String>,
-    uptime_seconds: i64,
+batch_rows! {
+    /// One VM's row of the set-based update, owned so the statement can cross into the
+    /// SQLite connection's blocking thread. Its fields are the update's source columns.
+    struct StateRow / StateColumns {
+        id: i64 => BigInt as "bigint",
+        ends_incident: bool => Bool as "boolean",
+        phase_reason: Option<String> => Nullable<Text> as "text",
+        status: &'static str => Text as "text",
+        status_since_ms: i64 => BigInt as "bigint",
+        status_reason: String => Text as "text",
+        last_seen_ms: i64 => BigInt as "bigint",
+        takes_figures: bool => Bool as "boolean",
+        hostname: String => Text as "text",
+        os: &'static str => Text as "text",
+        machine_id: Option<String> => Nullable<Text> as "text",
+        agent_version: Option<String> => Nullable<Text> as "text",
+        reported_vmid: Option<i64> => Nullable<BigInt> as "bigint",
+        reported_node: Option<String> => Nullable<Text> as "text",
+        observed_at_ms: i64 => BigInt as "bigint",
+        cpu_percent: f64 => Double as "float8",
+        ram_used_bytes: i64 => BigInt as "bigint",
+        ram_total_bytes: i64 => BigInt as "bigint",
+        disk_used_bytes: i64 => BigInt as "bigint",
+        disk_total_bytes: i64 => BigInt as "bigint",
+        disk_max_percent: Option<f64> => Nullable<Double> as "float8",
+        disks_json: Option<String> => Nullable<Text> as "text",
+        uptime_seconds: i64 => BigInt as "bigint",
+    }
 }
 
 impl StateRow {
@@ -201,45 +205,6 @@ impl StateRow {
         }
     }
 }
-
-unnest_columns!(StateRow => StateColumns {
-    id: i64 => BigInt as "bigint",
-    ends_incident: bool => Bool as "boolean",
-    phase_reason: Option<String> => Nullable<Text> as "text",
-    status: &'static str => Text as "text",
-    status_since_ms: i64 => BigInt as "bigint",
-    status_reason: String => Text as "text",
-    last_seen_ms: i64 => BigInt as "bigint",
-    takes_figures: bool => Bool as "boolean",
-    hostname: String => Text as "text",
-    os: &'static str => Text as "text",
-    machine_id: Option<String> => Nullable<Text> as "text",
-    agent_version: Option<String> => Nullable<Text> as "text",
-    reported_vmid: Option<i64> => Nullable<BigInt> as "bigint",
-    reported_node: Option<String> => Nullable<Text> as "text",
-    observed_at_ms: i64 => BigInt as "bigint",
-    cpu_percent: f64 => Double as "float8",
-    ram_used_bytes: i64 => BigInt as "bigint",
-    ram_total_bytes: i64 => BigInt as "bigint",
-    disk_used_bytes: i64 => BigInt as "bigint",
-    disk_total_bytes: i64 => BigInt as "bigint",
-    disk_max_percent: Option<f64> => Nullable<Double> as "float8",
-    disks_json: Option<String> => Nullable<Text> as "text",
-    uptime_seconds: i64 => BigInt as "bigint",
-});
-
-unnest_columns!(NewMetric => MetricColumns {
-    vm_id: i64 => BigInt as "bigint",
-    observed_ms: i64 => BigInt as "bigint",
-    received_ms: i64 => BigInt as "bigint",
-    cpu_percent: f64 => Double as "float8",
-    ram_used_bytes: i64 => BigInt as "bigint",
-    ram_total_bytes: i64 => BigInt as "bigint",
-    disk_used_bytes: i64 => BigInt as "bigint",
-    disk_total_bytes: i64 => BigInt as "bigint",
-    disk_max_percent: Option<f64> => Nullable<Double> as "float8",
-    uptime_seconds: i64 => BigInt as "bigint",
-});
 
 /// VMs per SQLite statement: 23 binds each stays under its limit of 32,766.
 const STATE_ROWS_PER_STATEMENT: usize = 1000;
@@ -350,32 +315,8 @@ fn sqlite_state_statements(
         .chunks(STATE_ROWS_PER_STATEMENT)
         .map(|chunk| {
             let mut query = diesel::sql_query(sqlite_state_update_sql(chunk.len())).into_boxed();
-            // Bound in the order of the VALUES columns: `StateRow`'s.
-            for r in chunk.iter().map(StateRow::of) {
-                query = query
-                    .bind::<BigInt, _>(r.id)
-                    .bind::<Bool, _>(r.ends_incident)
-                    .bind::<Nullable<Text>, _>(r.phase_reason)
-                    .bind::<Text, _>(r.status)
-                    .bind::<BigInt, _>(r.status_since_ms)
-                    .bind::<Text, _>(r.status_reason)
-                    .bind::<BigInt, _>(r.last_seen_ms)
-                    .bind::<Bool, _>(r.takes_figures)
-                    .bind::<Text, _>(r.hostname)
-                    .bind::<Text, _>(r.os)
-                    .bind::<Nullable<Text>, _>(r.machine_id)
-                    .bind::<Nullable<Text>, _>(r.agent_version)
-                    .bind::<Nullable<BigInt>, _>(r.reported_vmid)
-                    .bind::<Nullable<Text>, _>(r.reported_node)
-                    .bind::<BigInt, _>(r.observed_at_ms)
-                    .bind::<Double, _>(r.cpu_percent)
-                    .bind::<BigInt, _>(r.ram_used_bytes)
-                    .bind::<BigInt, _>(r.ram_total_bytes)
-                    .bind::<BigInt, _>(r.disk_used_bytes)
-                    .bind::<BigInt, _>(r.disk_total_bytes)
-                    .bind::<Nullable<Double>, _>(r.disk_max_percent)
-                    .bind::<Nullable<Text>, _>(r.disks_json)
-                    .bind::<BigInt, _>(r.uptime_seconds);
+            for row in chunk.iter().map(StateRow::of) {
+                query = row.bind_values(query);
             }
             query
         })
