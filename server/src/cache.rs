@@ -52,9 +52,16 @@ return generation
 ///   hands those ids out again to the next VMs it creates.
 /// - Deletions noted before that generation are forgotten for the same ids above the view's
 ///   highest; below it they stay held, so a view put late never brings such a VM back.
+/// - A Redis whose write count is below that generation lost writes since (a restart
+///   without persistence): the script refuses, and the next rebuild takes a new ticket.
 const REBUILD_SCRIPT: &str = r"
 local DELETED = '9223372036854775807'
 local since = tonumber(ARGV[1])
+-- Writes numbered at or below the ticket would pass for older than the read: a Redis that
+-- lost its writes since (restarted without persistence, failed over) is rebuilt anew.
+if tonumber(redis.call('GET', KEYS[2]) or '0') < since then
+  return redis.error_reply('write numbers went back since the rebuild began')
+end
 local newest = nil
 local kept = {}
 for i = 2, #ARGV, 3 do

@@ -111,6 +111,9 @@ pub struct Admitted {
 pub struct Admission {
     pub outcomes: Vec<Result<Admitted, Refusal>>,
     pub known: Vec<VmRow>,
+    /// Whether admitting wrote to rows of `known` (a hold on a VM whose identity was
+    /// claimed, a guest link): `known` then no longer says what the database holds.
+    pub wrote_vms: bool,
 }
 
 /// Decides whose each report is, enrolling and recording claims as it goes.
@@ -157,6 +160,7 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
         .filter(|s| enrols(&s.presented, &tokens))
         .map(|s| &s.report)
         .collect();
+    let mut wrote_vms = false;
     let mut known = if enrolling.is_empty() {
         Vec::new()
     } else {
@@ -280,11 +284,13 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
         let (vm_id, issues) = match (decision, matched) {
             (Enrolment::Refused, Some(row)) => {
                 refuse(c, row, report, now_ms).await?;
+                wrote_vms = true;
                 *slot = Some(Err(Refusal::IdentityTaken));
                 continue;
             }
             (_, Some(row)) if bound_elsewhere => {
                 refuse(c, row, report, now_ms).await?;
+                wrote_vms = true;
                 *slot = Some(Err(Refusal::IdentityTaken));
                 continue;
             }
@@ -311,6 +317,7 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
         };
         if let Some(guest) = &bound {
             c.link_bound_guest(vm_id, guest).await?;
+            wrote_vms = true;
         }
         let credential = if issues {
             let secret = auth::generate_secret(CREDENTIAL_PREFIX);
@@ -334,7 +341,11 @@ pub async fn admit<C: ReportWriter + IdentityStore + Send>(
         .into_iter()
         .map(|o| o.unwrap_or(Err(Refusal::Unauthorized)))
         .collect();
-    Ok(Admission { outcomes, known })
+    Ok(Admission {
+        outcomes,
+        known,
+        wrote_vms,
+    })
 }
 
 /// The unique key a VM created for this report takes: `vms_machine_id`, else

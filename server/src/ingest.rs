@@ -86,6 +86,25 @@ pub fn lost_race(err: &DbError) -> Option<&'static str> {
     }
 }
 
+/// Runs a batch's transaction, and again (up to `RACE_RETRIES` times) while it fails only
+/// because it lost a race (`lost_race`): the whole transaction was rolled back, so a new
+/// pass starts from what the other writer committed.
+async fn retrying_lost_races<T, F, Fut>(mut write: F) -> Result<T, DbError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let mut result = write().await;
+    for _ in 0..RACE_RETRIES {
+        let Some(race) = result.as_ref().err().and_then(lost_race) else {
+            break;
+        };
+        tracing::debug!(race, "writing the batch again");
+        result = write().await;
+    }
+    result
+}
+
 struct Job {
     submission: Submission,
     reply: oneshot::Sender<Result<StoredReport, IngestError>>,
@@ -199,14 +218,8 @@ impl Writer {
         let submissions: Vec<Submission> = jobs.iter().map(|j| j.submission.clone()).collect();
         let cfg = self.status_config.get();
         let started = std::time::Instant::now();
-        let mut result = write_batch_via(&self.db, &submissions, &cfg, self.path).await;
-        for _ in 0..RACE_RETRIES {
-            let Some(race) = result.as_ref().err().and_then(lost_race) else {
-                break;
-            };
-            tracing::debug!(reports = jobs.len(), race, "writing the batch again");
-            result = write_batch_via(&self.db, &submissions, &cfg, self.path).await;
-        }
+        let result =
+            retrying_lost_races(|| write_batch_via(&self.db, &submissions, &cfg, self.path)).await;
         match result {
             Ok(Written { outcomes, views }) => {
                 self.health.record_commit(crate::now_ms());
@@ -281,7 +294,7 @@ pub async fn write_batch_via(
             .zip(&reports)
             .map(|(&id, r)| NewMetric::of(id, r))
             .collect();
-        let rows = c.lock_vms(&ids, admitted.known).await?;
+        let rows = c.lock_vms(&ids, admitted.known, admitted.wrote_vms).await?;
         c.insert_metrics(metrics).await?;
         let planned = plan_batch(&ids, &reports, &rows, cfg);
         let views = match path {
@@ -354,4 +367,45 @@ fn plan_batch<'a>(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DbError, RACE_RETRIES, retrying_lost_races};
+    use diesel::result::{DatabaseErrorKind, Error};
+    use std::cell::Cell;
+
+    fn failure(kind: DatabaseErrorKind, message: &str) -> DbError {
+        DbError::Query(Error::DatabaseError(kind, Box::new(message.to_owned())))
+    }
+
+    /// Passes of a write that fails `failures` times with `make`, then succeeds.
+    async fn passes(failures: usize, make: fn() -> DbError) -> (usize, bool) {
+        let calls = Cell::new(0);
+        let result = retrying_lost_races(|| {
+            calls.set(calls.get() + 1);
+            let failed = calls.get() <= failures;
+            async move { if failed { Err(make()) } else { Ok(()) } }
+        })
+        .await;
+        (calls.get(), result.is_ok())
+    }
+
+    #[tokio::test]
+    async fn a_lost_race_is_written_again_and_anything_else_is_not() {
+        let deadlock = || failure(DatabaseErrorKind::Unknown, "deadlock detected");
+        let taken = || failure(DatabaseErrorKind::UniqueViolation, "duplicate key value");
+        let refused = || failure(DatabaseErrorKind::CheckViolation, "violates check");
+        let down = || DbError::Unavailable("connection refused".into());
+        assert_eq!(passes(0, deadlock).await, (1, true));
+        assert_eq!(passes(1, deadlock).await, (2, true));
+        assert_eq!(passes(2, taken).await, (3, true));
+        // A race lost every time gives up after the retries, failed.
+        assert_eq!(
+            passes(RACE_RETRIES + 1, deadlock).await,
+            (RACE_RETRIES + 1, false)
+        );
+        assert_eq!(passes(1, refused).await, (1, false));
+        assert_eq!(passes(1, down).await, (1, false));
+    }
 }

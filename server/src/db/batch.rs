@@ -66,8 +66,9 @@ pub(super) type PgBatchQuery =
 /// name them, each with its SQL type and PostgreSQL's name for that type; and with it:
 /// - `bind_values`: the row's binds for a `VALUES` list (SQLite), in that order;
 /// - `$columns`, the rows as one vector a column for PostgreSQL's `UNNEST`: a batch bound
-///   as one array a column, in a statement whose text is the same for every batch size
-///   (not parsed anew for each size; a bind per column, not per value).
+///   as one array a column, a bind per column instead of one per value, in a short
+///   statement of the same text for every batch size (diesel still sends raw SQL to be
+///   parsed each time, but a few dozen parameters instead of thousands).
 macro_rules! batch_rows {
     (
         $(#[$meta:meta])*

@@ -91,12 +91,14 @@ pub trait ReportWriter {
     ///
     /// Answers the rows to plan the batch from: on PostgreSQL the rows as locked, so a
     /// writer (the engine, an operator) that committed after `known` was read is seen and
-    /// not written over with a plan made from the row before it; on SQLite `known` itself,
-    /// read under the same write turn.
+    /// not written over with a plan made from the row before it; on SQLite, where no other
+    /// writer runs during the write turn, `known` itself unless `known_stale` (this
+    /// transaction wrote to those rows since), else the rows read again.
     fn lock_vms(
         &mut self,
         ids: &[VmId],
         known: Vec<VmRow>,
+        known_stale: bool,
     ) -> impl Future<Output = QueryResult<Vec<VmRow>>> + Send;
 
     fn insert_metrics(
@@ -147,7 +149,8 @@ const REBOOT_EVENT_QUIET_MS: i64 = 10 * 60_000;
 
 batch_rows! {
     /// One VM's row of the set-based update, owned so the statement can cross into the
-    /// SQLite connection's blocking thread. Its fields are the update's source columns.
+    /// SQLite connection's blocking thread. Its fields are the update's source columns;
+    /// those after `takes_figures` are the report's figures, named as `vms` names them.
     struct StateRow / StateColumns {
         id: i64 => BigInt as "bigint",
         ends_incident: bool => Bool as "boolean",
@@ -209,52 +212,50 @@ impl StateRow {
 /// VMs per SQLite statement: 23 binds each stays under its limit of 32,766.
 const STATE_ROWS_PER_STATEMENT: usize = 1000;
 
-/// `UPDATE vms ... FROM <source> WHERE vms.id = v.column1 RETURNING <returning>`, over a
-/// row source `v` whose columns are named `column1`... in `StateRow`'s order. A figure
-/// column changes only where the VM's newest report carries figures (a replayed older one
-/// refreshes liveness only); the incident columns only where the batch ends an incident.
-/// The returned rows feed the state cache: no read after the commit.
+/// `UPDATE vms ... FROM <source> WHERE vms.id = v.<id> RETURNING <returning>`, over a row
+/// source `v` whose columns are named `column1`... in `StateRow`'s order (the name both
+/// backends give a `VALUES` list's columns). A figure column changes only where the VM's
+/// newest report carries figures (a replayed older one refreshes liveness only); the
+/// incident columns only where the batch ends an incident. The returned rows feed the
+/// state cache: no read after the commit.
 fn state_update_sql(source: &str, returning: &str) -> String {
-    let figure = |column: &str, n: usize| {
-        format!("{column} = CASE WHEN v.column8 THEN v.column{n} ELSE vms.{column} END")
+    // `StateRow`'s field by name, as the source names it: the statement follows the
+    // struct's order whatever it is. An unknown name is left as a column the source lacks,
+    // which the database refuses at once (every write test would fail).
+    let v = |field: &str| match StateColumns::NAMES.iter().position(|name| *name == field) {
+        Some(at) => format!("v.column{}", at + 1),
+        None => format!("v.{field}"),
     };
-    let mut sql = String::from(
-        "UPDATE vms SET \
-         remediation_phase = CASE WHEN v.column2 THEN 'ok' ELSE vms.remediation_phase END, \
-         incident_attempts = CASE WHEN v.column2 THEN 0 ELSE vms.incident_attempts END, \
-         next_action_ms = CASE WHEN v.column2 THEN NULL ELSE vms.next_action_ms END, \
-         phase_reason = CASE WHEN v.column2 THEN v.column3 ELSE vms.phase_reason END, \
-         status = v.column4, status_since_ms = v.column5, status_reason = v.column6, \
-         last_seen_ms = v.column7, revision = vms.revision + 1, ",
-    );
-    let figures = [
-        "hostname",
-        "os",
-        "machine_id",
-        "agent_version",
-        "reported_vmid",
-        "reported_node",
-        "observed_at_ms",
-        "cpu_percent",
-        "ram_used_bytes",
-        "ram_total_bytes",
-        "disk_used_bytes",
-        "disk_total_bytes",
-        "disk_max_percent",
-        "disks_json",
-        "uptime_seconds",
+    let (ends, takes_figures) = (v("ends_incident"), v("takes_figures"));
+    let mut set = vec![
+        format!("remediation_phase = CASE WHEN {ends} THEN 'ok' ELSE vms.remediation_phase END"),
+        format!("incident_attempts = CASE WHEN {ends} THEN 0 ELSE vms.incident_attempts END"),
+        format!("next_action_ms = CASE WHEN {ends} THEN NULL ELSE vms.next_action_ms END"),
+        format!(
+            "phase_reason = CASE WHEN {ends} THEN {} ELSE vms.phase_reason END",
+            v("phase_reason")
+        ),
     ];
-    let set: Vec<String> = figures
+    for column in ["status", "status_since_ms", "status_reason", "last_seen_ms"] {
+        set.push(format!("{column} = {}", v(column)));
+    }
+    set.push("revision = vms.revision + 1".to_owned());
+    // The rest of the row: the report's own figures, named as the table names them.
+    let figures = StateColumns::NAMES
         .iter()
-        .enumerate()
-        .map(|(i, column)| figure(column, i + 9))
-        .collect();
-    sql.push_str(&set.join(", "));
-    sql.push_str(" FROM ");
-    sql.push_str(source);
-    sql.push_str(" WHERE vms.id = v.column1 RETURNING ");
-    sql.push_str(returning);
-    sql
+        .skip_while(|name| **name != "takes_figures")
+        .skip(1);
+    for column in figures {
+        set.push(format!(
+            "{column} = CASE WHEN {takes_figures} THEN {} ELSE vms.{column} END",
+            v(column)
+        ));
+    }
+    format!(
+        "UPDATE vms SET {} FROM {source} WHERE vms.id = {} RETURNING {returning}",
+        set.join(", "),
+        v("id")
+    )
 }
 
 /// SQLite: `rows` VMs as a `VALUES` list with anonymous parameters; `*` is the updated
@@ -495,7 +496,12 @@ macro_rules! report_writer {
 
 report_writer!(
     AsyncPgConnection,
-    async fn lock_vms(&mut self, ids: &[VmId], _known: Vec<VmRow>) -> QueryResult<Vec<VmRow>> {
+    async fn lock_vms(
+        &mut self,
+        ids: &[VmId],
+        _known: Vec<VmRow>,
+        _known_stale: bool,
+    ) -> QueryResult<Vec<VmRow>> {
         // One statement over many rows would lock them in whatever order its plan takes.
         let mut ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
         ids.sort_unstable();
@@ -549,8 +555,29 @@ report_writer!(
 
 report_writer!(
     SqliteConn,
-    async fn lock_vms(&mut self, _ids: &[VmId], known: Vec<VmRow>) -> QueryResult<Vec<VmRow>> {
-        Ok(known)
+    async fn lock_vms(
+        &mut self,
+        ids: &[VmId],
+        known: Vec<VmRow>,
+        known_stale: bool,
+    ) -> QueryResult<Vec<VmRow>> {
+        if !known_stale {
+            return Ok(known);
+        }
+        let mut ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut rows = Vec::with_capacity(ids.len());
+        // Under SQLite's limit on bound values.
+        for chunk in ids.chunks(10_000) {
+            let read = vms::table
+                .filter(vms::id.eq_any(chunk))
+                .select(VmRow::as_select())
+                .load::<VmRow>(self)
+                .await?;
+            rows.extend(read);
+        }
+        Ok(rows)
     },
     async fn insert_metrics(&mut self, rows: Vec<NewMetric>) -> QueryResult<()> {
         // diesel-async cannot batch-insert on SQLite; the sync connection can.

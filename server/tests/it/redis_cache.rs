@@ -67,6 +67,16 @@ impl PrivateRedis {
             .collect()
     }
 
+    /// Drops everything Redis holds, as a restart without persistence does.
+    pub(crate) async fn lose_everything(&self) {
+        let client = redis::Client::open(self.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("FLUSHALL")
+            .query_async::<String>(&mut conn)
+            .await
+            .unwrap();
+    }
+
     pub(crate) async fn hlen(&self) -> usize {
         let client = redis::Client::open(self.url()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
@@ -314,4 +324,43 @@ async fn a_view_put_late_never_overwrites_a_newer_one() {
     own.put(&[marked(&view, 7, 6, "from before the delete")])
         .await;
     assert_eq!(held().await, Vec::<String>::new());
+}
+
+/// Redis loses its writes while a rebuild reads the database (restarted without
+/// persistence): the writes numbered after that can no longer be told from those before
+/// the rebuild began, so the rebuild is refused rather than deleting a VM another replica
+/// wrote meanwhile; the next one, with a new ticket, is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_refuses_a_redis_that_lost_its_writes_since_it_began() {
+    let (redis, view, replica_a, replica_b) = two_replicas().await;
+    let ticket = replica_a.open_writes().await;
+    let seeded = [1, 2].map(|id| marked(&view, id, 1, "seeded"));
+    replica_a.rebuild(seeded.to_vec(), ticket).await.unwrap();
+    // B writes through (its rebuild is not needed for that); writes are numbered 1 to 3.
+    replica_b.open_writes().await;
+    for revision in 1..=3 {
+        replica_a.put(&[marked(&view, 3, revision, "before")]).await;
+    }
+
+    let ticket = replica_a.open_writes().await;
+    let read_by_a = vec![marked(&view, 1, 2, "read"), marked(&view, 2, 2, "read")];
+    redis.lose_everything().await;
+    // Created by B after A read the database, written to the emptied Redis.
+    replica_b
+        .put(&[marked(&view, 4, 1, "created meanwhile")])
+        .await;
+    assert!(replica_a.rebuild(read_by_a, ticket).await.is_err());
+    assert_eq!(marks(&redis).await, vec![(4, "created meanwhile".into())]);
+
+    let ticket = replica_a.open_writes().await;
+    let read_again = vec![
+        marked(&view, 1, 2, "read"),
+        marked(&view, 2, 2, "read"),
+        marked(&view, 4, 1, "read"),
+    ];
+    replica_a.rebuild(read_again, ticket).await.unwrap();
+    assert_eq!(
+        marks(&redis).await,
+        vec![(1, "read".into()), (2, "read".into()), (4, "read".into())]
+    );
 }

@@ -744,3 +744,75 @@ async fn a_deadlock_victim_is_a_lost_race_the_batch_is_written_again_for() {
         None
     );
 }
+
+/// A batch that holds a VM (an enrolment refused for carrying its uuid) and carries that
+/// VM's own report with its credential plans from the row as held, on both backends: the
+/// report releases the hold, as it would one batch later. Planned from the row as first
+/// read, SQLite kept the hold and PostgreSQL released it.
+async fn a_hold_written_in_a_batch_is_what_the_batch_plans_from(backend: Backend) {
+    use server::enrolment::Presented;
+    let test_db = fresh_db(backend).await;
+    let db = Db::connect(&test_db.url, 2).await.unwrap();
+    let cfg = StatusConfig::default();
+    let uuid = json!({"machine_id": "00000000-0000-4000-8000-000000000042"});
+    let enrolled = write_batch_via(
+        &db,
+        &[beat("claimed", 10.0, T0, T0, uuid.clone())],
+        &cfg,
+        StatePath::SetBased,
+    )
+    .await
+    .unwrap();
+    let admitted = enrolled.outcomes[0].as_ref().unwrap();
+    let (id, secret) = (admitted.vm_id, admitted.credential.clone().unwrap());
+    let with_credential = |at: i64| {
+        let mut submission = beat("claimed", 10.0, at, at, uuid.clone());
+        submission.presented = Presented::Credential {
+            hash: server::auth::hash_token(secret.expose()),
+        };
+        submission
+    };
+    // The credential's first use confirms it: the VM's identity is taken from now on.
+    write_batch_via(
+        &db,
+        &[with_credential(T0 + 1_000)],
+        &cfg,
+        StatePath::SetBased,
+    )
+    .await
+    .unwrap();
+    let t = T0 + 2_000;
+    let batch = [
+        beat("claimed", 10.0, t, t, uuid.clone()),
+        with_credential(t + 1),
+    ];
+    let written = write_batch_via(&db, &batch, &cfg, StatePath::SetBased)
+        .await
+        .unwrap();
+    assert!(
+        written.outcomes[0].is_err(),
+        "{backend:?}: the claim is refused"
+    );
+    assert!(
+        written.outcomes[1].is_ok(),
+        "{backend:?}: {:?}",
+        written.outcomes[1]
+    );
+    let mut conn = db.conn().await.unwrap();
+    let row = &store::vms_by_ids(&mut conn, &[id]).await.unwrap()[0];
+    assert_eq!(
+        row.view.remediation_phase,
+        domain::RemediationPhase::Ok,
+        "{backend:?}: released by the VM's own report in the same batch"
+    );
+    let events = server::db::incidents::recent_events(&mut conn, 50)
+        .await
+        .unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == domain::EventKind::EnrolmentRefused && e.vm_id == Some(id)),
+        "{backend:?}: the refused claim is on record: {events:?}"
+    );
+}
+crate::both_backends!(a_hold_written_in_a_batch_is_what_the_batch_plans_from);
