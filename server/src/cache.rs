@@ -54,6 +54,9 @@ return generation
 ///   highest; below it they stay held, so a view put late never brings such a VM back.
 /// - A Redis whose write count is below that generation lost writes since (a restart
 ///   without persistence): the script refuses, and the next rebuild takes a new ticket.
+/// - What the script writes is numbered as any write is: two replicas rebuilding at once
+///   (both after the same outage) treat each other's views as written since, so the one
+///   that read the database first never deletes a VM the other's newer view holds.
 const REBUILD_SCRIPT: &str = r"
 local DELETED = '9223372036854775807'
 local since = tonumber(ARGV[1])
@@ -62,6 +65,9 @@ local since = tonumber(ARGV[1])
 if tonumber(redis.call('GET', KEYS[2]) or '0') < since then
   return redis.error_reply('write numbers went back since the rebuild began')
 end
+-- The rebuild's own writes are numbered too: another replica's rebuild that read the
+-- database earlier must not take a VM written here for one it may delete or overwrite.
+local generation = redis.call('INCR', KEYS[2])
 local newest = nil
 local kept = {}
 for i = 2, #ARGV, 3 do
@@ -95,6 +101,7 @@ for _, id in ipairs(redis.call('HKEYS', KEYS[1])) do
       forget(id)
     else
       redis.call('HSET', KEYS[4], id, DELETED)
+      redis.call('HSET', KEYS[3], id, generation)
     end
   end
 end
@@ -102,6 +109,7 @@ for i = 2, #ARGV, 3 do
   local held = tonumber(redis.call('HGET', KEYS[4], ARGV[i]) or '-1')
   if untouched(ARGV[i]) or tonumber(ARGV[i + 1]) >= held then
     redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    redis.call('HSET', KEYS[3], ARGV[i], generation)
     redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 1])
   end
 end

@@ -364,3 +364,22 @@ async fn a_rebuild_refuses_a_redis_that_lost_its_writes_since_it_began() {
         vec![(1, "read".into()), (2, "read".into()), (4, "read".into())]
     );
 }
+
+/// Two replicas rebuild at once after the same outage: B read the database first, A read
+/// it after a VM was created and wrote its view first. B's rebuild, finishing last, keeps
+/// the VM: A's rebuild wrote it after B began, as any write would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_rebuilding_at_once_never_delete_what_the_newer_view_holds() {
+    let (redis, view, replica_a, replica_b) = two_replicas().await;
+    let ticket_b = replica_b.open_writes().await;
+    let read_by_b = vec![marked(&view, 1, 1, "read by B")];
+    let ticket_a = replica_a.open_writes().await;
+    let read_by_a = vec![
+        marked(&view, 1, 1, "read by A"),
+        marked(&view, 2, 1, "created between the reads"),
+    ];
+    replica_a.rebuild(read_by_a, ticket_a).await.unwrap();
+    replica_b.rebuild(read_by_b, ticket_b).await.unwrap();
+    let held: Vec<i64> = marks(&redis).await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(held, vec![1, 2], "{:?}", marks(&redis).await);
+}
