@@ -144,6 +144,17 @@ impl From<UpdatedRow> for RevisedView {
     }
 }
 
+/// Ids bound in one `IN (...)` list: under SQLite's limit on bound values.
+const ID_CHUNK: usize = 10_000;
+
+/// A batch's VM ids once each, in id order (the order rows are locked in).
+fn sorted_ids(ids: &[VmId]) -> Vec<i64> {
+    let mut ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
 /// One unexpected-reboot event per VM in this long, at most.
 const REBOOT_EVENT_QUIET_MS: i64 = 10 * 60_000;
 
@@ -503,11 +514,9 @@ report_writer!(
         _known_stale: bool,
     ) -> QueryResult<Vec<VmRow>> {
         // One statement over many rows would lock them in whatever order its plan takes.
-        let mut ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let ids = sorted_ids(ids);
         let mut locked = Vec::with_capacity(ids.len());
-        for chunk in ids.chunks(10_000) {
+        for chunk in ids.chunks(ID_CHUNK) {
             let rows = vms::table
                 .filter(vms::id.eq_any(chunk))
                 .order(vms::id.asc())
@@ -564,12 +573,9 @@ report_writer!(
         if !known_stale {
             return Ok(known);
         }
-        let mut ids: Vec<i64> = ids.iter().map(|id| id.get()).collect();
-        ids.sort_unstable();
-        ids.dedup();
+        let ids = sorted_ids(ids);
         let mut rows = Vec::with_capacity(ids.len());
-        // Under SQLite's limit on bound values.
-        for chunk in ids.chunks(10_000) {
+        for chunk in ids.chunks(ID_CHUNK) {
             let read = vms::table
                 .filter(vms::id.eq_any(chunk))
                 .select(VmRow::as_select())
