@@ -30,7 +30,7 @@ pub fn FleetPage() -> impl IntoView {
     view! {
         <div class="page" data-hydrated=move || hydrated.get().to_string()>
             <TopBar who mode=live.mode/>
-            <Transition fallback=|| view! { <p class="empty">"Loading fleet..."</p> }>
+            <Transition fallback=|| view! { <p class="empty loading">"Loading fleet..."</p> }>
                 <Fleet fleet query can_operate/>
             </Transition>
         </div>

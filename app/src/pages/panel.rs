@@ -76,7 +76,7 @@ pub fn PanelPage(name: PanelName) -> impl IntoView {
     view! {
         <div class="page panel" data-hydrated=move || hydrated.get().to_string()>
             <TopBar who mode=live.mode/>
-            <Transition fallback=|| view! { <p class="empty">"Loading..."</p> }>
+            <Transition fallback=|| view! { <p class="empty loading">"Loading..."</p> }>
                 {move || {
                     let html = match answered.get() {
                         Some(html) => Ok(html),

@@ -63,7 +63,7 @@ pub fn VmDetailPage() -> impl IntoView {
     view! {
         <div class="page vm-page" data-hydrated=move || hydrated.get().to_string()>
             <TopBar who mode=live.mode/>
-            <Transition fallback=|| view! { <p class="empty">"Loading..."</p> }>
+            <Transition fallback=|| view! { <p class="empty loading">"Loading..."</p> }>
                 <VmBody page metrics range id can_operate refresh/>
             </Transition>
         </div>

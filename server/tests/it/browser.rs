@@ -97,12 +97,16 @@ impl Browser {
         self.hydrated().await;
     }
 
+    /// Waits for the page to be hydrated and its first data on screen: a page can hydrate
+    /// while its streamed data still stands behind the "Loading..." placeholder.
     async fn hydrated(&self) {
         wait_for("hydration", Duration::from_secs(20), || async {
             self.client
                 .find(Locator::Css(".page[data-hydrated='true']"))
                 .await
-                .ok()
+                .ok()?;
+            let loading = self.client.find(Locator::Css(".loading")).await.is_ok();
+            (!loading).then_some(())
         })
         .await;
     }
@@ -138,8 +142,15 @@ async fn dashboard_shows_new_reports_live_and_markup_as_text() {
     browser
         .sign_in(&srv.base, "admin", "correct horse battery")
         .await;
-    let empty = browser.text_of(".empty").await.unwrap_or_default();
-    assert!(empty.contains("No VM has reported yet"), "{empty}");
+    wait_for(
+        "the empty fleet's message",
+        Duration::from_secs(10),
+        || async {
+            let empty = browser.text_of(".empty").await?;
+            empty.contains("No VM has reported yet").then_some(())
+        },
+    )
+    .await;
 
     // Pushed, not polled: once the page follows the event stream it polls only every 30 s,
     // so each new VM showing within the deadline came through the push. The times are the
@@ -164,13 +175,16 @@ async fn dashboard_shows_new_reports_live_and_markup_as_text() {
     }
     shown_after.sort_unstable();
     println!("live push: report to row on screen, ms (sorted): {shown_after:?}");
-    assert_eq!(
-        browser
-            .text_of("[data-count='healthy'] .value")
-            .await
-            .as_deref(),
-        Some("5")
-    );
+    // The count comes in the same snapshot as the rows: it should already say 5.
+    wait_for(
+        "five healthy in the summary",
+        Duration::from_secs(5),
+        || async {
+            let healthy = browser.text_of("[data-count='healthy'] .value").await?;
+            (healthy == "5").then_some(())
+        },
+    )
+    .await;
 
     // A hostname holding markup (stored before validation existed, say) shows as text.
     let markup = "<b id=\"injected\">bold</b><img src=x onerror=\"window.pwned=1\">";
