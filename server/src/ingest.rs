@@ -17,6 +17,7 @@ use domain::ingest::{StoredVm, newest_per_vm, plan_batch as plan_reports};
 use domain::status::StatusConfig;
 use domain::{Secret, VmId, VmStatus};
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::sync::Arc;
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -33,6 +34,11 @@ pub enum IngestError {
     /// An enrolment asked for an identity another credential holds.
     #[error("identity already enrolled")]
     IdentityTaken,
+    /// Storing the report would break a rule the stored rows keep even written alone (a
+    /// uuid or host name another VM holds, a VM deleted meanwhile); the rest of its batch
+    /// was stored.
+    #[error("the report conflicts with stored data")]
+    Conflicts,
 }
 
 impl From<Refusal> for IngestError {
@@ -86,16 +92,63 @@ pub fn lost_race(err: &DbError) -> Option<&'static str> {
     }
 }
 
+/// Whether a batch failed on something in its reports, a rule the stored rows keep (a
+/// unique key still taken once the lost-race retries are spent, a VM deleted meanwhile),
+/// rather than on the database: then its reports can be written apart. A value the schema
+/// refuses (`NOT NULL`, `CHECK`) is not one: reports are validated before they queue, so
+/// that is a fault of ours, answered 503 with an amnesty like an outage.
+pub fn conflicts(err: &DbError) -> bool {
+    use diesel::result::{DatabaseErrorKind, Error};
+    matches!(
+        err,
+        DbError::Query(Error::DatabaseError(
+            DatabaseErrorKind::UniqueViolation | DatabaseErrorKind::ForeignKeyViolation,
+            _
+        ))
+    )
+}
+
+/// Writes the reports `0..count` as one part with `write`, and when a part fails on a
+/// conflict (`conflicts`), each half of it again on its own: a report that can never be
+/// stored fails alone and the others in its batch are stored. Answers each part written,
+/// in order, with how it ended; a part that failed otherwise (an outage) ends there whole.
+async fn write_apart<T, F, Fut>(
+    count: usize,
+    mut write: F,
+) -> Vec<(Range<usize>, Result<T, DbError>)>
+where
+    F: FnMut(Range<usize>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, DbError>>,
+{
+    let mut parts = Vec::new();
+    // The parts still to write, as a stack.
+    let mut pending: Vec<Range<usize>> = Vec::new();
+    pending.push(0..count);
+    while let Some(part) = pending.pop() {
+        match write(part.clone()).await {
+            Err(err) if part.len() > 1 && conflicts(&err) => {
+                tracing::warn!(error = %err, reports = part.len(), "a batch conflicts with stored data; writing its halves apart");
+                let middle = part.start + part.len() / 2;
+                // Last in, first out: the first half is written first.
+                pending.push(middle..part.end);
+                pending.push(part.start..middle);
+            }
+            ended => parts.push((part, ended)),
+        }
+    }
+    parts
+}
+
 /// Runs a batch's transaction, and again (up to `RACE_RETRIES` times) while it fails only
 /// because it lost a race (`lost_race`): the whole transaction was rolled back, so a new
 /// pass starts from what the other writer committed.
-async fn retrying_lost_races<T, F, Fut>(mut write: F) -> Result<T, DbError>
+async fn retrying_lost_races<T, F, Fut>(retries: usize, mut write: F) -> Result<T, DbError>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, DbError>>,
 {
     let mut result = write().await;
-    for _ in 0..RACE_RETRIES {
+    for _ in 0..retries {
         let Some(race) = result.as_ref().err().and_then(lost_race) else {
             break;
         };
@@ -185,7 +238,9 @@ impl Ingest {
             Ok(_) => ReportResult::Stored,
             Err(IngestError::Busy) => ReportResult::Shed,
             Err(IngestError::Unavailable) => ReportResult::Failed,
-            Err(IngestError::Unauthorized | IngestError::IdentityTaken) => ReportResult::Refused,
+            Err(
+                IngestError::Unauthorized | IngestError::IdentityTaken | IngestError::Conflicts,
+            ) => ReportResult::Refused,
         });
         result
     }
@@ -218,27 +273,63 @@ impl Writer {
         let submissions: Vec<Submission> = jobs.iter().map(|j| j.submission.clone()).collect();
         let cfg = self.status_config.get();
         let started = std::time::Instant::now();
-        let result =
-            retrying_lost_races(|| write_batch_via(&self.db, &submissions, &cfg, self.path)).await;
-        match result {
-            Ok(Written { outcomes, views }) => {
-                self.health.record_commit(crate::now_ms());
-                self.health.record_batch(jobs.len(), started.elapsed());
-                // The rows as the transaction left them, with their revisions: the cache
-                // keeps them only where no newer write got there first.
-                self.cache.put(&views).await;
-                for (job, outcome) in jobs.drain(..).zip(outcomes) {
-                    let _ = job.reply.send(outcome);
+        let (db, path, cfg) = (&self.db, self.path, &cfg);
+        // Only PostgreSQL has other writers to lose a race to: on SQLite this process's
+        // write turn is the only one, and a unique key taken is taken for good.
+        let retries = match db {
+            Db::Postgres(_) => RACE_RETRIES,
+            Db::Sqlite(..) => 0,
+        };
+        let parts = write_apart(submissions.len(), |part| {
+            let part = submissions.get(part).unwrap_or_default();
+            retrying_lost_races(retries, move || write_batch_via(db, part, cfg, path))
+        })
+        .await;
+        let mut replies: Vec<_> = jobs.drain(..).map(|job| Some(job.reply)).collect();
+        let mut stored = 0;
+        let mut failed = false;
+        for (part, ended) in parts {
+            let size = part.len();
+            let part_replies = replies
+                .get_mut(part)
+                .unwrap_or_default()
+                .iter_mut()
+                .filter_map(Option::take);
+            match ended {
+                Ok(Written { outcomes, views }) => {
+                    self.health.record_commit(crate::now_ms());
+                    stored += size;
+                    // The rows as the transaction left them, with their revisions: the
+                    // cache keeps them only where no newer write got there first.
+                    self.cache.put(&views).await;
+                    for (reply, outcome) in part_replies.zip(outcomes) {
+                        let _ = reply.send(outcome);
+                    }
+                }
+                // One report the stored rows refuse: its own failure, not the monitor's, so
+                // it neither holds back the others nor pauses judging (a guest could send
+                // such a report on purpose).
+                Err(err) if size == 1 && conflicts(&err) => {
+                    tracing::warn!(error = %err, "a report conflicts with stored data; refused");
+                    for reply in part_replies {
+                        let _ = reply.send(Err(IngestError::Conflicts));
+                    }
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, reports = size, "could not store reports");
+                    failed = true;
+                    for reply in part_replies {
+                        let _ = reply.send(Err(IngestError::Unavailable));
+                    }
                 }
             }
-            Err(err) => {
-                tracing::error!(error = %err, reports = jobs.len(), "could not store reports");
-                // Heartbeats we could not store must not count against the VMs.
-                self.health.record_ingest_failure(crate::now_ms());
-                for job in jobs.drain(..) {
-                    let _ = job.reply.send(Err(IngestError::Unavailable));
-                }
-            }
+        }
+        if failed {
+            // Heartbeats we could not store must not count against the VMs.
+            self.health.record_ingest_failure(crate::now_ms());
+        }
+        if stored > 0 {
+            self.health.record_batch(stored, started.elapsed());
         }
     }
 }
@@ -371,7 +462,7 @@ fn plan_batch<'a>(
 
 #[cfg(test)]
 mod tests {
-    use super::{DbError, RACE_RETRIES, retrying_lost_races};
+    use super::{DbError, RACE_RETRIES, conflicts, retrying_lost_races, write_apart};
     use diesel::result::{DatabaseErrorKind, Error};
     use std::cell::Cell;
 
@@ -382,7 +473,7 @@ mod tests {
     /// Passes of a write that fails `failures` times with `make`, then succeeds.
     async fn passes(failures: usize, make: fn() -> DbError) -> (usize, bool) {
         let calls = Cell::new(0);
-        let result = retrying_lost_races(|| {
+        let result = retrying_lost_races(RACE_RETRIES, || {
             calls.set(calls.get() + 1);
             let failed = calls.get() <= failures;
             async move { if failed { Err(make()) } else { Ok(()) } }
@@ -407,5 +498,74 @@ mod tests {
         );
         assert_eq!(passes(1, refused).await, (1, false));
         assert_eq!(passes(1, down).await, (1, false));
+    }
+
+    /// How a batch of `count` is written apart when the reports at `conflicting` can never
+    /// be stored, or, with `outage`, when the database is down: each part as
+    /// `(start, end, stored)`, and how many writes it took.
+    async fn written_apart(
+        count: usize,
+        conflicting: &[usize],
+        outage: bool,
+    ) -> (Vec<(usize, usize, bool)>, usize) {
+        let writes = Cell::new(0);
+        let parts = write_apart(count, |part: std::ops::Range<usize>| {
+            writes.set(writes.get() + 1);
+            let result = if outage {
+                Err(DbError::Unavailable("connection refused".into()))
+            } else if conflicting.iter().any(|i| part.contains(i)) {
+                Err(failure(DatabaseErrorKind::UniqueViolation, "duplicate key"))
+            } else {
+                Ok(())
+            };
+            async move { result }
+        })
+        .await;
+        let parts = parts
+            .into_iter()
+            .map(|(part, result)| (part.start, part.end, result.is_ok()))
+            .collect();
+        (parts, writes.get())
+    }
+
+    #[tokio::test]
+    async fn a_report_that_conflicts_is_written_apart_and_an_outage_is_not() {
+        assert_eq!(written_apart(8, &[], false).await, (vec![(0, 8, true)], 1));
+        // Halves until the conflicting report stands alone; the rest stored in order.
+        assert_eq!(
+            written_apart(8, &[3], false).await,
+            (
+                vec![(0, 2, true), (2, 3, true), (3, 4, false), (4, 8, true)],
+                7
+            )
+        );
+        let (parts, _) = written_apart(9, &[0, 8], false).await;
+        let failed: Vec<_> = parts.iter().filter(|p| !p.2).map(|p| (p.0, p.1)).collect();
+        assert_eq!(failed, vec![(0, 1), (8, 9)]);
+        let covered: Vec<usize> = parts.iter().flat_map(|p| p.0..p.1).collect();
+        assert_eq!(
+            covered,
+            (0..9).collect::<Vec<_>>(),
+            "each report once, in order"
+        );
+        // An outage is no report's fault: the batch fails whole, written once.
+        assert_eq!(written_apart(8, &[], true).await, (vec![(0, 8, false)], 1));
+        // Nor is a value the schema refuses: reports are validated before they queue.
+        assert!(!conflicts(&failure(
+            DatabaseErrorKind::CheckViolation,
+            "check"
+        )));
+        assert!(!conflicts(&failure(
+            DatabaseErrorKind::NotNullViolation,
+            "null"
+        )));
+        assert!(conflicts(&failure(
+            DatabaseErrorKind::ForeignKeyViolation,
+            "deleted"
+        )));
+        assert_eq!(
+            written_apart(1, &[0], false).await,
+            (vec![(0, 1, false)], 1)
+        );
     }
 }

@@ -205,6 +205,11 @@ impl From<IngestError> for ApiError {
                  revoke it (DELETE /api/vms/:id/credential) or issue a new one"
                     .into(),
             ),
+            IngestError::Conflicts => ApiError::Conflict(
+                "this report conflicts with another VM's stored identity (its machine_id or \
+                 host name is taken) or its VM was deleted meanwhile; it was not stored"
+                    .into(),
+            ),
         }
     }
 }

@@ -816,3 +816,87 @@ async fn a_hold_written_in_a_batch_is_what_the_batch_plans_from(backend: Backend
     );
 }
 crate::both_backends!(a_hold_written_in_a_batch_is_what_the_batch_plans_from);
+
+/// Reports that break a unique key together fail no one else, on both backends. Two
+/// enrolments with the fleet token carry one new uuid: the first names a VM stored without
+/// a uuid (which would adopt it), the second a new host (created with it), so the batch's
+/// update breaks `vms_machine_id`. Any guest holding the fleet token can send such a pair.
+/// In one batch with eight others, every report is stored (written apart, each of the
+/// pair finds the other's uuid committed), and the monitor counts no failure of its own,
+/// which would refuse the whole batch and pause judging every VM for a stale timeout.
+async fn reports_that_break_a_unique_key_together_fail_no_one_else(backend: Backend) {
+    use server::ingest::Ingest;
+    let test_db = fresh_db(backend).await;
+    let db = Db::connect(&test_db.url, 2).await.unwrap();
+    let cfg = StatusConfig::default();
+    write_batch_via(
+        &db,
+        &[beat("no-uuid", 10.0, T0, T0, json!({}))],
+        &cfg,
+        StatePath::SetBased,
+    )
+    .await
+    .unwrap();
+    let uuid = json!({"machine_id": "00000000-0000-4000-8000-0000000000aa"});
+    let t = T0 + 1_000;
+    let mut batch: Vec<Submission> = (0..8)
+        .map(|i| beat(&format!("bystander-{i}"), 10.0, t, t, json!({})))
+        .collect();
+    batch.insert(4, beat("no-uuid", 10.0, t, t, uuid.clone()));
+    batch.insert(5, beat("newcomer", 10.0, t, t, uuid));
+    // The pair alone, as one transaction, does break the key.
+    let together = write_batch_via(&db, &batch[4..6], &cfg, StatePath::SetBased).await;
+    assert!(
+        together.as_ref().is_err_and(server::ingest::conflicts),
+        "{backend:?}: {:?}",
+        together.map(|w| w.outcomes)
+    );
+
+    let (live, _) = server::live::LiveBus::new(None);
+    let cache = std::sync::Arc::new(server::cache::StateCache::new(None, live).unwrap());
+    let health = server::health::JobHealth::default();
+    let (ingest, writer) = Ingest::new(
+        db.clone(),
+        cache,
+        server::settings::Shared::new(cfg),
+        500,
+        100,
+        health.clone(),
+        StatePath::SetBased,
+    );
+    // Everything queued before the writer starts goes into its first batch, in the order
+    // queued: each report is queued before the next is sent.
+    let mut answers = Vec::new();
+    for (n, submission) in batch.into_iter().enumerate() {
+        let queuing = ingest.clone();
+        answers.push(tokio::spawn(
+            async move { queuing.submit(submission).await },
+        ));
+        wait_for(
+            "the report queued",
+            std::time::Duration::from_secs(10),
+            || async { (ingest.queued() == n + 1).then_some(()) },
+        )
+        .await;
+    }
+    tokio::spawn(writer.run());
+    let mut outcomes = Vec::new();
+    for answer in answers {
+        outcomes.push(answer.await.unwrap().map(|stored| stored.vm_id));
+    }
+    assert!(
+        outcomes.iter().all(Result::is_ok),
+        "{backend:?}: every report is stored: {outcomes:?}"
+    );
+    assert_eq!(
+        health.last_ingest_failure_ms(),
+        0,
+        "{backend:?}: reports breaking a key counted as the monitor's own failure"
+    );
+    let mut conn = db.conn().await.unwrap();
+    let vms = store::list_vms(&mut conn).await.unwrap();
+    assert_eq!(vms.len(), 9, "{backend:?}: no VM created twice");
+    let with_uuid = vms.iter().filter(|vm| vm.machine_id.is_some()).count();
+    assert_eq!(with_uuid, 1, "{backend:?}: the uuid is held once");
+}
+crate::both_backends!(reports_that_break_a_unique_key_together_fail_no_one_else);
